@@ -1,0 +1,1 @@
+"""Billing: orchestrates keys, prices and the ledger for each request."""

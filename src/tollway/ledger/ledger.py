@@ -1,0 +1,378 @@
+"""Double-entry ledger with two-phase holds (TigerBeetle's pending / post / void / expire).
+
+Every movement is one *entry* whose *postings* sum to zero. Ledger accounts are
+(account, bucket) pairs: a customer wallet has an ``available`` and a ``held`` bucket; the
+system accounts (funding, revenue, write-off, adjustments) use ``available``. The wallet row
+stores ``available_nano`` and ``held_nano`` so the guard below is one statement; system
+account balances are derived from their postings (they would be hot rows that every request
+updates). :func:`verify` recomputes everything from postings.
+
+The overdraft guard is one conditional statement,
+``UPDATE accounts SET available = available - :x WHERE id = :id AND available >= :x``;
+zero rows changed means "refuse", and nothing has been written yet. It is atomic on SQLite
+(one writer) and on PostgreSQL at READ COMMITTED (the second updater re-checks the WHERE
+clause after the first commits).
+
+Every operation takes an idempotency key, stored with a unique index in the same transaction
+as the money it moves: a repeat returns the first result and moves nothing; a repeat with
+different parameters raises :class:`IdempotencyConflict`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from tollway.errors import (
+    HoldClosed,
+    IdempotencyConflict,
+    InsufficientBalance,
+    InvalidRequest,
+    QuotaExceeded,
+    UnknownAccount,
+    UnknownHold,
+)
+from tollway.money import format_usd
+from tollway.store.prepared import Prepared
+from tollway.store.tables import accounts, api_keys, entries, holds, postings
+
+FUNDING = 1
+REVENUE = 2
+WRITEOFF = 3
+ADJUSTMENTS = 4
+SYSTEM_ACCOUNTS = {FUNDING: "funding", REVENUE: "revenue", WRITEOFF: "write-off",
+                   ADJUSTMENTS: "adjustments"}
+
+AVAILABLE = "available"
+HELD = "held"
+
+HoldStatus = Literal["open", "settled", "voided", "expired"]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Topup:
+    entry_id: int
+    account_id: int
+    amount_nano: int
+    balance_nano: int  # available balance right after this top-up
+
+
+@dataclass(frozen=True, slots=True)
+class Adjustment:
+    entry_id: int
+    account_id: int
+    amount_nano: int  # signed: positive credits the wallet
+    balance_nano: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    id: int
+    account_id: int
+    key_id: int | None
+    amount_nano: int
+    expires_at_ms: int
+    status: HoldStatus
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    hold_id: int
+    charged_nano: int  # the actual cost, all of it booked as revenue
+    from_hold_nano: int
+    from_available_nano: int
+    shortfall_nano: int  # what neither the hold nor the balance covered: written off
+    released_nano: int  # the unused part of the hold, back to available
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    hold_id: int
+    released_nano: int
+    status: HoldStatus
+
+
+# --------------------------------------------------------------------------- statements
+
+_b = sa.bindparam
+_FIND_ENTRY = Prepared(
+    sa.select(entries.c.id, entries.c.account_id, entries.c.amount_nano, entries.c.hold_id,
+              entries.c.balance_after_nano).where(entries.c.idempotency_key == _b("key")))
+_INSERT_ENTRY = Prepared(entries.insert().values(
+    {c.name: _b(c.name) for c in entries.c if c.name != "id"}).returning(entries.c.id))
+_INSERT_POSTING = Prepared(postings.insert().values(
+    {c.name: _b(c.name) for c in postings.c if c.name != "id"}))
+_ACCOUNT_KIND = Prepared(sa.select(accounts.c.kind).where(accounts.c.id == _b("account_id")))
+_AVAILABLE = Prepared(sa.select(accounts.c.available_nano)
+                      .where(accounts.c.id == _b("account_id")))
+_CREDIT = Prepared(
+    accounts.update()
+    .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
+           accounts.c.available_nano + _b("amount") >= 0)
+    .values(available_nano=accounts.c.available_nano + _b("amount"))
+    .returning(accounts.c.available_nano))
+_RESERVE = Prepared(
+    accounts.update()
+    .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
+           accounts.c.available_nano >= _b("amount"))
+    .values(available_nano=accounts.c.available_nano - _b("amount"),
+            held_nano=accounts.c.held_nano + _b("amount")))
+_KEY_RESERVE = Prepared(
+    api_keys.update()
+    .where(api_keys.c.id == _b("key_id"),
+           sa.or_(api_keys.c.quota_nano.is_(None),
+                  api_keys.c.used_nano + api_keys.c.held_nano + _b("amount")
+                  <= api_keys.c.quota_nano))
+    .values(held_nano=api_keys.c.held_nano + _b("amount")))
+_INSERT_HOLD = Prepared(holds.insert().values(
+    account_id=_b("account_id"), key_id=_b("key_id"), amount_nano=_b("amount"), status="open",
+    created_at_ms=_b("at"), expires_at_ms=_b("expires")).returning(holds.c.id))
+_CLOSE_HOLD = Prepared(
+    holds.update().where(holds.c.id == _b("hold_id"), holds.c.status == "open")
+    .values(status=_b("status"), closed_at_ms=_b("at"), charged_nano=_b("charged"),
+            from_available_nano=_b("from_available"), shortfall_nano=_b("shortfall"))
+    .returning(holds.c.account_id, holds.c.key_id, holds.c.amount_nano))
+_SET_HOLD_OUTCOME = Prepared(
+    holds.update().where(holds.c.id == _b("hold_id"))
+    .values(from_available_nano=_b("from_available"), shortfall_nano=_b("shortfall")))
+_GET_HOLD = Prepared(
+    sa.select(holds.c.id, holds.c.account_id, holds.c.key_id, holds.c.amount_nano,
+              holds.c.expires_at_ms, holds.c.status, holds.c.charged_nano,
+              holds.c.from_available_nano, holds.c.shortfall_nano)
+    .where(holds.c.id == _b("hold_id")))
+_SETTLE_ACCOUNT = Prepared(
+    accounts.update().where(accounts.c.id == _b("account_id"))
+    .values(held_nano=accounts.c.held_nano - _b("held"),
+            available_nano=accounts.c.available_nano + _b("delta"),
+            used_nano=accounts.c.used_nano + _b("charged"),
+            requests=accounts.c.requests + _b("requests")))
+_SETTLE_KEY = Prepared(
+    api_keys.update().where(api_keys.c.id == _b("key_id"))
+    .values(held_nano=api_keys.c.held_nano - _b("held"),
+            used_nano=api_keys.c.used_nano + _b("charged")))
+_EXPIRED = Prepared(
+    sa.select(holds.c.id).where(holds.c.status == "open", holds.c.expires_at_ms <= _b("at"))
+    .order_by(holds.c.expires_at_ms).limit(_b("limit")))
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _existing_entry(conn: Connection, key: str) -> Any:
+    """(id, account_id, amount_nano, hold_id, balance_after_nano) of a used key, or None."""
+    return _FIND_ENTRY.one(conn, key=key)
+
+
+def _conflict(key: str, what: str) -> IdempotencyConflict:
+    return IdempotencyConflict(f"idempotency key {key!r} was already used for {what}")
+
+
+def _post(conn: Connection, *, kind: str, account_id: int, amount_nano: int, key: str,
+          lines: list[tuple[int, str, int]], hold_id: int | None = None,
+          balance_after_nano: int | None = None, note: str | None = None,
+          at_ms: int | None = None) -> int:
+    """Write one entry and its postings; the postings must sum to zero."""
+    assert sum(amount for _, _, amount in lines) == 0, lines
+    entry_id = int(_INSERT_ENTRY.one(
+        conn, kind=kind, account_id=account_id, amount_nano=amount_nano, hold_id=hold_id,
+        idempotency_key=key, balance_after_nano=balance_after_nano, note=note,
+        created_at_ms=now_ms() if at_ms is None else at_ms)[0])
+    _INSERT_POSTING.executemany(conn, [
+        {"entry_id": entry_id, "account_id": acct, "bucket": bucket, "amount_nano": amount}
+        for acct, bucket, amount in lines if amount])
+    return entry_id
+
+
+def _require_customer(conn: Connection, account_id: int) -> None:
+    row = _ACCOUNT_KIND.one(conn, account_id=account_id)
+    if row is None or row[0] != "customer":
+        raise UnknownAccount(f"no customer account with id {account_id}")
+
+
+def _available(conn: Connection, account_id: int) -> int:
+    return int(_AVAILABLE.one(conn, account_id=account_id)[0])
+
+
+def _amount(value: object, what: str, *, minimum: int = 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise InvalidRequest(f"{what} must be an integer of nano-USD >= {minimum}, got {value!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- credits
+
+
+def topup(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
+          note: str | None = None) -> Topup:
+    """Credit a wallet from the funding account."""
+    _amount(amount_nano, "a top-up")
+    key = f"topup:{idempotency_key}"
+    if (row := _existing_entry(conn, key)) is not None:
+        if (row[1], row[2]) != (account_id, amount_nano):
+            raise _conflict(idempotency_key, f"a top-up of {format_usd(row[2])} USD to account "
+                            f"{row[1]}")
+        return Topup(row[0], row[1], row[2], row[4])
+    credited = _CREDIT.one(conn, account_id=account_id, amount=amount_nano)
+    if credited is None:
+        raise UnknownAccount(f"no customer account with id {account_id}")
+    balance = int(credited[0])
+    entry_id = _post(conn, kind="topup", account_id=account_id, amount_nano=amount_nano, key=key,
+                     balance_after_nano=balance, note=note,
+                     lines=[(FUNDING, AVAILABLE, -amount_nano),
+                            (account_id, AVAILABLE, amount_nano)])
+    return Topup(entry_id, account_id, amount_nano, balance)
+
+
+def adjust(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
+           note: str | None = None) -> Adjustment:
+    """An operator correction: positive credits the wallet, negative debits it (never below
+    zero: a debit larger than the available balance is refused)."""
+    if not isinstance(amount_nano, int) or isinstance(amount_nano, bool) or amount_nano == 0:
+        raise InvalidRequest(f"an adjustment must be a non-zero amount, got {amount_nano!r}")
+    key = f"adjust:{idempotency_key}"
+    if (row := _existing_entry(conn, key)) is not None:
+        if (row[1], row[2]) != (account_id, amount_nano):
+            raise _conflict(idempotency_key, f"an adjustment of {format_usd(row[2])} USD to "
+                            f"account {row[1]}")
+        return Adjustment(row[0], row[1], row[2], row[4])
+    credited = _CREDIT.one(conn, account_id=account_id, amount=amount_nano)
+    if credited is None:
+        _require_customer(conn, account_id)
+        raise InsufficientBalance(f"cannot debit {format_usd(-amount_nano)} USD: account "
+                                  f"{account_id} has {format_usd(_available(conn, account_id))}"
+                                  " USD available")
+    balance = int(credited[0])
+    entry_id = _post(conn, kind="adjust", account_id=account_id, amount_nano=amount_nano, key=key,
+                     balance_after_nano=balance, note=note,
+                     lines=[(ADJUSTMENTS, AVAILABLE, -amount_nano),
+                            (account_id, AVAILABLE, amount_nano)])
+    return Adjustment(entry_id, account_id, amount_nano, balance)
+
+
+# --------------------------------------------------------------------------- holds
+
+
+def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
+               ttl_ms: int, key_id: int | None = None) -> Hold:
+    """Reserve ``amount_nano`` of the available balance, or raise.
+
+    With ``key_id`` the key's own quota is checked in the same transaction: the key's used
+    plus held amount may not exceed its quota. Like every ledger function it must run in a
+    transaction (or savepoint) that is rolled back when it raises.
+    """
+    _amount(amount_nano, "a hold")
+    key = f"hold:{idempotency_key}"
+    if (row := _existing_entry(conn, key)) is not None:
+        hold = _hold(conn, row[3])
+        if (hold.account_id, hold.amount_nano, hold.key_id) != (account_id, amount_nano, key_id):
+            raise _conflict(idempotency_key, f"hold {hold.id}")
+        return hold
+    if _RESERVE.rowcount(conn, account_id=account_id, amount=amount_nano) != 1:
+        _require_customer(conn, account_id)
+        raise InsufficientBalance(
+            f"this request may cost up to {format_usd(amount_nano)} USD but the account has "
+            f"{format_usd(_available(conn, account_id))} USD available")
+    if key_id is not None and _KEY_RESERVE.rowcount(conn, key_id=key_id, amount=amount_nano) != 1:
+        raise QuotaExceeded(f"API key {key_id} has reached its spending quota")
+    at = now_ms()
+    hold_id = int(_INSERT_HOLD.one(conn, account_id=account_id, key_id=key_id,
+                                   amount=amount_nano, at=at, expires=at + ttl_ms)[0])
+    _post(conn, kind="hold", account_id=account_id, amount_nano=amount_nano, key=key,
+          hold_id=hold_id, at_ms=at,
+          lines=[(account_id, AVAILABLE, -amount_nano), (account_id, HELD, amount_nano)])
+    return Hold(hold_id, account_id, key_id, amount_nano, at + ttl_ms, "open")
+
+
+def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
+                idempotency_key: str) -> Settlement:
+    """Charge the actual cost: from the hold first, then from the available balance; what
+    neither covers is written off (the wallet never goes below zero). Releases the rest."""
+    _amount(actual_nano, "a charge", minimum=0)
+    key = f"settle:{idempotency_key}"
+    if (row := _existing_entry(conn, key)) is not None:
+        if (row[3], row[2]) != (hold_id, actual_nano):
+            raise _conflict(idempotency_key, f"settling hold {row[3]}")
+        return _settlement(conn, hold_id)
+    account_id, key_id, held = _close(conn, hold_id, "settled", actual_nano)
+    from_hold = min(actual_nano, held)
+    released = held - from_hold
+    wanted = actual_nano - from_hold
+    from_available = shortfall = 0
+    if wanted:  # the request cost more than its hold: take the rest from the balance
+        from_available = min(wanted, _available(conn, account_id))
+        shortfall = wanted - from_available
+        _SET_HOLD_OUTCOME.execute(conn, {"hold_id": hold_id, "from_available": from_available,
+                                         "shortfall": shortfall})
+    _SETTLE_ACCOUNT.execute(conn, {"account_id": account_id, "held": held,
+                                   "delta": released - from_available, "charged": actual_nano,
+                                   "requests": 1})
+    if key_id is not None:
+        _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": actual_nano})
+    _post(conn, kind="settle", account_id=account_id, amount_nano=actual_nano, key=key,
+          hold_id=hold_id,
+          lines=[(account_id, HELD, -held), (account_id, AVAILABLE, released - from_available),
+                 (REVENUE, AVAILABLE, actual_nano), (WRITEOFF, AVAILABLE, -shortfall)])
+    return Settlement(hold_id, actual_nano, from_hold, from_available, shortfall, released)
+
+
+def void_hold(conn: Connection, hold_id: int, *, idempotency_key: str) -> Release:
+    """Release a hold whole: the request was refused or failed upstream; nothing is charged."""
+    return _release(conn, hold_id, "voided", f"void:{idempotency_key}")
+
+
+def expire_holds(conn: Connection, now: int | None = None, *, limit: int = 1000) -> list[Release]:
+    """Release holds nobody settled before their deadline (the reaper). Returns what it
+    released; call again while it returns ``limit`` items."""
+    at = now_ms() if now is None else now
+    ids = [int(r[0]) for r in _EXPIRED.execute(conn, {"at": at, "limit": limit}).fetchall()]
+    return [_release(conn, hid, "expired", f"expire:{hid}") for hid in ids]
+
+
+def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str) -> Release:
+    if (row := _existing_entry(conn, key)) is not None:
+        if row[3] != hold_id:
+            raise _conflict(key, f"releasing hold {row[3]}")
+        return Release(hold_id, int(row[2]), status)
+    account_id, key_id, held = _close(conn, hold_id, status, None)
+    _SETTLE_ACCOUNT.execute(conn, {"account_id": account_id, "held": held, "delta": held,
+                                   "charged": 0, "requests": 0})
+    if key_id is not None:
+        _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": 0})
+    _post(conn, kind="void" if status == "voided" else "expire", account_id=account_id,
+          amount_nano=held, key=key, hold_id=hold_id,
+          lines=[(account_id, HELD, -held), (account_id, AVAILABLE, held)])
+    return Release(hold_id, held, status)
+
+
+def _close(conn: Connection, hold_id: int, status: HoldStatus,
+           charged: int | None) -> tuple[int, int | None, int]:
+    """Move an open hold to its final status; exactly one closer can win.
+    Returns (account_id, key_id, amount_nano) of the hold."""
+    row = _CLOSE_HOLD.one(conn, hold_id=hold_id, status=status, at=now_ms(), charged=charged,
+                          from_available=0 if charged is not None else None,
+                          shortfall=0 if charged is not None else None)
+    if row is None:
+        raise HoldClosed(f"hold {hold_id} is already {_hold(conn, hold_id).status}")
+    return int(row[0]), row[1], int(row[2])
+
+
+def _hold(conn: Connection, hold_id: int) -> Hold:
+    row = _GET_HOLD.one(conn, hold_id=hold_id)
+    if row is None:
+        raise UnknownHold(f"no hold with id {hold_id}")
+    return Hold(row[0], row[1], row[2], row[3], row[4], row[5])
+
+
+def _settlement(conn: Connection, hold_id: int) -> Settlement:
+    row = _GET_HOLD.one(conn, hold_id=hold_id)
+    charged, from_available, shortfall = row[6], row[7], row[8]
+    from_hold = charged - from_available - shortfall
+    return Settlement(hold_id, charged, from_hold, from_available, shortfall, row[3] - from_hold)

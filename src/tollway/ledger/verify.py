@@ -1,0 +1,89 @@
+"""``tollway ledger verify``: recompute every balance from the postings and name any violation.
+
+Checks, each against the stored state:
+- all postings sum to zero, and so do the postings of every single entry;
+- each wallet's stored available and held balances equal the sums of its postings;
+- no available or held balance is negative;
+- each wallet's held balance equals its open holds, each key's held and used amounts equal its
+  holds and settlements;
+- every hold is closed at most once (one settle, void or expire entry), and an open hold by none;
+- the revenue account equals the sum of all settled charges.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from tollway.ledger.ledger import AVAILABLE, HELD, REVENUE
+from tollway.money import format_usd
+from tollway.store.tables import accounts, api_keys, entries, holds, postings
+
+_CLOSING = ("settle", "void", "expire")
+
+
+def verify(conn: Connection) -> list[str]:
+    problems: list[str] = []
+    total = conn.execute(sa.select(sa.func.coalesce(sa.func.sum(postings.c.amount_nano), 0)))
+    if (value := int(total.scalar_one())) != 0:
+        problems.append(f"postings sum to {format_usd(value)} USD, not zero")
+
+    unbalanced = conn.execute(
+        sa.select(postings.c.entry_id, sa.func.sum(postings.c.amount_nano))
+        .group_by(postings.c.entry_id).having(sa.func.sum(postings.c.amount_nano) != 0)
+        .limit(20)).all()
+    for entry_id, amount in unbalanced:
+        problems.append(f"entry {entry_id}: postings sum to {format_usd(int(amount))} USD")
+
+    sums: dict[tuple[int, str], int] = {
+        (int(a), str(b)): int(s) for a, b, s in conn.execute(
+            sa.select(postings.c.account_id, postings.c.bucket, sa.func.sum(postings.c.amount_nano))
+            .group_by(postings.c.account_id, postings.c.bucket))}
+    open_holds: dict[int, int] = {
+        int(a): int(s) for a, s in conn.execute(
+            sa.select(holds.c.account_id, sa.func.sum(holds.c.amount_nano))
+            .where(holds.c.status == "open").group_by(holds.c.account_id))}
+    for row in conn.execute(sa.select(accounts).where(accounts.c.kind == "customer")):
+        name = f"account {row.id} ({row.name})"
+        for bucket, stored in ((AVAILABLE, row.available_nano), (HELD, row.held_nano)):
+            derived = sums.get((row.id, bucket), 0)
+            if stored != derived:
+                problems.append(f"{name}: stored {bucket} balance {format_usd(stored)} USD but "
+                                f"its postings sum to {format_usd(derived)} USD")
+            if stored < 0:
+                problems.append(f"{name}: negative {bucket} balance {format_usd(stored)} USD")
+        if row.held_nano != open_holds.get(row.id, 0):
+            problems.append(f"{name}: held {format_usd(row.held_nano)} USD but its open holds "
+                            f"total {format_usd(open_holds.get(row.id, 0))} USD")
+
+    key_holds = {int(k): (int(h), int(u)) for k, h, u in conn.execute(
+        sa.select(holds.c.key_id,
+                  sa.func.coalesce(sa.func.sum(sa.case((holds.c.status == "open",
+                                                        holds.c.amount_nano), else_=0)), 0),
+                  sa.func.coalesce(sa.func.sum(holds.c.charged_nano), 0))
+        .where(holds.c.key_id.is_not(None)).group_by(holds.c.key_id))}
+    for key in conn.execute(sa.select(api_keys.c.id, api_keys.c.held_nano, api_keys.c.used_nano)):
+        held, used = key_holds.get(key.id, (0, 0))
+        if (key.held_nano, key.used_nano) != (held, used):
+            problems.append(f"api key {key.id}: stored held/used {format_usd(key.held_nano)}/"
+                            f"{format_usd(key.used_nano)} USD but its holds give "
+                            f"{format_usd(held)}/{format_usd(used)} USD")
+
+    closers = sa.select(entries.c.hold_id, sa.func.count().label("n")).where(
+        entries.c.kind.in_(_CLOSING)).group_by(entries.c.hold_id).subquery()
+    bad_holds = conn.execute(
+        sa.select(holds.c.id, holds.c.status, sa.func.coalesce(closers.c.n, 0))
+        .select_from(holds.outerjoin(closers, closers.c.hold_id == holds.c.id))
+        .where(sa.or_(sa.func.coalesce(closers.c.n, 0) > 1,
+                      sa.and_(holds.c.status == "open", sa.func.coalesce(closers.c.n, 0) != 0),
+                      sa.and_(holds.c.status != "open", sa.func.coalesce(closers.c.n, 0) != 1)))
+        .limit(20)).all()
+    for hold_id, status, count in bad_holds:
+        problems.append(f"hold {hold_id} is {status} but has {count} closing entries")
+
+    charged = int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(holds.c.charged_nano), 0)))
+                  .scalar_one())
+    if charged != sums.get((REVENUE, AVAILABLE), 0):
+        problems.append(f"revenue postings total {format_usd(sums.get((REVENUE, AVAILABLE), 0))} "
+                        f"USD but settled charges total {format_usd(charged)} USD")
+    return problems

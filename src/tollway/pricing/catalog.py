@@ -1,0 +1,352 @@
+"""The catalog file: providers, groups with ratios, token-priced models and per-call endpoints.
+
+Loading validates everything and reports every problem at once, each naming the file, the item
+and the field, so an operator can fix the file in one pass. YAML numbers are read from their
+source text, so a price written as ``0.2009`` is exactly ``Decimal("0.2009")``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tollway.errors import CatalogError
+from tollway.money import MoneyFormatError, parse_decimal, parse_usd
+from tollway.pricing.rating import CallPrice, Price, TokenPrice
+
+PROVIDER_KINDS = ("openai", "anthropic", "http", "sandbox")
+HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+DEFAULT_GROUP = "default"
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    id: str
+    kind: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    auth: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """One sellable item: a token-priced model or a per-call endpoint."""
+
+    id: str
+    provider: str
+    price: Price
+    group_ratios: Mapping[str, Decimal]
+    effective_from: datetime | None
+    # models
+    upstream_model: str | None = None
+    max_output_tokens: int | None = None
+    # endpoints
+    name: str | None = None
+    method: str | None = None
+    path: str | None = None
+    upstream_path: str | None = None
+
+    @property
+    def billing_type(self) -> str:
+        return "token" if isinstance(self.price, TokenPrice) else "per_call"
+
+    @property
+    def kind(self) -> str:
+        return "model" if isinstance(self.price, TokenPrice) else "endpoint"
+
+    def spec(self) -> dict[str, Any]:
+        """The non-price attributes, as stored beside the item."""
+        keys = ("upstream_model", "max_output_tokens", "name", "method", "path", "upstream_path")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    providers: Mapping[str, Provider]
+    groups: Mapping[str, Decimal]
+    listings: tuple[Listing, ...]
+
+    @property
+    def models(self) -> tuple[Listing, ...]:
+        return tuple(item for item in self.listings if item.kind == "model")
+
+    @property
+    def endpoints(self) -> tuple[Listing, ...]:
+        return tuple(item for item in self.listings if item.kind == "endpoint")
+
+
+class _ExactLoader(yaml.SafeLoader):
+    """A SafeLoader that never builds a binary float: YAML floats become ``Decimal``."""
+
+
+def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    if text.lower().lstrip("+-") in (".inf", ".nan"):
+        return text  # validation reports it as not a finite number
+    return Decimal(text)
+
+
+_ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
+
+
+def load_catalog(path: str | Path) -> Catalog:
+    """Read and validate a catalog file; raise :class:`CatalogError` listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError([f"{path}: cannot read file: {exc.strerror or exc}"]) from None
+    return parse_catalog(text, source=str(path))
+
+
+def parse_catalog(text: str, *, source: str = "<catalog>") -> Catalog:
+    try:
+        data = yaml.load(text, Loader=_ExactLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise CatalogError([f"{source}: not valid YAML: {exc}"]) from None
+    return _Validator(source).catalog(data)
+
+
+class _Validator:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[str] = []
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(f"{self.source}: {where}: {message}")
+
+    def catalog(self, data: Any) -> Catalog:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise CatalogError([f"{self.source}: the catalog must be a mapping with providers, "
+                                "groups, models and endpoints"])
+        for key in sorted(set(data) - {"providers", "groups", "models", "endpoints",
+                                       "effective_from"}):
+            self.problem(str(key), "unknown top-level section")
+        default_from = self.timestamp("effective_from", data.get("effective_from"))
+        providers = self.providers(data.get("providers") or {})
+        groups = self.groups(data.get("groups") or {})
+        listings: list[Listing] = []
+        seen: dict[str, str] = {}
+        routes: dict[tuple[str, str], str] = {}
+        for section in ("models", "endpoints"):
+            items = data.get(section) or []
+            if not isinstance(items, list):
+                self.problem(section, "must be a list")
+                continue
+            for index, item in enumerate(items):
+                listing = self.listing(section, index, item, providers, groups, default_from)
+                if listing is None:
+                    continue
+                where = f"{section}[{listing.id}]"
+                if listing.id in seen:
+                    self.problem(f"{where}.id", f"duplicate id (also in {seen[listing.id]})")
+                    continue
+                seen[listing.id] = section
+                if listing.method and listing.path:
+                    route = (listing.method, _route_shape(listing.path))
+                    if route in routes:
+                        self.problem(f"{where}.path", f"{listing.method} {listing.path} is "
+                                     f"already served by endpoint {routes[route]}")
+                    routes[route] = listing.id
+                listings.append(listing)
+        if self.problems:
+            raise CatalogError(self.problems)
+        return Catalog(providers, groups, tuple(listings))
+
+    def providers(self, raw: Any) -> dict[str, Provider]:
+        if not isinstance(raw, dict):
+            self.problem("providers", "must be a mapping of provider id to settings")
+            return {}
+        result: dict[str, Provider] = {}
+        for pid, spec in raw.items():
+            where = f"providers[{pid}]"
+            if not isinstance(spec, dict):
+                self.problem(where, "must be a mapping with at least 'kind'")
+                continue
+            kind = spec.get("kind")
+            if kind not in PROVIDER_KINDS:
+                self.problem(f"{where}.kind", f"must be one of {', '.join(PROVIDER_KINDS)}, "
+                             f"got {kind!r}")
+                continue
+            base_url = spec.get("base_url")
+            if kind != "sandbox" and not (isinstance(base_url, str) and
+                                          base_url.startswith(("http://", "https://"))):
+                self.problem(f"{where}.base_url", "an http(s) URL is required for kind "
+                             f"{kind!r}, got {base_url!r}")
+            auth = spec.get("auth") or {}
+            if not isinstance(auth, dict) or set(auth) - {"header", "query", "scheme"}:
+                self.problem(f"{where}.auth", "must be a mapping with 'header' or 'query' "
+                             "and optional 'scheme'")
+                auth = {}
+            env = spec.get("api_key_env")
+            if env is not None and not isinstance(env, str):
+                self.problem(f"{where}.api_key_env", "must be an environment variable name")
+                env = None
+            result[str(pid)] = Provider(str(pid), kind, base_url, env,
+                                        {str(k): str(v) for k, v in auth.items()})
+        return result
+
+    def groups(self, raw: Any) -> dict[str, Decimal]:
+        groups: dict[str, Decimal] = {DEFAULT_GROUP: Decimal(1)}
+        if not isinstance(raw, dict):
+            self.problem("groups", "must be a mapping of group name to {ratio: ...}")
+            return groups
+        for name, spec in raw.items():
+            where = f"groups[{name}]"
+            value = spec.get("ratio") if isinstance(spec, dict) else None
+            ratio = self.ratio(f"{where}.ratio", value)
+            if ratio is not None:
+                groups[str(name)] = ratio
+        return groups
+
+    def ratio(self, where: str, value: Any) -> Decimal | None:
+        if value is None:
+            self.problem(where, "a ratio is required, e.g. \"0.8\"")
+            return None
+        try:
+            ratio = parse_decimal(value, what="ratio")
+        except MoneyFormatError as exc:
+            self.problem(where, str(exc))
+            return None
+        if ratio <= 0:
+            self.problem(where, f"must be greater than 0, got {value}")
+            return None
+        return ratio
+
+    def usd(self, where: str, value: Any) -> Decimal | None:
+        try:
+            parse_usd(value, what="price")  # non-negative, at most 9 decimal places
+        except MoneyFormatError as exc:
+            self.problem(where, str(exc))
+            return None
+        return parse_decimal(value)
+
+    def timestamp(self, where: str, value: Any) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, datetime):
+            moment = value
+        else:
+            try:
+                moment = datetime.fromisoformat(str(value))
+            except ValueError:
+                self.problem(where, f"must be an ISO 8601 timestamp, got {value!r}")
+                return None
+        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+    def listing(self, section: str, index: int, item: Any, providers: Mapping[str, Provider],
+                groups: Mapping[str, Decimal], default_from: datetime | None) -> Listing | None:
+        if not isinstance(item, dict):
+            self.problem(f"{section}[{index}]", "must be a mapping")
+            return None
+        item_id = item.get("id")
+        if not isinstance(item_id, str) or not _ID.match(item_id):
+            self.problem(f"{section}[{index}].id", "a short id of letters, digits and ._:/@- "
+                         f"is required, got {item_id!r}")
+            return None
+        where = f"{section}[{item_id}]"
+        before = len(self.problems)
+        allowed = {"id", "provider", "price", "group_ratios", "effective_from"} | (
+            {"upstream_model", "max_output_tokens"} if section == "models"
+            else {"name", "method", "path", "upstream_path"})
+        for key in sorted(set(item) - allowed):
+            self.problem(f"{where}.{key}", "unknown field")
+        provider = item.get("provider")
+        if provider not in providers:
+            known = ", ".join(sorted(providers)) or "none defined"
+            self.problem(f"{where}.provider", f"unknown provider {provider!r} (known: {known})")
+        overrides: dict[str, Decimal] = {}
+        raw_overrides = item.get("group_ratios") or {}
+        if not isinstance(raw_overrides, dict):
+            self.problem(f"{where}.group_ratios", "must be a mapping of group name to ratio")
+            raw_overrides = {}
+        for group, value in raw_overrides.items():
+            if group not in groups:
+                self.problem(f"{where}.group_ratios.{group}", "unknown group")
+                continue
+            ratio = self.ratio(f"{where}.group_ratios.{group}", value)
+            if ratio is not None:
+                overrides[str(group)] = ratio
+        effective_from = self.timestamp(f"{where}.effective_from",
+                                        item.get("effective_from")) or default_from
+        price_raw = item.get("price")
+        if not isinstance(price_raw, dict):
+            self.problem(f"{where}.price", "a price is required" if price_raw is None
+                         else "must be a mapping")
+            return None
+        if section == "models":
+            listing = self.model(where, item, price_raw, overrides, effective_from)
+        else:
+            listing = self.endpoint(where, item, price_raw, overrides, effective_from)
+        return listing if len(self.problems) == before else None
+
+    def model(self, where: str, item: dict[str, Any], raw: dict[str, Any],
+              overrides: dict[str, Decimal], effective_from: datetime | None) -> Listing | None:
+        for key in sorted(set(raw) - {"input", "output", "cache_read", "cache_write"}):
+            self.problem(f"{where}.price.{key}", "unknown price field (token prices are input, "
+                         "output, cache_read, cache_write, in USD per 1M tokens)")
+        prices: dict[str, Decimal | None] = {}
+        for key in ("input", "output"):
+            if raw.get(key) is None:
+                self.problem(f"{where}.price.{key}", "missing price (USD per 1M tokens)")
+                prices[key] = None
+            else:
+                prices[key] = self.usd(f"{where}.price.{key}", raw[key])
+        for key in ("cache_read", "cache_write"):
+            prices[key] = None if raw.get(key) is None else self.usd(f"{where}.price.{key}",
+                                                                     raw[key])
+        max_out = item.get("max_output_tokens", 4096)
+        if not isinstance(max_out, int) or isinstance(max_out, bool) or max_out <= 0:
+            self.problem(f"{where}.max_output_tokens", f"must be a positive integer, got "
+                         f"{max_out!r}")
+        upstream_model = item.get("upstream_model", item["id"])
+        if not isinstance(upstream_model, str) or not upstream_model:
+            self.problem(f"{where}.upstream_model", "must be a model name")
+        if prices["input"] is None or prices["output"] is None:
+            return None
+        price = TokenPrice(prices["input"], prices["output"], prices["cache_read"],
+                           prices["cache_write"])
+        return Listing(item["id"], str(item.get("provider")), price, overrides, effective_from,
+                       upstream_model=upstream_model, max_output_tokens=max_out)
+
+    def endpoint(self, where: str, item: dict[str, Any], raw: dict[str, Any],
+                 overrides: dict[str, Decimal], effective_from: datetime | None) -> Listing | None:
+        for key in sorted(set(raw) - {"per_call"}):
+            self.problem(f"{where}.price.{key}", "unknown price field (per-call endpoints take "
+                         "per_call, in USD)")
+        per_call = None
+        if raw.get("per_call") is None:
+            self.problem(f"{where}.price.per_call", "missing price (USD per call)")
+        else:
+            per_call = self.usd(f"{where}.price.per_call", raw["per_call"])
+        method = str(item.get("method", "GET")).upper()
+        if method not in HTTP_METHODS:
+            self.problem(f"{where}.method", f"must be one of {', '.join(HTTP_METHODS)}")
+        path = item.get("path")
+        if not isinstance(path, str) or not path.startswith("/"):
+            self.problem(f"{where}.path", f"must be a path starting with '/', got {path!r}")
+            path = None
+        upstream_path = item.get("upstream_path", path)
+        if not isinstance(upstream_path, str) or not upstream_path.startswith("/"):
+            self.problem(f"{where}.upstream_path", "must be a path starting with '/'")
+        name = item.get("name", item["id"])
+        if per_call is None or path is None:
+            return None
+        return Listing(item["id"], str(item.get("provider")), CallPrice(per_call), overrides,
+                       effective_from, name=str(name), method=method, path=path,
+                       upstream_path=upstream_path)
+
+
+def _route_shape(path: str) -> str:
+    """``/twitter/user/{username}`` and ``/twitter/user/{name}`` are the same route."""
+    return re.sub(r"\{[^}]*\}", "{}", path.rstrip("/") or "/")

@@ -1,0 +1,36 @@
+"""Every setting, declared once: name, default, environment variable and what it is for."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    name: str
+    default: str
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "TOLLWAY_" + self.name.upper()
+
+
+SETTINGS = (
+    Setting("database_url", "sqlite:///var/tollway.db",
+            "SQLAlchemy URL: sqlite:///PATH (embedded) or postgresql://USER@HOST/DB"),
+    Setting("data_dir", "var", "where the generated admin token and demo key are kept"),
+    Setting("admin_token", "", "token for /admin/v1 routes; generated into DATA_DIR if empty"),
+    Setting("hold_ttl_seconds", "600",
+            "a hold nobody settles within this time is released by the reaper"),
+    Setting("reaper_interval_seconds", "30", "how often the server releases expired holds"),
+)
+
+
+def get(name: str) -> str:
+    """The value of a setting: its environment variable if set, else its default."""
+    for setting in SETTINGS:
+        if setting.name == name:
+            return os.environ.get(setting.env, setting.default)
+    raise KeyError(name)

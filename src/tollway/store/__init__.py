@@ -1,0 +1,1 @@
+"""Storage: SQLAlchemy Core tables, migrations, engines and the batching writer."""

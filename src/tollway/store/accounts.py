@@ -1,0 +1,150 @@
+"""Accounts and API keys: rows in, rows out. Money columns change only in the ledger."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from tollway.errors import InvalidRequest, UnknownAccount, UnknownApiKey
+from tollway.store.tables import accounts, api_keys, groups
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: int
+    name: str
+    group: str
+    available_nano: int
+    held_nano: int
+    used_nano: int
+    requests: int
+    created_at_ms: int
+
+    @property
+    def balance_nano(self) -> int:
+        return self.available_nano + self.held_nano
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    id: int
+    account_id: int
+    prefix: str
+    name: str | None
+    group: str | None  # pinned group; None = the account's group
+    models: tuple[str, ...] | None  # None = every model
+    quota_nano: int | None
+    used_nano: int
+    held_nano: int
+    expires_at_ms: int | None
+    revoked_at_ms: int | None
+    created_at_ms: int
+    account_group: str
+
+
+def _account(row: sa.Row[tuple[object, ...]]) -> Account:
+    return Account(row.id, row.name, row.group_name, row.available_nano, row.held_nano,
+                   row.used_nano, row.requests, row.created_at_ms)
+
+
+def create_account(conn: Connection, name: str, group: str, *, at_ms: int) -> Account:
+    name = name.strip()
+    if not name or len(name) > 200:
+        raise InvalidRequest("an account name must be 1 to 200 characters")
+    if name.isdigit() or name.startswith("system:"):
+        raise InvalidRequest(f"account name {name!r} is reserved (all digits, or system:)")
+    require_group(conn, group)
+    if conn.execute(sa.select(accounts.c.id).where(accounts.c.name == name)).first():
+        raise InvalidRequest(f"an account named {name!r} already exists")
+    account_id = conn.execute(accounts.insert().values(
+        name=name, kind="customer", group_name=group, created_at_ms=at_ms,
+    )).inserted_primary_key[0]
+    return get_account(conn, int(account_id))
+
+
+def require_group(conn: Connection, group: str) -> None:
+    known = set(conn.execute(sa.select(groups.c.name)).scalars()) | {"default"}
+    if group not in known:
+        raise InvalidRequest(f"unknown group {group!r} (known: {', '.join(sorted(known))})")
+
+
+def get_account(conn: Connection, account_id: int) -> Account:
+    row = conn.execute(sa.select(accounts).where(accounts.c.id == account_id,
+                                                 accounts.c.kind == "customer")).first()
+    if row is None:
+        raise UnknownAccount(f"no account with id {account_id}")
+    return _account(row)
+
+
+def find_account(conn: Connection, ref: str | int) -> Account:
+    """An account by id (digits) or by name."""
+    if isinstance(ref, int) or str(ref).isdigit():
+        return get_account(conn, int(ref))
+    row = conn.execute(sa.select(accounts).where(accounts.c.name == ref,
+                                                 accounts.c.kind == "customer")).first()
+    if row is None:
+        raise UnknownAccount(f"no account named {ref!r}")
+    return _account(row)
+
+
+def list_accounts(conn: Connection) -> list[Account]:
+    rows = conn.execute(sa.select(accounts).where(accounts.c.kind == "customer")
+                        .order_by(accounts.c.id))
+    return [_account(r) for r in rows]
+
+
+_KEY_COLUMNS = (*api_keys.c, accounts.c.group_name.label("account_group"))
+
+
+def _key(row: sa.Row[tuple[object, ...]]) -> ApiKeyRecord:
+    models = tuple(json.loads(row.models)) if row.models is not None else None
+    return ApiKeyRecord(row.id, row.account_id, row.prefix, row.name, row.group_name, models,
+                        row.quota_nano, row.used_nano, row.held_nano, row.expires_at_ms,
+                        row.revoked_at_ms, row.created_at_ms, row.account_group)
+
+
+def insert_key(conn: Connection, *, account_id: int, prefix: str, key_hash: str,
+               name: str | None, group: str | None, models: list[str] | None,
+               quota_nano: int | None, expires_at_ms: int | None, at_ms: int) -> ApiKeyRecord:
+    get_account(conn, account_id)
+    if group is not None:
+        require_group(conn, group)
+    key_id = conn.execute(api_keys.insert().values(
+        account_id=account_id, prefix=prefix, key_hash=key_hash, name=name, group_name=group,
+        models=json.dumps(models) if models is not None else None, quota_nano=quota_nano,
+        expires_at_ms=expires_at_ms, created_at_ms=at_ms,
+    )).inserted_primary_key[0]
+    return get_key(conn, int(key_id))
+
+
+def _key_query() -> sa.Select[tuple[object, ...]]:
+    return sa.select(*_KEY_COLUMNS).join(accounts, accounts.c.id == api_keys.c.account_id)
+
+
+def get_key(conn: Connection, key_id: int) -> ApiKeyRecord:
+    row = conn.execute(_key_query().where(api_keys.c.id == key_id)).first()
+    if row is None:
+        raise UnknownApiKey(f"no API key with id {key_id}")
+    return _key(row)
+
+
+def key_by_hash(conn: Connection, key_hash: str) -> ApiKeyRecord | None:
+    row = conn.execute(_key_query().where(api_keys.c.key_hash == key_hash)).first()
+    return None if row is None else _key(row)
+
+
+def list_keys(conn: Connection, account_id: int) -> list[ApiKeyRecord]:
+    rows = conn.execute(_key_query().where(api_keys.c.account_id == account_id)
+                        .order_by(api_keys.c.id))
+    return [_key(r) for r in rows]
+
+
+def revoke_key(conn: Connection, key_id: int, *, at_ms: int) -> ApiKeyRecord:
+    """Revoke a key; revoking it again keeps the first revocation time."""
+    conn.execute(api_keys.update().where(api_keys.c.id == key_id,
+                                         api_keys.c.revoked_at_ms.is_(None))
+                 .values(revoked_at_ms=at_ms))
+    return get_key(conn, key_id)

@@ -1,0 +1,199 @@
+"""The stored catalog: providers, groups, items and their price versions.
+
+``apply_catalog`` never rewrites a price: a changed price becomes a new version with an
+effective-from time, and every earlier version is kept so usage rated with it stays
+explainable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from tollway.errors import CatalogError
+from tollway.money import nano_to_decimal, parse_usd
+from tollway.pricing.catalog import Catalog, Listing, Provider
+from tollway.pricing.rating import CallPrice, Price, TokenPrice
+from tollway.store.tables import (
+    accounts,
+    api_keys,
+    catalog_items,
+    groups,
+    price_versions,
+    providers,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PriceVersion:
+    id: int
+    item_id: str
+    price: Price
+    group_ratios: dict[str, Decimal]
+    effective_from_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A catalog item with the price version in effect."""
+
+    id: str
+    billing_type: str
+    provider: str
+    spec: dict[str, Any]
+    version: PriceVersion
+
+
+@dataclass
+class ApplyReport:
+    new_versions: list[tuple[str, int]] = field(default_factory=list)  # (item id, effective ms)
+    unchanged: list[str] = field(default_factory=list)
+    deactivated: list[str] = field(default_factory=list)
+    groups: dict[str, str] = field(default_factory=dict)
+
+
+def _price_columns(price: Price) -> dict[str, int | None]:
+    def nano(value: Decimal | None) -> int | None:
+        return None if value is None else parse_usd(value)
+
+    if isinstance(price, TokenPrice):
+        return {"input_nano_per_1m": nano(price.input_per_1m),
+                "output_nano_per_1m": nano(price.output_per_1m),
+                "cache_read_nano_per_1m": nano(price.cache_read_per_1m),
+                "cache_write_nano_per_1m": nano(price.cache_write_per_1m),
+                "per_call_nano": None}
+    return {"input_nano_per_1m": None, "output_nano_per_1m": None,
+            "cache_read_nano_per_1m": None, "cache_write_nano_per_1m": None,
+            "per_call_nano": nano(price.per_call)}
+
+
+def _ratios_json(ratios: dict[str, Decimal] | Any) -> str:
+    return json.dumps({k: str(v) for k, v in sorted(ratios.items())})
+
+
+def _version(row: sa.Row[tuple[object, ...]]) -> PriceVersion:
+    def usd(nano: int | None) -> Decimal | None:
+        return None if nano is None else nano_to_decimal(nano)
+
+    price: Price
+    if row.billing_type == "token":
+        price = TokenPrice(nano_to_decimal(row.input_nano_per_1m),
+                           nano_to_decimal(row.output_nano_per_1m),
+                           usd(row.cache_read_nano_per_1m), usd(row.cache_write_nano_per_1m))
+    else:
+        price = CallPrice(nano_to_decimal(row.per_call_nano))
+    ratios = {k: Decimal(v) for k, v in json.loads(row.group_ratios).items()}
+    return PriceVersion(row.id, row.item_id, price, ratios, row.effective_from_ms)
+
+
+def apply_catalog(conn: Connection, catalog: Catalog, *, now_ms: int) -> ApplyReport:
+    report = ApplyReport()
+    _apply_groups(conn, catalog, report)
+    conn.execute(providers.delete())
+    if catalog.providers:
+        conn.execute(providers.insert(), [
+            {"id": p.id, "kind": p.kind, "config": json.dumps(_provider_config(p))}
+            for p in catalog.providers.values()])
+    existing = {r.id: r for r in conn.execute(sa.select(catalog_items))}
+    for listing in catalog.listings:
+        values = {"billing_type": listing.billing_type, "provider": listing.provider,
+                  "spec": json.dumps(listing.spec(), sort_keys=True), "active": True,
+                  "updated_at_ms": now_ms}
+        if listing.id in existing:
+            conn.execute(catalog_items.update().where(catalog_items.c.id == listing.id)
+                         .values(**values))
+        else:
+            conn.execute(catalog_items.insert().values(id=listing.id, **values))
+        _apply_price(conn, listing, now_ms, report)
+    listed = {item.id for item in catalog.listings}
+    for item_id, row in existing.items():
+        if item_id not in listed and row.active:
+            conn.execute(catalog_items.update().where(catalog_items.c.id == item_id)
+                         .values(active=False, updated_at_ms=now_ms))
+            report.deactivated.append(item_id)
+    return report
+
+
+def _provider_config(provider: Provider) -> dict[str, Any]:
+    return {"base_url": provider.base_url, "api_key_env": provider.api_key_env,
+            "auth": dict(provider.auth)}
+
+
+def _apply_groups(conn: Connection, catalog: Catalog, report: ApplyReport) -> None:
+    stored = {r.name: r.ratio for r in conn.execute(sa.select(groups))}
+    for name in sorted(set(stored) - set(catalog.groups)):
+        users = conn.execute(sa.select(sa.func.count()).select_from(accounts)
+                             .where(accounts.c.group_name == name)).scalar_one()
+        users += conn.execute(sa.select(sa.func.count()).select_from(api_keys)
+                              .where(api_keys.c.group_name == name)).scalar_one()
+        if users:
+            raise CatalogError([f"group {name!r} is missing from the file but {users} accounts "
+                                "or keys belong to it: keep it or move them first"])
+        conn.execute(groups.delete().where(groups.c.name == name))
+    for name, ratio in catalog.groups.items():
+        if name not in stored:
+            conn.execute(groups.insert().values(name=name, ratio=str(ratio)))
+        elif Decimal(stored[name]) != ratio:
+            conn.execute(groups.update().where(groups.c.name == name).values(ratio=str(ratio)))
+        report.groups[name] = str(ratio)
+
+
+def _apply_price(conn: Connection, listing: Listing, now_ms: int, report: ApplyReport) -> None:
+    columns = _price_columns(listing.price)
+    ratios = _ratios_json(listing.group_ratios)
+    effective_ms = (now_ms if listing.effective_from is None
+                    else int(listing.effective_from.timestamp() * 1000))
+    latest = conn.execute(
+        sa.select(price_versions).where(price_versions.c.item_id == listing.id)
+        .order_by(price_versions.c.effective_from_ms.desc(), price_versions.c.id.desc())
+        .limit(1)).first()
+    if latest is not None and latest.billing_type == listing.billing_type \
+            and all(getattr(latest, k) == v for k, v in columns.items()) \
+            and latest.group_ratios == ratios \
+            and (listing.effective_from is None or latest.effective_from_ms == effective_ms):
+        report.unchanged.append(listing.id)
+        return
+    conn.execute(price_versions.insert().values(
+        item_id=listing.id, billing_type=listing.billing_type, group_ratios=ratios,
+        effective_from_ms=effective_ms, created_at_ms=now_ms, **columns))
+    report.new_versions.append((listing.id, effective_ms))
+
+
+def current_items(conn: Connection, *, now_ms: int, item_id: str | None = None) -> list[Item]:
+    """Active items with the price version in effect at ``now_ms`` (newest effective-from at or
+    before it); items whose first price starts in the future are not yet for sale."""
+    latest = (sa.select(price_versions.c.item_id,
+                        sa.func.max(price_versions.c.effective_from_ms).label("eff"))
+              .where(price_versions.c.effective_from_ms <= now_ms)
+              .group_by(price_versions.c.item_id).subquery())
+    query = (sa.select(catalog_items.c.provider, catalog_items.c.spec, price_versions)
+             .join(latest, latest.c.item_id == catalog_items.c.id)
+             .join(price_versions, sa.and_(price_versions.c.item_id == latest.c.item_id,
+                                           price_versions.c.effective_from_ms == latest.c.eff))
+             .where(catalog_items.c.active.is_(True))
+             .order_by(price_versions.c.billing_type.desc(), price_versions.c.item_id,
+                       price_versions.c.id))
+    if item_id is not None:
+        query = query.where(catalog_items.c.id == item_id)
+    items: dict[str, Item] = {}
+    for row in conn.execute(query):  # the last row wins when two versions share a time
+        items[row.item_id] = Item(row.item_id, row.billing_type, row.provider,
+                                  json.loads(row.spec), _version(row))
+    return list(items.values())
+
+
+def price_history(conn: Connection, item_id: str) -> list[PriceVersion]:
+    rows = conn.execute(sa.select(price_versions).where(price_versions.c.item_id == item_id)
+                        .order_by(price_versions.c.effective_from_ms, price_versions.c.id))
+    return [_version(r) for r in rows]
+
+
+def group_ratios(conn: Connection) -> dict[str, Decimal]:
+    ratios = {r.name: Decimal(r.ratio) for r in conn.execute(sa.select(groups))}
+    ratios.setdefault("default", Decimal(1))
+    return ratios

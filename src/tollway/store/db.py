@@ -1,0 +1,106 @@
+"""Engines for SQLite and PostgreSQL, and the transaction helpers every store module uses.
+
+SQLite is opened in WAL mode with ``synchronous=FULL`` (a commit is on disk before it is
+acknowledged). Python's sqlite3 module would open deferred transactions that fail at once with
+SQLITE_BUSY when they later write, so transaction control is taken over: writes begin with
+``BEGIN IMMEDIATE`` (waiting up to ``busy_timeout`` for the lock), reads with a plain ``BEGIN``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.pool import NullPool
+
+#: Errors as raised through SQLAlchemy or straight from the drivers (see ``prepared.py``).
+INTEGRITY_ERRORS = (sa_exc.IntegrityError, sqlite3.IntegrityError, psycopg.IntegrityError)
+OPERATIONAL_ERRORS = (sa_exc.OperationalError, sqlite3.OperationalError,
+                      psycopg.OperationalError)
+
+
+class Database:
+    """One database: a read engine and a write engine (the same engine on PostgreSQL)."""
+
+    def __init__(self, url: str, *, busy_timeout_ms: int = 30_000, pool_size: int = 8,
+                 null_pool: bool = False) -> None:
+        """``null_pool`` opens a fresh connection for every use (concurrency tests)."""
+        self.url = normalize_url(url)
+        parsed = sa.engine.make_url(self.url)
+        self.dialect = parsed.get_backend_name()
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = _sqlite_engine(self.url, "BEGIN", busy_timeout_ms, null_pool)
+            self.write_engine = _sqlite_engine(self.url, "BEGIN IMMEDIATE", busy_timeout_ms,
+                                               null_pool)
+        elif self.dialect == "postgresql":
+            pool: dict[str, Any] = ({"poolclass": NullPool} if null_pool else
+                                    {"pool_size": pool_size, "max_overflow": pool_size * 4,
+                                     "pool_pre_ping": True})
+            self.engine = sa.create_engine(self.url, **pool)
+            self.write_engine = self.engine
+        else:
+            raise ValueError(f"unsupported database {self.dialect!r}: use sqlite:/// or "
+                             "postgresql://")
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction: BEGIN IMMEDIATE on SQLite, committed on exit."""
+        with self.write_engine.begin() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        if self.write_engine is not self.engine:
+            self.write_engine.dispose()
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``postgres://`` and ``postgresql://`` and use the psycopg 3 driver."""
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url.removeprefix("postgres://")
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    return url
+
+
+def _sqlite_engine(url: str, begin: str, busy_timeout_ms: int, null_pool: bool) -> Engine:
+    memory = ":memory:" in url or url.rstrip("/") == "sqlite:"
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
+    if null_pool:
+        kwargs["poolclass"] = NullPool
+    elif not memory:
+        kwargs["poolclass"] = sa.pool.QueuePool
+        kwargs["pool_size"] = 8
+        kwargs["max_overflow"] = 64
+    engine = sa.create_engine(url, **kwargs)
+
+    @sa.event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_conn.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if not memory:
+            cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @sa.event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        conn.exec_driver_sql(begin)
+
+    return engine

@@ -1,0 +1,144 @@
+"""SQLAlchemy Core tables. Money columns are signed 64-bit integers of nano-USD (``*_nano``);
+times are integer milliseconds since the epoch (``*_ms``), identical on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+#: Auto-increment ids: INTEGER (the rowid) on SQLite, BIGINT identity on PostgreSQL.
+Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+Nano = sa.BigInteger
+Ms = sa.BigInteger
+
+
+def _id() -> sa.Column[int]:
+    return sa.Column("id", Id, sa.Identity(start=101), primary_key=True)
+
+
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    _id(),
+    sa.Column("name", sa.String(200), nullable=False, unique=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # customer | system
+    sa.Column("group_name", sa.String(64), nullable=False),
+    sa.Column("available_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("held_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("used_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("requests", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.CheckConstraint("available_nano >= 0", name="ck_accounts_available_nonnegative"),
+    sa.CheckConstraint("held_nano >= 0", name="ck_accounts_held_nonnegative"),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    _id(),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False, index=True),
+    sa.Column("prefix", sa.String(32), nullable=False),
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("name", sa.String(200)),
+    sa.Column("group_name", sa.String(64)),
+    sa.Column("models", sa.Text),  # JSON list of allowed catalog ids, NULL = all
+    sa.Column("quota_nano", Nano),  # NULL = no own quota
+    sa.Column("used_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("held_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("expires_at_ms", Ms),
+    sa.Column("revoked_at_ms", Ms),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.CheckConstraint("held_nano >= 0", name="ck_api_keys_held_nonnegative"),
+)
+
+#: One row per money movement (a journal entry); its postings sum to zero.
+entries = sa.Table(
+    "entries",
+    metadata,
+    _id(),
+    sa.Column("kind", sa.String(16), nullable=False),  # topup hold settle void expire adjust
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("amount_nano", Nano, nullable=False),
+    sa.Column("hold_id", Id),
+    sa.Column("idempotency_key", sa.String(255), nullable=False, unique=True),
+    sa.Column("balance_after_nano", Nano),
+    sa.Column("note", sa.Text),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Index("ix_entries_account", "account_id", "id"),
+    sa.Index("ix_entries_hold", "hold_id"),
+)
+
+postings = sa.Table(
+    "postings",
+    metadata,
+    _id(),
+    sa.Column("entry_id", Id, sa.ForeignKey("entries.id"), nullable=False, index=True),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("bucket", sa.String(16), nullable=False),  # available | held
+    sa.Column("amount_nano", Nano, nullable=False),
+    sa.Index("ix_postings_account", "account_id", "bucket"),
+)
+
+holds = sa.Table(
+    "holds",
+    metadata,
+    _id(),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("key_id", Id, sa.ForeignKey("api_keys.id")),
+    sa.Column("amount_nano", Nano, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # open settled voided expired
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("expires_at_ms", Ms, nullable=False),
+    sa.Column("closed_at_ms", Ms),
+    sa.Column("charged_nano", Nano),
+    sa.Column("from_available_nano", Nano),
+    sa.Column("shortfall_nano", Nano),
+    sa.Index("ix_holds_open_expiry", "status", "expires_at_ms"),
+    sa.Index("ix_holds_account", "account_id"),
+)
+
+providers = sa.Table(
+    "providers",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("config", sa.Text, nullable=False),  # JSON
+)
+
+groups = sa.Table(
+    "groups",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("ratio", sa.String(40), nullable=False),  # exact decimal string
+)
+
+catalog_items = sa.Table(
+    "catalog_items",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("billing_type", sa.String(16), nullable=False),  # token | per_call
+    sa.Column("provider", sa.String(128), nullable=False),
+    sa.Column("spec", sa.Text, nullable=False),  # JSON: upstream_model, path, method, ...
+    sa.Column("active", sa.Boolean, nullable=False),
+    sa.Column("updated_at_ms", Ms, nullable=False),
+)
+
+#: Prices never change in place: each change is a new version with an effective-from time.
+price_versions = sa.Table(
+    "price_versions",
+    metadata,
+    _id(),
+    sa.Column("item_id", sa.String(128), sa.ForeignKey("catalog_items.id"), nullable=False),
+    sa.Column("billing_type", sa.String(16), nullable=False),
+    sa.Column("input_nano_per_1m", Nano),
+    sa.Column("output_nano_per_1m", Nano),
+    sa.Column("cache_read_nano_per_1m", Nano),
+    sa.Column("cache_write_nano_per_1m", Nano),
+    sa.Column("per_call_nano", Nano),
+    sa.Column("group_ratios", sa.Text, nullable=False),  # JSON {group: "ratio"}
+    sa.Column("effective_from_ms", Ms, nullable=False),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Index("ix_price_versions_item", "item_id", "effective_from_ms"),
+)
