@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from tollway.errors import InvalidRequest, UnknownAccount, UnknownApiKey
-from tollway.store.tables import accounts, api_keys, groups
+from tollway.store.tables import accounts, api_keys, catalog_items, entries, groups
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,12 @@ def insert_key(conn: Connection, *, account_id: int, prefix: str, key_hash: str,
     get_account(conn, account_id)
     if group is not None:
         require_group(conn, group)
+    if models is not None:
+        known = set(conn.execute(sa.select(catalog_items.c.id)
+                                 .where(catalog_items.c.id.in_(models))).scalars())
+        if unknown := sorted(set(models) - known):
+            raise InvalidRequest(f"unknown catalog ids in the model allowlist: "
+                                 f"{', '.join(unknown)}")
     key_id = conn.execute(api_keys.insert().values(
         account_id=account_id, prefix=prefix, key_hash=key_hash, name=name, group_name=group,
         models=json.dumps(models) if models is not None else None, quota_nano=quota_nano,
@@ -148,3 +155,9 @@ def revoke_key(conn: Connection, key_id: int, *, at_ms: int) -> ApiKeyRecord:
                                          api_keys.c.revoked_at_ms.is_(None))
                  .values(revoked_at_ms=at_ms))
     return get_key(conn, key_id)
+
+
+def recent_entries(conn: Connection, account_id: int, *, limit: int) -> list[sa.Row[Any]]:
+    """The account's ledger entries, newest first."""
+    return list(conn.execute(sa.select(entries).where(entries.c.account_id == account_id)
+                             .order_by(entries.c.id.desc()).limit(limit)))

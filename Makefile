@@ -1,0 +1,40 @@
+# Tollway: `make serve` and `make test` work on a fresh machine with Python 3.11+, make and pip.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+HOST ?= 127.0.0.1
+PORT ?= 8080
+PYTEST_ARGS ?=
+
+.PHONY: serve test lint typecheck bench clean install
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/tollway db upgrade
+	$(BIN)/tollway serve --host $(HOST) --port $(PORT) --catalog examples/catalog.yaml --demo
+
+# Runs every test on SQLite and on a throwaway PostgreSQL server (started here, stopped after).
+test: $(STAMP)
+	@url=$$(scripts/pg-test-server start var/pg-test) || { \
+	  if [ -n "$$CI" ]; then echo "PostgreSQL is required in CI" >&2; exit 1; fi; \
+	  echo "!! PostgreSQL unavailable: its test variants will be SKIPPED" >&2; url=""; }; \
+	TOLLWAY_TEST_POSTGRES_URL="$$url" $(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; \
+	scripts/pg-test-server stop var/pg-test >/dev/null 2>&1 || true; exit $$status
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	$(BIN)/python bench/ledger.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .hypothesis

@@ -1,0 +1,168 @@
+"""Operator routes: accounts, top-ups, adjustments, keys, ledger verification.
+
+Every route takes ``Authorization: Bearer <admin token>``. Money moves through the ledger in
+the writer's batches; ``Idempotency-Key`` (header) makes a top-up or adjustment safe to retry.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from tollway.billing import keys as key_ops
+from tollway.billing.views import (
+    account_view,
+    credit_view,
+    key_view,
+    parse_amount,
+    parse_iso_ms,
+)
+from tollway.errors import InvalidAdminToken, InvalidRequest
+from tollway.ledger import ledger
+from tollway.ledger.verify import verify
+from tollway.money import MoneyFormatError, parse_signed_usd
+from tollway.store import accounts as store
+from tollway.web.context import Context
+from tollway.web.http import bearer, json_body, optional_str, path_int
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def _admin(handler: Callable[[Request, Context], Awaitable[Response]]) -> Endpoint:
+    async def endpoint(request: Request) -> Response:
+        ctx: Context = request.app.state.ctx
+        token = bearer(request)
+        if not token or not ctx.admin_token or not hmac.compare_digest(
+                token.encode(), ctx.admin_token.encode()):
+            raise InvalidAdminToken("admin routes need 'Authorization: Bearer <admin token>'")
+        return await handler(request, ctx)
+
+    return endpoint
+
+
+def _idempotency_key(request: Request) -> str:
+    key = request.headers.get("idempotency-key", "").strip()
+    if len(key) > 200:
+        raise InvalidRequest("Idempotency-Key must be at most 200 characters")
+    return key or secrets.token_hex(16)
+
+
+async def list_accounts(request: Request, ctx: Context) -> Response:
+    rows = await ctx.read(store.list_accounts)
+    return JSONResponse({"object": "list", "data": [account_view(a) for a in rows]})
+
+
+async def create_account(request: Request, ctx: Context) -> Response:
+    body = await json_body(request)
+    name = optional_str(body, "name")
+    if not name:
+        raise InvalidRequest("name is required")
+    group = optional_str(body, "group") or "default"
+    account = await ctx.write(
+        lambda conn: store.create_account(conn, name, group, at_ms=ledger.now_ms()))
+    return JSONResponse(account_view(account), status_code=201)
+
+
+async def get_account(request: Request, ctx: Context) -> Response:
+    ref = request.path_params["account"]
+    account = await ctx.read(lambda conn: store.find_account(conn, ref))
+    return JSONResponse(account_view(account))
+
+
+async def topup(request: Request, ctx: Context) -> Response:
+    body = await json_body(request)
+    amount = parse_amount(body.get("amount_usd"))
+    note = optional_str(body, "note")
+    key = _idempotency_key(request)
+    ref = request.path_params["account"]
+
+    def op(conn: Connection) -> dict[str, Any]:
+        account = store.find_account(conn, ref)
+        return credit_view(ledger.topup(conn, account.id, amount, idempotency_key=key,
+                                        note=note))
+
+    return JSONResponse(await ctx.write(op), status_code=201)
+
+
+async def adjust(request: Request, ctx: Context) -> Response:
+    body = await json_body(request)
+    try:
+        amount = parse_signed_usd(body.get("amount_usd"), what="amount_usd")
+    except MoneyFormatError as exc:
+        raise InvalidRequest(str(exc)) from None
+    note = optional_str(body, "note")
+    if not note:
+        raise InvalidRequest("note is required: say why the balance is adjusted")
+    key = _idempotency_key(request)
+    ref = request.path_params["account"]
+
+    def op(conn: Connection) -> dict[str, Any]:
+        account = store.find_account(conn, ref)
+        return credit_view(ledger.adjust(conn, account.id, amount, idempotency_key=key,
+                                         note=note))
+
+    return JSONResponse(await ctx.write(op), status_code=201)
+
+
+async def list_keys(request: Request, ctx: Context) -> Response:
+    ref = request.path_params["account"]
+
+    def load(conn: Connection) -> list[dict[str, Any]]:
+        return [key_view(k) for k in store.list_keys(conn, store.find_account(conn, ref).id)]
+
+    return JSONResponse({"object": "list", "data": await ctx.read(load)})
+
+
+async def create_key(request: Request, ctx: Context) -> Response:
+    body = await json_body(request)
+    models = body.get("models")
+    if models is not None and (not isinstance(models, list)
+                               or not all(isinstance(m, str) for m in models)):
+        raise InvalidRequest("models must be a list of catalog ids")
+    quota = body.get("quota_usd")
+    quota_nano = None if quota is None else parse_amount(quota, what="quota_usd")
+    expires = optional_str(body, "expires_at")
+    expires_ms = None if expires is None else parse_iso_ms(expires, what="expires_at")
+    name, group = optional_str(body, "name"), optional_str(body, "group")
+    ref = request.path_params["account"]
+
+    def op(conn: Connection) -> dict[str, Any]:
+        account = store.find_account(conn, ref)
+        new = key_ops.create_key(conn, account.id, at_ms=ledger.now_ms(), name=name,
+                                 group=group, models=models, quota_nano=quota_nano,
+                                 expires_at_ms=expires_ms)
+        return key_view(new.record, secret=new.secret)
+
+    return JSONResponse(await ctx.write(op), status_code=201)
+
+
+async def revoke_key(request: Request, ctx: Context) -> Response:
+    key_id = path_int(request, "key_id")
+    record = await ctx.write(lambda conn: store.revoke_key(conn, key_id, at_ms=ledger.now_ms()))
+    return JSONResponse(key_view(record))
+
+
+async def verify_ledger(request: Request, ctx: Context) -> Response:
+    problems = await ctx.read(verify)
+    return JSONResponse({"ok": not problems, "problems": problems},
+                        status_code=200 if not problems else 500)
+
+
+admin_routes = [
+    Route("/accounts", _admin(list_accounts), methods=["GET"]),
+    Route("/accounts", _admin(create_account), methods=["POST"]),
+    Route("/accounts/{account}", _admin(get_account), methods=["GET"]),
+    Route("/accounts/{account}/topups", _admin(topup), methods=["POST"]),
+    Route("/accounts/{account}/adjustments", _admin(adjust), methods=["POST"]),
+    Route("/accounts/{account}/keys", _admin(list_keys), methods=["GET"]),
+    Route("/accounts/{account}/keys", _admin(create_key), methods=["POST"]),
+    Route("/keys/{key_id}/revoke", _admin(revoke_key), methods=["POST"]),
+    Route("/ledger/verify", _admin(verify_ledger), methods=["GET"]),
+]

@@ -1,0 +1,381 @@
+"""The ``tollway`` command. Every command takes ``--json`` and ``--database-url``.
+
+Errors print one line to stderr (or an error object with ``--json``) and exit 1; a database
+that is not migrated says which command fixes it. Nothing prints a stack trace for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+
+from tollway import settings
+from tollway.billing import keys as key_ops
+from tollway.billing.views import (
+    account_view,
+    credit_view,
+    entry_view,
+    iso,
+    key_view,
+    parse_amount,
+    parse_iso_ms,
+)
+from tollway.errors import InvalidRequest, TollwayError
+from tollway.ledger import ledger
+from tollway.ledger.verify import verify
+from tollway.money import format_usd, parse_signed_usd, MoneyFormatError
+from tollway.pricing.catalog import load_catalog
+from tollway.pricing.display import price_lines
+from tollway.store import accounts as store
+from tollway.store.catalog import apply_catalog, current_items
+from tollway.store.db import Database
+from tollway.store.migrate import current_revision, head_revision, upgrade
+
+Handler = Callable[[argparse.Namespace], Any]
+
+
+class Output:
+    """What a command prints: ``data`` for --json, ``text`` lines for people."""
+
+    def __init__(self, data: Any, text: str) -> None:
+        self.data = data
+        self.text = text
+
+
+# --------------------------------------------------------------------------- plumbing
+
+
+def open_db(args: argparse.Namespace, *, migrated: bool = True) -> Database:
+    db = Database(args.database_url)
+    if migrated and current_revision(db) != head_revision():
+        raise InvalidRequest(f"the database at {args.database_url} is not up to date: run "
+                             "`tollway db upgrade` first")
+    return db
+
+
+def _key(value: str) -> str:
+    return value or secrets.token_hex(16)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> Output:
+    db = open_db(args, migrated=False)
+    before = current_revision(db)
+    upgrade(db)
+    after = current_revision(db)
+    text = (f"database is up to date (revision {after})" if before == after
+            else f"database upgraded from {before or 'empty'} to revision {after}")
+    return Output({"revision": after, "previous": before}, text)
+
+
+def cmd_catalog_apply(args: argparse.Namespace) -> Output:
+    catalog = load_catalog(args.file)
+    db = open_db(args)
+    with db.write() as conn:
+        report = apply_catalog(conn, catalog, now_ms=ledger.now_ms())
+    lines = [f"applied {args.file}: {len(catalog.models)} models, {len(catalog.endpoints)} "
+             f"endpoints, {len(catalog.groups)} groups"]
+    lines += [f"  new price version: {item} (effective {iso(ms)})"
+              for item, ms in report.new_versions]
+    if report.unchanged:
+        lines.append(f"  unchanged: {', '.join(report.unchanged)}")
+    if report.deactivated:
+        lines.append(f"  no longer listed: {', '.join(report.deactivated)}")
+    data = {"new_versions": [{"item": i, "effective_from": iso(ms)}
+                             for i, ms in report.new_versions],
+            "unchanged": report.unchanged, "deactivated": report.deactivated,
+            "groups": report.groups}
+    return Output(data, "\n".join(lines))
+
+
+def cmd_catalog_show(args: argparse.Namespace) -> Output:
+    from tollway.billing.marketplace import listing
+
+    db = open_db(args)
+    with db.read() as conn:
+        data = listing(conn, now_ms=ledger.now_ms())
+        items = current_items(conn, now_ms=ledger.now_ms())
+    lines = ["groups: " + ", ".join(f"{g} ×{r}" for g, r in data["groups"].items())]
+    width = max((len(i.id) for i in items), default=10)
+    for item in items:
+        where = (f" {item.spec.get('method')} /apis/v1{item.spec.get('path')}"
+                 if item.billing_type == "per_call" else "")
+        lines.append(f"{item.id:<{width}}  {item.billing_type:<8}  {item.provider}{where}")
+        lines += [f"{'':<{width}}    {line}" for line in price_lines(item.version.price)]
+        if item.version.group_ratios:
+            lines.append(f"{'':<{width}}    group overrides: " + ", ".join(
+                f"{g} ×{r}" for g, r in sorted(item.version.group_ratios.items())))
+    if not items:
+        lines.append("the catalog is empty: run `tollway catalog apply FILE`")
+    return Output(data, "\n".join(lines))
+
+
+def cmd_accounts_create(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.write() as conn:
+        account = store.create_account(conn, args.name, args.group, at_ms=ledger.now_ms())
+    view = account_view(account)
+    return Output(view, f"created account {account.id} ({account.name}, group {account.group})")
+
+
+def cmd_accounts_list(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.read() as conn:
+        rows = [account_view(a) for a in store.list_accounts(conn)]
+    lines = [f"{r['id']:>6}  {r['name']:<24} {r['group']:<10} available {r['available_usd']}  "
+             f"held {r['held_usd']}  used {r['used_usd']}" for r in rows]
+    return Output(rows, "\n".join(lines) or "no accounts yet")
+
+
+def cmd_balance(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.read() as conn:
+        view = account_view(store.find_account(conn, args.account))
+    return Output(view, f"account {view['id']} ({view['name']}): balance {view['balance_usd']} "
+                  f"USD = available {view['available_usd']} + held {view['held_usd']}; used "
+                  f"{view['used_usd']} over {view['requests']} requests")
+
+
+def cmd_topup(args: argparse.Namespace) -> Output:
+    amount = parse_amount(args.amount_usd, what="AMOUNT_USD")
+    db = open_db(args)
+    with db.write() as conn:
+        account = store.find_account(conn, args.account)
+        result = ledger.topup(conn, account.id, amount, note=args.note,
+                              idempotency_key=_key(args.idempotency_key))
+    view = credit_view(result)
+    return Output(view, f"topped up {view['amount_usd']} USD: account {account.id} "
+                  f"({account.name}) now has {view['available_usd']} USD available")
+
+
+def cmd_adjust(args: argparse.Namespace) -> Output:
+    try:
+        amount = parse_signed_usd(args.amount_usd, what="AMOUNT_USD")
+    except MoneyFormatError as exc:
+        raise InvalidRequest(str(exc)) from None
+    db = open_db(args)
+    with db.write() as conn:
+        account = store.find_account(conn, args.account)
+        result = ledger.adjust(conn, account.id, amount, note=args.note,
+                               idempotency_key=_key(args.idempotency_key))
+    view = credit_view(result)
+    return Output(view, f"adjusted account {account.id} by {view['amount_usd']} USD: "
+                  f"{view['available_usd']} USD available")
+
+
+def cmd_keys_create(args: argparse.Namespace) -> Output:
+    quota = None if args.quota is None else parse_amount(args.quota, what="--quota")
+    expires = None if args.expires is None else parse_iso_ms(args.expires, what="--expires")
+    models = None if args.models is None else [m.strip() for m in args.models.split(",")
+                                               if m.strip()]
+    db = open_db(args)
+    with db.write() as conn:
+        account = store.find_account(conn, args.account)
+        new = key_ops.create_key(conn, account.id, at_ms=ledger.now_ms(), name=args.name,
+                                 group=args.group, models=models, quota_nano=quota,
+                                 expires_at_ms=expires)
+    view = key_view(new.record, secret=new.secret)
+    return Output(view, f"created key {new.record.id} for account {account.id} "
+                  f"({account.name}):\n\n    {new.secret}\n\nstore it now: it is not shown "
+                  "again.")
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.write() as conn:
+        record = store.revoke_key(conn, args.key_id, at_ms=ledger.now_ms())
+    return Output(key_view(record), f"key {record.id} ({record.prefix}…) revoked at "
+                  f"{iso(record.revoked_at_ms)}")
+
+
+def cmd_keys_list(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.read() as conn:
+        account = store.find_account(conn, args.account)
+        rows = [key_view(k) for k in store.list_keys(conn, account.id)]
+    lines = [f"{r['id']:>6}  {r['prefix']}…  {r['name'] or '':<16} group "
+             f"{r['effective_group']:<10} used {r['used_usd']}"
+             + (f" of {r['quota_usd']}" if r["quota_usd"] else "")
+             + (" REVOKED" if r["revoked_at"] else "") for r in rows]
+    return Output(rows, "\n".join(lines) or "no keys")
+
+
+def cmd_usage(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.read() as conn:
+        account = store.find_account(conn, args.account)
+        rows = [entry_view(e) for e in store.recent_entries(conn, account.id, limit=args.limit)]
+    lines = [f"{r['created_at']}  {r['kind']:<7} {r['amount_usd']:>16} USD"
+             + (f"  hold {r['hold_id']}" if r["hold_id"] else "")
+             + (f"  {r['note']}" if r["note"] else "") for r in rows]
+    return Output(rows, "\n".join(lines) or "no activity yet")
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.read() as conn:
+        problems = verify(conn)
+    if problems:
+        raise LedgerInvalid(problems)
+    return Output({"ok": True, "problems": []}, "ledger verified: every balance equals its "
+                  "postings, postings sum to zero, every hold closed at most once")
+
+
+def cmd_ledger_expire(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    released = []
+    while True:
+        with db.write() as conn:
+            batch = ledger.expire_holds(conn, limit=500)
+        released += batch
+        if len(batch) < 500:
+            break
+        print(f"released {len(released)} expired holds so far…", file=sys.stderr)
+    total = sum(r.released_nano for r in released)
+    return Output({"released": len(released), "released_usd": format_usd(total)},
+                  f"released {len(released)} expired holds ({format_usd(total)} USD)")
+
+
+def cmd_serve(args: argparse.Namespace) -> Output:
+    from tollway.web.server import serve
+
+    serve(args)
+    return Output({}, "")
+
+
+class LedgerInvalid(TollwayError):
+    status = 500
+    code = "ledger_invalid"
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("ledger verification FAILED:\n  " + "\n  ".join(problems))
+        self.problems = problems
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="machine-readable output")
+    common.add_argument("--database-url", default=argparse.SUPPRESS, metavar="URL",
+                        help="default: $TOLLWAY_DATABASE_URL or sqlite:///var/tollway.db")
+    parser = argparse.ArgumentParser(
+        prog="tollway", parents=[common],
+        description="Tollway: an API marketplace gateway with exact usage-based billing.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(parent: Any, name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, parents=[common], help=help,
+                                                       description=help)
+        p.set_defaults(handler=handler)
+        return p
+
+    def group(name: str, help: str) -> Any:
+        p = sub.add_parser(name, help=help, description=help)
+        return p.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
+
+    p = add(sub, "serve", cmd_serve, "run the HTTP service")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--catalog", metavar="FILE", help="apply this catalog file before serving")
+    p.add_argument("--demo", action="store_true",
+                   help="ensure a demo account with credit and a demo key, and print them")
+
+    db = group("db", "database schema")
+    add(db, "upgrade", cmd_db_upgrade, "create or migrate the schema to the newest revision")
+
+    cat = group("catalog", "models, data APIs and prices")
+    p = add(cat, "apply", cmd_catalog_apply, "load a catalog file; changed prices become new "
+            "price versions")
+    p.add_argument("file", metavar="FILE")
+    add(cat, "show", cmd_catalog_show, "print the catalog with billing types and prices")
+
+    acc = group("accounts", "customer accounts")
+    p = add(acc, "create", cmd_accounts_create, "create a customer account")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--group", default="default")
+    add(acc, "list", cmd_accounts_list, "list accounts with balances")
+
+    p = add(sub, "balance", cmd_balance, "show an account's balance")
+    p.add_argument("account", metavar="ACCOUNT", help="account id or name")
+
+    p = add(sub, "topup", cmd_topup, "credit an account's prepaid balance")
+    p.add_argument("account", metavar="ACCOUNT", help="account id or name")
+    p.add_argument("amount_usd", metavar="AMOUNT_USD", help="decimal USD, e.g. 25.00")
+    p.add_argument("--note")
+    p.add_argument("--idempotency-key", default="",
+                   help="repeat a top-up safely: the same key credits once")
+
+    p = add(sub, "adjust", cmd_adjust, "operator correction: credit (+) or debit (-) an account")
+    p.add_argument("account", metavar="ACCOUNT", help="account id or name")
+    p.add_argument("amount_usd", metavar="AMOUNT_USD", help="signed decimal USD, e.g. -1.50")
+    p.add_argument("--note", required=True, help="why (kept in the ledger)")
+    p.add_argument("--idempotency-key", default="")
+
+    keys = group("keys", "API keys")
+    p = add(keys, "create", cmd_keys_create, "create an API key (the secret is shown once)")
+    p.add_argument("account", metavar="ACCOUNT", help="account id or name")
+    p.add_argument("--name")
+    p.add_argument("--group", help="pin the key to a price group")
+    p.add_argument("--models", help="comma-separated catalog ids the key may use")
+    p.add_argument("--quota", metavar="USD", help="the key's own spending limit")
+    p.add_argument("--expires", metavar="ISO", help="expiry time, e.g. 2027-01-01T00:00:00Z")
+    p = add(keys, "revoke", cmd_keys_revoke, "revoke an API key")
+    p.add_argument("key_id", metavar="KEY_ID", type=int)
+    p = add(keys, "list", cmd_keys_list, "list an account's keys")
+    p.add_argument("account", metavar="ACCOUNT")
+
+    p = add(sub, "usage", cmd_usage, "an account's ledger history, newest first")
+    p.add_argument("account", metavar="ACCOUNT")
+    p.add_argument("--limit", type=int, default=50)
+
+    led = group("ledger", "ledger maintenance")
+    add(led, "verify", cmd_ledger_verify, "recompute every balance from postings; exit 1 on any "
+        "violation")
+    add(led, "expire-holds", cmd_ledger_expire, "release holds past their deadline now")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.json = getattr(args, "json", False)
+    args.database_url = getattr(args, "database_url", None) or settings.get("database_url")
+    try:
+        out = args.handler(args)
+    except TollwayError as exc:
+        return _fail(args, exc.code, exc.message)
+    except sa_exc.OperationalError as exc:
+        return _fail(args, "storage_unavailable", f"cannot use the database at "
+                     f"{args.database_url}: {exc.orig}")
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        print(json.dumps(out.data, indent=2))
+    elif out.text:
+        print(out.text)
+    return 0
+
+
+def _fail(args: argparse.Namespace, code: str, message: str) -> int:
+    if args.json:
+        print(json.dumps({"error": {"code": code, "message": message}}, indent=2))
+    print(f"tollway: error: {message}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""How prices read to people: ``$0.150000 / 1M input tokens``, ``$0.020000 / per call``."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+from tollway.money import format_usd, to_nano_usd
+from tollway.pricing.rating import CallPrice, Price, TokenPrice
+
+
+def unit_price(value: Decimal) -> str:
+    """At least 6 decimal places, more when the price has them (never rounds a list price)."""
+    text = format_usd(to_nano_usd(value))
+    whole, frac = text.split(".")
+    return f"${whole}.{frac[:6]}{frac[6:].rstrip('0')}"
+
+
+def price_lines(price: Price) -> list[str]:
+    if isinstance(price, CallPrice):
+        return [f"{unit_price(price.per_call)} / per call"]
+    lines = [f"{unit_price(price.input_per_1m)} / 1M input tokens",
+             f"{unit_price(price.output_per_1m)} / 1M output tokens"]
+    if price.cache_read_per_1m is not None:
+        lines.append(f"{unit_price(price.cache_read_per_1m)} / 1M cached input tokens")
+    if price.cache_write_per_1m is not None:
+        lines.append(f"{unit_price(price.cache_write_per_1m)} / 1M cache-write tokens")
+    return lines
+
+
+def price_fields(price: Price, ratio: Decimal = Decimal(1)) -> dict[str, Any]:
+    """Prices as API decimal strings (9 places), after ``ratio``.
+
+    A unit price times a ratio can have more than 9 decimals (it is not a charge, which is
+    rounded once per request from the exact price); it is shown rounded half-up.
+    """
+    def usd(value: Decimal | None) -> str | None:
+        return None if value is None else format_usd(to_nano_usd(value * ratio))
+
+    if isinstance(price, CallPrice):
+        return {"per_call_usd": usd(price.per_call)}
+    assert isinstance(price, TokenPrice)
+    return {"input_per_1m_usd": usd(price.input_per_1m),
+            "output_per_1m_usd": usd(price.output_per_1m),
+            "cache_read_per_1m_usd": usd(price.effective_cache_read_per_1m),
+            "cache_write_per_1m_usd": usd(price.effective_cache_write_per_1m)}

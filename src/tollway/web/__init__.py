@@ -1,0 +1,1 @@
+"""HTTP: the Starlette application, public and customer routes, the server entry point."""

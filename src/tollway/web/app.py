@@ -1,0 +1,83 @@
+"""The Starlette application: public marketplace, customer billing routes, admin API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Mount, Route
+
+from tollway import settings
+from tollway.admin.routes import admin_routes
+from tollway.billing import keys
+from tollway.billing.marketplace import listing
+from tollway.billing.views import balance_view
+from tollway.errors import TollwayError
+from tollway.ledger.ledger import now_ms
+from tollway.store import accounts as store
+from tollway.store.db import Database
+from tollway.store.writer import Writer
+from tollway.web.context import Context
+from tollway.web.errors import RequestIdMiddleware, http_error, tollway_error, unexpected_error
+from tollway.web.http import bearer
+
+
+async def healthz(request: Request) -> JSONResponse:
+    ctx: Context = request.app.state.ctx
+    await ctx.read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
+    return JSONResponse({"status": "ok", "database": ctx.db.dialect})
+
+
+async def marketplace(request: Request) -> JSONResponse:
+    ctx: Context = request.app.state.ctx
+    return JSONResponse(await ctx.read(lambda conn: listing(conn, now_ms=now_ms())))
+
+
+async def balance(request: Request) -> JSONResponse:
+    ctx: Context = request.app.state.ctx
+    secret = bearer(request)
+
+    def load(conn: object) -> dict[str, object]:
+        record = keys.authenticate(conn, secret, now_ms=now_ms())  # type: ignore[arg-type]
+        account = store.get_account(conn, record.account_id)  # type: ignore[arg-type]
+        return {"object": "balance", "account_id": account.id, **balance_view(account)}
+
+    return JSONResponse(await ctx.read(load))
+
+
+def create_app(*, database_url: str | None = None, admin_token: str | None = None) -> Starlette:
+    """The application; settings not given here come from the environment (``settings``)."""
+    url = database_url or settings.get("database_url")
+    token = admin_token if admin_token is not None else settings.get("admin_token")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        db = Database(url)
+        ctx = Context(db=db, writer=Writer(db), admin_token=token,
+                      hold_ttl_ms=int(settings.get("hold_ttl_seconds")) * 1000,
+                      reaper_interval_s=int(settings.get("reaper_interval_seconds")))
+        app.state.ctx = ctx
+        ctx.start()
+        try:
+            yield
+        finally:
+            await ctx.stop()
+
+    routes = [
+        Route("/healthz", healthz),
+        Route("/v1/marketplace", marketplace),
+        Route("/v1/billing/balance", balance),
+        Mount("/admin/v1", routes=admin_routes),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(RequestIdMiddleware)],
+        exception_handlers={TollwayError: tollway_error, HTTPException: http_error,
+                            Exception: unexpected_error},
+    )

@@ -1,0 +1,65 @@
+"""What a running server holds: the database, the writer and the admin token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from sqlalchemy.engine import Connection
+from starlette.concurrency import run_in_threadpool
+
+from tollway.ledger import ledger
+from tollway.store.db import Database
+from tollway.store.writer import Writer
+
+T = TypeVar("T")
+log = logging.getLogger("tollway")
+
+
+@dataclass
+class Context:
+    db: Database
+    writer: Writer
+    admin_token: str
+    hold_ttl_ms: int
+    reaper_interval_s: int
+    _reaper: asyncio.Task[None] | None = field(default=None, repr=False)
+
+    async def read(self, fn: Callable[[Connection], T]) -> T:
+        """Run a read-only query on a pooled connection, off the event loop."""
+        def run() -> T:
+            with self.db.read() as conn:
+                return fn(conn)
+
+        return await run_in_threadpool(run)
+
+    async def write(self, fn: Callable[[Connection], T]) -> T:
+        """Run a write in the writer's next durable batch."""
+        return await self.writer.run(fn)
+
+    def start(self) -> None:
+        self._reaper = asyncio.get_running_loop().create_task(self._reap())
+
+    async def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reaper
+        await run_in_threadpool(self.writer.close)
+        self.db.dispose()
+
+    async def _reap(self) -> None:
+        """Release holds whose deadline passed (their request's process died)."""
+        while True:
+            await asyncio.sleep(self.reaper_interval_s)
+            try:
+                released = await self.write(ledger.expire_holds)
+            except Exception:  # noqa: BLE001 - keep reaping; the next round retries
+                log.exception("releasing expired holds failed")
+                continue
+            if released:
+                log.info("released %d expired holds", len(released))

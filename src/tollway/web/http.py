@@ -1,0 +1,47 @@
+"""Small helpers the HTTP layers share: JSON bodies read exactly, bearer tokens."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+from starlette.requests import Request
+
+from tollway.errors import InvalidRequest
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object; numbers with a fraction are read as exact ``Decimal``."""
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def bearer(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def optional_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{name} must be a string")
+    return value
+
+
+def path_int(request: Request, name: str) -> int:
+    value = request.path_params[name]
+    if not str(value).isdigit():
+        raise InvalidRequest(f"{name} must be a number, got {value!r}")
+    return int(value)

@@ -1,0 +1,85 @@
+"""Shared fixtures. Every storage test runs on SQLite and on a real PostgreSQL server.
+
+PostgreSQL comes from ``TOLLWAY_TEST_POSTGRES_URL`` (``make test`` starts a throwaway server
+and sets it). Without it the PostgreSQL variants are skipped, loudly, except under CI, where a
+missing server is an error: CI must never pass on SQLite alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from tollway.store.db import Database, normalize_url
+from tollway.store.migrate import upgrade
+
+PG_URL = os.environ.get("TOLLWAY_TEST_POSTGRES_URL")
+_counter = itertools.count()
+
+
+def pytest_report_header() -> str:
+    return f"postgresql: {PG_URL or 'NOT CONFIGURED (PostgreSQL variants skipped)'}"
+
+
+def _pg_admin() -> sa.Engine:
+    assert PG_URL
+    return sa.create_engine(normalize_url(PG_URL), isolation_level="AUTOCOMMIT",
+                            poolclass=sa.pool.NullPool)
+
+
+@pytest.fixture(scope="session")
+def pg_template() -> Iterator[str]:
+    """A migrated PostgreSQL database that each test copies (CREATE DATABASE ... TEMPLATE)."""
+    if not PG_URL:
+        if os.environ.get("CI"):
+            pytest.fail("CI needs PostgreSQL: TOLLWAY_TEST_POSTGRES_URL is not set")
+        pytest.skip("PostgreSQL not configured (set TOLLWAY_TEST_POSTGRES_URL or run make test)")
+    name = f"tollway_tpl_{os.getpid()}"
+    admin = _pg_admin()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    url = str(sa.engine.make_url(normalize_url(PG_URL)).set(database=name)
+              .render_as_string(hide_password=False))
+    db = Database(url)
+    upgrade(db)
+    db.dispose()
+    yield name
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[str]:
+    """The URL of a fresh, migrated, empty database of each kind."""
+    if request.param == "sqlite":
+        path = tmp_path_factory.mktemp("db") / "tollway.db"
+        url = f"sqlite:///{path}"
+        db = Database(url)
+        upgrade(db)
+        db.dispose()
+        yield url
+        return
+    template = request.getfixturevalue("pg_template")
+    name = f"tollway_t{os.getpid()}_{next(_counter)}"
+    admin = _pg_admin()
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name} TEMPLATE {template}")
+    yield str(sa.engine.make_url(normalize_url(PG_URL or "")).set(database=name)
+              .render_as_string(hide_password=False))
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.dispose()
+
+
+@pytest.fixture
+def db(db_url: str) -> Iterator[Database]:
+    database = Database(db_url)
+    yield database
+    database.dispose()
