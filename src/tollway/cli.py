@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
@@ -31,7 +29,7 @@ from tollway.billing.views import (
 from tollway.errors import InvalidRequest, TollwayError
 from tollway.ledger import ledger
 from tollway.ledger.verify import verify
-from tollway.money import format_usd, parse_signed_usd, MoneyFormatError
+from tollway.money import MoneyFormatError, format_usd, parse_signed_usd
 from tollway.pricing.catalog import load_catalog
 from tollway.pricing.display import price_lines
 from tollway.store import accounts as store
@@ -83,8 +81,8 @@ def cmd_catalog_apply(args: argparse.Namespace) -> Output:
     db = open_db(args)
     with db.write() as conn:
         report = apply_catalog(conn, catalog, now_ms=ledger.now_ms())
-    lines = [f"applied {args.file}: {len(catalog.models)} models, {len(catalog.endpoints)} "
-             f"endpoints, {len(catalog.groups)} groups"]
+    lines = [(f"applied {args.file}: {len(catalog.models)} models, "
+              f"{len(catalog.endpoints)} endpoints, {len(catalog.groups)} groups")]
     lines += [f"  new price version: {item} (effective {iso(ms)})"
               for item, ms in report.new_versions]
     if report.unchanged:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from tollway.errors import InvalidRequest
@@ -15,7 +15,7 @@ from tollway.store.accounts import Account, ApiKeyRecord
 def iso(ms: int | None) -> str | None:
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 def parse_iso_ms(value: str, *, what: str) -> int:
@@ -24,7 +24,7 @@ def parse_iso_ms(value: str, *, what: str) -> int:
     except ValueError:
         raise InvalidRequest(f"{what} must be an ISO 8601 time, got {value!r}") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -127,8 +127,8 @@ class _Validator:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise CatalogError([f"{self.source}: the catalog must be a mapping with providers, "
-                                "groups, models and endpoints"])
+            raise CatalogError([(f"{self.source}: the catalog must be a mapping with "
+                                 "providers, groups, models and endpoints")])
         for key in sorted(set(data) - {"providers", "groups", "models", "endpoints",
                                        "effective_from"}):
             self.problem(str(key), "unknown top-level section")
@@ -242,7 +242,7 @@ class _Validator:
             except ValueError:
                 self.problem(where, f"must be an ISO 8601 timestamp, got {value!r}")
                 return None
-        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
     def listing(self, section: str, index: int, item: Any, providers: Mapping[str, Provider],
                 groups: Mapping[str, Decimal], default_from: datetime | None) -> Listing | None:

@@ -157,9 +157,8 @@ def rate_tokens(usage: TokenUsage, price: TokenPrice, ratio: AppliedRatio) -> Ch
             ("cache_write", usage.cache_write_tokens, price.effective_cache_write_per_1m),
             ("output", usage.completion_tokens, price.output_per_1m),
         )
-        components = tuple(
-            Component(name, qty, unit, (qty * unit).scaleb(_PER_1M_SCALE)) for name, qty, unit in lines
-        )
+        components = tuple(Component(name, qty, unit, (qty * unit).scaleb(_PER_1M_SCALE))
+                           for name, qty, unit in lines)
         return _total(components, ratio)
 
 

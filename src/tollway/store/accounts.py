@@ -62,7 +62,7 @@ def create_account(conn: Connection, name: str, group: str, *, at_ms: int) -> Ac
         raise InvalidRequest(f"an account named {name!r} already exists")
     account_id = conn.execute(accounts.insert().values(
         name=name, kind="customer", group_name=group, created_at_ms=at_ms,
-    )).inserted_primary_key[0]
+    ).returning(accounts.c.id)).scalar_one()
     return get_account(conn, int(account_id))
 
 
@@ -123,7 +123,7 @@ def insert_key(conn: Connection, *, account_id: int, prefix: str, key_hash: str,
         account_id=account_id, prefix=prefix, key_hash=key_hash, name=name, group_name=group,
         models=json.dumps(models) if models is not None else None, quota_nano=quota_nano,
         expires_at_ms=expires_at_ms, created_at_ms=at_ms,
-    )).inserted_primary_key[0]
+    ).returning(api_keys.c.id)).scalar_one()
     return get_key(conn, int(key_id))
 
 

@@ -132,8 +132,8 @@ def _apply_groups(conn: Connection, catalog: Catalog, report: ApplyReport) -> No
         users += conn.execute(sa.select(sa.func.count()).select_from(api_keys)
                               .where(api_keys.c.group_name == name)).scalar_one()
         if users:
-            raise CatalogError([f"group {name!r} is missing from the file but {users} accounts "
-                                "or keys belong to it: keep it or move them first"])
+            raise CatalogError([(f"group {name!r} is missing from the file but {users} "
+                                 "accounts or keys belong to it: keep it or move them first")])
         conn.execute(groups.delete().where(groups.c.name == name))
     for name, ratio in catalog.groups.items():
         if name not in stored:

@@ -16,7 +16,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import ClauseElement
 
-_DIALECTS = {"sqlite": sqlite.dialect(paramstyle="named"), "postgresql": postgresql.psycopg.dialect()}
+_DIALECTS = {"sqlite": sqlite.dialect(paramstyle="named"),
+             "postgresql": postgresql.psycopg.dialect()}  # type: ignore[no-untyped-call]
 
 
 class Prepared:

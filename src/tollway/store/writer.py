@@ -85,11 +85,11 @@ class Writer:
                 for _, fut in live:
                     fut.set_exception(exc)
                 return
-            except BaseException as exc:  # commit failed: nobody's effect happened
+            except BaseException as exc:  # noqa: BLE001 - commit failed: no effect happened
                 for _, fut in live:
                     fut.set_exception(exc)
                 return
-            for (_, fut), (ok, value) in zip(live, outcomes):
+            for (_, fut), (ok, value) in zip(live, outcomes, strict=True):
                 if ok:
                     fut.set_result(value)
                 else:

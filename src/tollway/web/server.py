@@ -80,8 +80,8 @@ def serve(args: argparse.Namespace) -> None:
         demo_key = ensure_demo(db, data_dir)
         lines += [f"  demo key    : {demo_key}",
                   f"  try         : curl {base}/v1/marketplace",
-                  f"                curl -H 'Authorization: Bearer {demo_key}' "
-                  f"{base}/v1/billing/balance"]
+                  (f"                curl -H 'Authorization: Bearer {demo_key}' "
+                   f"{base}/v1/billing/balance")]
     db.dispose()
     print("\n".join(lines), flush=True)
     os.environ[settings.Setting("database_url", "", "").env] = args.database_url

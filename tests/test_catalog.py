@@ -1,0 +1,146 @@
+"""Catalog files: read exactly as written, rejected with errors a person can act on."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from tollway.errors import CatalogError
+from tollway.pricing.catalog import load_catalog, parse_catalog
+from tollway.pricing.rating import CallPrice, TokenPrice
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "catalog.yaml"
+
+GOOD = """
+providers:
+  openai: {kind: openai, base_url: "https://api.openai.com/v1", api_key_env: OPENAI_API_KEY}
+  search: {kind: http, base_url: "https://search.example.com", auth: {header: X-API-Key}}
+groups:
+  default: {ratio: "1"}
+  vip: {ratio: 0.8}
+models:
+  - id: gpt-4o-mini
+    provider: openai
+    price: {input: 0.2009, output: "0.60", cache_read: 0.075}
+    max_output_tokens: 16384
+    group_ratios: {vip: "0.7"}
+endpoints:
+  - id: web-search
+    name: Web search
+    provider: search
+    method: GET
+    path: /search/web
+    upstream_path: /v2/search
+    price: {per_call: 0.002}
+"""
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(CatalogError) as info:
+        parse_catalog(text, source="cat.yaml")
+    return info.value.problems
+
+
+def test_yaml_numbers_are_read_exactly_as_written() -> None:
+    catalog = parse_catalog(GOOD)
+    model, endpoint = catalog.listings
+    assert isinstance(model.price, TokenPrice)
+    assert model.price.input_per_1m == Decimal("0.2009")
+    assert str(model.price.input_per_1m) == "0.2009"  # never through a binary float
+    assert model.price.cache_read_per_1m == Decimal("0.075")
+    assert model.price.cache_write_per_1m is None
+    assert model.group_ratios == {"vip": Decimal("0.7")}
+    assert model.upstream_model == "gpt-4o-mini" and model.max_output_tokens == 16384
+    assert isinstance(endpoint.price, CallPrice) and endpoint.price.per_call == Decimal("0.002")
+    assert (endpoint.method, endpoint.path, endpoint.upstream_path) == (
+        "GET", "/search/web", "/v2/search")
+    assert catalog.groups == {"default": Decimal(1), "vip": Decimal("0.8")}
+
+
+def test_example_catalog_loads() -> None:
+    catalog = load_catalog(EXAMPLE)
+    assert {item.billing_type for item in catalog.listings} == {"token", "per_call"}
+
+
+def test_every_problem_names_file_item_and_field() -> None:
+    found = problems("""
+providers:
+  p: {kind: sandbox}
+groups:
+  vip: {ratio: "0"}
+  cheap: {ratio: "-1"}
+models:
+  - {id: a, provider: nowhere, price: {input: "1", output: "1"}}
+  - {id: b, provider: p, price: {input: "-0.5", output: "abc"}}
+  - {id: c, provider: p, price: {output: "1"}}
+  - {id: b, provider: p, price: {input: "1", output: "1"}}
+  - {id: d, provider: p}
+  - {id: e, provider: p, price: {input: "0.0000000001", output: "1"}}
+endpoints:
+  - {id: s, provider: p, path: /x, price: {}}
+""")
+    assert found == [
+        "cat.yaml: groups[vip].ratio: must be greater than 0, got 0",
+        "cat.yaml: groups[cheap].ratio: must be greater than 0, got -1",
+        "cat.yaml: models[a].provider: unknown provider 'nowhere' (known: p)",
+        "cat.yaml: models[b].price.input: price must not be negative, got '-0.5'",
+        "cat.yaml: models[b].price.output: price 'abc' is not a number",
+        "cat.yaml: models[c].price.input: missing price (USD per 1M tokens)",
+        "cat.yaml: models[d].price: a price is required",
+        "cat.yaml: models[e].price.input: price '0.0000000001' has more than 9 decimal places",
+        "cat.yaml: endpoints[s].price.per_call: missing price (USD per call)",
+    ]
+
+
+def test_duplicate_ids_and_routes_are_refused() -> None:
+    found = problems("""
+providers: {p: {kind: sandbox}}
+models:
+  - {id: m, provider: p, price: {input: "1", output: "1"}}
+endpoints:
+  - {id: m, provider: p, path: /a, price: {per_call: "1"}}
+  - {id: u1, provider: p, path: "/user/{name}", price: {per_call: "1"}}
+  - {id: u2, provider: p, path: "/user/{id}", price: {per_call: "1"}}
+""")
+    assert found == [
+        "cat.yaml: endpoints[m].id: duplicate id (also in models)",
+        "cat.yaml: endpoints[u2].path: GET /user/{id} is already served by endpoint u1",
+    ]
+
+
+def test_override_for_unknown_group_and_bad_provider() -> None:
+    found = problems("""
+providers:
+  o: {kind: openai}
+  x: {kind: grpc}
+models:
+  - {id: m, provider: o, price: {input: "1", output: "1"}, group_ratios: {gold: "0.5"}}
+""")
+    assert found == [
+        "cat.yaml: providers[o].base_url: an http(s) URL is required for kind 'openai', got None",
+        "cat.yaml: providers[x].kind: must be one of openai, anthropic, http, sandbox, got 'grpc'",
+        "cat.yaml: models[m].group_ratios.gold: unknown group",
+    ]
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    assert problems("models: [unclosed")[0].startswith("cat.yaml: not valid YAML")
+    with pytest.raises(CatalogError) as info:
+        load_catalog(tmp_path / "missing.yaml")
+    assert "missing.yaml: cannot read file" in info.value.problems[0]
+
+
+def test_infinite_price_is_refused() -> None:
+    found = problems("""
+providers: {p: {kind: sandbox}}
+models:
+  - {id: m, provider: p, price: {input: .inf, output: "1"}}
+""")
+    assert found == ["cat.yaml: models[m].price.input: price '.inf' is not a number"]
+
+
+def test_default_group_always_exists() -> None:
+    catalog = parse_catalog("providers: {p: {kind: sandbox}}\n")
+    assert catalog.groups == {"default": Decimal(1)}
