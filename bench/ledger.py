@@ -1,6 +1,7 @@
 """Ledger benchmark: hold + settle pairs per second through the real ledger and the real writer.
 
     python bench/ledger.py [--pairs N] [--rounds R] [--clients C] [--postgres URL] [--json]
+                           [--driver threads|asyncio] [--breakdown] [--profile PREFIX]
 
 For each backend (a SQLite file in a temporary directory; PostgreSQL when ``--postgres URL`` or
 ``TOLLWAY_BENCH_POSTGRES_URL`` is given, in fresh databases created on that server and dropped
@@ -14,6 +15,10 @@ B. **plain inserts** - the same rows a pair leaves behind (1 hold, 2 entries, 5 
    formed in round A (same number of commits, same rows per commit), through the same
    ``Database`` (same pragmas: WAL, synchronous=FULL on SQLite). No reads, no updates, no
    savepoints, no Python per operation: the floor the database and its commits impose.
+
+``--breakdown`` adds two rows that locate the time: the same ledger calls in the same commits
+run in one thread without the Writer (no futures, queue or client threads), once with the
+writer's per-operation SAVEPOINT and once without. ``--profile`` profiles the writer thread.
 
 Each ledger database is checked after its round with ``tollway.ledger.verify.verify`` and a
 count of settled holds, outside the timed part. Results: median pairs/s (min-max) and the
@@ -54,7 +59,7 @@ from tollway.store.accounts import create_account
 from tollway.store.db import Database, normalize_url
 from tollway.store.migrate import upgrade
 from tollway.store.tables import holds
-from tollway.store.writer import Writer
+from tollway.store.writer import Writer, _run_op
 
 HOLD_NANO = 2_000_000  # what each request reserves ($0.002)
 CHARGE_NANO = 1_234_567  # what it is charged: less than the hold, so the rest is released
@@ -293,6 +298,38 @@ def run_ledger(url: str, pairs: int, clients: int, tag: str, driver: str,
     return run
 
 
+def run_serial(url: str, batches: list[tuple[int, int]], pairs: int, tag: str,
+               savepoints: bool) -> Run:
+    """The breakdown: the same ledger calls in the writer's batch make-up, run in one thread
+    with no Writer, futures or clients; with the writer's per-operation savepoint
+    (``writer._run_op``) or calling each operation bare."""
+    db = Database(url)
+    account_id = _setup_account(db, pairs, tag)
+    run_op = _run_op if savepoints else (lambda conn, op: (True, op(conn)))
+    pending: list[int] = []
+    i = 0
+    cpu0 = time.process_time()
+    t0 = time.perf_counter()
+    for n_hold, n_settle in batches:
+        ready, pending = pending[:n_settle], pending[n_settle:]  # placed in earlier batches
+        with db.write() as conn:
+            for _ in range(n_hold):
+                hold_op, _settle = _ops(account_id, tag, i)
+                ok, hold = run_op(conn, hold_op)
+                assert ok, hold
+                pending.append(hold.id)
+                i += 1
+            for hold_id in ready:
+                ok, value = run_op(conn, partial(settle_hold, hold_id=hold_id,
+                                                 actual_nano=CHARGE_NANO,
+                                                 idempotency_key=f"{tag}-h{hold_id}"))
+                assert ok, value
+    seconds = time.perf_counter() - t0
+    run = Run(pairs, seconds, time.process_time() - cpu0, len(batches))
+    db.dispose()
+    return run
+
+
 # --------------------------------------------------------------------------- the baseline
 
 
@@ -388,6 +425,7 @@ def bench_backend(backend: Backend, args: argparse.Namespace, log: Callable[[str
 
     ledger_runs: list[Run] = []
     insert_runs: list[Run] = []
+    extra: dict[str, list[tuple[Run, Run]]] = {}
     for r in range(args.rounds):
         tag = f"r{r}"
         a = run_ledger(backend.fresh(f"{tag}_ledger"), args.pairs, args.clients, tag,
@@ -395,8 +433,15 @@ def bench_backend(backend: Backend, args: argparse.Namespace, log: Callable[[str
         ledger_runs.append(a)
         b = run_inserts(backend.fresh(f"{tag}_inserts"), a.batches, args.pairs, tag)
         insert_runs.append(b)
-        log(f"[{backend.name}] round {r + 1}/{args.rounds}: ledger {a.rate:,.0f} pairs/s "
-            f"({a.commits} commits), plain inserts {b.rate:,.0f} pairs/s")
+        msg = (f"[{backend.name}] round {r + 1}/{args.rounds}: ledger {a.rate:,.0f} pairs/s "
+               f"({a.commits} commits), plain inserts {b.rate:,.0f} pairs/s")
+        if args.breakdown:
+            for mode, savepoints in (("serial_savepoints", True), ("serial_bare", False)):
+                x = run_serial(backend.fresh(f"{tag}_{mode}"), a.batches, args.pairs, tag,
+                               savepoints)
+                extra.setdefault(mode, []).append((x, b))
+                msg += f", {mode} {x.rate:,.0f}"
+        log(msg)
 
     checks = []
     for r, a in enumerate(ledger_runs):
@@ -407,9 +452,15 @@ def bench_backend(backend: Backend, args: argparse.Namespace, log: Callable[[str
     result["check"] = {"ok": all(c["ok"] for c in checks), "rounds": checks}
     ledger = _summary(ledger_runs)
     inserts = _summary(insert_runs)
-    ratios = [a.rate / b.rate for a, b in zip(ledger_runs, insert_runs)]
+    ratios = [a.rate / b.rate for a, b in zip(ledger_runs, insert_runs, strict=True)]
     ledger["ratio_vs_inserts"] = {"median": statistics.median(ratios), "rounds": ratios}
     result["modes"] = {"ledger": ledger, "plain_inserts": inserts}
+    for mode, runs in extra.items():
+        summary = _summary([x for x, _ in runs])
+        summary["ratio_vs_inserts"] = {
+            "median": statistics.median(x.rate / b.rate for x, b in runs),
+            "rounds": [x.rate / b.rate for x, b in runs]}
+        result["modes"][mode] = summary
 
     if args.profile:
         prof = cProfile.Profile()
@@ -439,17 +490,21 @@ def machine() -> dict[str, Any]:
     return {"nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "cpu_model": model, "python": platform.python_version(),
             "sqlalchemy": sa.__version__, "platform": platform.platform(),
-            "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+_LABELS = (("ledger", "ledger (hold+settle)"), ("plain_inserts", "plain inserts"),
+           ("serial_savepoints", "  serial, savepoints"), ("serial_bare", "  serial, bare ops"))
 
 
 def render(results: dict[str, Any]) -> str:
     m, p = results["machine"], results["params"]
     lines = [
         f"Tollway ledger benchmark: hold + settle pairs through one Writer  ({m['date']})",
-        f"machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, "
-        f"SQLAlchemy {m['sqlalchemy']}",
-        f"pairs/round {p['pairs']}, {p['clients']} concurrent clients ({p['driver']}), "
-        f"{p['rounds']} interleaved rounds (ledger, inserts, ledger, ...), medians",
+        (f"machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, "
+         f"SQLAlchemy {m['sqlalchemy']}; client, writer and any database server share them"),
+        (f"pairs/round {p['pairs']}, {p['clients']} concurrent clients ({p['driver']}), "
+         f"{p['rounds']} interleaved rounds (ledger, inserts, ledger, ...), medians"),
     ]
     for b in results["backends"]:
         s = b["settings"]
@@ -459,15 +514,17 @@ def render(results: dict[str, Any]) -> str:
                          "futures resolve)")
         else:
             durable = s["fsync"] == "on" and s["synchronous_commit"] == "on"
+            note = "durable commits" if durable else "NOT durable: commits are not fsynced"
             lines.append(f"postgresql {s['server_version']}: fsync={s['fsync']}, "
                          f"synchronous_commit={s['synchronous_commit']}, "
-                         f"full_page_writes={s['full_page_writes']} "
-                         f"({'durable commits' if durable else 'NOT durable: commits not fsynced'})")
+                         f"full_page_writes={s['full_page_writes']} ({note})")
     header = (f"{'backend':<11} {'mode':<22} {'pairs/s median (min-max)':>28} "
               f"{'vs inserts':>10} {'pairs/commit':>12} {'CPU us/pair':>11} {'p50/p99 ms':>12}")
     lines += ["", header, "-" * len(header)]
     for b in results["backends"]:
-        for mode, label in (("ledger", "ledger (hold+settle)"), ("plain_inserts", "plain inserts")):
+        for mode, label in _LABELS:
+            if mode not in b["modes"]:
+                continue
             x = b["modes"][mode]
             r = x["pairs_per_s"]
             rng = f"{r['median']:,.0f} ({r['min']:,.0f}-{r['max']:,.0f})"
@@ -476,6 +533,9 @@ def render(results: dict[str, Any]) -> str:
                    if "pair_latency_ms" in x else "-")
             lines.append(f"{b['backend']:<11} {label:<22} {rng:>28} {ratio:>10} "
                          f"{x['pairs_per_commit']:>12.1f} {x['cpu_us_per_pair']:>11.0f} {lat:>12}")
+    if any("serial_bare" in b["modes"] for b in results["backends"]):
+        lines.append("(serial rows: the same ledger calls and commits in one thread, no Writer, "
+                     "futures or clients; 'bare' = without the per-operation SAVEPOINT)")
     lines.append("")
     for b in results["backends"]:
         c = b["check"]
@@ -487,8 +547,8 @@ def render(results: dict[str, Any]) -> str:
         lines.append(f"check {b['backend']}: {'OK' if c['ok'] else 'FAIL'} ({detail})")
     for b in results["backends"]:
         if "profile" in b:
-            lines += ["", f"profile of the writer thread, {b['backend']} "
-                      f"({b['profile']['file']}):", b["profile"]["top_tottime"].rstrip()]
+            title = f"profile of the writer thread, {b['backend']} ({b['profile']['file']}):"
+            lines += ["", title, b["profile"]["top_tottime"].rstrip()]
     return "\n".join(lines)
 
 
@@ -522,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="also profile the writer thread (cProfile) in one extra ledger run per "
                          "backend; writes PREFIX.<backend>.prof")
     ap.add_argument("--profile-top", type=int, default=20)
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also run, each round, the same ledger calls in the writer's batch "
+                         "make-up in one thread without the Writer: with its per-operation "
+                         "savepoints, and bare")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
 

@@ -53,6 +53,7 @@ class Output:
 
 def open_db(args: argparse.Namespace, *, migrated: bool = True) -> Database:
     db = Database(args.database_url)
+    args.opened.append(db)  # main() closes its connections when the command ends
     if migrated and current_revision(db) != head_revision():
         raise InvalidRequest(f"the database at {args.database_url} is not up to date: run "
                              "`tollway db upgrade` first")
@@ -352,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.json = getattr(args, "json", False)
     args.database_url = getattr(args, "database_url", None) or settings.get("database_url")
+    args.opened = []
     try:
         out = args.handler(args)
     except TollwayError as exc:
@@ -361,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                      f"{args.database_url}: {exc.orig}")
     except KeyboardInterrupt:
         return 130
+    finally:
+        for db in args.opened:
+            db.dispose()
     if args.json:
         print(json.dumps(out.data, indent=2))
     elif out.text:

@@ -11,7 +11,12 @@
     ├── ModelNotAllowed (403)
     ├── NotFound (404): UnknownAccount, UnknownApiKey, UnknownHold, UnknownModel, UnknownEndpoint
     ├── QuotaExceeded (429)
-    └── HoldClosed (409) — settle/void of a hold another operation already closed
+    ├── HoldClosed (409) — settle/void of a hold another operation already closed
+    ├── RequestInProgress (409) — a retry arrived while the first request still runs
+    ├── PayloadTooLarge (413)
+    ├── UpstreamError (502) — the upstream failed, answered garbage or could not be reached
+    │   └── UpstreamTimeout (504)
+    └── StorageUnavailable (503) — the database cannot be reached
 
 Callers catch by meaning; the HTTP layer renders any of them as
 ``{"error": {"type", "code", "message", "request_id"}}`` and the CLI prints the message and
@@ -119,3 +124,31 @@ class HoldClosed(TollwayError):
     status = 409
     type = "billing_error"
     code = "hold_closed"
+
+
+class RequestInProgress(TollwayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "request_in_progress"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "payload_too_large"
+
+
+class UpstreamError(TollwayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class StorageUnavailable(TollwayError):
+    status = 503
+    type = "api_error"
+    code = "storage_unavailable"

@@ -22,9 +22,19 @@ SETTINGS = (
             "SQLAlchemy URL: sqlite:///PATH (embedded) or postgresql://USER@HOST/DB"),
     Setting("data_dir", "var", "where the generated admin token and demo key are kept"),
     Setting("admin_token", "", "token for /admin/v1 routes; generated into DATA_DIR if empty"),
-    Setting("hold_ttl_seconds", "600",
-            "a hold nobody settles within this time is released by the reaper"),
+    Setting("hold_ttl_seconds", "3600",
+            "a hold nobody settles within this time is released by the reaper; keep it longer "
+            "than the longest request"),
     Setting("reaper_interval_seconds", "30", "how often the server releases expired holds"),
+    Setting("upstream_connect_timeout_seconds", "10", "time to connect to an upstream"),
+    Setting("upstream_read_timeout_seconds", "600",
+            "longest silence from an upstream (between stream chunks, or before a whole answer)"),
+    Setting("max_body_bytes", "10485760", "largest request body the gateway accepts"),
+    Setting("key_cache_seconds", "5",
+            "how long a worker trusts a looked-up API key (revocations made through another "
+            "process take effect within this time)"),
+    Setting("catalog_refresh_seconds", "5",
+            "how often a worker re-reads the catalog and prices from the database"),
 )
 
 

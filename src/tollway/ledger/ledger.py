@@ -113,6 +113,11 @@ _INSERT_POSTING = Prepared(postings.insert().values(
 _ACCOUNT_KIND = Prepared(sa.select(accounts.c.kind).where(accounts.c.id == _b("account_id")))
 _AVAILABLE = Prepared(sa.select(accounts.c.available_nano)
                       .where(accounts.c.id == _b("account_id")))
+#: Settlement reads the balance it is about to debit: lock the row (PostgreSQL) so that a
+#: concurrent hold cannot take the same money between this read and the debit. SQLite (one
+#: writer) compiles this without FOR UPDATE.
+_AVAILABLE_FOR_UPDATE = Prepared(sa.select(accounts.c.available_nano)
+                                 .where(accounts.c.id == _b("account_id")).with_for_update())
 _CREDIT = Prepared(
     accounts.update()
     .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
@@ -307,7 +312,8 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
     wanted = actual_nano - from_hold
     from_available = shortfall = 0
     if wanted:  # the request cost more than its hold: take the rest from the balance
-        from_available = min(wanted, _available(conn, account_id))
+        balance = int(_AVAILABLE_FOR_UPDATE.one(conn, account_id=account_id)[0])
+        from_available = min(wanted, balance)
         shortfall = wanted - from_available
         _SET_HOLD_OUTCOME.execute(conn, {"hold_id": hold_id, "from_available": from_available,
                                          "shortfall": shortfall})
@@ -315,7 +321,7 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
                                    "delta": released - from_available, "charged": actual_nano,
                                    "requests": 1})
     if key_id is not None:
-        _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": actual_nano})
+        _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": from_hold})
     _post(conn, kind="settle", account_id=account_id, amount_nano=actual_nano, key=key,
           hold_id=hold_id,
           lines=[(account_id, HELD, -held), (account_id, AVAILABLE, released - from_available),
@@ -333,7 +339,13 @@ def expire_holds(conn: Connection, now: int | None = None, *, limit: int = 1000)
     released; call again while it returns ``limit`` items."""
     at = now_ms() if now is None else now
     ids = [int(r[0]) for r in _EXPIRED.execute(conn, {"at": at, "limit": limit}).fetchall()]
-    return [_release(conn, hid, "expired", f"expire:{hid}") for hid in ids]
+    released: list[Release] = []
+    for hid in ids:
+        try:
+            released.append(_release(conn, hid, "expired", f"expire:{hid}"))
+        except HoldClosed:  # settled or voided concurrently since the SELECT: nothing written
+            continue
+    return released
 
 
 def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str) -> Release:

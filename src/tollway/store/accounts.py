@@ -12,6 +12,14 @@ from sqlalchemy.engine import Connection
 from tollway.errors import InvalidRequest, UnknownAccount, UnknownApiKey
 from tollway.store.tables import accounts, api_keys, catalog_items, entries, groups
 
+#: Ids are signed 64-bit integers; a larger number names nothing (and SQLite cannot bind it).
+_MAX_ID = 2**63 - 1
+
+
+def _is_id(ref: str | int) -> bool:
+    """Whether a reference is an id: an int, or ASCII digits (``"²".isdigit()`` is true)."""
+    return isinstance(ref, int) or (ref.isascii() and ref.isdigit())
+
 
 @dataclass(frozen=True, slots=True)
 class Account:
@@ -73,6 +81,8 @@ def require_group(conn: Connection, group: str) -> None:
 
 
 def get_account(conn: Connection, account_id: int) -> Account:
+    if not 0 < account_id <= _MAX_ID:
+        raise UnknownAccount(f"no account with id {account_id}")
     row = conn.execute(sa.select(accounts).where(accounts.c.id == account_id,
                                                  accounts.c.kind == "customer")).first()
     if row is None:
@@ -82,7 +92,7 @@ def get_account(conn: Connection, account_id: int) -> Account:
 
 def find_account(conn: Connection, ref: str | int) -> Account:
     """An account by id (digits) or by name."""
-    if isinstance(ref, int) or str(ref).isdigit():
+    if _is_id(ref):
         return get_account(conn, int(ref))
     row = conn.execute(sa.select(accounts).where(accounts.c.name == ref,
                                                  accounts.c.kind == "customer")).first()
@@ -132,6 +142,8 @@ def _key_query() -> sa.Select[tuple[object, ...]]:
 
 
 def get_key(conn: Connection, key_id: int) -> ApiKeyRecord:
+    if not 0 < key_id <= _MAX_ID:
+        raise UnknownApiKey(f"no API key with id {key_id}")
     row = conn.execute(_key_query().where(api_keys.c.id == key_id)).first()
     if row is None:
         raise UnknownApiKey(f"no API key with id {key_id}")
@@ -151,6 +163,7 @@ def list_keys(conn: Connection, account_id: int) -> list[ApiKeyRecord]:
 
 def revoke_key(conn: Connection, key_id: int, *, at_ms: int) -> ApiKeyRecord:
     """Revoke a key; revoking it again keeps the first revocation time."""
+    get_key(conn, key_id)  # unknown (or out of range) ids fail before the UPDATE
     conn.execute(api_keys.update().where(api_keys.c.id == key_id,
                                          api_keys.c.revoked_at_ms.is_(None))
                  .values(revoked_at_ms=at_ms))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -57,6 +58,16 @@ class ApplyReport:
     groups: dict[str, str] = field(default_factory=dict)
 
 
+def price_columns(price: Price) -> dict[str, int | None]:
+    """A price as nano-USD columns, with the cache prices actually applied (a missing cache
+    price is the input price), as each usage record keeps them."""
+    columns = _price_columns(price)
+    if isinstance(price, TokenPrice):
+        columns["cache_read_nano_per_1m"] = parse_usd(price.effective_cache_read_per_1m)
+        columns["cache_write_nano_per_1m"] = parse_usd(price.effective_cache_write_per_1m)
+    return columns
+
+
 def _price_columns(price: Price) -> dict[str, int | None]:
     def nano(value: Decimal | None) -> int | None:
         return None if value is None else parse_usd(value)
@@ -87,8 +98,8 @@ def _version(row: sa.Row[tuple[object, ...]]) -> PriceVersion:
                            usd(row.cache_read_nano_per_1m), usd(row.cache_write_nano_per_1m))
     else:
         price = CallPrice(nano_to_decimal(row.per_call_nano))
-    ratios = {k: Decimal(v) for k, v in json.loads(row.group_ratios).items()}
-    return PriceVersion(row.id, row.item_id, price, ratios, row.effective_from_ms)
+    return PriceVersion(row.id, row.item_id, price, _ratios(row.group_ratios),
+                        row.effective_from_ms)
 
 
 def apply_catalog(conn: Connection, catalog: Catalog, *, now_ms: int) -> ApplyReport:
@@ -145,23 +156,43 @@ def _apply_groups(conn: Connection, catalog: Catalog, report: ApplyReport) -> No
 
 def _apply_price(conn: Connection, listing: Listing, now_ms: int, report: ApplyReport) -> None:
     columns = _price_columns(listing.price)
-    ratios = _ratios_json(listing.group_ratios)
     effective_ms = (now_ms if listing.effective_from is None
                     else int(listing.effective_from.timestamp() * 1000))
-    latest = conn.execute(
-        sa.select(price_versions).where(price_versions.c.item_id == listing.id)
-        .order_by(price_versions.c.effective_from_ms.desc(), price_versions.c.id.desc())
-        .limit(1)).first()
-    if latest is not None and latest.billing_type == listing.billing_type \
-            and all(getattr(latest, k) == v for k, v in columns.items()) \
-            and latest.group_ratios == ratios \
-            and (listing.effective_from is None or latest.effective_from_ms == effective_ms):
+
+    def in_effect_at(ms: int) -> sa.Row[Any] | None:
+        return conn.execute(
+            sa.select(price_versions).where(price_versions.c.item_id == listing.id,
+                                            price_versions.c.effective_from_ms <= ms)
+            .order_by(price_versions.c.effective_from_ms.desc(), price_versions.c.id.desc())
+            .limit(1)).first()
+
+    # Compare with the version that would be in effect when this one starts (not with the
+    # newest version: a scheduled future version must not make every re-apply add a copy).
+    base = in_effect_at(effective_ms)
+    if base is not None and base.billing_type == listing.billing_type \
+            and all(getattr(base, k) == v for k, v in columns.items()) \
+            and _ratios(base.group_ratios) == dict(listing.group_ratios):
         report.unchanged.append(listing.id)
         return
+    current = in_effect_at(now_ms)
+    if current is not None and effective_ms < current.effective_from_ms:
+        raise CatalogError([(f"{listing.id}.effective_from: {_iso(effective_ms)} is before the "
+                             f"price in effect since {_iso(current.effective_from_ms)}, so the "
+                             "new price would never apply: give a later effective_from")])
     conn.execute(price_versions.insert().values(
-        item_id=listing.id, billing_type=listing.billing_type, group_ratios=ratios,
-        effective_from_ms=effective_ms, created_at_ms=now_ms, **columns))
+        item_id=listing.id, billing_type=listing.billing_type,
+        group_ratios=_ratios_json(listing.group_ratios), effective_from_ms=effective_ms,
+        created_at_ms=now_ms, **columns))
     report.new_versions.append((listing.id, effective_ms))
+
+
+def _ratios(stored: str) -> dict[str, Decimal]:
+    """Stored group-ratio overrides as numbers ("0.70" and "0.7" are the same ratio)."""
+    return {k: Decimal(v) for k, v in json.loads(stored).items()}
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
 
 
 def current_items(conn: Connection, *, now_ms: int, item_id: str | None = None) -> list[Item]:
@@ -197,3 +228,8 @@ def group_ratios(conn: Connection) -> dict[str, Decimal]:
     ratios = {r.name: Decimal(r.ratio) for r in conn.execute(sa.select(groups))}
     ratios.setdefault("default", Decimal(1))
     return ratios
+
+
+def list_providers(conn: Connection) -> dict[str, tuple[str, dict[str, Any]]]:
+    """``{provider id: (kind, config)}`` as applied from the catalog file."""
+    return {r.id: (r.kind, json.loads(r.config)) for r in conn.execute(sa.select(providers))}

@@ -142,3 +142,62 @@ price_versions = sa.Table(
     sa.Column("created_at_ms", Ms, nullable=False),
     sa.Index("ix_price_versions_item", "item_id", "effective_from_ms"),
 )
+
+#: One row per gateway request, written in the same transaction as its settlement (or void).
+usage_records = sa.Table(
+    "usage_records",
+    metadata,
+    _id(),
+    sa.Column("request_id", sa.String(40), nullable=False, unique=True),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("key_id", Id, sa.ForeignKey("api_keys.id")),
+    sa.Column("key_name", sa.String(200)),
+    sa.Column("group_name", sa.String(64), nullable=False),
+    sa.Column("ratio", sa.String(40), nullable=False),
+    sa.Column("ratio_source", sa.String(16), nullable=False),  # group | model
+    sa.Column("type", sa.String(16), nullable=False),  # consume | error
+    sa.Column("billing_type", sa.String(16), nullable=False),  # token | per_call
+    sa.Column("product", sa.String(128), nullable=False),
+    sa.Column("route", sa.String(200), nullable=False),
+    sa.Column("status", sa.Integer, nullable=False),  # HTTP status the client received
+    sa.Column("stream", sa.Boolean, nullable=False),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("ttft_ms", sa.Integer),
+    sa.Column("input_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("cached_input_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("cache_write_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("output_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("reasoning_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("calls", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("input_nano_per_1m", Nano),
+    sa.Column("output_nano_per_1m", Nano),
+    sa.Column("cache_read_nano_per_1m", Nano),
+    sa.Column("cache_write_nano_per_1m", Nano),
+    sa.Column("per_call_nano", Nano),
+    sa.Column("price_version_id", Id, sa.ForeignKey("price_versions.id"), nullable=False),
+    sa.Column("cost_nano", Nano, nullable=False),
+    sa.Column("usage_source", sa.String(16), nullable=False),  # upstream | estimated | none
+    sa.Column("hold_id", Id, sa.ForeignKey("holds.id")),
+    sa.Column("error_code", sa.String(64)),
+    sa.Column("error_message", sa.Text),
+    sa.Index("ix_usage_account_id", "account_id", "id"),
+)
+
+#: A client's Idempotency-Key for a gateway request (per API key): the first request's
+#: response is kept so a retry gets it back without a second charge.
+request_keys = sa.Table(
+    "request_keys",
+    metadata,
+    sa.Column("key_id", Id, sa.ForeignKey("api_keys.id"), primary_key=True),
+    sa.Column("idempotency_key", sa.String(255), primary_key=True),
+    sa.Column("request_id", sa.String(40), nullable=False),
+    sa.Column("fingerprint", sa.String(64), nullable=False),  # sha256 of method, path, body
+    sa.Column("state", sa.String(16), nullable=False),  # pending | done
+    sa.Column("status", sa.Integer),
+    sa.Column("content_type", sa.String(200)),
+    sa.Column("body", sa.LargeBinary),
+    sa.Column("cost_nano", Nano),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Index("ix_request_keys_created", "created_at_ms"),
+)

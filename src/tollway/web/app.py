@@ -18,10 +18,16 @@ from tollway.billing import keys
 from tollway.billing.marketplace import listing
 from tollway.billing.views import balance_view
 from tollway.errors import TollwayError
+from tollway.gateway.apis import ApiRoute
+from tollway.gateway.llm import LLMRoute
+from tollway.gateway.models import ModelsRoute
+from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import now_ms
 from tollway.store import accounts as store
 from tollway.store.db import Database
 from tollway.store.writer import Writer
+from tollway.upstreams.http import Timeouts
+from tollway.upstreams.registry import Registry
 from tollway.web.context import Context
 from tollway.web.errors import RequestIdMiddleware, http_error, tollway_error, unexpected_error
 from tollway.web.http import bearer
@@ -61,17 +67,33 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         ctx = Context(db=db, writer=Writer(db), admin_token=token,
                       hold_ttl_ms=int(settings.get("hold_ttl_seconds")) * 1000,
                       reaper_interval_s=int(settings.get("reaper_interval_seconds")))
+        registry = Registry(timeouts=Timeouts(
+            connect_s=int(settings.get("upstream_connect_timeout_seconds")),
+            read_s=int(settings.get("upstream_read_timeout_seconds"))))
+        gw = Gateway(ctx, registry,
+                     catalog_refresh_s=int(settings.get("catalog_refresh_seconds")),
+                     key_cache_s=int(settings.get("key_cache_seconds")),
+                     max_body_bytes=int(settings.get("max_body_bytes")))
         app.state.ctx = ctx
+        app.state.gateway = gw
         ctx.start()
+        await gw.start()
         try:
             yield
         finally:
+            await gw.stop()
             await ctx.stop()
 
     routes = [
         Route("/healthz", healthz),
         Route("/v1/marketplace", marketplace),
         Route("/v1/billing/balance", balance),
+        Route("/v1/chat/completions", LLMRoute("chat"), methods=["POST"]),
+        Route("/v1/completions", LLMRoute("completions"), methods=["POST"]),
+        Route("/v1/embeddings", LLMRoute("embeddings"), methods=["POST"]),
+        Route("/v1/models", ModelsRoute(), methods=["GET"]),
+        Route("/apis/v1/{path:path}", ApiRoute(),
+              methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         Mount("/admin/v1", routes=admin_routes),
     ]
     return Starlette(

@@ -66,6 +66,13 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error in %s %s", request.method, request.url.path)
-    return error_response(request, 500, "api_error", "internal_error",
-                          "internal error; the request id identifies it in the server log")
+    # Starlette runs this handler outside RequestIdMiddleware, so the id is logged and the
+    # header set here: the message promises the id finds the log line.
+    request_id = request.scope.get(REQUEST_ID)
+    log.exception("unhandled error in %s %s (request %s)", request.method, request.url.path,
+                  request_id)
+    response = error_response(request, 500, "api_error", "internal_error",
+                              "internal error; the request id identifies it in the server log")
+    if request_id:
+        response.headers["x-request-id"] = request_id
+    return response

@@ -18,7 +18,7 @@ async def json_body(request: Request) -> dict[str, Any]:
         return {}
     try:
         body = json.loads(raw, parse_float=Decimal)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # too deeply nested
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
@@ -42,6 +42,6 @@ def optional_str(body: dict[str, Any], name: str) -> str | None:
 
 def path_int(request: Request, name: str) -> int:
     value = request.path_params[name]
-    if not str(value).isdigit():
+    if not (str(value).isascii() and str(value).isdigit()):
         raise InvalidRequest(f"{name} must be a number, got {value!r}")
     return int(value)

@@ -1,0 +1,110 @@
+"""The request lifecycle in money: reserve (hold) → settle or void, each one writer operation
+that also writes the request's usage record and idempotency state in the same transaction.
+
+    reserve  — a replayed Idempotency-Key returns the first response; otherwise place a hold
+               for the worst case, or, when the balance cannot cover it, the smaller hold the
+               caller's ``shrink`` says the balance affords (max_tokens lowered), else 402.
+    settle   — charge the actual cost (ledger), write the usage record, keep the response
+               for replays.
+    void     — release the hold, write an error record with cost 0, forget the idempotency
+               key so the client may retry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Connection
+
+from tollway.errors import IdempotencyConflict, InsufficientBalance, RequestInProgress
+from tollway.ledger import ledger
+from tollway.ledger.ledger import Hold, Settlement
+from tollway.store import accounts as account_store
+from tollway.store import usage as usage_store
+
+REPLAY_WINDOW_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKey:
+    """A client's ``Idempotency-Key``, scoped to the API key that sent it."""
+
+    key_id: int
+    value: str
+    fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    status: int
+    content_type: str
+    body: bytes
+    cost_nano: int
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    hold: Hold
+    granted: Any = None  # what the shrink callback returned when the hold was lowered
+
+
+def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
+            amount_nano: int, ttl_ms: int, client_key: ClientKey | None = None,
+            shrink: Callable[[int], tuple[int, Any] | None] | None = None
+            ) -> Reservation | Replay:
+    now = ledger.now_ms()
+    if client_key is not None:
+        row = usage_store.find_request_key(conn, client_key.key_id, client_key.value)
+        if row is not None and row[7] > now - REPLAY_WINDOW_MS:
+            request, fingerprint, state, status, content_type, body, cost = row[:7]
+            if fingerprint != client_key.fingerprint:
+                raise IdempotencyConflict("this Idempotency-Key was used for a different "
+                                          "request in the last 24 hours")
+            if state == "done":
+                return Replay(status, content_type, bytes(body or b""), cost, request)
+            raise RequestInProgress("a request with this Idempotency-Key is still in progress")
+        usage_store.claim_request_key(conn, key_id=client_key.key_id,
+                                      idempotency_key=client_key.value, request_id=request_id,
+                                      fingerprint=client_key.fingerprint, at_ms=now)
+    try:
+        hold = ledger.place_hold(conn, account_id, amount_nano, idempotency_key=request_id,
+                                 ttl_ms=ttl_ms, key_id=key_id)
+        return Reservation(hold)
+    except InsufficientBalance:
+        if shrink is None:
+            raise
+        available = account_store.get_account(conn, account_id).available_nano
+        smaller = shrink(available)
+        if smaller is None:
+            raise
+        amount, granted = smaller
+        hold = ledger.place_hold(conn, account_id, amount, idempotency_key=request_id,
+                                 ttl_ms=ttl_ms, key_id=key_id)
+        return Reservation(hold, granted)
+
+
+def settle(conn: Connection, *, hold_id: int, cost_nano: int, record: dict[str, Any],
+           client_key: ClientKey | None = None, response: tuple[int, str, bytes | None]
+           | None = None) -> Settlement:
+    settlement = ledger.settle_hold(conn, hold_id, cost_nano,
+                                    idempotency_key=record["request_id"])
+    usage_store.insert_usage(conn, {**record, "hold_id": hold_id, "cost_nano": cost_nano})
+    if client_key is not None and response is not None:
+        status, content_type, body = response
+        usage_store.complete_request_key(conn, key_id=client_key.key_id,
+                                         idempotency_key=client_key.value, status=status,
+                                         content_type=content_type, body=body,
+                                         cost_nano=cost_nano)
+    return settlement
+
+
+def void(conn: Connection, *, hold_id: int, record: dict[str, Any],
+         client_key: ClientKey | None = None) -> None:
+    ledger.void_hold(conn, hold_id, idempotency_key=record["request_id"])
+    usage_store.insert_usage(conn, {**record, "hold_id": hold_id, "cost_nano": 0})
+    if client_key is not None:
+        usage_store.release_request_key(conn, key_id=client_key.key_id,
+                                        idempotency_key=client_key.value)

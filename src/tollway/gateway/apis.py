@@ -1,0 +1,89 @@
+"""Per-call data-API routes: ``ANY /apis/v1/{path}`` matched against the catalog's endpoints.
+
+The hold is the exact price (price × ratio); the call is charged only if the upstream answered
+2xx, and the response (status, body, content type) passes through unchanged. The customer's
+Tollway key and other credentials never reach the upstream; the operator's are injected by the
+adapter.
+"""
+
+from __future__ import annotations
+
+from starlette.types import Receive, Scope, Send
+
+from tollway.billing import metering
+from tollway.billing.metering import Replay
+from tollway.errors import TollwayError, UpstreamError
+from tollway.gateway.asgi import read_body, send_bytes, send_error
+from tollway.gateway.calls import COST_HEADER, begin, fail, send_replay
+from tollway.gateway.state import Gateway
+from tollway.money import format_usd
+from tollway.pricing.rating import CallPrice, CallUsage, rate_calls
+from tollway.upstreams.base import UpstreamRequest
+
+PREFIX = "/apis/v1"
+#: Request headers a data API may see; everything else (Authorization, cookies, forwarding
+#: headers, the Idempotency-Key) stays at the gateway.
+FORWARDED_HEADERS = frozenset({b"content-type", b"accept", b"accept-language",
+                               b"accept-encoding", b"user-agent"})
+RESPONSE_BODY_LIMIT = 32 * 1024 * 1024
+
+
+class ApiRoute:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw: Gateway = scope["app"].state.gateway
+        try:
+            body = await read_body(receive, gw.max_body_bytes)
+            key = await gw.authenticate(scope)
+            path = scope["path"][len(PREFIX):] or "/"
+            endpoint, params = gw.catalog.endpoint(scope["method"], path)
+            item = endpoint.item
+            call = begin(gw, scope, key, item, PREFIX + path, body)
+            price = item.version.price
+            assert isinstance(price, CallPrice)
+            cost = rate_calls(CallUsage(1), price, call.ratio).cost_nano_usd
+            result = await gw.ctx.write(lambda conn: metering.reserve(
+                conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
+                amount_nano=max(cost, 1), ttl_ms=gw.ctx.hold_ttl_ms,
+                client_key=call.client_key))
+        except TollwayError as exc:
+            await send_error(scope, send, exc)
+            return
+        if isinstance(result, Replay):
+            await send_replay(send, result)
+            return
+        call.hold = result.hold
+        query = [(k, v) for k, v in _query(scope)]
+        headers = {name.decode("latin-1"): value.decode("latin-1")
+                   for name, value in scope["headers"] if name in FORWARDED_HEADERS}
+        request = UpstreamRequest(scope["method"], endpoint.upstream_for(params), body,
+                                  query=query, headers=headers)
+        try:
+            response = await gw.registry.get(item.provider).send(request)
+            try:
+                raw = await response.read()
+            finally:
+                await response.close()
+        except UpstreamError as exc:
+            await fail(gw, call, send, exc)
+            return
+        call.mark_first_byte()
+        if not 200 <= response.status < 300:
+            refused = UpstreamError(f"the upstream answered {response.status}")
+            await fail(gw, call, send, refused, status=response.status, body=raw,
+                       content_type=response.content_type.encode())
+            return
+        record = call.record(type_="consume", status=response.status, usage_source="upstream",
+                             calls=1)
+        hold_id, client_key = call.hold.id, call.client_key
+        await gw.ctx.write(lambda conn: metering.settle(
+            conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
+            response=(response.status, response.content_type, raw)))
+        await send_bytes(send, response.status, raw, response.content_type.encode(),
+                         headers=[(COST_HEADER, format_usd(cost).encode())])
+
+
+def _query(scope: Scope) -> list[tuple[str, str]]:
+    from urllib.parse import parse_qsl
+
+    raw = scope.get("query_string", b"").decode("latin-1")
+    return parse_qsl(raw, keep_blank_values=True)

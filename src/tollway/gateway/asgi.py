@@ -1,0 +1,65 @@
+"""Plain-ASGI helpers for the hot path."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from tollway.errors import InvalidRequest, PayloadTooLarge, TollwayError
+from tollway.web.errors import REQUEST_ID
+
+JSON = b"application/json"
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+async def read_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidRequest("the client went away before sending the whole body")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise InvalidRequest("the request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return value
+
+
+async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes = JSON,
+                     headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type),
+                            (b"content-length", str(len(body)).encode()), *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def error_body(scope: Scope, exc: TollwayError) -> bytes:
+    return json.dumps({"error": {"type": exc.type, "code": exc.code, "message": exc.message,
+                                 "request_id": scope.get(REQUEST_ID)}}).encode()
+
+
+async def send_error(scope: Scope, send: Send, exc: TollwayError,
+                     headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    await send_bytes(send, exc.status, error_body(scope, exc), headers=headers)

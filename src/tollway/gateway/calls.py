@@ -1,0 +1,121 @@
+"""What the LLM and per-call routes share: the metered call, its usage record, its replies."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import Scope, Send
+
+from tollway.billing import keys, metering
+from tollway.billing.metering import ClientKey, Replay
+from tollway.errors import InvalidRequest, TollwayError
+from tollway.gateway.asgi import error_body, header, send_bytes
+from tollway.gateway.state import Gateway
+from tollway.ledger.ledger import Hold, now_ms
+from tollway.money import format_usd
+from tollway.pricing.rating import AppliedRatio, resolve_ratio
+from tollway.store.accounts import ApiKeyRecord
+from tollway.store.catalog import Item, price_columns
+from tollway.web.errors import REQUEST_ID
+
+COST_HEADER = b"x-tollway-cost-usd"
+
+
+@dataclass
+class Call:
+    """One metered request from authentication to its usage record."""
+
+    scope: Scope
+    key: ApiKeyRecord
+    item: Item
+    ratio: AppliedRatio
+    route: str
+    stream: bool = False
+    started: float = field(default_factory=time.monotonic)
+    client_key: ClientKey | None = None
+    hold: Hold | None = None
+    ttft_ms: int | None = None
+
+    @property
+    def request_id(self) -> str:
+        return str(self.scope[REQUEST_ID])
+
+    @property
+    def group(self) -> str:
+        return keys.effective_group(self.key)
+
+    def elapsed_ms(self) -> int:
+        return int((time.monotonic() - self.started) * 1000)
+
+    def mark_first_byte(self) -> None:
+        if self.ttft_ms is None:
+            self.ttft_ms = self.elapsed_ms()
+
+    def record(self, *, type_: str, status: int, usage_source: str = "none",
+               input_tokens: int = 0, cached: int = 0, cache_write: int = 0, output: int = 0,
+               reasoning: int = 0, calls: int = 0, error: TollwayError | None = None,
+               note: str | None = None) -> dict[str, Any]:
+        """The usage record's fields (the metering layer adds hold and cost)."""
+        prices = price_columns(self.item.version.price)
+        return {
+            "request_id": self.request_id, "created_at_ms": now_ms(),
+            "account_id": self.key.account_id, "key_id": self.key.id,
+            "key_name": self.key.name, "group_name": self.group,
+            "ratio": str(self.ratio.value), "ratio_source": self.ratio.source,
+            "type": type_, "billing_type": self.item.billing_type, "product": self.item.id,
+            "route": self.route, "status": status, "stream": self.stream,
+            "duration_ms": self.elapsed_ms(), "ttft_ms": self.ttft_ms,
+            "input_tokens": input_tokens, "cached_input_tokens": cached,
+            "cache_write_tokens": cache_write, "output_tokens": output,
+            "reasoning_tokens": reasoning, "calls": calls,
+            **prices,
+            "price_version_id": self.item.version.id,
+            "usage_source": usage_source,
+            "error_code": error.code if error else None,
+            "error_message": error.message if error else note,
+        }
+
+
+def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
+          body: bytes) -> Call:
+    """Checks that need no database: allowlist, quota pre-check, the ratio, Idempotency-Key."""
+    keys.check_item(key, item.id)
+    keys.check_quota(key)
+    group = keys.effective_group(key)
+    if group not in gw.catalog.ratios:
+        raise InvalidRequest(f"the key's group {group!r} is not in the catalog")
+    ratio = resolve_ratio(group, gw.catalog.ratios, item.version.group_ratios)
+    call = Call(scope, key, item, ratio, route)
+    idem = header(scope, b"idempotency-key")
+    if idem:
+        if len(idem) > 200:
+            raise InvalidRequest("Idempotency-Key must be at most 200 characters")
+        digest = hashlib.sha256(scope["method"].encode() + b" " + route.encode() + b"\n" + body)
+        call.client_key = ClientKey(key.id, idem, digest.hexdigest())
+    return call
+
+
+async def send_replay(send: Send, replay: Replay) -> None:
+    await send_bytes(send, replay.status, replay.body, replay.content_type.encode(),
+                     headers=[(COST_HEADER, format_usd(replay.cost_nano).encode()),
+                              (b"x-tollway-replayed-request-id", replay.request_id.encode())])
+
+
+async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status: int | None = None,
+               body: bytes | None = None, content_type: bytes = b"application/json",
+               send_response: bool = True) -> None:
+    """The request failed before anything billable happened: void the hold, record the error
+    (cost 0), and answer the client."""
+    if call.hold is not None:
+        record = call.record(type_="error", status=status or exc.status, error=exc)
+        hold_id = call.hold.id
+        await gw.ctx.write(lambda conn: metering.void(conn, hold_id=hold_id, record=record,
+                                                      client_key=call.client_key))
+    if send_response:
+        if body is None:
+            await send_bytes(send, exc.status, error_body(call.scope, exc))
+        else:
+            await send_bytes(send, status or exc.status, body, content_type)

@@ -1,0 +1,35 @@
+"""Server-sent events: split an upstream byte stream into whole events without copying more
+than the unfinished tail, and read an event's ``data`` field."""
+
+from __future__ import annotations
+
+import re
+
+_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+
+
+class EventSplitter:
+    def __init__(self) -> None:
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """Whole events (each with its blank-line terminator) completed by ``chunk``."""
+        data = self._tail + chunk if self._tail else chunk
+        events: list[bytes] = []
+        start = 0
+        for match in _BOUNDARY.finditer(data):
+            events.append(data[start:match.end()])
+            start = match.end()
+        self._tail = data[start:]
+        return events
+
+    def rest(self) -> bytes:
+        """What arrived after the last complete event (a stream cut mid-event)."""
+        tail, self._tail = self._tail, b""
+        return tail
+
+
+def event_data(event: bytes) -> bytes | None:
+    """The joined ``data:`` lines of an event, or None if it has none (a comment)."""
+    lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
+    return b"\n".join(lines) if lines else None

@@ -1,0 +1,165 @@
+"""Per-worker gateway state: the catalog snapshot, the key cache and the upstream adapters.
+
+The catalog is re-read from the database every ``catalog_refresh_seconds`` (an applied price
+change takes effect within that time, and each usage record names the price version it used);
+a key is cached for ``key_cache_seconds`` after its lookup, so a revocation made through another
+process takes effect within that time (one made through this process, at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from starlette.concurrency import run_in_threadpool
+from starlette.types import Scope
+
+from tollway import tokens
+from tollway.billing import keys
+from tollway.errors import InvalidApiKey, UnknownEndpoint, UnknownModel
+from tollway.ledger.ledger import now_ms
+from tollway.store import catalog as catalog_store
+from tollway.store.accounts import ApiKeyRecord
+from tollway.store.catalog import Item
+from tollway.upstreams.registry import Registry
+from tollway.web.context import Context
+
+log = logging.getLogger("tollway")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    item: Item
+    method: str
+    pattern: re.Pattern[str]
+    upstream_path: str
+
+    def upstream_for(self, params: dict[str, str]) -> str:
+        return re.sub(r"\{([^}]+)\}", lambda m: params.get(m.group(1), ""), self.upstream_path)
+
+
+def _pattern(path: str) -> re.Pattern[str]:
+    parts = re.split(r"(\{[^}]+\})", path)
+    regex = "".join(f"(?P<{p[1:-1]}>[^/]+)" if p.startswith("{") else re.escape(p)
+                    for p in parts)
+    return re.compile(regex + "/?")
+
+
+@dataclass(frozen=True, slots=True)
+class CatalogSnapshot:
+    models: dict[str, Item]
+    endpoints: tuple[Endpoint, ...]
+    ratios: dict[str, Decimal]
+    providers: dict[str, tuple[str, dict[str, Any]]]
+
+    def model(self, model_id: object) -> Item:
+        item = self.models.get(model_id) if isinstance(model_id, str) else None
+        if item is None:
+            raise UnknownModel(f"unknown model {model_id!r}: GET /v1/models lists the models "
+                               "this key may use")
+        return item
+
+    def endpoint(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]]:
+        allowed = False
+        for endpoint in self.endpoints:
+            match = endpoint.pattern.fullmatch(path)
+            if match:
+                if endpoint.method == method:
+                    return endpoint, match.groupdict()
+                allowed = True
+        why = f"{method} is not allowed there" if allowed else "no such API"
+        raise UnknownEndpoint(f"unknown endpoint {method} /apis/v1{path}: {why}")
+
+
+def load_snapshot(conn: Connection) -> CatalogSnapshot:
+    items = catalog_store.current_items(conn, now_ms=now_ms())
+    endpoints = tuple(
+        Endpoint(item, str(item.spec["method"]), _pattern(str(item.spec["path"])),
+                 str(item.spec.get("upstream_path") or item.spec["path"]))
+        for item in items if item.billing_type == "per_call")
+    return CatalogSnapshot(
+        models={item.id: item for item in items if item.billing_type == "token"},
+        endpoints=endpoints, ratios=catalog_store.group_ratios(conn),
+        providers=catalog_store.list_providers(conn))
+
+
+class Gateway:
+    def __init__(self, ctx: Context, registry: Registry, *, catalog_refresh_s: float,
+                 key_cache_s: float, max_body_bytes: int) -> None:
+        self.ctx = ctx
+        self.registry = registry
+        self.catalog_refresh_s = catalog_refresh_s
+        self.key_cache_s = key_cache_s
+        self.max_body_bytes = max_body_bytes
+        self.catalog = CatalogSnapshot({}, (), {}, {})
+        self._keys: dict[str, tuple[float, ApiKeyRecord]] = {}
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.refresh()
+        await run_in_threadpool(tokens.warm_up)
+        self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        await self.registry.close()
+
+    async def refresh(self) -> None:
+        self.catalog = await self.ctx.read(load_snapshot)
+        self.registry.configure(self.catalog.providers)
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.catalog_refresh_s)
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - keep serving the last good catalog
+                log.exception("refreshing the catalog failed")
+
+    async def authenticate(self, scope: Scope) -> ApiKeyRecord:
+        secret = _bearer(scope)
+        if not secret:
+            raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>'")
+        digest = keys.hash_key(secret)
+        cached = self._keys.get(digest)
+        now = time.monotonic()
+        if cached is None or cached[0] <= now:
+            record = await self.ctx.read(lambda conn: _lookup(conn, digest))
+            self._keys[digest] = (now + self.key_cache_s, record)
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+        else:
+            record = cached[1]
+        keys.check_usable(record, now_ms=now_ms())
+        return record
+
+    def forget_keys(self) -> None:
+        self._keys.clear()
+
+
+def _lookup(conn: Connection, digest: str) -> ApiKeyRecord:
+    from tollway.store.accounts import key_by_hash
+
+    record = key_by_hash(conn, digest)
+    if record is None:
+        raise InvalidApiKey("invalid API key")
+    return record
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return str(token.strip())
+    return None

@@ -1,0 +1,75 @@
+"""Reading usage from upstream answers, checked before anything is billed from it.
+
+OpenAI semantics: ``prompt_tokens`` includes ``prompt_tokens_details.cached_tokens``;
+``completion_tokens`` includes ``completion_tokens_details.reasoning_tokens``. Cache writes,
+which OpenAI does not report, are read from ``prompt_tokens_details.cache_write_tokens`` where an
+OpenAI-compatible upstream provides them. Usage that cannot be real (not integers, negative,
+cached more than prompt) is refused, and the caller estimates instead; usage far beyond what was
+asked for is capped at the request's bound and flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tollway.pricing.rating import InvalidUsage, TokenUsage
+
+
+@dataclass(frozen=True, slots=True)
+class MeteredUsage:
+    usage: TokenUsage
+    reasoning_tokens: int
+    source: str  # upstream | estimated
+    note: str | None = None  # why it was estimated or capped
+
+
+def _int(value: Any, name: str) -> int:
+    if value is None:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidUsage(f"{name} is not an integer: {value!r}")
+    if value < 0:
+        raise InvalidUsage(f"{name} is negative: {value}")
+    return value
+
+
+def parse_openai_usage(raw: Any) -> tuple[TokenUsage, int]:
+    """(usage, reasoning tokens) from an OpenAI ``usage`` object; raises InvalidUsage."""
+    if not isinstance(raw, dict):
+        raise InvalidUsage("no usage object")
+    prompt_details = raw.get("prompt_tokens_details") or {}
+    completion_details = raw.get("completion_tokens_details") or {}
+    if not isinstance(prompt_details, dict) or not isinstance(completion_details, dict):
+        raise InvalidUsage("usage details are not objects")
+    if "prompt_tokens" not in raw:
+        raise InvalidUsage("usage has no prompt_tokens")
+    usage = TokenUsage(
+        prompt_tokens=_int(raw.get("prompt_tokens"), "prompt_tokens"),
+        completion_tokens=_int(raw.get("completion_tokens"), "completion_tokens"),
+        cached_tokens=_int(prompt_details.get("cached_tokens"), "cached_tokens"),
+        cache_write_tokens=_int(prompt_details.get("cache_write_tokens"), "cache_write_tokens"),
+    )
+    reasoning = _int(completion_details.get("reasoning_tokens"), "reasoning_tokens")
+    return usage, min(reasoning, usage.completion_tokens)
+
+
+def bounded(usage: TokenUsage, reasoning: int, *, prompt_bound: int,
+            completion_bound: int | None) -> MeteredUsage:
+    """Cap counts beyond the request's bounds (and say so); within them, bill as reported."""
+    notes = []
+    prompt = usage.prompt_tokens
+    if prompt > prompt_bound:
+        notes.append(f"prompt_tokens {prompt} capped at {prompt_bound}")
+        prompt = prompt_bound
+    completion = usage.completion_tokens
+    if completion_bound is not None and completion > completion_bound:
+        notes.append(f"completion_tokens {completion} capped at {completion_bound}")
+        completion = completion_bound
+    if not notes:
+        return MeteredUsage(usage, reasoning, "upstream")
+    cached = min(usage.cached_tokens, prompt)
+    write = min(usage.cache_write_tokens, prompt - cached)
+    capped = TokenUsage(prompt, completion, cached, write)
+    return MeteredUsage(capped, min(reasoning, completion), "upstream",
+                        "usage capped for review: " + "; ".join(notes))

@@ -1,0 +1,71 @@
+"""Usage records and request idempotency keys (hot path: prepared statements)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from tollway.store.prepared import Prepared
+from tollway.store.tables import request_keys, usage_records
+
+_b = sa.bindparam
+_INSERT_USAGE = Prepared(usage_records.insert().values(
+    {c.name: _b(c.name) for c in usage_records.c if c.name != "id"}))
+USAGE_COLUMNS = frozenset(c.name for c in usage_records.c if c.name != "id")
+
+_FIND_REQUEST_KEY = Prepared(
+    sa.select(request_keys.c.request_id, request_keys.c.fingerprint, request_keys.c.state,
+              request_keys.c.status, request_keys.c.content_type, request_keys.c.body,
+              request_keys.c.cost_nano, request_keys.c.created_at_ms)
+    .where(request_keys.c.key_id == _b("key_id"),
+           request_keys.c.idempotency_key == _b("idempotency_key")))
+_INSERT_REQUEST_KEY = Prepared(request_keys.insert().values(
+    key_id=_b("key_id"), idempotency_key=_b("idempotency_key"), request_id=_b("request_id"),
+    fingerprint=_b("fingerprint"), state="pending", created_at_ms=_b("at")))
+_DELETE_REQUEST_KEY = Prepared(request_keys.delete().where(
+    request_keys.c.key_id == _b("key_id"),
+    request_keys.c.idempotency_key == _b("idempotency_key")))
+_COMPLETE_REQUEST_KEY = Prepared(
+    request_keys.update().where(request_keys.c.key_id == _b("key_id"),
+                                request_keys.c.idempotency_key == _b("idempotency_key"))
+    .values(state="done", status=_b("status"), content_type=_b("content_type"),
+            body=_b("body"), cost_nano=_b("cost_nano")))
+
+
+def insert_usage(conn: Connection, fields: dict[str, Any]) -> None:
+    """One usage record; every column must be given (missing ones are a bug, not a NULL)."""
+    missing = USAGE_COLUMNS - fields.keys()
+    assert not missing, f"usage record lacks {sorted(missing)}"
+    _INSERT_USAGE.execute(conn, fields)
+
+
+def find_request_key(conn: Connection, key_id: int, idempotency_key: str) -> Any:
+    """(request_id, fingerprint, state, status, content_type, body, cost_nano, created_at_ms)
+    or None."""
+    return _FIND_REQUEST_KEY.one(conn, key_id=key_id, idempotency_key=idempotency_key)
+
+
+def claim_request_key(conn: Connection, *, key_id: int, idempotency_key: str, request_id: str,
+                      fingerprint: str, at_ms: int) -> None:
+    _DELETE_REQUEST_KEY.execute(conn, {"key_id": key_id, "idempotency_key": idempotency_key})
+    _INSERT_REQUEST_KEY.execute(conn, {"key_id": key_id, "idempotency_key": idempotency_key,
+                                       "request_id": request_id, "fingerprint": fingerprint,
+                                       "at": at_ms})
+
+
+def release_request_key(conn: Connection, *, key_id: int, idempotency_key: str) -> None:
+    _DELETE_REQUEST_KEY.execute(conn, {"key_id": key_id, "idempotency_key": idempotency_key})
+
+
+def complete_request_key(conn: Connection, *, key_id: int, idempotency_key: str, status: int,
+                         content_type: str, body: bytes | None, cost_nano: int) -> None:
+    _COMPLETE_REQUEST_KEY.execute(conn, {"key_id": key_id, "idempotency_key": idempotency_key,
+                                         "status": status, "content_type": content_type,
+                                         "body": body, "cost_nano": cost_nano})
+
+
+def get_usage(conn: Connection, request_id: str) -> Any:
+    return conn.execute(sa.select(usage_records)
+                        .where(usage_records.c.request_id == request_id)).first()

@@ -1,0 +1,1 @@
+"""Upstream adapters, one per provider kind, behind one interface (:mod:`.base`)."""

@@ -1,0 +1,82 @@
+"""Builds one adapter per catalog provider, sharing one aiohttp session (one per worker)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+
+from tollway.errors import UpstreamError
+from tollway.upstreams.base import Upstream, UpstreamRequest, UpstreamResponse
+from tollway.upstreams.http import HttpUpstream, Timeouts
+from tollway.upstreams.sandbox import SandboxUpstream
+
+
+class Unsupported:
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    async def send(self, request: UpstreamRequest) -> UpstreamResponse:
+        raise UpstreamError(f"provider kind {self.kind!r} is not supported by this gateway yet")
+
+    async def close(self) -> None:
+        return None
+
+
+def credential(config: Mapping[str, Any]) -> str | None:
+    env = config.get("api_key_env")
+    return os.environ.get(env) if env else None
+
+
+class Registry:
+    def __init__(self, *, timeouts: Timeouts, max_connections: int = 512) -> None:
+        self.timeouts = timeouts
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0,
+                                           ttl_dns_cache=300),
+            auto_decompress=False, skip_auto_headers=("User-Agent",))
+        self._upstreams: dict[str, Upstream] = {}
+        self._configs: dict[str, tuple[str, str]] = {}
+
+    def configure(self, providers: Mapping[str, tuple[str, Mapping[str, Any]]]) -> None:
+        """(Re)build adapters for ``{provider id: (kind, config)}``; unchanged ones are kept."""
+        for pid, (kind, config) in providers.items():
+            fingerprint = (kind, repr(sorted(config.items())) + str(credential(config)))
+            if self._configs.get(pid) == fingerprint:
+                continue
+            self._configs[pid] = fingerprint
+            self._upstreams[pid] = self._build(kind, config)
+        for pid in set(self._upstreams) - set(providers):
+            del self._upstreams[pid]
+            del self._configs[pid]
+
+    def _build(self, kind: str, config: Mapping[str, Any]) -> Upstream:
+        if kind == "sandbox":
+            return SandboxUpstream()
+        key = credential(config)
+        if kind == "openai":
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return HttpUpstream(self.session, config["base_url"], timeouts=self.timeouts,
+                                headers=headers)
+        if kind == "http":
+            auth = config.get("auth") or {}
+            headers, query = {}, {}
+            if key and auth.get("header"):
+                scheme = auth.get("scheme")
+                headers[auth["header"]] = f"{scheme} {key}" if scheme else key
+            if key and auth.get("query"):
+                query[auth["query"]] = key
+            return HttpUpstream(self.session, config["base_url"], timeouts=self.timeouts,
+                                headers=headers, query=query)
+        return Unsupported(kind)
+
+    def get(self, provider: str) -> Upstream:
+        upstream = self._upstreams.get(provider)
+        if upstream is None:
+            raise UpstreamError(f"provider {provider!r} is not configured")
+        return upstream
+
+    async def close(self) -> None:
+        await self.session.close()
