@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import warnings
 from typing import Any
 
 #: OpenAI's chat accounting: a few tokens of framing per message and per reply.
@@ -22,9 +23,11 @@ TOKENS_PER_IMAGE = 765
 
 @functools.cache
 def _encoding() -> Any:
-    import bpe_openai
+    with warnings.catch_warnings():  # bpe-openai uses importlib.resources.open_binary
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import bpe_openai
 
-    return bpe_openai.get_encoding("o200k_base")
+        return bpe_openai.get_encoding("o200k_base")
 
 
 def warm_up() -> None:

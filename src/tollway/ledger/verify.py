@@ -7,7 +7,10 @@ Checks, each against the stored state:
 - each wallet's held balance equals its open holds, each key's held and used amounts equal its
   holds and settlements;
 - every hold is closed at most once (one settle, void or expire entry), and an open hold by none;
-- the revenue account equals the sum of all settled charges.
+- the revenue account equals the sum of all settled charges;
+- every gateway request's usage record agrees with its hold: a ``consume`` record's cost is
+  what its hold settled, an ``error`` record's hold was released and cost nothing, so the
+  usage records sum to exactly the revenue their requests brought.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from sqlalchemy.engine import Connection
 
 from tollway.ledger.ledger import AVAILABLE, HELD, REVENUE
 from tollway.money import format_usd
-from tollway.store.tables import accounts, api_keys, entries, holds, postings
+from tollway.store.tables import accounts, api_keys, entries, holds, postings, usage_records
 
 _CLOSING = ("settle", "void", "expire")
 
@@ -86,4 +89,22 @@ def verify(conn: Connection) -> list[str]:
     if charged != sums.get((REVENUE, AVAILABLE), 0):
         problems.append(f"revenue postings total {format_usd(sums.get((REVENUE, AVAILABLE), 0))} "
                         f"USD but settled charges total {format_usd(charged)} USD")
+
+    mismatched = conn.execute(
+        sa.select(usage_records.c.request_id, usage_records.c.type, usage_records.c.cost_nano,
+                  holds.c.status, holds.c.charged_nano)
+        .select_from(usage_records.outerjoin(holds, holds.c.id == usage_records.c.hold_id))
+        .where(sa.or_(
+            sa.and_(usage_records.c.type == "consume",
+                    sa.or_(holds.c.status != "settled",
+                           holds.c.charged_nano != usage_records.c.cost_nano)),
+            sa.and_(usage_records.c.type == "error",
+                    sa.or_(usage_records.c.cost_nano != 0,
+                           holds.c.status.not_in(("voided", "expired")))),
+            holds.c.id.is_(None)))
+        .limit(20)).all()
+    for request_id, kind, cost, status, charged in mismatched:
+        problems.append(f"usage record {request_id} ({kind}, {format_usd(cost)} USD) disagrees "
+                        f"with its hold ({status}, charged "
+                        f"{format_usd(charged) if charged is not None else 'nothing'})")
     return problems
