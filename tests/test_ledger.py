@@ -143,7 +143,7 @@ def test_topup_same_key_with_other_parameters_is_a_conflict_and_writes_nothing(
     assert_verified(db)
 
 
-BAD_AMOUNTS = [0, -1, -5 * USD, 1.5, 1e9, "1000000000", Decimal(1), True, None]
+BAD_AMOUNTS: list[Any] = [0, -1, -5 * USD, 1.5, 1e9, "1000000000", Decimal(1), True, None]
 
 
 def test_topup_rejects_amounts_that_are_not_positive_integers(db: Database) -> None:
@@ -217,18 +217,12 @@ def test_place_hold_beyond_available_is_refused_and_writes_nothing(db: Database)
     assert_verified(db)
 
 
-def test_place_hold_rejects_bad_amounts(db: Database) -> None:
+def test_place_hold_refuses_bad_amounts_and_unknown_accounts(db: Database) -> None:
     alice = new_account(db, topup_nano=1 * USD)
     before = snapshot(db)
     for amount in BAD_AMOUNTS:
         with pytest.raises(InvalidRequest), db.write() as conn:
             ledger.place_hold(conn, alice, amount, idempotency_key="h", ttl_ms=HOUR_MS)
-    assert snapshot(db) == before
-
-
-def test_place_hold_on_unknown_account(db: Database) -> None:
-    new_account(db, topup_nano=1 * USD)
-    before = snapshot(db)
     for account_id in (999_999, REVENUE):
         with pytest.raises(UnknownAccount), db.write() as conn:
             ledger.place_hold(conn, account_id, 1, idempotency_key="h", ttl_ms=HOUR_MS)
@@ -559,46 +553,53 @@ def problems(db: Database) -> list[str]:
         return verify(conn)
 
 
-def test_verify_names_a_wallet_that_disagrees_with_its_postings(db: Database) -> None:
+def test_verify_names_each_kind_of_corruption(db: Database) -> None:
+    """Corrupt the stored data directly, one way at a time: verify names the problem; undo
+    the corruption: verify is clean again."""
     alice, _ = busy_ledger(db)
-    with db.write() as conn:
-        conn.execute(sa.text("UPDATE accounts SET available_nano = available_nano + 5 "
-                             "WHERE id = :id"), {"id": alice})
-    found = problems(db)
-    assert len(found) == 1, found
-    assert f"account {alice} (alice)" in found[0]
-    assert "available" in found[0] and "7.999999999" in found[0] and "8.000000004" in found[0]
 
+    def corrupted(do: str, undo: str, **params: Any) -> list[str]:
+        with db.write() as conn:
+            conn.execute(sa.text(do), params)
+        found = problems(db)
+        with db.write() as conn:
+            conn.execute(sa.text(undo), params)
+        assert problems(db) == []
+        return found
 
-def test_verify_names_unbalanced_postings(db: Database) -> None:
-    alice, _ = busy_ledger(db)
-    with db.write() as conn:
+    # a wallet whose stored balance disagrees with its postings
+    found = corrupted("UPDATE accounts SET available_nano = available_nano + 5 WHERE id = :id",
+                      "UPDATE accounts SET available_nano = available_nano - 5 WHERE id = :id",
+                      id=alice)
+    assert found == [(f"account {alice} (alice): stored available balance 8.000000004 USD but "
+                      "its postings sum to 7.999999999 USD")]
+
+    # a posting that unbalances its entry (and the ledger, and revenue)
+    with db.read() as conn:
         entry_id = conn.execute(sa.select(sa.func.max(entries.c.id))).scalar_one()
-        conn.execute(postings.insert().values(entry_id=entry_id, account_id=REVENUE,
-                                              bucket="available", amount_nano=5))
-    found = problems(db)
+    found = corrupted("INSERT INTO postings (entry_id, account_id, bucket, amount_nano) "
+                      "VALUES (:entry, 2, 'available', 5)",
+                      "DELETE FROM postings WHERE entry_id = :entry AND amount_nano = 5",
+                      entry=entry_id)
     assert "postings sum to 0.000000005 USD, not zero" in found
     assert f"entry {entry_id}: postings sum to 0.000000005 USD" in found
-    assert any("revenue postings total" in p for p in found), found
+    assert any("revenue postings total 3.000000005 USD but settled charges total "
+               "3.000000000 USD" in p for p in found), found
 
+    # an open hold closed behind the ledger's back: the held balance has no open hold
+    with db.read() as conn:
+        open_id = conn.execute(sa.select(holds.c.id).where(holds.c.status == "open")).scalar()
+    found = corrupted("UPDATE holds SET status = 'voided' WHERE id = :id",
+                      "UPDATE holds SET status = 'open' WHERE id = :id", id=open_id)
+    assert (f"account {alice} (alice): held 1.000000000 USD but its open holds total "
+            "0.000000000 USD") in found
+    assert f"hold {open_id} is voided but has 0 closing entries" in found
 
-def test_verify_names_held_balance_without_open_holds(db: Database) -> None:
-    alice, _ = busy_ledger(db)
-    with db.write() as conn:  # an open hold closed behind the ledger's back
-        conn.execute(sa.update(holds).where(holds.c.status == "open")
-                     .values(status="voided"))
-    found = problems(db)
-    assert any(f"account {alice} (alice): held 1.000000000 USD but its open holds total "
-               "0.000000000 USD" in p for p in found), found
-    assert any("closing entries" in p for p in found), found
-
-
-def test_verify_names_a_key_whose_usage_disagrees(db: Database) -> None:
-    busy_ledger(db)
-    with db.write() as conn:
-        conn.execute(sa.update(api_keys).values(used_nano=api_keys.c.used_nano - 1))
-    found = problems(db)
+    # an API key whose usage disagrees with its settled holds
+    found = corrupted("UPDATE api_keys SET used_nano = used_nano - 1",
+                      "UPDATE api_keys SET used_nano = used_nano + 1")
     assert len(found) == 1 and found[0].startswith("api key "), found
+    assert "1.000000000/0.999999999" in found[0], found
 
 
 # --------------------------------------------------------------------------- the writer
@@ -693,9 +694,10 @@ def test_writer_results_are_durable_when_returned(db: Database, db_url: str) -> 
     alice = new_account(db)
     writer = Writer(db)
     try:
-        futures = [writer.submit(lambda c, i=i: ledger.topup(c, alice, USD,
-                                                            idempotency_key=f"w{i}"))
-                   for i in range(100)]
+        def op(i: int) -> Any:
+            return lambda c: ledger.topup(c, alice, USD, idempotency_key=f"w{i}")
+
+        futures = [writer.submit(op(i)) for i in range(100)]
         results = [f.result(30) for f in futures]
     finally:
         writer.close()

@@ -33,7 +33,7 @@ REVENUE, WRITEOFF = 2, 3
 WALLETS = 3
 HOUR_MS = 3_600_000
 KEY_QUOTA = 6 * USD  # wallet 0 has an API key with its own quota
-EXAMPLES = {"sqlite": 100, "postgresql": 40}
+EXAMPLES = {"sqlite": 75, "postgresql": 30}
 
 _example = itertools.count()
 
@@ -94,6 +94,8 @@ def system_balance(conn: Any, account_id: int) -> int:
 def apply(db: Database, model: Model, op: tuple[Any, ...], key: str) -> None:
     """Run one operation in its own transaction and check its result against the model."""
     kind = op[0]
+    call: tuple[Any, ...]
+    expected: Any
     if kind == "topup":
         w = model.wallets[op[1]]
         call = ("topup", w.id, op[2], key)

@@ -321,7 +321,7 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
                                    "delta": released - from_available, "charged": actual_nano,
                                    "requests": 1})
     if key_id is not None:
-        _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": from_hold})
+        _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": actual_nano})
     _post(conn, kind="settle", account_id=account_id, amount_nano=actual_nano, key=key,
           hold_id=hold_id,
           lines=[(account_id, HELD, -held), (account_id, AVAILABLE, released - from_available),
