@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection
 
 from tollway import settings
 from tollway.billing import keys as key_ops
@@ -28,11 +29,13 @@ from tollway.billing.views import (
 )
 from tollway.errors import InvalidRequest, TollwayError
 from tollway.ledger import ledger
+from tollway.ledger.ledger import Adjustment, Topup
 from tollway.ledger.verify import verify
 from tollway.money import MoneyFormatError, format_usd, parse_signed_usd
 from tollway.pricing.catalog import load_catalog
 from tollway.pricing.display import price_lines
 from tollway.store import accounts as store
+from tollway.store.accounts import Account
 from tollway.store.catalog import apply_catalog, current_items
 from tollway.store.db import Database
 from tollway.store.migrate import current_revision, head_revision, upgrade
@@ -148,10 +151,14 @@ def cmd_balance(args: argparse.Namespace) -> Output:
 def cmd_topup(args: argparse.Namespace) -> Output:
     amount = parse_amount(args.amount_usd, what="AMOUNT_USD")
     db = open_db(args)
-    with db.write() as conn:
+    key = _key(args.idempotency_key)
+
+    def op(conn: Connection) -> tuple[Account, Topup]:
         account = store.find_account(conn, args.account)
-        result = ledger.topup(conn, account.id, amount, note=args.note,
-                              idempotency_key=_key(args.idempotency_key))
+        return account, ledger.topup(conn, account.id, amount, note=args.note,
+                                     idempotency_key=key)
+
+    account, result = db.run_write(op)
     view = credit_view(result)
     return Output(view, f"topped up {view['amount_usd']} USD: account {account.id} "
                   f"({account.name}) now has {view['available_usd']} USD available")
@@ -163,10 +170,14 @@ def cmd_adjust(args: argparse.Namespace) -> Output:
     except MoneyFormatError as exc:
         raise InvalidRequest(str(exc)) from None
     db = open_db(args)
-    with db.write() as conn:
+    key = _key(args.idempotency_key)
+
+    def op(conn: Connection) -> tuple[Account, Adjustment]:
         account = store.find_account(conn, args.account)
-        result = ledger.adjust(conn, account.id, amount, note=args.note,
-                               idempotency_key=_key(args.idempotency_key))
+        return account, ledger.adjust(conn, account.id, amount, note=args.note,
+                                      idempotency_key=key)
+
+    account, result = db.run_write(op)
     view = credit_view(result)
     return Output(view, f"adjusted account {account.id} by {view['amount_usd']} USD: "
                   f"{view['available_usd']} USD available")

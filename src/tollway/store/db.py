@@ -9,16 +9,18 @@ SQLITE_BUSY when they later write, so transaction control is taken over: writes 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
+
+T = TypeVar("T")
 
 #: Errors as raised through SQLAlchemy or straight from the drivers (see ``prepared.py``).
 INTEGRITY_ERRORS = (sa_exc.IntegrityError, sqlite3.IntegrityError, psycopg.IntegrityError)
@@ -61,6 +63,19 @@ class Database:
         """A write transaction: BEGIN IMMEDIATE on SQLite, committed on exit."""
         with self.write_engine.begin() as conn:
             yield conn
+
+    def run_write(self, op: Callable[[Connection], T]) -> T:
+        """Run ``op`` in its own write transaction. A unique-key violation is retried once: a
+        concurrent transaction committed the same idempotency key first, and the retry finds
+        its result (the writer does the same for the server)."""
+        for attempt in range(2):
+            try:
+                with self.write() as conn:
+                    return op(conn)
+            except INTEGRITY_ERRORS:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
     def dispose(self) -> None:
         self.engine.dispose()

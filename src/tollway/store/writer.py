@@ -68,7 +68,12 @@ class Writer:
                     stop = True
                     break
                 batch.append(nxt)
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            except BaseException as exc:  # noqa: BLE001 - never let the writer thread die
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
             if stop:
                 return
 
