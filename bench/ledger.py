@@ -40,12 +40,12 @@ import pstats
 import shutil
 import sqlite3
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -179,10 +179,10 @@ class RecordingWriter(Writer):
         finally:
             self.profile.disable()
 
-    def _execute(self, batch: list[tuple[Any, Future[Any]]]) -> None:
-        n_hold = sum(1 for op, _ in batch if getattr(op, "func", None) is place_hold)
-        self.batches.append((n_hold, len(batch) - n_hold))
-        super()._execute(batch)
+    def _execute(self, ops: list[Any]) -> list[tuple[bool, Any]]:
+        n_hold = sum(1 for op in ops if getattr(op, "func", None) is place_hold)
+        self.batches.append((n_hold, len(ops) - n_hold))
+        return super()._execute(ops)
 
 
 @dataclass
@@ -477,6 +477,14 @@ def bench_backend(backend: Backend, args: argparse.Namespace, log: Callable[[str
     return result
 
 
+def loadavg() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
 def machine() -> dict[str, Any]:
     model = "?"
     try:
@@ -487,7 +495,14 @@ def machine() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    return {"nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"],
+                                capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"nproc": os.cpu_count(), "commit": commit or "?",
+            "usable_cpus": len(os.sched_getaffinity(0)), "loadavg_start": loadavg(),
             "cpu_model": model, "python": platform.python_version(),
             "sqlalchemy": sa.__version__, "platform": platform.platform(),
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
@@ -502,9 +517,12 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         f"Tollway ledger benchmark: hold + settle pairs through one Writer  ({m['date']})",
         (f"machine: {m['nproc']} CPUs ({m['cpu_model']}), Python {m['python']}, "
-         f"SQLAlchemy {m['sqlalchemy']}; client, writer and any database server share them"),
+         f"SQLAlchemy {m['sqlalchemy']}, commit {m['commit']}; client, writer and database "
+         "server share the CPUs"),
         (f"pairs/round {p['pairs']}, {p['clients']} concurrent clients ({p['driver']}), "
          f"{p['rounds']} interleaved rounds (ledger, inserts, ledger, ...), medians"),
+        (f"load average (1/5/15 min) at start {m['loadavg_start']}, at end "
+         f"{m['loadavg_end']}: other work on the machine skews absolute figures"),
     ]
     for b in results["backends"]:
         s = b["settings"]
@@ -573,8 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=5000, help="hold+settle pairs per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=64, help="concurrent requests in flight")
-    ap.add_argument("--driver", choices=("threads", "asyncio"), default="threads",
-                    help="clients as threads (Future.result) or asyncio tasks (Writer.run)")
+    ap.add_argument("--driver", choices=("threads", "asyncio"), default="asyncio",
+                    help="clients as asyncio tasks (Writer.run, as the gateway calls it; default) or threads")
     ap.add_argument("--postgres", metavar="URL",
                     help="PostgreSQL server to benchmark too (or TOLLWAY_BENCH_POSTGRES_URL)")
     ap.add_argument("--no-sqlite", action="store_true", help="skip the SQLite backend")
@@ -599,6 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                           "postings": POSTINGS_PER_HOLD + POSTINGS_PER_SETTLE}}}
     with _backends(args) as backends:
         results["backends"] = [bench_backend(b, args, log) for b in backends]
+    results["machine"]["loadavg_end"] = loadavg()
     results["ok"] = all(b["check"]["ok"] for b in results["backends"])
     print(json.dumps(results, indent=2) if args.json else render(results))
     return 0 if results["ok"] else 1

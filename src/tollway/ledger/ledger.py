@@ -302,11 +302,14 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
     neither covers is written off (the wallet never goes below zero). Releases the rest."""
     _amount(actual_nano, "a charge", minimum=0)
     key = f"settle:{idempotency_key}"
-    if (row := _existing_entry(conn, key)) is not None:
-        if (row[3], row[2]) != (hold_id, actual_nano):
-            raise _conflict(idempotency_key, f"settling hold {row[3]}")
-        return _settlement(conn, hold_id)
-    account_id, key_id, held = _close(conn, hold_id, "settled", actual_nano)
+    closed = _close(conn, hold_id, "settled", actual_nano)
+    if closed is None:  # already closed: a repeat of this settlement, or too late
+        if (row := _existing_entry(conn, key)) is not None:
+            if (row[3], row[2]) != (hold_id, actual_nano):
+                raise _conflict(idempotency_key, f"settling hold {row[3]}")
+            return _settlement(conn, hold_id)
+        raise HoldClosed(f"hold {hold_id} is already {_hold(conn, hold_id).status}")
+    account_id, key_id, held = closed
     from_hold = min(actual_nano, held)
     released = held - from_hold
     wanted = actual_nano - from_hold
@@ -349,11 +352,14 @@ def expire_holds(conn: Connection, now: int | None = None, *, limit: int = 1000)
 
 
 def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str) -> Release:
-    if (row := _existing_entry(conn, key)) is not None:
-        if row[3] != hold_id:
-            raise _conflict(key, f"releasing hold {row[3]}")
-        return Release(hold_id, int(row[2]), status)
-    account_id, key_id, held = _close(conn, hold_id, status, None)
+    closed = _close(conn, hold_id, status, None)
+    if closed is None:  # already closed: a repeat of this release, or too late
+        if (row := _existing_entry(conn, key)) is not None:
+            if row[3] != hold_id:
+                raise _conflict(key, f"releasing hold {row[3]}")
+            return Release(hold_id, int(row[2]), status)
+        raise HoldClosed(f"hold {hold_id} is already {_hold(conn, hold_id).status}")
+    account_id, key_id, held = closed
     _SETTLE_ACCOUNT.execute(conn, {"account_id": account_id, "held": held, "delta": held,
                                    "charged": 0, "requests": 0})
     if key_id is not None:
@@ -365,15 +371,15 @@ def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str) -> Re
 
 
 def _close(conn: Connection, hold_id: int, status: HoldStatus,
-           charged: int | None) -> tuple[int, int | None, int]:
-    """Move an open hold to its final status; exactly one closer can win.
-    Returns (account_id, key_id, amount_nano) of the hold."""
+           charged: int | None) -> tuple[int, int | None, int] | None:
+    """Move an open hold to its final status; exactly one closer can win. Returns
+    (account_id, key_id, amount_nano) of the hold, or None if it was not open. Closing first
+    and looking for an earlier identical operation only when that fails keeps the common path
+    one statement shorter."""
     row = _CLOSE_HOLD.one(conn, hold_id=hold_id, status=status, at=now_ms(), charged=charged,
                           from_available=0 if charged is not None else None,
                           shortfall=0 if charged is not None else None)
-    if row is None:
-        raise HoldClosed(f"hold {hold_id} is already {_hold(conn, hold_id).status}")
-    return int(row[0]), row[1], int(row[2])
+    return None if row is None else (int(row[0]), row[1], int(row[2]))
 
 
 def _hold(conn: Connection, hold_id: int) -> Hold:

@@ -111,6 +111,7 @@ def _sqlite_engine(url: str, begin: str, busy_timeout_ms: int, null_pool: bool) 
         if not memory:
             cursor.execute("PRAGMA journal_mode = WAL")
         cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA temp_store = MEMORY")  # statement journals stay off disk
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
 

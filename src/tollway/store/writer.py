@@ -1,11 +1,13 @@
 """The single writer: every money movement of a process goes through one thread that runs
 queued operations in shared transactions (Datasette's pattern, TigerBeetle's batching).
 
-Batching turns N commits (N fsyncs) into one without weakening anything: each operation runs
-inside its own SAVEPOINT, so one that raises (say, insufficient balance) is rolled back alone
-and the rest of the batch commits; no caller hears "done" before its batch is durable. On
-PostgreSQL a batch that loses a deadlock or a serialization race is retried whole, which is
-safe because every ledger operation is idempotent.
+Batching turns N commits (N fsyncs) into one without weakening anything: an operation that
+raises (say, insufficient balance) is rolled back alone and the rest of the batch commits
+(the batch is re-run with a SAVEPOINT per operation when that happens), and no caller hears
+"done" before its batch is durable. Results go back to asyncio callers with one wake-up of
+their event loop per batch, not one per operation. On PostgreSQL a batch that loses a
+deadlock or a serialization race is retried whole, which is safe because every ledger
+operation is idempotent.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
@@ -23,6 +26,9 @@ from tollway.store.db import INTEGRITY_ERRORS, OPERATIONAL_ERRORS, Database
 
 T = TypeVar("T")
 Operation = Callable[[Connection], Any]
+#: Where a result goes: a concurrent Future (threads) or an asyncio future and its loop.
+Target = Future[Any] | tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+Outcome = tuple[bool, Any]  # (succeeded, result or exception)
 _STOP = object()
 _RETRIES = 5
 
@@ -45,8 +51,15 @@ class Writer:
         return self.submit(op).result()
 
     async def run(self, op: Callable[[Connection], T]) -> T:
-        """Run ``op`` in the next batch without blocking the event loop."""
-        return await asyncio.wrap_future(self.submit(op))
+        """Run ``op`` in the next batch without blocking the event loop.
+
+        If the caller is cancelled, the operation still runs (or has run): its result is
+        dropped, which for a ledger operation means a hold the reaper later releases.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put((op, (loop, future)))
+        return await future
 
     def close(self) -> None:
         self._queue.put(_STOP)
@@ -68,41 +81,88 @@ class Writer:
                     stop = True
                     break
                 batch.append(nxt)
+            live = [(op, target) for op, target in batch if _claim(target)]
             try:
-                self._execute(batch)
+                outcomes = self._execute([op for op, _ in live])
             except BaseException as exc:  # noqa: BLE001 - never let the writer thread die
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+                outcomes = [(False, exc)] * len(live)
+            _deliver([target for _, target in live], outcomes)
             if stop:
                 return
 
-    def _execute(self, batch: list[tuple[Operation, Future[Any]]]) -> None:
-        live = [(op, fut) for op, fut in batch if fut.set_running_or_notify_cancel()]
+    def _execute(self, ops: list[Operation]) -> list[Outcome]:
         for attempt in range(_RETRIES):
-            outcomes: list[tuple[bool, Any]] = []
             try:
-                with self.db.write() as conn:
-                    outcomes = [_run_op(conn, op) for op, _ in live]
+                try:
+                    with self.db.write() as conn:
+                        return [(True, _run_optimistic(conn, op)) for op in ops]
+                except _Replay:  # one operation raised: run the batch again, isolated
+                    with self.db.write() as conn:
+                        return [_run_op(conn, op) for op in ops]
             except OPERATIONAL_ERRORS as exc:
                 if attempt + 1 < _RETRIES and _retryable(exc):
                     continue
-                for _, fut in live:
-                    fut.set_exception(exc)
-                return
-            except BaseException as exc:  # noqa: BLE001 - commit failed: no effect happened
-                for _, fut in live:
-                    fut.set_exception(exc)
-                return
-            for (_, fut), (ok, value) in zip(live, outcomes, strict=True):
-                if ok:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(value)
-            return
+                raise
+        raise AssertionError("unreachable")
 
 
-def _run_op(conn: Connection, op: Operation) -> tuple[bool, Any]:
+def _claim(target: Target) -> bool:
+    """False if the caller gave up before the operation started (it will not run)."""
+    if isinstance(target, Future):
+        return target.set_running_or_notify_cancel()
+    return not target[1].cancelled()
+
+
+def _deliver(targets: list[Target], outcomes: list[Outcome]) -> None:
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Outcome]]] = (
+        defaultdict(list))
+    for target, outcome in zip(targets, outcomes, strict=True):
+        if isinstance(target, Future):
+            if outcome[0]:
+                target.set_result(outcome[1])
+            else:
+                target.set_exception(outcome[1])
+        else:
+            by_loop[target[0]].append((target[1], outcome))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve, items)
+        except RuntimeError:  # the loop closed: its callers are gone
+            pass
+
+
+def _resolve(items: list[tuple[asyncio.Future[Any], Outcome]]) -> None:
+    for future, (ok, value) in items:
+        if future.done():  # cancelled meanwhile
+            continue
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+
+class _Replay(Exception):
+    """Raised inside the optimistic transaction to roll it back."""
+
+
+def _run_optimistic(conn: Connection, op: Operation) -> Any:
+    """Run an operation with no savepoint around it: the common case, where nothing raises.
+
+    A savepoint is not free on SQLite: inside one, every page that earlier operations of the
+    batch changed is copied to a statement journal. So a batch first runs bare; if any
+    operation raises, the whole transaction is rolled back and the batch runs again with a
+    savepoint per operation (operations are deterministic functions of the database state and
+    idempotent, so running one twice is safe).
+    """
+    try:
+        return op(conn)
+    except OPERATIONAL_ERRORS:
+        raise
+    except Exception as exc:
+        raise _Replay from exc
+
+
+def _run_op(conn: Connection, op: Operation) -> Outcome:
     """Run one operation in its own savepoint; its exception goes back to its caller.
 
     Savepoints are issued on the DBAPI cursor: SQLAlchemy's ``begin_nested`` costs more than
