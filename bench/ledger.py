@@ -592,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--clients", type=int, default=64, help="concurrent requests in flight")
     ap.add_argument("--driver", choices=("threads", "asyncio"), default="asyncio",
-                    help="clients as asyncio tasks (Writer.run, as the gateway calls it; default) or threads")
+                    help="clients as asyncio tasks (Writer.run, as the gateway calls it) "
+                         "or threads")
     ap.add_argument("--postgres", metavar="URL",
                     help="PostgreSQL server to benchmark too (or TOLLWAY_BENCH_POSTGRES_URL)")
     ap.add_argument("--no-sqlite", action="store_true", help="skip the SQLite backend")

@@ -22,9 +22,10 @@ from tollway.upstreams.base import UpstreamRequest
 
 PREFIX = "/apis/v1"
 #: Request headers a data API may see; everything else (Authorization, cookies, forwarding
-#: headers, the Idempotency-Key) stays at the gateway.
+#: headers, the Idempotency-Key) stays at the gateway. Accept-Encoding stays too: the upstream
+#: session negotiates and decodes compression itself, and the client gets the decoded body.
 FORWARDED_HEADERS = frozenset({b"content-type", b"accept", b"accept-language",
-                               b"accept-encoding", b"user-agent"})
+                               b"user-agent"})
 RESPONSE_BODY_LIMIT = 32 * 1024 * 1024
 
 

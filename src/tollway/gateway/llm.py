@@ -54,6 +54,9 @@ class LLMCall:
     prompt_estimate: int
     output_bound: int | None  # None for embeddings (no output)
     max_field: str | None
+    #: Completions generated per request (``n``; for /v1/completions also ``best_of``): the
+    #: output bound is per choice, the upstream bills all of them.
+    choices: int = 1
     client_wants_usage: bool = True
     lowered_to: int | None = None
     delivered: list[str] = field(default_factory=list)
@@ -72,13 +75,13 @@ class LLMCall:
         low, high = 0, self.output_bound - 1
         while low < high:
             mid = (low + high + 1) // 2
-            if self.hold_cost(self.prompt_estimate, mid) <= available:
+            if self.hold_cost(self.prompt_estimate, mid * self.choices) <= available:
                 low = mid
             else:
                 high = mid - 1
         if low < 1:
             return None
-        return self.hold_cost(self.prompt_estimate, low), low
+        return self.hold_cost(self.prompt_estimate, low * self.choices), low
 
     def extra_headers(self) -> list[tuple[bytes, bytes]]:
         if self.lowered_to is None:
@@ -120,9 +123,10 @@ class LLMRoute:
         assert isinstance(price, TokenPrice)
         max_field, bound = self._output_bound(payload, int(item.spec.get("max_output_tokens")
                                                            or 4096))
-        llm = LLMCall(gw, call, payload, price, tokens.estimate_prompt(payload), bound, max_field)
+        llm = LLMCall(gw, call, payload, price, tokens.estimate_prompt(payload), bound, max_field,
+                      choices=self._choices(payload))
         call.stream = self.kind != "embeddings" and payload.get("stream") is True
-        amount = llm.hold_cost(llm.prompt_estimate, bound or 0)
+        amount = llm.hold_cost(llm.prompt_estimate, (bound or 0) * llm.choices)
         result = await gw.ctx.write(lambda conn: metering.reserve(
             conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
             amount_nano=amount, ttl_ms=gw.ctx.hold_ttl_ms, client_key=call.client_key,
@@ -134,6 +138,19 @@ class LLMRoute:
             llm.lowered_to = int(result.granted)
             payload[max_field or "max_tokens"] = llm.lowered_to
         return llm
+
+    def _choices(self, payload: dict[str, Any]) -> int:
+        if self.kind == "embeddings":
+            return 1
+        count = 1
+        for name in ("n", "best_of") if self.kind == "completions" else ("n",):
+            value = payload.get(name)
+            if value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 128:
+                raise InvalidRequest(f"{name} must be an integer from 1 to 128")
+            count = max(count, value)
+        return count
 
     def _output_bound(self, payload: dict[str, Any], model_max: int) -> tuple[str | None,
                                                                               int | None]:
@@ -230,6 +247,8 @@ class LLMRoute:
     def _meter(self, llm: LLMCall, original: dict[str, Any], raw_usage: Any) -> MeteredUsage:
         """The usage to bill: the upstream's, checked and bounded; else a local count."""
         bound = llm.lowered_to or llm.output_bound
+        if bound is not None:
+            bound *= llm.choices
         try:
             usage, reasoning = parse_openai_usage(raw_usage)
             if self.kind == "embeddings":
@@ -241,7 +260,9 @@ class LLMRoute:
                            completion_bound=bound)
         except InvalidUsage as exc:
             prompt = tokens.count_prompt(original)
-            output = sum(tokens.count(text) for text in llm.delivered)
+            # The delivered text as a whole: counting each chunk on its own would bill the
+            # upstream's chunking ("Hello " + "there " is 4 tokens apart, 2 together).
+            output = tokens.count("".join(llm.delivered))
             if bound is not None:
                 output = min(output, bound)
             return MeteredUsage(TokenUsage(prompt, output), 0, "estimated",
@@ -344,25 +365,30 @@ class LLMRoute:
         if state.client_gone:
             note = "the client disconnected mid-stream"
         elif state.cut:
-            note = "the upstream stream broke off" + (f": {state.failure.message}"
-                                                     if state.failure else "")
+            note = state.failure.message if state.failure else "the upstream stream broke off"
+        cost = rate_tokens(metered.usage, llm.price, call.ratio).cost_nano_usd
         tail = b""
-        cost = None
+        if state.usage is not None and llm.client_wants_usage:
+            usage_event = dict(state.usage)
+            usage_event["tollway"] = {"cost_usd": format_usd(cost),
+                                      "request_id": call.request_id,
+                                      "usage_source": metered.source}
+            tail += b"data: " + json.dumps(usage_event).encode() + b"\n\n"
+        tail += b": tollway cost_usd=" + format_usd(cost).encode() + b"\n\n"
+        done = b"data: [DONE]\n\n" if state.done else b""
+        # A retry with the same Idempotency-Key gets this stream back (without it the key
+        # stayed "in progress" for 24 hours).
+        replay = None
+        if call.client_key is not None and state.sent is not None:
+            replay = (200, "text/event-stream", b"".join(state.sent) + tail + done)
+        settled = False
         try:
-            cost = await self._settle(llm, metered, status=200, response=None, note=note)
+            await self._settle(llm, metered, status=200, response=replay, note=note)
+            settled = True
         finally:
             if not state.client_gone:
-                if cost is not None:
-                    if state.usage is not None and llm.client_wants_usage:
-                        usage_event = dict(state.usage)
-                        usage_event["tollway"] = {"cost_usd": format_usd(cost),
-                                                  "request_id": call.request_id,
-                                                  "usage_source": metered.source}
-                        tail += b"data: " + json.dumps(usage_event).encode() + b"\n\n"
-                    tail += b": tollway cost_usd=" + format_usd(cost).encode() + b"\n\n"
-                if state.done:
-                    tail += b"data: [DONE]\n\n"
-                await send({"type": "http.response.body", "body": tail})
+                await send({"type": "http.response.body",
+                            "body": tail + done if settled else done})
 
 
 @dataclass
@@ -372,9 +398,17 @@ class _StreamState:
     cut: bool = False
     client_gone: bool = False
     failure: UpstreamError | None = None
+    #: What the client was sent, for an Idempotency-Key replay; None past REPLAY_BODY_LIMIT.
+    sent: list[bytes] | None = field(default_factory=list)
+    sent_bytes: int = 0
 
 
 async def _send_chunk(send: Send, body: bytes, state: _StreamState) -> None:
+    if state.sent is not None:
+        state.sent.append(body)
+        state.sent_bytes += len(body)
+        if state.sent_bytes > REPLAY_BODY_LIMIT:
+            state.sent = None
     await send({"type": "http.response.body", "body": body, "more_body": True})
 
 

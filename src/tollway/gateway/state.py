@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
@@ -42,7 +43,10 @@ class Endpoint:
     upstream_path: str
 
     def upstream_for(self, params: dict[str, str]) -> str:
-        return re.sub(r"\{([^}]+)\}", lambda m: params.get(m.group(1), ""), self.upstream_path)
+        """The upstream path with the path parameters filled in, each percent-encoded whole:
+        a parameter is one path segment, never a ``?query``, ``#fragment`` or more path."""
+        return re.sub(r"\{([^}]+)\}", lambda m: quote(params.get(m.group(1), ""), safe=""),
+                      self.upstream_path)
 
 
 def _pattern(path: str) -> re.Pattern[str]:
@@ -70,7 +74,8 @@ class CatalogSnapshot:
         allowed = False
         for endpoint in self.endpoints:
             match = endpoint.pattern.fullmatch(path)
-            if match:
+            # "." and ".." would be resolved by the URL layer and climb out of upstream_path.
+            if match and not any(v in (".", "..") for v in match.groupdict().values()):
                 if endpoint.method == method:
                     return endpoint, match.groupdict()
                 allowed = True

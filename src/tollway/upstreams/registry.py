@@ -33,10 +33,13 @@ def credential(config: Mapping[str, Any]) -> str | None:
 class Registry:
     def __init__(self, *, timeouts: Timeouts, max_connections: int = 512) -> None:
         self.timeouts = timeouts
+        # aiohttp asks every upstream for gzip/deflate (its default Accept-Encoding), so it
+        # must also decode: the gateway parses LLM answers and hands data-API bodies on without
+        # their Content-Encoding header.
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0,
                                            ttl_dns_cache=300),
-            auto_decompress=False, skip_auto_headers=("User-Agent",))
+            auto_decompress=True, skip_auto_headers=("User-Agent",))
         self._upstreams: dict[str, Upstream] = {}
         self._configs: dict[str, tuple[str, str]] = {}
 
