@@ -1,0 +1,657 @@
+"""Test doubles for the gateway tests.
+
+- :class:`FakeUpstream` — one aiohttp server on 127.0.0.1 (a random free port, its own event
+  loop in a background thread) that plays an OpenAI-compatible LLM API under ``/v1`` and data
+  APIs under every other path. Each test scripts it (:class:`LLMScript`, :class:`DataReply`)
+  and reads back what it received (:class:`Recorded`), to assert what the gateway forwarded.
+- :class:`GatewayThread` — ``tollway.web.app:create_app`` served by uvicorn in a thread.
+- :class:`Tollway` — a running gateway, its database and the fake, with helpers to make
+  accounts and keys and to read balances, holds and usage records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import openai
+import sqlalchemy as sa
+import uvicorn
+from aiohttp import web
+
+from tollway.billing import keys as key_ops
+from tollway.ledger import ledger
+from tollway.ledger.verify import verify
+from tollway.pricing.catalog import parse_catalog
+from tollway.store import accounts as account_store
+from tollway.store.catalog import apply_catalog
+from tollway.store.db import Database, normalize_url
+from tollway.store.migrate import upgrade
+from tollway.store.tables import holds, usage_records
+
+UPSTREAM_KEY_ENV = "TOLLWAY_TEST_UPSTREAM_KEY"
+UPSTREAM_KEY = "sk-operator-llm-secret"
+DATA_KEY_ENV = "TOLLWAY_TEST_DATA_KEY"
+DATA_KEY = "operator-data-secret"
+ADMIN_TOKEN = "test-admin-token"
+USD = 1_000_000_000  # nano-USD per USD
+
+#: The environment every in-process gateway of these tests runs with: a 2 s upstream read
+#: timeout (the timeout test), no key cache (revocations take effect at once), a 64 KiB body
+#: limit (the 413 test), and the operator's upstream credentials.
+GATEWAY_ENV = {
+    UPSTREAM_KEY_ENV: UPSTREAM_KEY,
+    DATA_KEY_ENV: DATA_KEY,
+    "TOLLWAY_KEY_CACHE_SECONDS": "0",
+    "TOLLWAY_UPSTREAM_READ_TIMEOUT_SECONDS": "2",
+    "TOLLWAY_MAX_BODY_BYTES": "65536",
+}
+MAX_BODY_BYTES = 65536
+
+#: bpe_openai (the tokenizer the gateway loads at start-up) calls the deprecated
+#: importlib.resources.open_binary; harmless, and not ours to fix.
+IGNORE_TOKENIZER_WARNING = "ignore:open_binary is deprecated:DeprecationWarning"
+
+
+# --------------------------------------------------------------------------- the fake upstream
+
+
+@dataclass
+class Recorded:
+    """One request the fake received."""
+
+    method: str
+    path: str  # percent-decoded
+    raw_path: str  # as sent, query string included
+    query: list[tuple[str, str]]
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class LLMScript:
+    """How the fake LLM answers (every LLM request until the test changes it)."""
+
+    content: list[str] = field(default_factory=lambda: ["Hello", " there", ",", " friend", "!"])
+    prompt_tokens: int = 20
+    completion_tokens: int = 5
+    cached_tokens: int | None = None  # prompt_tokens_details.cached_tokens
+    reasoning_tokens: int | None = None  # completion_tokens_details.reasoning_tokens
+    usage: Any = None  # a raw usage object instead of the one built from the numbers above
+    stream_usage: bool = True  # False: ignore stream_options.include_usage (send no usage)
+    status: int = 200
+    error_body: Any = None  # the JSON body of a non-200 answer
+    raw_body: bytes | None = None  # a 200 answer with exactly these bytes (garbage tests)
+    delay: float = 0.0  # seconds before answering at all
+    chunk_delay: float = 0.0  # seconds between stream chunks
+    cut_after: int | None = None  # stream: drop the connection after this many content chunks
+
+    def usage_object(self) -> Any:
+        if self.usage is not None:
+            return self.usage
+        usage: dict[str, Any] = {"prompt_tokens": self.prompt_tokens,
+                                 "completion_tokens": self.completion_tokens,
+                                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+        if self.cached_tokens is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.reasoning_tokens is not None:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        return usage
+
+
+@dataclass
+class DataReply:
+    """What the fake data API answers on one path."""
+
+    status: int = 200
+    body: bytes = b'{"ok": true}'
+    content_type: str = "application/json"
+    gzip: bool = False  # compress when the request accepts gzip, as real servers do
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.llm = LLMScript()
+        self.data_replies: dict[str, DataReply] = {}
+        self.requests: list[Recorded] = []
+        self.aborted_streams = 0  # streams whose reader went away before the end
+        self.compress_llm = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> FakeUpstream:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(self._serve())
+            except BaseException as exc:  # noqa: BLE001 - reported to start()
+                failure.append(exc)
+                loop.close()
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            assert self._runner is not None
+            loop.run_until_complete(self._runner.cleanup())
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-upstream", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if failure:
+            raise failure[0]
+
+    async def _serve(self) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        self._runner = web.AppRunner(app, shutdown_timeout=0.5, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(15)
+
+    def reset(self) -> None:
+        self.llm = LLMScript()
+        self.data_replies = {}
+        self.requests = []
+        self.aborted_streams = 0
+        self.compress_llm = False
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # ---------------------------------------------------------------- what was received
+
+    def llm_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if r.path.startswith("/v1/")]
+
+    def data_requests(self) -> list[Recorded]:
+        return [r for r in self.requests if not r.path.startswith("/v1/")]
+
+    # ---------------------------------------------------------------- handlers
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.requests.append(Recorded(
+            request.method, request.path, request.raw_path, list(request.query.items()),
+            {k.lower(): v for k, v in request.headers.items()}, body))
+        if request.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+            return await self._llm(request, body)
+        return await self._data(request)
+
+    async def _llm(self, request: web.Request, body: bytes) -> web.StreamResponse:
+        script = self.llm
+        if script.delay:
+            await asyncio.sleep(script.delay)
+        if script.status != 200:
+            error = script.error_body if script.error_body is not None else {
+                "error": {"message": f"scripted {script.status}", "type": "server_error"}}
+            return web.json_response(error, status=script.status)
+        if script.raw_body is not None:
+            return web.Response(body=script.raw_body, content_type="application/json")
+        payload = json.loads(body)
+        model = payload.get("model")
+        if request.path == "/v1/embeddings":
+            return web.json_response({
+                "object": "list", "model": model,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.5, -0.25]}],
+                "usage": script.usage_object()})
+        if payload.get("stream"):
+            return await self._stream(request, payload, script)
+        text = "".join(script.content)
+        if request.path == "/v1/completions":
+            choice: dict[str, Any] = {"index": 0, "text": text, "finish_reason": "stop",
+                                      "logprobs": None}
+            obj = "text_completion"
+        else:
+            choice = {"index": 0, "finish_reason": "stop", "logprobs": None,
+                      "message": {"role": "assistant", "content": text}}
+            obj = "chat.completion"
+        response = web.json_response({"id": "chatcmpl-fake", "object": obj,
+                                      "created": 1_700_000_000, "model": model,
+                                      "choices": [choice], "usage": script.usage_object()})
+        if self.compress_llm:
+            response.enable_compression()
+        return response
+
+    async def _stream(self, request: web.Request, payload: dict[str, Any],
+                      script: LLMScript) -> web.StreamResponse:
+        options = payload.get("stream_options") or {}
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+            chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk",
+                     "created": 1_700_000_000, "model": payload.get("model"),
+                     "choices": choices, **extra}
+            if include_usage and "usage" not in chunk:
+                chunk["usage"] = None  # as OpenAI does on every chunk when asked for usage
+            return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+        try:
+            for index, piece in enumerate(script.content):
+                if script.cut_after is not None and index == script.cut_after:
+                    # Drop the connection mid-stream: no usage, no [DONE], no final chunk.
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return response
+                delta = {"role": "assistant", "content": piece} if index == 0 else {
+                    "content": piece}
+                await response.write(event([{"index": 0, "delta": delta,
+                                             "finish_reason": None}]))
+                if script.chunk_delay:
+                    await asyncio.sleep(script.chunk_delay)
+            await response.write(event([{"index": 0, "delta": {}, "finish_reason": "stop"}]))
+            if include_usage and script.stream_usage:
+                await response.write(event([], usage=script.usage_object()))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except ConnectionError:
+            self.aborted_streams += 1
+        return response
+
+    async def _data(self, request: web.Request) -> web.StreamResponse:
+        reply = self.data_replies.get(request.path)
+        if reply is None:
+            reply = DataReply(body=json.dumps({"method": request.method, "path": request.path,
+                                               "query": sorted(request.query.items())}).encode())
+        response = web.Response(status=reply.status, body=reply.body,
+                                headers={"Content-Type": reply.content_type})
+        if reply.gzip:
+            response.enable_compression()
+        return response
+
+
+# --------------------------------------------------------------------------- the gateway
+
+
+class GatewayThread:
+    """``create_app(database_url=..., admin_token=...)`` under uvicorn, in a thread.
+
+    Settings are read from the environment when the app's lifespan starts, i.e. inside
+    :meth:`start`; set them before.
+    """
+
+    def __init__(self, database_url: str, admin_token: str = ADMIN_TOKEN) -> None:
+        from tollway.web.app import create_app
+
+        self.app = create_app(database_url=database_url, admin_token=admin_token)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False,
+                                lifespan="on", timeout_graceful_shutdown=3)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       name="tollway-gateway", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the gateway did not start (see the log above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start within 30 s")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(20)
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+def fake_catalog(fake: FakeUpstream) -> str:
+    """Models on the fake OpenAI-compatible upstream and endpoints on its data API, one per
+    way of injecting the operator's credential."""
+    return f"""
+providers:
+  fakeai:
+    kind: openai
+    base_url: "{fake.base}/v1"
+    api_key_env: {UPSTREAM_KEY_ENV}
+  data:
+    kind: http
+    base_url: "{fake.base}/data"
+    auth: {{header: X-API-Key}}
+    api_key_env: {DATA_KEY_ENV}
+  data-bearer:
+    kind: http
+    base_url: "{fake.base}/bearer"
+    auth: {{header: Authorization, scheme: Bearer}}
+    api_key_env: {DATA_KEY_ENV}
+  data-query:
+    kind: http
+    base_url: "{fake.base}/query"
+    auth: {{query: api_key}}
+    api_key_env: {DATA_KEY_ENV}
+  nowhere:
+    kind: http
+    base_url: "http://127.0.0.1:{closed_port()}"
+groups:
+  default: {{ratio: "1"}}
+  vip:     {{ratio: "0.8"}}
+  half:    {{ratio: "0.5"}}
+models:
+  - id: gpt-test
+    provider: fakeai
+    upstream_model: upstream-gpt-4o-mini
+    price: {{input: "0.15", output: "0.60", cache_read: "0.075"}}
+    max_output_tokens: 1000
+    group_ratios: {{vip: "0.7"}}
+  - id: reasoner-test
+    provider: fakeai
+    price: {{input: "1.10", output: "4.40", cache_read: "0.55"}}
+    max_output_tokens: 2000
+  - id: embed-test
+    provider: fakeai
+    price: {{input: "0.02", output: "0"}}
+    max_output_tokens: 1
+endpoints:
+  - id: twitter-user
+    provider: data
+    method: GET
+    path: /twitter/user/{{username}}
+    upstream_path: /users/{{username}}
+    price: {{per_call: "0.002"}}
+  - id: web-search
+    provider: data-query
+    method: GET
+    path: /search/web
+    upstream_path: /v2/search
+    price: {{per_call: "0.0015"}}
+    group_ratios: {{vip: "0.5"}}
+  - id: papers
+    provider: data-bearer
+    method: POST
+    path: /scholar/search
+    upstream_path: /papers/search
+    price: {{per_call: "0.02"}}
+  - id: dead-api
+    provider: nowhere
+    method: GET
+    path: /dead
+    price: {{per_call: "0.001"}}
+"""
+
+
+def closed_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def apply_catalog_text(db: Database, text: str) -> None:
+    with db.write() as conn:
+        apply_catalog(conn, parse_catalog(text), now_ms=ledger.now_ms())
+
+
+# --------------------------------------------------------------------------- the whole thing
+
+
+_names = itertools.count(1)
+
+
+@dataclass
+class Tollway:
+    """A running gateway shared by the tests of a module. Each test makes its own accounts,
+    and :meth:`records` shows the usage records of those accounts only."""
+
+    db: Database
+    gateway: GatewayThread
+    fake: FakeUpstream | None = None
+    accounts: list[int] = field(default_factory=list)
+    _clients: list[Any] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return self.gateway.url
+
+    def begin_test(self) -> None:
+        self.accounts = []
+        if self.fake is not None:
+            self.fake.reset()
+
+    # ---------------------------------------------------------------- setup
+
+    def account(self, name: str | None = None, *, usd: str | None = "10",
+                nano: int | None = None, group: str = "default") -> int:
+        """A new customer account with ``usd`` (or ``nano``) of credit."""
+        name = f"{name or 'acct'}-{next(_names)}"
+        amount = nano if nano is not None else (_usd(usd) if usd else 0)
+        with self.db.write() as conn:
+            account_id = account_store.create_account(conn, name, group,
+                                                      at_ms=ledger.now_ms()).id
+            if amount:
+                ledger.topup(conn, account_id, amount, idempotency_key=f"seed-{name}")
+        self.accounts.append(account_id)
+        return account_id
+
+    def key(self, account_id: int, *, name: str = "test", group: str | None = None,
+            models: list[str] | None = None, quota_nano: int | None = None,
+            expires_at_ms: int | None = None) -> str:
+        with self.db.write() as conn:
+            return key_ops.create_key(conn, account_id, at_ms=ledger.now_ms(), name=name,
+                                      group=group, models=models, quota_nano=quota_nano,
+                                      expires_at_ms=expires_at_ms).secret
+
+    def revoke(self, secret: str) -> None:
+        with self.db.write() as conn:
+            record = account_store.key_by_hash(conn, key_ops.hash_key(secret))
+            assert record is not None
+            account_store.revoke_key(conn, record.id, at_ms=ledger.now_ms())
+
+    def key_record(self, secret: str) -> account_store.ApiKeyRecord:
+        with self.db.read() as conn:
+            record = account_store.key_by_hash(conn, key_ops.hash_key(secret))
+        assert record is not None
+        return record
+
+    # ---------------------------------------------------------------- clients
+
+    def client(self, key: str) -> openai.OpenAI:
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0,
+                               timeout=20)
+        self._clients.append(client)
+        return client
+
+    def aclient(self, key: str) -> openai.AsyncOpenAI:
+        """An async client; use it as ``async with`` inside the test's own event loop."""
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0,
+                                  timeout=20)
+
+    def http(self) -> httpx.Client:
+        client = httpx.Client(base_url=self.url, timeout=20)
+        self._clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        for client in self._clients:
+            client.close()
+        self._clients = []
+
+    # ---------------------------------------------------------------- reading the books
+
+    def balance(self, account_id: int) -> tuple[int, int]:
+        """(available, held) in nano-USD."""
+        with self.db.read() as conn:
+            account = account_store.get_account(conn, account_id)
+        return account.available_nano, account.held_nano
+
+    def available(self, account_id: int) -> int:
+        return self.balance(account_id)[0]
+
+    def records(self) -> list[dict[str, Any]]:
+        """The usage records of this test's accounts, oldest first."""
+        if not self.accounts:
+            return []
+        with self.db.read() as conn:
+            rows = conn.execute(sa.select(usage_records)
+                                .where(usage_records.c.account_id.in_(self.accounts))
+                                .order_by(usage_records.c.id))
+            return [dict(row) for row in rows.mappings()]
+
+    def wait_records(self, count: int, timeout: float = 10) -> list[dict[str, Any]]:
+        """The usage records once there are ``count`` (a stream settles after its client
+        went away, so the record may lag the response)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = self.records()
+            if len(rows) >= count or time.monotonic() > deadline:
+                return rows
+            time.sleep(0.02)
+
+    def open_holds(self) -> int:
+        """Open holds in the whole database (every test leaves none behind)."""
+        with self.db.read() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(holds)
+                                    .where(holds.c.status == "open")).scalar_one())
+
+    def verify(self) -> list[str]:
+        with self.db.read() as conn:
+            return verify(conn)
+
+
+def _usd(text: str) -> int:
+    from tollway.money import parse_usd
+
+    return parse_usd(text)
+
+
+@contextlib.contextmanager
+def running_tollway(db: Database, catalog: str, fake: FakeUpstream | None = None,
+                    env: dict[str, str] | None = None) -> Iterator[Tollway]:
+    """Apply ``catalog`` and serve the gateway on ``db``, with ``env`` (default
+    :data:`GATEWAY_ENV`) set while it runs."""
+    apply_catalog_text(db, catalog)
+    with _environment(GATEWAY_ENV if env is None else env):
+        gateway = GatewayThread(db.url)
+        gateway.start()
+        tollway = Tollway(db, gateway, fake)
+        try:
+            yield tollway
+        finally:
+            tollway.close_clients()
+            gateway.stop()
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+_databases = itertools.count(1)
+
+
+@contextlib.contextmanager
+def fresh_database(request: Any) -> Iterator[Database]:
+    """A new migrated database of the kind ``request.param`` names ("sqlite" or
+    "postgresql"), for a module-scoped fixture (conftest's ``db`` is per test; starting a
+    gateway and copying a PostgreSQL database for every test would cost seconds each)."""
+    if request.param == "sqlite":
+        path = request.getfixturevalue("tmp_path_factory").mktemp("gateway") / "tollway.db"
+        db = Database(f"sqlite:///{path}")
+        upgrade(db)
+        try:
+            yield db
+        finally:
+            db.dispose()
+        return
+    template = request.getfixturevalue("pg_template")  # skips when PostgreSQL is absent
+    name = f"tollway_gw{os.getpid()}_{next(_databases)}"
+    base = os.environ["TOLLWAY_TEST_POSTGRES_URL"]
+    admin = sa.create_engine(normalize_url(base), isolation_level="AUTOCOMMIT",
+                             poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name} TEMPLATE {template}")
+    db = Database(sa.engine.make_url(normalize_url(base)).set(database=name)
+                  .render_as_string(hide_password=False))
+    try:
+        yield db
+    finally:
+        db.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
+def sse_events(raw: bytes) -> list[bytes]:
+    """The ``data:`` payloads of an SSE body, in order (comments dropped)."""
+    events = []
+    for block in raw.replace(b"\r\n", b"\n").split(b"\n\n"):
+        lines = [line[5:].lstrip(b" ") for line in block.split(b"\n")
+                 if line.startswith(b"data:")]
+        if lines:
+            events.append(b"\n".join(lines))
+    return events
+
+
+def error_of(response: Any) -> dict[str, Any]:
+    """The error object of a gateway error response, checked for the one exact shape:
+    ``{"error": {"type", "code", "message", "request_id"}}`` with ``request_id`` equal to the
+    ``X-Request-Id`` header. ``response`` is an httpx response (openai's errors carry one)."""
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"type", "code", "message", "request_id"}, error
+    assert all(isinstance(error[k], str) and error[k] for k in error), error
+    assert error["request_id"] == response.headers["x-request-id"], (error, response.headers)
+    return dict(error)

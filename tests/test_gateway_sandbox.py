@@ -1,0 +1,175 @@
+"""The built-in sandbox provider, through the gateway, with the demo catalog
+(``examples/catalog.yaml``): what ``make serve`` shows on a bare machine, charged as the
+formulas say, on SQLite and PostgreSQL.
+
+The sandbox LLM answers "You said: <last user message>" and reports OpenAI-style usage:
+prompt = the tokenizer's count of the messages plus OpenAI's framing (3 per message, 3 for
+the reply), completion = the reply's tokens (plus 16 reasoning tokens for sandbox-reasoner),
+half the prompt cached from 1,024 prompt tokens on. Demo prices (USD per 1M tokens):
+sandbox-chat 0.15 / 0.60 / cache read 0.075 (vip override 0.7); sandbox-reasoner
+2.50 / 10.00; sandbox-embed 0.02. Calls: web-search 0.002, stock-quote 0.0005,
+scholar-search 0.02 USD.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fakes import (
+    IGNORE_TOKENIZER_WARNING,
+    USD,
+    Tollway,
+    fresh_database,
+    running_tollway,
+)
+from tollway import tokens
+
+pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
+sqlite_only = pytest.mark.parametrize("served", ["sqlite"], indirect=True)
+
+CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
+TEN_USD = 10 * USD
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def served(request: pytest.FixtureRequest) -> Iterator[Tollway]:
+    with fresh_database(request) as db, running_tollway(db, CATALOG.read_text()) as tollway:
+        yield tollway
+
+
+@pytest.fixture
+def tw(served: Tollway) -> Iterator[Tollway]:
+    served.begin_test()
+    yield served
+    served.close_clients()
+
+
+def test_the_token_counts_these_tests_rely_on() -> None:
+    assert tokens.count("hello sandbox") == 2
+    assert tokens.count("You said: hello sandbox") == 5
+    assert tokens.count("Think about billing") == 3
+    assert tokens.count("You said: Think about billing") == 6
+    assert tokens.count("some text to embed") == 4
+    assert tokens.count("word " * 1100) == 1101
+
+
+def test_chat_and_its_stream_without_usage(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    client = tw.client(key)
+    messages = [{"role": "user", "content": "hello sandbox"}]
+    raw = client.chat.completions.with_raw_response.create(model="sandbox-chat",
+                                                           messages=messages)
+    completion = raw.parse()
+    assert completion.choices[0].message.content == "You said: hello sandbox"
+    # prompt 2 + 3 + 3 = 8, completion 5: (8 × 0.15 + 5 × 0.60) / 1e6 = (1.2 + 3) / 1e6
+    # = 4_200 nano-USD
+    assert completion.usage is not None
+    assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (8, 5)
+    assert raw.headers["x-tollway-cost-usd"] == "0.000004200"
+
+    chunks = list(client.chat.completions.create(model="sandbox-chat", messages=messages,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+        "You said: hello sandbox")
+    assert all(c.usage is None for c in chunks)  # not asked for, not shown
+    plain, streamed = tw.records()
+    assert (plain["cost_nano"], plain["stream"]) == (4_200, False)
+    assert (streamed["cost_nano"], streamed["stream"], streamed["usage_source"]) == (
+        4_200, True, "upstream")
+    assert tw.balance(account) == (TEN_USD - 2 * 4_200, 0)
+    assert tw.verify() == []
+
+
+def test_reasoner_stream_with_usage_async(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+
+    async def call() -> list[Any]:
+        async with tw.aclient(key) as client:
+            stream = await client.chat.completions.create(
+                model="sandbox-reasoner", stream=True, stream_options={"include_usage": True},
+                messages=[{"role": "user", "content": "Think about billing"}])
+            return [chunk async for chunk in stream]
+
+    chunks = asyncio.run(call())
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.completion_tokens_details is not None
+    # prompt 3 + 6 = 9; completion 6 visible + 16 reasoning = 22:
+    # (9 × 2.50 + 22 × 10.00) / 1e6 = (22.5 + 220) / 1e6 = 242_500 nano-USD
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens,
+            last.usage.completion_tokens_details.reasoning_tokens) == (9, 22, 16)
+    assert (last.model_extra or {})["tollway"]["cost_usd"] == "0.000242500"
+    (record,) = tw.records()
+    assert (record["input_tokens"], record["output_tokens"], record["reasoning_tokens"],
+            record["cost_nano"]) == (9, 22, 16, 242_500)
+    assert tw.available(account) == TEN_USD - 242_500
+
+
+def test_long_prompt_is_half_cached_and_max_tokens_honoured(tw: Tollway) -> None:
+    account = tw.account()
+    plain = tw.key(account)
+    vip = tw.key(account, group="vip")
+    messages = [{"role": "user", "content": "word " * 1100}]
+    for key in (plain, vip):
+        completion = tw.client(key).chat.completions.create(
+            model="sandbox-chat", messages=messages, max_tokens=20)
+        assert completion.choices[0].finish_reason == "length"
+    # prompt 1101 + 6 = 1107, of which 1107 // 2 = 553 cached; completion cut at 20:
+    # (554 × 0.15 + 553 × 0.075 + 20 × 0.60) / 1e6 = (83.1 + 41.475 + 12) / 1e6
+    # = 136.575e-6 USD = 136_575 nano-USD; vip (override 0.7): 95_602.5 → 95_603.
+    first, second = tw.records()
+    assert (first["input_tokens"], first["cached_input_tokens"], first["output_tokens"],
+            first["cost_nano"]) == (1107, 553, 20, 136_575)
+    assert (second["ratio"], second["ratio_source"], second["cost_nano"]) == (
+        "0.7", "model", 95_603)
+    assert tw.available(account) == TEN_USD - 136_575 - 95_603
+
+
+def test_embeddings(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    raw = tw.client(key).embeddings.with_raw_response.create(model="sandbox-embed",
+                                                            input="some text to embed")
+    assert len(raw.parse().data[0].embedding) == 8
+    # 4 tokens × 0.02 / 1e6 = 0.08e-6 USD = 80 nano-USD
+    assert raw.headers["x-tollway-cost-usd"] == "0.000000080"
+    (record,) = tw.records()
+    assert (record["input_tokens"], record["output_tokens"], record["cost_nano"]) == (4, 0, 80)
+
+
+def test_data_apis(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    headers = {"Authorization": f"Bearer {key}"}
+    http = tw.http()
+    search = http.get("/apis/v1/search/web", params={"q": "tollway"}, headers=headers)
+    quote = http.get("/apis/v1/finance/quote/AAPL", headers=headers)
+    scholar = http.post("/apis/v1/scholar/search", json={"query": "ledgers"}, headers=headers)
+    unknown = http.get("/apis/v1/finance/quote/NOPE12345678", headers=headers)
+    no_query = http.get("/apis/v1/search/web", headers=headers)
+    assert [r.status_code for r in (search, quote, scholar, unknown, no_query)] == [
+        200, 200, 200, 404, 400]
+    assert search.json()["query"] == "tollway" and quote.json()["symbol"] == "AAPL"
+    assert len(scholar.json()["papers"]) == 2
+    # 0.002 + 0.0005 + 0.02 USD for the three 2xx; nothing for the 404 and the 400.
+    assert [(r["product"], r["type"], r["cost_nano"]) for r in tw.records()] == [
+        ("web-search", "consume", 2_000_000), ("stock-quote", "consume", 500_000),
+        ("scholar-search", "consume", 20_000_000), ("stock-quote", "error", 0),
+        ("web-search", "error", 0)]
+    assert tw.balance(account) == (TEN_USD - 22_500_000, 0)
+    assert tw.open_holds() == 0 and tw.verify() == []
+
+
+@sqlite_only
+def test_marketplace_lists_the_demo_catalog(tw: Tollway) -> None:
+    key = tw.key(tw.account())
+    assert sorted(m.id for m in tw.client(key).models.list()) == [
+        "sandbox-chat", "sandbox-embed", "sandbox-reasoner"]
+    assert tw.http().get("/v1/marketplace").status_code == 200
