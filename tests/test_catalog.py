@@ -144,3 +144,19 @@ models:
 def test_default_group_always_exists() -> None:
     catalog = parse_catalog("providers: {p: {kind: sandbox}}\n")
     assert catalog.groups == {"default": Decimal(1)}
+
+
+def test_endpoint_path_parameters_are_checked() -> None:
+    found = problems("""
+providers: {p: {kind: sandbox}}
+endpoints:
+  - {id: a, provider: p, path: "/u/{user-name}", price: {per_call: "1"}}
+  - {id: b, provider: p, path: "/v/{id}/{id}", price: {per_call: "1"}}
+  - {id: c, provider: p, path: "/w/{name}", upstream_path: "/x/{other}", price: {per_call: "1"}}
+""")
+    assert found == [
+        "cat.yaml: endpoints[a].path: path parameter {user-name} must be a name of letters, "
+        "digits and _",
+        "cat.yaml: endpoints[b].path: a path parameter appears twice",
+        "cat.yaml: endpoints[c].upstream_path: {other} is not a parameter of path /w/{name}",
+    ]

@@ -24,6 +24,7 @@ from tollway.pricing.rating import CallPrice, Price, TokenPrice
 PROVIDER_KINDS = ("openai", "anthropic", "http", "sandbox")
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 DEFAULT_GROUP = "default"
+_PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
 
 
@@ -339,6 +340,18 @@ class _Validator:
         upstream_path = item.get("upstream_path", path)
         if not isinstance(upstream_path, str) or not upstream_path.startswith("/"):
             self.problem(f"{where}.upstream_path", "must be a path starting with '/'")
+        elif path is not None:
+            params = re.findall(r"\{([^}]*)\}", path)
+            for name in params:
+                if not _PARAM.match(name):
+                    self.problem(f"{where}.path", f"path parameter {{{name}}} must be a name of "
+                                 "letters, digits and _")
+            if len(set(params)) != len(params):
+                self.problem(f"{where}.path", "a path parameter appears twice")
+            for name in re.findall(r"\{([^}]*)\}", upstream_path):
+                if name not in params:
+                    self.problem(f"{where}.upstream_path", f"{{{name}}} is not a parameter of "
+                                 f"path {path}")
         name = item.get("name", item["id"])
         if per_call is None or path is None:
             return None

@@ -68,8 +68,8 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
                       hold_ttl_ms=int(settings.get("hold_ttl_seconds")) * 1000,
                       reaper_interval_s=int(settings.get("reaper_interval_seconds")))
         registry = Registry(timeouts=Timeouts(
-            connect_s=int(settings.get("upstream_connect_timeout_seconds")),
-            read_s=int(settings.get("upstream_read_timeout_seconds"))))
+            connect_s=float(settings.get("upstream_connect_timeout_seconds")),
+            read_s=float(settings.get("upstream_read_timeout_seconds"))))
         gw = Gateway(ctx, registry,
                      catalog_refresh_s=int(settings.get("catalog_refresh_seconds")),
                      key_cache_s=int(settings.get("key_cache_seconds")),
