@@ -531,12 +531,14 @@ class Tollway:
         return self.balance(account_id)[0]
 
     def records(self) -> list[dict[str, Any]]:
-        """The usage records of this test's accounts, oldest first."""
+        """The request records (not top-ups or key events) of this test's accounts, oldest
+        first."""
         if not self.accounts:
             return []
         with self.db.read() as conn:
             rows = conn.execute(sa.select(usage_records)
-                                .where(usage_records.c.account_id.in_(self.accounts))
+                                .where(usage_records.c.account_id.in_(self.accounts),
+                                       usage_records.c.type.in_(("consume", "error")))
                                 .order_by(usage_records.c.id))
             return [dict(row) for row in rows.mappings()]
 

@@ -336,7 +336,7 @@ def test_stream_the_upstream_cuts_is_billed_as_estimated(tw: Tollway) -> None:
     assert (record["usage_source"], record["input_tokens"], record["output_tokens"],
             record["cost_nano"], record["type"], record["stream"]) == (
         "estimated", prompt, output, 3_900, "consume", True)
-    assert "broke off" in (record["error_message"] or "")
+    assert "broke off" in (record["note"] or "")
     assert tw.available(account) == TEN_USD - 3_900
     assert_books_clean(tw)
 
@@ -393,7 +393,7 @@ def test_client_that_disconnects_mid_stream_pays_for_what_was_delivered(tw: Toll
     assert tokens.count("One two") == 2
     assert (record["usage_source"], record["input_tokens"], record["output_tokens"],
             record["cost_nano"], record["status"]) == ("estimated", 8, 2, 2_400, 200)
-    assert "disconnected" in (record["error_message"] or "")
+    assert "disconnected" in (record["note"] or "")
     # The gateway stopped reading: the fake saw its reader go away before the end.
     for _ in range(100):
         if tw.fake.aborted_streams:
@@ -485,7 +485,7 @@ def test_garbage_from_the_upstream_never_charges_silently(tw: Tollway) -> None:
             negative["cost_nano"]) == ("estimated", 8, 5, 4_200)
     # Capped at max_tokens 50: (10 × 0.15 + 50 × 0.60) / 1e6 = 31.5e-6 USD = 31_500 nano-USD.
     assert (absurd["output_tokens"], absurd["cost_nano"]) == (50, 31_500)
-    assert "capped" in (absurd["error_message"] or "")
+    assert "capped" in (absurd["note"] or "")
     assert tw.available(account) == TEN_USD - 4_200 - 31_500
     assert_books_clean(tw)
 
@@ -534,7 +534,7 @@ def test_n_choices_are_all_billed_and_all_held_for(tw: Tollway) -> None:
                                                            n=3, max_tokens=100)
     # (10 × 0.15 + 300 × 0.60) / 1e6 = (1.5 + 180) / 1e6 = 181_500 nano-USD, not capped at 100
     assert raw.headers["x-tollway-cost-usd"] == "0.000181500"
-    assert (only_record(tw)["output_tokens"], only_record(tw)["error_message"]) == (300, None)
+    assert (only_record(tw)["output_tokens"], only_record(tw)["note"]) == (300, None)
     assert tw.available(account) == TEN_USD - 181_500
 
     # The hold covers every choice: 1_500 + 3 × 600 N nano for N tokens each. 91_500 nano

@@ -152,6 +152,7 @@ endpoints:
     with db.read() as conn:
         account = get_account(conn, buyer)
         charges = conn.execute(sa.select(usage_records.c.type, usage_records.c.cost_nano)
+                               .where(usage_records.c.type.in_(("consume", "error")))
                                .order_by(usage_records.c.id)).all()
     db.dispose()
     assert (account.available_nano, account.held_nano, account.used_nano,

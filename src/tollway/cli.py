@@ -17,6 +17,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection
 
 from tollway import settings
+from tollway.billing import credits
 from tollway.billing import keys as key_ops
 from tollway.billing.views import (
     account_view,
@@ -155,8 +156,8 @@ def cmd_topup(args: argparse.Namespace) -> Output:
 
     def op(conn: Connection) -> tuple[Account, Topup]:
         account = store.find_account(conn, args.account)
-        return account, ledger.topup(conn, account.id, amount, note=args.note,
-                                     idempotency_key=key)
+        return account, credits.topup(conn, account.id, amount, note=args.note,
+                                      idempotency_key=key)
 
     account, result = db.run_write(op)
     view = credit_view(result)
@@ -174,8 +175,8 @@ def cmd_adjust(args: argparse.Namespace) -> Output:
 
     def op(conn: Connection) -> tuple[Account, Adjustment]:
         account = store.find_account(conn, args.account)
-        return account, ledger.adjust(conn, account.id, amount, note=args.note,
-                                      idempotency_key=key)
+        return account, credits.adjust(conn, account.id, amount, note=args.note,
+                                       idempotency_key=key)
 
     account, result = db.run_write(op)
     view = credit_view(result)
@@ -203,7 +204,7 @@ def cmd_keys_create(args: argparse.Namespace) -> Output:
 def cmd_keys_revoke(args: argparse.Namespace) -> Output:
     db = open_db(args)
     with db.write() as conn:
-        record = store.revoke_key(conn, args.key_id, at_ms=ledger.now_ms())
+        record = key_ops.revoke_key(conn, args.key_id, at_ms=ledger.now_ms())
     return Output(key_view(record), f"key {record.id} ({record.prefix}…) revoked at "
                   f"{iso(record.revoked_at_ms)}")
 

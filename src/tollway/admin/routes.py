@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tollway.billing import credits
 from tollway.billing import keys as key_ops
 from tollway.billing.views import (
     account_view,
@@ -85,8 +86,8 @@ async def topup(request: Request, ctx: Context) -> Response:
 
     def op(conn: Connection) -> dict[str, Any]:
         account = store.find_account(conn, ref)
-        return credit_view(ledger.topup(conn, account.id, amount, idempotency_key=key,
-                                        note=note))
+        return credit_view(credits.topup(conn, account.id, amount, idempotency_key=key,
+                                         note=note))
 
     return JSONResponse(await ctx.write(op), status_code=201)
 
@@ -105,8 +106,8 @@ async def adjust(request: Request, ctx: Context) -> Response:
 
     def op(conn: Connection) -> dict[str, Any]:
         account = store.find_account(conn, ref)
-        return credit_view(ledger.adjust(conn, account.id, amount, idempotency_key=key,
-                                         note=note))
+        return credit_view(credits.adjust(conn, account.id, amount, idempotency_key=key,
+                                          note=note))
 
     return JSONResponse(await ctx.write(op), status_code=201)
 
@@ -145,7 +146,8 @@ async def create_key(request: Request, ctx: Context) -> Response:
 
 async def revoke_key(request: Request, ctx: Context) -> Response:
     key_id = path_int(request, "key_id")
-    record = await ctx.write(lambda conn: store.revoke_key(conn, key_id, at_ms=ledger.now_ms()))
+    record = await ctx.write(lambda conn: key_ops.revoke_key(conn, key_id,
+                                                             at_ms=ledger.now_ms()))
     return JSONResponse(key_view(record))
 
 

@@ -20,6 +20,7 @@ from tollway.errors import (
     RevokedApiKey,
 )
 from tollway.store import accounts as store
+from tollway.store import usage as usage_store
 from tollway.store.accounts import ApiKeyRecord
 
 KEY_PREFIX = "tw-"
@@ -43,7 +44,20 @@ def create_key(conn: Connection, account_id: int, *, at_ms: int, name: str | Non
     record = store.insert_key(conn, account_id=account_id, prefix=secret[:DISPLAY_PREFIX_LEN],
                               key_hash=hash_key(secret), name=name, group=group, models=models,
                               quota_nano=quota_nano, expires_at_ms=expires_at_ms, at_ms=at_ms)
+    usage_store.insert_event(conn, event_id=f"key-{record.id}-created", account_id=account_id,
+                             type_="system", at_ms=at_ms, key_id=record.id, key_name=name,
+                             note=f"API key {record.prefix}… created")
     return NewKey(record, secret)
+
+
+def revoke_key(conn: Connection, key_id: int, *, at_ms: int) -> ApiKeyRecord:
+    """Revoke a key (again: nothing changes) and log it once."""
+    record = store.revoke_key(conn, key_id, at_ms=at_ms)
+    usage_store.insert_event(conn, event_id=f"key-{record.id}-revoked",
+                             account_id=record.account_id, type_="system",
+                             at_ms=record.revoked_at_ms or at_ms, key_id=record.id,
+                             key_name=record.name, note=f"API key {record.prefix}… revoked")
+    return record
 
 
 def authenticate(conn: Connection, secret: str | None, *, now_ms: int) -> ApiKeyRecord:

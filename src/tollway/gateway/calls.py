@@ -75,7 +75,7 @@ class Call:
             "price_version_id": self.item.version.id,
             "usage_source": usage_source,
             "error_code": error.code if error else None,
-            "error_message": error.message if error else note,
+            "note": error.message if error else note,
         }
 
 

@@ -9,9 +9,10 @@ strings, which need no type processing, so skipping that layer changes nothing b
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import ClauseElement
@@ -21,7 +22,10 @@ _DIALECTS = {"sqlite": sqlite.dialect(paramstyle="named"),
 
 
 class Prepared:
-    def __init__(self, statement: ClauseElement) -> None:
+    """``statement`` is a Core statement, or a function of the dialect name that builds one
+    (for dialect-specific syntax such as ``INSERT … ON CONFLICT``)."""
+
+    def __init__(self, statement: ClauseElement | Callable[[str], ClauseElement]) -> None:
         self.statement = statement
         self._compiled: dict[str, tuple[str, dict[str, Any]]] = {}
 
@@ -29,7 +33,9 @@ class Prepared:
         """The SQL text and the constants the statement binds (``status = 'open'``)."""
         found = self._compiled.get(dialect)
         if found is None:
-            compiled = self.statement.compile(dialect=_DIALECTS[dialect])
+            statement = (self.statement if isinstance(self.statement, ClauseElement)
+                         else self.statement(dialect))
+            compiled = statement.compile(dialect=_DIALECTS[dialect])
             constants = {k: v for k, v in compiled.params.items() if v is not None}
             found = self._compiled[dialect] = (str(compiled), constants)
         return found
@@ -52,3 +58,18 @@ class Prepared:
 
     def rowcount(self, conn: Connection, **params: Any) -> int:
         return int(self.execute(conn, params).rowcount)
+
+
+def upsert(table: sa.Table, keys: Sequence[str], add: Sequence[str],
+           set_: Sequence[str] = ()) -> Prepared:
+    """``INSERT … ON CONFLICT (keys) DO UPDATE``: columns in ``add`` are summed with the stored
+    row, columns in ``set_`` replaced; every column is a bind parameter of its own name."""
+
+    def build(dialect: str) -> ClauseElement:
+        insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+        stmt = insert(table).values({c.name: sa.bindparam(c.name) for c in table.c})
+        changes = {name: table.c[name] + stmt.excluded[name] for name in add}
+        changes.update({name: stmt.excluded[name] for name in set_})
+        return stmt.on_conflict_do_update(index_elements=list(keys), set_=changes)
+
+    return Prepared(build)

@@ -143,7 +143,8 @@ price_versions = sa.Table(
     sa.Index("ix_price_versions_item", "item_id", "effective_from_ms"),
 )
 
-#: One row per gateway request, written in the same transaction as its settlement (or void).
+#: The account's log: one row per gateway request (written in the same transaction as its
+#: settlement or void) and one per other activity (top-ups, adjustments, key events).
 usage_records = sa.Table(
     "usage_records",
     metadata,
@@ -153,16 +154,16 @@ usage_records = sa.Table(
     sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
     sa.Column("key_id", Id, sa.ForeignKey("api_keys.id")),
     sa.Column("key_name", sa.String(200)),
-    sa.Column("group_name", sa.String(64), nullable=False),
-    sa.Column("ratio", sa.String(40), nullable=False),
-    sa.Column("ratio_source", sa.String(16), nullable=False),  # group | model
-    sa.Column("type", sa.String(16), nullable=False),  # consume | error
-    sa.Column("billing_type", sa.String(16), nullable=False),  # token | per_call
-    sa.Column("product", sa.String(128), nullable=False),
-    sa.Column("route", sa.String(200), nullable=False),
-    sa.Column("status", sa.Integer, nullable=False),  # HTTP status the client received
-    sa.Column("stream", sa.Boolean, nullable=False),
-    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("group_name", sa.String(64)),
+    sa.Column("ratio", sa.String(40)),
+    sa.Column("ratio_source", sa.String(16)),  # group | model
+    sa.Column("type", sa.String(16), nullable=False),  # consume error topup adjustment system
+    sa.Column("billing_type", sa.String(16)),  # token | per_call (requests only)
+    sa.Column("product", sa.String(128)),
+    sa.Column("route", sa.String(200)),
+    sa.Column("status", sa.Integer),  # HTTP status the client received
+    sa.Column("stream", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("duration_ms", sa.Integer),
     sa.Column("ttft_ms", sa.Integer),
     sa.Column("input_tokens", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("cached_input_tokens", sa.BigInteger, nullable=False, server_default="0"),
@@ -175,13 +176,54 @@ usage_records = sa.Table(
     sa.Column("cache_read_nano_per_1m", Nano),
     sa.Column("cache_write_nano_per_1m", Nano),
     sa.Column("per_call_nano", Nano),
-    sa.Column("price_version_id", Id, sa.ForeignKey("price_versions.id"), nullable=False),
-    sa.Column("cost_nano", Nano, nullable=False),
-    sa.Column("usage_source", sa.String(16), nullable=False),  # upstream | estimated | none
+    sa.Column("price_version_id", Id, sa.ForeignKey("price_versions.id")),
+    sa.Column("cost_nano", Nano, nullable=False, server_default="0"),  # charged for a request
+    sa.Column("credit_nano", Nano, nullable=False, server_default="0"),  # signed, non-requests
+    sa.Column("usage_source", sa.String(16)),  # upstream | estimated
     sa.Column("hold_id", Id, sa.ForeignKey("holds.id")),
     sa.Column("error_code", sa.String(64)),
-    sa.Column("error_message", sa.Text),
-    sa.Index("ix_usage_account_id", "account_id", "id"),
+    sa.Column("note", sa.Text),  # an error's message, why usage was estimated, an event's note
+    # newest-first pages per account, optionally by product or key: keyset on (time, id)
+    sa.Index("ix_usage_account_time", "account_id", "created_at_ms", "id"),
+    sa.Index("ix_usage_account_product_time", "account_id", "product", "created_at_ms", "id"),
+    sa.Index("ix_usage_account_key_time", "account_id", "key_id", "created_at_ms", "id"),
+    sa.Index("ix_usage_time", "created_at_ms", "id"),
+)
+
+#: Requests per account x key x product x hour, maintained in the same transaction as each
+#: usage record, so summaries never scan the raw log.
+usage_rollups = sa.Table(
+    "usage_rollups",
+    metadata,
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), primary_key=True),
+    sa.Column("hour_ms", Ms, primary_key=True),
+    sa.Column("key_id", Id, sa.ForeignKey("api_keys.id"), primary_key=True),
+    sa.Column("product", sa.String(128), primary_key=True),
+    sa.Column("billing_type", sa.String(16), nullable=False),
+    sa.Column("requests", sa.BigInteger, nullable=False),
+    sa.Column("errors", sa.BigInteger, nullable=False),
+    sa.Column("input_tokens", sa.BigInteger, nullable=False),
+    sa.Column("cached_input_tokens", sa.BigInteger, nullable=False),
+    sa.Column("cache_write_tokens", sa.BigInteger, nullable=False),
+    sa.Column("output_tokens", sa.BigInteger, nullable=False),
+    sa.Column("reasoning_tokens", sa.BigInteger, nullable=False),
+    sa.Column("calls", sa.BigInteger, nullable=False),
+    sa.Column("cost_nano", Nano, nullable=False),
+)
+
+#: A wallet's movements per UTC day and its balance (available + held) at the day's last
+#: movement, maintained by the ledger: a month's statement reads at most 31 rows of it plus
+#: one for the opening balance.
+wallet_days = sa.Table(
+    "wallet_days",
+    metadata,
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), primary_key=True),
+    sa.Column("day_ms", Ms, primary_key=True),
+    sa.Column("topups_nano", Nano, nullable=False),
+    sa.Column("adjustments_nano", Nano, nullable=False),  # signed
+    sa.Column("charges_nano", Nano, nullable=False),  # paid from the wallet
+    sa.Column("written_off_nano", Nano, nullable=False),  # charged but not covered
+    sa.Column("closing_balance_nano", Nano, nullable=False),
 )
 
 #: A client's Idempotency-Key for a gateway request (per API key): the first request's

@@ -7,13 +7,20 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from tollway.store.prepared import Prepared
-from tollway.store.tables import request_keys, usage_records
+from tollway.store.prepared import Prepared, upsert
+from tollway.store.tables import request_keys, usage_records, usage_rollups
 
 _b = sa.bindparam
 _INSERT_USAGE = Prepared(usage_records.insert().values(
     {c.name: _b(c.name) for c in usage_records.c if c.name != "id"}))
-USAGE_COLUMNS = frozenset(c.name for c in usage_records.c if c.name != "id")
+#: What a gateway request's record must give (a non-request event gives fewer).
+USAGE_COLUMNS = frozenset(c.name for c in usage_records.c if c.name != "id") - {"credit_nano"}
+HOUR_MS = 3_600_000
+_COUNTERS = ("requests", "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",
+             "output_tokens", "reasoning_tokens", "calls", "cost_nano")
+_ROLLUP = upsert(usage_rollups, ("account_id", "hour_ms", "key_id", "product"), _COUNTERS)
+_EVENT_EXISTS = Prepared(sa.select(usage_records.c.id)
+                         .where(usage_records.c.request_id == _b("request_id")))
 
 _FIND_REQUEST_KEY = Prepared(
     sa.select(request_keys.c.request_id, request_keys.c.fingerprint, request_keys.c.state,
@@ -35,10 +42,33 @@ _COMPLETE_REQUEST_KEY = Prepared(
 
 
 def insert_usage(conn: Connection, fields: dict[str, Any]) -> None:
-    """One usage record; every column must be given (missing ones are a bug, not a NULL)."""
+    """A gateway request's record, and its share of the hourly rollup, in one transaction.
+    Every column must be given (a missing one is a bug, not a NULL)."""
     missing = USAGE_COLUMNS - fields.keys()
     assert not missing, f"usage record lacks {sorted(missing)}"
-    _INSERT_USAGE.execute(conn, fields)
+    _INSERT_USAGE.execute(conn, {**fields, "credit_nano": 0})
+    error = fields["type"] == "error"
+    _ROLLUP.execute(conn, {
+        **{name: fields[name] for name in _COUNTERS[2:]},
+        "account_id": fields["account_id"], "key_id": fields["key_id"],
+        "product": fields["product"], "billing_type": fields["billing_type"],
+        "hour_ms": fields["created_at_ms"] - fields["created_at_ms"] % HOUR_MS,
+        "requests": 0 if error else 1, "errors": 1 if error else 0})
+
+
+def insert_event(conn: Connection, *, event_id: str, account_id: int, type_: str, at_ms: int,
+                 credit_nano: int = 0, key_id: int | None = None, key_name: str | None = None,
+                 note: str | None = None) -> None:
+    """Activity that is not a request (top-up, adjustment, key created or revoked), so the log
+    is the account's whole history. ``event_id`` makes a repeat write nothing."""
+    if _EVENT_EXISTS.one(conn, request_id=event_id) is not None:
+        return
+    blank: dict[str, Any] = {c: None for c in USAGE_COLUMNS}
+    blank.update({c: 0 for c in _COUNTERS if c in blank} | {"stream": False})
+    _INSERT_USAGE.execute(conn, {**blank, "request_id": event_id, "created_at_ms": at_ms,
+                                 "account_id": account_id, "type": type_,
+                                 "credit_nano": credit_nano, "key_id": key_id,
+                                 "key_name": key_name, "note": note})
 
 
 def find_request_key(conn: Connection, key_id: int, idempotency_key: str) -> Any:

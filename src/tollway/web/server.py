@@ -11,6 +11,7 @@ from pathlib import Path
 import uvicorn
 
 from tollway import settings
+from tollway.billing import credits
 from tollway.billing import keys as key_ops
 from tollway.errors import AuthenticationError, InvalidRequest
 from tollway.ledger import ledger
@@ -47,8 +48,8 @@ def ensure_demo(db: Database, data_dir: Path) -> str:
             account = store.find_account(conn, DEMO_ACCOUNT)
         except Exception:  # noqa: BLE001 - UnknownAccount: make it
             account = store.create_account(conn, DEMO_ACCOUNT, "default", at_ms=ledger.now_ms())
-        ledger.topup(conn, account.id, DEMO_CREDIT_NANO, idempotency_key="demo:initial-credit",
-                     note="demo credit")
+        credits.topup(conn, account.id, DEMO_CREDIT_NANO, idempotency_key="demo:initial-credit",
+                      note="demo credit")
         if path.exists():
             secret = path.read_text().strip()
             try:

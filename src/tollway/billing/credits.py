@@ -1,0 +1,30 @@
+"""Money in: top-ups and operator adjustments, each moved by the ledger and written to the
+account's log in the same transaction (a repeated idempotency key writes neither twice)."""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import Connection
+
+from tollway.ledger import ledger
+from tollway.ledger.ledger import Adjustment, Topup
+from tollway.store import usage as usage_store
+
+
+def topup(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
+          note: str | None = None) -> Topup:
+    result = ledger.topup(conn, account_id, amount_nano, idempotency_key=idempotency_key,
+                          note=note)
+    usage_store.insert_event(conn, event_id=f"entry-{result.entry_id}", account_id=account_id,
+                             type_="topup", at_ms=ledger.now_ms(), credit_nano=amount_nano,
+                             note=note)
+    return result
+
+
+def adjust(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
+           note: str | None = None) -> Adjustment:
+    result = ledger.adjust(conn, account_id, amount_nano, idempotency_key=idempotency_key,
+                           note=note)
+    usage_store.insert_event(conn, event_id=f"entry-{result.entry_id}", account_id=account_id,
+                             type_="adjustment", at_ms=ledger.now_ms(),
+                             credit_nano=amount_nano, note=note)
+    return result
