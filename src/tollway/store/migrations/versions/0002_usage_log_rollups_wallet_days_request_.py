@@ -81,7 +81,7 @@ def upgrade() -> None:
     sa.Column('product', sa.String(length=128), nullable=True),
     sa.Column('route', sa.String(length=200), nullable=True),
     sa.Column('status', sa.Integer(), nullable=True),
-    sa.Column('stream', sa.Boolean(), server_default=sa.text('0'), nullable=False),
+    sa.Column('stream', sa.Boolean(), server_default=sa.false(), nullable=False),
     sa.Column('duration_ms', sa.Integer(), nullable=True),
     sa.Column('ttft_ms', sa.Integer(), nullable=True),
     sa.Column('input_tokens', sa.BigInteger(), server_default='0', nullable=False),
