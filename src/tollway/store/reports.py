@@ -1,0 +1,185 @@
+"""Reads for the usage log, summaries and statements. Indexed reads only: keyset pages over
+(created_at, id), summaries from the hourly rollups, statements from the daily wallet rows.
+No ``COUNT(*)`` per page, no scan of the raw log for a report."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from tollway.errors import InvalidRequest
+from tollway.store.tables import api_keys, usage_records, usage_rollups, wallet_days
+
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+LOG_TYPES = ("consume", "error", "topup", "adjustment", "refund", "system")
+GROUP_BY = ("model", "endpoint", "product", "key", "day", "hour", "billing_type")
+COUNTERS = ("requests", "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",
+            "output_tokens", "reasoning_tokens", "calls", "cost_nano")
+
+
+@dataclass(frozen=True, slots=True)
+class LogFilter:
+    account_id: int | None = None  # None: every account (operators only)
+    start_ms: int | None = None  # inclusive
+    end_ms: int | None = None  # exclusive
+    product: str | None = None  # a model or endpoint id
+    key_id: int | None = None
+    group: str | None = None
+    type: str | None = None
+    billing_type: str | None = None
+
+    def clauses(self) -> list[sa.ColumnElement[bool]]:
+        u = usage_records.c
+        found: list[sa.ColumnElement[bool]] = []
+        for column, value in ((u.account_id, self.account_id), (u.product, self.product),
+                              (u.key_id, self.key_id), (u.group_name, self.group),
+                              (u.type, self.type), (u.billing_type, self.billing_type)):
+            if value is not None:
+                found.append(column == value)
+        if self.start_ms is not None:
+            found.append(u.created_at_ms >= self.start_ms)
+        if self.end_ms is not None:
+            found.append(u.created_at_ms < self.end_ms)
+        return found
+
+
+def encode_cursor(created_at_ms: int, record_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{created_at_ms}.{record_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, int]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, record_id = raw.split(".")
+        return int(at), int(record_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidRequest("cursor is not one this API returned") from None
+
+
+def usage_page(conn: Connection, where: LogFilter, *, limit: int,
+               cursor: str | None = None) -> tuple[list[Any], str | None]:
+    """Newest first; ``next_cursor`` is None on the last page. Records that arrive while a
+    client pages are newer than its cursor, so they never shift or repeat a later page."""
+    u = usage_records.c
+    query = sa.select(usage_records).where(*where.clauses())
+    if cursor is not None:
+        at, record_id = decode_cursor(cursor)
+        query = query.where(sa.or_(u.created_at_ms < at,
+                                   sa.and_(u.created_at_ms == at, u.id < record_id)))
+    rows = list(conn.execute(query.order_by(u.created_at_ms.desc(), u.id.desc())
+                             .limit(limit + 1)))
+    if len(rows) <= limit:
+        return rows, None
+    last = rows[limit - 1]
+    return rows[:limit], encode_cursor(last.created_at_ms, last.id)
+
+
+def iter_usage(conn: Connection, where: LogFilter, *, chunk: int = 2000) -> Iterator[Any]:
+    """Every matching record, newest first, in keyset chunks (constant memory)."""
+    cursor = None
+    while True:
+        rows, cursor = usage_page(conn, where, limit=chunk, cursor=cursor)
+        yield from rows
+        if cursor is None:
+            return
+
+
+def get_record(conn: Connection, request_id: str, *, account_id: int | None) -> Any:
+    query = sa.select(usage_records).where(usage_records.c.request_id == request_id)
+    if account_id is not None:
+        query = query.where(usage_records.c.account_id == account_id)
+    return conn.execute(query).first()
+
+
+def summary(conn: Connection, *, account_id: int | None, start_ms: int, end_ms: int,
+            group_by: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Rows per group and the totals, from the hourly rollups (hours starting in
+    [start_ms, end_ms))."""
+    r = usage_rollups.c
+    keys: list[sa.ColumnElement[Any]] = []
+    for name in group_by:
+        if name in ("model", "endpoint", "product"):
+            keys.append(r.product.label("product"))
+        elif name == "key":
+            keys.append(r.key_id.label("key_id"))
+        elif name == "day":
+            keys.append(((r.hour_ms / DAY_MS) * DAY_MS).label("day_ms"))
+        elif name == "hour":
+            keys.append(r.hour_ms.label("hour_ms"))
+        elif name == "billing_type":
+            keys.append(r.billing_type.label("billing_type"))
+        else:
+            raise InvalidRequest(f"group_by must be among {', '.join(GROUP_BY)}, got {name!r}")
+    unique = list({str(k.name): k for k in keys}.values())
+    where = [r.hour_ms >= start_ms, r.hour_ms < end_ms]
+    if account_id is not None:
+        where.append(r.account_id == account_id)
+    if "model" in group_by and "endpoint" not in group_by:
+        where.append(r.billing_type == "token")
+    if "endpoint" in group_by and "model" not in group_by:
+        where.append(r.billing_type == "per_call")
+    sums = [sa.func.coalesce(sa.func.sum(r[c]), 0).label(c) for c in COUNTERS]
+    query = sa.select(*unique, *sums).where(*where)
+    if unique:
+        query = query.group_by(*unique).order_by(*unique)
+    rows = [dict(row._mapping) for row in conn.execute(query)]
+    totals_row = conn.execute(sa.select(*sums).where(*where)).one()
+    totals = {c: int(totals_row._mapping[c]) for c in COUNTERS}
+    if "key_id" in {str(k.name) for k in unique}:
+        names = dict(conn.execute(sa.select(api_keys.c.id, api_keys.c.name).where(
+            api_keys.c.id.in_({row["key_id"] for row in rows}))).all())
+        for row in rows:
+            row["key_name"] = names.get(row["key_id"])
+    return rows, totals
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    opening_nano: int
+    topups_nano: int
+    adjustments_nano: int
+    charges_nano: int  # paid from the wallet
+    written_off_nano: int
+    closing_nano: int
+    by_product: list[dict[str, Any]]
+
+
+def statement(conn: Connection, account_id: int, *, start_ms: int, end_ms: int) -> Statement:
+    w = wallet_days.c
+    before = conn.execute(sa.select(w.closing_balance_nano)
+                          .where(w.account_id == account_id, w.day_ms < start_ms)
+                          .order_by(w.day_ms.desc()).limit(1)).scalar()
+    opening = int(before or 0)
+    days = conn.execute(sa.select(wallet_days)
+                        .where(w.account_id == account_id, w.day_ms >= start_ms,
+                               w.day_ms < end_ms).order_by(w.day_ms)).all()
+    closing = int(days[-1].closing_balance_nano) if days else opening
+    r = usage_rollups.c
+    by_product = [dict(row._mapping) for row in conn.execute(
+        sa.select(r.product, r.billing_type,
+                  sa.func.sum(r.requests).label("requests"),
+                  sa.func.sum(r.calls).label("calls"),
+                  sa.func.sum(r.input_tokens).label("input_tokens"),
+                  sa.func.sum(r.output_tokens).label("output_tokens"),
+                  sa.func.sum(r.cost_nano).label("cost_nano"))
+        .where(r.account_id == account_id, r.hour_ms >= start_ms, r.hour_ms < end_ms)
+        .group_by(r.product, r.billing_type).order_by(r.product))]
+    return Statement(opening, sum(int(d.topups_nano) for d in days),
+                     sum(int(d.adjustments_nano) for d in days),
+                     sum(int(d.charges_nano) for d in days),
+                     sum(int(d.written_off_nano) for d in days), closing, by_product)
+
+
+def prune_usage(conn: Connection, *, before_ms: int, limit: int) -> int:
+    """Delete up to ``limit`` raw usage records older than ``before_ms``. Postings, rollups and
+    wallet days are never touched, so summaries and statements stay whole."""
+    ids = sa.select(usage_records.c.id).where(usage_records.c.created_at_ms < before_ms) \
+        .order_by(usage_records.c.created_at_ms).limit(limit).scalar_subquery()
+    return int(conn.execute(usage_records.delete().where(usage_records.c.id.in_(ids))).rowcount)
