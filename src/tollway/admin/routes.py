@@ -30,22 +30,36 @@ from tollway.ledger import ledger
 from tollway.ledger.verify import verify
 from tollway.money import MoneyFormatError, parse_signed_usd
 from tollway.store import accounts as store
+from tollway.web import reports
 from tollway.web.context import Context
 from tollway.web.http import bearer, json_body, optional_str, path_int
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+def _check_admin(request: Request, ctx: Context) -> None:
+    token = bearer(request)
+    if not token or not ctx.admin_token or not hmac.compare_digest(
+            token.encode(), ctx.admin_token.encode()):
+        raise InvalidAdminToken("admin routes need 'Authorization: Bearer <admin token>'")
+
+
 def _admin(handler: Callable[[Request, Context], Awaitable[Response]]) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         ctx: Context = request.app.state.ctx
-        token = bearer(request)
-        if not token or not ctx.admin_token or not hmac.compare_digest(
-                token.encode(), ctx.admin_token.encode()):
-            raise InvalidAdminToken("admin routes need 'Authorization: Bearer <admin token>'")
+        _check_admin(request, ctx)
         return await handler(request, ctx)
 
     return endpoint
+
+
+async def admin_scope(request: Request, ctx: Context) -> int | None:
+    """Reports for the account in the path or ``?account=`` (id or name); none: all."""
+    _check_admin(request, ctx)
+    ref = request.path_params.get("account") or request.query_params.get("account")
+    if not ref:
+        return None
+    return (await ctx.read(lambda conn: store.find_account(conn, ref))).id
 
 
 def _idempotency_key(request: Request) -> str:
@@ -167,4 +181,10 @@ admin_routes = [
     Route("/accounts/{account}/keys", _admin(create_key), methods=["POST"]),
     Route("/keys/{key_id}/revoke", _admin(revoke_key), methods=["POST"]),
     Route("/ledger/verify", _admin(verify_ledger), methods=["GET"]),
+    Route("/usage", reports.usage_list(admin_scope), methods=["GET"]),
+    Route("/usage/export", reports.usage_export(admin_scope), methods=["GET"]),
+    Route("/usage/{request_id}", reports.usage_one(admin_scope), methods=["GET"]),
+    Route("/summary", reports.summary(admin_scope), methods=["GET"]),
+    Route("/accounts/{account}/summary", reports.summary(admin_scope), methods=["GET"]),
+    Route("/accounts/{account}/statement", reports.statement(admin_scope), methods=["GET"]),
 ]

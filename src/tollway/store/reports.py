@@ -100,8 +100,9 @@ def get_record(conn: Connection, request_id: str, *, account_id: int | None) -> 
 
 def summary(conn: Connection, *, account_id: int | None, start_ms: int, end_ms: int,
             group_by: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Rows per group and the totals, from the hourly rollups (hours starting in
-    [start_ms, end_ms))."""
+    """Rows per group and the period's totals, from the hourly rollups (hours starting in
+    [start_ms, end_ms)). Grouping by model keeps token products only, by endpoint per-call
+    products only; the totals always cover everything."""
     r = usage_rollups.c
     keys: list[sa.ColumnElement[Any]] = []
     for name in group_by:
@@ -121,17 +122,17 @@ def summary(conn: Connection, *, account_id: int | None, start_ms: int, end_ms: 
     where = [r.hour_ms >= start_ms, r.hour_ms < end_ms]
     if account_id is not None:
         where.append(r.account_id == account_id)
+    sums = [sa.func.coalesce(sa.func.sum(r[c]), 0).label(c) for c in COUNTERS]
+    totals_row = conn.execute(sa.select(*sums).where(*where)).one()  # the whole period
+    totals = {c: int(totals_row._mapping[c]) for c in COUNTERS}
     if "model" in group_by and "endpoint" not in group_by:
         where.append(r.billing_type == "token")
     if "endpoint" in group_by and "model" not in group_by:
         where.append(r.billing_type == "per_call")
-    sums = [sa.func.coalesce(sa.func.sum(r[c]), 0).label(c) for c in COUNTERS]
     query = sa.select(*unique, *sums).where(*where)
     if unique:
         query = query.group_by(*unique).order_by(*unique)
     rows = [dict(row._mapping) for row in conn.execute(query)]
-    totals_row = conn.execute(sa.select(*sums).where(*where)).one()
-    totals = {c: int(totals_row._mapping[c]) for c in COUNTERS}
     if "key_id" in {str(k.name) for k in unique}:
         names = dict(conn.execute(sa.select(api_keys.c.id, api_keys.c.name).where(
             api_keys.c.id.in_({row["key_id"] for row in rows}))).all())

@@ -28,6 +28,7 @@ from tollway.store.db import Database
 from tollway.store.writer import Writer
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
+from tollway.web import reports
 from tollway.web.context import Context
 from tollway.web.errors import RequestIdMiddleware, http_error, tollway_error, unexpected_error
 from tollway.web.http import bearer
@@ -88,6 +89,11 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         Route("/healthz", healthz),
         Route("/v1/marketplace", marketplace),
         Route("/v1/billing/balance", balance),
+        Route("/v1/billing/usage", reports.usage_list(reports.customer_scope)),
+        Route("/v1/billing/usage/export", reports.usage_export(reports.customer_scope)),
+        Route("/v1/billing/usage/{request_id}", reports.usage_one(reports.customer_scope)),
+        Route("/v1/billing/summary", reports.summary(reports.customer_scope)),
+        Route("/v1/billing/statement", reports.statement(reports.customer_scope)),
         Route("/v1/chat/completions", LLMRoute("chat"), methods=["POST"]),
         Route("/v1/completions", LLMRoute("completions"), methods=["POST"]),
         Route("/v1/embeddings", LLMRoute("embeddings"), methods=["POST"]),
