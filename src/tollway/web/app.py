@@ -32,12 +32,17 @@ from tollway.web import reports
 from tollway.web.context import Context
 from tollway.web.errors import RequestIdMiddleware, http_error, tollway_error, unexpected_error
 from tollway.web.http import bearer
+from tollway.web.openapi import SPEC
 
 
 async def healthz(request: Request) -> JSONResponse:
     ctx: Context = request.app.state.ctx
     await ctx.read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
     return JSONResponse({"status": "ok", "database": ctx.db.dialect})
+
+
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(SPEC)
 
 
 async def marketplace(request: Request) -> JSONResponse:
@@ -87,6 +92,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
 
     routes = [
         Route("/healthz", healthz),
+        Route("/openapi.json", openapi),
         Route("/v1/marketplace", marketplace),
         Route("/v1/billing/balance", balance),
         Route("/v1/billing/usage", reports.usage_list(reports.customer_scope)),
