@@ -24,11 +24,11 @@ from tollway.billing.views import (
     key_view,
     parse_amount,
     parse_iso_ms,
+    parse_signed_amount,
 )
 from tollway.errors import InvalidAdminToken, InvalidRequest
 from tollway.ledger import ledger
 from tollway.ledger.verify import verify
-from tollway.money import MoneyFormatError, parse_signed_usd
 from tollway.store import accounts as store
 from tollway.web import reports
 from tollway.web.context import Context
@@ -93,37 +93,26 @@ async def get_account(request: Request, ctx: Context) -> Response:
 
 async def topup(request: Request, ctx: Context) -> Response:
     body = await json_body(request)
-    amount = parse_amount(body.get("amount_usd"))
-    note = optional_str(body, "note")
-    key = _idempotency_key(request)
-    ref = request.path_params["account"]
-
-    def op(conn: Connection) -> dict[str, Any]:
-        account = store.find_account(conn, ref)
-        return credit_view(credits.topup(conn, account.id, amount, idempotency_key=key,
-                                         note=note))
-
-    return JSONResponse(await ctx.write(op), status_code=201)
+    return await _credit(request, ctx, "topup", parse_amount(body.get("amount_usd")),
+                         optional_str(body, "note"))
 
 
 async def adjust(request: Request, ctx: Context) -> Response:
     body = await json_body(request)
-    try:
-        amount = parse_signed_usd(body.get("amount_usd"), what="amount_usd")
-    except MoneyFormatError as exc:
-        raise InvalidRequest(str(exc)) from None
+    amount = parse_signed_amount(body.get("amount_usd"))
     note = optional_str(body, "note")
     if not note:
         raise InvalidRequest("note is required: say why the balance is adjusted")
+    return await _credit(request, ctx, "adjustment", amount, note)
+
+
+async def _credit(request: Request, ctx: Context, kind: str, amount: int,
+                  note: str | None) -> Response:
     key = _idempotency_key(request)
     ref = request.path_params["account"]
-
-    def op(conn: Connection) -> dict[str, Any]:
-        account = store.find_account(conn, ref)
-        return credit_view(credits.adjust(conn, account.id, amount, idempotency_key=key,
-                                          note=note))
-
-    return JSONResponse(await ctx.write(op), status_code=201)
+    _, result = await ctx.write(lambda conn: credits.credit(
+        conn, ref, amount, kind=kind, idempotency_key=key, note=note))
+    return JSONResponse(credit_view(result), status_code=201)
 
 
 async def list_keys(request: Request, ctx: Context) -> Response:

@@ -8,6 +8,7 @@ from sqlalchemy.engine import Connection
 from tollway.ledger import ledger
 from tollway.ledger.ledger import Adjustment, Topup
 from tollway.store import usage as usage_store
+from tollway.store.accounts import Account, find_account
 
 
 def topup(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
@@ -28,3 +29,12 @@ def adjust(conn: Connection, account_id: int, amount_nano: int, *, idempotency_k
                              type_="adjustment", at_ms=ledger.now_ms(),
                              credit_nano=amount_nano, note=note)
     return result
+
+
+def credit(conn: Connection, account_ref: str | int, amount_nano: int, *, kind: str,
+           idempotency_key: str, note: str | None) -> tuple[Account, Topup | Adjustment]:
+    """A top-up (``kind="topup"``) or an adjustment to the account with this id or name."""
+    account = find_account(conn, account_ref)
+    move = topup if kind == "topup" else adjust
+    return account, move(conn, account.id, amount_nano, idempotency_key=idempotency_key,
+                         note=note)

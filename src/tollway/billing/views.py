@@ -8,7 +8,7 @@ from typing import Any
 
 from tollway.errors import InvalidRequest
 from tollway.ledger.ledger import Adjustment, Topup
-from tollway.money import MoneyFormatError, format_usd, parse_usd
+from tollway.money import MoneyFormatError, format_usd, parse_signed_usd, parse_usd
 from tollway.store.accounts import Account, ApiKeyRecord
 
 
@@ -32,6 +32,14 @@ def parse_amount(value: object, *, what: str = "amount_usd") -> int:
     """A positive USD amount as typed by a person (decimal string) into nano-USD."""
     try:
         return parse_usd(value, what=what, allow_zero=False)
+    except MoneyFormatError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+def parse_signed_amount(value: object, *, what: str = "amount_usd") -> int:
+    """A non-zero signed USD amount (an adjustment) into nano-USD."""
+    try:
+        return parse_signed_usd(value, what=what)
     except MoneyFormatError as exc:
         raise InvalidRequest(str(exc)) from None
 
