@@ -35,6 +35,12 @@ class LogFilter:
     type: str | None = None
     billing_type: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("product", "group", "type", "billing_type"):
+            value = getattr(self, name)
+            if value is not None and "\x00" in value:  # PostgreSQL refuses NUL in text
+                raise InvalidRequest(f"{name} must not contain NUL characters")
+
     def clauses(self) -> list[sa.ColumnElement[bool]]:
         u = usage_records.c
         found: list[sa.ColumnElement[bool]] = []
@@ -57,8 +63,10 @@ def encode_cursor(created_at_ms: int, record_id: int) -> str:
 def decode_cursor(cursor: str) -> tuple[int, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        at, record_id = raw.split(".")
-        return int(at), int(record_id)
+        at, record_id = (int(part) for part in raw.split("."))
+        if not (0 <= at < 2**63 and 0 < record_id < 2**63):  # no column holds more
+            raise ValueError(raw)
+        return at, record_id
     except (ValueError, binascii.Error, UnicodeDecodeError):
         raise InvalidRequest("cursor is not one this API returned") from None
 
@@ -92,6 +100,8 @@ def iter_usage(conn: Connection, where: LogFilter, *, chunk: int = 2000) -> Iter
 
 
 def get_record(conn: Connection, request_id: str, *, account_id: int | None) -> Any:
+    if "\x00" in request_id:  # no request id has one (and PostgreSQL refuses it)
+        return None
     query = sa.select(usage_records).where(usage_records.c.request_id == request_id)
     if account_id is not None:
         query = query.where(usage_records.c.account_id == account_id)
@@ -111,7 +121,8 @@ def summary(conn: Connection, *, account_id: int | None, start_ms: int, end_ms: 
         elif name == "key":
             keys.append(r.key_id.label("key_id"))
         elif name == "day":
-            keys.append(((r.hour_ms / DAY_MS) * DAY_MS).label("day_ms"))
+            # whole days: "/" is true division in SQLAlchemy 2 (CAST AS NUMERIC / REAL)
+            keys.append((r.hour_ms - r.hour_ms % DAY_MS).label("day_ms"))
         elif name == "hour":
             keys.append(r.hour_ms.label("hour_ms"))
         elif name == "billing_type":
