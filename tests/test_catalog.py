@@ -155,8 +155,8 @@ endpoints:
   - {id: c, provider: p, path: "/w/{name}", upstream_path: "/x/{other}", price: {per_call: "1"}}
 """)
     assert found == [
-        "cat.yaml: endpoints[a].path: path parameter {user-name} must be a name of letters, "
-        "digits and _",
+        ("cat.yaml: endpoints[a].path: path parameter {user-name} must be a name of letters, "
+         "digits and _"),
         "cat.yaml: endpoints[b].path: a path parameter appears twice",
         "cat.yaml: endpoints[c].upstream_path: {other} is not a parameter of path /w/{name}",
     ]

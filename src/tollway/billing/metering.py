@@ -89,9 +89,12 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
 def settle(conn: Connection, *, hold_id: int, cost_nano: int, record: dict[str, Any],
            client_key: ClientKey | None = None, response: tuple[int, str, bytes | None]
            | None = None) -> Settlement:
+    # The charge's day in the wallet and its hour in the rollups come from one clock reading.
+    at = ledger.now_ms()
     settlement = ledger.settle_hold(conn, hold_id, cost_nano,
-                                    idempotency_key=record["request_id"])
-    usage_store.insert_usage(conn, {**record, "hold_id": hold_id, "cost_nano": cost_nano})
+                                    idempotency_key=record["request_id"], at_ms=at)
+    usage_store.insert_usage(conn, {**record, "created_at_ms": at, "hold_id": hold_id,
+                                    "cost_nano": cost_nano})
     if client_key is not None and response is not None:
         status, content_type, body = response
         usage_store.complete_request_key(conn, key_id=client_key.key_id,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -177,6 +178,8 @@ def summary_view(rows: list[dict[str, Any]], totals: dict[str, int], *, start_ms
 
 def month_bounds(month: str) -> tuple[int, int]:
     try:
+        if not re.fullmatch(r"\d{4}-\d{2}", month):
+            raise ValueError
         start = datetime.strptime(month, "%Y-%m").replace(tzinfo=UTC)
     except ValueError:
         raise InvalidRequest(f"month must be YYYY-MM, got {month!r}") from None

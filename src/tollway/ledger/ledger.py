@@ -202,10 +202,11 @@ def _post(conn: Connection, *, kind: str, account_id: int, amount_nano: int, key
 
 
 def _wallet_day(conn: Connection, account_id: int, balance: Any, *, topups: int = 0,
-                adjustments: int = 0, charges: int = 0, written_off: int = 0) -> None:
+                adjustments: int = 0, charges: int = 0, written_off: int = 0,
+                at_ms: int | None = None) -> None:
     """Count a movement of the wallet's total (available + held) in its UTC day. ``balance``
     is the (available, held) row right after the movement."""
-    at = now_ms()
+    at = now_ms() if at_ms is None else at_ms
     _WALLET_DAY.execute(conn, {"account_id": account_id, "day_ms": at - at % DAY_MS,
                                "topups_nano": topups, "adjustments_nano": adjustments,
                                "charges_nano": charges, "written_off_nano": written_off,
@@ -315,9 +316,10 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
 
 
 def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
-                idempotency_key: str) -> Settlement:
+                idempotency_key: str, at_ms: int | None = None) -> Settlement:
     """Charge the actual cost: from the hold first, then from the available balance; what
-    neither covers is written off (the wallet never goes below zero). Releases the rest."""
+    neither covers is written off (the wallet never goes below zero). Releases the rest.
+    ``at_ms`` is the time the charge is booked under (its usage record's time)."""
     _amount(actual_nano, "a charge", minimum=0)
     key = f"settle:{idempotency_key}"
     closed = _close(conn, hold_id, "settled", actual_nano)
@@ -342,7 +344,7 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
                                 delta=released - from_available, charged=actual_nano,
                                 requests=1)
     _wallet_day(conn, account_id, after, charges=actual_nano - shortfall,
-                written_off=shortfall)
+                written_off=shortfall, at_ms=at_ms)
     if key_id is not None:
         _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": actual_nano})
     _post(conn, kind="settle", account_id=account_id, amount_nano=actual_nano, key=key,

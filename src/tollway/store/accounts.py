@@ -94,6 +94,8 @@ def find_account(conn: Connection, ref: str | int) -> Account:
     """An account by id (digits) or by name."""
     if _is_id(ref):
         return get_account(conn, int(ref))
+    if "\x00" in str(ref):  # no name holds NUL (and PostgreSQL refuses to compare one)
+        raise UnknownAccount(f"no account named {ref!r}")
     row = conn.execute(sa.select(accounts).where(accounts.c.name == ref,
                                                  accounts.c.kind == "customer")).first()
     if row is None:
