@@ -108,8 +108,12 @@ _FIND_ENTRY = Prepared(
               entries.c.balance_after_nano).where(entries.c.idempotency_key == _b("key")))
 _INSERT_ENTRY = Prepared(entries.insert().values(
     {c.name: _b(c.name) for c in entries.c if c.name != "id"}).returning(entries.c.id))
-_INSERT_POSTING = Prepared(postings.insert().values(
-    {c.name: _b(c.name) for c in postings.c if c.name != "id"}))
+#: An entry's postings in one multi-row INSERT (one round trip on PostgreSQL), by row count.
+_INSERT_POSTINGS = {
+    n: Prepared(postings.insert().values([
+        {"entry_id": _b("entry_id"), "account_id": _b(f"a{i}"), "bucket": _b(f"b{i}"),
+         "amount_nano": _b(f"x{i}")} for i in range(n)]))
+    for n in range(1, 5)}
 _ACCOUNT_KIND = Prepared(sa.select(accounts.c.kind).where(accounts.c.id == _b("account_id")))
 _AVAILABLE = Prepared(sa.select(accounts.c.available_nano)
                       .where(accounts.c.id == _b("account_id")))
@@ -195,9 +199,12 @@ def _post(conn: Connection, *, kind: str, account_id: int, amount_nano: int, key
         conn, kind=kind, account_id=account_id, amount_nano=amount_nano, hold_id=hold_id,
         idempotency_key=key, balance_after_nano=balance_after_nano, note=note,
         created_at_ms=now_ms() if at_ms is None else at_ms)[0])
-    _INSERT_POSTING.executemany(conn, [
-        {"entry_id": entry_id, "account_id": acct, "bucket": bucket, "amount_nano": amount}
-        for acct, bucket, amount in lines if amount])
+    params: dict[str, Any] = {"entry_id": entry_id}
+    moving = [line for line in lines if line[2]]
+    for i, (acct, bucket, amount) in enumerate(moving):
+        params.update({f"a{i}": acct, f"b{i}": bucket, f"x{i}": amount})
+    if moving:
+        _INSERT_POSTINGS[len(moving)].execute(conn, params)
     return entry_id
 
 

@@ -47,11 +47,6 @@ class Prepared:
         cursor.execute(sql, {**constants, **params} if constants else params)
         return cursor
 
-    def executemany(self, conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-        sql, constants = self._for(conn.dialect.name)
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        cursor.executemany(sql, [{**constants, **r} for r in rows] if constants else rows)
-
     def one(self, conn: Connection, **params: Any) -> Any:
         """The first row, or None."""
         return self.execute(conn, params).fetchone()
