@@ -293,7 +293,8 @@ class LLMRoute:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"),
                                 (b"cache-control", b"no-cache"), *llm.extra_headers()]})
-        state = _StreamState()
+        # keep a copy of what is sent only when an Idempotency-Key replay may need it
+        state = _StreamState(sent=[] if llm.call.client_key is not None else None)
         pump = asyncio.ensure_future(self._pump(llm, response, send, state))
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)

@@ -27,7 +27,7 @@ from tollway.billing import keys
 from tollway.errors import InvalidApiKey, UnknownEndpoint, UnknownModel
 from tollway.ledger.ledger import now_ms
 from tollway.store import catalog as catalog_store
-from tollway.store.accounts import ApiKeyRecord
+from tollway.store.accounts import ApiKeyRecord, key_by_hash
 from tollway.store.catalog import Item
 from tollway.upstreams.registry import Registry
 from tollway.web.context import Context
@@ -105,6 +105,7 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.catalog = CatalogSnapshot({}, (), {}, {})
         self._keys: dict[str, tuple[float, ApiKeyRecord]] = {}
+        self._lookups: dict[str, asyncio.Future[ApiKeyRecord]] = {}
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -138,13 +139,20 @@ class Gateway:
         digest = keys.hash_key(secret)
         cached = self._keys.get(digest)
         now = time.monotonic()
-        if cached is None or cached[0] <= now:
-            record = await self.ctx.read(lambda conn: _lookup(conn, digest))
+        if cached is not None and cached[0] > now:
+            record = cached[1]
+        else:
+            # One lookup per key at a time: requests that arrive while it runs wait for it
+            # instead of each querying the database when the cached entry expires.
+            pending = self._lookups.get(digest)
+            if pending is None:
+                pending = asyncio.ensure_future(self.ctx.read(lambda conn: _lookup(conn, digest)))
+                self._lookups[digest] = pending
+                pending.add_done_callback(lambda _: self._lookups.pop(digest, None))
+            record = await asyncio.shield(pending)
             self._keys[digest] = (now + self.key_cache_s, record)
             if len(self._keys) > 100_000:
                 self._keys.clear()
-        else:
-            record = cached[1]
         keys.check_usable(record, now_ms=now_ms())
         return record
 
@@ -153,8 +161,6 @@ class Gateway:
 
 
 def _lookup(conn: Connection, digest: str) -> ApiKeyRecord:
-    from tollway.store.accounts import key_by_hash
-
     record = key_by_hash(conn, digest)
     if record is None:
         raise InvalidApiKey("invalid API key")
