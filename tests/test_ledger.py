@@ -572,7 +572,9 @@ def test_verify_names_each_kind_of_corruption(db: Database) -> None:
                       "UPDATE accounts SET available_nano = available_nano - 5 WHERE id = :id",
                       id=alice)
     assert found == [(f"account {alice} (alice): stored available balance 8.000000004 USD but "
-                      "its postings sum to 7.999999999 USD")]
+                      "its postings sum to 7.999999999 USD"),
+                     (f"account {alice} (alice): its daily movements add up to 8.999999999 USD "
+                      "but its balance is 9.000000004 USD")]
 
     # a posting that unbalances its entry (and the ledger, and revenue)
     with db.read() as conn:

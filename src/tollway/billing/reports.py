@@ -191,7 +191,6 @@ def month_bounds(month: str) -> tuple[int, int]:
 def statement_view(account: Any, month: str, st: Statement) -> dict[str, Any]:
     credits = st.topups_nano + max(st.adjustments_nano, 0)
     debits = st.charges_nano + max(-st.adjustments_nano, 0)
-    assert st.opening_nano + credits - debits == st.closing_nano, "statement does not reconcile"
     return {
         "account": {"id": account.id, "name": account.name, "group": account.group},
         "month": month,

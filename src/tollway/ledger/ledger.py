@@ -127,7 +127,7 @@ _CREDIT = Prepared(
     .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
            accounts.c.available_nano + _b("amount") >= 0)
     .values(available_nano=accounts.c.available_nano + _b("amount"))
-    .returning(accounts.c.available_nano, accounts.c.held_nano))
+    .returning(accounts.c.available_nano))
 _RESERVE = Prepared(
     accounts.update()
     .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
@@ -162,15 +162,13 @@ _SETTLE_ACCOUNT = Prepared(
     .values(held_nano=accounts.c.held_nano - _b("held"),
             available_nano=accounts.c.available_nano + _b("delta"),
             used_nano=accounts.c.used_nano + _b("charged"),
-            requests=accounts.c.requests + _b("requests"))
-    .returning(accounts.c.available_nano, accounts.c.held_nano))
+            requests=accounts.c.requests + _b("requests")))
 _SETTLE_KEY = Prepared(
     api_keys.update().where(api_keys.c.id == _b("key_id"))
     .values(held_nano=api_keys.c.held_nano - _b("held"),
             used_nano=api_keys.c.used_nano + _b("charged")))
 _WALLET_DAY = upsert(wallet_days, ("account_id", "day_ms"),
-                     add=("topups_nano", "adjustments_nano", "charges_nano", "written_off_nano"),
-                     set_=("closing_balance_nano",))
+                     add=("topups_nano", "adjustments_nano", "charges_nano", "written_off_nano"))
 DAY_MS = 86_400_000
 _EXPIRED = Prepared(
     sa.select(holds.c.id).where(holds.c.status == "open", holds.c.expires_at_ms <= _b("at"))
@@ -208,16 +206,13 @@ def _post(conn: Connection, *, kind: str, account_id: int, amount_nano: int, key
     return entry_id
 
 
-def _wallet_day(conn: Connection, account_id: int, balance: Any, *, topups: int = 0,
-                adjustments: int = 0, charges: int = 0, written_off: int = 0,
-                at_ms: int | None = None) -> None:
-    """Count a movement of the wallet's total (available + held) in its UTC day. ``balance``
-    is the (available, held) row right after the movement."""
+def _wallet_day(conn: Connection, account_id: int, *, topups: int = 0, adjustments: int = 0,
+                charges: int = 0, written_off: int = 0, at_ms: int | None = None) -> None:
+    """Count a movement of the wallet's total (available + held) in its UTC day."""
     at = now_ms() if at_ms is None else at_ms
     _WALLET_DAY.execute(conn, {"account_id": account_id, "day_ms": at - at % DAY_MS,
                                "topups_nano": topups, "adjustments_nano": adjustments,
-                               "charges_nano": charges, "written_off_nano": written_off,
-                               "closing_balance_nano": int(balance[0]) + int(balance[1])})
+                               "charges_nano": charges, "written_off_nano": written_off})
 
 
 def _require_customer(conn: Connection, account_id: int) -> None:
@@ -253,7 +248,7 @@ def topup(conn: Connection, account_id: int, amount_nano: int, *, idempotency_ke
     if credited is None:
         raise UnknownAccount(f"no customer account with id {account_id}")
     balance = int(credited[0])
-    _wallet_day(conn, account_id, credited, topups=amount_nano)
+    _wallet_day(conn, account_id, topups=amount_nano)
     entry_id = _post(conn, kind="topup", account_id=account_id, amount_nano=amount_nano, key=key,
                      balance_after_nano=balance, note=note,
                      lines=[(FUNDING, AVAILABLE, -amount_nano),
@@ -280,7 +275,7 @@ def adjust(conn: Connection, account_id: int, amount_nano: int, *, idempotency_k
                                   f"{account_id} has {format_usd(_available(conn, account_id))}"
                                   " USD available")
     balance = int(credited[0])
-    _wallet_day(conn, account_id, credited, adjustments=amount_nano)
+    _wallet_day(conn, account_id, adjustments=amount_nano)
     entry_id = _post(conn, kind="adjust", account_id=account_id, amount_nano=amount_nano, key=key,
                      balance_after_nano=balance, note=note,
                      lines=[(ADJUSTMENTS, AVAILABLE, -amount_nano),
@@ -347,10 +342,10 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
         shortfall = wanted - from_available
         _SET_HOLD_OUTCOME.execute(conn, {"hold_id": hold_id, "from_available": from_available,
                                          "shortfall": shortfall})
-    after = _SETTLE_ACCOUNT.one(conn, account_id=account_id, held=held,
-                                delta=released - from_available, charged=actual_nano,
-                                requests=1)
-    _wallet_day(conn, account_id, after, charges=actual_nano - shortfall,
+    _SETTLE_ACCOUNT.execute(conn, {"account_id": account_id, "held": held,
+                                   "delta": released - from_available, "charged": actual_nano,
+                                   "requests": 1})
+    _wallet_day(conn, account_id, charges=actual_nano - shortfall,
                 written_off=shortfall, at_ms=at_ms)
     if key_id is not None:
         _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": actual_nano})
@@ -389,8 +384,8 @@ def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str) -> Re
             return Release(hold_id, int(row[2]), status)
         raise HoldClosed(f"hold {hold_id} is already {_hold(conn, hold_id).status}")
     account_id, key_id, held = closed
-    _SETTLE_ACCOUNT.one(conn, account_id=account_id, held=held, delta=held, charged=0,
-                        requests=0)
+    _SETTLE_ACCOUNT.execute(conn, {"account_id": account_id, "held": held, "delta": held,
+                                   "charged": 0, "requests": 0})
     if key_id is not None:
         _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": 0})
     _post(conn, kind="void" if status == "voided" else "expire", account_id=account_id,

@@ -8,6 +8,7 @@ Checks, each against the stored state:
   holds and settlements;
 - every hold is closed at most once (one settle, void or expire entry), and an open hold by none;
 - the revenue account equals the sum of all settled charges;
+- each wallet's daily movements (what statements are made of) add up to its balance;
 - every gateway request's usage record agrees with its hold: a ``consume`` record's cost is
   what its hold settled, an ``error`` record's hold was released and cost nothing, so the
   usage records sum to exactly the revenue their requests brought.
@@ -20,7 +21,15 @@ from sqlalchemy.engine import Connection
 
 from tollway.ledger.ledger import AVAILABLE, HELD, REVENUE
 from tollway.money import format_usd
-from tollway.store.tables import accounts, api_keys, entries, holds, postings, usage_records
+from tollway.store.tables import (
+    accounts,
+    api_keys,
+    entries,
+    holds,
+    postings,
+    usage_records,
+    wallet_days,
+)
 
 _CLOSING = ("settle", "void", "expire")
 
@@ -58,6 +67,20 @@ def verify(conn: Connection) -> list[str]:
         if row.held_nano != open_holds.get(row.id, 0):
             problems.append(f"{name}: held {format_usd(row.held_nano)} USD but its open holds "
                             f"total {format_usd(open_holds.get(row.id, 0))} USD")
+
+    movements = {int(a): int(n) for a, n in conn.execute(
+        sa.select(wallet_days.c.account_id,
+                  sa.func.sum(wallet_days.c.topups_nano + wallet_days.c.adjustments_nano
+                              - wallet_days.c.charges_nano))
+        .group_by(wallet_days.c.account_id))}
+    for row in conn.execute(sa.select(accounts.c.id, accounts.c.name, accounts.c.available_nano,
+                                      accounts.c.held_nano)
+                            .where(accounts.c.kind == "customer")):
+        balance = int(row.available_nano) + int(row.held_nano)
+        if movements.get(row.id, 0) != balance:
+            problems.append(f"account {row.id} ({row.name}): its daily movements add up to "
+                            f"{format_usd(movements.get(row.id, 0))} USD but its balance is "
+                            f"{format_usd(balance)} USD")
 
     key_holds = {int(k): (int(h), int(u)) for k, h, u in conn.execute(
         sa.select(holds.c.key_id,

@@ -164,15 +164,19 @@ class Statement:
 
 
 def statement(conn: Connection, account_id: int, *, start_ms: int, end_ms: int) -> Statement:
+    """A month from the wallet's daily movements: the opening balance is every movement
+    before it, so opening + movements = closing by construction (and ``ledger verify`` checks
+    that all movements add up to the balance)."""
     w = wallet_days.c
-    before = conn.execute(sa.select(w.closing_balance_nano)
-                          .where(w.account_id == account_id, w.day_ms < start_ms)
-                          .order_by(w.day_ms.desc()).limit(1)).scalar()
-    opening = int(before or 0)
-    days = conn.execute(sa.select(wallet_days)
-                        .where(w.account_id == account_id, w.day_ms >= start_ms,
-                               w.day_ms < end_ms).order_by(w.day_ms)).all()
-    closing = int(days[-1].closing_balance_nano) if days else opening
+    net = w.topups_nano + w.adjustments_nano - w.charges_nano
+    opening = int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(net), 0))
+                               .where(w.account_id == account_id, w.day_ms < start_ms))
+                  .scalar_one())
+    month = conn.execute(sa.select(
+        *[sa.func.coalesce(sa.func.sum(c), 0).label(c.name) for c in (
+            w.topups_nano, w.adjustments_nano, w.charges_nano, w.written_off_nano)])
+        .where(w.account_id == account_id, w.day_ms >= start_ms, w.day_ms < end_ms)).one()
+    topups, adjustments, charges, written_off = (int(v) for v in month)
     r = usage_rollups.c
     by_product = [dict(row._mapping) for row in conn.execute(
         sa.select(r.product, r.billing_type,
@@ -183,10 +187,8 @@ def statement(conn: Connection, account_id: int, *, start_ms: int, end_ms: int) 
                   sa.func.sum(r.cost_nano).label("cost_nano"))
         .where(r.account_id == account_id, r.hour_ms >= start_ms, r.hour_ms < end_ms)
         .group_by(r.product, r.billing_type).order_by(r.product))]
-    return Statement(opening, sum(int(d.topups_nano) for d in days),
-                     sum(int(d.adjustments_nano) for d in days),
-                     sum(int(d.charges_nano) for d in days),
-                     sum(int(d.written_off_nano) for d in days), closing, by_product)
+    return Statement(opening, topups, adjustments, charges, written_off,
+                     opening + topups + adjustments - charges, by_product)
 
 
 def prune_usage(conn: Connection, *, before_ms: int, limit: int) -> int:

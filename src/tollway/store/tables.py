@@ -211,9 +211,9 @@ usage_rollups = sa.Table(
     sa.Column("cost_nano", Nano, nullable=False),
 )
 
-#: A wallet's movements per UTC day and its balance (available + held) at the day's last
-#: movement, maintained by the ledger: a month's statement reads at most 31 rows of it plus
-#: one for the opening balance.
+#: A wallet's movements per UTC day, maintained by the ledger with each movement of its total
+#: (available + held): a statement sums these rows, never the raw log, and `ledger verify`
+#: checks that they add up to each balance.
 wallet_days = sa.Table(
     "wallet_days",
     metadata,
@@ -223,7 +223,6 @@ wallet_days = sa.Table(
     sa.Column("adjustments_nano", Nano, nullable=False),  # signed
     sa.Column("charges_nano", Nano, nullable=False),  # paid from the wallet
     sa.Column("written_off_nano", Nano, nullable=False),  # charged but not covered
-    sa.Column("closing_balance_nano", Nano, nullable=False),
 )
 
 #: A client's Idempotency-Key for a gateway request (per API key): the first request's

@@ -26,7 +26,6 @@ def upgrade() -> None:
     sa.Column('adjustments_nano', sa.BigInteger(), nullable=False),
     sa.Column('charges_nano', sa.BigInteger(), nullable=False),
     sa.Column('written_off_nano', sa.BigInteger(), nullable=False),
-    sa.Column('closing_balance_nano', sa.BigInteger(), nullable=False),
     sa.ForeignKeyConstraint(['account_id'], ['accounts.id'], ),
     sa.PrimaryKeyConstraint('account_id', 'day_ms')
     )
