@@ -322,10 +322,10 @@ def test_usage_prune_deletes_old_records_only(
             capsys, url, "usage", "prune", "--older-than-days", days)
     assert "--batch must be at least 1" in fails(
         capsys, url, "usage", "prune", "--older-than-days", "1", "--batch", "0")
-    with pytest.raises(SystemExit) as exited:
-        main(["usage", "prune", "--database-url", url])
-    assert exited.value.code == 2
-    capsys.readouterr()
+    # without --older-than-days, the configured retention applies (here: keep everything)
+    monkeypatch.setenv("TOLLWAY_USAGE_RETENTION_DAYS", "100000")
+    code, out, _ = run(capsys, url, "usage", "--json", "prune")
+    assert code == 0 and json.loads(out)["deleted"] == 0
 
     code, out, err = run(capsys, url, "usage", "--json", "prune", "--older-than-days", "1",
                          "--batch", "20")

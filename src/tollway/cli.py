@@ -582,7 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("usage-prune", parents=[common], prog="tollway usage prune",
                        description=help_)
     p.set_defaults(handler=cmd_usage_prune)
-    p.add_argument("--older-than-days", metavar="N", type=int, required=True)
+    p.add_argument("--older-than-days", metavar="N", type=int,
+                   default=int(settings.get("usage_retention_days")),
+                   help="default: $TOLLWAY_USAGE_RETENTION_DAYS (400)")
     p.add_argument("--batch", metavar="B", type=int, default=10_000,
                    help="records deleted per transaction")
 

@@ -33,6 +33,9 @@ SETTINGS = (
     Setting("key_cache_seconds", "5",
             "how long a worker trusts a looked-up API key (revocations made through another "
             "process take effect within this time)"),
+    Setting("usage_retention_days", "400",
+            "raw usage records older than this are deleted by `tollway usage prune` (rollups, "
+            "statements and the ledger are kept)"),
     Setting("catalog_refresh_seconds", "5",
             "how often a worker re-reads the catalog and prices from the database"),
 )
