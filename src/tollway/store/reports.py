@@ -79,8 +79,9 @@ def usage_page(conn: Connection, where: LogFilter, *, limit: int,
     query = sa.select(usage_records).where(*where.clauses())
     if cursor is not None:
         at, record_id = decode_cursor(cursor)
-        query = query.where(sa.or_(u.created_at_ms < at,
-                                   sa.and_(u.created_at_ms == at, u.id < record_id)))
+        # a row-value comparison: one index range on both SQLite and PostgreSQL
+        query = query.where(sa.tuple_(u.created_at_ms, u.id) < sa.tuple_(
+            sa.literal(at, sa.BigInteger), sa.literal(record_id, sa.BigInteger)))
     rows = list(conn.execute(query.order_by(u.created_at_ms.desc(), u.id.desc())
                              .limit(limit + 1)))
     if len(rows) <= limit:

@@ -187,6 +187,7 @@ usage_records = sa.Table(
     sa.Index("ix_usage_account_time", "account_id", "created_at_ms", "id"),
     sa.Index("ix_usage_account_product_time", "account_id", "product", "created_at_ms", "id"),
     sa.Index("ix_usage_account_key_time", "account_id", "key_id", "created_at_ms", "id"),
+    sa.Index("ix_usage_account_type_time", "account_id", "type", "created_at_ms", "id"),
     sa.Index("ix_usage_time", "created_at_ms", "id"),
 )
 

@@ -110,6 +110,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('usage_records', schema=None) as batch_op:
         batch_op.create_index('ix_usage_account_key_time', ['account_id', 'key_id', 'created_at_ms', 'id'], unique=False)
+        batch_op.create_index('ix_usage_account_type_time', ['account_id', 'type', 'created_at_ms', 'id'], unique=False)
         batch_op.create_index('ix_usage_account_product_time', ['account_id', 'product', 'created_at_ms', 'id'], unique=False)
         batch_op.create_index('ix_usage_account_time', ['account_id', 'created_at_ms', 'id'], unique=False)
         batch_op.create_index('ix_usage_time', ['created_at_ms', 'id'], unique=False)
@@ -125,6 +126,7 @@ def downgrade() -> None:
         batch_op.drop_index('ix_usage_account_time')
         batch_op.drop_index('ix_usage_account_product_time')
         batch_op.drop_index('ix_usage_account_key_time')
+        batch_op.drop_index('ix_usage_account_type_time')
 
     op.drop_table('usage_records')
     op.drop_table('usage_rollups')
