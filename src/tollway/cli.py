@@ -15,7 +15,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import Connection
 
 from tollway import settings
 from tollway.billing import credits
@@ -37,12 +36,12 @@ from tollway.billing.views import (
     key_view,
     parse_amount,
     parse_iso_ms,
+    parse_signed_amount,
 )
 from tollway.errors import InvalidRequest, TollwayError
 from tollway.ledger import ledger
-from tollway.ledger.ledger import Adjustment, Topup
 from tollway.ledger.verify import verify
-from tollway.money import MoneyFormatError, format_usd, parse_signed_usd
+from tollway.money import format_usd
 from tollway.pricing.catalog import load_catalog
 from tollway.pricing.display import price_lines
 from tollway.store import accounts as store
@@ -162,38 +161,24 @@ def cmd_balance(args: argparse.Namespace) -> Output:
 
 
 def cmd_topup(args: argparse.Namespace) -> Output:
-    amount = parse_amount(args.amount_usd, what="AMOUNT_USD")
-    db = open_db(args)
-    key = _key(args.idempotency_key)
-
-    def op(conn: Connection) -> tuple[Account, Topup]:
-        account = store.find_account(conn, args.account)
-        return account, credits.topup(conn, account.id, amount, note=args.note,
-                                      idempotency_key=key)
-
-    account, result = db.run_write(op)
-    view = credit_view(result)
+    account, view = _credit(args, "topup", parse_amount(args.amount_usd, what="AMOUNT_USD"))
     return Output(view, f"topped up {view['amount_usd']} USD: account {account.id} "
                   f"({account.name}) now has {view['available_usd']} USD available")
 
 
 def cmd_adjust(args: argparse.Namespace) -> Output:
-    try:
-        amount = parse_signed_usd(args.amount_usd, what="AMOUNT_USD")
-    except MoneyFormatError as exc:
-        raise InvalidRequest(str(exc)) from None
-    db = open_db(args)
-    key = _key(args.idempotency_key)
-
-    def op(conn: Connection) -> tuple[Account, Adjustment]:
-        account = store.find_account(conn, args.account)
-        return account, credits.adjust(conn, account.id, amount, note=args.note,
-                                       idempotency_key=key)
-
-    account, result = db.run_write(op)
-    view = credit_view(result)
+    amount = parse_signed_amount(args.amount_usd, what="AMOUNT_USD")
+    account, view = _credit(args, "adjustment", amount)
     return Output(view, f"adjusted account {account.id} by {view['amount_usd']} USD: "
                   f"{view['available_usd']} USD available")
+
+
+def _credit(args: argparse.Namespace, kind: str, amount: int) -> tuple[Account, dict[str, Any]]:
+    db = open_db(args)
+    key = _key(args.idempotency_key)
+    account, result = db.run_write(lambda conn: credits.credit(
+        conn, args.account, amount, kind=kind, idempotency_key=key, note=args.note))
+    return account, credit_view(result)
 
 
 def cmd_keys_create(args: argparse.Namespace) -> Output:

@@ -85,7 +85,8 @@ class Catalog:
 
 
 class _ExactLoader(yaml.SafeLoader):
-    """A SafeLoader that never builds a binary float: YAML floats become ``Decimal``."""
+    """A SafeLoader that never builds a binary floating-point number: YAML decimals become
+    ``Decimal``, read from their source text."""
 
 
 def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
