@@ -2,7 +2,8 @@
 
     python bench/reports.py [--records 10000000] [--accounts 1000] [--days 90]
                             [--postgres URL] [--sqlite-path PATH] [--no-sqlite] [--reuse]
-                            [--iterations 100] [--warmup 5] [--seed 1] [--plans] [--json]
+                            [--pg-database NAME] [--load-only] [--iterations 100] [--warmup 5]
+                            [--seed 1] [--plans] [--json] [--json-out PATH]
 
 **Data.** A deterministic generator (``--seed``) writes, in time order (all accounts interleaved,
 as a live gateway would), ``--records`` gateway request records for ``--accounts`` customer
@@ -14,9 +15,9 @@ other history: key created/revoked (``system``), top-ups (when the balance runs 
 operator adjustments. Each request's cost is computed with integer arithmetic and checked
 against ``tollway.billing.reports.recharge`` on a sample. From the same rows the generator
 computes the hourly ``usage_rollups`` (per account x key x product: they equal the sums of the
-raw rows, checked after the load) and the ``wallet_days`` (so statements reconcile). Ledger
-entries and postings are NOT generated (this is the bulk path, not the ledger):
-``tollway ledger verify`` does not apply to this database.
+raw rows, checked after the load) and the ``wallet_days`` (each account's days add up to its
+balance, checked after the load). Ledger entries and postings are NOT generated (this is the
+bulk path, not the ledger): ``tollway ledger verify`` does not apply to this database.
 
 **Load.** The schema comes from the migrations. SQLite: the secondary indexes of usage_records
 are dropped, rows go in with ``executemany`` in transactions of ~1M rows with
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -76,7 +78,7 @@ from tollway.store.accounts import get_account
 from tollway.store.db import Database, normalize_url
 from tollway.store.migrate import upgrade
 from tollway.store.reports import LogFilter, encode_cursor
-from tollway.store.tables import usage_records, wallet_days
+from tollway.store.tables import usage_records, usage_rollups, wallet_days
 
 HOUR = 3_600_000
 DAY = 86_400_000
@@ -1509,11 +1511,23 @@ def render(results: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def _schema() -> str:
+    """A fingerprint of the reported tables' columns and indexes: migrations get edited in place,
+    so an old database must not be reused after its schema changed."""
+    parts = []
+    for table in (usage_records, usage_rollups, wallet_days):
+        parts.append(table.name + ":" + ",".join(c.name for c in table.c))
+        parts += sorted(f"{i.name}({','.join(c.name for c in i.columns)})"
+                        for i in table.indexes)
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
 def prepare(backend: Backend, params: dict[str, Any], reuse: bool) -> tuple[dict[str, Any], bool]:
     if reuse:
         meta = backend.exists()
         if meta is not None:
-            want = {k: params[k] for k in ("records", "accounts", "days", "seed", "generator")}
+            want = {k: params[k] for k in ("records", "accounts", "days", "seed", "generator",
+                                           "schema")}
             have = {k: meta["params"].get(k) for k in want}
             if want == have:
                 log(f"[{backend.name}] --reuse: data loaded {meta['load']['loaded_at']} "
@@ -1553,7 +1567,7 @@ def main(argv: list[str] | None = None) -> int:
 
     today = dt.datetime.now(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     params = {"records": args.records, "accounts": args.accounts, "days": args.days,
-              "seed": args.seed, "generator": GENERATOR_VERSION,
+              "seed": args.seed, "generator": GENERATOR_VERSION, "schema": _schema(),
               "end_ms": int(today.timestamp() * 1000)}
     backends: list[Backend] = []
     if not args.no_sqlite:
