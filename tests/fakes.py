@@ -19,7 +19,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +129,8 @@ class FakeUpstream:
         self.requests: list[Recorded] = []
         self.aborted_streams = 0  # streams whose reader went away before the end
         self.compress_llm = False
+        #: A raw handler that answers every request instead of the scripts (hostile tests).
+        self.hostile: Callable[[web.Request], Awaitable[web.StreamResponse]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -194,6 +196,7 @@ class FakeUpstream:
         self.requests = []
         self.aborted_streams = 0
         self.compress_llm = False
+        self.hostile = None
 
     @property
     def base(self) -> str:
@@ -214,6 +217,8 @@ class FakeUpstream:
         self.requests.append(Recorded(
             request.method, request.path, request.raw_path, list(request.query.items()),
             {k.lower(): v for k, v in request.headers.items()}, body))
+        if self.hostile is not None:
+            return await self.hostile(request)
         if request.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             return await self._llm(request, body)
         return await self._data(request)

@@ -246,7 +246,8 @@ def _usage_filter(args: argparse.Namespace, account_id: int) -> LogFilter:
                      start_ms=parse_iso_ms(args.start, what="--start") if args.start else None,
                      end_ms=parse_iso_ms(args.end, what="--end") if args.end else None,
                      product=args.model or args.endpoint or None, key_id=args.key,
-                     group=args.group or None, type=args.type, billing_type=args.billing_type)
+                     group=args.group or None, type=args.type, billing_type=args.billing_type,
+                     review=args.review)
 
 
 def _usage_line(view: dict[str, Any]) -> str:
@@ -556,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", metavar="T", help=", ".join(LOG_TYPES))
     p.add_argument("--group", metavar="G", help="price group")
     p.add_argument("--billing-type", metavar="B", help="token or per_call")
+    p.add_argument("--review", action="store_true",
+                   help="only records to review: usage capped at the request's bounds or "
+                        "estimated locally (usage_source capped or estimated)")
     p.add_argument("--limit", metavar="N", type=int, default=50,
                    help="records per page (table)")
     p.add_argument("--cursor", metavar="C", help="the next page, as the previous one printed")

@@ -29,7 +29,13 @@ SETTINGS = (
     Setting("upstream_connect_timeout_seconds", "10", "time to connect to an upstream"),
     Setting("upstream_read_timeout_seconds", "600",
             "longest silence from an upstream (between stream chunks, or before a whole answer)"),
-    Setting("max_body_bytes", "10485760", "largest request body the gateway accepts"),
+    Setting("max_body_bytes", "10485760",
+            "largest request body the gateway accepts (413 payload_too_large beyond it), on "
+            "every route that reads one"),
+    Setting("max_upstream_body_bytes", "33554432",
+            "largest upstream answer (a whole body, or a whole stream) the gateway reads; "
+            "beyond it the request fails with 502 upstream_error and charges nothing it did "
+            "not deliver"),
     Setting("key_cache_seconds", "5",
             "how long a worker trusts a looked-up API key (revocations made through another "
             "process take effect within this time)"),

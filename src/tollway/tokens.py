@@ -35,8 +35,16 @@ def warm_up() -> None:
     _encoding()
 
 
+#: bpe-openai refuses a text of 1,000,000 characters or more ("too long to encode safely");
+#: longer texts (a huge prompt, a long delivered stream) are counted in pieces of this size.
+#: A piece boundary may split one token into two: an estimate, off by at most one per piece.
+COUNT_PIECE_CHARS = 200_000
+
+
 def count(text: str) -> int:
-    return len(_encoding().encode_ordinary(text)) if text else 0
+    encoding = _encoding()
+    return sum(len(encoding.encode_ordinary(text[start:start + COUNT_PIECE_CHARS]))
+               for start in range(0, len(text), COUNT_PIECE_CHARS))
 
 
 def prompt_parts(payload: dict[str, Any]) -> tuple[list[str], int]:

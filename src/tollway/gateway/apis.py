@@ -26,7 +26,6 @@ PREFIX = "/apis/v1"
 #: session negotiates and decodes compression itself, and the client gets the decoded body.
 FORWARDED_HEADERS = frozenset({b"content-type", b"accept", b"accept-language",
                                b"user-agent"})
-RESPONSE_BODY_LIMIT = 32 * 1024 * 1024
 
 
 class ApiRoute:

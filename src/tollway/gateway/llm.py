@@ -354,7 +354,7 @@ class LLMRoute:
         call = llm.call
         if not any(llm.delivered) and state.usage is None:
             exc = state.failure or UpstreamError("the upstream stream ended before any output")
-            await fail(llm.gw, call, send, exc, status=502, send_response=False)
+            await fail(llm.gw, call, send, exc, status=exc.status, send_response=False)
             if not state.client_gone:
                 await _send_chunk(send, b"data: " + json.dumps({"error": {
                     "type": exc.type, "code": exc.code, "message": exc.message,

@@ -1,16 +1,24 @@
 """Server-sent events: split an upstream byte stream into whole events without copying more
-than the unfinished tail, and read an event's ``data`` field."""
+than the unfinished tail, and read an event's ``data`` field.
+
+The unfinished tail is bounded: an upstream that never ends an event (no blank line) would
+otherwise make the gateway buffer, and rescan, everything it sends."""
 
 from __future__ import annotations
 
 import re
 
+from tollway.errors import UpstreamError
+
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+#: The longest single event the gateway accepts (an LLM chunk is a few hundred bytes).
+MAX_EVENT_BYTES = 1024 * 1024
 
 
 class EventSplitter:
-    def __init__(self) -> None:
+    def __init__(self, max_event_bytes: int = MAX_EVENT_BYTES) -> None:
         self._tail = b""
+        self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """Whole events (each with its blank-line terminator) completed by ``chunk``."""
@@ -21,6 +29,9 @@ class EventSplitter:
             events.append(data[start:match.end()])
             start = match.end()
         self._tail = data[start:]
+        if len(self._tail) > self._max:
+            self._tail = b""
+            raise UpstreamError(f"the upstream sent an event longer than {self._max} bytes")
         return events
 
     def rest(self) -> bytes:

@@ -5,7 +5,8 @@ OpenAI semantics: ``prompt_tokens`` includes ``prompt_tokens_details.cached_toke
 which OpenAI does not report, are read from ``prompt_tokens_details.cache_write_tokens`` where an
 OpenAI-compatible upstream provides them. Usage that cannot be real (not integers, negative,
 cached more than prompt) is refused, and the caller estimates instead; usage far beyond what was
-asked for is capped at the request's bound and flagged.
+asked for is capped at the request's bound and flagged: its record says
+``usage_source = "capped"`` (the operator lists them with ``GET /admin/v1/usage?review=true``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tollway.pricing.rating import InvalidUsage, TokenUsage
 class MeteredUsage:
     usage: TokenUsage
     reasoning_tokens: int
-    source: str  # upstream | estimated
+    source: str  # upstream | estimated | capped
     note: str | None = None  # why it was estimated or capped
 
 
@@ -71,5 +72,5 @@ def bounded(usage: TokenUsage, reasoning: int, *, prompt_bound: int,
     cached = min(usage.cached_tokens, prompt)
     write = min(usage.cache_write_tokens, prompt - cached)
     capped = TokenUsage(prompt, completion, cached, write)
-    return MeteredUsage(capped, min(reasoning, completion), "upstream",
+    return MeteredUsage(capped, min(reasoning, completion), "capped",
                         "usage capped for review: " + "; ".join(notes))

@@ -22,6 +22,10 @@ LOG_TYPES = ("consume", "error", "topup", "adjustment", "refund", "system")
 GROUP_BY = ("model", "endpoint", "product", "key", "day", "hour", "billing_type")
 COUNTERS = ("requests", "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",
             "output_tokens", "reasoning_tokens", "calls", "cost_nano")
+#: Records an operator should look at: billed from a local count (the upstream sent no usable
+#: usage) or from usage capped at the request's bounds (the upstream reported more than the
+#: request could have used). The note on each says why.
+REVIEW_SOURCES = ("capped", "estimated")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +38,7 @@ class LogFilter:
     group: str | None = None
     type: str | None = None
     billing_type: str | None = None
+    review: bool = False  # only records whose usage_source is in REVIEW_SOURCES
 
     def __post_init__(self) -> None:
         for name in ("product", "group", "type", "billing_type"):
@@ -49,6 +54,8 @@ class LogFilter:
                               (u.type, self.type), (u.billing_type, self.billing_type)):
             if value is not None:
                 found.append(column == value)
+        if self.review:
+            found.append(u.usage_source.in_(REVIEW_SOURCES))
         if self.start_ms is not None:
             found.append(u.created_at_ms >= self.start_ms)
         if self.end_ms is not None:

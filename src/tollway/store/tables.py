@@ -179,7 +179,7 @@ usage_records = sa.Table(
     sa.Column("price_version_id", Id, sa.ForeignKey("price_versions.id")),
     sa.Column("cost_nano", Nano, nullable=False, server_default="0"),  # charged for a request
     sa.Column("credit_nano", Nano, nullable=False, server_default="0"),  # signed, non-requests
-    sa.Column("usage_source", sa.String(16)),  # upstream | estimated
+    sa.Column("usage_source", sa.String(16)),  # upstream | estimated | capped | none
     sa.Column("hold_id", Id, sa.ForeignKey("holds.id")),
     sa.Column("error_code", sa.String(64)),
     sa.Column("note", sa.Text),  # an error's message, why usage was estimated, an event's note

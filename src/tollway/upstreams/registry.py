@@ -31,8 +31,10 @@ def credential(config: Mapping[str, Any]) -> str | None:
 
 
 class Registry:
-    def __init__(self, *, timeouts: Timeouts, max_connections: int = 512) -> None:
+    def __init__(self, *, timeouts: Timeouts, max_body_bytes: int,
+                 max_connections: int = 512) -> None:
         self.timeouts = timeouts
+        self.max_body_bytes = max_body_bytes
         # aiohttp asks every upstream for gzip/deflate (its default Accept-Encoding), so it
         # must also decode: the gateway parses LLM answers and hands data-API bodies on without
         # their Content-Encoding header.
@@ -62,7 +64,7 @@ class Registry:
         if kind == "openai":
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             return HttpUpstream(self.session, config["base_url"], timeouts=self.timeouts,
-                                headers=headers)
+                                max_body_bytes=self.max_body_bytes, headers=headers, secret=key)
         if kind == "http":
             auth = config.get("auth") or {}
             headers, query = {}, {}
@@ -72,7 +74,8 @@ class Registry:
             if key and auth.get("query"):
                 query[auth["query"]] = key
             return HttpUpstream(self.session, config["base_url"], timeouts=self.timeouts,
-                                headers=headers, query=query)
+                                max_body_bytes=self.max_body_bytes, headers=headers,
+                                query=query, secret=key)
         return Unsupported(kind)
 
     def get(self, provider: str) -> Upstream:

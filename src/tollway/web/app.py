@@ -70,16 +70,19 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = Database(url)
+        max_body_bytes = int(settings.get("max_body_bytes"))
         ctx = Context(db=db, writer=Writer(db), admin_token=token,
                       hold_ttl_ms=int(settings.get("hold_ttl_seconds")) * 1000,
-                      reaper_interval_s=int(settings.get("reaper_interval_seconds")))
+                      reaper_interval_s=int(settings.get("reaper_interval_seconds")),
+                      max_body_bytes=max_body_bytes)
         registry = Registry(timeouts=Timeouts(
             connect_s=float(settings.get("upstream_connect_timeout_seconds")),
-            read_s=float(settings.get("upstream_read_timeout_seconds"))))
+            read_s=float(settings.get("upstream_read_timeout_seconds"))),
+            max_body_bytes=int(settings.get("max_upstream_body_bytes")))
         gw = Gateway(ctx, registry,
                      catalog_refresh_s=int(settings.get("catalog_refresh_seconds")),
                      key_cache_s=int(settings.get("key_cache_seconds")),
-                     max_body_bytes=int(settings.get("max_body_bytes")))
+                     max_body_bytes=max_body_bytes)
         app.state.ctx = ctx
         app.state.gateway = gw
         ctx.start()

@@ -27,6 +27,7 @@ class Context:
     admin_token: str
     hold_ttl_ms: int
     reaper_interval_s: int
+    max_body_bytes: int = 10 * 1024 * 1024  # request bodies (settings: max_body_bytes)
     _reaper: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:

@@ -8,12 +8,28 @@ from typing import Any
 
 from starlette.requests import Request
 
-from tollway.errors import InvalidRequest
+from tollway.errors import InvalidRequest, PayloadTooLarge
+
+
+async def limited_body(request: Request) -> bytes:
+    """The request body, refused with 413 past ``max_body_bytes`` before more is read."""
+    limit: int = request.app.state.ctx.max_body_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object; numbers with a fraction are read as exact ``Decimal``."""
-    raw = await request.body()
+    raw = await limited_body(request)
     if not raw:
         return {}
     try:

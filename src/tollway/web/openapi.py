@@ -46,7 +46,7 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 LOG_FILTERS = ["start", "end", "model", "endpoint", "product", "key", "group", "type",
-               "billing_type"]
+               "billing_type", "review"]
 OBJECT = {"type": "object", "additionalProperties": True}
 
 SPEC: dict[str, Any] = {
@@ -156,6 +156,9 @@ SPEC: dict[str, Any] = {
             "type": _query("type", {"enum": ["consume", "error", "topup", "adjustment",
                                              "refund", "system"]}, "record type"),
             "billing_type": _query("billing_type", {"enum": ["token", "per_call"]}, ""),
+            "review": _query("review", {"enum": ["true", "false"]},
+                             "true: only records whose usage was capped or estimated "
+                             "(usage_source capped or estimated), for an operator to check"),
             "limit": _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                             "page size (default 50)"),
             "cursor": _query("cursor", {"type": "string"}, "next_cursor of the previous page"),

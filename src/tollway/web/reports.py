@@ -68,10 +68,13 @@ def log_filter(request: Request, account_id: int | None) -> LogFilter:
     billing_type = q.get("billing_type") or None
     if billing_type is not None and billing_type not in ("token", "per_call"):
         raise InvalidRequest("billing_type must be token or per_call")
+    review = q.get("review") or "false"
+    if review not in ("true", "false"):
+        raise InvalidRequest("review must be true or false")
     return LogFilter(account_id=account_id, start_ms=_time(request, "start"),
                      end_ms=_time(request, "end"), product=products.pop() if products else None,
                      key_id=_int(request, "key"), group=q.get("group") or None, type=kind,
-                     billing_type=billing_type)
+                     billing_type=billing_type, review=review == "true")
 
 
 def usage_list(scope: Scope) -> Callable[[Request], Awaitable[Response]]:
