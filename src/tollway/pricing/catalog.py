@@ -93,7 +93,10 @@ def _construct_decimal(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> Any:
     text = str(loader.construct_scalar(node)).replace("_", "")
     if text.lower().lstrip("+-") in (".inf", ".nan"):
         return text  # validation reports it as not a finite number
-    return Decimal(text)
+    try:
+        return Decimal(text)
+    except ArithmeticError:  # YAML 1.1 sexagesimal (1:30.5) and the like: not a price
+        return text
 
 
 _ExactLoader.add_constructor("tag:yaml.org,2002:float", _construct_decimal)
@@ -114,6 +117,10 @@ def parse_catalog(text: str, *, source: str = "<catalog>") -> Catalog:
         data = yaml.load(text, Loader=_ExactLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         raise CatalogError([f"{source}: not valid YAML: {exc}"]) from None
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        # PyYAML's constructors raise these on scalars that match a tag's pattern but not
+        # its meaning: a month 13, a UTC offset of +99:00, a malformed !!timestamp.
+        raise CatalogError([f"{source}: not valid YAML: {type(exc).__name__}: {exc}"]) from None
     return _Validator(source).catalog(data)
 
 
@@ -132,7 +139,7 @@ class _Validator:
             raise CatalogError([(f"{self.source}: the catalog must be a mapping with "
                                  "providers, groups, models and endpoints")])
         for key in sorted(set(data) - {"providers", "groups", "models", "endpoints",
-                                       "effective_from"}):
+                                       "effective_from"}, key=str):
             self.problem(str(key), "unknown top-level section")
         default_from = self.timestamp("effective_from", data.get("effective_from"))
         providers = self.providers(data.get("providers") or {})
@@ -261,10 +268,10 @@ class _Validator:
         allowed = {"id", "provider", "price", "group_ratios", "effective_from"} | (
             {"upstream_model", "max_output_tokens"} if section == "models"
             else {"name", "method", "path", "upstream_path"})
-        for key in sorted(set(item) - allowed):
-            self.problem(f"{where}.{key}", "unknown field")
+        for key in sorted(set(item) - allowed, key=str):
+            self.problem(f"{where}.{_field(key)}", "unknown field")
         provider = item.get("provider")
-        if provider not in providers:
+        if not isinstance(provider, str) or provider not in providers:
             known = ", ".join(sorted(providers)) or "none defined"
             self.problem(f"{where}.provider", f"unknown provider {provider!r} (known: {known})")
         overrides: dict[str, Decimal] = {}
@@ -294,9 +301,9 @@ class _Validator:
 
     def model(self, where: str, item: dict[str, Any], raw: dict[str, Any],
               overrides: dict[str, Decimal], effective_from: datetime | None) -> Listing | None:
-        for key in sorted(set(raw) - {"input", "output", "cache_read", "cache_write"}):
-            self.problem(f"{where}.price.{key}", "unknown price field (token prices are input, "
-                         "output, cache_read, cache_write, in USD per 1M tokens)")
+        for key in sorted(set(raw) - {"input", "output", "cache_read", "cache_write"}, key=str):
+            self.problem(f"{where}.price.{_field(key)}", "unknown price field (token prices "
+                         "are input, output, cache_read, cache_write, in USD per 1M tokens)")
         prices: dict[str, Decimal | None] = {}
         for key in ("input", "output"):
             if raw.get(key) is None:
@@ -323,9 +330,9 @@ class _Validator:
 
     def endpoint(self, where: str, item: dict[str, Any], raw: dict[str, Any],
                  overrides: dict[str, Decimal], effective_from: datetime | None) -> Listing | None:
-        for key in sorted(set(raw) - {"per_call"}):
-            self.problem(f"{where}.price.{key}", "unknown price field (per-call endpoints take "
-                         "per_call, in USD)")
+        for key in sorted(set(raw) - {"per_call"}, key=str):
+            self.problem(f"{where}.price.{_field(key)}", "unknown price field (per-call "
+                         "endpoints take per_call, in USD)")
         per_call = None
         if raw.get("per_call") is None:
             self.problem(f"{where}.price.per_call", "missing price (USD per call)")
@@ -359,6 +366,12 @@ class _Validator:
         return Listing(item["id"], str(item.get("provider")), CallPrice(per_call), overrides,
                        effective_from, name=str(name), method=method, path=path,
                        upstream_path=upstream_path)
+
+
+def _field(key: Any) -> str:
+    """A field name as a problem shows it: plain names as they are, anything else quoted
+    (an empty key, one with spaces, a number)."""
+    return key if isinstance(key, str) and re.fullmatch(r"[A-Za-z0-9_-]+", key) else repr(key)
 
 
 def _route_shape(path: str) -> str:

@@ -36,6 +36,22 @@ def _op(summary: str, response: dict[str, Any], *, security: str | None = "apiKe
     return op
 
 
+def _statement(description: str = "OK") -> dict[str, Any]:
+    """A statement in the three formats ``format=`` selects."""
+    return {"description": description, "content": {
+        "application/json": {"schema": _ref("Statement")},
+        "text/csv": {"schema": {"type": "string"}},
+        "text/html": {"schema": {"type": "string"}}}}
+
+
+def _metered(description: str, *, stream: bool) -> dict[str, Any]:
+    """A metered LLM answer: JSON, or with ``"stream": true`` server-sent events."""
+    content: dict[str, Any] = {"application/json": {"schema": OBJECT}}
+    if stream:
+        content["text/event-stream"] = {"schema": {"type": "string"}}
+    return {"description": description, "content": content}
+
+
 def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": False, "schema": schema,
             "description": description}
@@ -76,13 +92,15 @@ SPEC: dict[str, Any] = {
                                            _json(_ref("Summary")),
                                            params=["start", "end", "group_by"])},
         "/v1/billing/statement": {"get": _op("A month's statement (json, csv or html)",
-                                             _json(_ref("Statement")),
+                                             _statement(),
                                              params=["month", "format_statement"])},
         "/v1/chat/completions": {"post": _op(
             "OpenAI-compatible chat completions (streaming included), metered",
-            _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
+            _metered("The upstream's answer; X-Tollway-Cost-USD carries the cost (a stream: "
+                     "its final comment)", stream=True),
             body=_ref("ChatRequest"))},
-        "/v1/completions": {"post": _op("OpenAI-compatible completions, metered", _json(OBJECT),
+        "/v1/completions": {"post": _op("OpenAI-compatible completions, metered",
+                                        _metered("The upstream's answer", stream=True),
                                         body=OBJECT)},
         "/v1/embeddings": {"post": _op("OpenAI-compatible embeddings, metered", _json(OBJECT),
                                        body=OBJECT)},
@@ -137,7 +155,7 @@ SPEC: dict[str, Any] = {
             "One account's summary", _json(_ref("Summary")), security="adminToken",
             params=["account", "start", "end", "group_by"])},
         "/admin/v1/accounts/{account}/statement": {"get": _op(
-            "One account's monthly statement", _json(_ref("Statement")),
+            "One account's monthly statement", _statement(),
             security="adminToken", params=["account", "month", "format_statement"])},
     },
     "components": {
