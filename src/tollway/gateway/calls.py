@@ -22,6 +22,9 @@ from tollway.store.catalog import Item, price_columns
 from tollway.web.errors import REQUEST_ID
 
 COST_HEADER = b"x-tollway-cost-usd"
+#: On an upstream's own non-2xx answer, passed through unchanged: tells a client that the body
+#: is the upstream's, not Tollway's error shape.
+UPSTREAM_ERROR_HEADER = (b"x-tollway-upstream-error", b"true")
 
 
 @dataclass
@@ -118,4 +121,5 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
         if body is None:
             await send_bytes(send, exc.status, error_body(call.scope, exc))
         else:
-            await send_bytes(send, status or exc.status, body, content_type)
+            await send_bytes(send, status or exc.status, body, content_type,
+                             headers=[UPSTREAM_ERROR_HEADER])

@@ -18,14 +18,21 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-ERRORS = {str(code): {"$ref": "#/components/responses/Error"}
-          for code in (400, 401, 402, 403, 404, 409, 413, 429, 502, 503, 504)}
+ERROR_CODES = (400, 401, 402, 403, 404, 409, 413, 429, 502, 503, 504)
+ERRORS = {str(code): {"$ref": "#/components/responses/Error"} for code in ERROR_CODES}
+#: The metered routes also pass an upstream's own non-2xx answer through unchanged (LLM
+#: routes: its 4xx; data APIs: its 4xx and 5xx), marked ``X-Tollway-Upstream-Error: true``.
+GATEWAY_ERRORS = {**{str(code): {"$ref": "#/components/responses/GatewayError"}
+                     for code in ERROR_CODES},
+                  "4XX": {"$ref": "#/components/responses/GatewayError"}}
+API_ERRORS = {**GATEWAY_ERRORS, "5XX": {"$ref": "#/components/responses/GatewayError"}}
 
 
 def _op(summary: str, response: dict[str, Any], *, security: str | None = "apiKey",
         params: Sequence[str] = (), body: dict[str, Any] | None = None,
-        status: str = "200") -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": {status: response, **ERRORS}}
+        status: str = "200", errors: dict[str, Any] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary,
+                          "responses": {status: response, **(errors or ERRORS)}}
     if security:
         op["security"] = [{security: []}]
     if params:
@@ -47,8 +54,8 @@ def _statement(description: str = "OK") -> dict[str, Any]:
 def _metered(description: str, *, stream: bool) -> dict[str, Any]:
     """A metered LLM answer: JSON, or with ``"stream": true`` server-sent events."""
     content: dict[str, Any] = {"application/json": {"schema": OBJECT}}
-    if stream:
-        content["text/event-stream"] = {"schema": {"type": "string"}}
+    if stream:  # events of chat.completion.chunk objects, a usage chunk, then [DONE]
+        content["text/event-stream"] = {"schema": {}}
     return {"description": description, "content": content}
 
 
@@ -98,16 +105,17 @@ SPEC: dict[str, Any] = {
             "OpenAI-compatible chat completions (streaming included), metered",
             _metered("The upstream's answer; X-Tollway-Cost-USD carries the cost (a stream: "
                      "its final comment)", stream=True),
-            body=_ref("ChatRequest"))},
+            body=_ref("ChatRequest"), errors=GATEWAY_ERRORS)},
         "/v1/completions": {"post": _op("OpenAI-compatible completions, metered",
                                         _metered("The upstream's answer", stream=True),
-                                        body=OBJECT)},
+                                        body=OBJECT, errors=GATEWAY_ERRORS)},
         "/v1/embeddings": {"post": _op("OpenAI-compatible embeddings, metered", _json(OBJECT),
-                                       body=OBJECT)},
+                                       body=OBJECT, errors=GATEWAY_ERRORS)},
         "/v1/models": {"get": _op("Models this key may use", _json(OBJECT))},
         "/apis/v1/{path}": {method: _op(
             "A catalog data API: charged per successful (2xx) call",
-            {"description": "The upstream's answer, unchanged"}, params=["api_path"])
+            {"description": "The upstream's answer, unchanged"}, params=["api_path"],
+            errors=API_ERRORS)
             for method in ("get", "post", "put", "patch", "delete")},
         "/admin/v1/accounts": {
             "get": _op("All accounts", _json(OBJECT), security="adminToken"),
@@ -196,7 +204,16 @@ SPEC: dict[str, Any] = {
             "idempotency_key": {"name": "Idempotency-Key", "in": "header", "required": False,
                                 "schema": {"type": "string", "maxLength": 200}},
         },
-        "responses": {"Error": _json(_ref("Error"), "An error")},
+        "responses": {
+            "Error": _json(_ref("Error"), "An error"),
+            "GatewayError": {
+                "description": "Tollway's error (schema Error), or the upstream's own answer "
+                               "passed through unchanged, uncharged, with header "
+                               "X-Tollway-Upstream-Error: true",
+                "headers": {"X-Tollway-Upstream-Error": {"schema": {"enum": ["true"]}}},
+                "content": {"application/json": {"schema": {"anyOf": [_ref("Error"),
+                                                                      OBJECT]}},
+                            "*/*": {"schema": {}}}}},
         "schemas": {
             "Usd": {"type": "string", "pattern": r"^-?\d+\.\d{9}$",
                     "description": "USD, exactly 9 decimal places"},
