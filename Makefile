@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck bench clean install
+.PHONY: serve test lint typecheck bench clean install stress stress-fuzz
 
 install: $(STAMP)
 
@@ -28,6 +28,21 @@ test: $(STAMP)
 	  echo "!! PostgreSQL unavailable: its test variants will be SKIPPED" >&2; url=""; }; \
 	TOLLWAY_TEST_POSTGRES_URL="$$url" $(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; \
 	scripts/pg-test-server stop var/pg-test >/dev/null 2>&1 || true; exit $$status
+
+# The long runs (pytest marker `stress`, deselected by `make test`), on SQLite and PostgreSQL.
+stress: stress-fuzz
+
+# Long fuzzing: schemathesis over every operation, hypothesis over catalogs and usage
+# (TOLLWAY_STRESS_EXAMPLES examples each), then the per-operation table.
+STRESS_EXAMPLES ?= 300
+stress-fuzz: $(STAMP)
+	@mkdir -p var/stress && rm -f var/stress/fuzz-api.jsonl
+	@url=$$(scripts/pg-test-server start var/pg-test) || { echo "stress needs PostgreSQL" >&2; exit 1; }; \
+	TOLLWAY_TEST_POSTGRES_URL="$$url" TOLLWAY_STRESS_EXAMPLES=$(STRESS_EXAMPLES) \
+	  TOLLWAY_FUZZ_REPORT=var/stress/fuzz-api.jsonl $(BIN)/python -m pytest -m stress -q \
+	  tests/test_fuzz_api.py tests/test_fuzz_catalog.py tests/test_fuzz_usage.py $(PYTEST_ARGS); \
+	status=$$?; scripts/pg-test-server stop var/pg-test >/dev/null 2>&1 || true; \
+	$(BIN)/python scripts/fuzz-summary var/stress/fuzz-api.jsonl; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

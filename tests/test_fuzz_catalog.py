@@ -5,7 +5,8 @@ tricky YAML scalar). The loader either accepts the file or raises the documented
 the item and field; never any other exception. What it accepts, the store applies (SQLite and
 PostgreSQL) without any error but a :class:`~tollway.errors.TollwayError`.
 
-``make stress`` (``TOLLWAY_STRESS=1``) runs many more examples.
+``make test`` runs a few derandomized examples of each; ``make stress`` (marker ``stress``)
+runs ``TOLLWAY_STRESS_EXAMPLES`` (default 2000) random ones.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,8 @@ from tollway.store.db import Database
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
 BASE = yaml.safe_load(EXAMPLE.read_text())
 SOURCE = "fuzz.yaml"
-STRESS = os.environ.get("TOLLWAY_STRESS") == "1"
-EXAMPLES = 2000 if STRESS else 60
-FUZZ = settings(max_examples=EXAMPLES, derandomize=not STRESS, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                       HealthCheck.too_slow])
+FAST_EXAMPLES = 60
+LONG_EXAMPLES = int(os.environ.get("TOLLWAY_STRESS_EXAMPLES", "2000"))
 
 #: YAML scalars and shapes that have broken loaders: sexagesimal and special floats, huge and
 #: tiny numbers, octal and hex, dates (valid and not), tags, anchors, NUL, booleans.
@@ -130,26 +128,49 @@ def apply(db: Database, catalog: Catalog) -> None:
         pass
 
 
-@FUZZ
-@given(text=st.text(max_size=300))
-def test_random_text(text: str) -> None:
-    load(text)
+def fuzz(strategy: st.SearchStrategy[Any], check: Callable[[Any], None], *,
+         long: bool) -> None:
+    """Run ``check`` on examples of ``strategy``: a few, derandomized (``make test``), or
+    :data:`LONG_EXAMPLES` random ones (``make stress``)."""
+    @settings(max_examples=LONG_EXAMPLES if long else FAST_EXAMPLES, derandomize=not long,
+              deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(value=strategy)
+    def run(value: Any) -> None:
+        check(value)
+
+    run()
 
 
-@FUZZ
-@given(data=structures)
-def test_random_yaml_structures(data: Any) -> None:
+def check_structure(data: Any) -> None:
     load(yaml.safe_dump(data))
     load(yaml.safe_dump({"providers": data, "groups": data, "models": [data],
                          "endpoints": data}))
 
 
-@FUZZ
-@given(text=near_valid())
-def test_near_valid_catalogs_load_or_name_the_problem(database: Database, text: str) -> None:
-    catalog = load(text)
-    if catalog is not None:
-        apply(database, catalog)
+def check_near_valid(database: Database) -> Callable[[str], None]:
+    def check(text: str) -> None:
+        catalog = load(text)
+        if catalog is not None:
+            apply(database, catalog)
+    return check
+
+
+@pytest.mark.parametrize("long", [False, pytest.param(True, marks=pytest.mark.stress)],
+                         ids=["fast", "long"])
+def test_random_text(long: bool) -> None:
+    fuzz(st.text(max_size=300), load, long=long)
+
+
+@pytest.mark.parametrize("long", [False, pytest.param(True, marks=pytest.mark.stress)],
+                         ids=["fast", "long"])
+def test_random_yaml_structures(long: bool) -> None:
+    fuzz(structures, check_structure, long=long)
+
+
+@pytest.mark.parametrize("long", [False, pytest.param(True, marks=pytest.mark.stress)],
+                         ids=["fast", "long"])
+def test_near_valid_catalogs_load_or_name_the_problem(database: Database, long: bool) -> None:
+    fuzz(near_valid(), check_near_valid(database), long=long)
 
 
 @pytest.mark.parametrize("snippet", TRICKY)

@@ -11,13 +11,16 @@ reported; plausible-looking usage beyond the bounds is capped.
 Prices: ``gpt-test`` input 0.15, output 0.60, cache read 0.075 per 1M tokens. Requests send
 ``HELLO`` (local count 8, hold estimate 10) with ``max_tokens`` 50: the bounds are a prompt of
 max(10 × 4, 10 + 4096) = 4106 tokens and 50 output tokens.
+
+``make test`` runs a few derandomized examples; ``make stress`` (marker ``stress``) runs
+``TOLLWAY_STRESS_EXAMPLES`` (default 300) random ones.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import Decimal
 from typing import Any
 
@@ -40,7 +43,7 @@ from tollway.pricing.rating import AppliedRatio, InvalidUsage, TokenPrice, Token
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 
-STRESS = os.environ.get("TOLLWAY_STRESS") == "1"
+LONG_EXAMPLES = int(os.environ.get("TOLLWAY_STRESS_EXAMPLES", "300"))
 GPT = TokenPrice(Decimal("0.15"), Decimal("0.60"), Decimal("0.075"))
 ONE = AppliedRatio(Decimal(1), "group")
 PROMPT_BOUND, OUTPUT_BOUND = 4106, 50
@@ -70,10 +73,24 @@ def cost(usage: TokenUsage) -> int:
 # --------------------------------------------------------------------------- the parser alone
 
 
-@settings(max_examples=5000 if STRESS else 500, deadline=None, derandomize=not STRESS,
-          database=None)
-@given(raw=st.one_of(usages, plausible))
-def test_parsing_refuses_or_bounds_every_usage(raw: Any) -> None:
+def fuzz(strategy: st.SearchStrategy[Any], check: Callable[..., None], *, examples: int,
+         long: bool) -> None:
+    """``check(**example)`` on ``examples`` derandomized examples (``make test``), or on
+    ``TOLLWAY_STRESS_EXAMPLES`` random ones (``make stress``)."""
+    @settings(max_examples=LONG_EXAMPLES if long else examples, derandomize=not long,
+              deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(value=strategy)
+    def run(value: dict[str, Any]) -> None:
+        check(**value)
+
+    run()
+
+
+FAST_OR_LONG = pytest.mark.parametrize(
+    "long", [False, pytest.param(True, marks=pytest.mark.stress)], ids=["fast", "long"])
+
+
+def check_parsing(raw: Any) -> None:
     try:
         usage, reasoning = parse_openai_usage(raw)
     except InvalidUsage:
@@ -86,8 +103,15 @@ def test_parsing_refuses_or_bounds_every_usage(raw: Any) -> None:
     if metered.source == "upstream":
         assert billed == usage and metered.note is None
     else:
-        assert metered.source == "capped" and metered.note.startswith("usage capped for review")
+        assert metered.source == "capped" and metered.note is not None
+        assert metered.note.startswith("usage capped for review")
         assert (usage.prompt_tokens > PROMPT_BOUND) or (usage.completion_tokens > OUTPUT_BOUND)
+
+
+@FAST_OR_LONG
+def test_parsing_refuses_or_bounds_every_usage(long: bool) -> None:
+    fuzz(st.fixed_dictionaries({"raw": st.one_of(usages, plausible)}), check_parsing,
+         examples=500, long=long)
 
 
 # --------------------------------------------------------------------------- end to end
@@ -147,22 +171,25 @@ def check_one_request(tw: Tollway, raw: Any, *, stream: bool, where: int) -> Non
             assert billed.completion_tokens <= OUTPUT_BOUND
 
 
-@settings(max_examples=400 if STRESS else 12, deadline=None, derandomize=not STRESS,
-          database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(raw=st.one_of(usages, plausible), stream=st.booleans(), where=st.integers(0, 2))
-def test_any_reported_usage_is_billed_exactly_capped_or_estimated(
-        served: Tollway, raw: Any, stream: bool, where: int) -> None:
-    check_one_request(served, raw, stream=stream, where=where)
-    assert served.open_holds() == 0
+@FAST_OR_LONG
+def test_any_reported_usage_is_billed_exactly_capped_or_estimated(served: Tollway,
+                                                                  long: bool) -> None:
+    def check(raw: Any, stream: bool, where: int) -> None:
+        check_one_request(served, raw, stream=stream, where=where)
+        assert served.open_holds() == 0
+
+    fuzz(st.fixed_dictionaries({"raw": st.one_of(usages, plausible), "stream": st.booleans(),
+                                "where": st.integers(0, 2)}), check, examples=12, long=long)
 
 
-@settings(max_examples=200 if STRESS else 4, deadline=None, derandomize=not STRESS,
-          database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(raw=plausible, stream=st.booleans())
-def test_plausible_usage_is_billed_exactly_as_reported(served: Tollway, raw: Any,
-                                                       stream: bool) -> None:
-    check_one_request(served, raw, stream=stream, where=2)
-    assert served.records()[0]["usage_source"] == "upstream"
+@FAST_OR_LONG
+def test_plausible_usage_is_billed_exactly_as_reported(served: Tollway, long: bool) -> None:
+    def check(raw: Any, stream: bool) -> None:
+        check_one_request(served, raw, stream=stream, where=2)
+        assert served.records()[0]["usage_source"] == "upstream"
+
+    fuzz(st.fixed_dictionaries({"raw": plausible, "stream": st.booleans()}), check,
+         examples=4, long=long)
 
 
 def test_the_books_verify_after_the_fuzzing(served: Tollway) -> None:

@@ -125,7 +125,12 @@ class LLMRoute:
                                                            or 4096))
         llm = LLMCall(gw, call, payload, price, tokens.estimate_prompt(payload), bound, max_field,
                       choices=self._choices(payload))
-        call.stream = self.kind != "embeddings" and payload.get("stream") is True
+        stream = payload.get("stream")
+        if stream is not None and not isinstance(stream, bool):
+            # an upstream may read any truthy value as "stream" while the gateway expected
+            # one JSON answer (and answered 502); refuse it before holding anything
+            raise InvalidRequest("stream must be true or false")
+        call.stream = self.kind != "embeddings" and stream is True
         amount = llm.hold_cost(llm.prompt_estimate, (bound or 0) * llm.choices)
         result = await gw.ctx.write(lambda conn: metering.reserve(
             conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
