@@ -36,6 +36,7 @@ from fakes import (
     running_tollway,
     sse_events,
 )
+from tollway.cli import main
 from tollway.errors import UpstreamError
 from tollway.gateway.sse import MAX_EVENT_BYTES, EventSplitter
 from tollway.pricing.rating import AppliedRatio, TokenPrice, TokenUsage, rate_tokens
@@ -303,7 +304,8 @@ def test_non_json_and_truncated_answers(tw: Tollway) -> None:
 # --------------------------------------------------------------------------- absurd usage
 
 
-def test_absurd_usage_is_capped_or_estimated_and_flagged_for_review(tw: Tollway) -> None:
+def test_absurd_usage_is_capped_or_estimated_and_flagged_for_review(
+        tw: Tollway, capsys: pytest.CaptureFixture[str]) -> None:
     account = tw.account()
     key = tw.key(account)
     text = "".join(PIECES)
@@ -365,6 +367,12 @@ def test_absurd_usage_is_capped_or_estimated_and_flagged_for_review(tw: Tollway)
     assert {r["request_id"] for r in listed.json()["data"]} == {
         rid for name, rid in ids.items() if name != "plain"}
     assert {r["usage_source"] for r in listed.json()["data"]} == {"capped", "estimated"}
+    # and the CLI's
+    assert main(["usage", str(account), "--review", "--limit", "100", "--json",
+                 "--database-url", tw.db.url]) == 0
+    out, _ = capsys.readouterr()
+    assert {r["request_id"] for r in json.loads(out)["data"]} == {
+        rid for name, rid in ids.items() if name != "plain"}
 
 
 def test_usage_in_the_wrong_chunk(tw: Tollway) -> None:
