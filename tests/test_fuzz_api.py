@@ -9,6 +9,9 @@ matches the declared schema and content type; every error is exactly
 ``{"error": {"type", "code", "message", "request_id"}}`` with the ``X-Request-Id`` header's id;
 and, once fuzzing is over, the ledger verifies and no hold is left open.
 
+Some cases are steered to things that exist (a catalog model or API path, the fuzzing
+account, one of its records, a spare key), so requests get past "not found" too.
+
 ``make test`` runs a few derandomized examples per operation; ``make stress`` (marker
 ``stress``) runs ``TOLLWAY_STRESS_EXAMPLES`` (default 300) random ones per operation and, with
 ``TOLLWAY_FUZZ_REPORT=FILE``, appends one JSON line per operation and backend (requests,
@@ -22,6 +25,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +72,36 @@ MODELS = ["sandbox-chat", "sandbox-reasoner", "sandbox-embed"]
 API_PATHS = ["search/web", "finance/quote/AAPL", "scholar/search"]
 
 
-def steer(case: schemathesis.Case, choice: int) -> None:
+@dataclass(frozen=True)
+class Targets:
+    """Real things for path parameters to name: the fuzzing account (by id and by name), one
+    of its usage records, and a spare key of it (revoking that one leaves the fuzzing key
+    alone)."""
+
+    accounts: tuple[str, str]
+    request_id: str
+    spare_key_id: int
+
+
+def steer(case: schemathesis.Case, choice: int, targets: Targets) -> None:
+    """Point some cases at the sandbox catalog and at things that exist."""
     if not choice:
         return
     if case.operation.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
         if isinstance(case.body, dict):
             case.body["model"] = MODELS[choice - 1]
-    elif case.operation.path == "/apis/v1/{path}" and case.path_parameters is not None:
-        case.path_parameters["path"] = API_PATHS[choice - 1]
+        return
+    params = case.path_parameters
+    if params is None:
+        return
+    if "path" in params:
+        params["path"] = API_PATHS[choice - 1]
+    if "account" in params and choice < 3:
+        params["account"] = targets.accounts[choice - 1]
+    if "request_id" in params:
+        params["request_id"] = targets.request_id
+    if "key_id" in params:
+        params["key_id"] = targets.spare_key_id
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -104,22 +130,35 @@ def check_error_shape(response: Any) -> None:
     assert [error["request_id"]] == response.headers["x-request-id"], error
 
 
-def fuzz(tw: Tollway, label: str, examples: int) -> None:
+def make_targets(tw: Tollway, account: int, key: str) -> Targets:
+    response = tw.http().post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                              json={"model": "sandbox-chat", "max_tokens": 5,
+                                    "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 200, response.text
+    name = tw.http().get(f"/admin/v1/accounts/{account}", headers={
+        "Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["name"]
+    spare = tw.key_record(tw.key(account, name="spare"))
+    tw.close_clients()
+    return Targets((str(account), name), response.headers["x-request-id"], spare.id)
+
+
+def fuzz(tw: Tollway, label: str, examples: int, *, long: bool = False) -> None:
     account = tw.account("fuzz", usd="100")
     key = tw.key(account)
+    targets = make_targets(tw, account, key)
     op = next(op for op in OPERATIONS if op.label == label)
     token = ADMIN_TOKEN if op.path.startswith("/admin/") else key
     headers = {"Authorization": f"Bearer {token}"}
     statuses: Counter[int] = Counter()
     started = time.monotonic()
 
-    @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
+    @settings(max_examples=examples, derandomize=not long, deadline=None, database=None,
               suppress_health_check=list(HealthCheck), print_blob=True)
     @given(case=st.one_of(op.as_strategy(GenerationMode.POSITIVE),
                           op.as_strategy(GenerationMode.NEGATIVE)),
            choice=st.integers(0, 3))
     def run(case: schemathesis.Case, choice: int) -> None:
-        steer(case, choice)
+        steer(case, choice, targets)
         response = case.call(base_url=tw.url, headers=headers, timeout=30)
         statuses[response.status_code] += 1
         case.validate_response(response, checks=CHECKS)
@@ -146,7 +185,7 @@ def test_every_operation_conforms_to_the_document(served: Tollway, label: str) -
 @pytest.mark.stress
 @pytest.mark.parametrize("label", LABELS)
 def test_every_operation_conforms_to_the_document_long(served: Tollway, label: str) -> None:
-    fuzz(served, label, STRESS_EXAMPLES)
+    fuzz(served, label, STRESS_EXAMPLES, long=True)
 
 
 def test_a_stream_flag_that_is_not_a_boolean_is_a_400(served: Tollway) -> None:
