@@ -207,3 +207,28 @@ def test_a_stream_flag_that_is_not_a_boolean_is_a_400(served: Tollway) -> None:
                                                        "stream must be true or false")
     assert served.open_holds() == 0
     served.close_clients()
+
+
+def test_nul_characters_in_bodies_are_a_400(served: Tollway) -> None:
+    """Regression (found by the long run on PostgreSQL): an account name holding NUL was a 500
+    (PostgreSQL refuses NUL in text); every JSON body with one is now refused up front."""
+    account = served.account("nul")
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    http = served.http()
+    for path, body in (("/admin/v1/accounts", {"name": "\u009e\u007f\u0000\u00aa"}),
+                       ("/admin/v1/accounts", {"name": "ok", "group": "a\u0000"}),
+                       (f"/admin/v1/accounts/{account}/keys", {"name": "\u0000"}),
+                       (f"/admin/v1/accounts/{account}/keys", {"models": ["x\u0000"]}),
+                       (f"/admin/v1/accounts/{account}/topups",
+                        {"amount_usd": "1", "note": "\u0000"}),
+                       (f"/admin/v1/accounts/{account}/adjustments",
+                        {"amount_usd": "1", "note": "x", "\u0000": 1})):
+        response = http.post(path, json=body, headers=admin)
+        assert response.status_code == 400, (path, body, response.text)
+        assert response.json()["error"]["message"] == (
+            "strings in the request body must not contain NUL characters")
+    for path in ("/admin/v1/accounts/a%00b", "/admin/v1/usage/req%00",
+                 "/admin/v1/usage?account=a%00"):
+        assert http.get(path, headers=admin).status_code == 404, path
+    assert served.verify() == []
+    served.close_clients()

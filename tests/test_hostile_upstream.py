@@ -236,7 +236,11 @@ def test_invalid_utf8_never_crashes_and_never_charges_blindly(tw: Tollway) -> No
     tw.fake.hostile = replying(b"\xff bad \xfe", status=400)
     response = chat(tw, key)
     assert (response.status_code, response.content) == (400, b"\xff bad \xfe")
-    # a stream with one undecodable event: relayed as is; the usage chunk is billed exactly:
+    # an error body holding NUL characters (PostgreSQL refuses them in a note): 502, no charge
+    tw.fake.hostile = replying(b'{"error": "bad\x00 things"}', status=500)
+    response = chat(tw, key)
+    assert response.status_code == 502 and error_of(response)["code"] == "upstream_error"
+        # a stream with one undecodable event: relayed as is; the usage chunk is billed exactly:
     # (20 × 0.15 + 5 × 0.60) / 1e6 = 6e-6 USD = 6_000 nano-USD
     tw.fake.hostile = streaming(b"data: \xff\xfe\xc3\x28\n\n",
                                 *content_stream(DONE, usage={"prompt_tokens": 20,
@@ -246,8 +250,9 @@ def test_invalid_utf8_never_crashes_and_never_charges_blindly(tw: Tollway) -> No
     assert response.content.endswith(b": tollway cost_usd=0.000006000\n\ndata: [DONE]\n\n")
     records = books_hold(tw, account)
     assert [(r["type"], r["status"], r["cost_nano"], r["usage_source"]) for r in records] == [
-        ("error", 502, 0, "none"), ("error", 400, 0, "none"),
+        ("error", 502, 0, "none"), ("error", 400, 0, "none"), ("error", 502, 0, "none"),
         ("consume", 200, 6_000, "upstream")]
+    assert "bad\ufffd things" in records[2]["note"]
 
 
 def test_sse_without_blank_lines_is_bounded(tw: Tollway) -> None:

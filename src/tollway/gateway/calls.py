@@ -78,8 +78,13 @@ class Call:
             "price_version_id": self.item.version.id,
             "usage_source": usage_source,
             "error_code": error.code if error else None,
-            "note": error.message if error else note,
+            "note": _text(error.message if error else note),
         }
+
+
+def _text(note: str | None) -> str | None:
+    """A note as PostgreSQL can store it: an upstream's words may hold NUL characters."""
+    return note.replace("\x00", "\ufffd") if note else note
 
 
 def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,

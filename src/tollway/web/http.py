@@ -38,7 +38,19 @@ async def json_body(request: Request) -> dict[str, Any]:
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    if _has_nul(body):  # names and notes are stored as text, which PostgreSQL refuses NUL in
+        raise InvalidRequest("strings in the request body must not contain NUL characters")
     return body
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 def bearer(request: Request) -> str | None:
