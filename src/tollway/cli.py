@@ -591,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(led, "verify", cmd_ledger_verify, "recompute every balance from postings; exit 1 on any "
         "violation")
     add(led, "expire-holds", cmd_ledger_expire, "release holds past their deadline now")
+
+    from tollway import cli_notify  # imports this module: registered once it is loaded
+
+    cli_notify.register(group, add)
     return parser
 
 
