@@ -455,3 +455,32 @@ def test_email_is_sent_through_smtp(db: Database) -> None:
         [event] = notify.events_page(conn, account)["data"]
     assert event["deliveries"][0]["channel"] == "email"
     assert event["deliveries"][0]["status"] == "delivered"
+
+
+def test_the_cli_sets_up_and_delivers(db_url: str, receiver: Receiver,
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from tollway import cli
+
+    monkeypatch.setenv("TOLLWAY_NOTIFY_ALLOW_PRIVATE_TARGETS", "true")
+    base = ["--database-url", db_url]
+    assert cli.main([*base, "accounts", "create", "carol"]) == 0
+    assert cli.main([*base, "--json", "notify", "settings", "carol", "--threshold", "2.5",
+                     "--url", receiver.url]) == 0
+    capsys.readouterr()
+    assert cli.main([*base, "--json", "notify", "settings", "carol"]) == 0
+    settings = json.loads(capsys.readouterr().out)
+    assert settings["low_balance_threshold_usd"] == "2.500000000"
+    assert settings["webhook_url"] == receiver.url
+    assert cli.main([*base, "topup", "carol", "3"]) == 0
+    assert cli.main([*base, "adjust", "carol", "-1", "--note", "test"]) == 0  # 3 -> 2: low
+    capsys.readouterr()
+    assert cli.main([*base, "--json", "notify", "deliver"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"attempted": 2}
+    events = [check_signature(settings["webhook_secret"], r) for r in receiver.received]
+    assert sorted((e["type"], e["data"]["available_usd"]) for e in events) == [
+        ("balance.low", "2.000000000"), ("balance.topup", "3.000000000")]  # sent concurrently
+    assert cli.main([*base, "notify", "list", "carol"]) == 0
+    assert capsys.readouterr().out.count("delivered") == 2
+    assert cli.main([*base, "notify", "settings", "carol", "--url", "none"]) == 0
+    assert "webhook URL:           none" in capsys.readouterr().out

@@ -171,8 +171,8 @@ async def create_codes(request: Request, ctx: Context) -> Response:
 
 
 async def list_codes(request: Request, ctx: Context) -> Response:
-    limit = reports._int(request, "limit", default=100, high=1000) or 100
-    cursor = reports._int(request, "cursor")
+    limit = reports.query_int(request, "limit", default=100, high=1000) or 100
+    cursor = reports.query_int(request, "cursor")
     status = request.query_params.get("status") or None
     return JSONResponse(await ctx.read(lambda conn: codes.page(
         conn, limit=limit, cursor=cursor, status=status, now_ms=ledger.now_ms())))

@@ -16,6 +16,10 @@ clause after the first commits).
 Every operation takes an idempotency key, stored with a unique index in the same transaction
 as the money it moves: a repeat returns the first result and moves nothing; a repeat with
 different parameters raises :class:`IdempotencyConflict`.
+
+A wallet with a low-balance threshold is watched by the same statements: those that change its
+available balance return it with the threshold, and a crossing queues a ``balance.low`` event
+in the same transaction (:func:`_watch`; the transactional outbox).
 """
 
 from __future__ import annotations

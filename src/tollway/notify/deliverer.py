@@ -93,8 +93,11 @@ class Deliverer:
         policy = self.policy
         claimed: list[Claimed] = await self.write(lambda conn: store.claim(
             conn, now_ms=now, lease_ms=policy.lease_ms, limit=policy.batch))
-        if claimed:
-            await asyncio.gather(*(self._attempt(c) for c in claimed))
+        outcomes = await asyncio.gather(*(self._attempt(c) for c in claimed),
+                                        return_exceptions=True)
+        for failure in outcomes:  # not recorded (say, the database went away): the lease
+            if failure is not None:  # runs out and a later pass makes the next attempt
+                log.error("recording a delivery attempt failed: %r", failure)
         return len(claimed)
 
     async def drain(self) -> int:

@@ -14,7 +14,7 @@ from tollway.errors import InvalidRequest
 from tollway.ledger.ledger import now_ms
 from tollway.web.context import Context
 from tollway.web.http import json_body
-from tollway.web.reports import Scope, _int
+from tollway.web.reports import Scope, query_int
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -31,8 +31,8 @@ def events(scope: Scope) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         ctx: Context = request.app.state.ctx
         account_id = await _account(scope, request, ctx)
-        limit = _int(request, "limit", default=50, high=500) or 50
-        cursor = _int(request, "cursor")
+        limit = query_int(request, "limit", default=50, high=500) or 50
+        cursor = query_int(request, "cursor")
         return JSONResponse(await ctx.read(lambda conn: notify.events_page(
             conn, account_id, limit=limit, cursor=cursor)))
     return endpoint
