@@ -17,6 +17,7 @@ import json
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import Any
 import pytest
 
 from fakes import GATEWAY_ENV, USD, Tollway, fresh_database, running_tollway
+from tollway import cli
 from tollway.billing import credits
 from tollway.billing import notifications as notify
 from tollway.ledger import ledger
@@ -32,6 +34,7 @@ from tollway.notify import signing
 from tollway.notify.deliverer import Deliverer, Policy
 from tollway.store import accounts as account_store
 from tollway.store.db import Database
+from tollway.store.migrate import upgrade
 
 CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
 #: The server's own deliverer is off: each test delivers when it chooses, with its policy.
@@ -460,8 +463,6 @@ def test_email_is_sent_through_smtp(db: Database) -> None:
 def test_the_cli_sets_up_and_delivers(db_url: str, receiver: Receiver,
                                       monkeypatch: pytest.MonkeyPatch,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    from tollway import cli
-
     monkeypatch.setenv("TOLLWAY_NOTIFY_ALLOW_PRIVATE_TARGETS", "true")
     base = ["--database-url", db_url]
     assert cli.main([*base, "accounts", "create", "carol"]) == 0
@@ -484,3 +485,25 @@ def test_the_cli_sets_up_and_delivers(db_url: str, receiver: Receiver,
     assert capsys.readouterr().out.count("delivered") == 2
     assert cli.main([*base, "notify", "settings", "carol", "--url", "none"]) == 0
     assert "webhook URL:           none" in capsys.readouterr().out
+
+
+def test_the_server_delivers_in_the_background(tmp_path: Path, receiver: Receiver) -> None:
+    """The deliverer started with the app (lifespan) sends without anyone asking."""
+    db = Database(f"sqlite:///{tmp_path / 'bg.db'}")
+    upgrade(db)
+    env = {**GATEWAY_ENV, "TOLLWAY_NOTIFY_INTERVAL_SECONDS": "0.05",
+           "TOLLWAY_NOTIFY_ALLOW_PRIVATE_TARGETS": "true"}
+    with running_tollway(db, CATALOG.read_text(), env=env) as tw:
+        account = tw.account(usd=None)
+        http = tw.http()
+        secret = http.put(f"/admin/v1/accounts/{account}/notifications/settings",
+                          headers=ADMIN, json={"webhook_url": receiver.url}).json()[
+            "webhook_secret"]
+        assert http.post(f"/admin/v1/accounts/{account}/topups", headers=ADMIN,
+                         json={"amount_usd": "4.5"}).status_code == 201
+        deadline = time.monotonic() + 20
+        while not receiver.received and time.monotonic() < deadline:
+            time.sleep(0.02)
+    [got] = receiver.received
+    assert check_signature(secret, got)["data"]["amount_usd"] == "4.500000000"
+    db.dispose()
