@@ -144,8 +144,7 @@ class Deliverer:
             async with self._session.post(
                     url, data=body, headers=headers, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=self.policy.timeout_s)) as response:
-                await response.read()
-                status = response.status
+                status = response.status  # the body is never read: only the status counts
         except (aiohttp.ClientError, TimeoutError) as exc:
             return Outcome(url, None, f"{type(exc).__name__}: {exc}".rstrip(": ")[:500])
         return Outcome(url, status, None if 200 <= status < 300 else f"HTTP {status}")
