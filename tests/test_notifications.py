@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import hmac
 import http.server
+import itertools
 import json
 import socket
 import socketserver
@@ -24,12 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fakes import GATEWAY_ENV, USD, Tollway, fresh_database, running_tollway
 from tollway import cli
 from tollway.billing import credits
 from tollway.billing import notifications as notify
+from tollway.errors import InsufficientBalance
 from tollway.ledger import ledger
+from tollway.money import format_usd
 from tollway.notify import signing
 from tollway.notify.deliverer import Deliverer, Policy
 from tollway.store import accounts as account_store
@@ -507,3 +512,65 @@ def test_the_server_delivers_in_the_background(tmp_path: Path, receiver: Receive
     [got] = receiver.received
     assert check_signature(secret, got)["data"]["amount_usd"] == "4.500000000"
     db.dispose()
+
+
+_examples = itertools.count()
+_money = st.one_of(st.integers(1, 3 * USD), st.sampled_from([USD // 2, USD, 2 * USD]))
+_op = st.one_of(st.tuples(st.just("topup"), _money), st.tuples(st.just("hold"), _money),
+                st.tuples(st.just("hold"), _money),
+                st.tuples(st.just("settle"), st.integers(0, 150)),
+                st.tuples(st.just("void"), st.just(0)),
+                st.tuples(st.just("adjust"), st.integers(-2 * USD, 2 * USD).filter(bool)))
+
+
+def test_low_balance_events_follow_the_arming_rule(db: Database) -> None:
+    """Any sequence of top-ups, holds, settlements (under and over the hold), voids and
+    adjustments: a ``balance.low`` exactly when an armed wallet's available balance goes from
+    >= threshold to below it by a debit, re-armed only by money coming in."""
+    @settings(max_examples={"sqlite": 40, "postgresql": 15}[db.dialect], deadline=None,
+              database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(opening=st.integers(0, 6 * USD), threshold=st.integers(1, 5 * USD),
+           ops=st.lists(_op, min_size=5, max_size=30))
+    def run(opening: int, threshold: int, ops: list[tuple[str, int]]) -> None:
+        n = next(_examples)
+        with db.write() as conn:
+            account = account_store.create_account(conn, f"p{n}", "default", at_ms=1).id
+            if opening:
+                ledger.topup(conn, account, opening, idempotency_key=f"p{n}-open")
+            notify.update(conn, account, {"webhook_url": "https://hooks.example.com/",
+                                          "low_balance_threshold_usd": format_usd(threshold)},
+                          at_ms=1)
+        armed, expected, holds = opening >= threshold, [], []
+        for i, (kind, value) in enumerate(ops):
+            key = f"p{n}-{i}"
+            with db.write() as conn:
+                before = account_store.get_account(conn, account).available_nano
+                try:
+                    if kind == "topup":
+                        ledger.topup(conn, account, value, idempotency_key=key)
+                    elif kind == "hold":
+                        holds.append(ledger.place_hold(conn, account, value,
+                                                       idempotency_key=key, ttl_ms=60_000))
+                    elif kind == "settle" and holds:
+                        hold = holds.pop()
+                        ledger.settle_hold(conn, hold.id, hold.amount_nano * value // 100,
+                                           idempotency_key=key)
+                    elif kind == "void" and holds:
+                        ledger.void_hold(conn, holds.pop().id, idempotency_key=key)
+                    elif kind == "adjust":
+                        ledger.adjust(conn, account, value, idempotency_key=key, note="p")
+                except InsufficientBalance:
+                    continue
+                after = account_store.get_account(conn, account).available_nano
+            money_in = kind == "topup" or kind == "adjust" and value > 0
+            if after < before and armed and after < threshold <= before:
+                expected.append(format_usd(after))
+                armed = False
+            elif money_in and after >= threshold:
+                armed = True
+        with db.read() as conn:
+            events = notify.events_page(conn, account, limit=100)["data"]
+        assert [json.loads(e["body"])["data"]["available_usd"] for e in reversed(events)
+                if e["type"] == "balance.low"] == expected
+
+    run()
