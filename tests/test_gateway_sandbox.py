@@ -171,5 +171,5 @@ def test_data_apis(tw: Tollway) -> None:
 def test_marketplace_lists_the_demo_catalog(tw: Tollway) -> None:
     key = tw.key(tw.account())
     assert sorted(m.id for m in tw.client(key).models.list()) == [
-        "sandbox-chat", "sandbox-embed", "sandbox-reasoner"]
+        "sandbox-chat", "sandbox-claude", "sandbox-embed", "sandbox-image", "sandbox-reasoner"]
     assert tw.http().get("/v1/marketplace").status_code == 200

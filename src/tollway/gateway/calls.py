@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from starlette.types import Scope, Send
@@ -38,6 +40,8 @@ class Call:
     client_key: ClientKey | None = None
     hold: Hold | None = None
     ttft_ms: int | None = None
+    #: how this route's own error answers read (Anthropic's shape on /v1/messages)
+    render_error: Callable[[Scope, TollwayError], bytes] = error_body
 
     @property
     def request_id(self) -> str:
@@ -55,11 +59,12 @@ class Call:
             self.ttft_ms = self.elapsed_ms()
 
     def record(self, *, type_: str, status: int, usage_source: str = "none",
-               input_tokens: int = 0, cached: int = 0, cache_write: int = 0, output: int = 0,
-               reasoning: int = 0, calls: int = 0, error: TollwayError | None = None,
+               input_tokens: int = 0, cached: int = 0, cache_write: int = 0,
+               cache_write_1h: int = 0, output: int = 0, reasoning: int = 0, calls: int = 0,
+               unit_price: Decimal | None = None, error: TollwayError | None = None,
                note: str | None = None) -> dict[str, Any]:
         """The usage record's fields (the metering layer adds hold and cost)."""
-        prices = price_columns(self.item.version.price)
+        prices = price_columns(self.item.version.price, unit_price=unit_price)
         return {
             "request_id": self.request_id, "created_at_ms": now_ms(),
             "account_id": self.key.account_id, "key_id": self.key.id,
@@ -69,7 +74,8 @@ class Call:
             "route": self.route, "status": status, "stream": self.stream,
             "duration_ms": self.elapsed_ms(), "ttft_ms": self.ttft_ms,
             "input_tokens": input_tokens, "cached_input_tokens": cached,
-            "cache_write_tokens": cache_write, "output_tokens": output,
+            "cache_write_tokens": cache_write, "cache_write_1h_tokens": cache_write_1h,
+            "output_tokens": output,
             "reasoning_tokens": reasoning, "calls": calls,
             **prices,
             "price_version_id": self.item.version.id,
@@ -116,6 +122,6 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
                                                       client_key=call.client_key))
     if send_response:
         if body is None:
-            await send_bytes(send, exc.status, error_body(call.scope, exc))
+            await send_bytes(send, exc.status, call.render_error(call.scope, exc))
         else:
             await send_bytes(send, status or exc.status, body, content_type)
