@@ -61,7 +61,7 @@ def prompt_parts(payload: dict[str, Any]) -> tuple[list[str], int]:
                 if key in message:
                     texts.append(json.dumps(message[key]) if not isinstance(message[key], str)
                                  else message[key])
-    for key in ("prompt", "input"):
+    for key in ("prompt", "input", "system", "instructions"):
         value = payload.get(key)
         if isinstance(value, str):
             texts.append(value)
