@@ -588,6 +588,7 @@ models:
     provider: fakeai
     upstream_model: image-upstream
     price: {{per_call: "0.04", per_size: {{"1024x1024": "0.04", "1792x1024": "0.08"}}}}
+    group_ratios: {{half: "0.33333333"}}
 endpoints:
   - id: twitter-user
     provider: data
