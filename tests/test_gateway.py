@@ -774,7 +774,7 @@ def test_models_lists_only_what_the_key_may_use(tw: Tollway) -> None:
     everything = tw.key(account)
     narrow = tw.key(account, models=["gpt-test", "twitter-user"])
     assert sorted(m.id for m in tw.client(everything).models.list()) == [
-        "embed-test", "gpt-test", "reasoner-test"]
+        "claude-test", "embed-test", "gpt-test", "image-test", "reasoner-test"]
     listed = list(tw.client(narrow).models.list())
     assert [m.id for m in listed] == ["gpt-test"]
     assert listed[0].owned_by == "fakeai"
