@@ -6,7 +6,8 @@ The LLM echoes the last user message ("You said: …") with real token counts, h
 tool when tools are offered, and reports OpenAI-style usage. A model whose upstream name
 contains ``reason`` also reports reasoning tokens (included in completion tokens, as OpenAI
 does). Prompts of 1,024 tokens or more report half of them as cached, as a provider's prompt
-cache would on a repeat.
+cache would on a repeat. Anthropic Messages, Responses and images are in
+:mod:`.sandbox_protocols`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from tollway import tokens
+from tollway.upstreams import sandbox_protocols
 from tollway.upstreams.base import BufferedResponse, UpstreamRequest
 
 REASONING_TOKENS = 16
@@ -33,8 +35,21 @@ def _error(status: int, message: str) -> BufferedResponse:
     return _json(status, {"error": {"message": message, "type": "invalid_request_error"}})
 
 
+_PROTOCOLS = {"/messages": sandbox_protocols.messages,
+              "/responses": sandbox_protocols.responses,
+              "/images/generations": sandbox_protocols.images}
+
+
 class SandboxUpstream:
     async def send(self, request: UpstreamRequest) -> BufferedResponse:
+        if request.path in _PROTOCOLS:
+            try:
+                payload = json.loads(request.body)
+            except ValueError:
+                return _error(400, "the body is not JSON")
+            if not isinstance(payload, dict):
+                return _error(400, "the body must be a JSON object")
+            return _PROTOCOLS[request.path](payload)
         if request.path in ("/chat/completions", "/completions", "/embeddings"):
             try:
                 payload = json.loads(request.body)
