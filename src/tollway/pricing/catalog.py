@@ -292,6 +292,10 @@ class _Validator:
             protocols = self.protocols(where, item, providers)
             if provider is None and protocols:
                 provider = next(iter(protocols.values()))
+            if not protocols and isinstance(provider, str) and provider in providers:
+                self.problem(f"{where}.provider", f"provider {provider!r} (kind "
+                             f"{providers[provider].kind}) serves no model protocol: use an "
+                             "openai, anthropic or sandbox provider")
         if provider not in providers:
             known = ", ".join(sorted(providers)) or "none defined"
             self.problem(f"{where}.provider", f"unknown provider {provider!r} (known: {known})")
