@@ -13,7 +13,7 @@ from starlette.types import Scope, Send
 
 from tollway.billing import keys, metering
 from tollway.billing.metering import ClientKey, Replay
-from tollway.errors import InvalidRequest, TollwayError
+from tollway.errors import InvalidRequest, TollwayError, UpstreamError
 from tollway.gateway.asgi import error_body, header, send_bytes
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import Hold, now_ms
@@ -21,6 +21,7 @@ from tollway.money import format_usd
 from tollway.pricing.rating import AppliedRatio, resolve_ratio
 from tollway.store.accounts import ApiKeyRecord
 from tollway.store.catalog import Item, price_columns
+from tollway.upstreams.base import UpstreamRequest
 from tollway.web.errors import REQUEST_ID
 
 COST_HEADER = b"x-tollway-cost-usd"
@@ -125,3 +126,46 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
             await send_bytes(send, exc.status, call.render_error(call.scope, exc))
         else:
             await send_bytes(send, status or exc.status, body, content_type)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An upstream's whole answer to a non-streamed request."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+async def fetch(gw: Gateway, call: Call, send: Send, provider: str,
+                request: UpstreamRequest) -> Answer | None:
+    """Send ``request`` and read the whole answer; if the upstream cannot be reached or
+    breaks off, void the hold, answer the client, and return None."""
+    try:
+        response = await gw.registry.get(provider).send(request)
+        try:
+            body = await response.read()
+        finally:
+            await response.close()
+    except UpstreamError as exc:
+        await fail(gw, call, send, exc)
+        return None
+    call.mark_first_byte()
+    return Answer(response.status, response.content_type, body)
+
+
+async def settle_answer(gw: Gateway, call: Call, send: Send, answer: Answer, *, cost: int,
+                        record: dict[str, Any]) -> None:
+    """Charge ``cost`` with its usage record (kept for an Idempotency-Key replay) and pass the
+    upstream's answer on with the cost header."""
+    assert call.hold is not None
+    hold_id, client_key = call.hold.id, call.client_key
+    await gw.ctx.write(lambda conn: metering.settle(
+        conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
+        response=(answer.status, answer.content_type, answer.body)))
+    await send_bytes(send, answer.status, answer.body, answer.content_type.encode(),
+                     headers=[(COST_HEADER, format_usd(cost).encode())])

@@ -17,10 +17,9 @@ from starlette.types import Receive, Scope, Send
 from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import InvalidRequest, TollwayError, UpstreamError
-from tollway.gateway.asgi import json_object, read_body, send_bytes, send_error
-from tollway.gateway.calls import COST_HEADER, Call, begin, fail, send_replay
+from tollway.gateway.asgi import json_object, read_body, send_error
+from tollway.gateway.calls import Call, begin, fail, fetch, send_replay, settle_answer
 from tollway.gateway.state import Gateway
-from tollway.money import format_usd
 from tollway.pricing.rating import CallPrice, CallUsage, rate_calls
 from tollway.upstreams.base import UpstreamRequest
 
@@ -44,26 +43,19 @@ class ImagesRoute:
         request = UpstreamRequest("POST", "/images/generations", json.dumps(payload).encode(),
                                   headers={"Content-Type": "application/json",
                                            "Accept": "application/json"})
-        try:
-            response = await gw.registry.get(provider).send(request)
-            try:
-                raw = await response.read()
-            finally:
-                await response.close()
-        except UpstreamError as exc:
-            await fail(gw, call, send, exc)
+        answer = await fetch(gw, call, send, provider, request)
+        if answer is None:
             return
-        call.mark_first_byte()
-        if not 200 <= response.status < 300:
-            refused = UpstreamError(f"the upstream answered {response.status}: "
-                                    f"{raw[:300].decode('utf-8', 'replace')}")
-            if response.status < 500:  # the client's request: show them the upstream's answer
-                await fail(gw, call, send, refused, status=response.status, body=raw,
-                           content_type=response.content_type.encode())
+        if not answer.ok:
+            refused = UpstreamError(f"the upstream answered {answer.status}: "
+                                    f"{answer.body[:300].decode('utf-8', 'replace')}")
+            if answer.status < 500:  # the client's request: show them the upstream's answer
+                await fail(gw, call, send, refused, status=answer.status, body=answer.body,
+                           content_type=answer.content_type.encode())
             else:
                 await fail(gw, call, send, refused, status=502)
             return
-        returned = _images_returned(raw)
+        returned = _images_returned(answer.body)
         if returned is None:
             await fail(gw, call, send, UpstreamError(
                 "the upstream answered 2xx without a list of images"))
@@ -74,15 +66,9 @@ class ImagesRoute:
             note = f"{returned} of {n} images returned" + (
                 f"; billed for the {n} requested" if returned > n else "")
         cost = rate_calls(CallUsage(billed), price, call.ratio, unit_price=unit).cost_nano_usd
-        record = call.record(type_="consume", status=response.status, usage_source="upstream",
+        record = call.record(type_="consume", status=answer.status, usage_source="upstream",
                              calls=billed, unit_price=unit, note=note)
-        assert call.hold is not None
-        hold_id, client_key = call.hold.id, call.client_key
-        await gw.ctx.write(lambda conn: metering.settle(
-            conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
-            response=(response.status, response.content_type, raw)))
-        await send_bytes(send, response.status, raw, response.content_type.encode(),
-                         headers=[(COST_HEADER, format_usd(cost).encode())])
+        await settle_answer(gw, call, send, answer, cost=cost, record=record)
 
     async def _prepare(self, gw: Gateway, scope: Scope, receive: Receive
                        ) -> tuple[Call, str, dict[str, Any], CallPrice, Decimal, int] | Replay:

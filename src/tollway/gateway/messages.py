@@ -29,7 +29,7 @@ from tollway import tokens
 from tollway.errors import InvalidRequest, TollwayError
 from tollway.gateway.asgi import header
 from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int, send_chunk
-from tollway.gateway.sse import event_data
+from tollway.gateway.sse import event_json
 from tollway.gateway.usage import MeteredUsage, parse_anthropic_usage
 from tollway.pricing.rating import TokenUsage
 from tollway.web.errors import REQUEST_ID
@@ -77,13 +77,7 @@ class MessagesRoute(TokenRoute):
         return parse_anthropic_usage(raw), 0
 
     async def relay(self, llm: LLMCall, event: bytes, send: Send, state: StreamState) -> bool:
-        data = event_data(event)
-        obj: Any = None
-        if data is not None:
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                obj = None
+        obj = event_json(event)
         if isinstance(obj, dict):
             kind = obj.get("type")
             if kind == "message_start":

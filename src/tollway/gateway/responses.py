@@ -10,13 +10,12 @@ pass through unchanged and in order; the cost follows as an SSE comment.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from starlette.types import Send
 
 from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int, send_chunk
-from tollway.gateway.sse import event_data
+from tollway.gateway.sse import event_json
 from tollway.gateway.usage import parse_responses_usage
 from tollway.pricing.rating import TokenUsage
 
@@ -54,13 +53,7 @@ class ResponsesRoute(TokenRoute):
         return parse_responses_usage(raw)
 
     async def relay(self, llm: LLMCall, event: bytes, send: Send, state: StreamState) -> bool:
-        data = event_data(event)
-        obj: Any = None
-        if data is not None:
-            try:
-                obj = json.loads(data)
-            except ValueError:
-                obj = None
+        obj = event_json(event)
         if isinstance(obj, dict):
             kind = obj.get("type")
             if kind in DELTA_EVENTS and isinstance(obj.get("delta"), str):
