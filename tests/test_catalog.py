@@ -229,3 +229,16 @@ models:
     ]
     assert found[3].startswith("cat.yaml: models[m].price.cache_write_1h: ")
     assert found[6].startswith("cat.yaml: models[img].price.per_size.1024x1024: ")
+
+
+def test_routes_narrow_a_model_to_routes_its_providers_serve() -> None:
+    narrowed = parse_catalog(PROTOCOLS.replace(
+        "  - id: claude-direct\n", "  - id: claude-direct\n    routes: [/v1/messages]\n"))
+    assert narrowed.listings[1].routes == ("/v1/messages",)
+    assert narrowed.listings[1].spec()["routes"] == ["/v1/messages"]
+    assert narrowed.listings[0].routes is None  # every route of its protocols
+    found = problems(PROTOCOLS.replace(
+        "  - id: claude-direct\n",
+        "  - id: claude-direct\n    routes: [/v1/messages, /v1/chat/completions]\n"))
+    assert found == [("cat.yaml: models[claude-direct].routes: '/v1/chat/completions' is not "
+                     "served by the model's providers (they serve /v1/messages)")]

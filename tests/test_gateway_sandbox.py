@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import openai
 import pytest
 
 from fakes import (
@@ -176,6 +177,11 @@ def test_marketplace_lists_the_demo_catalog(tw: Tollway) -> None:
     assert sorted(m.id for m in tw.client(key).models.list()) == [
         "sandbox-chat", "sandbox-claude", "sandbox-embed", "sandbox-image", "sandbox-reasoner"]
     assert tw.http().get("/v1/marketplace").status_code == 200
+    # sandbox-embed is sold on /v1/embeddings only (the catalog's `routes`)
+    with pytest.raises(openai.NotFoundError) as wrong:
+        tw.client(key).chat.completions.create(model="sandbox-embed", messages=[
+            {"role": "user", "content": "hi"}])
+    assert "served on /v1/embeddings" in str(wrong.value)
 
 
 # --------------------------------------------------------------------------- other protocols

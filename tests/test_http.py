@@ -168,6 +168,7 @@ def test_marketplace_lists_every_item_with_prices_per_group(client: TestClient) 
     assert chat["routes"] == ["/v1/chat/completions", "/v1/completions", "/v1/embeddings",
                               "/v1/responses", "/v1/messages"]
     assert chat["providers"] == {"openai": "sandbox", "anthropic": "sandbox"}
+    assert items["sandbox-embed"]["routes"] == ["/v1/embeddings"]  # narrowed in the catalog
 
     claude = items["sandbox-claude"]
     assert claude["price_display"] == ["$3.000000 / 1M input tokens",

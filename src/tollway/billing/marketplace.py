@@ -8,10 +8,16 @@ from typing import Any
 from sqlalchemy.engine import Connection
 
 from tollway.billing.views import iso
-from tollway.pricing.catalog import model_routes
 from tollway.pricing.display import price_fields, price_lines
 from tollway.pricing.rating import resolve_ratio
-from tollway.store.catalog import Item, current_items, group_ratios, item_protocols, list_providers
+from tollway.store.catalog import (
+    Item,
+    current_items,
+    group_ratios,
+    item_protocols,
+    item_routes,
+    list_providers,
+)
 
 
 def item_unit(item: Item) -> str:
@@ -47,7 +53,7 @@ def _item(item: Item, ratios: dict[str, Any], kinds: dict[str, str]) -> dict[str
         if item.billing_type == "token":
             body["max_output_tokens"] = item.spec.get("max_output_tokens")
         protocols = item_protocols(item, kinds)
-        body["routes"] = model_routes(item.billing_type, protocols)
+        body["routes"] = item_routes(item, protocols)
         body["providers"] = protocols
     else:
         body["name"] = item.spec.get("name")

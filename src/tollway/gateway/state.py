@@ -26,7 +26,6 @@ from tollway import tokens
 from tollway.billing import keys
 from tollway.errors import InvalidApiKey, UnknownEndpoint, UnknownModel
 from tollway.ledger.ledger import now_ms
-from tollway.pricing.catalog import model_routes
 from tollway.store import catalog as catalog_store
 from tollway.store.accounts import ApiKeyRecord, key_by_hash
 from tollway.store.catalog import Item
@@ -73,7 +72,7 @@ class CatalogSnapshot:
                                "this key may use")
         kinds = {pid: kind for pid, (kind, _) in self.providers.items()}
         protocols = catalog_store.item_protocols(item, kinds)
-        routes = model_routes(item.billing_type, protocols)
+        routes = catalog_store.item_routes(item, protocols)
         if route not in routes:
             served = ", ".join(routes) or "no route"
             raise UnknownModel(f"model {item.id!r} is not served on {route} (it is served on "

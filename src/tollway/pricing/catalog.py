@@ -62,6 +62,8 @@ class Listing:
     max_output_tokens: int | None = None
     #: protocol family → provider serving the model through it (see KIND_PROTOCOLS)
     providers: Mapping[str, str] | None = None
+    #: the gateway routes it is sold on, when narrower than every route of its protocols
+    routes: tuple[str, ...] | None = None
     # endpoints
     name: str | None = None
     method: str | None = None
@@ -82,6 +84,8 @@ class Listing:
         spec = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         if self.providers is not None:
             spec["providers"] = dict(self.providers)
+        if self.routes is not None:
+            spec["routes"] = list(self.routes)
         return spec
 
 
@@ -282,7 +286,7 @@ class _Validator:
         where = f"{section}[{item_id}]"
         before = len(self.problems)
         allowed = {"id", "provider", "price", "group_ratios", "effective_from"} | (
-            {"upstream_model", "max_output_tokens", "providers"} if section == "models"
+            {"upstream_model", "max_output_tokens", "providers", "routes"} if section == "models"
             else {"name", "method", "path", "upstream_path"})
         for key in sorted(set(item) - allowed):
             self.problem(f"{where}.{key}", "unknown field")
@@ -321,7 +325,9 @@ class _Validator:
         if section == "models":
             listing = self.model(where, item, price_raw, overrides, effective_from)
             if listing is not None:
-                listing = replace(listing, provider=str(provider), providers=protocols)
+                listing = replace(listing, provider=str(provider), providers=protocols,
+                                  routes=self.routes(where, item, listing.billing_type,
+                                                     protocols))
         else:
             listing = self.endpoint(where, item, price_raw, overrides, effective_from)
         return listing if len(self.problems) == before else None
@@ -353,6 +359,23 @@ class _Validator:
             else:
                 result[str(family)] = str(pid)
         return result
+
+    def routes(self, where: str, item: dict[str, Any], billing_type: str,
+               protocols: Mapping[str, str]) -> tuple[str, ...] | None:
+        """``routes: [/v1/embeddings]`` sells a model on some of its protocols' routes only."""
+        raw = item.get("routes")
+        if raw is None:
+            return None
+        served = model_routes(billing_type, protocols)
+        if not isinstance(raw, list) or not raw:
+            self.problem(f"{where}.routes", "must be a list of gateway routes, e.g. "
+                         "[/v1/chat/completions, /v1/messages]")
+            return None
+        for route in raw:
+            if route not in served:
+                self.problem(f"{where}.routes", f"{route!r} is not served by the model's "
+                             f"providers (they serve {', '.join(served) or 'nothing'})")
+        return tuple(str(route) for route in raw)
 
     def model(self, where: str, item: dict[str, Any], raw: dict[str, Any],
               overrides: dict[str, Decimal], effective_from: datetime | None) -> Listing | None:

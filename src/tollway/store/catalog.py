@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from tollway.errors import CatalogError
 from tollway.money import nano_to_decimal, parse_usd
-from tollway.pricing.catalog import KIND_PROTOCOLS, Catalog, Listing, Provider
+from tollway.pricing.catalog import KIND_PROTOCOLS, Catalog, Listing, Provider, model_routes
 from tollway.pricing.rating import CallPrice, Price, TokenPrice
 from tollway.store.tables import (
     accounts,
@@ -255,6 +255,15 @@ def item_protocols(item: Item, kinds: dict[str, str]) -> dict[str, str]:
         return {str(k): str(v) for k, v in stored.items()}
     return {family: item.provider for family in KIND_PROTOCOLS.get(kinds.get(item.provider, ""),
                                                                    ())}
+
+
+def item_routes(item: Item, protocols: dict[str, str]) -> list[str]:
+    """The gateway routes a model is sold on: its ``routes`` if the catalog narrows them, else
+    every route of its protocols."""
+    narrowed = item.spec.get("routes")
+    if isinstance(narrowed, list):
+        return [str(route) for route in narrowed]
+    return model_routes(item.billing_type, protocols)
 
 
 def list_providers(conn: Connection) -> dict[str, tuple[str, dict[str, Any]]]:

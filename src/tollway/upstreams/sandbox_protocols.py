@@ -182,7 +182,7 @@ def responses(payload: dict[str, Any]) -> BufferedResponse:
              "output_tokens_details": {"reasoning_tokens": reasoning},
              "total_tokens": prompt + visible + reasoning}
     rid = _rid("resp_sbx", payload)
-    message = {"type": "message", "id": "msg_" + rid[4:], "status": "completed",
+    message = {"type": "message", "id": "msg_" + rid[len("resp_"):], "status": "completed",
                "role": "assistant",
                "content": [{"type": "output_text", "text": text, "annotations": []}]}
     done = {"id": rid, "object": "response", "created_at": int(time.time()),
