@@ -152,6 +152,7 @@ class ResponsesScript:
     output_tokens: int = 3  # INCLUDES reasoning tokens
     reasoning_tokens: int = 0
     status: int = 200
+    cut_after: int | None = None  # stream: drop the connection after this many text deltas
 
     def usage(self) -> dict[str, Any]:
         return {"input_tokens": self.input_tokens,
@@ -384,7 +385,8 @@ class FakeUpstream:
                          content_index=0, text=text),
                    event("response.output_item.done", output_index=0, item=message),
                    event("response.completed", response=done)]
-        return await self._write_events(request, events)
+        return await self._write_events(
+            request, events, None if script.cut_after is None else 4 + script.cut_after)
 
     def _images(self, payload: dict[str, Any]) -> web.Response:
         script = self.images

@@ -338,3 +338,38 @@ def test_bearer_and_x_api_key_both_authenticate(tw: Tollway) -> None:
         "model": "claude-test", "max_tokens": 10, "messages": HELLO}, timeout=20)
     assert plain.status_code == 200
     assert len(tw.records()) == 2
+
+
+def test_max_tokens_lowered_to_what_the_balance_affords(tw: Tollway) -> None:
+    # The hold prices the prompt estimate at the highest input-side price (the 1-hour write,
+    # 6) and each output token at 15. "hello there" is 11 bytes → 4 tokens estimated, plus
+    # 3 framing for one message and 3 for the reply = 10 tokens: 10 × 6 = 60 per 1M.
+    # 0.00021 USD affords (210 − 60) / 15 = 10 output tokens, not the 100 asked for.
+    account = tw.account(nano=210_000)
+    key = tw.key(account)
+    tw.fake.anthropic = AnthropicScript(input_tokens=10, output_tokens=4)
+    raw = claude(tw, key).messages.with_raw_response.create(
+        model="claude-test", max_tokens=100, messages=HELLO)
+    assert raw.headers["x-tollway-max-tokens"] == "10"
+    assert tw.fake.llm_requests()[0].json()["max_tokens"] == 10
+    # 10 × 3 + 4 × 15 = 90 per 1M = 90_000 nano
+    assert only_record(tw)["cost_nano"] == 90_000
+    assert tw.balance(account) == (210_000 - 90_000, 0)
+    books_clean(tw)
+
+
+def test_a_retried_stream_with_an_idempotency_key_is_replayed_not_recharged(
+        tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    body = {"model": "claude-test", "max_tokens": 50, "messages": HELLO, "stream": True}
+    headers = {"x-api-key": key, "Idempotency-Key": "retry-1"}
+    first = tw.http().post("/v1/messages", headers=headers, json=body)
+    again = tw.http().post("/v1/messages", headers=headers, json=body)
+    assert first.status_code == again.status_code == 200
+    assert again.content == first.content
+    assert again.headers["x-tollway-replayed-request-id"] == first.headers["x-request-id"]
+    # one charge: 20 × 3 + 4 × 15 = 120 per 1M = 120_000 nano
+    assert [r["cost_nano"] for r in tw.records()] == [120_000]
+    assert len(tw.fake.llm_requests()) == 1
+    books_clean(tw)

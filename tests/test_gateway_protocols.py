@@ -29,6 +29,7 @@ from fakes import (
     fresh_database,
     running_tollway,
 )
+from tollway import tokens
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 
@@ -142,6 +143,25 @@ def test_responses_stream_passes_events_through_and_bills_response_completed(
         body = response.read()
     assert body == tw.fake.streamed[-1] + b": tollway cost_usd=0.007394200\n\n"
     assert tw.available(account) == TEN_USD - 2 * 7_394_200
+    books_clean(tw)
+
+
+def test_responses_stream_cut_before_response_completed_is_estimated(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    # the connection drops after 2 of the 3 text deltas ("Responses", " say"): no usage
+    tw.fake.responses = ResponsesScript(cut_after=2)
+    with pytest.raises(openai.APIError):
+        for _ in tw.client(key).responses.create(model="reasoner-test", input="hi",
+                                                 stream=True):
+            pass
+    # counted locally: prompt "hi" = 1 token, delivered "Responses say" = 2 tokens
+    assert (tokens.count("hi"), tokens.count("Responses say")) == (1, 2)
+    # 1 × 1.10 + 2 × 4.40 = 9.9 per 1M = 9_900 nano-USD
+    records = tw.wait_records(1)
+    assert [(r["input_tokens"], r["output_tokens"], r["cost_nano"], r["usage_source"])
+            for r in records] == [(1, 2, 9_900, "estimated")]
+    assert tw.available(account) == TEN_USD - 9_900
     books_clean(tw)
 
 

@@ -53,6 +53,7 @@ class MessagesRoute(TokenRoute):
     route = "/v1/messages"
     upstream_path = "/messages"
     render_error = staticmethod(anthropic_error)
+    reports_cut = True
 
     def output_bound(self, payload: dict[str, Any], model_max: int) -> tuple[str | None,
                                                                              int | None]:
@@ -118,14 +119,6 @@ class MessagesRoute(TokenRoute):
                                note="; ".join(n for n in (why, metered.note) if n))
             return metered
         return self.meter(llm, original, state.usage)
-
-    def stream_tail(self, llm: LLMCall, state: StreamState, metered: MeteredUsage,
-                    cost: int) -> bytes:
-        tail = super().stream_tail(llm, state, metered, cost)
-        if state.cut and not state.client_gone:  # tell the client its message is incomplete
-            note = state.failure.message if state.failure else "the upstream stream broke off"
-            tail = self.stream_error(llm, TollwayError(note)) + tail
-        return tail
 
     def stream_error(self, llm: LLMCall, exc: TollwayError) -> bytes:
         return b"event: error\ndata: " + anthropic_error(llm.call.scope, exc) + b"\n\n"

@@ -128,6 +128,8 @@ class TokenRoute:
     #: what ends the stream after the cost (OpenAI chat: ``data: [DONE]``, kept back until
     #: the request is settled)
     done_marker: bytes = b""
+    #: tell the client, with :meth:`stream_error`, that a stream cut short is incomplete
+    reports_cut: bool = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw: Gateway = scope["app"].state.gateway
@@ -182,8 +184,12 @@ class TokenRoute:
     def stream_tail(self, llm: LLMCall, state: StreamState, metered: MeteredUsage,
                     cost: int) -> bytes:
         """What the client gets after the upstream's events: at least the cost, as an SSE
-        comment every client ignores."""
-        return b": tollway cost_usd=" + format_usd(cost).encode() + b"\n\n"
+        comment every client ignores (after an error event if the stream was cut short)."""
+        tail = b": tollway cost_usd=" + format_usd(cost).encode() + b"\n\n"
+        if self.reports_cut and state.cut and not state.client_gone:
+            why = state.failure.message if state.failure else "the upstream stream broke off"
+            tail = self.stream_error(llm, UpstreamError(why)) + tail
+        return tail
 
     def stream_error(self, llm: LLMCall, exc: TollwayError) -> bytes:
         """The event telling the client its stream failed before any output."""
