@@ -10,7 +10,6 @@ out by hand in the comments. Groups: default 1, vip 0.8, half 0.5.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import anthropic
@@ -22,12 +21,8 @@ from fakes import (
     UPSTREAM_KEY,
     USD,
     AnthropicScript,
-    FakeUpstream,
     LLMScript,
     Tollway,
-    fake_catalog,
-    fresh_database,
-    running_tollway,
 )
 from tollway import tokens
 
@@ -35,26 +30,6 @@ pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 
 TEN_USD = 10 * USD
 HELLO = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[Tollway]:
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream),
-                                                        upstream) as tollway:
-        yield tollway
-
-
-@pytest.fixture
-def tw(served: Tollway) -> Iterator[Tollway]:
-    served.begin_test()
-    yield served
-    served.close_clients()
 
 
 def claude(tw: Tollway, key: str | None, **kwargs: Any) -> anthropic.Anthropic:

@@ -10,7 +10,6 @@ one rounding (half-up, per request, not per image) shows. Charges are worked out
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -20,40 +19,16 @@ from fakes import (
     IGNORE_TOKENIZER_WARNING,
     UPSTREAM_KEY,
     USD,
-    FakeUpstream,
     ImagesScript,
     ResponsesScript,
     Tollway,
     error_of,
-    fake_catalog,
-    fresh_database,
-    running_tollway,
 )
 from tollway import tokens
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 
 TEN_USD = 10 * USD
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[Tollway]:
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream),
-                                                        upstream) as tollway:
-        yield tollway
-
-
-@pytest.fixture
-def tw(served: Tollway) -> Iterator[Tollway]:
-    served.begin_test()
-    yield served
-    served.close_clients()
 
 
 def books_clean(tw: Tollway) -> None:

@@ -46,13 +46,6 @@ def served(request: pytest.FixtureRequest) -> Iterator[Tollway]:
         yield tollway
 
 
-@pytest.fixture
-def tw(served: Tollway) -> Iterator[Tollway]:
-    served.begin_test()
-    yield served
-    served.close_clients()
-
-
 def test_the_token_counts_these_tests_rely_on() -> None:
     assert tokens.count("hello sandbox") == 2
     assert tokens.count("You said: hello sandbox") == 5
