@@ -153,6 +153,11 @@ def test_one_model_two_protocols_one_price(tw: Tollway) -> None:
     assert (chat["route"], chat["cost_nano"]) == ("/v1/chat/completions", 1_650_000)
     assert (messages["route"], messages["cost_nano"]) == ("/v1/messages", 1_650_000)
     assert chat["price_version_id"] == messages["price_version_id"]
+    # both explained the same way, every token kind with its price
+    for record in (chat, messages):
+        assert explanation(tw, key, record["request_id"])["pricing"]["formula"] == (
+            "((2100 − 2000 − 0 − 0) × 3 + 2000 × 0.3 + 0 × 3.75 + 0 × 6 + 50 × 15) / 1000000 "
+            "× 1 = 0.00165 → 0.001650000 USD")
     assert [r.path for r in tw.fake.llm_requests()] == ["/v1/chat/completions",
                                                        "/anthropic/v1/messages"]
     books_clean(tw)
