@@ -145,6 +145,9 @@ price_versions = sa.Table(
     sa.Column("effective_from_ms", Ms, nullable=False),
     sa.Column("created_at_ms", Ms, nullable=False),
     sa.Index("ix_price_versions_item", "item_id", "effective_from_ms"),
+    # 0006: 1-hour cache writes; an image model's per-size prices, JSON {size: nano-USD}
+    sa.Column("cache_write_1h_nano_per_1m", Nano),
+    sa.Column("per_size_nano", sa.Text),
 )
 
 #: The account's log: one row per gateway request (written in the same transaction as its
@@ -193,6 +196,9 @@ usage_records = sa.Table(
     sa.Index("ix_usage_account_key_time", "account_id", "key_id", "created_at_ms", "id"),
     sa.Index("ix_usage_account_type_time", "account_id", "type", "created_at_ms", "id"),
     sa.Index("ix_usage_time", "created_at_ms", "id"),
+    # 0006: 1-hour cache writes (``cache_write_tokens`` are the 5-minute ones) and their price
+    sa.Column("cache_write_1h_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("cache_write_1h_nano_per_1m", Nano),
 )
 
 #: Requests per account x key x product x hour, maintained in the same transaction as each
@@ -214,6 +220,8 @@ usage_rollups = sa.Table(
     sa.Column("reasoning_tokens", sa.BigInteger, nullable=False),
     sa.Column("calls", sa.BigInteger, nullable=False),
     sa.Column("cost_nano", Nano, nullable=False),
+    sa.Column("cache_write_1h_tokens", sa.BigInteger, nullable=False,
+              server_default="0"),  # 0006
 )
 
 #: A wallet's movements per UTC day, maintained by the ledger with each movement of its total

@@ -19,8 +19,11 @@ from tollway.billing.marketplace import listing
 from tollway.billing.views import balance_view
 from tollway.errors import TollwayError
 from tollway.gateway.apis import ApiRoute
+from tollway.gateway.images import ImagesRoute
 from tollway.gateway.llm import LLMRoute
+from tollway.gateway.messages import MessagesRoute
 from tollway.gateway.models import ModelsRoute
+from tollway.gateway.responses import ResponsesRoute
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import now_ms
 from tollway.notify.deliverer import Deliverer
@@ -116,6 +119,9 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         Route("/v1/chat/completions", LLMRoute("chat"), methods=["POST"]),
         Route("/v1/completions", LLMRoute("completions"), methods=["POST"]),
         Route("/v1/embeddings", LLMRoute("embeddings"), methods=["POST"]),
+        Route("/v1/messages", MessagesRoute(), methods=["POST"]),
+        Route("/v1/responses", ResponsesRoute(), methods=["POST"]),
+        Route("/v1/images/generations", ImagesRoute(), methods=["POST"]),
         Route("/v1/models", ModelsRoute(), methods=["GET"]),
         Route("/apis/v1/{path:path}", ApiRoute(),
               methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),

@@ -100,6 +100,21 @@ SPEC: dict[str, Any] = {
                                         body=OBJECT)},
         "/v1/embeddings": {"post": _op("OpenAI-compatible embeddings, metered", _json(OBJECT),
                                        body=OBJECT)},
+        "/v1/messages": {"post": _op(
+            "Anthropic-compatible messages (streaming included), metered with Anthropic's "
+            "usage semantics; takes x-api-key or Bearer; errors in Anthropic's shape "
+            "(type: error) with Tollway's code and request_id",
+            _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
+            security="anthropicKey", body=_ref("MessagesRequest"))},
+        "/v1/responses": {"post": _op(
+            "OpenAI Responses API (streaming included), metered from response.completed",
+            _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
+            body=_ref("ResponsesRequest"))},
+        "/v1/images/generations": {"post": _op(
+            "Image generation: per_call image models, charged per image returned "
+            "(n × the size's price × ratio)",
+            _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
+            body=_ref("ImagesRequest"))},
         "/v1/models": {"get": _op("Models this key may use", _json(OBJECT))},
         "/apis/v1/{path}": {method: _op(
             "A catalog data API: charged per successful (2xx) call",
@@ -180,6 +195,8 @@ SPEC: dict[str, Any] = {
     "components": {
         "securitySchemes": {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "A Tollway API key"},
+            "anthropicKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                             "description": "A Tollway API key (Bearer works too)"},
             "adminToken": {"type": "http", "scheme": "bearer",
                            "description": "The operator's admin token"}},
         "parameters": {
@@ -253,11 +270,27 @@ SPEC: dict[str, Any] = {
             "Marketplace": {"type": "object", "properties": {"data": {"type": "array", "items": {
                 "type": "object", "properties": {
                     "id": {"type": "string"}, "billing_type": {"enum": ["token", "per_call"]},
-                    "price": {"type": "object", "additionalProperties": {
-                        "oneOf": [USD, {"type": "null"}]}}}}}}},
+                    "price": {"type": "object", "properties": {
+                        "per_size": {"type": "object", "additionalProperties": {
+                            "type": "object", "properties": {"per_call_usd": USD}}}},
+                        "additionalProperties": {"oneOf": [USD, {"type": "null"}]}},
+                    "routes": {"type": "array", "items": {"type": "string"},
+                               "description": "models: the gateway routes serving it"},
+                    "providers": {"type": "object", "additionalProperties": {
+                        "type": "string"}}}}}}},
             "ChatRequest": {"type": "object", "required": ["model"], "properties": {
                 "model": {"type": "string"}, "messages": {"type": "array"},
                 "stream": {"type": "boolean"}, "max_tokens": {"type": "integer"}}},
+            "MessagesRequest": {"type": "object", "required": ["model", "max_tokens",
+                                                                "messages"], "properties": {
+                "model": {"type": "string"}, "messages": {"type": "array"},
+                "max_tokens": {"type": "integer"}, "stream": {"type": "boolean"}}},
+            "ResponsesRequest": {"type": "object", "required": ["model"], "properties": {
+                "model": {"type": "string"}, "input": {}, "stream": {"type": "boolean"},
+                "max_output_tokens": {"type": "integer"}}},
+            "ImagesRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
+                "model": {"type": "string"}, "prompt": {"type": "string"},
+                "n": {"type": "integer", "minimum": 1}, "size": {"type": "string"}}},
             "UsageRecord": {"type": "object", "properties": {
                 "request_id": {"type": "string"}, "type": {"type": "string"},
                 "product": {"type": ["string", "null"]}, "cost_usd": USD, "credit_usd": USD,
