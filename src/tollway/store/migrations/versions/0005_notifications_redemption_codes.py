@@ -93,12 +93,13 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Downgrade schema."""
+    """Downgrade schema. Columns are dropped in place (SQLite 3.35+): recreating a table that
+    other tables reference fails their foreign keys once it holds data."""
     op.drop_table('redemption_codes')
     op.drop_table('notification_attempts')
     op.drop_table('notification_deliveries')
     op.drop_table('notification_events')
     op.drop_table('notification_settings')
-    with op.batch_alter_table('accounts', schema=None) as batch_op:
+    with op.batch_alter_table('accounts', schema=None, recreate='never') as batch_op:
         batch_op.drop_column('low_balance_armed')
         batch_op.drop_column('low_balance_nano')

@@ -33,11 +33,11 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('usage_rollups', schema=None) as batch_op:
+    with op.batch_alter_table('usage_rollups', schema=None, recreate='never') as batch_op:
         batch_op.drop_column('cache_write_1h_tokens')
-    with op.batch_alter_table('usage_records', schema=None) as batch_op:
+    with op.batch_alter_table('usage_records', schema=None, recreate='never') as batch_op:
         batch_op.drop_column('cache_write_1h_nano_per_1m')
         batch_op.drop_column('cache_write_1h_tokens')
-    with op.batch_alter_table('price_versions', schema=None) as batch_op:
+    with op.batch_alter_table('price_versions', schema=None, recreate='never') as batch_op:
         batch_op.drop_column('per_size_nano')
         batch_op.drop_column('cache_write_1h_nano_per_1m')
