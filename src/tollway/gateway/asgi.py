@@ -47,6 +47,18 @@ def json_object(body: bytes) -> dict[str, Any]:
     return value
 
 
+def stream_flag(payload: dict[str, Any]) -> bool:
+    """The request's ``stream`` flag, which must be a JSON boolean: an upstream may read any
+    truthy value as "stream" while the gateway expected one JSON answer (and answered 502), so
+    anything else is refused before holding anything."""
+    value = payload.get("stream")
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequest("stream must be true or false")
+    return value
+
+
 async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes = JSON,
                      headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
     await send({"type": "http.response.start", "status": status,

@@ -6,7 +6,9 @@ otherwise make the gateway buffer, and rescan, everything it sends."""
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 from tollway.errors import UpstreamError
 
@@ -44,3 +46,14 @@ def event_data(event: bytes) -> bytes | None:
     """The joined ``data:`` lines of an event, or None if it has none (a comment)."""
     lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None
+
+
+def event_json(event: bytes) -> Any:
+    """An event's data parsed as JSON; None for a comment or data that is not JSON."""
+    data = event_data(event)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None

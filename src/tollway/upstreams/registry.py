@@ -65,6 +65,12 @@ class Registry:
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             return HttpUpstream(self.session, config["base_url"], timeouts=self.timeouts,
                                 max_body_bytes=self.max_body_bytes, headers=headers, secret=key)
+        if kind == "anthropic":
+            # base_url as for openai, e.g. https://api.anthropic.com/v1; anthropic-version
+            # comes from the client's request (the route forwards it)
+            headers = {"x-api-key": key} if key else {}
+            return HttpUpstream(self.session, config["base_url"], timeouts=self.timeouts,
+                                max_body_bytes=self.max_body_bytes, headers=headers, secret=key)
         if kind == "http":
             auth = config.get("auth") or {}
             headers, query = {}, {}
