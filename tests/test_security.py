@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from aiohttp import web
 from starlette.routing import Mount, Route
 
 from fakes import (
@@ -32,6 +33,7 @@ from fakes import (
     IGNORE_TOKENIZER_WARNING,
     MAX_BODY_BYTES,
     UPSTREAM_KEY,
+    AnthropicScript,
     DataReply,
     FakeUpstream,
     LLMScript,
@@ -62,12 +64,6 @@ class Captured(logging.Handler):
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def logs() -> Iterator[Captured]:
     handler = Captured()
     root = logging.getLogger()
@@ -87,13 +83,6 @@ def served(request: pytest.FixtureRequest, upstream: FakeUpstream, logs: Capture
     with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream),
                                                         upstream) as tollway:
         yield tollway
-
-
-@pytest.fixture
-def tw(served: Tollway) -> Iterator[Tollway]:
-    served.begin_test()
-    yield served
-    served.close_clients()
 
 
 @dataclass
@@ -122,6 +111,14 @@ def customer(tw: Tollway, http: httpx.Client) -> Customer:
     name = admin_get(http, f"/admin/v1/accounts/{account}").json()["name"]
     return Customer(account, name, secret, record.id,
                     [chat.headers["x-request-id"], call.headers["x-request-id"]])
+
+
+def mint_code(http: httpx.Client, usd: str = "5") -> dict[str, Any]:
+    response = http.post("/admin/v1/codes", json={"amount_usd": usd},
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 201, response.text
+    code: dict[str, Any] = response.json()["data"][0]
+    return code
 
 
 def admin_get(http: httpx.Client, path: str, **params: Any) -> httpx.Response:
@@ -165,9 +162,13 @@ def test_every_admin_route_needs_the_admin_token(tw: Tollway) -> None:
     http = tw.http()
     alice = customer(tw, http)
     values = {"account": alice.account, "key_id": alice.key_id,
-              "request_id": alice.request_ids[0]}
+              "request_id": alice.request_ids[0], "code_id": mint_code(http)["id"]}
     routes = [(m, p) for m, p in every_route(tw.gateway.app) if p.startswith("/admin/v1/")]
-    assert len(routes) == len(admin.admin_routes) >= 15
+    assert len(routes) == len(admin.admin_routes) >= 22
+    # main's notification and redemption-code routes are among them
+    assert {p for _, p in routes} >= {"/admin/v1/codes", "/admin/v1/codes/{code_id}/revoke",
+                                      "/admin/v1/accounts/{account}/notifications",
+                                      "/admin/v1/accounts/{account}/notifications/settings"}
     refused = {
         "no token": {},
         "a customer key": alice.auth,
@@ -246,28 +247,82 @@ def test_a_key_reaches_only_its_own_account_on_every_customer_route(tw: Tollway)
     assert {row["key_id"] for row in summary["data"]} == {alice.key_id}
     statement = get("/v1/billing/statement", month=month, account=bob.account).json()
     assert statement["account"]["name"] == alice.name
+    # notifications: bob has settings and an event (his top-up); alice sees neither
+    admin_auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    bob_settings = http.put(f"/admin/v1/accounts/{bob.account}/notifications/settings",
+                            headers=admin_auth, json={"webhook_url": "https://hooks.example/bob",
+                                                      "low_balance_threshold_usd": "1"}).json()
+    assert bob_settings["account_id"] == bob.account
+    topped = http.post(f"/admin/v1/accounts/{bob.account}/topups", json={"amount_usd": "1"},
+                       headers={**admin_auth, "Idempotency-Key": "bob-topup"})
+    assert topped.status_code in (200, 201), topped.text
+    bob_events = admin_get(http, f"/admin/v1/accounts/{bob.account}/notifications").json()
+    assert [e["type"] for e in bob_events["data"]] == ["balance.topup"]
+    bob_balance = admin_get(http, f"/admin/v1/accounts/{bob.account}").json()["balance_usd"]
+    for params in ({}, {"account": bob.account}, {"account_id": bob.account}):
+        events = get("/v1/billing/notifications", limit=500, **params).json()["data"]
+        assert events == [], params
+        mine = get("/v1/billing/notifications/settings", **params).json()
+        assert mine["account_id"] == alice.account and mine["webhook_url"] is None, params
+
+    def send(method: str, path: str, **kwargs: Any) -> httpx.Response:
+        covered.add(path)
+        return http.request(method, path, headers=alice.auth,
+                            params={"account": bob.account}, **kwargs)
+
+    # the writes go to alice's settings, never bob's
+    changed = send("PUT", "/v1/billing/notifications/settings",
+                   json={"webhook_url": "https://hooks.example/alice"}).json()
+    assert changed["account_id"] == alice.account
+    rotated = send("POST", "/v1/billing/notifications/settings/rotate-secret").json()
+    assert rotated["account_id"] == alice.account
+    assert rotated["webhook_secret"] != changed["webhook_secret"]
+    assert admin_get(http, f"/admin/v1/accounts/{bob.account}/notifications/settings"
+                     ).json() == bob_settings
+    # a code credits the redeeming key's account, once: bob cannot take it afterwards
+    code = mint_code(http, "2")
+    redeemed = send("POST", "/v1/billing/redeem", json={"code": code["code"]})
+    assert redeemed.status_code == 201, redeemed.text
+    assert redeemed.json()["account_id"] == alice.account
+    again = http.post("/v1/billing/redeem", headers=bob.auth, json={"code": code["code"]})
+    assert again.status_code == 409 and error_of(again)["code"] == "code_redeemed"
+    assert admin_get(http, f"/admin/v1/accounts/{bob.account}").json()["balance_usd"] == (
+        bob_balance)
     # every customer report route of the application was tried above
     billing = {p for m, p in every_route(tw.gateway.app) if p.startswith("/v1/billing/")}
     assert billing == covered
 
 
+#: A request to every metered POST route of the gateway (checked against the router).
+METERED = {
+    "/v1/chat/completions": {"model": "gpt-test", "messages": HELLO},
+    "/v1/completions": {"model": "gpt-test", "prompt": "hello there"},
+    "/v1/embeddings": {"model": "embed-test", "input": "hello there"},
+    "/v1/messages": {"model": "claude-test", "max_tokens": 50, "messages": HELLO},
+    "/v1/responses": {"model": "gpt-test", "input": "hello there"},
+    "/v1/images/generations": {"model": "image-test", "prompt": "a lighthouse"},
+}
+
+
 def test_an_idempotency_key_replays_only_to_the_key_that_used_it(tw: Tollway) -> None:
     http = tw.http()
     alice, bob = customer(tw, http), customer(tw, http)
-    body = {"model": "gpt-test", "messages": HELLO}
-    first = http.post("/v1/chat/completions", json=body,
-                      headers={**alice.auth, "Idempotency-Key": "shared-retry-key"})
-    replay = http.post("/v1/chat/completions", json=body,
-                       headers={**alice.auth, "Idempotency-Key": "shared-retry-key"})
-    assert replay.headers["x-tollway-replayed-request-id"] == first.headers["x-request-id"]
-    # bob's request with alice's Idempotency-Key (and body) is his own: forwarded, charged to
-    # him, never alice's answer
-    theirs = http.post("/v1/chat/completions", json=body,
-                       headers={**bob.auth, "Idempotency-Key": "shared-retry-key"})
-    assert theirs.status_code == 200
-    assert "x-tollway-replayed-request-id" not in theirs.headers
-    record = admin_get(http, f"/admin/v1/usage/{theirs.headers['x-request-id']}").json()
-    assert record["account_id"] == bob.account
+    gateway_posts = {p for m, p in every_route(tw.gateway.app)
+                     if m == "POST" and p.startswith("/v1/") and not p.startswith("/v1/billing/")}
+    assert gateway_posts == set(METERED)
+    for path, body in METERED.items():
+        idem = f"shared-retry-key{path}"
+        first = http.post(path, json=body, headers={**alice.auth, "Idempotency-Key": idem})
+        assert first.status_code == 200, (path, first.text)
+        replay = http.post(path, json=body, headers={**alice.auth, "Idempotency-Key": idem})
+        assert replay.headers["x-tollway-replayed-request-id"] == first.headers["x-request-id"]
+        # bob's request with alice's Idempotency-Key (and body) is his own: forwarded, charged
+        # to him, never alice's answer
+        theirs = http.post(path, json=body, headers={**bob.auth, "Idempotency-Key": idem})
+        assert theirs.status_code == 200, (path, theirs.text)
+        assert "x-tollway-replayed-request-id" not in theirs.headers, path
+        record = admin_get(http, f"/admin/v1/usage/{theirs.headers['x-request-id']}").json()
+        assert record["account_id"] == bob.account, path
     # the same for a data API call
     call = http.get("/apis/v1/twitter/user/jack",
                     headers={**alice.auth, "Idempotency-Key": "call-key"})
@@ -279,6 +334,13 @@ def test_an_idempotency_key_replays_only_to_the_key_that_used_it(tw: Tollway) ->
 
 
 # --------------------------------------------------------------------------- secrets
+
+
+async def echo_key(request: web.Request) -> web.StreamResponse:
+    """An upstream that refuses the credential it was sent, quoting it."""
+    sent = request.headers.get("authorization", "")
+    return web.json_response({"error": {"message": f"Incorrect API key provided: {sent}",
+                                        "type": "invalid_request_error"}}, status=401)
 
 
 def test_secrets_never_reach_logs_errors_or_records(tw: Tollway, logs: Captured) -> None:
@@ -300,6 +362,21 @@ def test_secrets_never_reach_logs_errors_or_records(tw: Tollway, logs: Captured)
     tw.fake.llm = LLMScript(status=500, error_body={"error": f"bad key {UPSTREAM_KEY}"})
     keep(http.post("/v1/chat/completions", headers=auth,
                    json={"model": "gpt-test", "messages": HELLO}))
+    # the Anthropic kind (x-api-key) and the Responses and images routes echo it too
+    tw.fake.anthropic = AnthropicScript(status=401, error_body={"type": "error", "error": {
+        "type": "authentication_error", "message": f"invalid x-api-key {UPSTREAM_KEY}"}})
+    keep(http.post("/v1/messages", headers=auth,
+                   json={"model": "claude-test", "max_tokens": 20, "messages": HELLO}))
+    tw.fake.anthropic = AnthropicScript(status=529, error_body={"error": f"{UPSTREAM_KEY}"})
+    keep(http.post("/v1/messages", headers=auth,
+                   json={"model": "claude-test", "max_tokens": 20, "messages": HELLO,
+                         "stream": True}))
+    tw.fake.llm = LLMScript()
+    tw.fake.hostile = echo_key
+    keep(http.post("/v1/responses", headers=auth, json={"model": "gpt-test", "input": "hi"}))
+    keep(http.post("/v1/images/generations", headers=auth,
+                   json={"model": "image-test", "prompt": "a lighthouse"}))
+    tw.fake.hostile = None
     tw.fake.data_replies = {path: DataReply(status=403, body=f"key {DATA_KEY} refused".encode(),
                                             content_type="text/plain")
                             for path in ("/data/users/jack", "/query/v2/search")}
@@ -320,6 +397,7 @@ def test_secrets_never_reach_logs_errors_or_records(tw: Tollway, logs: Captured)
     # the upstream did get the operator's credentials (so their absence below means something)
     assert any(r.headers.get("authorization") == f"Bearer {UPSTREAM_KEY}"
                for r in tw.fake.requests)
+    assert any(r.headers.get("x-api-key") == UPSTREAM_KEY for r in tw.fake.requests)
     responses = b"\n".join(seen).decode("utf-8", "replace")
     assert "[redacted]" in responses  # the echoed credentials were replaced
     log_text = "\n".join(logs.lines)
@@ -341,8 +419,10 @@ def test_secrets_never_reach_logs_errors_or_records(tw: Tollway, logs: Captured)
 # --------------------------------------------------------------------------- body limits
 
 #: Routes that never read their request body (so never buffer one, whatever its size).
-READ_NO_BODY = {("POST", "/admin/v1/keys/{key_id}/revoke")}
-
+READ_NO_BODY = {("POST", "/admin/v1/keys/{key_id}/revoke"),
+                ("POST", "/admin/v1/codes/{code_id}/revoke"),
+                ("POST", "/v1/billing/notifications/settings/rotate-secret"),
+                ("POST", "/admin/v1/accounts/{account}/notifications/settings/rotate-secret")}
 
 
 def test_every_route_that_reads_a_body_refuses_one_too_large(tw: Tollway) -> None:
@@ -352,10 +432,10 @@ def test_every_route_that_reads_a_body_refuses_one_too_large(tw: Tollway) -> Non
     big = b"{" + b" " * MAX_BODY_BYTES + b"}"
     routes = [(m, filled(p, values)) for m, p in every_route(tw.gateway.app)
               if m in ("POST", "PUT", "PATCH") and (m, p) not in READ_NO_BODY]
-    # the gateway's three LLM routes, the data APIs (each method) and every admin POST
-    assert {p for _, p in routes} >= {"/v1/chat/completions", "/v1/completions",
-                                      "/v1/embeddings", "/apis/v1/scholar/search",
-                                      "/admin/v1/accounts"}
+    # every metered route, the data APIs (each method), the customer's and every admin write
+    assert {p for _, p in routes} >= {*METERED, "/apis/v1/scholar/search", "/admin/v1/accounts",
+                                      "/v1/billing/redeem", "/v1/billing/notifications/settings",
+                                      "/admin/v1/codes"}
     before = database_rows(tw)
     for method, path in routes:
         auth = ({"Authorization": f"Bearer {ADMIN_TOKEN}"} if path.startswith("/admin/")
@@ -365,7 +445,12 @@ def test_every_route_that_reads_a_body_refuses_one_too_large(tw: Tollway) -> Non
                                headers=auth)
         for response in (declared, chunked):
             assert response.status_code == 413, (method, path, response.text)
-            assert error_of(response)["code"] == "payload_too_large"
+            body = response.json()
+            if path == "/v1/messages":  # Anthropic's error shape, with Tollway's code
+                assert (body["type"], body["error"]["type"]) == ("error", "request_too_large")
+                assert body["error"]["code"] == "payload_too_large"
+            else:
+                assert error_of(response)["code"] == "payload_too_large"
     assert database_rows(tw) == before
     # nothing was forwarded: the data API behind /apis/v1/scholar/search never saw a request
     assert [r.path for r in tw.fake.data_requests()] == ["/data/users/jack"]  # customer()
