@@ -7,8 +7,12 @@ delivered), never crashes, never leaves a hold open, never charges without a usa
 and bills absurd usage only up to the request's bounds with ``usage_source = "capped"``,
 listed by ``GET /admin/v1/usage?review=true``.
 
-Prices (USD per 1M tokens): ``gpt-test`` input 0.15, output 0.60. The local count of the
-``HELLO`` prompt is 8 tokens; the hold's estimate of it is 10 (see ``test_gateway``).
+Prices (USD per 1M tokens): ``gpt-test`` input 0.15, output 0.60, cache read 0.075;
+``claude-test`` input 3, output 15, cache read 0.30, 5-minute write 3.75, 1-hour write 6;
+``image-test`` 0.04 USD per image. The local count of the ``HELLO`` prompt is 8 tokens; the
+hold's estimate of it is 10 (see ``test_gateway``), so a reported prompt is capped at
+max(10 × 4, 10 + 4096) = 4106. The Responses request's input "hello there" counts 2 tokens, its
+estimate is 4: capped at max(4 × 4, 4 + 4096) = 4100.
 """
 
 from __future__ import annotations
@@ -47,14 +51,11 @@ TEN_USD = 10 * USD
 HELLO = [{"role": "user", "content": "hello there"}]
 UPSTREAM_LIMIT = 2 * 1024 * 1024  # TOLLWAY_MAX_UPSTREAM_BODY_BYTES in these tests
 GPT = TokenPrice(Decimal("0.15"), Decimal("0.60"), Decimal("0.075"))
+CLAUDE = TokenPrice(Decimal("3"), Decimal("15"), Decimal("0.30"), Decimal("3.75"), Decimal("6"))
+PRICES = {"gpt-test": GPT, "claude-test": CLAUDE}
+IMAGE_NANO = 40_000_000  # image-test: 0.04 USD per image
 PIECES = ["Hello", " there", ",", " friend", "!"]  # 5 tokens together
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -63,13 +64,6 @@ def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[T
     with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream), upstream,
                                                         env=env) as tollway:
         yield tollway
-
-
-@pytest.fixture
-def tw(served: Tollway) -> Iterator[Tollway]:
-    served.begin_test()
-    yield served
-    served.close_clients()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -152,10 +146,14 @@ def silent_after_headers(seconds: float) -> Handler:
 
 
 def cost_of(record: dict[str, Any]) -> int:
-    """The charge the record's own figures imply (gpt-test, default group)."""
+    """The charge the record's own figures imply (default group)."""
+    if record["product"] == "image-test":
+        return int(record["calls"]) * IMAGE_NANO
     usage = TokenUsage(record["input_tokens"], record["output_tokens"],
-                       record["cached_input_tokens"], record["cache_write_tokens"])
-    return rate_tokens(usage, GPT, AppliedRatio(Decimal(1), "group")).cost_nano_usd
+                       record["cached_input_tokens"], record["cache_write_tokens"],
+                       record["cache_write_1h_tokens"])
+    return rate_tokens(usage, PRICES[record["product"]],
+                       AppliedRatio(Decimal(1), "group")).cost_nano_usd
 
 
 def books_hold(tw: Tollway, account: int) -> list[dict[str, Any]]:
@@ -438,6 +436,279 @@ def test_headers_then_silence_is_a_504_within_the_read_timeout(tw: Tollway) -> N
     records = books_hold(tw, account)
     assert sorted((r["type"], r["status"], r["cost_nano"], r["error_code"])
                   for r in records) == [("error", 504, 0, "upstream_timeout")] * 3
+
+
+# --------------------------------------------------------------------------- other protocols
+
+
+def messages(tw: Tollway, key: str, **body: Any) -> httpx.Response:
+    payload = {"model": "claude-test", "max_tokens": 50, "messages": HELLO, **body}
+    return tw.http().post("/v1/messages", json=payload, headers={"x-api-key": key})
+
+
+def responses(tw: Tollway, key: str, **body: Any) -> httpx.Response:
+    payload = {"model": "gpt-test", "input": "hello there", "max_output_tokens": 50, **body}
+    return tw.http().post("/v1/responses", json=payload,
+                          headers={"Authorization": f"Bearer {key}"})
+
+
+def images(tw: Tollway, key: str, **body: Any) -> httpx.Response:
+    payload = {"model": "image-test", "prompt": "a lighthouse", **body}
+    return tw.http().post("/v1/images/generations", json=payload,
+                          headers={"Authorization": f"Bearer {key}"})
+
+
+def anthropic_error_of(response: httpx.Response) -> dict[str, Any]:
+    """The error object of an Anthropic-shaped error answer (``/v1/messages``)."""
+    body = response.json()
+    assert body["type"] == "error" and body["request_id"] == response.headers["x-request-id"]
+    return dict(body["error"])
+
+
+def named_event(name: str, body: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(body)}\n\n".encode()
+
+
+CLAUDE_TEXT = ["Hello", " from", " Claude", "."]  # 4 tokens together
+
+
+def anthropic_stream(start_usage: Any, delta_usage: Any = None, *,
+                     pieces: list[str] = CLAUDE_TEXT, end: bool = True) -> list[bytes]:
+    """An Anthropic Messages event stream: message_start (with ``start_usage``), text deltas,
+    message_delta (with ``delta_usage``, when given) and message_stop (when ``end``)."""
+    events = [named_event("message_start", {"type": "message_start", "message": {
+        "id": "msg_x", "type": "message", "role": "assistant", "model": "claude-upstream",
+        "content": [], "stop_reason": None, "stop_sequence": None, "usage": start_usage}}),
+        named_event("content_block_start", {"type": "content_block_start", "index": 0,
+                                            "content_block": {"type": "text", "text": ""}})]
+    events += [named_event("content_block_delta", {
+        "type": "content_block_delta", "index": 0,
+        "delta": {"type": "text_delta", "text": piece}}) for piece in pieces]
+    events.append(named_event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    if delta_usage is not None:
+        events.append(named_event("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": "end_turn"},
+            "usage": delta_usage}))
+    if end:
+        events.append(named_event("message_stop", {"type": "message_stop"}))
+    return events
+
+
+def anthropic_answer(usage: Any) -> bytes:
+    return json.dumps({"id": "msg_x", "type": "message", "role": "assistant",
+                       "model": "claude-upstream",
+                       "content": [{"type": "text", "text": "".join(CLAUDE_TEXT)}],
+                       "stop_reason": "end_turn", "usage": usage}).encode()
+
+
+RESPONSES_TEXT = ["Responses", " say", " hi"]  # 3 tokens together
+
+
+def responses_answer(usage: Any) -> dict[str, Any]:
+    return {"id": "resp_x", "object": "response", "status": "completed",
+            "model": "upstream-gpt-4o-mini", "output": [{
+                "type": "message", "id": "msg_x", "status": "completed", "role": "assistant",
+                "content": [{"type": "output_text", "text": "".join(RESPONSES_TEXT),
+                             "annotations": []}]}], "usage": usage}
+
+
+def responses_stream(usage: Any) -> list[bytes]:
+    events = [named_event("response.output_text.delta", {
+        "type": "response.output_text.delta", "item_id": "msg_x", "output_index": 0,
+        "content_index": 0, "delta": piece}) for piece in RESPONSES_TEXT]
+    events.append(named_event("response.completed", {"type": "response.completed",
+                                                     "response": responses_answer(usage)}))
+    return events
+
+
+def test_absurd_anthropic_usage_is_capped_or_estimated_and_flagged(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    ids = {}
+
+    def stream(name: str, events: list[bytes], cost: str) -> None:
+        tw.fake.hostile = streaming(*events)
+        response = messages(tw, key, stream=True)
+        assert response.status_code == 200, response.text
+        assert response.content.endswith(f": tollway cost_usd={cost}\n\n".encode()), name
+        ids[name] = response.headers["x-request-id"]
+
+    def whole(name: str, usage: Any, cost: str) -> None:
+        tw.fake.hostile = replying(anthropic_answer(usage))
+        response = messages(tw, key)
+        assert response.status_code == 200, response.text
+        assert response.headers["x-tollway-cost-usd"] == cost, name
+        ids[name] = response.headers["x-request-id"]
+
+    # plausible: input 20, output 4: (20 × 3 + 4 × 15) / 1e6 = 120e-6 USD
+    stream("plain", anthropic_stream({"input_tokens": 20, "output_tokens": 1},
+                                     {"output_tokens": 4}), "0.000120000")
+    # 10^18 output tokens in message_delta: capped at max_tokens 50:
+    # (20 × 3 + 50 × 15) / 1e6 = 810e-6 USD
+    stream("delta e18", anthropic_stream({"input_tokens": 20, "output_tokens": 1},
+                                         {"output_tokens": 10**18}), "0.000810000")
+    # message_delta re-reporting 10^18 input and cache reads too: the prompt is capped at 4106,
+    # all of it cache reads: (4106 × 0.30 + 50 × 15) / 1e6 = 1981.8e-6 USD
+    stream("delta all e18", anthropic_stream(
+        {"input_tokens": 20, "output_tokens": 1},
+        {"input_tokens": 10**18, "cache_read_input_tokens": 10**18,
+         "output_tokens": 10**18}), "0.001981800")
+    # a whole message with 10^18 cache writes and output: prompt 4106, all 5-minute writes:
+    # (4106 × 3.75 + 50 × 15) / 1e6 = 16147.5e-6 USD
+    whole("whole e18", {"input_tokens": 20, "output_tokens": 10**18,
+                        "cache_creation_input_tokens": 10**18}, "0.016147500")
+    # negative cache tokens (message_start, the 1-hour split, a whole answer) are impossible:
+    # estimated from the local count, prompt 8, output 4: (8 × 3 + 4 × 15) / 1e6 = 84e-6 USD
+    stream("negative read", anthropic_stream(
+        {"input_tokens": 20, "cache_read_input_tokens": -5, "output_tokens": 1},
+        {"output_tokens": 4}), "0.000084000")
+    stream("negative 1h", anthropic_stream(
+        {"input_tokens": 20, "output_tokens": 1, "cache_creation_input_tokens": 3,
+         "cache_creation": {"ephemeral_5m_input_tokens": 6,
+                            "ephemeral_1h_input_tokens": -3}},
+        {"output_tokens": 4}), "0.000084000")
+    whole("whole negative", {"input_tokens": 20, "output_tokens": 4,
+                             "cache_creation_input_tokens": -1}, "0.000084000")
+    whole("whole float", {"input_tokens": 1e18, "output_tokens": 4}, "0.000084000")
+
+    records = {r["request_id"]: r for r in books_hold(tw, account)}
+    by_name = {name: records[rid] for name, rid in ids.items()}
+    assert {n: (r["usage_source"], r["cost_nano"]) for n, r in by_name.items()} == {
+        "plain": ("upstream", 120_000),
+        "delta e18": ("capped", 810_000), "delta all e18": ("capped", 1_981_800),
+        "whole e18": ("capped", 16_147_500),
+        "negative read": ("estimated", 84_000), "negative 1h": ("estimated", 84_000),
+        "whole negative": ("estimated", 84_000), "whole float": ("estimated", 84_000)}
+    capped = by_name["delta all e18"]
+    assert (capped["input_tokens"], capped["cached_input_tokens"], capped["output_tokens"]) == (
+        4106, 4106, 50)
+    assert capped["note"].startswith("usage capped for review: prompt_tokens ")
+    assert (by_name["whole e18"]["cache_write_tokens"],
+            by_name["whole e18"]["cache_write_1h_tokens"]) == (4106, 0)
+    listed = tw.http().get("/admin/v1/usage", params={"review": "true", "account": account},
+                           headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["data"]
+    assert {r["request_id"] for r in listed} == {
+        rid for name, rid in ids.items() if name != "plain"}
+
+
+def test_absurd_responses_usage_is_capped_or_estimated_and_flagged(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    ids = {}
+    # 10^18 output (and reasoning) tokens in a whole answer: output capped at
+    # max_output_tokens 50: (20 × 0.15 + 50 × 0.60) / 1e6 = 33e-6 USD
+    tw.fake.hostile = replying(json.dumps(responses_answer({
+        "input_tokens": 20, "output_tokens": 10**18,
+        "output_tokens_details": {"reasoning_tokens": 10**18}})).encode())
+    response = responses(tw, key)
+    assert response.headers["x-tollway-cost-usd"] == "0.000033000"
+    ids["whole e18"] = response.headers["x-request-id"]
+    # 10^18 everything in response.completed: prompt capped at 4100, all cache reads:
+    # (4100 × 0.075 + 50 × 0.60) / 1e6 = 337.5e-6 USD
+    tw.fake.hostile = streaming(*responses_stream({
+        "input_tokens": 10**18, "input_tokens_details": {"cached_tokens": 10**18},
+        "output_tokens": 10**18}))
+    response = responses(tw, key, stream=True)
+    assert response.content.endswith(b": tollway cost_usd=0.000337500\n\n")
+    ids["stream e18"] = response.headers["x-request-id"]
+    # negative cached tokens: estimated, prompt 2, output 3: (2 × 0.15 + 3 × 0.60) / 1e6
+    # = 2.1e-6 USD, streamed or not
+    usage = {"input_tokens": 20, "input_tokens_details": {"cached_tokens": -1},
+             "output_tokens": 3}
+    tw.fake.hostile = replying(json.dumps(responses_answer(usage)).encode())
+    response = responses(tw, key)
+    assert response.headers["x-tollway-cost-usd"] == "0.000002100"
+    ids["negative"] = response.headers["x-request-id"]
+    tw.fake.hostile = streaming(*responses_stream(usage))
+    response = responses(tw, key, stream=True)
+    assert response.content.endswith(b": tollway cost_usd=0.000002100\n\n")
+    ids["stream negative"] = response.headers["x-request-id"]
+
+    records = {r["request_id"]: r for r in books_hold(tw, account)}
+    assert {n: (records[rid]["usage_source"], records[rid]["cost_nano"])
+            for n, rid in ids.items()} == {
+        "whole e18": ("capped", 33_000), "stream e18": ("capped", 337_500),
+        "negative": ("estimated", 2_100), "stream negative": ("estimated", 2_100)}
+    assert records[ids["whole e18"]]["reasoning_tokens"] == 50
+
+
+def test_huge_answers_on_every_protocol_are_502s_and_cost_nothing(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    huge = b'{"padding": "' + b"x" * UPSTREAM_LIMIT + b'"}'
+    tw.fake.hostile = replying(huge, chunked=True)
+    for send in (messages, responses, images):
+        response = send(tw, key)
+        assert response.status_code == 502, (send.__name__, response.text)
+        error = (anthropic_error_of(response) if send is messages else error_of(response))
+        assert error["code"] == "upstream_error"
+        assert f"larger than {UPSTREAM_LIMIT} bytes" in error["message"]
+    records = books_hold(tw, account)
+    assert [(r["route"], r["type"], r["status"], r["cost_nano"]) for r in records] == [
+        ("/v1/messages", "error", 502, 0), ("/v1/responses", "error", 502, 0),
+        ("/v1/images/generations", "error", 502, 0)]
+    assert tw.available(account) == TEN_USD
+
+
+def test_a_huge_anthropic_stream_bills_what_was_delivered(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    piece = "hello there " * 80
+    events = anthropic_stream({"input_tokens": 20, "output_tokens": 1},
+                              pieces=[piece] * (UPSTREAM_LIMIT // len(piece) + 10))
+    tw.fake.hostile = streaming(*events)
+    response = messages(tw, key, stream=True)
+    assert response.status_code == 200
+    # cut after message_start: its input (20) as reported, the delivered output counted
+    # locally and bounded by max_tokens 50: (20 × 3 + 50 × 15) / 1e6 = 810e-6 USD; the client
+    # is told the stream is incomplete (an error event) before the cost
+    error, _cost = response.content.split(b"\n\n")[-3:-1]
+    assert error.startswith(b"event: error\ndata: ")
+    assert json.loads(error.split(b"data: ", 1)[1])["error"]["code"] == "upstream_error"
+    assert response.content.endswith(b": tollway cost_usd=0.000810000\n\n")
+    (record,) = books_hold(tw, account)
+    assert (record["usage_source"], record["input_tokens"], record["output_tokens"],
+            record["cost_nano"]) == ("estimated", 20, 50, 810_000)
+    assert f"larger than {UPSTREAM_LIMIT} bytes" in record["note"]
+
+
+def test_sse_without_blank_lines_is_bounded_on_every_protocol(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    endless = b"event: message_start\ndata: {" + b"x" * (MAX_EVENT_BYTES + 1024)
+    tw.fake.hostile = streaming(*[endless[i:i + 65536] for i in range(0, len(endless), 65536)])
+    # Anthropic's error event and shape
+    response = messages(tw, key, stream=True)
+    assert response.status_code == 200
+    assert response.content.startswith(b"event: error\ndata: ")
+    (event,) = sse_events(response.content)
+    body = json.loads(event)
+    assert (body["type"], body["error"]["code"]) == ("error", "upstream_error")
+    assert f"longer than {MAX_EVENT_BYTES} bytes" in body["error"]["message"]
+    # the Responses API's error event, with Tollway's error object
+    response = responses(tw, key, stream=True)
+    (event,) = sse_events(response.content)
+    body = json.loads(event)
+    assert (body["type"], body["code"], body["error"]["code"]) == (
+        "error", "upstream_error", "upstream_error")
+    records = books_hold(tw, account)
+    assert [(r["route"], r["type"], r["status"], r["cost_nano"]) for r in records] == [
+        ("/v1/messages", "error", 502, 0), ("/v1/responses", "error", 502, 0)]
+
+
+def test_upstream_errors_on_every_protocol_pass_through_marked(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    tw.fake.hostile = replying(b'{"type": "error", "error": {"type": "invalid_request_error"}}',
+                               status=400)
+    for send in (messages, responses, images):
+        response = send(tw, key)
+        assert response.status_code == 400, send.__name__
+        assert response.headers["x-tollway-upstream-error"] == "true"
+        assert response.json()["error"] == {"type": "invalid_request_error"}
+    records = books_hold(tw, account)
+    assert [(r["type"], r["status"], r["cost_nano"]) for r in records] == [
+        ("error", 400, 0)] * 3
 
 
 def test_texts_past_the_tokenizers_limit_are_still_counted() -> None:

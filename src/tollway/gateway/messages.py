@@ -113,7 +113,7 @@ class MessagesRoute(TokenRoute):
             # Cut after message_start: its input counts as reported, the output as delivered.
             output = tokens.count("".join(llm.delivered))
             metered = self.meter(llm, original, {**state.usage, "output_tokens": output})
-            if metered.source == "upstream":
+            if metered.source != "estimated":  # capped too: the output is our own count
                 why = "output counted locally: the stream ended without message_delta usage"
                 return replace(metered, source="estimated",
                                note="; ".join(n for n in (why, metered.note) if n))
