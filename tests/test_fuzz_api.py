@@ -68,7 +68,12 @@ OPERATIONS = sorted((result.ok() for result in SCHEMA.get_all_operations()),
 LABELS = [op.label for op in OPERATIONS]
 #: Generated model ids and API paths rarely name a catalog item; a drawn number steers some
 #: cases to the sandbox catalog's, so requests reach the upstream and get billed too.
-MODELS = ["sandbox-chat", "sandbox-reasoner", "sandbox-embed"]
+MODELS = {"/v1/chat/completions": ["sandbox-chat", "sandbox-reasoner", "sandbox-claude"],
+          "/v1/completions": ["sandbox-chat", "sandbox-reasoner", "sandbox-claude"],
+          "/v1/embeddings": ["sandbox-embed", "sandbox-embed", "sandbox-chat"],
+          "/v1/messages": ["sandbox-claude", "sandbox-claude", "sandbox-chat"],
+          "/v1/responses": ["sandbox-chat", "sandbox-reasoner", "sandbox-claude"],
+          "/v1/images/generations": ["sandbox-image", "sandbox-image", "sandbox-chat"]}
 API_PATHS = ["search/web", "finance/quote/AAPL", "scholar/search"]
 
 
@@ -81,15 +86,21 @@ class Targets:
     accounts: tuple[str, str]
     request_id: str
     spare_key_id: int
+    #: an unused redemption code (redeeming it is a valid outcome) and its id
+    code: str
+    code_id: int
 
 
 def steer(case: schemathesis.Case, choice: int, targets: Targets) -> None:
     """Point some cases at the sandbox catalog and at things that exist."""
     if not choice:
         return
-    if case.operation.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
+    if case.operation.path in MODELS:
         if isinstance(case.body, dict):
-            case.body["model"] = MODELS[choice - 1]
+            case.body["model"] = MODELS[case.operation.path][choice - 1]
+        return
+    if case.operation.path == "/v1/billing/redeem" and isinstance(case.body, dict):
+        case.body["code"] = targets.code
         return
     params = case.path_parameters
     if params is None:
@@ -102,6 +113,8 @@ def steer(case: schemathesis.Case, choice: int, targets: Targets) -> None:
         params["request_id"] = targets.request_id
     if "key_id" in params:
         params["key_id"] = targets.spare_key_id
+    if "code_id" in params:
+        params["code_id"] = targets.code_id
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -123,6 +136,11 @@ def check_error_shape(response: Any) -> None:
         assert response.request.url.split("/")[3] in ("v1", "apis"), response.request.url
         return
     body = response.json()
+    if response.request.url.split("?")[0].endswith("/v1/messages"):
+        # Anthropic's shape (its client library raises its own types), Tollway's code and id
+        assert body["type"] == "error" and [body["request_id"]] == response.headers[
+            "x-request-id"], body
+        body = {"error": {k: v for k, v in body["error"].items()}}
     assert set(body) == {"error"}, body
     error = body["error"]
     assert set(error) == {"type", "code", "message", "request_id"}, error
@@ -138,8 +156,11 @@ def make_targets(tw: Tollway, account: int, key: str) -> Targets:
     name = tw.http().get(f"/admin/v1/accounts/{account}", headers={
         "Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["name"]
     spare = tw.key_record(tw.key(account, name="spare"))
+    (code,) = tw.http().post("/admin/v1/codes", json={"amount_usd": "1"}, headers={
+        "Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["data"]
     tw.close_clients()
-    return Targets((str(account), name), response.headers["x-request-id"], spare.id)
+    return Targets((str(account), name), response.headers["x-request-id"], spare.id,
+                   code["code"], code["id"])
 
 
 def fuzz(tw: Tollway, label: str, examples: int, *, long: bool = False) -> None:
@@ -193,19 +214,34 @@ def test_a_stream_flag_that_is_not_a_boolean_is_a_400(served: Tollway) -> None:
     gateway and as "a stream" by the upstream, whose event stream then failed as a 502."""
     account = served.account("stream-flag")
     key = served.key(account)
-    for value in (88, "yes", 1, None, False):
-        response = served.http().post(
-            "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-            json={"model": "sandbox-chat", "messages": [{"role": "user", "content": "hi"}],
-                  "stream": value})
-        if value is None or value is False:
-            assert response.status_code == 200, response.text
-        else:
-            assert response.status_code == 400, (value, response.text)
-            body = response.json()["error"]
-            assert (body["code"], body["message"]) == ("invalid_request",
-                                                       "stream must be true or false")
+    hi = [{"role": "user", "content": "hi"}]
+    bodies = {"/v1/chat/completions": {"model": "sandbox-chat", "messages": hi},
+              "/v1/completions": {"model": "sandbox-chat", "prompt": "hi"},
+              "/v1/embeddings": {"model": "sandbox-embed", "input": "hi"},
+              "/v1/messages": {"model": "sandbox-claude", "max_tokens": 5, "messages": hi},
+              "/v1/responses": {"model": "sandbox-chat", "input": "hi"},
+              "/v1/images/generations": {"model": "sandbox-image", "prompt": "hi"}}
+    assert set(bodies) == {path for path, item in SPEC["paths"].items()
+                           if "post" in item and path.startswith("/v1/")
+                           and not path.startswith("/v1/billing/")}
+    for path, body in bodies.items():
+        for value in (88, "yes", 1, [], None, False):
+            response = served.http().post(path, headers={"Authorization": f"Bearer {key}"},
+                                          json={**body, "stream": value})
+            if value is None or value is False:
+                assert response.status_code == 200, (path, response.text)
+            else:
+                assert response.status_code == 400, (path, value, response.text)
+                error = response.json()["error"]
+                assert (error["code"], error["message"]) == ("invalid_request",
+                                                             "stream must be true or false")
+    # images are billed from a whole answer: a stream is refused before any hold
+    response = served.http().post("/v1/images/generations", json={
+        **bodies["/v1/images/generations"], "stream": True},
+        headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 400, response.text
     assert served.open_holds() == 0
+    assert served.verify() == []
     served.close_clients()
 
 
@@ -231,4 +267,37 @@ def test_nul_characters_in_bodies_are_a_400(served: Tollway) -> None:
                  "/admin/v1/usage?account=a%00"):
         assert http.get(path, headers=admin).status_code == 404, path
     assert served.verify() == []
+    served.close_clients()
+
+
+def test_an_absurd_output_bound_is_lowered_not_a_500(served: Tollway) -> None:
+    """Regression (found by fuzzing /v1/messages): ``"max_tokens": 10**30`` made a hold larger
+    than any ledger column (an OverflowError, a 500). The hold is capped, and lowered to what
+    the balance affords like any other (``X-Tollway-Max-Tokens``)."""
+    account = served.account("huge-bound")
+    key = served.key(account)
+    hi = [{"role": "user", "content": "hi"}]
+    for path, body in (("/v1/messages", {"model": "sandbox-claude", "messages": hi,
+                                         "max_tokens": 10**30}),
+                       ("/v1/chat/completions", {"model": "sandbox-chat", "messages": hi,
+                                                 "max_tokens": 10**30}),
+                       ("/v1/responses", {"model": "sandbox-chat", "input": "hi",
+                                          "max_output_tokens": 10**30})):
+        response = served.http().post(path, json=body,
+                                      headers={"Authorization": f"Bearer {key}"})
+        assert response.status_code == 200, (path, response.text)
+        assert 1 <= int(response.headers["x-tollway-max-tokens"]) < 10**30, path
+    assert served.open_holds() == 0
+    assert served.verify() == []
+    served.close_clients()
+
+
+def test_an_id_beyond_any_column_is_unknown_not_a_500(served: Tollway) -> None:
+    """Regression (found by fuzzing): revoking code 10^24 was an OverflowError on SQLite."""
+    http = served.http()
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    for code_id in (10**24, 2**63, 0):
+        response = http.post(f"/admin/v1/codes/{code_id}/revoke", headers=admin)
+        assert response.status_code == 404, (code_id, response.text)
+        assert response.json()["error"]["code"] == "unknown_code"
     served.close_clients()

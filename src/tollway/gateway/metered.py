@@ -29,7 +29,7 @@ from tollway.gateway.calls import COST_HEADER, Call, begin, fail, send_replay
 from tollway.gateway.sse import EventSplitter
 from tollway.gateway.state import Gateway
 from tollway.gateway.usage import MeteredUsage, bounded
-from tollway.money import format_usd
+from tollway.money import MAX_NANO_USD, format_usd
 from tollway.pricing.rating import InvalidUsage, TokenPrice, TokenUsage, rate_tokens
 from tollway.upstreams.base import UpstreamRequest, UpstreamResponse
 
@@ -63,8 +63,10 @@ class LLMCall:
                                self.price.effective_cache_write_per_1m,
                                self.price.effective_cache_write_1h_per_1m),
                            self.price.output_per_1m)
-        return max(rate_tokens(TokenUsage(prompt, output), worst, self.call.ratio).cost_nano_usd,
-                   1)
+        cost = rate_tokens(TokenUsage(prompt, output), worst, self.call.ratio).cost_nano_usd
+        # an absurd max_tokens (10^30) asks for more than any balance holds: the ledger's
+        # columns stop at MAX_NANO_USD, and the hold is then lowered to what the balance affords
+        return min(max(cost, 1), MAX_NANO_USD)
 
     def affordable(self, available: int) -> tuple[int, int] | None:
         """The largest output bound whose hold the balance covers, with that hold."""

@@ -12,6 +12,8 @@ from sqlalchemy.engine import Connection
 
 from tollway.store.tables import redemption_codes as codes
 
+_MAX_ID = 2**63 - 1  # no id column holds more (a larger one is an unknown code, not a crash)
+
 
 def insert(conn: Connection, *, code_hash: str, hint: str, amount_nano: int,
            note: str | None, at_ms: int, expires_at_ms: int | None) -> int:
@@ -25,6 +27,8 @@ def find(conn: Connection, code_hash: str) -> Any:
 
 
 def get(conn: Connection, code_id: int) -> Any:
+    if not 0 < code_id <= _MAX_ID:
+        return None
     return conn.execute(sa.select(codes).where(codes.c.id == code_id)).first()
 
 
@@ -45,6 +49,8 @@ def set_entry(conn: Connection, code_id: int, entry_id: int) -> None:
 
 def revoke(conn: Connection, code_id: int, at_ms: int) -> int:
     """Revoke an unredeemed code; the number of rows changed (0: unknown or used)."""
+    if not 0 < code_id <= _MAX_ID:
+        return 0
     return int(conn.execute(codes.update().where(
         codes.c.id == code_id, codes.c.redeemed_at_ms.is_(None),
         codes.c.revoked_at_ms.is_(None)).values(revoked_at_ms=at_ms)).rowcount)
