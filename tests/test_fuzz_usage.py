@@ -38,7 +38,12 @@ from fakes import (
     running_tollway,
 )
 from test_hostile_upstream import DONE, PIECES, answer, chunk, delta, replying, streaming
-from tollway.gateway.usage import bounded, parse_openai_usage
+from tollway.gateway.usage import (
+    bounded,
+    parse_anthropic_usage,
+    parse_openai_usage,
+    parse_responses_usage,
+)
 from tollway.pricing.rating import AppliedRatio, InvalidUsage, TokenPrice, TokenUsage, rate_tokens
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
@@ -66,6 +71,25 @@ plausible = st.builds(
     st.integers(0, 5000))
 
 
+#: Anthropic's usage (message_start + message_delta merged, or a whole message's).
+anthropic_usages = st.one_of(
+    st.fixed_dictionaries({}, optional={
+        "input_tokens": counts, "output_tokens": counts, "cache_read_input_tokens": counts,
+        "cache_creation_input_tokens": counts,
+        "cache_creation": st.one_of(st.none(), st.just("x"), st.fixed_dictionaries({}, optional={
+            "ephemeral_5m_input_tokens": counts, "ephemeral_1h_input_tokens": counts}))}),
+    st.sampled_from([None, "lots", 7, [], {"input_tokens": 20}]))
+#: The Responses API's usage (a whole answer's, or response.completed's).
+responses_usages = st.one_of(
+    st.fixed_dictionaries({}, optional={
+        "input_tokens": counts, "output_tokens": counts, "total_tokens": counts,
+        "input_tokens_details": st.one_of(st.none(), st.just("x"), st.fixed_dictionaries(
+            {}, optional={"cached_tokens": counts})),
+        "output_tokens_details": st.one_of(st.none(), st.just("x"), st.fixed_dictionaries(
+            {}, optional={"reasoning_tokens": counts}))}),
+    st.sampled_from([None, "lots", 7, [], {"input_tokens": 20}]))
+
+
 def cost(usage: TokenUsage) -> int:
     return rate_tokens(usage, GPT, ONE).cost_nano_usd
 
@@ -90,15 +114,23 @@ FAST_OR_LONG = pytest.mark.parametrize(
     "long", [False, pytest.param(True, marks=pytest.mark.stress)], ids=["fast", "long"])
 
 
-def check_parsing(raw: Any) -> None:
+def check_parsing(raw: Any, protocol: str = "openai") -> None:
     try:
-        usage, reasoning = parse_openai_usage(raw)
+        if protocol == "anthropic":
+            usage, reasoning = parse_anthropic_usage(raw), 0
+        elif protocol == "responses":
+            usage, reasoning = parse_responses_usage(raw)
+        else:
+            usage, reasoning = parse_openai_usage(raw)
     except InvalidUsage:
         return
     metered = bounded(usage, reasoning, prompt_bound=PROMPT_BOUND,
                       completion_bound=OUTPUT_BOUND)
     billed = metered.usage
     assert billed.prompt_tokens <= PROMPT_BOUND and billed.completion_tokens <= OUTPUT_BOUND
+    assert 0 <= billed.cached_tokens + billed.cache_write_tokens + billed.cache_write_1h_tokens
+    assert (billed.cached_tokens + billed.cache_write_tokens + billed.cache_write_1h_tokens
+            <= billed.prompt_tokens)
     assert 0 <= metered.reasoning_tokens <= billed.completion_tokens
     if metered.source == "upstream":
         assert billed == usage and metered.note is None
@@ -114,13 +146,16 @@ def test_parsing_refuses_or_bounds_every_usage(long: bool) -> None:
          examples=500, long=long)
 
 
+@FAST_OR_LONG
+def test_anthropic_and_responses_usage_is_refused_or_bounded_the_same_way(long: bool) -> None:
+    fuzz(st.one_of(st.fixed_dictionaries({"raw": anthropic_usages,
+                                          "protocol": st.just("anthropic")}),
+                   st.fixed_dictionaries({"raw": responses_usages,
+                                          "protocol": st.just("responses")})),
+         check_parsing, examples=500, long=long)
+
+
 # --------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
