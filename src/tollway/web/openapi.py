@@ -330,7 +330,10 @@ SPEC: dict[str, Any] = {
                 "max_output_tokens": {"type": "integer"}}},
             "ImagesRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
                 "model": {"type": "string"}, "prompt": {"type": "string"},
-                "n": {"type": "integer", "minimum": 1}, "size": {"type": "string"}}},
+                "n": {"type": "integer", "minimum": 1, "maximum": 128},
+                "size": {"type": "string"},
+                "stream": {"type": "boolean", "enum": [False],
+                           "description": "images are billed from a whole answer: no stream"}}},
             "UsageRecord": {"type": "object", "properties": {
                 "request_id": {"type": "string"}, "type": {"type": "string"},
                 "product": {"type": ["string", "null"]}, "cost_usd": USD, "credit_usd": USD,
