@@ -9,8 +9,11 @@
     │   └── InvalidAdminToken
     ├── InsufficientBalance (402)
     ├── ModelNotAllowed (403)
+    ├── IpNotAllowed (403) — the key's IP allowlist does not include the client
     ├── NotFound (404): UnknownAccount, UnknownApiKey, UnknownHold, UnknownModel, UnknownEndpoint
-    ├── QuotaExceeded (429)
+    ├── LimitExceeded (429, may carry Retry-After)
+    │   ├── QuotaExceeded — the key's total quota or a period spend cap
+    │   └── RateLimited   — requests or tokens per minute, or requests in flight
     ├── HoldClosed (409) — settle/void of a hold another operation already closed
     ├── RequestInProgress (409) — a retry arrived while the first request still runs
     ├── PayloadTooLarge (413)
@@ -114,10 +117,33 @@ class UnknownEndpoint(NotFound):
     code = "unknown_endpoint"
 
 
-class QuotaExceeded(TollwayError):
+class LimitExceeded(TollwayError):
+    """A limit refused the request before anything was forwarded or held. ``retry_after_s``
+    (whole seconds) is when the limit that refused it resets, if it resets by itself."""
+
     status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        #: Rate-limit headers for the response (set by the limiter that refused it).
+        self.headers: list[tuple[bytes, bytes]] = []
+
+
+class QuotaExceeded(LimitExceeded):
     type = "billing_error"
     code = "quota_exceeded"
+
+
+class RateLimited(LimitExceeded):
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
+class IpNotAllowed(TollwayError):
+    status = 403
+    type = "permission_error"
+    code = "ip_not_allowed"
 
 
 class HoldClosed(TollwayError):

@@ -36,6 +36,12 @@ SETTINGS = (
     Setting("usage_retention_days", "400",
             "raw usage records older than this are deleted by `tollway usage prune` (rollups, "
             "statements and the ledger are kept)"),
+    Setting("billing_timezone", "UTC",
+            "IANA time zone of the calendar days, weeks (from Monday) and months of key spend "
+            "caps"),
+    Setting("trusted_proxies", "",
+            "comma-separated CIDR networks of reverse proxies whose X-Forwarded-For is "
+            "believed (the client is the right-most address not in them); empty = none"),
     Setting("catalog_refresh_seconds", "5",
             "how often a worker re-reads the catalog and prices from the database"),
 )

@@ -8,6 +8,11 @@ that also writes the request's usage record and idempotency state in the same tr
                for replays.
     void     — release the hold, write an error record with cost 0, forget the idempotency
                key so the client may retry.
+    refuse   — a request a limit refused (429) before anything was held: its error record,
+               cost 0 (``reserve`` raised, so its own transaction wrote nothing).
+
+``reserve`` also applies the key's rate limits (``billing.limits``): its RPM/TPM window and,
+through the ledger, its concurrency and spend caps, all in the hold's transaction.
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from tollway.errors import IdempotencyConflict, InsufficientBalance, RequestInProgress
+from tollway.billing import limits as rate_limits
+from tollway.billing.limits import NO_LIMITS, Limits, Window
+from tollway.errors import (
+    IdempotencyConflict,
+    InsufficientBalance,
+    LimitExceeded,
+    RequestInProgress,
+)
 from tollway.ledger import ledger
 from tollway.ledger.ledger import Hold, Settlement
 from tollway.store import accounts as account_store
@@ -49,13 +61,16 @@ class Replay:
 class Reservation:
     hold: Hold
     granted: Any = None  # what the shrink callback returned when the hold was lowered
+    window: Window | None = None  # the key's rate-limit window after counting this request
 
 
 def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
             amount_nano: int, ttl_ms: int, client_key: ClientKey | None = None,
-            shrink: Callable[[int], tuple[int, Any] | None] | None = None
+            shrink: Callable[[int], tuple[int, Any] | None] | None = None,
+            limits: Limits = NO_LIMITS, tokens: int = 0, at_ms: int | None = None
             ) -> Reservation | Replay:
-    now = ledger.now_ms()
+    """``tokens``: what the request counts against the key's TPM limit at admission."""
+    now = ledger.now_ms() if at_ms is None else at_ms
     if client_key is not None:
         row = usage_store.find_request_key(conn, client_key.key_id, client_key.value)
         if row is not None and row[7] > now - REPLAY_WINDOW_MS:
@@ -69,28 +84,39 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
         usage_store.claim_request_key(conn, key_id=client_key.key_id,
                                       idempotency_key=client_key.value, request_id=request_id,
                                       fingerprint=client_key.fingerprint, at_ms=now)
+    window = rate_limits.admit(conn, key_id=key_id, limits=limits, tokens=tokens, at_ms=now)
     try:
-        hold = ledger.place_hold(conn, account_id, amount_nano, idempotency_key=request_id,
-                                 ttl_ms=ttl_ms, key_id=key_id)
-        return Reservation(hold)
-    except InsufficientBalance:
-        if shrink is None:
-            raise
-        available = account_store.get_account(conn, account_id).available_nano
-        smaller = shrink(available)
-        if smaller is None:
-            raise
-        amount, granted = smaller
-        hold = ledger.place_hold(conn, account_id, amount, idempotency_key=request_id,
-                                 ttl_ms=ttl_ms, key_id=key_id)
-        return Reservation(hold, granted)
+        try:
+            hold = ledger.place_hold(conn, account_id, amount_nano, idempotency_key=request_id,
+                                     ttl_ms=ttl_ms, key_id=key_id,
+                                     max_open=limits.concurrency, at_ms=now)
+            return Reservation(hold, window=window)
+        except InsufficientBalance:
+            if shrink is None:
+                raise
+            available = account_store.get_account(conn, account_id).available_nano
+            smaller = shrink(available)
+            if smaller is None:
+                raise
+            amount, granted = smaller
+            hold = ledger.place_hold(conn, account_id, amount, idempotency_key=request_id,
+                                     ttl_ms=ttl_ms, key_id=key_id,
+                                     max_open=limits.concurrency, at_ms=now)
+            return Reservation(hold, granted, window)
+    except LimitExceeded as exc:  # the window count is rolled back with the rest
+        if window is not None:
+            exc.headers = window.uncounted(tokens).headers()
+        raise
 
 
 def settle(conn: Connection, *, hold_id: int, cost_nano: int, record: dict[str, Any],
            client_key: ClientKey | None = None, response: tuple[int, str, bytes | None]
-           | None = None) -> Settlement:
+           | None = None, at_ms: int | None = None, window: Window | None = None,
+           counted_tokens: int = 0) -> Settlement:
+    """``window``/``counted_tokens``: the request's rate-limit window and what it counted
+    there at admission, replaced by the record's actual input + output tokens."""
     # The charge's day in the wallet and its hour in the rollups come from one clock reading.
-    at = ledger.now_ms()
+    at = ledger.now_ms() if at_ms is None else at_ms
     settlement = ledger.settle_hold(conn, hold_id, cost_nano,
                                     idempotency_key=record["request_id"], at_ms=at)
     usage_store.insert_usage(conn, {**record, "created_at_ms": at, "hold_id": hold_id,
@@ -101,13 +127,23 @@ def settle(conn: Connection, *, hold_id: int, cost_nano: int, record: dict[str, 
                                          idempotency_key=client_key.value, status=status,
                                          content_type=content_type, body=body,
                                          cost_nano=cost_nano)
+    rate_limits.settle_tokens(conn, key_id=record["key_id"], window=window,
+                              counted=counted_tokens,
+                              actual=record["input_tokens"] + record["output_tokens"])
     return settlement
 
 
 def void(conn: Connection, *, hold_id: int, record: dict[str, Any],
-         client_key: ClientKey | None = None) -> None:
+         client_key: ClientKey | None = None, window: Window | None = None,
+         counted_tokens: int = 0) -> None:
     ledger.void_hold(conn, hold_id, idempotency_key=record["request_id"])
+    rate_limits.settle_tokens(conn, key_id=record["key_id"], window=window,
+                              counted=counted_tokens, actual=0)
     usage_store.insert_usage(conn, {**record, "hold_id": hold_id, "cost_nano": 0})
     if client_key is not None:
         usage_store.release_request_key(conn, key_id=client_key.key_id,
                                         idempotency_key=client_key.value)
+
+
+def refuse(conn: Connection, *, record: dict[str, Any]) -> None:
+    usage_store.insert_usage(conn, {**record, "hold_id": None, "cost_nano": 0})

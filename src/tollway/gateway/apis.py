@@ -14,7 +14,7 @@ from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import TollwayError, UpstreamError
 from tollway.gateway.asgi import read_body, send_bytes, send_error
-from tollway.gateway.calls import COST_HEADER, begin, fail, send_replay
+from tollway.gateway.calls import COST_HEADER, begin, fail, reserve, send_replay
 from tollway.gateway.state import Gateway
 from tollway.money import format_usd
 from tollway.pricing.rating import CallPrice, CallUsage, rate_calls
@@ -42,17 +42,14 @@ class ApiRoute:
             price = item.version.price
             assert isinstance(price, CallPrice)
             cost = rate_calls(CallUsage(1), price, call.ratio).cost_nano_usd
-            result = await gw.ctx.write(lambda conn: metering.reserve(
-                conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
-                amount_nano=max(cost, 1), ttl_ms=gw.ctx.hold_ttl_ms,
-                client_key=call.client_key))
+            result = await reserve(gw, call, max(cost, 1))
         except TollwayError as exc:
             await send_error(scope, send, exc)
             return
         if isinstance(result, Replay):
             await send_replay(send, result)
             return
-        call.hold = result.hold
+        assert call.hold is not None
         query = [(k, v) for k, v in _query(scope)]
         headers = {name.decode("latin-1"): value.decode("latin-1")
                    for name, value in scope["headers"] if name in FORWARDED_HEADERS}
@@ -75,12 +72,13 @@ class ApiRoute:
             return
         record = call.record(type_="consume", status=response.status, usage_source="upstream",
                              calls=1)
-        hold_id, client_key = call.hold.id, call.client_key
+        hold_id, client_key, at = call.hold.id, call.client_key, gw.clock()
         await gw.ctx.write(lambda conn: metering.settle(
             conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
-            response=(response.status, response.content_type, raw)))
+            response=(response.status, response.content_type, raw), at_ms=at))
         await send_bytes(send, response.status, raw, response.content_type.encode(),
-                         headers=[(COST_HEADER, format_usd(cost).encode())])
+                         headers=[(COST_HEADER, format_usd(cost).encode()),
+                                  *call.rate_headers()])
 
 
 def _query(scope: Scope) -> list[tuple[str, str]]:

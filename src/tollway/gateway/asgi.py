@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from tollway.errors import InvalidRequest, PayloadTooLarge, TollwayError
+from tollway.errors import InvalidRequest, LimitExceeded, PayloadTooLarge, TollwayError
 from tollway.web.errors import REQUEST_ID
 
 JSON = b"application/json"
@@ -62,4 +62,9 @@ def error_body(scope: Scope, exc: TollwayError) -> bytes:
 
 async def send_error(scope: Scope, send: Send, exc: TollwayError,
                      headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    """An error response; a limit's refusal carries its rate-limit headers and Retry-After."""
+    if isinstance(exc, LimitExceeded):
+        headers = [*headers, *exc.headers]
+        if exc.retry_after_s is not None:
+            headers.append((b"retry-after", str(exc.retry_after_s).encode()))
     await send_bytes(send, exc.status, error_body(scope, exc), headers=headers)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from starlette.types import Scope, Send
 
 from tollway.billing import keys, metering
-from tollway.billing.metering import ClientKey, Replay
-from tollway.errors import InvalidRequest, TollwayError
+from tollway.billing.limits import NO_LIMITS, Limits, Window
+from tollway.billing.metering import ClientKey, Replay, Reservation
+from tollway.errors import InvalidRequest, LimitExceeded, TollwayError
 from tollway.gateway.asgi import error_body, header, send_bytes
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import Hold, now_ms
@@ -38,6 +40,13 @@ class Call:
     client_key: ClientKey | None = None
     hold: Hold | None = None
     ttft_ms: int | None = None
+    clock: Callable[[], int] = now_ms
+    limits: Limits = NO_LIMITS
+    window: Window | None = None  # the key's rate-limit window once admitted
+    counted_tokens: int = 0  # what this request counted against TPM at admission
+
+    def rate_headers(self) -> list[tuple[bytes, bytes]]:
+        return [] if self.window is None else self.window.headers()
 
     @property
     def request_id(self) -> str:
@@ -61,7 +70,7 @@ class Call:
         """The usage record's fields (the metering layer adds hold and cost)."""
         prices = price_columns(self.item.version.price)
         return {
-            "request_id": self.request_id, "created_at_ms": now_ms(),
+            "request_id": self.request_id, "created_at_ms": self.clock(),
             "account_id": self.key.account_id, "key_id": self.key.id,
             "key_name": self.key.name, "group_name": self.group,
             "ratio": str(self.ratio.value), "ratio_source": self.ratio.source,
@@ -81,14 +90,16 @@ class Call:
 
 def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
           body: bytes) -> Call:
-    """Checks that need no database: allowlist, quota pre-check, the ratio, Idempotency-Key."""
+    """Checks that need no database: IP and model allowlists, quota pre-check, the ratio,
+    Idempotency-Key."""
+    keys.check_ip(key, gw.client_address(scope))
     keys.check_item(key, item.id)
     keys.check_quota(key)
     group = keys.effective_group(key)
     if group not in gw.catalog.ratios:
         raise InvalidRequest(f"the key's group {group!r} is not in the catalog")
     ratio = resolve_ratio(group, gw.catalog.ratios, item.version.group_ratios)
-    call = Call(scope, key, item, ratio, route)
+    call = Call(scope, key, item, ratio, route, clock=gw.clock, limits=gw.catalog.limits(key))
     idem = header(scope, b"idempotency-key")
     if idem:
         if len(idem) > 200:
@@ -96,6 +107,27 @@ def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
         digest = hashlib.sha256(scope["method"].encode() + b" " + route.encode() + b"\n" + body)
         call.client_key = ClientKey(key.id, idem, digest.hexdigest())
     return call
+
+
+async def reserve(gw: Gateway, call: Call, amount_nano: int, *, tokens: int = 0,
+                  shrink: Callable[[int], tuple[int, Any] | None] | None = None
+                  ) -> Reservation | Replay:
+    """Admit the request under the key's limits and place its hold, in one writer operation.
+    A request a limit refuses is recorded (an error record, cost 0) and the error re-raised;
+    nothing was held or forwarded."""
+    key, at = call.key, gw.clock()
+    try:
+        result = await gw.ctx.write(lambda conn: metering.reserve(
+            conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
+            amount_nano=amount_nano, ttl_ms=gw.ctx.hold_ttl_ms, client_key=call.client_key,
+            shrink=shrink, limits=call.limits, tokens=tokens, at_ms=at))
+    except LimitExceeded as exc:
+        record = call.record(type_="error", status=exc.status, error=exc)
+        await gw.ctx.write(lambda conn: metering.refuse(conn, record=record))
+        raise
+    if isinstance(result, Reservation):
+        call.hold, call.window, call.counted_tokens = result.hold, result.window, tokens
+    return result
 
 
 async def send_replay(send: Send, replay: Replay) -> None:
@@ -112,10 +144,13 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
     if call.hold is not None:
         record = call.record(type_="error", status=status or exc.status, error=exc)
         hold_id = call.hold.id
-        await gw.ctx.write(lambda conn: metering.void(conn, hold_id=hold_id, record=record,
-                                                      client_key=call.client_key))
+        await gw.ctx.write(lambda conn: metering.void(
+            conn, hold_id=hold_id, record=record, client_key=call.client_key,
+            window=call.window, counted_tokens=call.counted_tokens))
     if send_response:
         if body is None:
-            await send_bytes(send, exc.status, error_body(call.scope, exc))
+            await send_bytes(send, exc.status, error_body(call.scope, exc),
+                             headers=call.rate_headers())
         else:
-            await send_bytes(send, status or exc.status, body, content_type)
+            await send_bytes(send, status or exc.status, body, content_type,
+                             headers=call.rate_headers())

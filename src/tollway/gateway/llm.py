@@ -26,7 +26,7 @@ from tollway.errors import (
     UpstreamError,
 )
 from tollway.gateway.asgi import json_object, read_body, send_bytes, send_error
-from tollway.gateway.calls import COST_HEADER, Call, begin, fail, send_replay
+from tollway.gateway.calls import COST_HEADER, Call, begin, fail, reserve, send_replay
 from tollway.gateway.sse import EventSplitter, event_data
 from tollway.gateway.state import Gateway
 from tollway.gateway.usage import MeteredUsage, bounded, parse_openai_usage
@@ -127,13 +127,10 @@ class LLMRoute:
                       choices=self._choices(payload))
         call.stream = self.kind != "embeddings" and payload.get("stream") is True
         amount = llm.hold_cost(llm.prompt_estimate, (bound or 0) * llm.choices)
-        result = await gw.ctx.write(lambda conn: metering.reserve(
-            conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
-            amount_nano=amount, ttl_ms=gw.ctx.hold_ttl_ms, client_key=call.client_key,
-            shrink=llm.affordable if max_field else None))
+        result = await reserve(gw, call, amount, tokens=llm.prompt_estimate,
+                               shrink=llm.affordable if max_field else None)
         if isinstance(result, Replay):
             return result
-        call.hold = result.hold
         if result.granted is not None:
             llm.lowered_to = int(result.granted)
             payload[max_field or "max_tokens"] = llm.lowered_to
@@ -242,7 +239,7 @@ class LLMRoute:
                                   response=(200, response.content_type, raw))
         await send_bytes(send, 200, raw, response.content_type.encode(),
                          headers=[(COST_HEADER, format_usd(cost).encode()),
-                                  *llm.extra_headers()])
+                                  *llm.extra_headers(), *call.rate_headers()])
 
     def _meter(self, llm: LLMCall, original: dict[str, Any], raw_usage: Any) -> MeteredUsage:
         """The usage to bill: the upstream's, checked and bounded; else a local count."""
@@ -281,9 +278,10 @@ class LLMRoute:
                              note="; ".join(n for n in (metered.note, note) if n) or None)
         assert call.hold is not None
         hold_id, client_key = call.hold.id, call.client_key
+        at, window, counted = llm.gw.clock(), call.window, call.counted_tokens
         await llm.gw.ctx.write(lambda conn: metering.settle(
             conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
-            response=response))
+            response=response, at_ms=at, window=window, counted_tokens=counted))
         return cost
 
     # ------------------------------------------------------------------ streaming
@@ -292,7 +290,8 @@ class LLMRoute:
                       receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"),
-                                (b"cache-control", b"no-cache"), *llm.extra_headers()]})
+                                (b"cache-control", b"no-cache"), *llm.extra_headers(),
+                                *llm.call.rate_headers()]})
         # keep a copy of what is sent only when an Idempotency-Key replay may need it
         state = _StreamState(sent=[] if llm.call.client_key is not None else None)
         pump = asyncio.ensure_future(self._pump(llm, response, send, state))

@@ -33,12 +33,22 @@ from tollway.errors import (
     InsufficientBalance,
     InvalidRequest,
     QuotaExceeded,
+    RateLimited,
     UnknownAccount,
     UnknownHold,
 )
+from tollway.ledger import periods
 from tollway.money import format_usd
 from tollway.store.prepared import Prepared, upsert
-from tollway.store.tables import accounts, api_keys, entries, holds, postings, wallet_days
+from tollway.store.tables import (
+    accounts,
+    api_keys,
+    entries,
+    holds,
+    key_spend,
+    postings,
+    wallet_days,
+)
 
 FUNDING = 1
 REVENUE = 2
@@ -81,6 +91,7 @@ class Hold:
     amount_nano: int
     expires_at_ms: int
     status: HoldStatus
+    created_at_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,28 +145,46 @@ _RESERVE = Prepared(
            accounts.c.available_nano >= _b("amount"))
     .values(available_nano=accounts.c.available_nano - _b("amount"),
             held_nano=accounts.c.held_nano + _b("amount")))
+#: The key's total quota and its concurrency limit (open holds) in one guarded statement,
+#: which also returns the key's period caps (checked next) without another round trip.
 _KEY_RESERVE = Prepared(
     api_keys.update()
     .where(api_keys.c.id == _b("key_id"),
            sa.or_(api_keys.c.quota_nano.is_(None),
                   api_keys.c.used_nano + api_keys.c.held_nano + _b("amount")
-                  <= api_keys.c.quota_nano))
-    .values(held_nano=api_keys.c.held_nano + _b("amount")))
+                  <= api_keys.c.quota_nano),
+           api_keys.c.open_holds < _b("max_open"))
+    .values(held_nano=api_keys.c.held_nano + _b("amount"),
+            open_holds=api_keys.c.open_holds + 1)
+    .returning(api_keys.c.daily_cap_nano, api_keys.c.weekly_cap_nano,
+               api_keys.c.monthly_cap_nano))
+_KEY_STATE = Prepared(sa.select(api_keys.c.open_holds).where(api_keys.c.id == _b("key_id")))
+#: A period cap, guarded like the balance: held + spent + this hold may not pass the cap. The
+#: insert (first hold of the period) is guarded by the caller (amount <= cap).
+_SPEND_HOLD = Prepared(lambda dialect: _spend_hold(dialect))
+_SPEND_CLOSE = Prepared(
+    key_spend.update()
+    .where(key_spend.c.key_id == _b("key_id"), key_spend.c.period == _b("period"),
+           key_spend.c.period_start_ms == _b("start"))
+    .values(held_nano=key_spend.c.held_nano - _b("held"),
+            spent_nano=key_spend.c.spent_nano + _b("charged")))
 _INSERT_HOLD = Prepared(holds.insert().values(
     account_id=_b("account_id"), key_id=_b("key_id"), amount_nano=_b("amount"), status="open",
-    created_at_ms=_b("at"), expires_at_ms=_b("expires")).returning(holds.c.id))
+    created_at_ms=_b("at"), expires_at_ms=_b("expires"), cap_periods=_b("cap_periods"))
+    .returning(holds.c.id))
 _CLOSE_HOLD = Prepared(
     holds.update().where(holds.c.id == _b("hold_id"), holds.c.status == "open")
     .values(status=_b("status"), closed_at_ms=_b("at"), charged_nano=_b("charged"),
             from_available_nano=_b("from_available"), shortfall_nano=_b("shortfall"))
-    .returning(holds.c.account_id, holds.c.key_id, holds.c.amount_nano))
+    .returning(holds.c.account_id, holds.c.key_id, holds.c.amount_nano, holds.c.created_at_ms,
+               holds.c.cap_periods))
 _SET_HOLD_OUTCOME = Prepared(
     holds.update().where(holds.c.id == _b("hold_id"))
     .values(from_available_nano=_b("from_available"), shortfall_nano=_b("shortfall")))
 _GET_HOLD = Prepared(
     sa.select(holds.c.id, holds.c.account_id, holds.c.key_id, holds.c.amount_nano,
               holds.c.expires_at_ms, holds.c.status, holds.c.charged_nano,
-              holds.c.from_available_nano, holds.c.shortfall_nano)
+              holds.c.from_available_nano, holds.c.shortfall_nano, holds.c.created_at_ms)
     .where(holds.c.id == _b("hold_id")))
 _SETTLE_ACCOUNT = Prepared(
     accounts.update().where(accounts.c.id == _b("account_id"))
@@ -166,13 +195,32 @@ _SETTLE_ACCOUNT = Prepared(
 _SETTLE_KEY = Prepared(
     api_keys.update().where(api_keys.c.id == _b("key_id"))
     .values(held_nano=api_keys.c.held_nano - _b("held"),
-            used_nano=api_keys.c.used_nano + _b("charged")))
+            used_nano=api_keys.c.used_nano + _b("charged"),
+            open_holds=api_keys.c.open_holds - 1))
+#: No concurrency limit: larger than any count of open holds.
+UNLIMITED = 2**62
 _WALLET_DAY = upsert(wallet_days, ("account_id", "day_ms"),
                      add=("topups_nano", "adjustments_nano", "charges_nano", "written_off_nano"))
 DAY_MS = 86_400_000
 _EXPIRED = Prepared(
     sa.select(holds.c.id).where(holds.c.status == "open", holds.c.expires_at_ms <= _b("at"))
     .order_by(holds.c.expires_at_ms).limit(_b("limit")))
+
+
+
+
+def _spend_hold(dialect: str) -> sa.ClauseElement:
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+    stmt = insert(key_spend).values(key_id=_b("key_id"), period=_b("period"),
+                                    period_start_ms=_b("start"), spent_nano=0,
+                                    held_nano=_b("amount"))
+    return stmt.on_conflict_do_update(
+        index_elements=["key_id", "period", "period_start_ms"],
+        set_={"held_nano": key_spend.c.held_nano + _b("amount")},
+        where=(key_spend.c.spent_nano + key_spend.c.held_nano + _b("amount") <= _b("cap")),
+    ).returning(key_spend.c.held_nano)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -287,12 +335,16 @@ def adjust(conn: Connection, account_id: int, amount_nano: int, *, idempotency_k
 
 
 def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
-               ttl_ms: int, key_id: int | None = None) -> Hold:
+               ttl_ms: int, key_id: int | None = None, max_open: int | None = None,
+               at_ms: int | None = None) -> Hold:
     """Reserve ``amount_nano`` of the available balance, or raise.
 
-    With ``key_id`` the key's own quota is checked in the same transaction: the key's used
-    plus held amount may not exceed its quota. Like every ledger function it must run in a
-    transaction (or savepoint) that is rolled back when it raises.
+    With ``key_id`` the key's own limits are checked in the same transaction: its used plus
+    held amount may not exceed its quota (:class:`QuotaExceeded`), its open holds may not
+    reach ``max_open`` (:class:`RateLimited`, the concurrency limit), and in each period it
+    has a cap for (day, week, month in the billing time zone) the held plus spent amount may
+    not exceed the cap (:class:`QuotaExceeded` with ``retry_after_s``). Like every ledger
+    function it must run in a transaction (or savepoint) that is rolled back when it raises.
     """
     _amount(amount_nano, "a hold")
     key = f"hold:{idempotency_key}"
@@ -306,15 +358,54 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
         raise InsufficientBalance(
             f"this request may cost up to {format_usd(amount_nano)} USD but the account has "
             f"{format_usd(_available(conn, account_id))} USD available")
-    if key_id is not None and _KEY_RESERVE.rowcount(conn, key_id=key_id, amount=amount_nano) != 1:
-        raise QuotaExceeded(f"API key {key_id} has reached its spending quota")
-    at = now_ms()
+    at = now_ms() if at_ms is None else at_ms
+    cap_periods = 0
+    if key_id is not None:
+        cap_periods = _reserve_key(conn, key_id, amount_nano, at,
+                                   UNLIMITED if max_open is None else max_open)
     hold_id = int(_INSERT_HOLD.one(conn, account_id=account_id, key_id=key_id,
-                                   amount=amount_nano, at=at, expires=at + ttl_ms)[0])
+                                   amount=amount_nano, at=at, expires=at + ttl_ms,
+                                   cap_periods=cap_periods)[0])
     _post(conn, kind="hold", account_id=account_id, amount_nano=amount_nano, key=key,
           hold_id=hold_id, at_ms=at,
           lines=[(account_id, AVAILABLE, -amount_nano), (account_id, HELD, amount_nano)])
-    return Hold(hold_id, account_id, key_id, amount_nano, at + ttl_ms, "open")
+    return Hold(hold_id, account_id, key_id, amount_nano, at + ttl_ms, "open", at)
+
+
+def _reserve_key(conn: Connection, key_id: int, amount_nano: int, at_ms: int,
+                 max_open: int) -> int:
+    """The key's share of a hold; returns the bits of the cap periods that counted it."""
+    row = _KEY_RESERVE.one(conn, key_id=key_id, amount=amount_nano, max_open=max_open)
+    if row is None:
+        state = _KEY_STATE.one(conn, key_id=key_id)
+        if state is not None and int(state[0]) >= max_open:
+            raise RateLimited(f"API key {key_id} already has {max_open} requests in flight, "
+                              "its concurrency limit", retry_after_s=1)
+        raise QuotaExceeded(f"API key {key_id} has reached its spending quota")
+    bits = 0
+    for period, cap in zip(periods.PERIODS, row, strict=True):
+        if cap is None:
+            continue
+        start, end = periods.bounds(at_ms, period)
+        if amount_nano > cap or _SPEND_HOLD.one(conn, key_id=key_id, period=period,
+                                                start=start, amount=amount_nano,
+                                                cap=cap) is None:
+            raise QuotaExceeded(
+                f"API key {key_id} has reached its {periods.ADJECTIVE[period]} spending cap "
+                f"of {format_usd(cap)} USD", retry_after_s=-(-(end - at_ms) // 1000))
+        bits |= periods.PERIOD_BITS[period]
+    return bits
+
+
+def _close_key(conn: Connection, key_id: int, held: int, charged: int, created_at_ms: int,
+               cap_periods: int) -> None:
+    """A closed hold leaves the key's held amount, in-flight count and cap periods."""
+    _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": charged})
+    for period in periods.PERIODS:
+        if cap_periods & periods.PERIOD_BITS[period]:
+            start = periods.bounds(created_at_ms, period)[0]
+            _SPEND_CLOSE.execute(conn, {"key_id": key_id, "period": period, "start": start,
+                                        "held": held, "charged": charged})
 
 
 def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
@@ -331,7 +422,7 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
                 raise _conflict(idempotency_key, f"settling hold {row[3]}")
             return _settlement(conn, hold_id)
         raise HoldClosed(f"hold {hold_id} is already {_hold(conn, hold_id).status}")
-    account_id, key_id, held = closed
+    account_id, key_id, held, created_at, cap_periods = closed
     from_hold = min(actual_nano, held)
     released = held - from_hold
     wanted = actual_nano - from_hold
@@ -348,7 +439,7 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
     _wallet_day(conn, account_id, charges=actual_nano - shortfall,
                 written_off=shortfall, at_ms=at_ms)
     if key_id is not None:
-        _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": actual_nano})
+        _close_key(conn, key_id, held, actual_nano, created_at, cap_periods)
     _post(conn, kind="settle", account_id=account_id, amount_nano=actual_nano, key=key,
           hold_id=hold_id,
           lines=[(account_id, HELD, -held), (account_id, AVAILABLE, released - from_available),
@@ -383,11 +474,11 @@ def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str) -> Re
                 raise _conflict(key, f"releasing hold {row[3]}")
             return Release(hold_id, int(row[2]), status)
         raise HoldClosed(f"hold {hold_id} is already {_hold(conn, hold_id).status}")
-    account_id, key_id, held = closed
+    account_id, key_id, held, created_at, cap_periods = closed
     _SETTLE_ACCOUNT.execute(conn, {"account_id": account_id, "held": held, "delta": held,
                                    "charged": 0, "requests": 0})
     if key_id is not None:
-        _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": 0})
+        _close_key(conn, key_id, held, 0, created_at, cap_periods)
     _post(conn, kind="void" if status == "voided" else "expire", account_id=account_id,
           amount_nano=held, key=key, hold_id=hold_id,
           lines=[(account_id, HELD, -held), (account_id, AVAILABLE, held)])
@@ -395,22 +486,24 @@ def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str) -> Re
 
 
 def _close(conn: Connection, hold_id: int, status: HoldStatus,
-           charged: int | None) -> tuple[int, int | None, int] | None:
+           charged: int | None) -> tuple[int, int | None, int, int, int] | None:
     """Move an open hold to its final status; exactly one closer can win. Returns
-    (account_id, key_id, amount_nano) of the hold, or None if it was not open. Closing first
+    (account_id, key_id, amount_nano, created_at_ms, cap_periods) of the hold, or None if it
+    was not open. Closing first
     and looking for an earlier identical operation only when that fails keeps the common path
     one statement shorter."""
     row = _CLOSE_HOLD.one(conn, hold_id=hold_id, status=status, at=now_ms(), charged=charged,
                           from_available=0 if charged is not None else None,
                           shortfall=0 if charged is not None else None)
-    return None if row is None else (int(row[0]), row[1], int(row[2]))
+    return None if row is None else (int(row[0]), row[1], int(row[2]), int(row[3]),
+                                     int(row[4]))
 
 
 def _hold(conn: Connection, hold_id: int) -> Hold:
     row = _GET_HOLD.one(conn, hold_id=hold_id)
     if row is None:
         raise UnknownHold(f"no hold with id {hold_id}")
-    return Hold(row[0], row[1], row[2], row[3], row[4], row[5])
+    return Hold(row[0], row[1], row[2], row[3], row[4], row[5], row[9])
 
 
 def _settlement(conn: Connection, hold_id: int) -> Settlement:

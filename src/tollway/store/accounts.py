@@ -31,10 +31,32 @@ class Account:
     used_nano: int
     requests: int
     created_at_ms: int
+    tier: str | None = None
 
     @property
     def balance_nano(self) -> int:
         return self.available_nano + self.held_nano
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """A key's own limits (None = none of its own): rate limits that may only lower its
+    account tier's, spend caps per calendar period, and the IP networks it may be used from."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    daily_cap_nano: int | None = None
+    weekly_cap_nano: int | None = None
+    monthly_cap_nano: int | None = None
+    allowed_ips: tuple[str, ...] | None = None  # CIDR networks
+
+    def columns(self) -> dict[str, Any]:
+        return {"rpm": self.rpm, "tpm": self.tpm, "concurrency": self.concurrency,
+                "daily_cap_nano": self.daily_cap_nano, "weekly_cap_nano": self.weekly_cap_nano,
+                "monthly_cap_nano": self.monthly_cap_nano,
+                "allowed_ips": None if self.allowed_ips is None
+                else json.dumps(list(self.allowed_ips))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +74,13 @@ class ApiKeyRecord:
     revoked_at_ms: int | None
     created_at_ms: int
     account_group: str
+    limits: KeyLimits = KeyLimits()
+    account_tier: str | None = None  # None = the catalog's default tier
 
 
 def _account(row: sa.Row[tuple[object, ...]]) -> Account:
     return Account(row.id, row.name, row.group_name, row.available_nano, row.held_nano,
-                   row.used_nano, row.requests, row.created_at_ms)
+                   row.used_nano, row.requests, row.created_at_ms, row.tier)
 
 
 def create_account(conn: Connection, name: str, group: str, *, at_ms: int) -> Account:
@@ -109,19 +133,25 @@ def list_accounts(conn: Connection) -> list[Account]:
     return [_account(r) for r in rows]
 
 
-_KEY_COLUMNS = (*api_keys.c, accounts.c.group_name.label("account_group"))
+_KEY_COLUMNS = (*api_keys.c, accounts.c.group_name.label("account_group"),
+                accounts.c.tier.label("account_tier"))
 
 
 def _key(row: sa.Row[tuple[object, ...]]) -> ApiKeyRecord:
     models = tuple(json.loads(row.models)) if row.models is not None else None
+    ips = tuple(json.loads(row.allowed_ips)) if row.allowed_ips is not None else None
+    limits = KeyLimits(row.rpm, row.tpm, row.concurrency, row.daily_cap_nano,
+                       row.weekly_cap_nano, row.monthly_cap_nano, ips)
     return ApiKeyRecord(row.id, row.account_id, row.prefix, row.name, row.group_name, models,
                         row.quota_nano, row.used_nano, row.held_nano, row.expires_at_ms,
-                        row.revoked_at_ms, row.created_at_ms, row.account_group)
+                        row.revoked_at_ms, row.created_at_ms, row.account_group, limits,
+                        row.account_tier)
 
 
 def insert_key(conn: Connection, *, account_id: int, prefix: str, key_hash: str,
                name: str | None, group: str | None, models: list[str] | None,
-               quota_nano: int | None, expires_at_ms: int | None, at_ms: int) -> ApiKeyRecord:
+               quota_nano: int | None, expires_at_ms: int | None, at_ms: int,
+               limits: KeyLimits | None = None) -> ApiKeyRecord:
     get_account(conn, account_id)
     if group is not None:
         require_group(conn, group)
@@ -134,7 +164,7 @@ def insert_key(conn: Connection, *, account_id: int, prefix: str, key_hash: str,
     key_id = conn.execute(api_keys.insert().values(
         account_id=account_id, prefix=prefix, key_hash=key_hash, name=name, group_name=group,
         models=json.dumps(models) if models is not None else None, quota_nano=quota_nano,
-        expires_at_ms=expires_at_ms, created_at_ms=at_ms,
+        expires_at_ms=expires_at_ms, created_at_ms=at_ms, **(limits or KeyLimits()).columns(),
     ).returning(api_keys.c.id)).scalar_one()
     return get_key(conn, int(key_id))
 
@@ -170,6 +200,19 @@ def revoke_key(conn: Connection, key_id: int, *, at_ms: int) -> ApiKeyRecord:
                                          api_keys.c.revoked_at_ms.is_(None))
                  .values(revoked_at_ms=at_ms))
     return get_key(conn, key_id)
+
+
+def set_key_limits(conn: Connection, key_id: int, limits: KeyLimits) -> ApiKeyRecord:
+    get_key(conn, key_id)
+    conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(**limits.columns()))
+    return get_key(conn, key_id)
+
+
+def set_tier(conn: Connection, account_id: int, tier: str | None) -> Account:
+    """Set (or with None, clear) an account's tier; the caller checks the name."""
+    get_account(conn, account_id)
+    conn.execute(accounts.update().where(accounts.c.id == account_id).values(tier=tier))
+    return get_account(conn, account_id)
 
 
 def recent_entries(conn: Connection, account_id: int, *, limit: int) -> list[sa.Row[Any]]:

@@ -30,6 +30,7 @@ accounts = sa.Table(
     sa.Column("used_nano", Nano, nullable=False, server_default="0"),
     sa.Column("requests", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("tier", sa.String(64)),  # NULL = the catalog's default tier
     sa.CheckConstraint("available_nano >= 0", name="ck_accounts_available_nonnegative"),
     sa.CheckConstraint("held_nano >= 0", name="ck_accounts_held_nonnegative"),
 )
@@ -50,6 +51,16 @@ api_keys = sa.Table(
     sa.Column("expires_at_ms", Ms),
     sa.Column("revoked_at_ms", Ms),
     sa.Column("created_at_ms", Ms, nullable=False),
+    # limits that may only lower the account tier's (NULL = the tier's)
+    sa.Column("rpm", sa.BigInteger),
+    sa.Column("tpm", sa.BigInteger),
+    sa.Column("concurrency", sa.BigInteger),
+    # spend caps per calendar period in the billing time zone (NULL = none)
+    sa.Column("daily_cap_nano", Nano),
+    sa.Column("weekly_cap_nano", Nano),
+    sa.Column("monthly_cap_nano", Nano),
+    sa.Column("allowed_ips", sa.Text),  # JSON list of CIDR networks, NULL = any address
+    sa.Column("open_holds", sa.BigInteger, nullable=False, server_default="0"),  # in flight
     sa.CheckConstraint("held_nano >= 0", name="ck_api_keys_held_nonnegative"),
 )
 
@@ -95,8 +106,11 @@ holds = sa.Table(
     sa.Column("charged_nano", Nano),
     sa.Column("from_available_nano", Nano),
     sa.Column("shortfall_nano", Nano),
+    # which of the key's spend-cap periods (1 day, 2 week, 4 month) count this hold
+    sa.Column("cap_periods", sa.SmallInteger, nullable=False, server_default="0"),
     sa.Index("ix_holds_open_expiry", "status", "expires_at_ms"),
     sa.Index("ix_holds_account", "account_id"),
+    sa.Index("ix_holds_key_open", "key_id", "status"),
 )
 
 providers = sa.Table(
@@ -242,4 +256,43 @@ request_keys = sa.Table(
     sa.Column("cost_nano", Nano),
     sa.Column("created_at_ms", Ms, nullable=False),
     sa.Index("ix_request_keys_created", "created_at_ms"),
+)
+
+#: Rate-limit tiers from the catalog: limits per API key. An account without a tier has the
+#: default one; ``upgrade_at_nano`` is the cumulative top-up that moves an account up to it.
+tiers = sa.Table(
+    "tiers",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),  # order in the catalog: lowest first
+    sa.Column("rpm", sa.BigInteger, nullable=False),
+    sa.Column("tpm", sa.BigInteger, nullable=False),
+    sa.Column("concurrency", sa.BigInteger, nullable=False),
+    sa.Column("upgrade_at_nano", Nano),
+    sa.Column("is_default", sa.Boolean, nullable=False),
+)
+
+#: Requests and tokens of a key per fixed one-minute window, shared by every worker and
+#: instance through the database (a guarded upsert in the hold's transaction).
+rate_windows = sa.Table(
+    "rate_windows",
+    metadata,
+    sa.Column("key_id", Id, sa.ForeignKey("api_keys.id"), primary_key=True),
+    sa.Column("window_start_ms", Ms, primary_key=True),
+    sa.Column("requests", sa.BigInteger, nullable=False),
+    sa.Column("tokens", sa.BigInteger, nullable=False),
+    sa.Index("ix_rate_windows_start", "window_start_ms"),
+)
+
+#: A capped key's spending per calendar period (day, week, month in the billing time zone):
+#: open holds count in ``held_nano`` until settled (moved to ``spent_nano``) or released.
+key_spend = sa.Table(
+    "key_spend",
+    metadata,
+    sa.Column("key_id", Id, sa.ForeignKey("api_keys.id"), primary_key=True),
+    sa.Column("period", sa.String(8), primary_key=True),  # day | week | month
+    sa.Column("period_start_ms", Ms, primary_key=True),
+    sa.Column("spent_nano", Nano, nullable=False),
+    sa.Column("held_nano", Nano, nullable=False),
+    sa.CheckConstraint("held_nano >= 0", name="ck_key_spend_held_nonnegative"),
 )

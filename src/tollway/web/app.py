@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -62,8 +62,12 @@ async def balance(request: Request) -> JSONResponse:
     return JSONResponse(await ctx.read(load))
 
 
-def create_app(*, database_url: str | None = None, admin_token: str | None = None) -> Starlette:
-    """The application; settings not given here come from the environment (``settings``)."""
+def create_app(*, database_url: str | None = None, admin_token: str | None = None,
+               clock: Callable[[], int] | None = None) -> Starlette:
+    """The application; settings not given here come from the environment (``settings``).
+    ``clock`` (milliseconds since the epoch) is the gateway's time: tests pass one they move."""
+    proxies = settings.get("trusted_proxies")
+    trusted = keys.networks(keys.parse_networks(proxies.split(","))) if proxies.strip() else ()
     url = database_url or settings.get("database_url")
     token = admin_token if admin_token is not None else settings.get("admin_token")
 
@@ -79,7 +83,8 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         gw = Gateway(ctx, registry,
                      catalog_refresh_s=int(settings.get("catalog_refresh_seconds")),
                      key_cache_s=int(settings.get("key_cache_seconds")),
-                     max_body_bytes=int(settings.get("max_body_bytes")))
+                     max_body_bytes=int(settings.get("max_body_bytes")),
+                     clock=clock or now_ms, trusted_proxies=trusted)
         app.state.ctx = ctx
         app.state.gateway = gw
         ctx.start()
