@@ -1,10 +1,12 @@
 """Money in: top-ups and operator adjustments, each moved by the ledger and written to the
-account's log in the same transaction (a repeated idempotency key writes neither twice)."""
+account's log in the same transaction (a repeated idempotency key writes neither twice). A
+top-up may also move the account up a tier (``billing.tiers``), in the same transaction."""
 
 from __future__ import annotations
 
 from sqlalchemy.engine import Connection
 
+from tollway.billing import tiers
 from tollway.ledger import ledger
 from tollway.ledger.ledger import Adjustment, Topup
 from tollway.store import usage as usage_store
@@ -18,6 +20,7 @@ def topup(conn: Connection, account_id: int, amount_nano: int, *, idempotency_ke
     usage_store.insert_event(conn, event_id=f"entry-{result.entry_id}", account_id=account_id,
                              type_="topup", at_ms=ledger.now_ms(), credit_nano=amount_nano,
                              note=note)
+    tiers.upgrade_after_topup(conn, account_id)
     return result
 
 

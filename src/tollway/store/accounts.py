@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from tollway.errors import InvalidRequest, UnknownAccount, UnknownApiKey
-from tollway.store.tables import accounts, api_keys, catalog_items, entries, groups
+from tollway.store.tables import accounts, api_keys, catalog_items, entries, groups, wallet_days
 
 #: Ids are signed 64-bit integers; a larger number names nothing (and SQLite cannot bind it).
 _MAX_ID = 2**63 - 1
@@ -213,6 +213,12 @@ def set_tier(conn: Connection, account_id: int, tier: str | None) -> Account:
     get_account(conn, account_id)
     conn.execute(accounts.update().where(accounts.c.id == account_id).values(tier=tier))
     return get_account(conn, account_id)
+
+
+def cumulative_topups(conn: Connection, account_id: int) -> int:
+    """Everything ever topped up to the account (from its daily wallet rows)."""
+    return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(wallet_days.c.topups_nano), 0))
+                            .where(wallet_days.c.account_id == account_id)).scalar_one())
 
 
 def recent_entries(conn: Connection, account_id: int, *, limit: int) -> list[sa.Row[Any]]:
