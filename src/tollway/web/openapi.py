@@ -47,13 +47,26 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
 
 LOG_FILTERS = ["start", "end", "model", "endpoint", "product", "key", "group", "type",
                "billing_type"]
+USD_IN = {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"}
+COUNT = {"type": ["integer", "null"], "minimum": 1}
+#: A key's own limits (create, update and view): null = none of its own.
+KEY_LIMITS = {"rpm": COUNT, "tpm": COUNT, "concurrency": COUNT,
+              "daily_cap_usd": {"oneOf": [USD_IN, {"type": "null"}]},
+              "weekly_cap_usd": {"oneOf": [USD_IN, {"type": "null"}]},
+              "monthly_cap_usd": {"oneOf": [USD_IN, {"type": "null"}]},
+              "allowed_ips": {"type": ["array", "null"], "items": {"type": "string"},
+                              "description": "CIDR networks, IPv4 or IPv6"}}
 OBJECT = {"type": "object", "additionalProperties": True}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "Tollway", "version": "0.1.0",
              "description": "API marketplace gateway with exact usage-based billing. Money is "
-                            "a decimal string with 9 decimal places (USD)."},
+                            "a decimal string with 9 decimal places (USD). Gateway responses "
+                            "carry X-RateLimit-{Limit,Remaining,Reset}-{Requests,Tokens} "
+                            "(reset as whole seconds, e.g. '12s') for the key's limits; a 429 "
+                            "(rate_limited, quota_exceeded) carries Retry-After in seconds when "
+                            "the limit resets by itself."},
     "paths": {
         "/healthz": {"get": _op("Liveness and database check", _json(OBJECT), security=None)},
         "/openapi.json": {"get": _op("This document", _json(OBJECT), security=None)},
@@ -111,6 +124,15 @@ SPEC: dict[str, Any] = {
             "post": _op("Create a key (the secret is returned once)", _json(_ref("Key")),
                         security="adminToken", params=["account"], body=_ref("NewKey"),
                         status="201")},
+        "/admin/v1/accounts/{account}/tier": {"put": _op(
+            "Put an account in a rate-limit tier (null: the default tier)",
+            _json(_ref("Account")), security="adminToken", params=["account"],
+            body={"type": "object", "required": ["tier"],
+                  "properties": {"tier": {"type": ["string", "null"]}}})},
+        "/admin/v1/keys/{key_id}": {"patch": _op(
+            "Change a key's limits (given fields replace, null clears)", _json(_ref("Key")),
+            security="adminToken", params=["key_id"],
+            body={"type": "object", "properties": KEY_LIMITS, "additionalProperties": False})},
         "/admin/v1/keys/{key_id}/revoke": {"post": _op("Revoke a key", _json(_ref("Key")),
                                                        security="adminToken",
                                                        params=["key_id"])},
@@ -189,7 +211,8 @@ SPEC: dict[str, Any] = {
                 "requests": {"type": "integer"}}},
             "Account": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "name": {"type": "string"},
-                "group": {"type": "string"}, "balance_usd": USD, "held_usd": USD,
+                "group": {"type": "string"}, "tier": {"type": ["string", "null"]},
+                "balance_usd": USD, "held_usd": USD,
                 "available_usd": USD, "used_usd": USD, "requests": {"type": "integer"}}},
             "NewAccount": {"type": "object", "required": ["name"], "properties": {
                 "name": {"type": "string"}, "group": {"type": "string"}}},
@@ -206,12 +229,16 @@ SPEC: dict[str, Any] = {
                 "name": {"type": "string"}, "group": {"type": "string"},
                 "models": {"type": "array", "items": {"type": "string"}},
                 "quota_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"},
-                "expires_at": {"type": "string", "format": "date-time"}}},
+                "expires_at": {"type": "string", "format": "date-time"}, **KEY_LIMITS}},
             "Key": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "account_id": {"type": "integer"},
                 "prefix": {"type": "string"}, "key": {"type": "string"},
                 "quota_usd": {"oneOf": [USD, {"type": "null"}]}, "used_usd": USD,
-                "held_usd": USD}},
+                "held_usd": USD, "rpm": COUNT, "tpm": COUNT, "concurrency": COUNT,
+                "daily_cap_usd": {"oneOf": [USD, {"type": "null"}]},
+                "weekly_cap_usd": {"oneOf": [USD, {"type": "null"}]},
+                "monthly_cap_usd": {"oneOf": [USD, {"type": "null"}]},
+                "allowed_ips": KEY_LIMITS["allowed_ips"]}},
             "Marketplace": {"type": "object", "properties": {"data": {"type": "array", "items": {
                 "type": "object", "properties": {
                     "id": {"type": "string"}, "billing_type": {"enum": ["token", "per_call"]},
