@@ -37,6 +37,8 @@ class TollwayError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        #: Extra response headers (the gateway's rate-limit headers of a refused request).
+        self.headers: list[tuple[bytes, bytes]] = []
 
 
 class InvalidRequest(TollwayError):
@@ -126,8 +128,6 @@ class LimitExceeded(TollwayError):
     def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
-        #: Rate-limit headers for the response (set by the limiter that refused it).
-        self.headers: list[tuple[bytes, bytes]] = []
 
 
 class QuotaExceeded(LimitExceeded):

@@ -28,8 +28,8 @@ from tollway.billing.limits import NO_LIMITS, Limits, Window
 from tollway.errors import (
     IdempotencyConflict,
     InsufficientBalance,
-    LimitExceeded,
     RequestInProgress,
+    TollwayError,
 )
 from tollway.ledger import ledger
 from tollway.ledger.ledger import Hold, Settlement
@@ -103,7 +103,7 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
                                      ttl_ms=ttl_ms, key_id=key_id,
                                      max_open=limits.concurrency, at_ms=now)
             return Reservation(hold, granted, window)
-    except LimitExceeded as exc:  # the window count is rolled back with the rest
+    except TollwayError as exc:  # refused (402, 429): the window count is rolled back too
         if window is not None:
             exc.headers = window.uncounted(tokens).headers()
         raise

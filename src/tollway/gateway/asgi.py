@@ -62,9 +62,9 @@ def error_body(scope: Scope, exc: TollwayError) -> bytes:
 
 async def send_error(scope: Scope, send: Send, exc: TollwayError,
                      headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    """An error response; a limit's refusal carries its rate-limit headers and Retry-After."""
-    if isinstance(exc, LimitExceeded):
-        headers = [*headers, *exc.headers]
-        if exc.retry_after_s is not None:
-            headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+    """An error response with the error's own headers (rate limits), and Retry-After for a
+    limit that resets by itself."""
+    headers = [*headers, *exc.headers]
+    if isinstance(exc, LimitExceeded) and exc.retry_after_s is not None:
+        headers.append((b"retry-after", str(exc.retry_after_s).encode()))
     await send_bytes(send, exc.status, error_body(scope, exc), headers=headers)
