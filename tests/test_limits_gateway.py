@@ -208,6 +208,26 @@ def test_tpm_counts_the_estimated_prompt_then_the_actual_tokens(tw: Tollway,
     assert_books_clean(tw)
 
 
+def test_streams_and_refusals_for_balance_carry_the_headers(tw: Tollway) -> None:
+    # the stream costs (20 × 0.15 + 5 × 0.60) / 1e6 = 0.000006 USD; 0.00001 more stays
+    account = tw.account(nano=PRICE + 6_000 + 10_000)
+    key = tw.key(account)
+    with tw.client(key).chat.completions.with_streaming_response.create(
+            model="gpt-test", messages=HELLO, max_tokens=10, stream=True) as stream:
+        assert stream.headers["x-ratelimit-remaining-requests"] == "59"
+        assert stream.headers["x-ratelimit-reset-requests"] == "48s"
+        list(stream.iter_lines())
+    http = tw.http()
+    assert call(http, key).status_code == 200
+    assert tw.available(account) == 10_000
+    poor = call(http, key)
+    assert poor.status_code == 402
+    assert error_of(poor)["code"] == "insufficient_balance"
+    # the refused request was not counted: 2 of 60 used
+    assert rate_headers(poor)["x-ratelimit-remaining-requests"] == "58"
+    assert "retry-after" not in poor.headers
+
+
 # --------------------------------------------------------------------------- concurrency
 
 

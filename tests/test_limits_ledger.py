@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -290,3 +291,52 @@ default_tier: platinum
         "'starter'"),
         "cat.yaml: default_tier: unknown tier 'platinum' (tiers: free, starter, growth)",
     ]
+
+
+# --------------------------------------------------------------------------- schema, verify
+
+
+def test_migration_0004_counts_the_holds_already_open(tmp_path: Path) -> None:
+    """Upgrading with requests in flight: each key starts with its open holds counted, so
+    their settlement brings it back to exactly zero."""
+    from tollway.store.migrate import upgrade
+
+    old = Database(f"sqlite:///{tmp_path / 'old.db'}")  # SQLite: the batch (copy) path
+    try:
+        upgrade(old, "0002")
+        with old.write() as conn:
+            conn.exec_driver_sql(
+                "INSERT INTO accounts (id, name, kind, group_name, available_nano, held_nano, "
+                "created_at_ms) VALUES (501, 'old', 'customer', 'default', 0, 7, 0)")
+            conn.exec_driver_sql(
+                "INSERT INTO api_keys (id, account_id, prefix, key_hash, held_nano, "
+                "created_at_ms) VALUES (601, 501, 'tw-x', 'h', 7, 0)")
+            for hold_id, status in ((701, "open"), (702, "open"), (703, "settled")):
+                conn.exec_driver_sql(
+                    "INSERT INTO holds (id, account_id, key_id, amount_nano, status, "
+                    f"created_at_ms, expires_at_ms) VALUES ({hold_id}, 501, 601, "
+                    f"{3 if hold_id == 701 else 4}, '{status}', 0, 10)")
+        upgrade(old)
+        with old.read() as conn:
+            assert get_key(conn, 601).held_nano == 7
+            assert conn.execute(sa.text("SELECT open_holds FROM api_keys WHERE id = 601")
+                                ).scalar_one() == 2
+    finally:
+        old.dispose()
+
+
+def test_verify_names_counters_that_disagree_with_the_open_holds(db: Database) -> None:
+    with db.write() as conn:
+        account, key_id = _account_and_key(conn, "ver",
+                                           key_limits=KeyLimits(weekly_cap_nano=5 * USD))
+        ledger.place_hold(conn, account, USD, ttl_ms=DAY_MS, idempotency_key="v1",
+                          key_id=key_id, at_ms=T0)
+        assert verify(conn) == []
+        conn.execute(sa.text("UPDATE api_keys SET open_holds = 3 WHERE id = :k"), {"k": key_id})
+        conn.execute(sa.text("UPDATE key_spend SET held_nano = 2 WHERE key_id = :k"),
+                     {"k": key_id})
+        start = periods.bounds(T0, "week")[0]
+        assert verify(conn) == [
+            f"API key {key_id}: 3 requests in flight recorded but 1 open holds",
+            (f"API key {key_id}: 0.000000002 USD held in its week from {start} ms but its open "
+            "holds there total 1.000000000 USD")]
