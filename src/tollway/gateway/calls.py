@@ -40,7 +40,7 @@ class Call:
     client_key: ClientKey | None = None
     hold: Hold | None = None
     ttft_ms: int | None = None
-    clock: Callable[[], int] = now_ms
+    clock: Callable[[], int] | None = None  # the gateway's; None: the ledger's clock
     limits: Limits = NO_LIMITS
     window: Window | None = None  # the key's rate-limit window once admitted
     counted_tokens: int = 0  # what this request counted against TPM at admission
@@ -70,7 +70,8 @@ class Call:
         """The usage record's fields (the metering layer adds hold and cost)."""
         prices = price_columns(self.item.version.price)
         return {
-            "request_id": self.request_id, "created_at_ms": self.clock(),
+            "request_id": self.request_id,
+            "created_at_ms": self.clock() if self.clock is not None else now_ms(),
             "account_id": self.key.account_id, "key_id": self.key.id,
             "key_name": self.key.name, "group_name": self.group,
             "ratio": str(self.ratio.value), "ratio_source": self.ratio.source,
