@@ -339,6 +339,9 @@ def test_ip_allowlist_with_a_trusted_proxy(tw: Tollway) -> None:
     assert len(tw.fake.data_requests()) == 3
     local = tw.key(account, name="local", limits=KeyLimits(allowed_ips=("127.0.0.1",)))
     assert call(http, local).status_code == 200
+    # the model list too
+    models = http.get("/v1/models", headers={"Authorization": f"Bearer {office}"})
+    assert (models.status_code, error_of(models)["code"]) == (403, "ip_not_allowed")
     assert_books_clean(tw)
 
 

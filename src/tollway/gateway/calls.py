@@ -91,9 +91,8 @@ class Call:
 
 def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
           body: bytes) -> Call:
-    """Checks that need no database: IP and model allowlists, quota pre-check, the ratio,
+    """Checks that need no database: model allowlist, quota pre-check, the ratio,
     Idempotency-Key."""
-    keys.check_ip(key, gw.client_address(scope))
     keys.check_item(key, item.id)
     keys.check_quota(key)
     group = keys.effective_group(key)

@@ -155,6 +155,7 @@ class Gateway:
                 log.exception("refreshing the catalog failed")
 
     async def authenticate(self, scope: Scope) -> ApiKeyRecord:
+        """The usable key of the request (revoked, expired and IP allowlist checked)."""
         secret = _bearer(scope)
         if not secret:
             raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>'")
@@ -176,6 +177,7 @@ class Gateway:
             if len(self._keys) > 100_000:
                 self._keys.clear()
         keys.check_usable(record, now_ms=self.clock())
+        keys.check_ip(record, self.client_address(scope))
         return record
 
     def client_address(self, scope: Scope) -> Address | None:
