@@ -30,11 +30,12 @@ from tollway.errors import (
     RateLimited,
 )
 from tollway.ledger import ledger, periods
+from tollway.ledger.ledger import RateAdmission
 from tollway.ledger.verify import verify
 from tollway.pricing.catalog import Tier, parse_catalog
 from tollway.store.accounts import KeyLimits, create_account, get_key, insert_key
 from tollway.store.db import Database
-from tollway.store.tables import holds, key_spend, rate_windows
+from tollway.store.tables import holds, key_spend
 
 USD = 1_000_000_000
 DAY_MS = 86_400_000
@@ -160,7 +161,7 @@ def test_concurrency_is_open_holds_and_an_expired_hold_stops_counting(db: Databa
     def hold(name: str, at: int) -> ledger.Hold:
         with db.write() as conn:
             return ledger.place_hold(conn, account, USD, ttl_ms=1000, idempotency_key=name,
-                                     key_id=key_id, max_open=2, at_ms=at)
+                                     key_id=key_id, rate=RateAdmission(max_open=2), at_ms=at)
 
     first, second = hold("a", T0), hold("b", T0)
     with pytest.raises(RateLimited) as caught:
@@ -183,7 +184,7 @@ def test_concurrency_is_open_holds_and_an_expired_hold_stops_counting(db: Databa
 # --------------------------------------------------------------------------- windows
 
 
-def test_the_window_is_counted_in_the_holds_transaction(db: Database) -> None:
+def test_the_window_is_counted_in_the_holds_statement(db: Database) -> None:
     """A request the balance refuses (402) leaves no trace in the window; one the window
     refuses leaves no hold; settlement replaces the counted estimate by the actual tokens."""
     with db.write() as conn:
@@ -198,18 +199,19 @@ def test_the_window_is_counted_in_the_holds_transaction(db: Database) -> None:
         assert isinstance(result, metering.Reservation)
         return result
 
-    with pytest.raises(InsufficientBalance):
+    with pytest.raises(InsufficientBalance) as poor:
         reserve("too-dear", 2 * USD, 10, T0)
+    assert dict(poor.value.headers)[b"x-ratelimit-remaining-requests"] == b"2"
     first = reserve("one", 1000, 30, T0)
     assert first.window is not None
     assert (first.window.requests, first.window.tokens) == (1, 30)
-    with db.write() as conn:
-        record = {"key_id": key_id, "input_tokens": 20, "output_tokens": 45}
-        limits.settle_tokens(conn, key_id=key_id, window=first.window, counted=30,
-                             actual=record["input_tokens"] + record["output_tokens"])
+    with db.write() as conn:  # actual 20 + 45 tokens
+        ledger.settle_hold(conn, first.hold.id, 500, idempotency_key="one",
+                           correction=limits.correction(first.window, counted=30, actual=65))
     with pytest.raises(RateLimited) as caught:  # 65 + 40 > 100
         reserve("two", 1000, 40, T0 + 59_000)
     assert caught.value.retry_after_s == 1
+    assert "limit of 100 tokens per minute is reached" in caught.value.message
     assert dict(caught.value.headers)[b"x-ratelimit-remaining-tokens"] == b"35"
     second = reserve("three", 1000, 35, T0 + 59_999)
     assert second.window is not None and second.window.headers() == [
@@ -218,16 +220,22 @@ def test_the_window_is_counted_in_the_holds_transaction(db: Database) -> None:
         (b"x-ratelimit-remaining-tokens", b"0"), (b"x-ratelimit-reset-tokens", b"1s")]
     with pytest.raises(RateLimited, match="requests per minute"):
         reserve("four", 1000, 0, T0 + 59_999)
-    reserve("five", 1000, 0, T0 + 60_000)  # a new minute
+    third = reserve("five", 1000, 0, T0 + 60_000)  # a new minute
+    assert third.window is not None and (third.window.requests, third.window.tokens) == (1, 0)
     with pytest.raises(RateLimited, match="exceed the key's limit of 100 tokens"):
         reserve("huge", 1000, 101, T0 + 60_000)
+    # a late correction for the previous minute does not touch this one
+    with db.write() as conn:
+        ledger.void_hold(conn, second.hold.id, idempotency_key="three",
+                         correction=limits.correction(second.window, counted=35, actual=0))
+        assert ledger.key_window(conn, key_id) == (T0 - T0 % 60_000 + 60_000, 1, 0)
+        # an instance whose clock lags counts in the current window, it does not restart it
+    late = reserve("late", 1000, 5, T0 + 59_000)
+    assert late.window is not None and (late.window.start_ms, late.window.requests,
+                                        late.window.tokens) == (T0 - T0 % 60_000 + 60_000, 2, 5)
     with db.read() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(holds)
-                            .where(holds.c.key_id == key_id)).scalar_one() == 3
-    with db.write() as conn:
-        assert limits.prune(conn, now_ms=T0 + 120_000) == 1
-        assert conn.execute(sa.select(sa.func.count()).select_from(rate_windows)
-                            ).scalar_one() == 1
+                            .where(holds.c.key_id == key_id)).scalar_one() == 4
 
 
 # --------------------------------------------------------------------------- periods

@@ -1,12 +1,12 @@
 """Rate limits: requests per minute (RPM), tokens per minute (TPM) and requests in flight
 (concurrency) per API key, from the account's tier, lowered by the key's own overrides.
 
-Windows are fixed minutes (``[m, m + 60 s)``) counted in the database (``store.limits``), in
-the same writer transaction as the hold, so the limits hold across workers and instances at no
-extra round trip. Tokens: at admission a request counts its estimated prompt; when it is
-settled the window is corrected to its actual input + output tokens (a voided request to 0),
-in the window it was admitted in. Concurrency is the key's open holds (``ledger``); a hold the
-reaper expires stops counting.
+Windows are fixed minutes (``[m, m + 60 s)``) counted on the key's row in the database, by the
+same guarded statement that books the hold on the key (``ledger``), so the limits hold across
+workers and instances at no extra round trip. Tokens: at admission a request counts its
+estimated prompt; when it is settled the window is corrected to its actual input + output
+tokens (a voided request to 0), if the window it was admitted in is still the key's current
+one. Concurrency is the key's open holds; a hold the reaper expires stops counting.
 
 Every response to a request that reached the limiter carries, for each limit that applies::
 
@@ -22,12 +22,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy.engine import Connection
-
-from tollway.errors import RateLimited
-from tollway.ledger.ledger import UNLIMITED
+from tollway.errors import RateLimited, TollwayError
+from tollway.ledger.ledger import NO_ADMISSION, UNLIMITED, RateAdmission, RateCorrection
 from tollway.pricing.catalog import Tier
-from tollway.store import limits as store
 from tollway.store.accounts import KeyLimits
 
 WINDOW_MS = 60_000
@@ -82,11 +79,6 @@ class Window:
     def reset_s(self) -> int:
         return _seconds_until(self.start_ms + WINDOW_MS, self.at_ms)
 
-    def uncounted(self, tokens: int) -> Window:
-        """The window without this request (refused after it was counted, rolled back)."""
-        return Window(self.limits, self.start_ms, self.at_ms, self.requests - 1,
-                      self.tokens - tokens)
-
     def headers(self) -> list[tuple[bytes, bytes]]:
         out: list[tuple[bytes, bytes]] = []
         reset = f"{self.reset_s}s".encode()
@@ -101,40 +93,59 @@ class Window:
         return out
 
 
-def admit(conn: Connection, *, key_id: int, limits: Limits, tokens: int,
-          at_ms: int) -> Window | None:
-    """Count the request in its key's window, or raise :class:`RateLimited` (nothing
-    counted). None when the key has no RPM or TPM limit."""
-    if not limits.windowed:
+def admission(limits: Limits, tokens: int, at_ms: int) -> RateAdmission:
+    """What the ledger's guarded statement checks for this request (nothing for a key with no
+    limits). A request whose estimated tokens alone pass the TPM limit can never be admitted:
+    :class:`RateLimited` at once, without Retry-After."""
+    if limits.tpm is not None and tokens > limits.tpm:
+        raise RateLimited(f"this request's estimated {tokens} prompt tokens exceed the key's "
+                          f"limit of {limits.tpm} tokens per minute")
+    if not limits.windowed and limits.concurrency is None:
+        return NO_ADMISSION
+    return RateAdmission(window_start(at_ms), tokens if limits.tpm is not None else 0,
+                         _or_unlimited(limits.rpm), _or_unlimited(limits.tpm),
+                         _or_unlimited(limits.concurrency))
+
+
+def _or_unlimited(value: int | None) -> int:
+    return UNLIMITED if value is None else value
+
+
+def window(limits: Limits, at_ms: int, state: tuple[int, int, int] | None) -> Window | None:
+    """The key's window as a request at ``at_ms`` sees it, from the stored (start, requests,
+    tokens); an older stored window is over: this minute's starts empty."""
+    if not limits.windowed or state is None:
         return None
     start = window_start(at_ms)
-    rpm = UNLIMITED if limits.rpm is None else limits.rpm
-    tpm = UNLIMITED if limits.tpm is None else limits.tpm
-    counted = None if tokens > tpm else store.admit(conn, key_id=key_id, start_ms=start,
-                                                     tokens=tokens, rpm=rpm, tpm=tpm)
-    if counted is not None:
-        return Window(limits, start, at_ms, *counted)
-    seen = Window(limits, start, at_ms, *store.window(conn, key_id=key_id, start_ms=start))
-    if tokens > tpm:
-        exc = RateLimited(f"this request's estimated {tokens} prompt tokens exceed the key's "
-                          f"limit of {tpm} tokens per minute")
-    elif seen.requests + 1 > rpm:
-        exc = RateLimited(f"this key's limit of {rpm} requests per minute is reached; retry "
-                          f"in {seen.reset_s} s", retry_after_s=seen.reset_s)
-    else:
-        exc = RateLimited(f"this key's limit of {tpm} tokens per minute is reached; retry in "
-                          f"{seen.reset_s} s", retry_after_s=seen.reset_s)
+    if state[0] < start:
+        return Window(limits, start, at_ms, 0, 0)
+    return Window(limits, state[0], at_ms, state[1], state[2])
+
+
+def explain(exc: TollwayError, limits: Limits, tokens: int, at_ms: int,
+            state: tuple[int, int, int]) -> None:
+    """Give a refused request the key's rate-limit headers (``state``: its window without this
+    request) and, when the window refused it, the limit it hit and its Retry-After."""
+    seen = window(limits, at_ms, state)
+    if seen is None:
+        return
     exc.headers = seen.headers()
-    raise exc
+    if not isinstance(exc, RateLimited):
+        return
+    if limits.rpm is not None and seen.requests + 1 > limits.rpm:
+        exc.message = (f"this key's limit of {limits.rpm} requests per minute is reached; "
+                       f"retry in {seen.reset_s} s")
+    elif limits.tpm is not None and seen.tokens + tokens > limits.tpm and tokens <= limits.tpm:
+        exc.message = (f"this key's limit of {limits.tpm} tokens per minute is reached; retry "
+                       f"in {seen.reset_s} s")
+    else:
+        return
+    exc.args = (exc.message,)
+    exc.retry_after_s = seen.reset_s
 
 
-def settle_tokens(conn: Connection, *, key_id: int, window: Window | None, counted: int,
-                  actual: int) -> None:
-    """Replace the tokens counted at admission by the request's actual tokens."""
-    if window is not None and window.limits.tpm is not None:
-        store.add_tokens(conn, key_id=key_id, start_ms=window.start_ms, delta=actual - counted)
-
-
-def prune(conn: Connection, *, now_ms: int) -> int:
-    """Windows that ended are no longer read: delete them (the reaper does this)."""
-    return store.prune(conn, before_ms=window_start(now_ms) - WINDOW_MS)
+def correction(win: Window | None, *, counted: int, actual: int) -> RateCorrection | None:
+    """At settlement (``actual`` tokens) or void (0): replace what admission counted."""
+    if win is None or win.limits.tpm is None or actual == counted:
+        return None
+    return RateCorrection(win.start_ms, actual - counted)

@@ -11,8 +11,8 @@ that also writes the request's usage record and idempotency state in the same tr
     refuse   — a request a limit refused (429) before anything was held: its error record,
                cost 0 (``reserve`` raised, so its own transaction wrote nothing).
 
-``reserve`` also applies the key's rate limits (``billing.limits``): its RPM/TPM window and,
-through the ledger, its concurrency and spend caps, all in the hold's transaction.
+``reserve`` also applies the key's limits (``billing.limits``): its RPM/TPM window, its
+concurrency and its spend caps, checked by the ledger in the hold's own statements.
 """
 
 from __future__ import annotations
@@ -84,13 +84,12 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
         usage_store.claim_request_key(conn, key_id=client_key.key_id,
                                       idempotency_key=client_key.value, request_id=request_id,
                                       fingerprint=client_key.fingerprint, at_ms=now)
-    window = rate_limits.admit(conn, key_id=key_id, limits=limits, tokens=tokens, at_ms=now)
     try:
+        rate = rate_limits.admission(limits, tokens, now)
         try:
             hold = ledger.place_hold(conn, account_id, amount_nano, idempotency_key=request_id,
-                                     ttl_ms=ttl_ms, key_id=key_id,
-                                     max_open=limits.concurrency, at_ms=now)
-            return Reservation(hold, window=window)
+                                     ttl_ms=ttl_ms, key_id=key_id, rate=rate, at_ms=now)
+            return Reservation(hold, window=rate_limits.window(limits, now, hold.window))
         except InsufficientBalance:
             if shrink is None:
                 raise
@@ -100,12 +99,13 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
                 raise
             amount, granted = smaller
             hold = ledger.place_hold(conn, account_id, amount, idempotency_key=request_id,
-                                     ttl_ms=ttl_ms, key_id=key_id,
-                                     max_open=limits.concurrency, at_ms=now)
-            return Reservation(hold, granted, window)
-    except TollwayError as exc:  # refused (402, 429): the window count is rolled back too
-        if window is not None:
-            exc.headers = window.uncounted(tokens).headers()
+                                     ttl_ms=ttl_ms, key_id=key_id, rate=rate, at_ms=now)
+            return Reservation(hold, granted,
+                               rate_limits.window(limits, now, hold.window))
+    except TollwayError as exc:  # refused (402, 429): nothing was counted
+        if limits.windowed:
+            state = getattr(exc, "window_state", None) or ledger.key_window(conn, key_id)
+            rate_limits.explain(exc, limits, tokens, now, state)
         raise
 
 
@@ -117,8 +117,12 @@ def settle(conn: Connection, *, hold_id: int, cost_nano: int, record: dict[str, 
     there at admission, replaced by the record's actual input + output tokens."""
     # The charge's day in the wallet and its hour in the rollups come from one clock reading.
     at = ledger.now_ms() if at_ms is None else at_ms
+    correction = rate_limits.correction(
+        window, counted=counted_tokens,
+        actual=record["input_tokens"] + record["output_tokens"])
     settlement = ledger.settle_hold(conn, hold_id, cost_nano,
-                                    idempotency_key=record["request_id"], at_ms=at)
+                                    idempotency_key=record["request_id"], at_ms=at,
+                                    correction=correction)
     usage_store.insert_usage(conn, {**record, "created_at_ms": at, "hold_id": hold_id,
                                     "cost_nano": cost_nano})
     if client_key is not None and response is not None:
@@ -127,18 +131,15 @@ def settle(conn: Connection, *, hold_id: int, cost_nano: int, record: dict[str, 
                                          idempotency_key=client_key.value, status=status,
                                          content_type=content_type, body=body,
                                          cost_nano=cost_nano)
-    rate_limits.settle_tokens(conn, key_id=record["key_id"], window=window,
-                              counted=counted_tokens,
-                              actual=record["input_tokens"] + record["output_tokens"])
     return settlement
 
 
 def void(conn: Connection, *, hold_id: int, record: dict[str, Any],
          client_key: ClientKey | None = None, window: Window | None = None,
          counted_tokens: int = 0) -> None:
-    ledger.void_hold(conn, hold_id, idempotency_key=record["request_id"])
-    rate_limits.settle_tokens(conn, key_id=record["key_id"], window=window,
-                              counted=counted_tokens, actual=0)
+    ledger.void_hold(conn, hold_id, idempotency_key=record["request_id"],
+                     correction=rate_limits.correction(window, counted=counted_tokens,
+                                                       actual=0))
     usage_store.insert_usage(conn, {**record, "hold_id": hold_id, "cost_nano": 0})
     if client_key is not None:
         usage_store.release_request_key(conn, key_id=client_key.key_id,

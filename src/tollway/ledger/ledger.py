@@ -7,6 +7,12 @@ stores ``available_nano`` and ``held_nano`` so the guard below is one statement;
 account balances are derived from their postings (they would be hot rows that every request
 updates). :func:`verify` recomputes everything from postings.
 
+A key's own limits are guarded the same way, in the one statement that also books the hold on
+the key: its total quota, its requests in flight (open holds) and its current one-minute
+rate-limit window (requests and tokens, restarted when a later minute begins), so admission
+costs no extra round trip; spend caps per calendar period are one guarded upsert more, for
+capped keys only (``key_spend``).
+
 The overdraft guard is one conditional statement,
 ``UPDATE accounts SET available = available - :x WHERE id = :id AND available >= :x``;
 zero rows changed means "refuse", and nothing has been written yet. It is atomic on SQLite
@@ -20,6 +26,7 @@ different parameters raises :class:`IdempotencyConflict`.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -32,9 +39,11 @@ from tollway.errors import (
     IdempotencyConflict,
     InsufficientBalance,
     InvalidRequest,
+    LimitExceeded,
     QuotaExceeded,
     RateLimited,
     UnknownAccount,
+    UnknownApiKey,
     UnknownHold,
 )
 from tollway.ledger import periods
@@ -61,6 +70,8 @@ AVAILABLE = "available"
 HELD = "held"
 
 HoldStatus = Literal["open", "settled", "voided", "expired"]
+#: No limit: larger than any count of requests, tokens or open holds.
+UNLIMITED = 2**62
 
 
 def now_ms() -> int:
@@ -92,6 +103,32 @@ class Hold:
     expires_at_ms: int
     status: HoldStatus
     created_at_ms: int = 0
+    #: The key's rate-limit window after this hold: (start_ms, requests, tokens).
+    window: tuple[int, int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RateAdmission:
+    """What a request counts in its key's window: the minute it starts in (ms), its tokens,
+    and the limits the window may not pass (:data:`UNLIMITED` for none)."""
+
+    window_start_ms: int = 0
+    tokens: int = 0
+    rpm: int = UNLIMITED
+    tpm: int = UNLIMITED
+    max_open: int = UNLIMITED
+
+
+NO_ADMISSION = RateAdmission()
+
+
+@dataclass(frozen=True, slots=True)
+class RateCorrection:
+    """At settlement or void: the tokens to add to the window the request was admitted in
+    (nothing if that window has ended)."""
+
+    window_start_ms: int
+    tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,27 +182,35 @@ _RESERVE = Prepared(
            accounts.c.available_nano >= _b("amount"))
     .values(available_nano=accounts.c.available_nano - _b("amount"),
             held_nano=accounts.c.held_nano + _b("amount")))
-#: The key's total quota and its concurrency limit (open holds) in one guarded statement,
-#: which also returns the key's period caps (checked next) without another round trip.
+_k = api_keys.c
+#: The window restarts when a later minute begins (an instance whose clock lags counts in the
+#: current window rather than restart an older one).
+_NEW_WINDOW = _k.window_start_ms < _b("window")
+#: The key's total quota, its concurrency limit (open holds) and its rate-limit window in one
+#: guarded statement, which also returns the key's period caps (checked next) and the window.
 _KEY_RESERVE = Prepared(
     api_keys.update()
-    .where(api_keys.c.id == _b("key_id"),
-           sa.or_(api_keys.c.quota_nano.is_(None),
-                  api_keys.c.used_nano + api_keys.c.held_nano + _b("amount")
-                  <= api_keys.c.quota_nano),
-           api_keys.c.open_holds < _b("max_open"))
-    .values(held_nano=api_keys.c.held_nano + _b("amount"),
-            open_holds=api_keys.c.open_holds + 1)
-    .returning(api_keys.c.daily_cap_nano, api_keys.c.weekly_cap_nano,
-               api_keys.c.monthly_cap_nano))
-_KEY_STATE = Prepared(sa.select(api_keys.c.open_holds).where(api_keys.c.id == _b("key_id")))
-#: A period cap, guarded like the balance: held + spent + this hold may not pass the cap. The
-#: insert (first hold of the period) is guarded by the caller (amount <= cap).
-_SPEND_HOLD = Prepared(lambda dialect: _spend_hold(dialect))
+    .where(_k.id == _b("key_id"),
+           sa.or_(_k.quota_nano.is_(None),
+                  _k.used_nano + _k.held_nano + _b("amount") <= _k.quota_nano),
+           _k.open_holds < _b("max_open"),
+           sa.or_(_NEW_WINDOW, sa.and_(_k.window_requests + 1 <= _b("rpm"),
+                                       _k.window_tokens + _b("tokens") <= _b("tpm"))))
+    .values(held_nano=_k.held_nano + _b("amount"), open_holds=_k.open_holds + 1,
+            window_requests=sa.case((_NEW_WINDOW, 1), else_=_k.window_requests + 1),
+            window_tokens=sa.case((_NEW_WINDOW, _b("tokens")),
+                                  else_=_k.window_tokens + _b("tokens")),
+            window_start_ms=sa.case((_NEW_WINDOW, _b("window")), else_=_k.window_start_ms))
+    .returning(_k.daily_cap_nano, _k.weekly_cap_nano, _k.monthly_cap_nano,
+               _k.window_start_ms, _k.window_requests, _k.window_tokens))
+_KEY_STATE = Prepared(
+    sa.select(_k.quota_nano, _k.used_nano, _k.held_nano, _k.open_holds, _k.window_start_ms,
+              _k.window_requests, _k.window_tokens).where(_k.id == _b("key_id")))
 _SPEND_CLOSE = Prepared(
     key_spend.update()
-    .where(key_spend.c.key_id == _b("key_id"), key_spend.c.period == _b("period"),
-           key_spend.c.period_start_ms == _b("start"))
+    .where(key_spend.c.key_id == _b("key_id"),
+           sa.or_(*(sa.and_(key_spend.c.period == p, key_spend.c.period_start_ms == _b(p))
+                    for p in periods.PERIODS)))
     .values(held_nano=key_spend.c.held_nano - _b("held"),
             spent_nano=key_spend.c.spent_nano + _b("charged")))
 _INSERT_HOLD = Prepared(holds.insert().values(
@@ -193,12 +238,12 @@ _SETTLE_ACCOUNT = Prepared(
             used_nano=accounts.c.used_nano + _b("charged"),
             requests=accounts.c.requests + _b("requests")))
 _SETTLE_KEY = Prepared(
-    api_keys.update().where(api_keys.c.id == _b("key_id"))
-    .values(held_nano=api_keys.c.held_nano - _b("held"),
-            used_nano=api_keys.c.used_nano + _b("charged"),
-            open_holds=api_keys.c.open_holds - 1))
-#: No concurrency limit: larger than any count of open holds.
-UNLIMITED = 2**62
+    api_keys.update().where(_k.id == _b("key_id"))
+    .values(held_nano=_k.held_nano - _b("held"), used_nano=_k.used_nano + _b("charged"),
+            open_holds=_k.open_holds - 1,
+            window_tokens=_k.window_tokens + sa.case(
+                (_k.window_start_ms == _b("window"), _b("tokens")), else_=0)))
+
 _WALLET_DAY = upsert(wallet_days, ("account_id", "day_ms"),
                      add=("topups_nano", "adjustments_nano", "charges_nano", "written_off_nano"))
 DAY_MS = 86_400_000
@@ -209,18 +254,26 @@ _EXPIRED = Prepared(
 
 
 
-def _spend_hold(dialect: str) -> sa.ClauseElement:
+def _spend_hold(dialect: str, rows: int) -> sa.ClauseElement:
     from sqlalchemy.dialects import postgresql, sqlite
 
     insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-    stmt = insert(key_spend).values(key_id=_b("key_id"), period=_b("period"),
-                                    period_start_ms=_b("start"), spent_nano=0,
-                                    held_nano=_b("amount"))
+    stmt = insert(key_spend).values([
+        {"key_id": _b("key_id"), "period": _b(f"p{i}"), "period_start_ms": _b(f"s{i}"),
+         "spent_nano": 0, "held_nano": _b(f"a{i}")} for i in range(rows)])
+    cap = sa.case(*((key_spend.c.period == p, _b(f"cap_{p}")) for p in periods.PERIODS))
     return stmt.on_conflict_do_update(
         index_elements=["key_id", "period", "period_start_ms"],
-        set_={"held_nano": key_spend.c.held_nano + _b("amount")},
-        where=(key_spend.c.spent_nano + key_spend.c.held_nano + _b("amount") <= _b("cap")),
-    ).returning(key_spend.c.held_nano)
+        set_={"held_nano": key_spend.c.held_nano + stmt.excluded.held_nano},
+        where=(key_spend.c.spent_nano + key_spend.c.held_nano + stmt.excluded.held_nano
+               <= cap),
+    ).returning(key_spend.c.period)
+
+
+#: The key's period caps, guarded like the balance: held + spent + this hold may not pass a
+#: cap. One multi-row upsert for the capped periods; a period whose guard fails returns no row.
+#: The insert (first hold of a period) is guarded by the caller (amount <= cap).
+_SPEND_HOLD = {n: Prepared(functools.partial(_spend_hold, rows=n)) for n in (1, 2, 3)}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -335,16 +388,18 @@ def adjust(conn: Connection, account_id: int, amount_nano: int, *, idempotency_k
 
 
 def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
-               ttl_ms: int, key_id: int | None = None, max_open: int | None = None,
-               at_ms: int | None = None) -> Hold:
+               ttl_ms: int, key_id: int | None = None,
+               rate: RateAdmission = NO_ADMISSION, at_ms: int | None = None) -> Hold:
     """Reserve ``amount_nano`` of the available balance, or raise.
 
     With ``key_id`` the key's own limits are checked in the same transaction: its used plus
-    held amount may not exceed its quota (:class:`QuotaExceeded`), its open holds may not
-    reach ``max_open`` (:class:`RateLimited`, the concurrency limit), and in each period it
-    has a cap for (day, week, month in the billing time zone) the held plus spent amount may
-    not exceed the cap (:class:`QuotaExceeded` with ``retry_after_s``). Like every ledger
-    function it must run in a transaction (or savepoint) that is rolled back when it raises.
+    held amount may not exceed its quota (:class:`QuotaExceeded`); ``rate``: its open holds
+    may not reach ``max_open`` and its window may not pass ``rpm`` requests or ``tpm`` tokens
+    (:class:`RateLimited` with ``window_state``, the key's window without this request); in
+    each period it has a cap for (day, week, month in the billing time zone) the held plus
+    spent amount may not exceed the cap (:class:`QuotaExceeded` with ``retry_after_s``). Like
+    every ledger function it must run in a transaction (or savepoint) that is rolled back
+    when it raises.
     """
     _amount(amount_nano, "a hold")
     key = f"hold:{idempotency_key}"
@@ -359,60 +414,92 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
             f"this request may cost up to {format_usd(amount_nano)} USD but the account has "
             f"{format_usd(_available(conn, account_id))} USD available")
     at = now_ms() if at_ms is None else at_ms
-    cap_periods = 0
+    cap_periods, window = 0, None
     if key_id is not None:
-        cap_periods = _reserve_key(conn, key_id, amount_nano, at,
-                                   UNLIMITED if max_open is None else max_open)
+        cap_periods, window = _reserve_key(conn, key_id, amount_nano, at, rate)
     hold_id = int(_INSERT_HOLD.one(conn, account_id=account_id, key_id=key_id,
                                    amount=amount_nano, at=at, expires=at + ttl_ms,
                                    cap_periods=cap_periods)[0])
     _post(conn, kind="hold", account_id=account_id, amount_nano=amount_nano, key=key,
           hold_id=hold_id, at_ms=at,
           lines=[(account_id, AVAILABLE, -amount_nano), (account_id, HELD, amount_nano)])
-    return Hold(hold_id, account_id, key_id, amount_nano, at + ttl_ms, "open", at)
+    return Hold(hold_id, account_id, key_id, amount_nano, at + ttl_ms, "open", at, window)
+
+
+def key_window(conn: Connection, key_id: int) -> tuple[int, int, int]:
+    """The key's rate-limit window as stored: (start_ms, requests, tokens)."""
+    row = _KEY_STATE.one(conn, key_id=key_id)
+    return (0, 0, 0) if row is None else (int(row[4]), int(row[5]), int(row[6]))
 
 
 def _reserve_key(conn: Connection, key_id: int, amount_nano: int, at_ms: int,
-                 max_open: int) -> int:
-    """The key's share of a hold; returns the bits of the cap periods that counted it."""
-    row = _KEY_RESERVE.one(conn, key_id=key_id, amount=amount_nano, max_open=max_open)
+                 rate: RateAdmission) -> tuple[int, tuple[int, int, int]]:
+    """The key's share of a hold; returns the bits of the cap periods that counted it and
+    the key's window after it."""
+    row = _KEY_RESERVE.one(conn, key_id=key_id, amount=amount_nano, max_open=rate.max_open,
+                           window=rate.window_start_ms, tokens=rate.tokens, rpm=rate.rpm,
+                           tpm=rate.tpm)
     if row is None:
-        state = _KEY_STATE.one(conn, key_id=key_id)
-        if state is not None and int(state[0]) >= max_open:
-            raise RateLimited(f"API key {key_id} already has {max_open} requests in flight, "
-                              "its concurrency limit", retry_after_s=1)
-        raise QuotaExceeded(f"API key {key_id} has reached its spending quota")
-    bits = 0
-    for period, cap in zip(periods.PERIODS, row, strict=True):
-        if cap is None:
-            continue
-        start, end = periods.bounds(at_ms, period)
-        if amount_nano > cap or _SPEND_HOLD.one(conn, key_id=key_id, period=period,
-                                                start=start, amount=amount_nano,
-                                                cap=cap) is None:
-            raise QuotaExceeded(
+        _refuse_key(conn, key_id, amount_nano, rate)
+    window = (int(row[3]), int(row[4]), int(row[5]))
+    capped = [(p, cap) for p, cap in zip(periods.PERIODS, row[:3], strict=True)
+              if cap is not None]
+    if not capped:
+        return 0, window
+    params: dict[str, Any] = {"key_id": key_id, **{f"cap_{p}": 0 for p in periods.PERIODS}}
+    for i, (period, cap) in enumerate(capped):
+        params.update({f"p{i}": period, f"s{i}": periods.bounds(at_ms, period)[0],
+                       f"a{i}": amount_nano, f"cap_{period}": cap})
+    counted = {r[0] for r in _SPEND_HOLD[len(capped)].execute(conn, params).fetchall()}
+    for period, cap in capped:
+        if amount_nano > cap or period not in counted:
+            exc = QuotaExceeded(
                 f"API key {key_id} has reached its {periods.ADJECTIVE[period]} spending cap "
-                f"of {format_usd(cap)} USD", retry_after_s=-(-(end - at_ms) // 1000))
-        bits |= periods.PERIOD_BITS[period]
-    return bits
+                f"of {format_usd(cap)} USD",
+                retry_after_s=-(-(periods.bounds(at_ms, period)[1] - at_ms) // 1000))
+            exc.window_state = (window[0], window[1] - 1, window[2] - rate.tokens)
+            raise exc
+    return sum(periods.PERIOD_BITS[p] for p, _ in capped), window
+
+
+def _refuse_key(conn: Connection, key_id: int, amount_nano: int, rate: RateAdmission) -> None:
+    """Why the key's guarded statement changed nothing; always raises."""
+    row = _KEY_STATE.one(conn, key_id=key_id)
+    if row is None:
+        raise UnknownApiKey(f"no API key with id {key_id}")
+    quota, used, held, in_flight = row[0], int(row[1]), int(row[2]), int(row[3])
+    state = (int(row[4]), int(row[5]), int(row[6]))
+    if quota is not None and used + held + amount_nano > quota:
+        exc: LimitExceeded = QuotaExceeded(f"API key {key_id} has reached its spending quota")
+    elif in_flight >= rate.max_open:
+        exc = RateLimited(f"API key {key_id} already has {rate.max_open} requests in flight, "
+                          "its concurrency limit", retry_after_s=1)
+    else:
+        exc = RateLimited(f"API key {key_id} has reached its rate limit for this minute")
+    exc.window_state = state
+    raise exc
 
 
 def _close_key(conn: Connection, key_id: int, held: int, charged: int, created_at_ms: int,
-               cap_periods: int) -> None:
-    """A closed hold leaves the key's held amount, in-flight count and cap periods."""
-    _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": charged})
-    for period in periods.PERIODS:
-        if cap_periods & periods.PERIOD_BITS[period]:
-            start = periods.bounds(created_at_ms, period)[0]
-            _SPEND_CLOSE.execute(conn, {"key_id": key_id, "period": period, "start": start,
-                                        "held": held, "charged": charged})
+               cap_periods: int, correction: RateCorrection | None) -> None:
+    """A closed hold leaves the key's held amount, in-flight count and cap periods, and its
+    window gets the correction of the tokens it counted."""
+    _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": charged,
+                               "window": correction.window_start_ms if correction else -1,
+                               "tokens": correction.tokens if correction else 0})
+    if cap_periods:
+        _SPEND_CLOSE.execute(conn, {"key_id": key_id, "held": held, "charged": charged, **{
+            p: periods.bounds(created_at_ms, p)[0] if cap_periods & periods.PERIOD_BITS[p]
+            else -1 for p in periods.PERIODS}})
 
 
 def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
-                idempotency_key: str, at_ms: int | None = None) -> Settlement:
+                idempotency_key: str, at_ms: int | None = None,
+                correction: RateCorrection | None = None) -> Settlement:
     """Charge the actual cost: from the hold first, then from the available balance; what
     neither covers is written off (the wallet never goes below zero). Releases the rest.
-    ``at_ms`` is the time the charge is booked under (its usage record's time)."""
+    ``at_ms`` is the time the charge is booked under (its usage record's time);
+    ``correction``, the tokens to add to the key's rate-limit window."""
     _amount(actual_nano, "a charge", minimum=0)
     key = f"settle:{idempotency_key}"
     closed = _close(conn, hold_id, "settled", actual_nano)
@@ -439,7 +526,7 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
     _wallet_day(conn, account_id, charges=actual_nano - shortfall,
                 written_off=shortfall, at_ms=at_ms)
     if key_id is not None:
-        _close_key(conn, key_id, held, actual_nano, created_at, cap_periods)
+        _close_key(conn, key_id, held, actual_nano, created_at, cap_periods, correction)
     _post(conn, kind="settle", account_id=account_id, amount_nano=actual_nano, key=key,
           hold_id=hold_id,
           lines=[(account_id, HELD, -held), (account_id, AVAILABLE, released - from_available),
@@ -447,9 +534,10 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
     return Settlement(hold_id, actual_nano, from_hold, from_available, shortfall, released)
 
 
-def void_hold(conn: Connection, hold_id: int, *, idempotency_key: str) -> Release:
+def void_hold(conn: Connection, hold_id: int, *, idempotency_key: str,
+              correction: RateCorrection | None = None) -> Release:
     """Release a hold whole: the request was refused or failed upstream; nothing is charged."""
-    return _release(conn, hold_id, "voided", f"void:{idempotency_key}")
+    return _release(conn, hold_id, "voided", f"void:{idempotency_key}", correction)
 
 
 def expire_holds(conn: Connection, now: int | None = None, *, limit: int = 1000) -> list[Release]:
@@ -466,7 +554,8 @@ def expire_holds(conn: Connection, now: int | None = None, *, limit: int = 1000)
     return released
 
 
-def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str) -> Release:
+def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str,
+             correction: RateCorrection | None = None) -> Release:
     closed = _close(conn, hold_id, status, None)
     if closed is None:  # already closed: a repeat of this release, or too late
         if (row := _existing_entry(conn, key)) is not None:
@@ -478,7 +567,7 @@ def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str) -> Re
     _SETTLE_ACCOUNT.execute(conn, {"account_id": account_id, "held": held, "delta": held,
                                    "charged": 0, "requests": 0})
     if key_id is not None:
-        _close_key(conn, key_id, held, 0, created_at, cap_periods)
+        _close_key(conn, key_id, held, 0, created_at, cap_periods, correction)
     _post(conn, kind="void" if status == "voided" else "expire", account_id=account_id,
           amount_nano=held, key=key, hold_id=hold_id,
           lines=[(account_id, HELD, -held), (account_id, AVAILABLE, held)])

@@ -61,6 +61,10 @@ api_keys = sa.Table(
     sa.Column("monthly_cap_nano", Nano),
     sa.Column("allowed_ips", sa.Text),  # JSON list of CIDR networks, NULL = any address
     sa.Column("open_holds", sa.BigInteger, nullable=False, server_default="0"),  # in flight
+    # the key's current fixed one-minute rate-limit window, counted by the hold's statement
+    sa.Column("window_start_ms", Ms, nullable=False, server_default="0"),
+    sa.Column("window_requests", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("window_tokens", sa.BigInteger, nullable=False, server_default="0"),
     sa.CheckConstraint("held_nano >= 0", name="ck_api_keys_held_nonnegative"),
 )
 
@@ -270,18 +274,6 @@ tiers = sa.Table(
     sa.Column("concurrency", sa.BigInteger, nullable=False),
     sa.Column("upgrade_at_nano", Nano),
     sa.Column("is_default", sa.Boolean, nullable=False),
-)
-
-#: Requests and tokens of a key per fixed one-minute window, shared by every worker and
-#: instance through the database (a guarded upsert in the hold's transaction).
-rate_windows = sa.Table(
-    "rate_windows",
-    metadata,
-    sa.Column("key_id", Id, sa.ForeignKey("api_keys.id"), primary_key=True),
-    sa.Column("window_start_ms", Ms, primary_key=True),
-    sa.Column("requests", sa.BigInteger, nullable=False),
-    sa.Column("tokens", sa.BigInteger, nullable=False),
-    sa.Index("ix_rate_windows_start", "window_start_ms"),
 )
 
 #: A capped key's spending per calendar period (day, week, month in the billing time zone):

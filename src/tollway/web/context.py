@@ -12,7 +12,6 @@ from typing import TypeVar
 from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 
-from tollway.billing import limits
 from tollway.ledger import ledger
 from tollway.store.db import Database
 from tollway.store.writer import Writer
@@ -54,8 +53,7 @@ class Context:
         self.db.dispose()
 
     async def _reap(self) -> None:
-        """Release holds whose deadline passed (their request's process died) and delete
-        rate-limit windows that ended."""
+        """Release holds whose deadline passed (their request's process died)."""
         while True:
             await asyncio.sleep(self.reaper_interval_s)
             try:
@@ -65,7 +63,4 @@ class Context:
                 continue
             if released:
                 log.info("released %d expired holds", len(released))
-            try:
-                await self.write(lambda conn: limits.prune(conn, now_ms=ledger.now_ms()))
-            except Exception:  # noqa: BLE001 - old windows are only clutter; retried next round
-                log.exception("pruning rate-limit windows failed")
+

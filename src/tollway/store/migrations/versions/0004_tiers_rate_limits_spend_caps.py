@@ -1,10 +1,10 @@
-"""tiers, rate limit windows, key spend caps, IP allowlists
+"""tiers, rate limits, key spend caps, IP allowlists
 
 Revision ID: 0004
 Revises: 0002
 
-Additive only: new tables (tiers, rate_windows, key_spend) and new nullable or defaulted
-columns on accounts, api_keys and holds. ``api_keys.open_holds`` starts at each key's count of
+Additive only: new tables (tiers, key_spend) and new nullable or defaulted columns on
+accounts, api_keys (limits, the key's current rate-limit window) and holds. ``api_keys.open_holds`` starts at each key's count of
 open holds, so the holds open during the upgrade close it back to exactly zero.
 """
 from collections.abc import Sequence
@@ -33,15 +33,6 @@ def upgrade() -> None:
     sa.Column('is_default', sa.Boolean(), nullable=False),
     sa.PrimaryKeyConstraint('name')
     )
-    op.create_table('rate_windows',
-    sa.Column('key_id', Id, nullable=False),
-    sa.Column('window_start_ms', sa.BigInteger(), nullable=False),
-    sa.Column('requests', sa.BigInteger(), nullable=False),
-    sa.Column('tokens', sa.BigInteger(), nullable=False),
-    sa.ForeignKeyConstraint(['key_id'], ['api_keys.id'], ),
-    sa.PrimaryKeyConstraint('key_id', 'window_start_ms')
-    )
-    op.create_index('ix_rate_windows_start', 'rate_windows', ['window_start_ms'], unique=False)
     op.create_table('key_spend',
     sa.Column('key_id', Id, nullable=False),
     sa.Column('period', sa.String(length=8), nullable=False),
@@ -64,6 +55,9 @@ def upgrade() -> None:
         batch.add_column(sa.Column('allowed_ips', sa.Text(), nullable=True))
         batch.add_column(sa.Column('open_holds', sa.BigInteger(), server_default='0',
                                    nullable=False))
+        for name in ('window_start_ms', 'window_requests', 'window_tokens'):
+            batch.add_column(sa.Column(name, sa.BigInteger(), server_default='0',
+                                       nullable=False))
     with op.batch_alter_table('holds') as batch:
         batch.add_column(sa.Column('cap_periods', sa.SmallInteger(), server_default='0',
                                    nullable=False))
@@ -78,12 +72,11 @@ def downgrade() -> None:
     with op.batch_alter_table('holds') as batch:
         batch.drop_column('cap_periods')
     with op.batch_alter_table('api_keys') as batch:
-        for name in ('open_holds', 'allowed_ips', 'monthly_cap_nano', 'weekly_cap_nano',
+        for name in ('window_tokens', 'window_requests', 'window_start_ms',
+                     'open_holds', 'allowed_ips', 'monthly_cap_nano', 'weekly_cap_nano',
                      'daily_cap_nano', 'concurrency', 'tpm', 'rpm'):
             batch.drop_column(name)
     with op.batch_alter_table('accounts') as batch:
         batch.drop_column('tier')
     op.drop_table('key_spend')
-    op.drop_index('ix_rate_windows_start', table_name='rate_windows')
-    op.drop_table('rate_windows')
     op.drop_table('tiers')
