@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -21,6 +22,7 @@ from fakes import (
     GATEWAY_ENV,
     IGNORE_TOKENIZER_WARNING,
     USD,
+    AnthropicScript,
     FakeClock,
     FakeUpstream,
     GatewayThread,
@@ -312,6 +314,124 @@ def test_weekly_and_monthly_caps(tw: Tollway) -> None:
     refused = call(http, monthly), call(http, monthly)
     assert [r.status_code for r in refused] == [200, 429]
     assert "monthly spending cap of 0.002000000 USD" in error_of(refused[1])["message"]
+    assert_books_clean(tw)
+
+
+# --------------------------------------------------------------------------- other protocols
+
+
+def test_messages_are_limited_with_headers_and_anthropic_error_bodies(
+        tw: Tollway, clock: FakeClock) -> None:
+    """/v1/messages (the anthropic package, x-api-key): a key of 3 requests a minute in the
+    free tier (2000 tokens a minute). The fake answers 20 input + 4 output tokens; admission
+    counts the estimated prompt (E), settlement the actual 24."""
+    account = tw.account()
+    key = tw.key(account, limits=KeyLimits(rpm=3))
+    client = anthropic.Anthropic(base_url=tw.url, api_key=key, max_retries=0, timeout=20)
+    tw._clients.append(client)
+    estimate = tokens.estimate_prompt({"model": "claude-test", "max_tokens": 10,
+                                       "messages": HELLO})
+    raw = client.messages.with_raw_response.create(model="claude-test", max_tokens=10,
+                                                   messages=HELLO)
+    assert rate_headers(raw.http_response) == {
+        "x-ratelimit-limit-requests": "3", "x-ratelimit-remaining-requests": "2",
+        "x-ratelimit-reset-requests": "48s", "x-ratelimit-limit-tokens": "2000",
+        "x-ratelimit-remaining-tokens": str(2000 - estimate), "x-ratelimit-reset-tokens": "48s"}
+    # a stream: the headers come with its start; the window holds 24 + E tokens
+    with client.messages.with_streaming_response.create(
+            model="claude-test", max_tokens=10, messages=HELLO,
+            stream=True) as stream:
+        assert stream.http_response.headers["x-ratelimit-remaining-requests"] == "1"
+        assert stream.http_response.headers["x-ratelimit-remaining-tokens"] == str(
+            2000 - 24 - estimate)
+        list(stream.iter_lines())
+    tw.wait_records(2)
+    # an upstream failure after the hold: Anthropic's shape, the headers, nothing charged
+    tw.fake.anthropic = AnthropicScript(status=500)
+    with pytest.raises(anthropic.InternalServerError) as failed:
+        client.messages.create(model="claude-test", max_tokens=10,
+                               messages=HELLO)
+    response = failed.value.response
+    assert response.status_code == 502
+    assert response.json()["error"]["type"] == "api_error"
+    assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    assert response.headers["x-ratelimit-remaining-tokens"] == str(2000 - 48 - estimate)
+    # the fourth request of the minute: 429 in Anthropic's shape, with Retry-After
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        client.messages.create(model="claude-test", max_tokens=10,
+                               messages=HELLO)
+    refused = caught.value.response
+    body = refused.json()
+    assert body["type"] == "error"
+    assert (body["error"]["type"], body["error"]["code"]) == ("rate_limit_error",
+                                                             "rate_limited")
+    assert body["request_id"] == refused.headers["x-request-id"]
+    assert refused.headers["retry-after"] == "48"
+    assert rate_headers(refused)["x-ratelimit-remaining-requests"] == "0"
+    # the failed request's estimate was taken back: 48 tokens counted
+    assert rate_headers(refused)["x-ratelimit-remaining-tokens"] == "1952"
+    assert len(tw.fake.llm_requests()) == 3
+    # 2 × (20 × 3 + 4 × 15) / 1e6 = 0.00024 USD
+    assert tw.available(account) == 10 * USD - 240_000
+    assert [(r["type"], r["status"], r["cost_nano"]) for r in tw.records()] == [
+        ("consume", 200, 120_000), ("consume", 200, 120_000), ("error", 502, 0),
+        ("error", 429, 0)]
+    assert_books_clean(tw)
+    tw.fake.anthropic = AnthropicScript()
+    clock.advance(48)
+    raw = client.messages.with_raw_response.create(model="claude-test", max_tokens=10,
+                                                   messages=HELLO)
+    assert raw.headers["x-ratelimit-remaining-requests"] == "2"
+
+
+def test_responses_count_input_and_output_tokens(tw: Tollway) -> None:
+    """/v1/responses: the fake reports 30 input + 3 output tokens."""
+    account = tw.account()
+    key = tw.key(account)
+    client = tw.client(key)
+    estimate = tokens.estimate_prompt({"model": "gpt-test", "input": "hello there"})
+    remaining = []
+    for _ in range(2):
+        raw = client.responses.with_raw_response.create(model="gpt-test", input="hello there")
+        remaining.append(int(raw.headers["x-ratelimit-remaining-tokens"]))
+    assert remaining == [2000 - estimate, 2000 - 33 - estimate]
+    assert_books_clean(tw)
+
+
+def test_images_count_requests_and_spend_caps_but_no_tokens(tw: Tollway,
+                                                            clock: FakeClock) -> None:
+    """/v1/images/generations: image-test costs 0.04 USD an image at 1024x1024; the key's
+    daily cap is 0.12 USD (three images). A hold counts against the cap while it is open."""
+    account = tw.account()
+    key = tw.key(account, limits=KeyLimits(daily_cap_nano=120_000_000))
+    client = tw.client(key)
+    raw = client.images.with_raw_response.generate(model="image-test", prompt="a cat", n=2,
+                                                   size="1024x1024")
+    assert raw.headers["x-tollway-cost-usd"] == "0.080000000"
+    assert {k: v for k, v in raw.headers.items() if k.startswith("x-ratelimit-")} == {
+        "x-ratelimit-limit-requests": "60", "x-ratelimit-remaining-requests": "59",
+        "x-ratelimit-reset-requests": "48s", "x-ratelimit-limit-tokens": "2000",
+        # an image request counts no tokens
+        "x-ratelimit-remaining-tokens": "2000", "x-ratelimit-reset-tokens": "48s"}
+    # 0.08 spent + 0.08 held > 0.12
+    with pytest.raises(openai.RateLimitError) as caught:
+        client.images.generate(model="image-test", prompt="a cat", n=2, size="1024x1024")
+    refused = caught.value.response
+    assert error_of(refused)["code"] == "quota_exceeded"
+    assert "daily spending cap of 0.120000000 USD" in error_of(refused)["message"]
+    assert refused.headers["retry-after"] == str(_seconds_to_midnight(clock()))
+    assert refused.headers["x-ratelimit-remaining-requests"] == "59"
+    # 0.08 + 0.04 = 0.12: exactly the cap
+    one = client.images.with_raw_response.generate(model="image-test", prompt="a cat", n=1,
+                                                   size="1024x1024")
+    assert one.headers["x-ratelimit-remaining-requests"] == "58"
+    with pytest.raises(openai.RateLimitError):
+        client.images.generate(model="image-test", prompt="a cat", n=1, size="1024x1024")
+    assert len([r for r in tw.fake.requests if r.path == "/v1/images/generations"]) == 2
+    assert tw.available(account) == 10 * USD - 120_000_000
+    assert [(r["type"], r["error_code"], r["cost_nano"]) for r in tw.records()] == [
+        ("consume", None, 80_000_000), ("error", "quota_exceeded", 0),
+        ("consume", None, 40_000_000), ("error", "quota_exceeded", 0)]
     assert_books_clean(tw)
 
 

@@ -10,12 +10,15 @@
     ├── InsufficientBalance (402)
     ├── ModelNotAllowed (403)
     ├── IpNotAllowed (403) — the key's IP allowlist does not include the client
-    ├── NotFound (404): UnknownAccount, UnknownApiKey, UnknownHold, UnknownModel, UnknownEndpoint
+    ├── NotFound (404): UnknownAccount, UnknownApiKey, UnknownHold, UnknownModel, UnknownEndpoint,
+    │                   UnknownCode (a redemption code nobody minted)
     ├── LimitExceeded (429, may carry Retry-After)
     │   ├── QuotaExceeded — the key's total quota or a period spend cap
     │   └── RateLimited   — requests or tokens per minute, or requests in flight
     ├── HoldClosed (409) — settle/void of a hold another operation already closed
     ├── RequestInProgress (409) — a retry arrived while the first request still runs
+    ├── CodeRedeemed (409) — a redemption code was already used
+    ├── CodeExpired (410) — a redemption code past its expiry, or revoked (CodeRevoked)
     ├── PayloadTooLarge (413)
     ├── UpstreamError (502) — the upstream failed, answered garbage or could not be reached
     │   └── UpstreamTimeout (504)
@@ -119,6 +122,10 @@ class UnknownEndpoint(NotFound):
     code = "unknown_endpoint"
 
 
+class UnknownCode(NotFound):
+    code = "unknown_code"
+
+
 class LimitExceeded(TollwayError):
     """A limit refused the request before anything was forwarded or held. ``retry_after_s``
     (whole seconds) is when the limit that refused it resets, if it resets by itself."""
@@ -181,3 +188,19 @@ class StorageUnavailable(TollwayError):
     status = 503
     type = "api_error"
     code = "storage_unavailable"
+
+
+class CodeRedeemed(TollwayError):
+    status = 409
+    type = "billing_error"
+    code = "code_redeemed"
+
+
+class CodeExpired(TollwayError):
+    status = 410
+    type = "billing_error"
+    code = "code_expired"
+
+
+class CodeRevoked(CodeExpired):
+    code = "code_revoked"

@@ -52,6 +52,9 @@ def _int(request: Request, name: str, *, default: int | None = None, low: int = 
     return int(value)
 
 
+query_int = _int  # the other HTTP modules' name for it
+
+
 def _time(request: Request, name: str) -> int | None:
     value = request.query_params.get(name)
     return None if not value else parse_iso_ms(value, what=name)

@@ -67,16 +67,17 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Downgrade schema."""
+    """Downgrade schema. Columns are dropped in place (SQLite 3.35+): recreating a table that
+    other tables reference fails their foreign keys once it holds data."""
     op.drop_index('ix_holds_key_open', table_name='holds')
-    with op.batch_alter_table('holds') as batch:
+    with op.batch_alter_table('holds', recreate='never') as batch:
         batch.drop_column('cap_periods')
-    with op.batch_alter_table('api_keys') as batch:
+    with op.batch_alter_table('api_keys', recreate='never') as batch:
         for name in ('window_tokens', 'window_requests', 'window_start_ms',
                      'open_holds', 'allowed_ips', 'monthly_cap_nano', 'weekly_cap_nano',
                      'daily_cap_nano', 'concurrency', 'tpm', 'rpm'):
             batch.drop_column(name)
-    with op.batch_alter_table('accounts') as batch:
+    with op.batch_alter_table('accounts', recreate='never') as batch:
         batch.drop_column('tier')
     op.drop_table('key_spend')
     op.drop_table('tiers')
