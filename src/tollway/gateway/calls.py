@@ -46,7 +46,6 @@ class Call:
     limits: Limits = NO_LIMITS
     window: Window | None = None  # the key's rate-limit window once admitted
     counted_tokens: int = 0  # what this request counted against TPM at admission
-
     #: how this route's own error answers read (Anthropic's shape on /v1/messages)
     render_error: Callable[[Scope, TollwayError], bytes] = error_body
 
@@ -163,6 +162,18 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
                              headers=call.rate_headers())
 
 
+async def settle(gw: Gateway, call: Call, *, cost: int, record: dict[str, Any],
+                 response: tuple[int, str, bytes | None] | None) -> None:
+    """Charge ``cost`` with its usage record at the gateway's time; the key's rate-limit
+    window gets the record's actual tokens in place of what admission counted."""
+    assert call.hold is not None
+    hold_id, client_key, at = call.hold.id, call.client_key, gw.clock()
+    window, counted = call.window, call.counted_tokens
+    await gw.ctx.write(lambda conn: metering.settle(
+        conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
+        response=response, at_ms=at, window=window, counted_tokens=counted))
+
+
 @dataclass(frozen=True, slots=True)
 class Answer:
     """An upstream's whole answer to a non-streamed request."""
@@ -197,12 +208,7 @@ async def settle_answer(gw: Gateway, call: Call, send: Send, answer: Answer, *, 
                         record: dict[str, Any]) -> None:
     """Charge ``cost`` with its usage record (kept for an Idempotency-Key replay) and pass the
     upstream's answer on with the cost and rate-limit headers."""
-    assert call.hold is not None
-    hold_id, client_key, at = call.hold.id, call.client_key, gw.clock()
-    window, counted = call.window, call.counted_tokens
-    await gw.ctx.write(lambda conn: metering.settle(
-        conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
-        response=(answer.status, answer.content_type, answer.body), at_ms=at, window=window,
-        counted_tokens=counted))
+    await settle(gw, call, cost=cost, record=record,
+                 response=(answer.status, answer.content_type, answer.body))
     await send_bytes(send, answer.status, answer.body, answer.content_type.encode(),
                      headers=[(COST_HEADER, format_usd(cost).encode()), *call.rate_headers()])

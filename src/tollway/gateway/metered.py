@@ -2,7 +2,10 @@
 messages, Responses): authenticate → checks → hold for the estimated prompt plus the output
 bound (lowering it to what the balance affords, reported in ``X-Tollway-Max-Tokens``) →
 forward → settle from the upstream's usage, or from a local count marked ``estimated`` when a
-stream ends without it → one usage record.
+stream ends without it → one usage record. The hold is admitted under the key's limits
+(``calls.reserve``: RPM, TPM counting the estimated prompt, concurrency, spend caps);
+settlement replaces that estimate in the key's TPM window by the input + output tokens billed,
+and every response after admission carries the ``X-RateLimit-*`` headers.
 
 A protocol is a :class:`TokenRoute` subclass that says how its requests name the output bound,
 how its answers report usage (converted explicitly to the rating inputs) and how its stream
@@ -21,11 +24,10 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from tollway import tokens
-from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import InvalidRequest, TollwayError, UpstreamError
 from tollway.gateway.asgi import error_body, json_object, read_body, send_bytes, send_error
-from tollway.gateway.calls import COST_HEADER, Call, begin, fail, reserve, send_replay
+from tollway.gateway.calls import COST_HEADER, Call, begin, fail, reserve, send_replay, settle
 from tollway.gateway.sse import EventSplitter
 from tollway.gateway.state import Gateway
 from tollway.gateway.usage import MeteredUsage, bounded
@@ -328,12 +330,7 @@ class TokenRoute:
                              cache_write_1h=usage.cache_write_1h_tokens,
                              output=usage.completion_tokens, reasoning=metered.reasoning_tokens,
                              note="; ".join(n for n in (metered.note, note) if n) or None)
-        assert call.hold is not None
-        hold_id, client_key = call.hold.id, call.client_key
-        at, window, counted = llm.gw.clock(), call.window, call.counted_tokens
-        await llm.gw.ctx.write(lambda conn: metering.settle(
-            conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
-            response=response, at_ms=at, window=window, counted_tokens=counted))
+        await settle(llm.gw, call, cost=cost, record=record, response=response)
         return cost
 
     # ------------------------------------------------------------------ streaming
