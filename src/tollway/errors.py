@@ -9,6 +9,8 @@
     │   └── InvalidAdminToken
     ├── InsufficientBalance (402)
     ├── ModelNotAllowed (403)
+    ├── AccountDisabled (403) — the operator disabled the key's account
+    ├── CsrfFailed (403) — a console form without its session's CSRF token
     ├── NotFound (404): UnknownAccount, UnknownApiKey, UnknownHold, UnknownModel, UnknownEndpoint
     ├── QuotaExceeded (429)
     ├── HoldClosed (409) — settle/void of a hold another operation already closed
@@ -86,6 +88,18 @@ class ModelNotAllowed(TollwayError):
     status = 403
     type = "permission_error"
     code = "model_not_allowed"
+
+
+class AccountDisabled(TollwayError):
+    status = 403
+    type = "permission_error"
+    code = "account_disabled"
+
+
+class CsrfFailed(TollwayError):
+    status = 403
+    type = "permission_error"
+    code = "invalid_csrf_token"
 
 
 class NotFound(TollwayError):

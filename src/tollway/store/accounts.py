@@ -31,6 +31,9 @@ class Account:
     used_nano: int
     requests: int
     created_at_ms: int
+    email: str | None = None
+    disabled_at_ms: int | None = None
+    has_password: bool = False
 
     @property
     def balance_nano(self) -> int:
@@ -52,14 +55,17 @@ class ApiKeyRecord:
     revoked_at_ms: int | None
     created_at_ms: int
     account_group: str
+    account_disabled_at_ms: int | None = None
 
 
 def _account(row: sa.Row[tuple[object, ...]]) -> Account:
     return Account(row.id, row.name, row.group_name, row.available_nano, row.held_nano,
-                   row.used_nano, row.requests, row.created_at_ms)
+                   row.used_nano, row.requests, row.created_at_ms, row.email,
+                   row.disabled_at_ms, row.password_hash is not None)
 
 
-def create_account(conn: Connection, name: str, group: str, *, at_ms: int) -> Account:
+def create_account(conn: Connection, name: str, group: str, *, at_ms: int,
+                   email: str | None = None, password_hash: str | None = None) -> Account:
     name = name.strip()
     if not name or len(name) > 200:
         raise InvalidRequest("an account name must be 1 to 200 characters")
@@ -68,10 +74,63 @@ def create_account(conn: Connection, name: str, group: str, *, at_ms: int) -> Ac
     require_group(conn, group)
     if conn.execute(sa.select(accounts.c.id).where(accounts.c.name == name)).first():
         raise InvalidRequest(f"an account named {name!r} already exists")
+    if email is not None:
+        email = _check_email(conn, email)
     account_id = conn.execute(accounts.insert().values(
-        name=name, kind="customer", group_name=group, created_at_ms=at_ms,
+        name=name, kind="customer", group_name=group, created_at_ms=at_ms, email=email,
+        password_hash=password_hash,
     ).returning(accounts.c.id)).scalar_one()
     return get_account(conn, int(account_id))
+
+
+def _check_email(conn: Connection, email: str, *, account_id: int | None = None) -> str:
+    """An email address as stored: trimmed, lower-cased, plausible and not taken."""
+    email = email.strip().lower()
+    local, at, domain = email.partition("@")
+    if (not at or not local or "." not in domain or len(email) > 320 or "\x00" in email
+            or any(c.isspace() for c in email)):
+        raise InvalidRequest(f"{email!r} is not an email address")
+    taken = conn.execute(sa.select(accounts.c.id).where(accounts.c.email == email)).scalar()
+    if taken is not None and taken != account_id:
+        raise InvalidRequest("another account already uses this email address")
+    return email
+
+
+def set_email(conn: Connection, account_id: int, email: str | None) -> Account:
+    get_account(conn, account_id)
+    if email is not None:
+        email = _check_email(conn, email, account_id=account_id)
+    conn.execute(accounts.update().where(accounts.c.id == account_id).values(email=email))
+    return get_account(conn, account_id)
+
+
+def set_password_hash(conn: Connection, account_id: int, password_hash: str | None) -> Account:
+    get_account(conn, account_id)
+    conn.execute(accounts.update().where(accounts.c.id == account_id)
+                 .values(password_hash=password_hash))
+    return get_account(conn, account_id)
+
+
+def set_disabled(conn: Connection, account_id: int, *, at_ms: int | None) -> Account:
+    """Disable (``at_ms``) or enable (None) an account; disabling again keeps the first time."""
+    get_account(conn, account_id)
+    query = accounts.update().where(accounts.c.id == account_id)
+    if at_ms is not None:
+        query = query.where(accounts.c.disabled_at_ms.is_(None))
+    conn.execute(query.values(disabled_at_ms=at_ms))
+    return get_account(conn, account_id)
+
+
+def login_row(conn: Connection, login: str) -> tuple[Account, str | None] | None:
+    """The customer account whose email or name is ``login``, with its password hash."""
+    login = login.strip()
+    if not login or "\x00" in login or len(login) > 320:
+        return None
+    column = accounts.c.email if "@" in login else accounts.c.name
+    value = login.lower() if "@" in login else login
+    row = conn.execute(sa.select(accounts).where(column == value,
+                                                 accounts.c.kind == "customer")).first()
+    return None if row is None else (_account(row), row.password_hash)
 
 
 def require_group(conn: Connection, group: str) -> None:
@@ -109,14 +168,16 @@ def list_accounts(conn: Connection) -> list[Account]:
     return [_account(r) for r in rows]
 
 
-_KEY_COLUMNS = (*api_keys.c, accounts.c.group_name.label("account_group"))
+_KEY_COLUMNS = (*api_keys.c, accounts.c.group_name.label("account_group"),
+                accounts.c.disabled_at_ms.label("account_disabled_at_ms"))
 
 
 def _key(row: sa.Row[tuple[object, ...]]) -> ApiKeyRecord:
     models = tuple(json.loads(row.models)) if row.models is not None else None
     return ApiKeyRecord(row.id, row.account_id, row.prefix, row.name, row.group_name, models,
                         row.quota_nano, row.used_nano, row.held_nano, row.expires_at_ms,
-                        row.revoked_at_ms, row.created_at_ms, row.account_group)
+                        row.revoked_at_ms, row.created_at_ms, row.account_group,
+                        row.account_disabled_at_ms)
 
 
 def insert_key(conn: Connection, *, account_id: int, prefix: str, key_hash: str,

@@ -30,6 +30,11 @@ accounts = sa.Table(
     sa.Column("used_nano", Nano, nullable=False, server_default="0"),
     sa.Column("requests", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("created_at_ms", Ms, nullable=False),
+    # console sign-in (migration 0003): email and password are optional, both NULL = no login
+    sa.Column("email", sa.String(320)),  # stored lower-cased, unique
+    sa.Column("password_hash", sa.String(255)),  # scrypt$n$r$p$salt$hash (billing/logins.py)
+    sa.Column("disabled_at_ms", Ms),  # set: its keys and its console sign-in are refused
+    sa.UniqueConstraint("email", name="uq_accounts_email"),
     sa.CheckConstraint("available_nano >= 0", name="ck_accounts_available_nonnegative"),
     sa.CheckConstraint("held_nano >= 0", name="ck_accounts_held_nonnegative"),
 )
@@ -242,4 +247,19 @@ request_keys = sa.Table(
     sa.Column("cost_nano", Nano),
     sa.Column("created_at_ms", Ms, nullable=False),
     sa.Index("ix_request_keys_created", "created_at_ms"),
+)
+
+#: Signed-in browsers (migration 0003). The cookie holds a random 256-bit id; only its SHA-256
+#: is stored, so a copy of the database cannot be replayed as a session.
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id")),  # NULL for the operator
+    sa.Column("operator", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("csrf_token", sa.String(64), nullable=False),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("expires_at_ms", Ms, nullable=False),
+    sa.Index("ix_web_sessions_account", "account_id"),
+    sa.Index("ix_web_sessions_expiry", "expires_at_ms"),
 )
