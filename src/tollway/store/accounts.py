@@ -237,3 +237,12 @@ def recent_entries(conn: Connection, account_id: int, *, limit: int) -> list[sa.
     """The account's ledger entries, newest first."""
     return list(conn.execute(sa.select(entries).where(entries.c.account_id == account_id)
                              .order_by(entries.c.id.desc()).limit(limit)))
+
+
+def set_group(conn: Connection, account_id: int, group: str) -> Account:
+    """Move an account to another (known) group: its next requests are priced with that
+    group's ratio (keys pinned to a group keep their own)."""
+    get_account(conn, account_id)
+    require_group(conn, group)
+    conn.execute(accounts.update().where(accounts.c.id == account_id).values(group_name=group))
+    return get_account(conn, account_id)

@@ -33,7 +33,9 @@ from tollway.web.console import console_routes
 from tollway.web.context import Context
 from tollway.web.errors import RequestIdMiddleware, http_error, tollway_error, unexpected_error
 from tollway.web.http import bearer
+from tollway.web.market import market_routes
 from tollway.web.openapi import SPEC
+from tollway.web.operator import operator_routes
 from tollway.web.session import LoginRequired, login_required
 
 
@@ -124,6 +126,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         pages.static_mount,
         # web console pages; keep them before any Mount("/admin") so /admin/login matches
         *console_routes,
+        *market_routes, *operator_routes,
     ]
     return Starlette(
         routes=routes,
