@@ -76,9 +76,9 @@ def create_account(conn: Connection, name: str, group: str, *, email: str | None
                                 password_hash=password_hash)
 
 
-def set_password(conn: Connection, account_id: int, password: str) -> Account:
-    """Set a new password and sign the account out everywhere."""
-    account = store.set_password_hash(conn, account_id, hash_password(password))
+def set_password_hash(conn: Connection, account_id: int, password_hash: str) -> Account:
+    """Set a new password (``hash_password``) and sign the account out everywhere."""
+    account = store.set_password_hash(conn, account_id, password_hash)
     session_store.delete_account_sessions(conn, account_id)
     return account
 

@@ -46,7 +46,9 @@ def parse_signed_amount(value: object, *, what: str = "amount_usd") -> int:
 
 def account_view(account: Account) -> dict[str, Any]:
     return {"id": account.id, "name": account.name, "group": account.group,
-            **balance_view(account), "created_at": iso(account.created_at_ms)}
+            **balance_view(account), "created_at": iso(account.created_at_ms),
+            "email": account.email, "console_login": account.has_password,
+            "disabled_at": iso(account.disabled_at_ms)}
 
 
 def balance_view(account: Account) -> dict[str, Any]:
