@@ -10,36 +10,15 @@ never downloads a browser. Without Chromium the tests skip locally and FAIL unde
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = ROOT / "var" / "screenshots"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
-
-
-@dataclass(frozen=True)
-class Server:
-    base_url: str
-    admin_token: str
-    database_url: str
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from e2e_support import CHROMIUM, CHROMIUM_ARGS, ROOT, SCREENSHOTS, Server, free_port
 
 
 def _tollway(*args: str, env: dict[str, str]) -> None:
@@ -57,7 +36,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
            "TOLLWAY_DATA_DIR": str(data), "TOLLWAY_KEY_CACHE_SECONDS": "0",
            "TOLLWAY_CATALOG_REFRESH_SECONDS": "1"}
     _tollway("db", "upgrade", env=env)
-    port = _free_port()
+    port = free_port()
     log = (data / "server.log").open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "tollway.cli", "serve", "--host", "127.0.0.1", "--port",

@@ -51,14 +51,14 @@ def column_chart(bars: list[Bar], title: str, *, height: int = 160) -> Markup:
 
 def bar_chart(bars: list[Bar], title: str) -> Markup:
     """Horizontal bars with their label and figure (e.g. spend per model, call share)."""
-    row, label_w, bar_w = 26, 150, 190
+    row, label_w, bar_w = 24, 105, 140
     height = max(row * len(bars), row)
     top = max((b.value for b in bars), default=Decimal(0))
-    parts = [(f'<svg class="chart" viewBox="0 0 {label_w + bar_w + 110} {height}" role="img" '
+    parts = [(f'<svg class="chart" viewBox="0 0 {label_w + bar_w + 105} {height}" role="img" '
              f'aria-label="{escape(title)}"><title>{escape(title)}</title>')]
     for i, bar in enumerate(bars):
         y = i * row
-        label = bar.label if len(bar.label) <= 22 else bar.label[:21] + "…"
+        label = bar.label if len(bar.label) <= 16 else bar.label[:15] + "…"
         parts.append(f'<text x="0" y="{y + 17}">{escape(label)}</text>')
         parts.append(f'<rect x="{label_w}" y="{y + 5}" height="16" '
                      f'width="{_width(bar.value, top, bar_w)}" fill="#0b5cad">'

@@ -48,7 +48,8 @@ PERIODS = (1, 7, 30, 90)  # days the overview can cover
 USAGE_COLUMNS = (("time", "Time"), ("type", "Type"), ("product", "Model / endpoint"),
                  ("key", "Key"), ("group", "Group"), ("tokens", "Tokens in / out"),
                  ("calls", "Calls"), ("status", "Status"), ("duration", "Duration"),
-                 ("cost", "Cost (USD)"), ("pricing", "Pricing"))
+                 ("cost", "Cost (USD)"))
+USAGE_TOGGLES = (*USAGE_COLUMNS, ("pricing", "Pricing rows"))
 
 
 async def console_scope(request: Request, ctx: Context) -> int:
@@ -213,6 +214,7 @@ async def usage_page(request: Request) -> Response:
                                   json.dumps(record["pricing"], indent=2, ensure_ascii=False))
     return await render(request, "console/usage.html", {
         **data, "filters": filters, "types": LOG_TYPES, "columns": USAGE_COLUMNS,
+        "toggles": USAGE_TOGGLES,
         "older": (None if data["next_cursor"] is None else
                   "?" + urlencode({**filters, "cursor": data["next_cursor"]})),
         "newest": "?" + urlencode(filters) if cursor else None,
