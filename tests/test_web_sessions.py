@@ -271,3 +271,47 @@ def test_sign_up_credits_once_even_when_submitted_twice(
     token = csrf(client, "/signup")
     third = client.post("/signup", data={**form, "csrf_token": token, "password": "other pass"})
     assert third.status_code == 400 and "already" in third.text
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_the_cli_sets_console_logins_from_stdin_only(
+        db_url: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+    import json
+
+    from tollway.cli import main
+
+    def run(*args: str, stdin: str = "") -> dict[str, object]:
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        code = main([*args, "--database-url", db_url, "--json"])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        result: dict[str, object] = json.loads(out)
+        return result
+
+    made = run("accounts", "create", "dana", "--email", "Dana@Example.com",
+               "--password-stdin", stdin="first password\n")
+    assert (made["email"], made["console_login"], made["disabled_at"]) == (
+        "dana@example.com", True, None)
+    assert run("accounts", "create", "erin")["console_login"] is False
+    db = Database(db_url)
+    try:
+        with db.read() as conn:
+            assert logins.authenticate(conn, "dana@example.com", "first password") is not None
+            assert logins.authenticate(conn, "dana", "first password\n") is None
+        run("accounts", "set-password", "erin", "--email", "erin@example.com",
+            stdin="erin's password\r\n")
+        with db.read() as conn:
+            assert logins.authenticate(conn, "erin@example.com", "erin's password") is not None
+        assert run("accounts", "disable", "erin")["disabled_at"] is not None
+        with db.read() as conn:
+            assert logins.authenticate(conn, "erin", "erin's password") is None
+        assert run("accounts", "enable", "erin")["disabled_at"] is None
+    finally:
+        db.dispose()
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert main(["accounts", "set-password", "erin", "--database-url", db_url]) == 1
+    assert "8 to 1024 characters" in capsys.readouterr().err
