@@ -4,6 +4,7 @@ at ``/admin/login`` (the admin token), optional self-service ``/signup``; sign-o
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -60,12 +61,15 @@ async def login(request: Request) -> Response:
     return response
 
 
-async def logout(request: Request) -> Response:
-    form = await request.form()
-    await check_csrf(request, form)
-    response = RedirectResponse("/login", status_code=303)
-    await end_session(request, response)
-    return response
+def sign_out(then: str) -> Callable[[Request], Awaitable[Response]]:
+    """A sign-out endpoint (POST with the CSRF token) that sends the browser to ``then``."""
+    async def endpoint(request: Request) -> Response:
+        form = await request.form()
+        await check_csrf(request, form)
+        response = RedirectResponse(then, status_code=303)
+        await end_session(request, response)
+        return response
+    return endpoint
 
 
 async def admin_login(request: Request) -> Response:
@@ -83,14 +87,6 @@ async def admin_login(request: Request) -> Response:
                             {"next": nxt, "error": "That is not the admin token."}, status=401)
     response = RedirectResponse(nxt, status_code=303)
     await start_session(request, response, account_id=None, operator=True)
-    return response
-
-
-async def admin_logout(request: Request) -> Response:
-    form = await request.form()
-    await check_csrf(request, form)
-    response = RedirectResponse("/admin/login", status_code=303)
-    await end_session(request, response)
     return response
 
 
@@ -146,8 +142,8 @@ def _signup_credit() -> int:
 
 auth_routes: list[BaseRoute] = [
     Route("/login", login, methods=["GET", "POST"]),
-    Route("/logout", logout, methods=["POST"]),
+    Route("/logout", sign_out("/login"), methods=["POST"]),
     Route("/signup", signup, methods=["GET", "POST"]),
     Route("/admin/login", admin_login, methods=["GET", "POST"]),
-    Route("/admin/logout", admin_logout, methods=["POST"]),
+    Route("/admin/logout", sign_out("/admin/login"), methods=["POST"]),
 ]
