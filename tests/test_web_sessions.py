@@ -315,3 +315,34 @@ def test_the_cli_sets_console_logins_from_stdin_only(
     monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
     assert main(["accounts", "set-password", "erin", "--database-url", db_url]) == 1
     assert "8 to 1024 characters" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- migration
+
+
+def test_migration_0003_matches_the_tables_and_downgrades(db: Database) -> None:
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from tollway.store.migrate import alembic_config, current_revision, upgrade
+    from tollway.store.tables import metadata
+
+    def drift() -> list[object]:
+        with db.read() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+        return [d for d in diffs if any(name in repr(d) for name in (
+            "web_sessions", "'email'", "password_hash", "disabled_at_ms", "uq_accounts_email"))]
+
+    assert current_revision(db) == "0003"
+    assert drift() == []
+    config = alembic_config()
+    with db.write() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0002")
+    assert current_revision(db) == "0002"
+    with db.read() as conn:
+        names = {c["name"] for c in sa.inspect(conn).get_columns("accounts")}
+        assert "email" not in names and not sa.inspect(conn).has_table("web_sessions")
+    upgrade(db)
+    assert current_revision(db) == "0003" and drift() == []
