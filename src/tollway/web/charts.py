@@ -43,7 +43,7 @@ def column_chart(bars: list[Bar], title: str, *, height: int = 160) -> Markup:
         w = (slot * Decimal("0.7")).quantize(Decimal("0.1"))
         parts.append(f'<rect x="{x}" y="{height - h}" width="{w}" height="{h}" fill="#0b5cad">'
                      f'<title>{escape(bar.label)}: {escape(bar.text)}</title></rect>')
-        if i % every == 0:
+        if i % every == 0 and x + 36 <= width:  # a label that fits inside the chart
             parts.append(f'<text x="{x}" y="{height + 16}">{escape(bar.label)}</text>')
     parts.append("</svg>")
     return Markup("".join(parts))

@@ -17,7 +17,7 @@ from urllib.parse import urlencode
 from sqlalchemy.engine import Connection
 from starlette.datastructures import FormData
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tollway.billing import keys as key_ops
@@ -188,7 +188,7 @@ async def revoke_key(request: Request) -> Response:
         key_ops.revoke_key(conn, key_id, at_ms=now_ms())
 
     await _ctx(request).write(revoke)
-    return await _keys(request, account_id)
+    return RedirectResponse("/console/keys", status_code=303)
 
 
 # ----------------------------------------------------------------------------- usage log
