@@ -155,7 +155,17 @@ async def account_action(request: Request) -> Response:
         return await _account_page(request, account_id, errors={action: exc.message},
                                    values={f"{action}_{k}": v for k, v in values.items()},
                                    status=exc.status)
+    if action in ("group", "disable", "enable"):
+        _forget_keys(request)
     return RedirectResponse(f"/admin/accounts/{account_id}?done={action}", status_code=303)
+
+
+def _forget_keys(request: Request) -> None:
+    """This process stops trusting cached keys at once (other processes after
+    ``key_cache_seconds``), so a disabled account or a new group applies now."""
+    gateway = getattr(request.app.state, "gateway", None)
+    if gateway is not None:
+        gateway.forget_keys()
 
 
 async def _credit(ctx: Context, account_id: int, action: str, form: Any,
@@ -215,6 +225,14 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+async def _posted_catalog(request: Request) -> tuple[str, str]:
+    """The posted catalog text and its name (the form is CSRF-checked, and closed after, so
+    an uploaded file's temporary file is too)."""
+    async with request.form() as form:
+        await check_csrf(request, form)
+        return await _catalog_text(form)
+
+
 async def _catalog_text(form: Any) -> tuple[str, str]:
     """The catalog file from the upload (if one was chosen) or the textarea, and its name."""
     upload = form.get("file")
@@ -238,11 +256,9 @@ async def _catalog_text(form: Any) -> tuple[str, str]:
 
 async def catalog_preview(request: Request) -> Response:
     await require_operator(request)
-    form = await request.form()
-    await check_csrf(request, form)
     text = ""
     try:
-        text, source = await _catalog_text(form)
+        text, source = await _posted_catalog(request)
         catalog = parse_catalog(text, source=source)
     except CatalogError as exc:
         return await _catalog_page(request, error=exc.problems, text=text, status=400)
@@ -261,11 +277,9 @@ async def catalog_preview(request: Request) -> Response:
 
 async def catalog_apply(request: Request) -> Response:
     await require_operator(request)
-    form = await request.form()
-    await check_csrf(request, form)
     text = ""
     try:
-        text, source = await _catalog_text(form)
+        text, source = await _posted_catalog(request)
         catalog = parse_catalog(text, source=source)
         report = await _ctx(request).write(
             lambda conn: catalog_changes.apply(conn, catalog, now_ms=now_ms()))
