@@ -294,8 +294,8 @@ def test_adjust_change_group_disable_and_enable(client: TestClient, db: Database
     assert other.post("/login", data={"csrf_token": token_c, "login": "alice",
                                       "password": PASSWORD}).status_code == 401
     page = client.get(f"/admin/accounts/{account_id}?done=disable").text
-    assert "Account disabled" in page and 'action="/admin/accounts/' \
-        f'{account_id}/enable"' in page
+    assert "Account disabled" in page
+    assert f'action="/admin/accounts/{account_id}/enable"' in page
     post(client, f"/admin/accounts/{account_id}/enable", {"csrf_token": token})
     assert alice(db).disabled_at_ms is None
     with db.read() as conn:
@@ -395,10 +395,10 @@ def test_catalog_preview_lists_the_exact_changes_and_writes_nothing(
     assert table(text, "changes") == [
         ["sandbox-chat", "group ratios", "vip ×0.7", "vip ×0.65"],
         ["sandbox-reasoner", "price",
-         "$2.500000 / 1M input tokens; $10.000000 / 1M output tokens; "
-         "$1.250000 / 1M cached input tokens; $3.125000 / 1M cache-write tokens",
-         "$3.000000 / 1M input tokens; $12.000000 / 1M output tokens; "
-         "$1.250000 / 1M cached input tokens; $3.125000 / 1M cache-write tokens"],
+         ("$2.500000 / 1M input tokens; $10.000000 / 1M output tokens; "
+          "$1.250000 / 1M cached input tokens; $3.125000 / 1M cache-write tokens"),
+         ("$3.000000 / 1M input tokens; $12.000000 / 1M output tokens; "
+          "$1.250000 / 1M cached input tokens; $3.125000 / 1M cache-write tokens")],
         ["web-search", "price", "$0.002000 / per call", "$0.002500 / per call"],
     ]
     assert items(text, "groups") == ["new group gold ×0.5", "group vip ratio ×0.8 → ×0.75"]
