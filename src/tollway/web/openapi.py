@@ -178,7 +178,7 @@ SPEC: dict[str, Any] = {
             "cursor": _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
             "group_by": _query("group_by", {"type": "string"},
                                "comma-separated: model, endpoint, product, key, day, hour, "
-                               "billing_type"),
+                               "billing_type, account (revenue by account: operators)"),
             "month": {"name": "month", "in": "query", "required": True,
                       "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"}},
             "format_export": _query("format", {"enum": ["csv", "jsonl"]}, "default csv"),
@@ -284,3 +284,28 @@ SPEC["paths"].update({
 SPEC["components"]["securitySchemes"]["session"] = {
     "type": "apiKey", "in": "cookie", "name": "tollway_session",
     "description": "web console session (sign in at /login or /admin/login)"}
+
+#: The public marketplace pages and the operator's pages (``web/market.py``,
+#: ``web/operator.py``); every operator page needs an operator session.
+SPEC["paths"].update({
+    "/": html_pages("Marketplace: every model and data API with its price; ?q, billing_type, "
+                    "provider, group (prices after the group's ratios)"),
+    "/market/{item_id}": html_pages("One item: prices by group and copy-paste examples"),
+    "/admin": html_pages("Operator home (redirects to the accounts)", security="session"),
+    "/admin/accounts": html_pages("Accounts with balances; create one", ("get", "post"),
+                                  security="session"),
+    "/admin/accounts/{account_id}": html_pages("One account: top up, adjust, group, disable",
+                                               security="session"),
+    "/admin/accounts/{account_id}/{action}": html_pages(
+        "Account forms: topup, adjust (a one-time nonce is the idempotency key), group, "
+        "disable, enable", ("post",), security="session"),
+    "/admin/catalog": html_pages("Prices in effect and price history per item",
+                                 security="session"),
+    "/admin/catalog/preview": html_pages("What applying a catalog file would change (writes "
+                                         "nothing)", ("post",), security="session"),
+    "/admin/catalog/apply": html_pages("Apply a catalog file (as `tollway catalog apply`)",
+                                       ("post",), security="session"),
+    "/admin/groups": html_pages("Groups, ratios and item overrides", security="session"),
+    "/admin/usage": html_pages("Usage and revenue of every account, by account and product",
+                               security="session"),
+})
