@@ -21,21 +21,10 @@ from typing import Any
 
 from e2e_support import ROOT, Server
 
+from test_web_market import LIST_PRICES
+
 PASSWORD = "e2e operator-made password"
-LISTED = {
-    "sandbox-chat": ("Per token", ["$0.150000 / 1M input tokens",
-                                   "$0.600000 / 1M output tokens",
-                                   "$0.075000 / 1M cached input tokens"]),
-    "sandbox-reasoner": ("Per token", ["$2.500000 / 1M input tokens",
-                                       "$10.000000 / 1M output tokens",
-                                       "$1.250000 / 1M cached input tokens",
-                                       "$3.125000 / 1M cache-write tokens"]),
-    "sandbox-embed": ("Per token", ["$0.020000 / 1M input tokens",
-                                    "$0.000000 / 1M output tokens"]),
-    "web-search": ("Per call", ["$0.002000 / per call"]),
-    "stock-quote": ("Per call", ["$0.000500 / per call"]),
-    "scholar-search": ("Per call", ["$0.020000 / per call"]),
-}
+LISTED = LIST_PRICES  # written out by hand from examples/catalog.yaml
 
 
 def _rows(page: Any) -> dict[str, tuple[str, list[str]]]:

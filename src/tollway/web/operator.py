@@ -11,6 +11,7 @@ that fails shows the error on the form, never a stack trace.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,7 +26,7 @@ from tollway.billing.reports import summary_view
 from tollway.billing.views import account_view, entry_view, parse_amount, parse_signed_amount
 from tollway.errors import CatalogError, InvalidRequest, TollwayError
 from tollway.ledger.ledger import now_ms
-from tollway.pricing.catalog import parse_catalog
+from tollway.pricing.catalog import Catalog, parse_catalog
 from tollway.pricing.display import price_lines
 from tollway.store import accounts as store
 from tollway.store import reports as report_store
@@ -254,43 +255,49 @@ async def _catalog_text(form: Any) -> tuple[str, str]:
     return text.replace("\r\n", "\n"), source
 
 
-async def catalog_preview(request: Request) -> Response:
+async def _with_posted_catalog(
+        request: Request, use: Callable[[str, str, Catalog], Awaitable[Response]]) -> Response:
+    """Read and parse the posted catalog and ``use`` it; a :class:`CatalogError` (the
+    loader's, or the apply's refusal) shows the catalog page again with its problems."""
     await require_operator(request)
     text = ""
     try:
         text, source = await _posted_catalog(request)
-        catalog = parse_catalog(text, source=source)
+        return await use(text, source, parse_catalog(text, source=source))
     except CatalogError as exc:
         return await _catalog_page(request, error=exc.problems, text=text, status=400)
-    at = now_ms()
-    # on the writer: the preview runs the apply in a savepoint and rolls it back
-    preview = await _ctx(request).write(
-        lambda conn: catalog_changes.preview(conn, catalog, now_ms=at))
-    return await render(request, "operator/catalog_preview.html", {
-        "diff": preview.diff, "problems": preview.problems, "text": text, "source": source,
-        "new_versions": [] if preview.report is None else [
-            (item, _iso(ms)) for item, ms in preview.report.new_versions],
-        "scheduled": {k: v.strftime("%Y-%m-%d %H:%M:%S UTC")
-                      for k, v in preview.diff.scheduled.items()},
-        "counts": (len(catalog.models), len(catalog.endpoints), len(catalog.groups))})
+
+
+async def catalog_preview(request: Request) -> Response:
+    async def show(text: str, source: str, catalog: Catalog) -> Response:
+        at = now_ms()
+        # on the writer: the preview runs the apply in a savepoint and rolls it back
+        preview = await _ctx(request).write(
+            lambda conn: catalog_changes.preview(conn, catalog, now_ms=at))
+        return await render(request, "operator/catalog_preview.html", {
+            "diff": preview.diff, "problems": preview.problems, "text": text,
+            "source": source,
+            "new_versions": [] if preview.report is None else [
+                (item, _iso(ms)) for item, ms in preview.report.new_versions],
+            "scheduled": [(k, _iso(int(v.timestamp() * 1000)))
+                          for k, v in preview.diff.scheduled.items()],
+            "counts": (len(catalog.models), len(catalog.endpoints), len(catalog.groups))})
+
+    return await _with_posted_catalog(request, show)
 
 
 async def catalog_apply(request: Request) -> Response:
-    await require_operator(request)
-    text = ""
-    try:
-        text, source = await _posted_catalog(request)
-        catalog = parse_catalog(text, source=source)
+    async def apply(text: str, source: str, catalog: Catalog) -> Response:
         report = await _ctx(request).write(
             lambda conn: catalog_changes.apply(conn, catalog, now_ms=now_ms()))
-    except CatalogError as exc:
-        return await _catalog_page(request, error=exc.problems, text=text, status=400)
-    gateway = getattr(request.app.state, "gateway", None)
-    if gateway is not None:
-        await gateway.refresh()  # sell at the new prices now, not at the next refresh
-    return await render(request, "operator/catalog_applied.html", {
-        "report": report, "source": source,
-        "new_versions": [(item, _iso(ms)) for item, ms in report.new_versions]})
+        gateway = getattr(request.app.state, "gateway", None)
+        if gateway is not None:
+            await gateway.refresh()  # sell at the new prices now, not at the next refresh
+        return await render(request, "operator/catalog_applied.html", {
+            "report": report, "source": source,
+            "new_versions": [(item, _iso(ms)) for item, ms in report.new_versions]})
+
+    return await _with_posted_catalog(request, apply)
 
 
 # --------------------------------------------------------------------------- groups, usage
