@@ -313,6 +313,8 @@ def test_unknown_accounts_are_an_html_404(client: TestClient) -> None:
     response = client.post("/admin/accounts/999999/topup",
                            data={"csrf_token": token, "amount_usd": "1", "nonce": "n" * 22})
     assert response.status_code == 404 and "<!doctype html>" in response.text
+    response = client.post("/admin/accounts/1/delete", data={"csrf_token": token})
+    assert response.status_code == 404 and "no account form &#39;delete&#39;" in response.text
 
 
 # --------------------------------------------------------------------------- catalog

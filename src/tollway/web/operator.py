@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Route
 from tollway.billing import catalog_changes, credits, logins
 from tollway.billing.reports import summary_view
 from tollway.billing.views import account_view, entry_view, parse_amount, parse_signed_amount
-from tollway.errors import CatalogError, InvalidRequest, TollwayError
+from tollway.errors import CatalogError, InvalidRequest, NotFound, TollwayError
 from tollway.ledger.ledger import now_ms
 from tollway.pricing.catalog import Catalog, parse_catalog
 from tollway.pricing.display import price_lines
@@ -37,6 +37,7 @@ from tollway.web.pages import render
 from tollway.web.session import check_csrf, require_operator
 
 MAX_CATALOG_BYTES = 2_000_000
+ACTIONS = ("group", "topup", "adjust", "disable", "enable")
 NOTICES = {
     "created": "Account created.",
     "group": "Group changed: the account's next requests use its ratio.",
@@ -135,6 +136,8 @@ async def account_action(request: Request) -> Response:
     await require_operator(request)
     account_id: int = request.path_params["account_id"]
     action: str = request.path_params["action"]
+    if action not in ACTIONS:
+        raise NotFound(f"no account form {action!r}")
     form = await request.form()
     await check_csrf(request, form)
     ctx = _ctx(request)
@@ -146,10 +149,8 @@ async def account_action(request: Request) -> Response:
             await _credit(ctx, account_id, action, form, values)
         elif action == "disable":
             await ctx.write(lambda conn: logins.disable_account(conn, account_id))
-        elif action == "enable":
-            await ctx.write(lambda conn: logins.enable_account(conn, account_id))
         else:
-            raise InvalidRequest(f"unknown action {action!r}")
+            await ctx.write(lambda conn: logins.enable_account(conn, account_id))
     except TollwayError as exc:
         if exc.status == 404:
             raise
