@@ -67,9 +67,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         log.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
-    """Headless Chromium (Debian's), driven by Playwright's sync API."""
+    """Headless Chromium (Debian's), driven by Playwright's sync API. Module-scoped: while
+    Playwright's sync API is open, its event loop runs on this thread, and the rest of the
+    suite's ``asyncio.run`` would refuse to start."""
     if not CHROMIUM.exists():
         message = f"{CHROMIUM} is missing (apt-get install chromium)"
         if os.environ.get("CI"):
