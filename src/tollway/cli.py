@@ -19,6 +19,7 @@ from sqlalchemy import exc as sa_exc
 from tollway import settings
 from tollway.billing import credits, logins
 from tollway.billing import keys as key_ops
+from tollway.billing.marketplace import item_unit
 from tollway.billing.reports import (
     export_csv,
     export_jsonl,
@@ -123,9 +124,10 @@ def cmd_catalog_show(args: argparse.Namespace) -> Output:
     width = max((len(i.id) for i in items), default=10)
     for item in items:
         where = (f" {item.spec.get('method')} /apis/v1{item.spec.get('path')}"
-                 if item.billing_type == "per_call" else "")
+                 if "path" in item.spec else "")
         lines.append(f"{item.id:<{width}}  {item.billing_type:<8}  {item.provider}{where}")
-        lines += [f"{'':<{width}}    {line}" for line in price_lines(item.version.price)]
+        lines += [f"{'':<{width}}    {line}"
+                  for line in price_lines(item.version.price, per=item_unit(item))]
         if item.version.group_ratios:
             lines.append(f"{'':<{width}}    group overrides: " + ", ".join(
                 f"{g} ×{r}" for g, r in sorted(item.version.group_ratios.items())))
@@ -641,6 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(led, "verify", cmd_ledger_verify, "recompute every balance from postings; exit 1 on any "
         "violation")
     add(led, "expire-holds", cmd_ledger_expire, "release holds past their deadline now")
+
+    from tollway import cli_notify  # imports this module: registered once it is loaded
+
+    cli_notify.register(group, add)
     return parser
 
 

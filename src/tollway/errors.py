@@ -11,10 +11,13 @@
     ├── ModelNotAllowed (403)
     ├── AccountDisabled (403) — the operator disabled the key's account
     ├── CsrfFailed (403) — a console form without its session's CSRF token
-    ├── NotFound (404): UnknownAccount, UnknownApiKey, UnknownHold, UnknownModel, UnknownEndpoint
+    ├── NotFound (404): UnknownAccount, UnknownApiKey, UnknownHold, UnknownModel, UnknownEndpoint,
+    │                   UnknownCode (a redemption code nobody minted)
     ├── QuotaExceeded (429)
     ├── HoldClosed (409) — settle/void of a hold another operation already closed
     ├── RequestInProgress (409) — a retry arrived while the first request still runs
+    ├── CodeRedeemed (409) — a redemption code was already used
+    ├── CodeExpired (410) — a redemption code past its expiry, or revoked (CodeRevoked)
     ├── PayloadTooLarge (413)
     ├── UpstreamError (502) — the upstream failed, answered garbage or could not be reached
     │   └── UpstreamTimeout (504)
@@ -128,6 +131,10 @@ class UnknownEndpoint(NotFound):
     code = "unknown_endpoint"
 
 
+class UnknownCode(NotFound):
+    code = "unknown_code"
+
+
 class QuotaExceeded(TollwayError):
     status = 429
     type = "billing_error"
@@ -166,3 +173,19 @@ class StorageUnavailable(TollwayError):
     status = 503
     type = "api_error"
     code = "storage_unavailable"
+
+
+class CodeRedeemed(TollwayError):
+    status = 409
+    type = "billing_error"
+    code = "code_redeemed"
+
+
+class CodeExpired(TollwayError):
+    status = 410
+    type = "billing_error"
+    code = "code_expired"
+
+
+class CodeRevoked(CodeExpired):
+    code = "code_revoked"

@@ -43,6 +43,19 @@ SETTINGS = (
             "true: anyone may create a customer account with a console login at /signup"),
     Setting("signup_credit_usd", "0",
             "a decimal USD amount credited once to each account created at /signup"),
+    Setting("notify_interval_seconds", "5",
+            "how often the server looks for notifications to deliver (0: never; then run "
+            "`tollway notify deliver`)"),
+    Setting("notify_retry_base_seconds", "30",
+            "wait before the first retry of a failed delivery; doubled after each attempt"),
+    Setting("notify_max_attempts", "8", "attempts per delivery before it is marked failed"),
+    Setting("notify_timeout_seconds", "10", "longest wait for a webhook receiver's answer"),
+    Setting("notify_allow_private_targets", "false",
+            "deliver webhooks to loopback, private and link-local addresses (off: a customer "
+            "cannot make the server call into the operator's network)"),
+    Setting("smtp_url", "",
+            "smtp://USER:PASS@HOST:PORT (STARTTLS when offered) or smtps://…; empty: no email"),
+    Setting("notify_email_from", "tollway@localhost", "From: address of notification email"),
 )
 
 

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tollway.billing import credits, logins
+from tollway.billing import codes, credits, logins
 from tollway.billing import keys as key_ops
 from tollway.billing.views import (
     account_view,
@@ -30,7 +30,7 @@ from tollway.errors import InvalidAdminToken, InvalidRequest
 from tollway.ledger import ledger
 from tollway.ledger.verify import verify
 from tollway.store import accounts as store
-from tollway.web import reports
+from tollway.web import notifications, reports
 from tollway.web.context import Context
 from tollway.web.http import bearer, json_body, optional_str, path_int
 
@@ -170,6 +170,36 @@ async def revoke_key(request: Request, ctx: Context) -> Response:
     return JSONResponse(key_view(record))
 
 
+async def create_codes(request: Request, ctx: Context) -> Response:
+    """Mint ``count`` codes worth ``amount_usd``: the codes are in this answer only."""
+    body = await json_body(request)
+    amount = parse_amount(body.get("amount_usd"))
+    count = body.get("count", 1)
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise InvalidRequest("count must be a whole number")
+    expires = optional_str(body, "expires_at")
+    expires_ms = None if expires is None else parse_iso_ms(expires, what="expires_at")
+    note = optional_str(body, "note")
+    minted = await ctx.write(lambda conn: codes.mint(
+        conn, amount, count=count, at_ms=ledger.now_ms(), expires_at_ms=expires_ms, note=note))
+    return JSONResponse({"object": "list", "data": [codes.new_code_view(c) for c in minted]},
+                        status_code=201)
+
+
+async def list_codes(request: Request, ctx: Context) -> Response:
+    limit = reports.query_int(request, "limit", default=100, high=1000) or 100
+    cursor = reports.query_int(request, "cursor")
+    status = request.query_params.get("status") or None
+    return JSONResponse(await ctx.read(lambda conn: codes.page(
+        conn, limit=limit, cursor=cursor, status=status, now_ms=ledger.now_ms())))
+
+
+async def revoke_code(request: Request, ctx: Context) -> Response:
+    code_id = path_int(request, "code_id")
+    return JSONResponse(await ctx.write(lambda conn: codes.revoke(conn, code_id,
+                                                                  at_ms=ledger.now_ms())))
+
+
 async def verify_ledger(request: Request, ctx: Context) -> Response:
     problems = await ctx.read(verify)
     return JSONResponse({"ok": not problems, "problems": problems},
@@ -194,4 +224,15 @@ admin_routes = [
     Route("/summary", reports.summary(admin_scope), methods=["GET"]),
     Route("/accounts/{account}/summary", reports.summary(admin_scope), methods=["GET"]),
     Route("/accounts/{account}/statement", reports.statement(admin_scope), methods=["GET"]),
+    Route("/accounts/{account}/notifications", notifications.events(admin_scope),
+          methods=["GET"]),
+    Route("/accounts/{account}/notifications/settings", notifications.get_settings(admin_scope),
+          methods=["GET"]),
+    Route("/accounts/{account}/notifications/settings", notifications.put_settings(admin_scope),
+          methods=["PUT"]),
+    Route("/accounts/{account}/notifications/settings/rotate-secret",
+          notifications.rotate_secret(admin_scope), methods=["POST"]),
+    Route("/codes", _admin(create_codes), methods=["POST"]),
+    Route("/codes", _admin(list_codes), methods=["GET"]),
+    Route("/codes/{code_id}/revoke", _admin(revoke_code), methods=["POST"]),
 ]

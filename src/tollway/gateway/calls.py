@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from starlette.types import Scope, Send
 
 from tollway.billing import keys, metering
 from tollway.billing.metering import ClientKey, Replay
-from tollway.errors import InvalidRequest, TollwayError
+from tollway.errors import InvalidRequest, TollwayError, UpstreamError
 from tollway.gateway.asgi import error_body, header, send_bytes
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import Hold, now_ms
@@ -19,6 +21,7 @@ from tollway.money import format_usd
 from tollway.pricing.rating import AppliedRatio, resolve_ratio
 from tollway.store.accounts import ApiKeyRecord
 from tollway.store.catalog import Item, price_columns
+from tollway.upstreams.base import UpstreamRequest
 from tollway.web.errors import REQUEST_ID
 
 COST_HEADER = b"x-tollway-cost-usd"
@@ -38,6 +41,8 @@ class Call:
     client_key: ClientKey | None = None
     hold: Hold | None = None
     ttft_ms: int | None = None
+    #: how this route's own error answers read (Anthropic's shape on /v1/messages)
+    render_error: Callable[[Scope, TollwayError], bytes] = error_body
 
     @property
     def request_id(self) -> str:
@@ -55,11 +60,12 @@ class Call:
             self.ttft_ms = self.elapsed_ms()
 
     def record(self, *, type_: str, status: int, usage_source: str = "none",
-               input_tokens: int = 0, cached: int = 0, cache_write: int = 0, output: int = 0,
-               reasoning: int = 0, calls: int = 0, error: TollwayError | None = None,
+               input_tokens: int = 0, cached: int = 0, cache_write: int = 0,
+               cache_write_1h: int = 0, output: int = 0, reasoning: int = 0, calls: int = 0,
+               unit_price: Decimal | None = None, error: TollwayError | None = None,
                note: str | None = None) -> dict[str, Any]:
         """The usage record's fields (the metering layer adds hold and cost)."""
-        prices = price_columns(self.item.version.price)
+        prices = price_columns(self.item.version.price, unit_price=unit_price)
         return {
             "request_id": self.request_id, "created_at_ms": now_ms(),
             "account_id": self.key.account_id, "key_id": self.key.id,
@@ -69,7 +75,8 @@ class Call:
             "route": self.route, "status": status, "stream": self.stream,
             "duration_ms": self.elapsed_ms(), "ttft_ms": self.ttft_ms,
             "input_tokens": input_tokens, "cached_input_tokens": cached,
-            "cache_write_tokens": cache_write, "output_tokens": output,
+            "cache_write_tokens": cache_write, "cache_write_1h_tokens": cache_write_1h,
+            "output_tokens": output,
             "reasoning_tokens": reasoning, "calls": calls,
             **prices,
             "price_version_id": self.item.version.id,
@@ -116,6 +123,49 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
                                                       client_key=call.client_key))
     if send_response:
         if body is None:
-            await send_bytes(send, exc.status, error_body(call.scope, exc))
+            await send_bytes(send, exc.status, call.render_error(call.scope, exc))
         else:
             await send_bytes(send, status or exc.status, body, content_type)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An upstream's whole answer to a non-streamed request."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+async def fetch(gw: Gateway, call: Call, send: Send, provider: str,
+                request: UpstreamRequest) -> Answer | None:
+    """Send ``request`` and read the whole answer; if the upstream cannot be reached or
+    breaks off, void the hold, answer the client, and return None."""
+    try:
+        response = await gw.registry.get(provider).send(request)
+        try:
+            body = await response.read()
+        finally:
+            await response.close()
+    except UpstreamError as exc:
+        await fail(gw, call, send, exc)
+        return None
+    call.mark_first_byte()
+    return Answer(response.status, response.content_type, body)
+
+
+async def settle_answer(gw: Gateway, call: Call, send: Send, answer: Answer, *, cost: int,
+                        record: dict[str, Any]) -> None:
+    """Charge ``cost`` with its usage record (kept for an Idempotency-Key replay) and pass the
+    upstream's answer on with the cost header."""
+    assert call.hold is not None
+    hold_id, client_key = call.hold.id, call.client_key
+    await gw.ctx.write(lambda conn: metering.settle(
+        conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
+        response=(answer.status, answer.content_type, answer.body)))
+    await send_bytes(send, answer.status, answer.body, answer.content_type.encode(),
+                     headers=[(COST_HEADER, format_usd(cost).encode())])

@@ -63,12 +63,22 @@ class CatalogSnapshot:
     ratios: dict[str, Decimal]
     providers: dict[str, tuple[str, dict[str, Any]]]
 
-    def model(self, model_id: object) -> Item:
+    def model(self, model_id: object, route: str) -> tuple[Item, str]:
+        """The model and the provider that serves it on ``route`` (a gateway route such as
+        ``/v1/messages``); UnknownModel if it is not for sale or not served there."""
         item = self.models.get(model_id) if isinstance(model_id, str) else None
         if item is None:
             raise UnknownModel(f"unknown model {model_id!r}: GET /v1/models lists the models "
                                "this key may use")
-        return item
+        kinds = {pid: kind for pid, (kind, _) in self.providers.items()}
+        protocols = catalog_store.item_protocols(item, kinds)
+        routes = catalog_store.item_routes(item, protocols)
+        if route not in routes:
+            served = ", ".join(routes) or "no route"
+            raise UnknownModel(f"model {item.id!r} is not served on {route} (it is served on "
+                               f"{served}): GET /v1/marketplace lists each model's routes")
+        family = "anthropic" if route == "/v1/messages" else "openai"
+        return item, protocols[family]
 
     def endpoint(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]]:
         allowed = False
@@ -88,9 +98,9 @@ def load_snapshot(conn: Connection) -> CatalogSnapshot:
     endpoints = tuple(
         Endpoint(item, str(item.spec["method"]), _pattern(str(item.spec["path"])),
                  str(item.spec.get("upstream_path") or item.spec["path"]))
-        for item in items if item.billing_type == "per_call")
+        for item in items if "path" in item.spec)
     return CatalogSnapshot(
-        models={item.id: item for item in items if item.billing_type == "token"},
+        models={item.id: item for item in items if "path" not in item.spec},
         endpoints=endpoints, ratios=catalog_store.group_ratios(conn),
         providers=catalog_store.list_providers(conn))
 
@@ -133,9 +143,10 @@ class Gateway:
                 log.exception("refreshing the catalog failed")
 
     async def authenticate(self, scope: Scope) -> ApiKeyRecord:
-        secret = _bearer(scope)
+        secret = _secret(scope)
         if not secret:
-            raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>'")
+            raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>' or "
+                                "'x-api-key: <key>'")
         digest = keys.hash_key(secret)
         cached = self._keys.get(digest)
         now = time.monotonic()
@@ -167,10 +178,15 @@ def _lookup(conn: Connection, digest: str) -> ApiKeyRecord:
     return record
 
 
-def _bearer(scope: Scope) -> str | None:
+def _secret(scope: Scope) -> str | None:
+    """The customer's key from ``Authorization: Bearer`` (OpenAI clients) or ``x-api-key``
+    (Anthropic clients); Bearer wins when both are sent."""
+    api_key = None
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return str(token.strip())
-    return None
+        elif name == b"x-api-key" and value.strip():
+            api_key = str(value.decode("latin-1").strip())
+    return api_key

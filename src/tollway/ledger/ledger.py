@@ -16,6 +16,10 @@ clause after the first commits).
 Every operation takes an idempotency key, stored with a unique index in the same transaction
 as the money it moves: a repeat returns the first result and moves nothing; a repeat with
 different parameters raises :class:`IdempotencyConflict`.
+
+A wallet with a low-balance threshold is watched by the same statements: those that change its
+available balance return it with the threshold, and a crossing queues a ``balance.low`` event
+in the same transaction (:func:`_watch`; the transactional outbox).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from tollway.errors import (
     UnknownHold,
 )
 from tollway.money import format_usd
+from tollway.store import notifications
 from tollway.store.prepared import Prepared, upsert
 from tollway.store.tables import accounts, api_keys, entries, holds, postings, wallet_days
 
@@ -122,18 +127,23 @@ _AVAILABLE = Prepared(sa.select(accounts.c.available_nano)
 #: writer) compiles this without FOR UPDATE.
 _AVAILABLE_FOR_UPDATE = Prepared(sa.select(accounts.c.available_nano)
                                  .where(accounts.c.id == _b("account_id")).with_for_update())
+#: Statements that change a wallet's available balance return it with the low-balance
+#: threshold and its armed flag (see :func:`_watch`): no extra query for the alert.
+_WATCHED = (accounts.c.available_nano, accounts.c.low_balance_nano,
+            accounts.c.low_balance_armed)
 _CREDIT = Prepared(
     accounts.update()
     .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
            accounts.c.available_nano + _b("amount") >= 0)
     .values(available_nano=accounts.c.available_nano + _b("amount"))
-    .returning(accounts.c.available_nano))
+    .returning(*_WATCHED))
 _RESERVE = Prepared(
     accounts.update()
     .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
            accounts.c.available_nano >= _b("amount"))
     .values(available_nano=accounts.c.available_nano - _b("amount"),
-            held_nano=accounts.c.held_nano + _b("amount")))
+            held_nano=accounts.c.held_nano + _b("amount"))
+    .returning(*_WATCHED))
 _KEY_RESERVE = Prepared(
     api_keys.update()
     .where(api_keys.c.id == _b("key_id"),
@@ -162,7 +172,8 @@ _SETTLE_ACCOUNT = Prepared(
     .values(held_nano=accounts.c.held_nano - _b("held"),
             available_nano=accounts.c.available_nano + _b("delta"),
             used_nano=accounts.c.used_nano + _b("charged"),
-            requests=accounts.c.requests + _b("requests")))
+            requests=accounts.c.requests + _b("requests"))
+    .returning(*_WATCHED))
 _SETTLE_KEY = Prepared(
     api_keys.update().where(api_keys.c.id == _b("key_id"))
     .values(held_nano=api_keys.c.held_nano - _b("held"),
@@ -215,6 +226,26 @@ def _wallet_day(conn: Connection, account_id: int, *, topups: int = 0, adjustmen
                                "charges_nano": charges, "written_off_nano": written_off})
 
 
+def _watch(conn: Connection, account_id: int, delta_nano: int, row: Any) -> None:
+    """Low-balance alert, checked on every change of a wallet's available balance ``row``
+    (available after, threshold, armed) by ``delta_nano``.
+
+    A debit that takes an armed wallet from >= threshold to below it queues one
+    ``balance.low`` event (in this transaction: the outbox) and disarms; money coming in
+    (a top-up, a redemption, a positive adjustment) that brings it back to >= threshold
+    re-arms. Released holds do not re-arm, so a wallet hovering at the threshold with large
+    worst-case holds is not alerted once per request. Without a threshold this is one test.
+    """
+    after, threshold, armed = int(row[0]), row[1], row[2]
+    if threshold is None:
+        return
+    if delta_nano < 0 and armed and after < threshold <= after - delta_nano:
+        notifications.balance_low(conn, account_id, at_ms=now_ms(), data={
+            "available_usd": format_usd(after), "threshold_usd": format_usd(int(threshold))})
+    elif delta_nano > 0 and not armed and after >= threshold:
+        notifications.set_armed(conn, account_id, True)
+
+
 def _require_customer(conn: Connection, account_id: int) -> None:
     row = _ACCOUNT_KIND.one(conn, account_id=account_id)
     if row is None or row[0] != "customer":
@@ -248,6 +279,7 @@ def topup(conn: Connection, account_id: int, amount_nano: int, *, idempotency_ke
     if credited is None:
         raise UnknownAccount(f"no customer account with id {account_id}")
     balance = int(credited[0])
+    _watch(conn, account_id, amount_nano, credited)
     _wallet_day(conn, account_id, topups=amount_nano)
     entry_id = _post(conn, kind="topup", account_id=account_id, amount_nano=amount_nano, key=key,
                      balance_after_nano=balance, note=note,
@@ -275,6 +307,7 @@ def adjust(conn: Connection, account_id: int, amount_nano: int, *, idempotency_k
                                   f"{account_id} has {format_usd(_available(conn, account_id))}"
                                   " USD available")
     balance = int(credited[0])
+    _watch(conn, account_id, amount_nano, credited)
     _wallet_day(conn, account_id, adjustments=amount_nano)
     entry_id = _post(conn, kind="adjust", account_id=account_id, amount_nano=amount_nano, key=key,
                      balance_after_nano=balance, note=note,
@@ -301,13 +334,15 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
         if (hold.account_id, hold.amount_nano, hold.key_id) != (account_id, amount_nano, key_id):
             raise _conflict(idempotency_key, f"hold {hold.id}")
         return hold
-    if _RESERVE.rowcount(conn, account_id=account_id, amount=amount_nano) != 1:
+    reserved = _RESERVE.one(conn, account_id=account_id, amount=amount_nano)
+    if reserved is None:
         _require_customer(conn, account_id)
         raise InsufficientBalance(
             f"this request may cost up to {format_usd(amount_nano)} USD but the account has "
             f"{format_usd(_available(conn, account_id))} USD available")
     if key_id is not None and _KEY_RESERVE.rowcount(conn, key_id=key_id, amount=amount_nano) != 1:
         raise QuotaExceeded(f"API key {key_id} has reached its spending quota")
+    _watch(conn, account_id, -amount_nano, reserved)
     at = now_ms()
     hold_id = int(_INSERT_HOLD.one(conn, account_id=account_id, key_id=key_id,
                                    amount=amount_nano, at=at, expires=at + ttl_ms)[0])
@@ -342,9 +377,10 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
         shortfall = wanted - from_available
         _SET_HOLD_OUTCOME.execute(conn, {"hold_id": hold_id, "from_available": from_available,
                                          "shortfall": shortfall})
-    _SETTLE_ACCOUNT.execute(conn, {"account_id": account_id, "held": held,
-                                   "delta": released - from_available, "charged": actual_nano,
-                                   "requests": 1})
+    settled = _SETTLE_ACCOUNT.one(conn, account_id=account_id, held=held,
+                                  delta=released - from_available, charged=actual_nano,
+                                  requests=1)
+    _watch(conn, account_id, min(0, released - from_available), settled)  # a release: no
     _wallet_day(conn, account_id, charges=actual_nano - shortfall,
                 written_off=shortfall, at_ms=at_ms)
     if key_id is not None:
@@ -385,7 +421,7 @@ def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str) -> Re
         raise HoldClosed(f"hold {hold_id} is already {_hold(conn, hold_id).status}")
     account_id, key_id, held = closed
     _SETTLE_ACCOUNT.execute(conn, {"account_id": account_id, "held": held, "delta": held,
-                                   "charged": 0, "requests": 0})
+                                   "charged": 0, "requests": 0}).fetchone()
     if key_id is not None:
         _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": 0})
     _post(conn, kind="void" if status == "voided" else "expire", account_id=account_id,

@@ -21,7 +21,7 @@ DAY_MS = 86_400_000
 LOG_TYPES = ("consume", "error", "topup", "adjustment", "refund", "system")
 GROUP_BY = ("model", "endpoint", "product", "key", "day", "hour", "billing_type", "account")
 COUNTERS = ("requests", "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",
-            "output_tokens", "reasoning_tokens", "calls", "cost_nano")
+            "cache_write_1h_tokens", "output_tokens", "reasoning_tokens", "calls", "cost_nano")
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,10 @@ accounts = sa.Table(
     sa.Column("password_hash", sa.String(255)),  # scrypt$n$r$p$salt$hash (billing/logins.py)
     sa.Column("disabled_at_ms", Ms),  # set: its keys and its console sign-in are refused
     sa.UniqueConstraint("email", name="uq_accounts_email"),
+    # the low-balance threshold (NULL = none) and whether its next crossing is notified: the
+    # ledger reads both in the RETURNING of the statement that moves the money
+    sa.Column("low_balance_nano", Nano),
+    sa.Column("low_balance_armed", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("available_nano >= 0", name="ck_accounts_available_nonnegative"),
     sa.CheckConstraint("held_nano >= 0", name="ck_accounts_held_nonnegative"),
 )
@@ -146,6 +150,9 @@ price_versions = sa.Table(
     sa.Column("effective_from_ms", Ms, nullable=False),
     sa.Column("created_at_ms", Ms, nullable=False),
     sa.Index("ix_price_versions_item", "item_id", "effective_from_ms"),
+    # 0006: 1-hour cache writes; an image model's per-size prices, JSON {size: nano-USD}
+    sa.Column("cache_write_1h_nano_per_1m", Nano),
+    sa.Column("per_size_nano", sa.Text),
 )
 
 #: The account's log: one row per gateway request (written in the same transaction as its
@@ -194,6 +201,9 @@ usage_records = sa.Table(
     sa.Index("ix_usage_account_key_time", "account_id", "key_id", "created_at_ms", "id"),
     sa.Index("ix_usage_account_type_time", "account_id", "type", "created_at_ms", "id"),
     sa.Index("ix_usage_time", "created_at_ms", "id"),
+    # 0006: 1-hour cache writes (``cache_write_tokens`` are the 5-minute ones) and their price
+    sa.Column("cache_write_1h_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("cache_write_1h_nano_per_1m", Nano),
 )
 
 #: Requests per account x key x product x hour, maintained in the same transaction as each
@@ -215,6 +225,8 @@ usage_rollups = sa.Table(
     sa.Column("reasoning_tokens", sa.BigInteger, nullable=False),
     sa.Column("calls", sa.BigInteger, nullable=False),
     sa.Column("cost_nano", Nano, nullable=False),
+    sa.Column("cache_write_1h_tokens", sa.BigInteger, nullable=False,
+              server_default="0"),  # 0006
 )
 
 #: A wallet's movements per UTC day, maintained by the ledger with each movement of its total
@@ -262,4 +274,81 @@ web_sessions = sa.Table(
     sa.Column("expires_at_ms", Ms, nullable=False),
     sa.Index("ix_web_sessions_account", "account_id"),
     sa.Index("ix_web_sessions_expiry", "expires_at_ms"),
+)
+
+#: Where an account's notifications go. The secret signs webhooks (HMAC-SHA256); it is kept in
+#: clear because signing needs it, and shown to the account's owner on request.
+notification_settings = sa.Table(
+    "notification_settings",
+    metadata,
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), primary_key=True),
+    sa.Column("webhook_url", sa.Text),
+    sa.Column("webhook_secret", sa.String(80), nullable=False),
+    sa.Column("email", sa.String(320)),
+    sa.Column("updated_at_ms", Ms, nullable=False),
+)
+
+#: The outbox: an event is inserted in the same transaction as the money movement it reports,
+#: with its exact JSON body; deliveries (one per channel) are attempted later by any worker.
+notification_events = sa.Table(
+    "notification_events",
+    metadata,
+    _id(),
+    sa.Column("public_id", sa.String(40), nullable=False, unique=True),
+    sa.Column("dedupe_key", sa.String(80), unique=True),  # e.g. topup:<entry id>
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),  # balance.low | balance.topup
+    sa.Column("body", sa.Text, nullable=False),  # the JSON document delivered, byte for byte
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Index("ix_notification_events_account", "account_id", "id"),
+)
+
+notification_deliveries = sa.Table(
+    "notification_deliveries",
+    metadata,
+    _id(),
+    sa.Column("event_id", Id, sa.ForeignKey("notification_events.id"), nullable=False,
+              index=True),
+    sa.Column("channel", sa.String(16), nullable=False),  # webhook | email
+    sa.Column("status", sa.String(16), nullable=False),  # pending | delivered | failed
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at_ms", Ms, nullable=False),
+    sa.Column("claimed_until_ms", Ms),  # a worker's lease on the current attempt
+    sa.Column("claim_token", sa.String(40)),
+    sa.Column("delivered_at_ms", Ms),
+    sa.Index("ix_notification_deliveries_due", "status", "next_attempt_at_ms"),
+)
+
+notification_attempts = sa.Table(
+    "notification_attempts",
+    metadata,
+    _id(),
+    sa.Column("delivery_id", Id, sa.ForeignKey("notification_deliveries.id"), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("target", sa.Text),  # the URL or address tried
+    sa.Column("started_at_ms", Ms, nullable=False),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("status_code", sa.Integer),  # the receiver's HTTP status (webhooks)
+    sa.Column("error", sa.Text),  # NULL = delivered
+    sa.UniqueConstraint("delivery_id", "attempt", name="uq_notification_attempts"),
+)
+
+#: Redemption codes: only the SHA-256 of a code is stored, so a copy of the database is worth
+#: nothing; ``hint`` (its last group) lets an operator tell codes apart.
+redemption_codes = sa.Table(
+    "redemption_codes",
+    metadata,
+    _id(),
+    sa.Column("code_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("hint", sa.String(8), nullable=False),
+    sa.Column("amount_nano", Nano, nullable=False),
+    sa.Column("note", sa.Text),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("expires_at_ms", Ms),
+    sa.Column("revoked_at_ms", Ms),
+    sa.Column("redeemed_by", Id, sa.ForeignKey("accounts.id")),
+    sa.Column("redeemed_at_ms", Ms),
+    sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),
+    sa.CheckConstraint("amount_nano > 0", name="ck_redemption_codes_amount_positive"),
+    sa.Index("ix_redemption_codes_created", "created_at_ms", "id"),
 )

@@ -19,16 +19,20 @@ from tollway.billing.marketplace import listing
 from tollway.billing.views import balance_view
 from tollway.errors import TollwayError
 from tollway.gateway.apis import ApiRoute
+from tollway.gateway.images import ImagesRoute
 from tollway.gateway.llm import LLMRoute
+from tollway.gateway.messages import MessagesRoute
 from tollway.gateway.models import ModelsRoute
+from tollway.gateway.responses import ResponsesRoute
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import now_ms
+from tollway.notify.deliverer import Deliverer
 from tollway.store import accounts as store
 from tollway.store.db import Database
 from tollway.store.writer import Writer
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
-from tollway.web import pages, reports
+from tollway.web import notifications, pages, reports
 from tollway.web.console import console_routes
 from tollway.web.context import Context
 from tollway.web.errors import RequestIdMiddleware, http_error, tollway_error, unexpected_error
@@ -86,9 +90,12 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = Database(url)
-        ctx = Context(db=db, writer=Writer(db), admin_token=token,
+        writer = Writer(db)
+        ctx = Context(db=db, writer=writer, admin_token=token,
                       hold_ttl_ms=int(settings.get("hold_ttl_seconds")) * 1000,
-                      reaper_interval_s=int(settings.get("reaper_interval_seconds")))
+                      reaper_interval_s=int(settings.get("reaper_interval_seconds")),
+                      deliverer=Deliverer(writer.run),
+                      notify_interval_s=float(settings.get("notify_interval_seconds")))
         registry = Registry(timeouts=Timeouts(
             connect_s=float(settings.get("upstream_connect_timeout_seconds")),
             read_s=float(settings.get("upstream_read_timeout_seconds"))))
@@ -116,9 +123,21 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         Route("/v1/billing/usage/{request_id}", reports.usage_one(reports.customer_scope)),
         Route("/v1/billing/summary", reports.summary(reports.customer_scope)),
         Route("/v1/billing/statement", reports.statement(reports.customer_scope)),
+        Route("/v1/billing/notifications", notifications.events(reports.customer_scope)),
+        Route("/v1/billing/notifications/settings",
+              notifications.get_settings(reports.customer_scope), methods=["GET"]),
+        Route("/v1/billing/notifications/settings",
+              notifications.put_settings(reports.customer_scope), methods=["PUT"]),
+        Route("/v1/billing/notifications/settings/rotate-secret",
+              notifications.rotate_secret(reports.customer_scope), methods=["POST"]),
+        Route("/v1/billing/redeem", notifications.redeem(reports.customer_scope),
+              methods=["POST"]),
         Route("/v1/chat/completions", LLMRoute("chat"), methods=["POST"]),
         Route("/v1/completions", LLMRoute("completions"), methods=["POST"]),
         Route("/v1/embeddings", LLMRoute("embeddings"), methods=["POST"]),
+        Route("/v1/messages", MessagesRoute(), methods=["POST"]),
+        Route("/v1/responses", ResponsesRoute(), methods=["POST"]),
+        Route("/v1/images/generations", ImagesRoute(), methods=["POST"]),
         Route("/v1/models", ModelsRoute(), methods=["GET"]),
         Route("/apis/v1/{path:path}", ApiRoute(),
               methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),

@@ -19,7 +19,7 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 
 ERRORS = {str(code): {"$ref": "#/components/responses/Error"}
-          for code in (400, 401, 402, 403, 404, 409, 413, 429, 502, 503, 504)}
+          for code in (400, 401, 402, 403, 404, 409, 410, 413, 429, 502, 503, 504)}
 
 
 def _op(summary: str, response: dict[str, Any], *, security: str | None = "apiKey",
@@ -88,6 +88,20 @@ SPEC: dict[str, Any] = {
         "/v1/billing/statement": {"get": _op("A month's statement (json, csv or html)",
                                              _json(_ref("Statement")),
                                              params=["month", "format_statement"])},
+        "/v1/billing/notifications": {"get": _op(
+            "Notification events, newest first, with every delivery attempt",
+            _json(_ref("NotificationPage")), params=["limit", "cursor"])},
+        "/v1/billing/notifications/settings": {
+            "get": _op("Low-balance threshold, webhook URL and secret, email",
+                       _json(_ref("NotificationSettings"))),
+            "put": _op("Change notification settings (null clears a field)",
+                       _json(_ref("NotificationSettings")), body=_ref("NotificationChanges"))},
+        "/v1/billing/notifications/settings/rotate-secret": {"post": _op(
+            "Replace the webhook signing secret", _json(_ref("NotificationSettings")))},
+        "/v1/billing/redeem": {"post": _op(
+            "Redeem a code: its amount is topped up once (404 unknown_code, 409 "
+            "code_redeemed, 410 code_expired / code_revoked)", _json(_ref("Redemption")),
+            body=_ref("Redeem"), status="201")},
         "/v1/chat/completions": {"post": _op(
             "OpenAI-compatible chat completions (streaming included), metered",
             _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
@@ -96,6 +110,21 @@ SPEC: dict[str, Any] = {
                                         body=OBJECT)},
         "/v1/embeddings": {"post": _op("OpenAI-compatible embeddings, metered", _json(OBJECT),
                                        body=OBJECT)},
+        "/v1/messages": {"post": _op(
+            "Anthropic-compatible messages (streaming included), metered with Anthropic's "
+            "usage semantics; takes x-api-key or Bearer; errors in Anthropic's shape "
+            "(type: error) with Tollway's code and request_id",
+            _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
+            security="anthropicKey", body=_ref("MessagesRequest"))},
+        "/v1/responses": {"post": _op(
+            "OpenAI Responses API (streaming included), metered from response.completed",
+            _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
+            body=_ref("ResponsesRequest"))},
+        "/v1/images/generations": {"post": _op(
+            "Image generation: per_call image models, charged per image returned "
+            "(n × the size's price × ratio)",
+            _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
+            body=_ref("ImagesRequest"))},
         "/v1/models": {"get": _op("Models this key may use", _json(OBJECT))},
         "/apis/v1/{path}": {method: _op(
             "A catalog data API: charged per successful (2xx) call",
@@ -156,10 +185,35 @@ SPEC: dict[str, Any] = {
         "/admin/v1/accounts/{account}/statement": {"get": _op(
             "One account's monthly statement", _json(_ref("Statement")),
             security="adminToken", params=["account", "month", "format_statement"])},
+        "/admin/v1/accounts/{account}/notifications": {"get": _op(
+            "An account's notification events and delivery attempts",
+            _json(_ref("NotificationPage")), security="adminToken",
+            params=["account", "limit", "cursor"])},
+        "/admin/v1/accounts/{account}/notifications/settings": {
+            "get": _op("An account's notification settings",
+                       _json(_ref("NotificationSettings")), security="adminToken",
+                       params=["account"]),
+            "put": _op("Change an account's notification settings",
+                       _json(_ref("NotificationSettings")), security="adminToken",
+                       params=["account"], body=_ref("NotificationChanges"))},
+        "/admin/v1/accounts/{account}/notifications/settings/rotate-secret": {"post": _op(
+            "Replace an account's webhook secret", _json(_ref("NotificationSettings")),
+            security="adminToken", params=["account"])},
+        "/admin/v1/codes": {
+            "get": _op("Redemption codes, newest first (?status=unused|redeemed|expired|"
+                       "revoked)", _json(OBJECT), security="adminToken",
+                       params=["limit", "cursor"]),
+            "post": _op("Mint redemption codes (returned once)", _json(OBJECT),
+                        security="adminToken", body=_ref("NewCodes"), status="201")},
+        "/admin/v1/codes/{code_id}/revoke": {"post": _op(
+            "Revoke an unused code", _json(OBJECT), security="adminToken",
+            params=["code_id"])},
     },
     "components": {
         "securitySchemes": {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "A Tollway API key"},
+            "anthropicKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                             "description": "A Tollway API key (Bearer works too)"},
             "adminToken": {"type": "http", "scheme": "bearer",
                            "description": "The operator's admin token"}},
         "parameters": {
@@ -188,6 +242,7 @@ SPEC: dict[str, Any] = {
             "account": _path("account"),
             "request_id": _path("request_id"),
             "key_id": _path("key_id", {"type": "integer", "minimum": 1}),
+            "code_id": _path("code_id", {"type": "integer", "minimum": 1}),
             "api_path": _path("path"),
             "idempotency_key": {"name": "Idempotency-Key", "in": "header", "required": False,
                                 "schema": {"type": "string", "maxLength": 200}},
@@ -237,11 +292,27 @@ SPEC: dict[str, Any] = {
             "Marketplace": {"type": "object", "properties": {"data": {"type": "array", "items": {
                 "type": "object", "properties": {
                     "id": {"type": "string"}, "billing_type": {"enum": ["token", "per_call"]},
-                    "price": {"type": "object", "additionalProperties": {
-                        "oneOf": [USD, {"type": "null"}]}}}}}}},
+                    "price": {"type": "object", "properties": {
+                        "per_size": {"type": "object", "additionalProperties": {
+                            "type": "object", "properties": {"per_call_usd": USD}}}},
+                        "additionalProperties": {"oneOf": [USD, {"type": "null"}]}},
+                    "routes": {"type": "array", "items": {"type": "string"},
+                               "description": "models: the gateway routes serving it"},
+                    "providers": {"type": "object", "additionalProperties": {
+                        "type": "string"}}}}}}},
             "ChatRequest": {"type": "object", "required": ["model"], "properties": {
                 "model": {"type": "string"}, "messages": {"type": "array"},
                 "stream": {"type": "boolean"}, "max_tokens": {"type": "integer"}}},
+            "MessagesRequest": {"type": "object", "required": ["model", "max_tokens",
+                                                                "messages"], "properties": {
+                "model": {"type": "string"}, "messages": {"type": "array"},
+                "max_tokens": {"type": "integer"}, "stream": {"type": "boolean"}}},
+            "ResponsesRequest": {"type": "object", "required": ["model"], "properties": {
+                "model": {"type": "string"}, "input": {}, "stream": {"type": "boolean"},
+                "max_output_tokens": {"type": "integer"}}},
+            "ImagesRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
+                "model": {"type": "string"}, "prompt": {"type": "string"},
+                "n": {"type": "integer", "minimum": 1}, "size": {"type": "string"}}},
             "UsageRecord": {"type": "object", "properties": {
                 "request_id": {"type": "string"}, "type": {"type": "string"},
                 "product": {"type": ["string", "null"]}, "cost_usd": USD, "credit_usd": USD,
@@ -255,6 +326,35 @@ SPEC: dict[str, Any] = {
                 "totals": {"type": "object", "properties": {"cost_usd": USD}},
                 "data": {"type": "array", "items": {"type": "object", "properties": {
                     "cost_usd": USD}}}}},
+            "NotificationSettings": {"type": "object", "properties": {
+                "account_id": {"type": "integer"},
+                "low_balance_threshold_usd": {"oneOf": [USD, {"type": "null"}]},
+                "webhook_url": {"type": ["string", "null"]},
+                "webhook_secret": {"type": ["string", "null"]},
+                "email": {"type": ["string", "null"]}}},
+            "NotificationChanges": {"type": "object", "additionalProperties": False,
+                                    "properties": {
+                "low_balance_threshold_usd": {"oneOf": [
+                    {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"}, {"type": "null"}]},
+                "webhook_url": {"type": ["string", "null"], "format": "uri"},
+                "email": {"type": ["string", "null"], "format": "email"}}},
+            "NotificationPage": {"type": "object", "properties": {
+                "data": {"type": "array", "items": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "type": {"enum": ["balance.low",
+                                                                "balance.topup"]},
+                    "body": {"type": "string"},
+                    "deliveries": {"type": "array", "items": OBJECT}}}},
+                "next_cursor": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}}},
+            "Redeem": {"type": "object", "required": ["code"],
+                       "properties": {"code": {"type": "string"}}},
+            "Redemption": {"type": "object", "properties": {
+                "code_id": {"type": "integer"}, "amount_usd": USD, "available_usd": USD,
+                "entry_id": {"type": "integer"}}},
+            "NewCodes": {"type": "object", "required": ["amount_usd"], "properties": {
+                "amount_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"},
+                "count": {"type": "integer", "minimum": 1, "maximum": 10000},
+                "expires_at": {"type": "string", "format": "date-time"},
+                "note": {"type": "string"}}},
             "Statement": {"type": "object", "properties": {
                 "opening_balance_usd": USD, "topups_usd": USD, "adjustments_usd": USD,
                 "charges_usd": USD, "written_off_usd": USD, "closing_balance_usd": USD}},

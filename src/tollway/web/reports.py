@@ -43,7 +43,7 @@ async def customer_scope(request: Request, ctx: Context) -> int:
 
 
 def query_int(request: Request, name: str, *, default: int | None = None, low: int = 1,
-         high: int = 2**63 - 1) -> int | None:
+              high: int = 2**63 - 1) -> int | None:
     value = request.query_params.get(name)
     if value is None or value == "":
         return default
