@@ -59,6 +59,9 @@ endpoints:
         Change("chat", "group ratios", "vip ×0.7", "none"),
         Change("chat", "provider", "sandbox", "other"),
         Change("chat", "max output tokens", "4096", "2048"),
+        # a sandbox provider speaks both protocol families; the model follows its provider
+        Change("chat", "providers", "openai: sandbox, anthropic: sandbox",
+               "openai: other, anthropic: other"),
     ]
     assert diff.groups_added == {"gold": "0.5"}
     assert diff.groups_removed == {"old": "2"}

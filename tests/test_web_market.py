@@ -5,7 +5,11 @@ with copy-paste examples, and an HTML 404 for anything unknown.
 
 Expected strings are written out by hand from the catalog file: sandbox-chat costs 0.15 /
 0.60 / cache read 0.075 USD per 1M tokens and sets its own ratio 0.7 for ``vip``; every other
-item gets the ``vip`` group's 0.8.
+item gets the ``vip`` group's 0.8 (sandbox-claude's 1-hour cache write: 6.00 × 0.8 = 4.80;
+sandbox-image's 1792x1024 image: 0.08 × 0.8 = 0.064). The sandbox provider speaks both
+protocol families, so a token model is sold on the four OpenAI token routes and
+/v1/messages, unless the catalog narrows it (sandbox-embed: /v1/embeddings only); an image
+model on /v1/images/generations.
 """
 
 from __future__ import annotations
@@ -40,6 +44,14 @@ LIST_PRICES = {
                                        "$3.125000 / 1M cache-write tokens"]),
     "sandbox-embed": ("Per token", ["$0.020000 / 1M input tokens",
                                     "$0.000000 / 1M output tokens"]),
+    "sandbox-claude": ("Per token", ["$3.000000 / 1M input tokens",
+                                     "$15.000000 / 1M output tokens",
+                                     "$0.300000 / 1M cached input tokens",
+                                     "$3.750000 / 1M cache-write tokens",
+                                     "$6.000000 / 1M cache-write (1h) tokens"]),
+    "sandbox-image": ("Per image", ["$0.040000 / per image",
+                                    "$0.040000 / per image (1024x1024)",
+                                    "$0.080000 / per image (1792x1024)"]),
     "web-search": ("Per call", ["$0.002000 / per call"]),
     "stock-quote": ("Per call", ["$0.000500 / per call"]),
     "scholar-search": ("Per call", ["$0.020000 / per call"]),
@@ -51,9 +63,24 @@ VIP_PRICES = {
                          "$1.000000 / 1M cached input tokens",
                          "$2.500000 / 1M cache-write tokens"],
     "sandbox-embed": ["$0.016000 / 1M input tokens", "$0.000000 / 1M output tokens"],
+    "sandbox-claude": ["$2.400000 / 1M input tokens", "$12.000000 / 1M output tokens",
+                       "$0.240000 / 1M cached input tokens",
+                       "$3.000000 / 1M cache-write tokens",
+                       "$4.800000 / 1M cache-write (1h) tokens"],
+    "sandbox-image": ["$0.032000 / per image", "$0.032000 / per image (1024x1024)",
+                      "$0.064000 / per image (1792x1024)"],
     "web-search": ["$0.001600 / per call"],
     "stock-quote": ["$0.000400 / per call"],
     "scholar-search": ["$0.016000 / per call"],
+}
+ALL_TOKEN_ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                    "/v1/responses", "/v1/messages"]
+ROUTES = {
+    "sandbox-chat": ALL_TOKEN_ROUTES,
+    "sandbox-reasoner": ALL_TOKEN_ROUTES,
+    "sandbox-claude": ALL_TOKEN_ROUTES,
+    "sandbox-embed": ["/v1/embeddings"],
+    "sandbox-image": ["/v1/images/generations"],
 }
 ENDPOINTS = {
     "web-search": ("Web search", "GET", "/apis/v1/search/web"),
@@ -88,6 +115,7 @@ def rows(page: str) -> dict[str, dict[str, object]]:
             "list": _texts(list_cell, r"<li>(.*?)</li>"),
             "group": _texts(group_cell, r"<li>(.*?)</li>"),
             "endpoint": _texts(row, r'<div class="endpoint">(.*?)</div>'),
+            "routes": _texts(row, r'<code class="route">POST (.*?)</code>'),
         }
     return found
 
@@ -111,8 +139,10 @@ def test_lists_every_item_with_billing_type_price_and_provider(client: TestClien
     for item_id, (name, method, path) in ENDPOINTS.items():
         (endpoint,) = listed[item_id]["endpoint"]  # type: ignore[misc]
         assert endpoint.split() == [*name.split(), method, path]
-    for item_id in ("sandbox-chat", "sandbox-reasoner", "sandbox-embed"):
+        assert listed[item_id]["routes"] == []
+    for item_id, routes in ROUTES.items():
         assert listed[item_id]["endpoint"] == []
+        assert listed[item_id]["routes"] == routes, item_id
 
 
 def test_group_selector_shows_prices_after_ratios(client: TestClient) -> None:
@@ -132,12 +162,16 @@ def test_group_selector_shows_prices_after_ratios(client: TestClient) -> None:
 @pytest.mark.parametrize(("query", "expected"), [
     ("q=quote", {"stock-quote"}),
     ("q=SCHOLAR", {"scholar-search"}),
-    ("q=sandbox+chat", {"sandbox-chat"}),
+    ("q=sandbox-chat", {"sandbox-chat"}),
+    ("q=sandbox+messages", {"sandbox-chat", "sandbox-reasoner", "sandbox-claude"}),
+    ("q=%2Fv1%2Fimages", {"sandbox-image"}),
+    ("q=embeddings", {"sandbox-chat", "sandbox-reasoner", "sandbox-claude", "sandbox-embed"}),
     ("q=%2Fapis%2Fv1%2Fsearch", {"web-search"}),
     ("q=POST", {"scholar-search"}),
     ("q=nothing-like-this", set()),
-    ("billing_type=per_call", {"web-search", "stock-quote", "scholar-search"}),
-    ("billing_type=token", {"sandbox-chat", "sandbox-reasoner", "sandbox-embed"}),
+    ("billing_type=per_call", {"web-search", "stock-quote", "scholar-search", "sandbox-image"}),
+    ("billing_type=token", {"sandbox-chat", "sandbox-reasoner", "sandbox-embed",
+                            "sandbox-claude"}),
     ("billing_type=token&q=reason", {"sandbox-reasoner"}),
     ("provider=sandbox", set(LIST_PRICES)),
     ("provider=elsewhere", set()),
@@ -146,7 +180,7 @@ def test_group_selector_shows_prices_after_ratios(client: TestClient) -> None:
 def test_search_and_filters(client: TestClient, query: str, expected: set[str]) -> None:
     text = page(client, "/?" + query)
     assert set(rows(text)) == expected
-    assert f"{len(expected)} of 6 items" in text
+    assert f"{len(expected)} of 8 items" in text
     if not expected:
         assert "Nothing matches." in text
 
@@ -173,6 +207,66 @@ def test_item_page_for_a_model_has_curl_and_openai_examples(client: TestClient) 
         in text
     assert "model='sandbox-chat'" in text
     assert '<tr class="selected" aria-current="true">\n      <th scope="row">vip</th>' in text
+
+
+def _examples(text: str) -> dict[str, str]:
+    return {title: code for title, code in re.findall(
+        r"<h3>(.*?)</h3>\s*<pre><code>(.*?)</code></pre>", text, re.S)}
+
+
+def _routes(text: str) -> list[str]:
+    body = re.search(r'<ul class="plain routes" id="routes">(.*?)</ul>', text, re.S)
+    assert body is not None
+    return re.findall(r'<code class="route">POST (.*?)</code>', body.group(1))
+
+
+def test_item_page_for_a_messages_model_has_prices_routes_and_an_anthropic_example(
+        client: TestClient) -> None:
+    text = html.unescape(page(client, "/market/sandbox-claude?group=vip"))
+    for line in LIST_PRICES["sandbox-claude"][1] + VIP_PRICES["sandbox-claude"]:
+        assert line in text
+    assert _routes(text) == ALL_TOKEN_ROUTES
+    shown = _examples(text)
+    assert list(shown) == ["curl", "Python (openai)", "curl (Anthropic messages)",
+                           "Python (anthropic)"]
+    assert shown["curl (Anthropic messages)"] == (
+        "curl http://testserver/v1/messages \\\n"
+        '  -H "x-api-key: $TOLLWAY_API_KEY" \\\n'
+        '  -H "anthropic-version: 2023-06-01" \\\n'
+        '  -H "Content-Type: application/json" \\\n'
+        """  -d '{"model": "sandbox-claude", "max_tokens": 1024, "messages": """
+        """[{"role": "user", "content": "Hello!"}]}'""")
+    anthropic_code = shown["Python (anthropic)"]
+    assert 'anthropic.Anthropic(base_url="http://testserver", ' \
+        'api_key=os.environ["TOLLWAY_API_KEY"])' in anthropic_code
+    assert "model='sandbox-claude'" in anthropic_code and "max_tokens=1024" in anthropic_code
+    compile(anthropic_code, "example.py", "exec")
+
+
+def test_item_page_for_an_image_model_has_per_size_prices_and_an_images_example(
+        client: TestClient) -> None:
+    text = html.unescape(page(client, "/market/sandbox-image?group=vip"))
+    for line in LIST_PRICES["sandbox-image"][1] + VIP_PRICES["sandbox-image"]:
+        assert line in text
+    assert "Per image" in text and "Max output tokens" not in text
+    assert _routes(text) == ["/v1/images/generations"]
+    shown = _examples(text)
+    assert list(shown) == ["curl (images)", "Python (openai images)"]
+    assert shown["curl (images)"].startswith("curl http://testserver/v1/images/generations")
+    assert '"size": "1024x1024"' in shown["curl (images)"]
+    code = shown["Python (openai images)"]
+    assert "client.images.generate(" in code and "size='1024x1024'" in code
+    compile(code, "example.py", "exec")
+
+
+def test_a_model_narrowed_to_embeddings_shows_only_that_route(client: TestClient) -> None:
+    text = html.unescape(page(client, "/market/sandbox-embed"))
+    assert _routes(text) == ["/v1/embeddings"]
+    shown = _examples(text)
+    assert list(shown) == ["curl", "Python (openai)"]
+    assert shown["curl"].startswith("curl http://testserver/v1/embeddings")
+    assert "client.embeddings.create(" in shown["Python (openai)"]
+    compile(shown["Python (openai)"], "example.py", "exec")
 
 
 def test_item_page_for_an_endpoint_uses_its_method_path_and_parameters(

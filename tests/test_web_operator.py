@@ -130,7 +130,7 @@ def test_anonymous_visitors_are_sent_to_the_operator_sign_in(client: TestClient,
                                                                          None)
     with db.read() as conn:
         assert [a.name for a in store.list_accounts(conn)] == ["alice"]
-        assert len(current_items(conn, now_ms=ledger.now_ms())) == 6
+        assert len(current_items(conn, now_ms=ledger.now_ms())) == 8
 
 
 def test_a_signed_in_customer_is_not_an_operator(client: TestClient, db: Database) -> None:
@@ -340,6 +340,7 @@ models:
     provider: sandbox
     price: {input: 0.02, output: 0}
     max_output_tokens: 1
+    routes: [/v1/embeddings]
 endpoints:
   - id: web-search
     name: Web search
@@ -393,7 +394,7 @@ def test_catalog_preview_lists_the_exact_changes_and_writes_nothing(
     text = response.text
     assert "3 models, 3 endpoints, 3 groups. Nothing has been written yet." in text
     assert items(text, "added") == ["weather"]
-    assert items(text, "removed") == ["scholar-search"]
+    assert items(text, "removed") == ["sandbox-claude", "sandbox-image", "scholar-search"]
     assert table(text, "changes") == [
         ["sandbox-chat", "group ratios", "vip ×0.7", "vip ×0.65"],
         ["sandbox-reasoner", "price",
@@ -410,8 +411,8 @@ def test_catalog_preview_lists_the_exact_changes_and_writes_nothing(
     assert version_count(db) == before
     with db.read() as conn:
         assert {i.id for i in current_items(conn, now_ms=ledger.now_ms())} == {
-            "sandbox-chat", "sandbox-reasoner", "sandbox-embed", "web-search", "stock-quote",
-            "scholar-search"}
+            "sandbox-chat", "sandbox-reasoner", "sandbox-embed", "sandbox-claude",
+            "sandbox-image", "web-search", "stock-quote", "scholar-search"}
 
     # confirming applies it: new price versions, the old ones kept, scholar-search gone
     confirm = re.search(r'<textarea name="catalog" hidden[^>]*>(.*?)</textarea>', text, re.S)
@@ -421,7 +422,7 @@ def test_catalog_preview_lists_the_exact_changes_and_writes_nothing(
     assert applied.status_code == 200
     assert [line.split(" effective ")[0] for line in items(applied.text, "new-versions")] == [
         "sandbox-chat", "sandbox-reasoner", "web-search", "weather"]
-    assert "No longer listed: scholar-search" in applied.text
+    assert "No longer listed: sandbox-claude, sandbox-image, scholar-search" in applied.text
     assert version_count(db) == before + 4
     with db.read() as conn:
         history = price_history(conn, "web-search")

@@ -325,7 +325,7 @@ def test_migration_0003_matches_the_tables_and_downgrades(db: Database) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 
-    from tollway.store.migrate import alembic_config, current_revision, upgrade
+    from tollway.store.migrate import alembic_config, current_revision, head_revision, upgrade
     from tollway.store.tables import metadata
 
     def drift() -> list[object]:
@@ -334,8 +334,17 @@ def test_migration_0003_matches_the_tables_and_downgrades(db: Database) -> None:
         return [d for d in diffs if any(name in repr(d) for name in (
             "web_sessions", "'email'", "password_hash", "disabled_at_ms", "uq_accounts_email"))]
 
-    assert current_revision(db) == "0003"
+    head = head_revision()
+    assert current_revision(db) == head
     assert drift() == []
+    with db.write() as conn:  # data that references accounts must not block the downgrade
+        conn.exec_driver_sql("INSERT INTO accounts (id, name, kind, group_name, created_at_ms) "
+                             "VALUES (901, 'holder', 'customer', 'default', 1)")
+        conn.exec_driver_sql("INSERT INTO web_sessions (id_hash, account_id, operator, "
+                             "csrf_token, created_at_ms, expires_at_ms) VALUES "
+                             "('h', 901, false, 'c', 1, 2)")
+        conn.exec_driver_sql("INSERT INTO api_keys (id, account_id, prefix, key_hash, name, "
+                             "created_at_ms) VALUES (901, 901, 'tw_x', 'x', 'k', 1)")
     config = alembic_config()
     with db.write() as conn:
         config.attributes["connection"] = conn
@@ -345,4 +354,4 @@ def test_migration_0003_matches_the_tables_and_downgrades(db: Database) -> None:
         names = {c["name"] for c in sa.inspect(conn).get_columns("accounts")}
         assert "email" not in names and not sa.inspect(conn).has_table("web_sessions")
     upgrade(db)
-    assert current_revision(db) == "0003" and drift() == []
+    assert current_revision(db) == head and drift() == []

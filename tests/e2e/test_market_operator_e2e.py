@@ -58,7 +58,8 @@ def test_the_marketplace_lists_every_catalog_item(server: Server, browser: Any,
         page.get_by_label("Billing type").select_option("token")
         page.get_by_role("button", name="Show").click()
         page.wait_for_url("**/?*group=vip*")
-        assert sorted(_rows(page)) == ["sandbox-chat", "sandbox-embed", "sandbox-reasoner"]
+        assert sorted(_rows(page)) == ["sandbox-chat", "sandbox-claude", "sandbox-embed",
+                                       "sandbox-reasoner"]
         chat = page.locator('tr[data-item="sandbox-chat"] td.group-price li')
         assert chat.all_inner_texts() == ["$0.105000 / 1M input tokens",
                                           "$0.420000 / 1M output tokens",

@@ -117,4 +117,12 @@ def _item_changes(old: ItemState, new: Listing) -> list[Change]:
 
 
 def _text(value: Any) -> str:
-    return "—" if value is None else str(value)
+    """Attributes as an operator reads them: ``openai: a, anthropic: b`` for a model's
+    per-protocol providers, ``/v1/embeddings, /v1/chat/completions`` for its routes."""
+    if value is None:
+        return "—"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}: {v}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(str(v) for v in value)
+    return str(value)

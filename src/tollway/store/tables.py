@@ -34,7 +34,7 @@ accounts = sa.Table(
     sa.Column("email", sa.String(320)),  # stored lower-cased, unique
     sa.Column("password_hash", sa.String(255)),  # scrypt$n$r$p$salt$hash (billing/logins.py)
     sa.Column("disabled_at_ms", Ms),  # set: its keys and its console sign-in are refused
-    sa.UniqueConstraint("email", name="uq_accounts_email"),
+    sa.Index("uq_accounts_email", "email", unique=True),
     # the low-balance threshold (NULL = none) and whether its next crossing is notified: the
     # ledger reads both in the RETURNING of the statement that moves the money
     sa.Column("low_balance_nano", Nano),

@@ -23,13 +23,26 @@ from tollway.store.catalog import group_ratios
 from tollway.web.context import Context
 from tollway.web.pages import error_page, render
 
-BILLING_TYPES = {"token": "Per token", "per_call": "Per call"}
+BILLING_TYPES = {"token": "Per token", "per_call": "Per call or image"}
 _PARAM = re.compile(r"\{([^}]*)\}")
+#: The OpenAI-protocol route a model's first example uses, in order of preference.
+_OPENAI_EXAMPLE_ROUTES = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses",
+                          "/v1/completions")
+
+
+def _kind(item: dict[str, Any]) -> dict[str, Any]:
+    """Adds what the pages show about an item's kind: ``endpoint`` (a data API, per call),
+    ``image`` (an image model, per image) or ``model`` (per token), and its badge."""
+    kind = ("endpoint" if "path" in item else "model" if item["billing_type"] == "token"
+            else "image")
+    item["kind"] = kind
+    item["badge"] = {"endpoint": "Per call", "image": "Per image", "model": "Per token"}[kind]
+    return item
 
 
 def _matches(item: dict[str, Any], query: str) -> bool:
     words = [item["id"], item["provider"], item["billing_type"], item.get("name") or "",
-             item.get("path") or "", item.get("method") or ""]
+             item.get("path") or "", item.get("method") or "", *item.get("routes", ())]
     text = " ".join(words).lower()
     return all(part in text for part in query.lower().split())
 
@@ -45,7 +58,7 @@ async def marketplace_page(request: Request) -> Response:
     if group not in data["groups"]:
         return await error_page(request, 404, f"there is no group {group!r}; choose one of "
                                 f"{', '.join(data['groups'])}")
-    items = data["data"]
+    items = [_kind(item) for item in data["data"]]
     providers = sorted({item["provider"] for item in items})
     shown = [item for item in items
              if (not query or _matches(item, query))
@@ -70,7 +83,7 @@ async def item_page(request: Request) -> Response:
     if not data["data"]:
         return await error_page(request, 404, f"nothing in the marketplace is called "
                                 f"{item_id!r}")
-    item = data["data"][0]
+    item = _kind(data["data"][0])
     if group not in item["group_display"]:
         group = "default"
     base = str(request.base_url).rstrip("/")
@@ -80,29 +93,96 @@ async def item_page(request: Request) -> Response:
 
 
 def examples(item: dict[str, Any], base: str) -> list[tuple[str, str]]:
-    """Copy-paste examples for an item, as (title, code), addressed to ``base``."""
-    if item["billing_type"] == "token":
-        return _model_examples(item["id"], base)
-    return _endpoint_examples(item["method"], item["path"], base)
+    """Copy-paste examples for an item, as (title, code), addressed to ``base``: for a model,
+    one per protocol it is sold on (OpenAI, Anthropic messages, images)."""
+    if item["kind"] == "endpoint":
+        return _endpoint_examples(item["method"], item["path"], base)
+    routes = item.get("routes") or []
+    found: list[tuple[str, str]] = []
+    openai_route = next((r for r in _OPENAI_EXAMPLE_ROUTES if r in routes), None)
+    if openai_route is not None:
+        found += _openai_examples(item["id"], openai_route, base)
+    if "/v1/messages" in routes:
+        found += _messages_examples(item["id"], min(1024, item.get("max_output_tokens") or 1024),
+                                    base)
+    if "/v1/images/generations" in routes:
+        sizes = list(item["price"].get("per_size") or {})
+        found += _image_examples(item["id"], sizes[0] if sizes else None, base)
+    return found
 
 
-def _model_examples(model: str, base: str) -> list[tuple[str, str]]:
+def _curl(url: str, headers: list[str], body: dict[str, Any]) -> str:
     # catalog ids never hold a quote, so the JSON is safe inside shell single quotes
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
-    curl = (f"curl {base}/v1/chat/completions \\\n"
-            '  -H "Authorization: Bearer $TOLLWAY_API_KEY" \\\n'
-            '  -H "Content-Type: application/json" \\\n'
-            f"  -d '{body}'")
-    python = ("import os\n\nfrom openai import OpenAI\n\n"
-              f'client = OpenAI(base_url="{base}/v1", '
+    lines = [f"curl {url} \\"] + [f'  -H "{h}" \\' for h in headers]
+    return "\n".join(lines + ['  -H "Content-Type: application/json" \\',
+                              f"  -d '{json.dumps(body)}'"])
+
+
+_BEARER = "Authorization: Bearer $TOLLWAY_API_KEY"
+_OPENAI_CLIENT = ("import os\n\nfrom openai import OpenAI\n\n"
+                  'client = OpenAI(base_url="{base}/v1", '
+                  'api_key=os.environ["TOLLWAY_API_KEY"])\n')
+_HELLO = [{"role": "user", "content": "Hello!"}]
+
+
+def _openai_examples(model: str, route: str, base: str) -> list[tuple[str, str]]:
+    if route == "/v1/embeddings":
+        body: dict[str, Any] = {"model": model, "input": "Hello!"}
+        call = ("response = client.embeddings.create(\n"
+                f'    model={model!r},\n    input="Hello!",\n)\n'
+                "print(len(response.data[0].embedding))\n")
+    elif route == "/v1/responses":
+        body = {"model": model, "input": "Hello!"}
+        call = ("response = client.responses.create(\n"
+                f'    model={model!r},\n    input="Hello!",\n)\n'
+                "print(response.output_text)\n")
+    elif route == "/v1/completions":
+        body = {"model": model, "prompt": "Hello!"}
+        call = ("response = client.completions.create(\n"
+                f'    model={model!r},\n    prompt="Hello!",\n)\n'
+                "print(response.choices[0].text)\n")
+    else:
+        body = {"model": model, "messages": _HELLO}
+        call = ("response = client.chat.completions.create(\n"
+                f"    model={model!r},\n"
+                '    messages=[{"role": "user", "content": "Hello!"}],\n'
+                ")\n"
+                "print(response.choices[0].message.content)\n")
+    python = (_OPENAI_CLIENT.format(base=base) + call
+              + "print(response.usage)  # what the request is billed on")
+    return [("curl", _curl(f"{base}{route}", [_BEARER], body)), ("Python (openai)", python)]
+
+
+def _messages_examples(model: str, max_tokens: int, base: str) -> list[tuple[str, str]]:
+    body = {"model": model, "max_tokens": max_tokens, "messages": _HELLO}
+    curl = _curl(f"{base}/v1/messages",
+                 ["x-api-key: $TOLLWAY_API_KEY", "anthropic-version: 2023-06-01"], body)
+    python = ("import os\n\nimport anthropic\n\n"
+              f'client = anthropic.Anthropic(base_url="{base}", '
               'api_key=os.environ["TOLLWAY_API_KEY"])\n'
-              "response = client.chat.completions.create(\n"
+              "message = client.messages.create(\n"
               f"    model={model!r},\n"
+              f"    max_tokens={max_tokens},\n"
               '    messages=[{"role": "user", "content": "Hello!"}],\n'
               ")\n"
-              "print(response.choices[0].message.content)\n"
-              "print(response.usage)  # what the request is billed on")
-    return [("curl", curl), ("Python (openai)", python)]
+              "print(message.content[0].text)\n"
+              "print(message.usage)  # what the request is billed on")
+    return [("curl (Anthropic messages)", curl), ("Python (anthropic)", python)]
+
+
+def _image_examples(model: str, size: str | None, base: str) -> list[tuple[str, str]]:
+    body: dict[str, Any] = {"model": model, "prompt": "a lighthouse at dusk", "n": 1}
+    sized = ""
+    if size is not None:
+        body["size"] = size
+        sized = f"    size={size!r},\n"
+    python = (_OPENAI_CLIENT.format(base=base)
+              + "response = client.images.generate(\n"
+              f'    model={model!r},\n    prompt="a lighthouse at dusk",\n    n=1,\n'
+              + sized + ")\n"
+              "print(response.data[0])  # billed per image returned")
+    return [("curl (images)", _curl(f"{base}/v1/images/generations", [_BEARER], body)),
+            ("Python (openai images)", python)]
 
 
 def _endpoint_examples(method: str, path: str, base: str) -> list[tuple[str, str]]:

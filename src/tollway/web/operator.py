@@ -23,6 +23,7 @@ from starlette.routing import BaseRoute, Route
 
 from tollway.billing import catalog_changes, credits, logins
 from tollway.billing.reports import summary_view
+from tollway.billing.marketplace import item_unit
 from tollway.billing.views import account_view, entry_view, parse_amount, parse_signed_amount
 from tollway.errors import CatalogError, InvalidRequest, NotFound, TollwayError
 from tollway.ledger.ledger import now_ms
@@ -206,13 +207,15 @@ async def _catalog_page(request: Request, *, error: list[str] | None = None,
 
 def _priced(priced: catalog_changes.PricedItem, at: int) -> dict[str, Any]:
     item = priced.item
+    per = item_unit(item)
     return {
         "id": item.id, "billing_type": item.billing_type, "provider": item.provider,
-        "spec": item.spec, "version": item.version.id,
-        "price_display": price_lines(item.version.price),
+        "spec": item.spec, "version": item.version.id, "endpoint": "path" in item.spec,
+        "unit": "per token" if item.billing_type == "token" else f"per {per}",
+        "price_display": price_lines(item.version.price, per=per),
         "overrides": _overrides(item.version.group_ratios),
         "history": [{"id": v.id, "effective_from": _iso(v.effective_from_ms),
-                     "price_display": price_lines(v.price),
+                     "price_display": price_lines(v.price, per=per),
                      "overrides": _overrides(v.group_ratios),
                      "state": ("in effect" if v.id == item.version.id
                                else "scheduled" if v.effective_from_ms > at else "earlier")}

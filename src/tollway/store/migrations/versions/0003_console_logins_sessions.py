@@ -19,12 +19,13 @@ Id = sa.BigInteger().with_variant(sa.Integer(), 'sqlite')
 
 
 def upgrade() -> None:
-    """Upgrade schema (additive: new nullable columns and a new table)."""
-    with op.batch_alter_table('accounts') as batch:
-        batch.add_column(sa.Column('email', sa.String(length=320), nullable=True))
-        batch.add_column(sa.Column('password_hash', sa.String(length=255), nullable=True))
-        batch.add_column(sa.Column('disabled_at_ms', sa.BigInteger(), nullable=True))
-        batch.create_unique_constraint('uq_accounts_email', ['email'])
+    """Upgrade schema (additive: new nullable columns and a new table). Email uniqueness is a
+    unique index, not a table constraint, so neither direction recreates ``accounts`` on SQLite
+    (recreating a table other tables reference fails their foreign keys once it holds data)."""
+    op.add_column('accounts', sa.Column('email', sa.String(length=320), nullable=True))
+    op.add_column('accounts', sa.Column('password_hash', sa.String(length=255), nullable=True))
+    op.add_column('accounts', sa.Column('disabled_at_ms', sa.BigInteger(), nullable=True))
+    op.create_index('uq_accounts_email', 'accounts', ['email'], unique=True)
     op.create_table('web_sessions',
     sa.Column('id_hash', sa.String(length=64), nullable=False),
     sa.Column('account_id', Id, nullable=True),
@@ -44,8 +45,8 @@ def downgrade() -> None:
     op.drop_index('ix_web_sessions_expiry', table_name='web_sessions')
     op.drop_index('ix_web_sessions_account', table_name='web_sessions')
     op.drop_table('web_sessions')
-    with op.batch_alter_table('accounts') as batch:
-        batch.drop_constraint('uq_accounts_email', type_='unique')
+    op.drop_index('uq_accounts_email', table_name='accounts')
+    with op.batch_alter_table('accounts', recreate='never') as batch:
         batch.drop_column('disabled_at_ms')
         batch.drop_column('password_hash')
         batch.drop_column('email')
