@@ -207,7 +207,8 @@ def test_a_customer_never_reaches_another_accounts_data(
             assert not set(page_ids(page.text)) & alice_ids
             export = client.get("/console/usage/export", params=params)
             assert not any(rid in export.text for rid in alice_ids), params
-        for path in ("/console", "/console/keys", "/console/statements"):
+        for path in ("/console", "/console/keys", "/console/statements",
+                     "/console/notifications"):
             for params in ({"account": alice}, {"account_id": alice}, {"month": "2025-11",
                                                                        "account": alice}):
                 page = client.get(path, params=params)

@@ -237,8 +237,8 @@ def test_item_page_for_a_messages_model_has_prices_routes_and_an_anthropic_examp
         """  -d '{"model": "sandbox-claude", "max_tokens": 1024, "messages": """
         """[{"role": "user", "content": "Hello!"}]}'""")
     anthropic_code = shown["Python (anthropic)"]
-    assert 'anthropic.Anthropic(base_url="http://testserver", ' \
-        'api_key=os.environ["TOLLWAY_API_KEY"])' in anthropic_code
+    assert ('anthropic.Anthropic(base_url="http://testserver", '
+            'api_key=os.environ["TOLLWAY_API_KEY"])') in anthropic_code
     assert "model='sandbox-claude'" in anthropic_code and "max_tokens=1024" in anthropic_code
     compile(anthropic_code, "example.py", "exec")
 

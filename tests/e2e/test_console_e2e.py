@@ -109,8 +109,9 @@ def test_a_new_customer_sees_exact_costs_in_the_console(
         chat.locator("summary").click()
         pricing = json.loads(chat.get_by_test_id("pricing").inner_text())
         assert pricing["rounded_usd"] == CHAT_COST and pricing["exact_usd"] == "0.0000042"
-        assert pricing["formula"] == ("((8 − 0 − 0) × 0.15 + 0 × 0.075 + 0 × 0.15 + 5 × 0.6) / "
-                                      "1000000 × 1 = 0.0000042 → 0.000004200 USD")
+        assert pricing["formula"] == ("((8 − 0 − 0 − 0) × 0.15 + 0 × 0.075 + 0 × 0.15 + "
+                                      "0 × 0.15 + 5 × 0.6) / 1000000 × 1 = 0.0000042 → "
+                                      "0.000004200 USD")
         assert chat.get_by_test_id("pricing").is_visible()
         # the pricing row is the API's, exactly
         api = httpx.get(f"{server.base_url}/v1/billing/usage", params={"type": "consume"},

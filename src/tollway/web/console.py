@@ -20,7 +20,9 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from tollway.billing import codes
 from tollway.billing import keys as key_ops
+from tollway.billing import notifications as notify
 from tollway.billing.reports import (
     month_bounds,
     record_view,
@@ -29,7 +31,13 @@ from tollway.billing.reports import (
     summary_view,
 )
 from tollway.billing.views import balance_view, iso, key_view, parse_amount, parse_iso_ms
-from tollway.errors import InvalidRequest, UnknownApiKey
+from tollway.errors import (
+    CodeExpired,
+    CodeRedeemed,
+    InvalidRequest,
+    UnknownApiKey,
+    UnknownCode,
+)
 from tollway.ledger.ledger import now_ms
 from tollway.money import format_usd
 from tollway.store import accounts as account_store
@@ -69,6 +77,12 @@ def _ctx(request: Request) -> Context:
 
 async def overview(request: Request) -> Response:
     account_id = await console_scope(request, _ctx(request))
+    return await _overview(request, account_id)
+
+
+async def _overview(request: Request, account_id: int, *,
+                    redeemed: dict[str, Any] | None = None, redeem_error: str | None = None,
+                    status: int = 200) -> Response:
     days = reports.query_int(request, "days", default=30, high=366) or 30
     end = now_ms()
     end += -end % HOUR_MS  # whole hours: the rollups' grain
@@ -100,7 +114,26 @@ async def overview(request: Request) -> Response:
         "spend_by_model": spend_by_model, "call_share": share,
         "day_chart": column_chart(spend_by_day, f"Spend per day, last {days} days (USD)"),
         "model_chart": bar_chart(spend_by_model, "Spend by model (USD)"),
-        "share_chart": bar_chart(share, "Requests by product")})
+        "share_chart": bar_chart(share, "Requests by product"),
+        "redeemed": redeemed, "redeem_error": redeem_error}, status=status)
+
+
+async def redeem_code(request: Request) -> Response:
+    """The overview's "Redeem a code" form: ``billing.codes.redeem`` credits the code's amount
+    once; an unknown, expired, revoked or already redeemed code is shown on the form."""
+    account_id = await console_scope(request, _ctx(request))
+    form = await request.form()
+    await check_csrf(request, form)
+    code = _form_text(form, "code")
+    try:
+        if code is None:
+            raise InvalidRequest("enter the code you were given")
+        done = await _ctx(request).write(
+            lambda conn: codes.redeem(conn, account_id, code, now_ms()))
+    except (InvalidRequest, UnknownCode, CodeRedeemed, CodeExpired) as exc:
+        return await _overview(request, account_id, redeem_error=exc.message,
+                               status=exc.status)
+    return await _overview(request, account_id, redeemed=codes.redemption_view(done))
 
 
 def _percent(part: int, whole: int) -> str:
@@ -121,6 +154,44 @@ def _days(rows: list[dict[str, Any]], start: int, end: int) -> list[Bar]:
         bars.append(Bar(label, Decimal(cost), cost))
         day += DAY_MS
     return bars
+
+
+# ----------------------------------------------------------------------------- notifications
+
+EVENTS_SHOWN = 20
+
+
+async def notifications_page(request: Request) -> Response:
+    """Where low-balance and top-up notifications go (``billing.notifications``), editable,
+    and the latest events with every delivery attempt."""
+    account_id = await console_scope(request, _ctx(request))
+    if request.method != "POST":
+        return await _notifications(request, account_id)
+    form = await request.form()
+    await check_csrf(request, form)
+    body = {name: _form_text(form, name) for name in notify.FIELDS}
+    try:
+        notify.parse_changes(body)  # refuse bad input before queueing a write
+        await _ctx(request).write(lambda conn: notify.update(conn, account_id, body,
+                                                             at_ms=now_ms()))
+    except InvalidRequest as exc:
+        return await _notifications(request, account_id, error=exc.message, form=form,
+                                    status=400)
+    return RedirectResponse("/console/notifications?saved=1", status_code=303)
+
+
+async def _notifications(request: Request, account_id: int, *, error: str | None = None,
+                         form: FormData | None = None, status: int = 200) -> Response:
+    def load(conn: Connection) -> dict[str, Any]:
+        return {"settings": notify.current(conn, account_id),
+                "events": notify.events_page(conn, account_id, limit=EVENTS_SHOWN)["data"]}
+
+    data = await _ctx(request).read(load)
+    values = {name: (form.get(name) if form is not None else data["settings"][name]) or ""
+              for name in notify.FIELDS}
+    return await render(request, "console/notifications.html", {
+        **data, "values": values, "error": error,
+        "saved": request.query_params.get("saved") == "1" and error is None}, status=status)
 
 
 # ----------------------------------------------------------------------------- keys
@@ -259,6 +330,8 @@ def _months(since_ms: int, today: datetime) -> list[str]:
 console_routes: list[BaseRoute] = [
     *auth_routes,
     Route("/console", overview),
+    Route("/console/redeem", redeem_code, methods=["POST"]),
+    Route("/console/notifications", notifications_page, methods=["GET", "POST"]),
     Route("/console/keys", keys_page, methods=["GET", "POST"]),
     Route("/console/keys/{key_id}/revoke", revoke_key, methods=["POST"]),
     Route("/console/usage", usage_page),

@@ -380,6 +380,11 @@ SPEC["paths"].update({
                                  security="session"),
     "/console/usage/export": html_pages("The filtered usage log as CSV", security="session"),
     "/console/statements": html_pages("Monthly statements, printable", security="session"),
+    "/console/redeem": html_pages("Redeem a code (the overview's form): the code's amount is "
+                                  "credited once", ("post",), security="session"),
+    "/console/notifications": html_pages("Notification settings (low-balance threshold, "
+                                         "webhook, email) and recent deliveries with attempts",
+                                         ("get", "post"), security="session"),
 })
 SPEC["components"]["securitySchemes"]["session"] = {
     "type": "apiKey", "in": "cookie", "name": "tollway_session",

@@ -22,8 +22,8 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tollway.billing import catalog_changes, credits, logins
-from tollway.billing.reports import summary_view
 from tollway.billing.marketplace import item_unit
+from tollway.billing.reports import summary_view
 from tollway.billing.views import account_view, entry_view, parse_amount, parse_signed_amount
 from tollway.errors import CatalogError, InvalidRequest, NotFound, TollwayError
 from tollway.ledger.ledger import now_ms
