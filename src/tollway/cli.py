@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 
 from tollway import settings
-from tollway.billing import credits, tiers
+from tollway.billing import credits, logins, tiers
 from tollway.billing import keys as key_ops
 from tollway.billing.marketplace import item_unit
 from tollway.billing.reports import (
@@ -138,12 +138,50 @@ def cmd_catalog_show(args: argparse.Namespace) -> Output:
     return Output(data, "\n".join(lines))
 
 
+def _stdin_password() -> str:
+    """A password from standard input (never argv, which other users can read): the first
+    line, without its line ending."""
+    line = sys.stdin.readline()
+    return line.removesuffix("\n").removesuffix("\r")
+
+
 def cmd_accounts_create(args: argparse.Namespace) -> Output:
+    password_hash = logins.hash_password(_stdin_password()) if args.password_stdin else None
     db = open_db(args)
     with db.write() as conn:
-        account = store.create_account(conn, args.name, args.group, at_ms=ledger.now_ms())
+        account = logins.create_account(conn, args.name, args.group, email=args.email,
+                                        password_hash=password_hash)
     view = account_view(account)
-    return Output(view, f"created account {account.id} ({account.name}, group {account.group})")
+    login = " with a console login" if password_hash else ""
+    return Output(view, f"created account {account.id} ({account.name}, group "
+                        f"{account.group}){login}")
+
+
+def cmd_accounts_set_password(args: argparse.Namespace) -> Output:
+    password_hash = logins.hash_password(_stdin_password())
+    db = open_db(args)
+    with db.write() as conn:
+        account = logins.set_password_hash(conn, store.find_account(conn, args.account).id,
+                                           password_hash)
+        if args.email is not None:
+            account = store.set_email(conn, account.id, args.email or None)
+    return Output(account_view(account), f"password set for account {account.id} "
+                  f"({account.name}); its console sessions were ended")
+
+
+def cmd_accounts_disable(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.write() as conn:
+        account = logins.disable_account(conn, store.find_account(conn, args.account).id)
+    return Output(account_view(account), f"disabled account {account.id} ({account.name}): "
+                  "its keys and console sign-in are refused")
+
+
+def cmd_accounts_enable(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.write() as conn:
+        account = logins.enable_account(conn, store.find_account(conn, args.account).id)
+    return Output(account_view(account), f"enabled account {account.id} ({account.name})")
 
 
 def cmd_accounts_list(args: argparse.Namespace) -> Output:
@@ -558,11 +596,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(acc, "create", cmd_accounts_create, "create a customer account")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--group", default="default")
+    p.add_argument("--email", help="email address for the web console sign-in")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read an initial console password from standard input")
     add(acc, "list", cmd_accounts_list, "list accounts with balances")
     p = add(acc, "set-tier", cmd_accounts_set_tier, "put an account in a rate-limit tier of "
             "the catalog (up or down)")
     p.add_argument("account", metavar="ACCOUNT", help="account id or name")
     p.add_argument("tier", metavar="TIER")
+    p = add(acc, "set-password", cmd_accounts_set_password,
+            "set an account's console password (read from standard input)")
+    p.add_argument("account", metavar="ACCOUNT", help="account id or name")
+    p.add_argument("--email", help="also set the sign-in email ('' removes it)")
+    for name, handler, text in (
+            ("disable", cmd_accounts_disable, "refuse an account's keys and console sign-in"),
+            ("enable", cmd_accounts_enable, "enable a disabled account")):
+        p = add(acc, name, handler, text)
+        p.add_argument("account", metavar="ACCOUNT", help="account id or name")
 
     p = add(sub, "balance", cmd_balance, "show an account's balance")
     p.add_argument("account", metavar="ACCOUNT", help="account id or name")

@@ -10,6 +10,8 @@
     ├── InsufficientBalance (402)
     ├── ModelNotAllowed (403)
     ├── IpNotAllowed (403) — the key's IP allowlist does not include the client
+    ├── AccountDisabled (403) — the operator disabled the key's account
+    ├── CsrfFailed (403) — a console form without its session's CSRF token
     ├── NotFound (404): UnknownAccount, UnknownApiKey, UnknownHold, UnknownModel, UnknownEndpoint,
     │                   UnknownCode (a redemption code nobody minted)
     ├── LimitExceeded (429, may carry Retry-After)
@@ -94,6 +96,18 @@ class ModelNotAllowed(TollwayError):
     status = 403
     type = "permission_error"
     code = "model_not_allowed"
+
+
+class AccountDisabled(TollwayError):
+    status = 403
+    type = "permission_error"
+    code = "account_disabled"
+
+
+class CsrfFailed(TollwayError):
+    status = 403
+    type = "permission_error"
+    code = "invalid_csrf_token"
 
 
 class NotFound(TollwayError):

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tollway.billing import codes, credits, tiers
+from tollway.billing import codes, credits, logins, tiers
 from tollway.billing import keys as key_ops
 from tollway.billing.views import (
     LIMIT_FIELDS,
@@ -83,9 +83,25 @@ async def create_account(request: Request, ctx: Context) -> Response:
     if not name:
         raise InvalidRequest("name is required")
     group = optional_str(body, "group") or "default"
-    account = await ctx.write(
-        lambda conn: store.create_account(conn, name, group, at_ms=ledger.now_ms()))
+    email, password = optional_str(body, "email"), optional_str(body, "password")
+    password_hash = None if password is None else logins.hash_password(password)
+    account = await ctx.write(lambda conn: logins.create_account(
+        conn, name, group, email=email, password_hash=password_hash))
     return JSONResponse(account_view(account), status_code=201)
+
+
+async def disable_account(request: Request, ctx: Context) -> Response:
+    ref = request.path_params["account"]
+    account = await ctx.write(
+        lambda conn: logins.disable_account(conn, store.find_account(conn, ref).id))
+    return JSONResponse(account_view(account))
+
+
+async def enable_account(request: Request, ctx: Context) -> Response:
+    ref = request.path_params["account"]
+    account = await ctx.write(
+        lambda conn: logins.enable_account(conn, store.find_account(conn, ref).id))
+    return JSONResponse(account_view(account))
 
 
 async def get_account(request: Request, ctx: Context) -> Response:
@@ -221,6 +237,8 @@ admin_routes = [
     Route("/accounts", _admin(list_accounts), methods=["GET"]),
     Route("/accounts", _admin(create_account), methods=["POST"]),
     Route("/accounts/{account}", _admin(get_account), methods=["GET"]),
+    Route("/accounts/{account}/disable", _admin(disable_account), methods=["POST"]),
+    Route("/accounts/{account}/enable", _admin(enable_account), methods=["POST"]),
     Route("/accounts/{account}/topups", _admin(topup), methods=["POST"]),
     Route("/accounts/{account}/adjustments", _admin(adjust), methods=["POST"]),
     Route("/accounts/{account}/keys", _admin(list_keys), methods=["GET"]),

@@ -16,6 +16,7 @@ from functools import lru_cache
 from sqlalchemy.engine import Connection
 
 from tollway.errors import (
+    AccountDisabled,
     ExpiredApiKey,
     InvalidApiKey,
     InvalidRequest,
@@ -143,6 +144,8 @@ def check_usable(record: ApiKeyRecord, *, now_ms: int) -> None:
         raise RevokedApiKey(f"API key {record.prefix}… was revoked")
     if record.expires_at_ms is not None and record.expires_at_ms <= now_ms:
         raise ExpiredApiKey(f"API key {record.prefix}… has expired")
+    if record.account_disabled_at_ms is not None:
+        raise AccountDisabled(f"the account of API key {record.prefix}… is disabled")
 
 
 def check_item(record: ApiKeyRecord, item_id: str) -> None:

@@ -92,7 +92,9 @@ def limits_view(limits: KeyLimits) -> dict[str, Any]:
 def account_view(account: Account) -> dict[str, Any]:
     return {"id": account.id, "name": account.name, "group": account.group,
             "tier": account.tier, **balance_view(account),
-            "created_at": iso(account.created_at_ms)}
+            "created_at": iso(account.created_at_ms),
+            "email": account.email, "console_login": account.has_password,
+            "disabled_at": iso(account.disabled_at_ms)}
 
 
 def balance_view(account: Account) -> dict[str, Any]:

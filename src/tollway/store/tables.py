@@ -30,6 +30,11 @@ accounts = sa.Table(
     sa.Column("used_nano", Nano, nullable=False, server_default="0"),
     sa.Column("requests", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("created_at_ms", Ms, nullable=False),
+    # console sign-in (migration 0003): email and password are optional, both NULL = no login
+    sa.Column("email", sa.String(320)),  # stored lower-cased, unique
+    sa.Column("password_hash", sa.String(255)),  # scrypt$n$r$p$salt$hash (billing/logins.py)
+    sa.Column("disabled_at_ms", Ms),  # set: its keys and its console sign-in are refused
+    sa.Index("uq_accounts_email", "email", unique=True),
     sa.Column("tier", sa.String(64)),  # NULL = the catalog's default tier
     # the low-balance threshold (NULL = none) and whether its next crossing is notified: the
     # ledger reads both in the RETURNING of the statement that moves the money
@@ -299,6 +304,21 @@ key_spend = sa.Table(
     sa.Column("spent_nano", Nano, nullable=False),
     sa.Column("held_nano", Nano, nullable=False),
     sa.CheckConstraint("held_nano >= 0", name="ck_key_spend_held_nonnegative"),
+)
+
+#: Signed-in browsers (migration 0003). The cookie holds a random 256-bit id; only its SHA-256
+#: is stored, so a copy of the database cannot be replayed as a session.
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id")),  # NULL for the operator
+    sa.Column("operator", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("csrf_token", sa.String(64), nullable=False),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("expires_at_ms", Ms, nullable=False),
+    sa.Index("ix_web_sessions_account", "account_id"),
+    sa.Index("ix_web_sessions_expiry", "expires_at_ms"),
 )
 
 #: Where an account's notifications go. The secret signs webhooks (HMAC-SHA256); it is kept in

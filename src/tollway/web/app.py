@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from tollway import settings
@@ -32,11 +32,27 @@ from tollway.store.db import Database
 from tollway.store.writer import Writer
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
-from tollway.web import notifications, reports
+from tollway.web import notifications, pages, reports
+from tollway.web.console import console_routes
 from tollway.web.context import Context
 from tollway.web.errors import RequestIdMiddleware, http_error, tollway_error, unexpected_error
 from tollway.web.http import bearer
+from tollway.web.market import market_routes
 from tollway.web.openapi import SPEC
+from tollway.web.operator import operator_routes
+from tollway.web.session import LoginRequired, login_required
+
+
+async def error(request: Request, exc: Exception) -> Response:
+    """API paths answer the JSON error body; pages (``pages.is_page``) an HTML page."""
+    if isinstance(exc, TollwayError):
+        if pages.is_page(request):
+            return await pages.error_page(request, exc.status, exc.message)
+        return await tollway_error(request, exc)
+    assert isinstance(exc, HTTPException)
+    if pages.is_page(request):
+        return await pages.error_page(request, exc.status_code, str(exc.detail))
+    return await http_error(request, exc)
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -131,11 +147,15 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         Route("/apis/v1/{path:path}", ApiRoute(),
               methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         Mount("/admin/v1", routes=admin_routes),
+        pages.static_mount,
+        # web console pages; keep them before any Mount("/admin") so /admin/login matches
+        *console_routes,
+        *market_routes, *operator_routes,
     ]
     return Starlette(
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(RequestIdMiddleware)],
-        exception_handlers={TollwayError: tollway_error, HTTPException: http_error,
-                            Exception: unexpected_error},
+        exception_handlers={TollwayError: error, HTTPException: error,
+                            LoginRequired: login_required, Exception: unexpected_error},
     )

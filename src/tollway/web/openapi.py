@@ -45,6 +45,16 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema or {"type": "string"}}
 
 
+def html_pages(summary: str, methods: Sequence[str] = ("get",), *,
+               security: str | None = None) -> dict[str, Any]:
+    """A server-rendered page (web console): HTML, forms posted with a CSRF token."""
+    return {method: {"summary": summary, "tags": ["pages"], "responses": {
+        "200" if method == "get" else "303": {
+            "description": "the page" if method == "get" else "redirect after the form",
+            "content": {"text/html": {"schema": {"type": "string"}}}}},
+        **({"security": [{security: []}]} if security else {})} for method in methods}
+
+
 LOG_FILTERS = ["start", "end", "model", "endpoint", "product", "key", "group", "type",
                "billing_type"]
 USD_IN = {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"}
@@ -139,6 +149,13 @@ SPEC: dict[str, Any] = {
                         body=_ref("NewAccount"), status="201")},
         "/admin/v1/accounts/{account}": {"get": _op("One account", _json(_ref("Account")),
                                                     security="adminToken", params=["account"])},
+        "/admin/v1/accounts/{account}/disable": {"post": _op(
+            "Disable an account: its keys answer 403 account_disabled, its console sign-in "
+            "is refused, its sessions end", _json(_ref("Account")), security="adminToken",
+            params=["account"])},
+        "/admin/v1/accounts/{account}/enable": {"post": _op(
+            "Enable a disabled account again", _json(_ref("Account")), security="adminToken",
+            params=["account"])},
         "/admin/v1/accounts/{account}/topups": {"post": _op(
             "Credit an account (Idempotency-Key header)", _json(_ref("Credit")),
             security="adminToken", params=["account", "idempotency_key"],
@@ -237,7 +254,7 @@ SPEC: dict[str, Any] = {
             "cursor": _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
             "group_by": _query("group_by", {"type": "string"},
                                "comma-separated: model, endpoint, product, key, day, hour, "
-                               "billing_type"),
+                               "billing_type, account (revenue by account: operators)"),
             "month": {"name": "month", "in": "query", "required": True,
                       "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"}},
             "format_export": _query("format", {"enum": ["csv", "jsonl"]}, "default csv"),
@@ -268,9 +285,14 @@ SPEC: dict[str, Any] = {
                 "id": {"type": "integer"}, "name": {"type": "string"},
                 "group": {"type": "string"}, "tier": {"type": ["string", "null"]},
                 "balance_usd": USD, "held_usd": USD,
-                "available_usd": USD, "used_usd": USD, "requests": {"type": "integer"}}},
+                "available_usd": USD, "used_usd": USD, "requests": {"type": "integer"},
+                "email": {"type": ["string", "null"]}, "console_login": {"type": "boolean"},
+                "disabled_at": {"type": ["string", "null"], "format": "date-time"}}},
             "NewAccount": {"type": "object", "required": ["name"], "properties": {
-                "name": {"type": "string"}, "group": {"type": "string"}}},
+                "name": {"type": "string"}, "group": {"type": "string"},
+                "email": {"type": "string", "description": "console sign-in (optional)"},
+                "password": {"type": "string", "minLength": 8,
+                             "description": "initial console password (optional)"}}},
             "Amount": {"type": "object", "required": ["amount_usd"], "properties": {
                 "amount_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"},
                 "note": {"type": "string"}}},
@@ -366,3 +388,56 @@ SPEC: dict[str, Any] = {
         },
     },
 }
+
+#: The customer web console and its sign-in pages (``web/auth.py``, ``web/console.py``).
+SPEC["paths"].update({
+    "/login": html_pages("Customer sign-in: email or account name and password",
+                         ("get", "post")),
+    "/logout": html_pages("Sign out (customer)", ("post",), security="session"),
+    "/signup": html_pages("Self-service sign-up (TOLLWAY_SIGNUP_ENABLED)", ("get", "post")),
+    "/admin/login": html_pages("Operator sign-in with the admin token", ("get", "post")),
+    "/admin/logout": html_pages("Sign out (operator)", ("post",), security="session"),
+    "/console": html_pages("Overview: balance, usage this period, charts",
+                           security="session"),
+    "/console/keys": html_pages("API keys: list and create", ("get", "post"),
+                                security="session"),
+    "/console/keys/{key_id}/revoke": html_pages("Revoke one of the account's keys", ("post",),
+                                                security="session"),
+    "/console/usage": html_pages("Usage log with filters, paging and pricing explanations",
+                                 security="session"),
+    "/console/usage/export": html_pages("The filtered usage log as CSV", security="session"),
+    "/console/statements": html_pages("Monthly statements, printable", security="session"),
+    "/console/redeem": html_pages("Redeem a code (the overview's form): the code's amount is "
+                                  "credited once", ("post",), security="session"),
+    "/console/notifications": html_pages("Notification settings (low-balance threshold, "
+                                         "webhook, email) and recent deliveries with attempts",
+                                         ("get", "post"), security="session"),
+})
+SPEC["components"]["securitySchemes"]["session"] = {
+    "type": "apiKey", "in": "cookie", "name": "tollway_session",
+    "description": "web console session (sign in at /login or /admin/login)"}
+
+#: The public marketplace pages and the operator's pages (``web/market.py``,
+#: ``web/operator.py``); every operator page needs an operator session.
+SPEC["paths"].update({
+    "/": html_pages("Marketplace: every model and data API with its price; ?q, billing_type, "
+                    "provider, group (prices after the group's ratios)"),
+    "/market/{item_id}": html_pages("One item: prices by group and copy-paste examples"),
+    "/admin": html_pages("Operator home (redirects to the accounts)", security="session"),
+    "/admin/accounts": html_pages("Accounts with balances; create one", ("get", "post"),
+                                  security="session"),
+    "/admin/accounts/{account_id}": html_pages("One account: top up, adjust, group, disable",
+                                               security="session"),
+    "/admin/accounts/{account_id}/{action}": html_pages(
+        "Account forms: topup, adjust (a one-time nonce is the idempotency key), group, "
+        "disable, enable", ("post",), security="session"),
+    "/admin/catalog": html_pages("Prices in effect and price history per item",
+                                 security="session"),
+    "/admin/catalog/preview": html_pages("What applying a catalog file would change (writes "
+                                         "nothing)", ("post",), security="session"),
+    "/admin/catalog/apply": html_pages("Apply a catalog file (as `tollway catalog apply`)",
+                                       ("post",), security="session"),
+    "/admin/groups": html_pages("Groups, ratios and item overrides", security="session"),
+    "/admin/usage": html_pages("Usage and revenue of every account, by account and product",
+                               security="session"),
+})

@@ -1,7 +1,7 @@
 """tiers, rate limits, key spend caps, IP allowlists
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 
 Additive only: new tables (tiers, key_spend) and new nullable or defaulted columns on
 accounts, api_keys (limits, the key's current rate-limit window) and holds. ``api_keys.open_holds`` starts at each key's count of
@@ -14,7 +14,7 @@ from alembic import op
 
 # revision identifiers, used by Alembic.
 revision: str = '0004'
-down_revision: str | Sequence[str] | None = '0002'
+down_revision: str | Sequence[str] | None = '0003'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
