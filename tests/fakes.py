@@ -489,6 +489,19 @@ class FakeUpstream:
 # --------------------------------------------------------------------------- the gateway
 
 
+class FakeClock:
+    """The gateway's time, moved by the test (milliseconds since the epoch)."""
+
+    def __init__(self, start_ms: int) -> None:
+        self.ms = start_ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float = 0, *, ms: int = 0) -> None:
+        self.ms += int(seconds * 1000) + ms
+
+
 class GatewayThread:
     """``create_app(database_url=..., admin_token=...)`` under uvicorn, in a thread.
 
@@ -496,10 +509,11 @@ class GatewayThread:
     :meth:`start`; set them before.
     """
 
-    def __init__(self, database_url: str, admin_token: str = ADMIN_TOKEN) -> None:
+    def __init__(self, database_url: str, admin_token: str = ADMIN_TOKEN,
+                 clock: FakeClock | None = None) -> None:
         from tollway.web.app import create_app
 
-        self.app = create_app(database_url=database_url, admin_token=admin_token)
+        self.app = create_app(database_url=database_url, admin_token=admin_token, clock=clock)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -679,11 +693,12 @@ class Tollway:
 
     def key(self, account_id: int, *, name: str = "test", group: str | None = None,
             models: list[str] | None = None, quota_nano: int | None = None,
-            expires_at_ms: int | None = None) -> str:
+            expires_at_ms: int | None = None,
+            limits: account_store.KeyLimits | None = None) -> str:
         with self.db.write() as conn:
             return key_ops.create_key(conn, account_id, at_ms=ledger.now_ms(), name=name,
                                       group=group, models=models, quota_nano=quota_nano,
-                                      expires_at_ms=expires_at_ms).secret
+                                      expires_at_ms=expires_at_ms, limits=limits).secret
 
     def revoke(self, secret: str) -> None:
         with self.db.write() as conn:
@@ -772,12 +787,13 @@ def _usd(text: str) -> int:
 
 @contextlib.contextmanager
 def running_tollway(db: Database, catalog: str, fake: FakeUpstream | None = None,
-                    env: dict[str, str] | None = None) -> Iterator[Tollway]:
+                    env: dict[str, str] | None = None,
+                    clock: FakeClock | None = None) -> Iterator[Tollway]:
     """Apply ``catalog`` and serve the gateway on ``db``, with ``env`` (default
-    :data:`GATEWAY_ENV`) set while it runs."""
+    :data:`GATEWAY_ENV`) set while it runs, on ``clock`` if given."""
     apply_catalog_text(db, catalog)
     with _environment(GATEWAY_ENV if env is None else env):
-        gateway = GatewayThread(db.url)
+        gateway = GatewayThread(db.url, clock=clock)
         gateway.start()
         tollway = Tollway(db, gateway, fake)
         try:

@@ -494,8 +494,10 @@ def test_admin_ledger_verify(client: TestClient, db_url: str, prepared: dict[str
 
 
 def test_unknown_routes_and_methods_in_the_error_shape(client: TestClient) -> None:
-    for path in ("/nope", "/v1/nope", "/admin/v1/nope", "/admin/v1/accounts/1/nope"):
+    for path in ("/v1/nope", "/admin/v1/nope", "/admin/v1/accounts/1/nope"):
         assert_error(client.get(path, headers=ADMIN), 404, "not_found", "not_found_error")
+    page = client.get("/nope")  # outside the APIs, a person reads the answer: an HTML page
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
     assert_error(client.delete("/healthz"), 405, "method_not_allowed")
     assert_error(client.post("/v1/marketplace"), 405, "method_not_allowed")
 

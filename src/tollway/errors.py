@@ -9,9 +9,14 @@
     │   └── InvalidAdminToken
     ├── InsufficientBalance (402)
     ├── ModelNotAllowed (403)
+    ├── IpNotAllowed (403) — the key's IP allowlist does not include the client
+    ├── AccountDisabled (403) — the operator disabled the key's account
+    ├── CsrfFailed (403) — a console form without its session's CSRF token
     ├── NotFound (404): UnknownAccount, UnknownApiKey, UnknownHold, UnknownModel, UnknownEndpoint,
     │                   UnknownCode (a redemption code nobody minted)
-    ├── QuotaExceeded (429)
+    ├── LimitExceeded (429, may carry Retry-After)
+    │   ├── QuotaExceeded — the key's total quota or a period spend cap
+    │   └── RateLimited   — requests or tokens per minute, or requests in flight
     ├── HoldClosed (409) — settle/void of a hold another operation already closed
     ├── RequestInProgress (409) — a retry arrived while the first request still runs
     ├── CodeRedeemed (409) — a redemption code was already used
@@ -37,6 +42,8 @@ class TollwayError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        #: Extra response headers (the gateway's rate-limit headers of a refused request).
+        self.headers: list[tuple[bytes, bytes]] = []
 
 
 class InvalidRequest(TollwayError):
@@ -91,6 +98,18 @@ class ModelNotAllowed(TollwayError):
     code = "model_not_allowed"
 
 
+class AccountDisabled(TollwayError):
+    status = 403
+    type = "permission_error"
+    code = "account_disabled"
+
+
+class CsrfFailed(TollwayError):
+    status = 403
+    type = "permission_error"
+    code = "invalid_csrf_token"
+
+
 class NotFound(TollwayError):
     status = 404
     type = "not_found_error"
@@ -121,10 +140,34 @@ class UnknownCode(NotFound):
     code = "unknown_code"
 
 
-class QuotaExceeded(TollwayError):
+class LimitExceeded(TollwayError):
+    """A limit refused the request before anything was forwarded or held. ``retry_after_s``
+    (whole seconds) is when the limit that refused it resets, if it resets by itself."""
+
     status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        #: The key's rate-limit window without this request, (start_ms, requests, tokens),
+        #: when the refusal came from the key's guarded statement.
+        self.window_state: tuple[int, int, int] | None = None
+
+
+class QuotaExceeded(LimitExceeded):
     type = "billing_error"
     code = "quota_exceeded"
+
+
+class RateLimited(LimitExceeded):
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
+class IpNotAllowed(TollwayError):
+    status = 403
+    type = "permission_error"
+    code = "ip_not_allowed"
 
 
 class HoldClosed(TollwayError):

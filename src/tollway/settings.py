@@ -42,8 +42,19 @@ SETTINGS = (
     Setting("usage_retention_days", "400",
             "raw usage records older than this are deleted by `tollway usage prune` (rollups, "
             "statements and the ledger are kept)"),
+    Setting("billing_timezone", "UTC",
+            "IANA time zone of the calendar days, weeks (from Monday) and months of key spend "
+            "caps"),
+    Setting("trusted_proxies", "",
+            "comma-separated CIDR networks of reverse proxies whose X-Forwarded-For is "
+            "believed (the client is the right-most address not in them); empty = none"),
     Setting("catalog_refresh_seconds", "5",
             "how often a worker re-reads the catalog and prices from the database"),
+    Setting("session_hours", "12", "how long a web console sign-in lasts"),
+    Setting("signup_enabled", "false",
+            "true: anyone may create a customer account with a console login at /signup"),
+    Setting("signup_credit_usd", "0",
+            "a decimal USD amount credited once to each account created at /signup"),
     Setting("notify_interval_seconds", "5",
             "how often the server looks for notifications to deliver (0: never; then run "
             "`tollway notify deliver`)"),

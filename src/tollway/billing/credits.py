@@ -1,10 +1,12 @@
 """Money in: top-ups and operator adjustments, each moved by the ledger and written to the
-account's log in the same transaction (a repeated idempotency key writes neither twice)."""
+account's log in the same transaction (a repeated idempotency key writes neither twice). A
+top-up may also move the account up a tier (``billing.tiers``), in the same transaction."""
 
 from __future__ import annotations
 
 from sqlalchemy.engine import Connection
 
+from tollway.billing import tiers
 from tollway.ledger import ledger
 from tollway.ledger.ledger import Adjustment, Topup
 from tollway.money import format_usd
@@ -26,6 +28,7 @@ def topup(conn: Connection, account_id: int, amount_nano: int, *, idempotency_ke
         "amount_usd": format_usd(amount_nano), "available_usd": format_usd(result.balance_nano),
         "source": source, "entry_id": result.entry_id}, at_ms=at,
         dedupe_key=f"topup:{result.entry_id}")
+    tiers.upgrade_after_topup(conn, account_id)
     return result
 
 

@@ -3,6 +3,7 @@ for models, the gateway routes it can be called through."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -25,12 +26,25 @@ def item_unit(item: Item) -> str:
     return "call" if "path" in item.spec else "image"
 
 
-def listing(conn: Connection, *, now_ms: int) -> dict[str, Any]:
+def listing(conn: Connection, *, now_ms: int, item_id: str | None = None,
+            display_groups: Iterable[str] = ()) -> dict[str, Any]:
+    """Every item for sale (or the one ``item_id``). For each known group in
+    ``display_groups``, items also carry ``group_display[group]``: that group's ratio and
+    prices as people read them (the web marketplace shows them; the JSON API does not)."""
     ratios = group_ratios(conn)
-    items = current_items(conn, now_ms=now_ms)
+    items = current_items(conn, now_ms=now_ms, item_id=item_id)
     kinds = {pid: kind for pid, (kind, _) in list_providers(conn).items()}
+    data = [_item(item, ratios, kinds) for item in items]
+    shown = [g for g in display_groups if g in ratios]
+    for item, body in zip(items, data, strict=True):
+        for group in shown:
+            applied = resolve_ratio(group, ratios, item.version.group_ratios)
+            body.setdefault("group_display", {})[group] = {
+                "ratio": str(applied.value), "ratio_source": applied.source,
+                "price_display": price_lines(item.version.price, applied.value,
+                                             per=item_unit(item))}
     return {"object": "list", "groups": {name: str(r) for name, r in sorted(ratios.items())},
-            "data": [_item(item, ratios, kinds) for item in items]}
+            "data": data}
 
 
 def _item(item: Item, ratios: dict[str, Any], kinds: dict[str, str]) -> dict[str, Any]:

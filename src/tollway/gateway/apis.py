@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from starlette.types import Receive, Scope, Send
 
-from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import TollwayError, UpstreamError
 from tollway.gateway.asgi import read_body, send_error
-from tollway.gateway.calls import begin, fail, fetch, send_replay, settle_answer
+from tollway.gateway.calls import begin, fail, fetch, reserve, send_replay, settle_answer
 from tollway.gateway.state import Gateway
 from tollway.pricing.rating import CallPrice, CallUsage, rate_calls
 from tollway.upstreams.base import UpstreamRequest
@@ -40,17 +39,14 @@ class ApiRoute:
             price = item.version.price
             assert isinstance(price, CallPrice)
             cost = rate_calls(CallUsage(1), price, call.ratio).cost_nano_usd
-            result = await gw.ctx.write(lambda conn: metering.reserve(
-                conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
-                amount_nano=max(cost, 1), ttl_ms=gw.ctx.hold_ttl_ms,
-                client_key=call.client_key))
+            result = await reserve(gw, call, max(cost, 1))
         except TollwayError as exc:
             await send_error(scope, send, exc)
             return
         if isinstance(result, Replay):
             await send_replay(send, result)
             return
-        call.hold = result.hold
+        assert call.hold is not None
         query = [(k, v) for k, v in _query(scope)]
         headers = {name.decode("latin-1"): value.decode("latin-1")
                    for name, value in scope["headers"] if name in FORWARDED_HEADERS}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from tollway.errors import InvalidRequest, PayloadTooLarge, TollwayError
+from tollway.errors import InvalidRequest, LimitExceeded, PayloadTooLarge, TollwayError
 from tollway.web.errors import REQUEST_ID
 
 JSON = b"application/json"
@@ -73,5 +73,12 @@ def error_body(scope: Scope, exc: TollwayError) -> bytes:
 
 
 async def send_error(scope: Scope, send: Send, exc: TollwayError,
-                     headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    await send_bytes(send, exc.status, error_body(scope, exc), headers=headers)
+                     headers: Iterable[tuple[bytes, bytes]] = (),
+                     render: Callable[[Scope, TollwayError], bytes] = error_body) -> None:
+    """An error response (its body as ``render`` writes it: Anthropic's shape on
+    /v1/messages) with the error's own headers (rate limits), and Retry-After for a limit
+    that resets by itself."""
+    headers = [*headers, *exc.headers]
+    if isinstance(exc, LimitExceeded) and exc.retry_after_s is not None:
+        headers.append((b"retry-after", str(exc.retry_after_s).encode()))
+    await send_bytes(send, exc.status, render(scope, exc), headers=headers)

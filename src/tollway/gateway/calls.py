@@ -12,8 +12,9 @@ from typing import Any
 from starlette.types import Scope, Send
 
 from tollway.billing import keys, metering
-from tollway.billing.metering import ClientKey, Replay
-from tollway.errors import InvalidRequest, TollwayError, UpstreamError
+from tollway.billing.limits import NO_LIMITS, Limits, Window
+from tollway.billing.metering import ClientKey, Replay, Reservation
+from tollway.errors import InvalidRequest, LimitExceeded, TollwayError, UpstreamError
 from tollway.gateway.asgi import error_body, header, send_bytes
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import Hold, now_ms
@@ -44,8 +45,15 @@ class Call:
     client_key: ClientKey | None = None
     hold: Hold | None = None
     ttft_ms: int | None = None
+    clock: Callable[[], int] | None = None  # the gateway's; None: the ledger's clock
+    limits: Limits = NO_LIMITS
+    window: Window | None = None  # the key's rate-limit window once admitted
+    counted_tokens: int = 0  # what this request counted against TPM at admission
     #: how this route's own error answers read (Anthropic's shape on /v1/messages)
     render_error: Callable[[Scope, TollwayError], bytes] = error_body
+
+    def rate_headers(self) -> list[tuple[bytes, bytes]]:
+        return [] if self.window is None else self.window.headers()
 
     @property
     def request_id(self) -> str:
@@ -70,7 +78,8 @@ class Call:
         """The usage record's fields (the metering layer adds hold and cost)."""
         prices = price_columns(self.item.version.price, unit_price=unit_price)
         return {
-            "request_id": self.request_id, "created_at_ms": now_ms(),
+            "request_id": self.request_id,
+            "created_at_ms": self.clock() if self.clock is not None else now_ms(),
             "account_id": self.key.account_id, "key_id": self.key.id,
             "key_name": self.key.name, "group_name": self.group,
             "ratio": str(self.ratio.value), "ratio_source": self.ratio.source,
@@ -96,14 +105,15 @@ def _text(note: str | None) -> str | None:
 
 def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
           body: bytes) -> Call:
-    """Checks that need no database: allowlist, quota pre-check, the ratio, Idempotency-Key."""
+    """Checks that need no database: model allowlist, quota pre-check, the ratio,
+    Idempotency-Key."""
     keys.check_item(key, item.id)
     keys.check_quota(key)
     group = keys.effective_group(key)
     if group not in gw.catalog.ratios:
         raise InvalidRequest(f"the key's group {group!r} is not in the catalog")
     ratio = resolve_ratio(group, gw.catalog.ratios, item.version.group_ratios)
-    call = Call(scope, key, item, ratio, route)
+    call = Call(scope, key, item, ratio, route, clock=gw.clock, limits=gw.catalog.limits(key))
     idem = header(scope, b"idempotency-key")
     if idem:
         if len(idem) > 200:
@@ -111,6 +121,27 @@ def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
         digest = hashlib.sha256(scope["method"].encode() + b" " + route.encode() + b"\n" + body)
         call.client_key = ClientKey(key.id, idem, digest.hexdigest())
     return call
+
+
+async def reserve(gw: Gateway, call: Call, amount_nano: int, *, tokens: int = 0,
+                  shrink: Callable[[int], tuple[int, Any] | None] | None = None
+                  ) -> Reservation | Replay:
+    """Admit the request under the key's limits and place its hold, in one writer operation.
+    A request a limit refuses is recorded (an error record, cost 0) and the error re-raised;
+    nothing was held or forwarded."""
+    key, at = call.key, gw.clock()
+    try:
+        result = await gw.ctx.write(lambda conn: metering.reserve(
+            conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
+            amount_nano=amount_nano, ttl_ms=gw.ctx.hold_ttl_ms, client_key=call.client_key,
+            shrink=shrink, limits=call.limits, tokens=tokens, at_ms=at))
+    except LimitExceeded as exc:
+        record = call.record(type_="error", status=exc.status, error=exc)
+        await gw.ctx.write(lambda conn: metering.refuse(conn, record=record))
+        raise
+    if isinstance(result, Reservation):
+        call.hold, call.window, call.counted_tokens = result.hold, result.window, tokens
+    return result
 
 
 async def send_replay(send: Send, replay: Replay) -> None:
@@ -127,14 +158,28 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
     if call.hold is not None:
         record = call.record(type_="error", status=status or exc.status, error=exc)
         hold_id = call.hold.id
-        await gw.ctx.write(lambda conn: metering.void(conn, hold_id=hold_id, record=record,
-                                                      client_key=call.client_key))
+        await gw.ctx.write(lambda conn: metering.void(
+            conn, hold_id=hold_id, record=record, client_key=call.client_key,
+            window=call.window, counted_tokens=call.counted_tokens))
     if send_response:
         if body is None:
-            await send_bytes(send, exc.status, call.render_error(call.scope, exc))
+            await send_bytes(send, exc.status, call.render_error(call.scope, exc),
+                             headers=call.rate_headers())
         else:
             await send_bytes(send, status or exc.status, body, content_type,
-                             headers=[UPSTREAM_ERROR_HEADER])
+                             headers=[UPSTREAM_ERROR_HEADER, *call.rate_headers()])
+
+
+async def settle(gw: Gateway, call: Call, *, cost: int, record: dict[str, Any],
+                 response: tuple[int, str, bytes | None] | None) -> None:
+    """Charge ``cost`` with its usage record at the gateway's time; the key's rate-limit
+    window gets the record's actual tokens in place of what admission counted."""
+    assert call.hold is not None
+    hold_id, client_key, at = call.hold.id, call.client_key, gw.clock()
+    window, counted = call.window, call.counted_tokens
+    await gw.ctx.write(lambda conn: metering.settle(
+        conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
+        response=response, at_ms=at, window=window, counted_tokens=counted))
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,11 +215,8 @@ async def fetch(gw: Gateway, call: Call, send: Send, provider: str,
 async def settle_answer(gw: Gateway, call: Call, send: Send, answer: Answer, *, cost: int,
                         record: dict[str, Any]) -> None:
     """Charge ``cost`` with its usage record (kept for an Idempotency-Key replay) and pass the
-    upstream's answer on with the cost header."""
-    assert call.hold is not None
-    hold_id, client_key = call.hold.id, call.client_key
-    await gw.ctx.write(lambda conn: metering.settle(
-        conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
-        response=(answer.status, answer.content_type, answer.body)))
+    upstream's answer on with the cost and rate-limit headers."""
+    await settle(gw, call, cost=cost, record=record,
+                 response=(answer.status, answer.content_type, answer.body))
     await send_bytes(send, answer.status, answer.body, answer.content_type.encode(),
-                     headers=[(COST_HEADER, format_usd(cost).encode())])
+                     headers=[(COST_HEADER, format_usd(cost).encode()), *call.rate_headers()])

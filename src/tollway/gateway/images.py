@@ -14,11 +14,10 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import InvalidRequest, TollwayError, UpstreamError
 from tollway.gateway.asgi import json_object, read_body, send_error, stream_flag
-from tollway.gateway.calls import Call, begin, fail, fetch, send_replay, settle_answer
+from tollway.gateway.calls import Call, begin, fail, fetch, reserve, send_replay, settle_answer
 from tollway.gateway.state import Gateway
 from tollway.pricing.rating import CallPrice, CallUsage, rate_calls
 from tollway.upstreams.base import UpstreamRequest
@@ -93,12 +92,11 @@ class ImagesRoute:
         call = begin(gw, scope, key, item, ROUTE, body)
         amount = max(rate_calls(CallUsage(n), price, call.ratio, unit_price=unit).cost_nano_usd,
                      1)
-        result = await gw.ctx.write(lambda conn: metering.reserve(
-            conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
-            amount_nano=amount, ttl_ms=gw.ctx.hold_ttl_ms, client_key=call.client_key))
+        # an image request counts against RPM, concurrency and spend caps; it has no tokens,
+        # so it counts 0 against TPM
+        result = await reserve(gw, call, amount)
         if isinstance(result, Replay):
             return result
-        call.hold = result.hold
         return call, provider, payload, price, unit, n
 
 

@@ -2,7 +2,10 @@
 messages, Responses): authenticate → checks → hold for the estimated prompt plus the output
 bound (lowering it to what the balance affords, reported in ``X-Tollway-Max-Tokens``) →
 forward → settle from the upstream's usage, or from a local count marked ``estimated`` when a
-stream ends without it → one usage record.
+stream ends without it → one usage record. The hold is admitted under the key's limits
+(``calls.reserve``: RPM, TPM counting the estimated prompt, concurrency, spend caps);
+settlement replaces that estimate in the key's TPM window by the input + output tokens billed,
+and every response after admission carries the ``X-RateLimit-*`` headers.
 
 A protocol is a :class:`TokenRoute` subclass that says how its requests name the output bound,
 how its answers report usage (converted explicitly to the rating inputs) and how its stream
@@ -21,11 +24,17 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from tollway import tokens
-from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import InvalidRequest, TollwayError, UpstreamError
-from tollway.gateway.asgi import error_body, json_object, read_body, send_bytes, stream_flag
-from tollway.gateway.calls import COST_HEADER, Call, begin, fail, send_replay
+from tollway.gateway.asgi import (
+    error_body,
+    json_object,
+    read_body,
+    send_bytes,
+    send_error,
+    stream_flag,
+)
+from tollway.gateway.calls import COST_HEADER, Call, begin, fail, reserve, send_replay, settle
 from tollway.gateway.sse import EventSplitter
 from tollway.gateway.state import Gateway
 from tollway.gateway.usage import MeteredUsage, bounded
@@ -138,7 +147,7 @@ class TokenRoute:
         try:
             prepared = await self._prepare(gw, scope, receive)
         except TollwayError as exc:
-            await send_bytes(send, exc.status, self.render_error(scope, exc))
+            await send_error(scope, send, exc, render=self.render_error)
             return
         if isinstance(prepared, Replay):
             await send_replay(send, prepared)
@@ -217,13 +226,12 @@ class TokenRoute:
                       provider, choices=self.choices(payload))
         call.stream = self.streams(payload)
         amount = llm.hold_cost(llm.prompt_estimate, (bound or 0) * llm.choices)
-        result = await gw.ctx.write(lambda conn: metering.reserve(
-            conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
-            amount_nano=amount, ttl_ms=gw.ctx.hold_ttl_ms, client_key=call.client_key,
-            shrink=llm.affordable if max_field else None))
+        # TPM counts the estimated prompt at admission; settlement corrects it to the
+        # reported input + output tokens
+        result = await reserve(gw, call, amount, tokens=llm.prompt_estimate,
+                               shrink=llm.affordable if max_field else None)
         if isinstance(result, Replay):
             return result
-        call.hold = result.hold
         if result.granted is not None:
             llm.lowered_to = int(result.granted)
             payload[max_field or "max_tokens"] = llm.lowered_to
@@ -296,7 +304,7 @@ class TokenRoute:
                                   response=(200, response.content_type, raw))
         await send_bytes(send, 200, raw, response.content_type.encode(),
                          headers=[(COST_HEADER, format_usd(cost).encode()),
-                                  *llm.extra_headers()])
+                                  *llm.extra_headers(), *call.rate_headers()])
 
     def meter(self, llm: LLMCall, original: dict[str, Any], raw_usage: Any) -> MeteredUsage:
         """The usage to bill: the upstream's, checked and bounded; else a local count."""
@@ -331,11 +339,7 @@ class TokenRoute:
                              cache_write_1h=usage.cache_write_1h_tokens,
                              output=usage.completion_tokens, reasoning=metered.reasoning_tokens,
                              note="; ".join(n for n in (metered.note, note) if n) or None)
-        assert call.hold is not None
-        hold_id, client_key = call.hold.id, call.client_key
-        await llm.gw.ctx.write(lambda conn: metering.settle(
-            conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
-            response=response))
+        await settle(llm.gw, call, cost=cost, record=record, response=response)
         return cost
 
     # ------------------------------------------------------------------ streaming
@@ -344,7 +348,8 @@ class TokenRoute:
                       receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"text/event-stream"),
-                                (b"cache-control", b"no-cache"), *llm.extra_headers()]})
+                                (b"cache-control", b"no-cache"), *llm.extra_headers(),
+                                *llm.call.rate_headers()]})
         # keep a copy of what is sent only when an Idempotency-Key replay may need it
         state = StreamState(sent=[] if llm.call.client_key is not None else None)
         pump = asyncio.ensure_future(self._pump(llm, response, send, state))

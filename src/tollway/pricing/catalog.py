@@ -97,10 +97,24 @@ def model_routes(billing_type: str, protocols: Mapping[str, str]) -> list[str]:
 
 
 @dataclass(frozen=True, slots=True)
+class Tier:
+    """Rate limits per API key of the accounts in this tier. ``upgrade_at_nano``: the
+    cumulative top-ups (nano-USD) that move an account up to this tier, if any."""
+
+    name: str
+    rpm: int
+    tpm: int
+    concurrency: int
+    upgrade_at_nano: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Catalog:
     providers: Mapping[str, Provider]
     groups: Mapping[str, Decimal]
     listings: tuple[Listing, ...]
+    tiers: tuple[Tier, ...] = ()  # lowest first
+    default_tier: str | None = None
 
     @property
     def models(self) -> tuple[Listing, ...]:
@@ -166,7 +180,8 @@ class _Validator:
             raise CatalogError([(f"{self.source}: the catalog must be a mapping with "
                                  "providers, groups, models and endpoints")])
         for key in sorted(set(data) - {"providers", "groups", "models", "endpoints",
-                                       "effective_from"}, key=str):
+                                       "effective_from", "tiers", "tier_upgrades",
+                                       "default_tier"}, key=str):
             self.problem(str(key), "unknown top-level section")
         default_from = self.timestamp("effective_from", data.get("effective_from"))
         providers = self.providers(data.get("providers") or {})
@@ -195,9 +210,68 @@ class _Validator:
                                      f"already served by endpoint {routes[route]}")
                     routes[route] = listing.id
                 listings.append(listing)
+        tiers, default_tier = self.tiers(data.get("tiers"), data.get("tier_upgrades"),
+                                         data.get("default_tier"))
         if self.problems:
             raise CatalogError(self.problems)
-        return Catalog(providers, groups, tuple(listings))
+        return Catalog(providers, groups, tuple(listings), tiers, default_tier)
+
+    def tiers(self, raw: Any, upgrades: Any, default: Any) -> tuple[tuple[Tier, ...],
+                                                                    str | None]:
+        """``tiers: {name: {rpm, tpm, concurrency}}`` lowest first, ``default_tier`` (else the
+        first), ``tier_upgrades: {name: "USD"}`` thresholds rising with the tiers."""
+        if raw is None:
+            for name, value in (("tier_upgrades", upgrades), ("default_tier", default)):
+                if value is not None:
+                    self.problem(name, "needs a 'tiers' section")
+            return (), None
+        if not isinstance(raw, dict) or not raw:
+            self.problem("tiers", "must be a mapping of tier name to {rpm, tpm, concurrency}")
+            return (), None
+        if upgrades is not None and not isinstance(upgrades, dict):
+            self.problem("tier_upgrades", "must be a mapping of tier name to a USD amount")
+            upgrades = None
+        upgrades = upgrades or {}
+        for name in upgrades:
+            if name not in raw:
+                self.problem(f"tier_upgrades[{name}]", "unknown tier")
+        tiers: list[Tier] = []
+        last: tuple[str, int] | None = None
+        for name, spec in raw.items():
+            where = f"tiers[{name}]"
+            if not _ID.match(str(name)) or len(str(name)) > 64:
+                self.problem(where, "a tier name is 1 to 64 letters, digits, '.', '_' or '-'")
+                continue
+            if not isinstance(spec, dict):
+                self.problem(where, "must be a mapping with rpm, tpm and concurrency")
+                continue
+            for field_name in sorted(set(spec) - {"rpm", "tpm", "concurrency"}):
+                self.problem(f"{where}.{field_name}", "unknown field")
+            values = [self.positive(f"{where}.{f}", spec.get(f))
+                      for f in ("rpm", "tpm", "concurrency")]
+            threshold = None
+            if name in upgrades:
+                amount = self.usd(f"tier_upgrades[{name}]", upgrades[name])
+                if amount is not None:
+                    threshold = parse_usd(upgrades[name])
+                    if last is not None and threshold <= last[1]:
+                        self.problem(f"tier_upgrades[{name}]", "must be more than the threshold"
+                                     f" of the lower tier {last[0]!r}")
+                    last = (str(name), threshold)
+            if None not in values:
+                rpm, tpm, concurrency = (int(v) for v in values if v is not None)
+                tiers.append(Tier(str(name), rpm, tpm, concurrency, threshold))
+        default_name = str(next(iter(raw))) if default is None else default
+        if default_name not in raw:
+            self.problem("default_tier", f"unknown tier {default!r} (tiers: "
+                         f"{', '.join(str(n) for n in raw)})")
+        return tuple(tiers), str(default_name)
+
+    def positive(self, where: str, value: Any) -> int | None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            self.problem(where, f"must be a positive integer, got {value!r}")
+            return None
+        return value
 
     def providers(self, raw: Any) -> dict[str, Provider]:
         if not isinstance(raw, dict):

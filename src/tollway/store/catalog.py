@@ -18,7 +18,14 @@ from sqlalchemy.engine import Connection
 
 from tollway.errors import CatalogError
 from tollway.money import nano_to_decimal, parse_usd
-from tollway.pricing.catalog import KIND_PROTOCOLS, Catalog, Listing, Provider, model_routes
+from tollway.pricing.catalog import (
+    KIND_PROTOCOLS,
+    Catalog,
+    Listing,
+    Provider,
+    Tier,
+    model_routes,
+)
 from tollway.pricing.rating import CallPrice, Price, TokenPrice
 from tollway.store.tables import (
     accounts,
@@ -27,6 +34,7 @@ from tollway.store.tables import (
     groups,
     price_versions,
     providers,
+    tiers,
 )
 
 
@@ -122,6 +130,13 @@ def _version(row: sa.Row[tuple[object, ...]]) -> PriceVersion:
 def apply_catalog(conn: Connection, catalog: Catalog, *, now_ms: int) -> ApplyReport:
     report = ApplyReport()
     _apply_groups(conn, catalog, report)
+    conn.execute(tiers.delete())
+    if catalog.tiers:
+        conn.execute(tiers.insert(), [
+            {"name": t.name, "position": i, "rpm": t.rpm, "tpm": t.tpm,
+             "concurrency": t.concurrency, "upgrade_at_nano": t.upgrade_at_nano,
+             "is_default": t.name == catalog.default_tier}
+            for i, t in enumerate(catalog.tiers)])
     conn.execute(providers.delete())
     if catalog.providers:
         conn.execute(providers.insert(), [
@@ -269,3 +284,11 @@ def item_routes(item: Item, protocols: dict[str, str]) -> list[str]:
 def list_providers(conn: Connection) -> dict[str, tuple[str, dict[str, Any]]]:
     """``{provider id: (kind, config)}`` as applied from the catalog file."""
     return {r.id: (r.kind, json.loads(r.config)) for r in conn.execute(sa.select(providers))}
+
+
+def list_tiers(conn: Connection) -> tuple[tuple[Tier, ...], str | None]:
+    """The applied tiers, lowest first, and the default tier's name (None: no tiers)."""
+    rows = list(conn.execute(sa.select(tiers).order_by(tiers.c.position)))
+    default = next((r.name for r in rows if r.is_default), None)
+    return (tuple(Tier(r.name, r.rpm, r.tpm, r.concurrency, r.upgrade_at_nano) for r in rows),
+            default)

@@ -30,6 +30,12 @@ accounts = sa.Table(
     sa.Column("used_nano", Nano, nullable=False, server_default="0"),
     sa.Column("requests", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("created_at_ms", Ms, nullable=False),
+    # console sign-in (migration 0003): email and password are optional, both NULL = no login
+    sa.Column("email", sa.String(320)),  # stored lower-cased, unique
+    sa.Column("password_hash", sa.String(255)),  # scrypt$n$r$p$salt$hash (billing/logins.py)
+    sa.Column("disabled_at_ms", Ms),  # set: its keys and its console sign-in are refused
+    sa.Index("uq_accounts_email", "email", unique=True),
+    sa.Column("tier", sa.String(64)),  # NULL = the catalog's default tier
     # the low-balance threshold (NULL = none) and whether its next crossing is notified: the
     # ledger reads both in the RETURNING of the statement that moves the money
     sa.Column("low_balance_nano", Nano),
@@ -54,6 +60,20 @@ api_keys = sa.Table(
     sa.Column("expires_at_ms", Ms),
     sa.Column("revoked_at_ms", Ms),
     sa.Column("created_at_ms", Ms, nullable=False),
+    # limits that may only lower the account tier's (NULL = the tier's)
+    sa.Column("rpm", sa.BigInteger),
+    sa.Column("tpm", sa.BigInteger),
+    sa.Column("concurrency", sa.BigInteger),
+    # spend caps per calendar period in the billing time zone (NULL = none)
+    sa.Column("daily_cap_nano", Nano),
+    sa.Column("weekly_cap_nano", Nano),
+    sa.Column("monthly_cap_nano", Nano),
+    sa.Column("allowed_ips", sa.Text),  # JSON list of CIDR networks, NULL = any address
+    sa.Column("open_holds", sa.BigInteger, nullable=False, server_default="0"),  # in flight
+    # the key's current fixed one-minute rate-limit window, counted by the hold's statement
+    sa.Column("window_start_ms", Ms, nullable=False, server_default="0"),
+    sa.Column("window_requests", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("window_tokens", sa.BigInteger, nullable=False, server_default="0"),
     sa.CheckConstraint("held_nano >= 0", name="ck_api_keys_held_nonnegative"),
 )
 
@@ -99,8 +119,11 @@ holds = sa.Table(
     sa.Column("charged_nano", Nano),
     sa.Column("from_available_nano", Nano),
     sa.Column("shortfall_nano", Nano),
+    # which of the key's spend-cap periods (1 day, 2 week, 4 month) count this hold
+    sa.Column("cap_periods", sa.SmallInteger, nullable=False, server_default="0"),
     sa.Index("ix_holds_open_expiry", "status", "expires_at_ms"),
     sa.Index("ix_holds_account", "account_id"),
+    sa.Index("ix_holds_key_open", "key_id", "status"),
 )
 
 providers = sa.Table(
@@ -254,6 +277,48 @@ request_keys = sa.Table(
     sa.Column("cost_nano", Nano),
     sa.Column("created_at_ms", Ms, nullable=False),
     sa.Index("ix_request_keys_created", "created_at_ms"),
+)
+
+#: Rate-limit tiers from the catalog: limits per API key. An account without a tier has the
+#: default one; ``upgrade_at_nano`` is the cumulative top-up that moves an account up to it.
+tiers = sa.Table(
+    "tiers",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),  # order in the catalog: lowest first
+    sa.Column("rpm", sa.BigInteger, nullable=False),
+    sa.Column("tpm", sa.BigInteger, nullable=False),
+    sa.Column("concurrency", sa.BigInteger, nullable=False),
+    sa.Column("upgrade_at_nano", Nano),
+    sa.Column("is_default", sa.Boolean, nullable=False),
+)
+
+#: A capped key's spending per calendar period (day, week, month in the billing time zone):
+#: open holds count in ``held_nano`` until settled (moved to ``spent_nano``) or released.
+key_spend = sa.Table(
+    "key_spend",
+    metadata,
+    sa.Column("key_id", Id, sa.ForeignKey("api_keys.id"), primary_key=True),
+    sa.Column("period", sa.String(8), primary_key=True),  # day | week | month
+    sa.Column("period_start_ms", Ms, primary_key=True),
+    sa.Column("spent_nano", Nano, nullable=False),
+    sa.Column("held_nano", Nano, nullable=False),
+    sa.CheckConstraint("held_nano >= 0", name="ck_key_spend_held_nonnegative"),
+)
+
+#: Signed-in browsers (migration 0003). The cookie holds a random 256-bit id; only its SHA-256
+#: is stored, so a copy of the database cannot be replayed as a session.
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id")),  # NULL for the operator
+    sa.Column("operator", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("csrf_token", sa.String(64), nullable=False),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("expires_at_ms", Ms, nullable=False),
+    sa.Index("ix_web_sessions_account", "account_id"),
+    sa.Index("ix_web_sessions_expiry", "expires_at_ms"),
 )
 
 #: Where an account's notifications go. The secret signs webhooks (HMAC-SHA256); it is kept in

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from tollway import settings
@@ -32,11 +32,27 @@ from tollway.store.db import Database
 from tollway.store.writer import Writer
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
-from tollway.web import notifications, reports
+from tollway.web import notifications, pages, reports
+from tollway.web.console import console_routes
 from tollway.web.context import Context
 from tollway.web.errors import RequestIdMiddleware, http_error, tollway_error, unexpected_error
 from tollway.web.http import bearer
+from tollway.web.market import market_routes
 from tollway.web.openapi import SPEC
+from tollway.web.operator import operator_routes
+from tollway.web.session import LoginRequired, login_required
+
+
+async def error(request: Request, exc: Exception) -> Response:
+    """API paths answer the JSON error body; pages (``pages.is_page``) an HTML page."""
+    if isinstance(exc, TollwayError):
+        if pages.is_page(request):
+            return await pages.error_page(request, exc.status, exc.message)
+        return await tollway_error(request, exc)
+    assert isinstance(exc, HTTPException)
+    if pages.is_page(request):
+        return await pages.error_page(request, exc.status_code, str(exc.detail))
+    return await http_error(request, exc)
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -66,8 +82,12 @@ async def balance(request: Request) -> JSONResponse:
     return JSONResponse(await ctx.read(load))
 
 
-def create_app(*, database_url: str | None = None, admin_token: str | None = None) -> Starlette:
-    """The application; settings not given here come from the environment (``settings``)."""
+def create_app(*, database_url: str | None = None, admin_token: str | None = None,
+               clock: Callable[[], int] | None = None) -> Starlette:
+    """The application; settings not given here come from the environment (``settings``).
+    ``clock`` (milliseconds since the epoch) is the gateway's time: tests pass one they move."""
+    proxies = settings.get("trusted_proxies")
+    trusted = keys.networks(keys.parse_networks(proxies.split(","))) if proxies.strip() else ()
     url = database_url or settings.get("database_url")
     token = admin_token if admin_token is not None else settings.get("admin_token")
 
@@ -88,7 +108,8 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         gw = Gateway(ctx, registry,
                      catalog_refresh_s=int(settings.get("catalog_refresh_seconds")),
                      key_cache_s=int(settings.get("key_cache_seconds")),
-                     max_body_bytes=ctx.max_body_bytes)
+                     max_body_bytes=ctx.max_body_bytes,
+                     clock=clock or now_ms, trusted_proxies=trusted)
         app.state.ctx = ctx
         app.state.gateway = gw
         ctx.start()
@@ -128,11 +149,15 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         Route("/apis/v1/{path:path}", ApiRoute(),
               methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         Mount("/admin/v1", routes=admin_routes),
+        pages.static_mount,
+        # web console pages; keep them before any Mount("/admin") so /admin/login matches
+        *console_routes,
+        *market_routes, *operator_routes,
     ]
     return Starlette(
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(RequestIdMiddleware)],
-        exception_handlers={TollwayError: tollway_error, HTTPException: http_error,
-                            Exception: unexpected_error},
+        exception_handlers={TollwayError: error, HTTPException: error,
+                            LoginRequired: login_required, Exception: unexpected_error},
     )

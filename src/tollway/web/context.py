@@ -76,3 +76,4 @@ class Context:
                 continue
             if released:
                 log.info("released %d expired holds", len(released))
+

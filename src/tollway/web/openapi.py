@@ -68,15 +68,38 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema or {"type": "string"}}
 
 
+def html_pages(summary: str, methods: Sequence[str] = ("get",), *,
+               security: str | None = None) -> dict[str, Any]:
+    """A server-rendered page (web console): HTML, forms posted with a CSRF token."""
+    return {method: {"summary": summary, "tags": ["pages"], "responses": {
+        "200" if method == "get" else "303": {
+            "description": "the page" if method == "get" else "redirect after the form",
+            "content": {"text/html": {"schema": {"type": "string"}}}}},
+        **({"security": [{security: []}]} if security else {})} for method in methods}
+
+
 LOG_FILTERS = ["start", "end", "model", "endpoint", "product", "key", "group", "type",
                "billing_type", "review"]
+USD_IN = {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"}
+COUNT = {"type": ["integer", "null"], "minimum": 1}
+#: A key's own limits (create, update and view): null = none of its own.
+KEY_LIMITS = {"rpm": COUNT, "tpm": COUNT, "concurrency": COUNT,
+              "daily_cap_usd": {"oneOf": [USD_IN, {"type": "null"}]},
+              "weekly_cap_usd": {"oneOf": [USD_IN, {"type": "null"}]},
+              "monthly_cap_usd": {"oneOf": [USD_IN, {"type": "null"}]},
+              "allowed_ips": {"type": ["array", "null"], "items": {"type": "string"},
+                              "description": "CIDR networks, IPv4 or IPv6"}}
 OBJECT = {"type": "object", "additionalProperties": True}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "Tollway", "version": "0.1.0",
              "description": "API marketplace gateway with exact usage-based billing. Money is "
-                            "a decimal string with 9 decimal places (USD)."},
+                            "a decimal string with 9 decimal places (USD). Gateway responses "
+                            "carry X-RateLimit-{Limit,Remaining,Reset}-{Requests,Tokens} "
+                            "(reset as whole seconds, e.g. '12s') for the key's limits; a 429 "
+                            "(rate_limited, quota_exceeded) carries Retry-After in seconds when "
+                            "the limit resets by itself."},
     "paths": {
         "/healthz": {"get": _op("Liveness and database check", _json(OBJECT), security=None)},
         "/openapi.json": {"get": _op("This document", _json(OBJECT), security=None)},
@@ -154,6 +177,13 @@ SPEC: dict[str, Any] = {
                         body=_ref("NewAccount"), status="201")},
         "/admin/v1/accounts/{account}": {"get": _op("One account", _json(_ref("Account")),
                                                     security="adminToken", params=["account"])},
+        "/admin/v1/accounts/{account}/disable": {"post": _op(
+            "Disable an account: its keys answer 403 account_disabled, its console sign-in "
+            "is refused, its sessions end", _json(_ref("Account")), security="adminToken",
+            params=["account"])},
+        "/admin/v1/accounts/{account}/enable": {"post": _op(
+            "Enable a disabled account again", _json(_ref("Account")), security="adminToken",
+            params=["account"])},
         "/admin/v1/accounts/{account}/topups": {"post": _op(
             "Credit an account (Idempotency-Key header)", _json(_ref("Credit")),
             security="adminToken", params=["account", "idempotency_key"],
@@ -168,6 +198,15 @@ SPEC: dict[str, Any] = {
             "post": _op("Create a key (the secret is returned once)", _json(_ref("Key")),
                         security="adminToken", params=["account"], body=_ref("NewKey"),
                         status="201")},
+        "/admin/v1/accounts/{account}/tier": {"put": _op(
+            "Put an account in a rate-limit tier (null: the default tier)",
+            _json(_ref("Account")), security="adminToken", params=["account"],
+            body={"type": "object", "required": ["tier"],
+                  "properties": {"tier": {"type": ["string", "null"]}}})},
+        "/admin/v1/keys/{key_id}": {"patch": _op(
+            "Change a key's limits (given fields replace, null clears)", _json(_ref("Key")),
+            security="adminToken", params=["key_id"],
+            body={"type": "object", "properties": KEY_LIMITS, "additionalProperties": False})},
         "/admin/v1/keys/{key_id}/revoke": {"post": _op("Revoke a key", _json(_ref("Key")),
                                                        security="adminToken",
                                                        params=["key_id"])},
@@ -246,7 +285,7 @@ SPEC: dict[str, Any] = {
             "cursor": _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
             "group_by": _query("group_by", {"type": "string"},
                                "comma-separated: model, endpoint, product, key, day, hour, "
-                               "billing_type"),
+                               "billing_type, account (revenue by account: operators)"),
             "month": {"name": "month", "in": "query", "required": True,
                       "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"}},
             "format_export": _query("format", {"enum": ["csv", "jsonl"]}, "default csv"),
@@ -284,10 +323,16 @@ SPEC: dict[str, Any] = {
                 "requests": {"type": "integer"}}},
             "Account": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "name": {"type": "string"},
-                "group": {"type": "string"}, "balance_usd": USD, "held_usd": USD,
-                "available_usd": USD, "used_usd": USD, "requests": {"type": "integer"}}},
+                "group": {"type": "string"}, "tier": {"type": ["string", "null"]},
+                "balance_usd": USD, "held_usd": USD,
+                "available_usd": USD, "used_usd": USD, "requests": {"type": "integer"},
+                "email": {"type": ["string", "null"]}, "console_login": {"type": "boolean"},
+                "disabled_at": {"type": ["string", "null"], "format": "date-time"}}},
             "NewAccount": {"type": "object", "required": ["name"], "properties": {
-                "name": {"type": "string"}, "group": {"type": "string"}}},
+                "name": {"type": "string"}, "group": {"type": "string"},
+                "email": {"type": "string", "description": "console sign-in (optional)"},
+                "password": {"type": "string", "minLength": 8,
+                             "description": "initial console password (optional)"}}},
             "Amount": {"type": "object", "required": ["amount_usd"], "properties": {
                 "amount_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"},
                 "note": {"type": "string"}}},
@@ -301,12 +346,16 @@ SPEC: dict[str, Any] = {
                 "name": {"type": "string"}, "group": {"type": "string"},
                 "models": {"type": "array", "items": {"type": "string"}},
                 "quota_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"},
-                "expires_at": {"type": "string", "format": "date-time"}}},
+                "expires_at": {"type": "string", "format": "date-time"}, **KEY_LIMITS}},
             "Key": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "account_id": {"type": "integer"},
                 "prefix": {"type": "string"}, "key": {"type": "string"},
                 "quota_usd": {"oneOf": [USD, {"type": "null"}]}, "used_usd": USD,
-                "held_usd": USD}},
+                "held_usd": USD, "rpm": COUNT, "tpm": COUNT, "concurrency": COUNT,
+                "daily_cap_usd": {"oneOf": [USD, {"type": "null"}]},
+                "weekly_cap_usd": {"oneOf": [USD, {"type": "null"}]},
+                "monthly_cap_usd": {"oneOf": [USD, {"type": "null"}]},
+                "allowed_ips": KEY_LIMITS["allowed_ips"]}},
             "Marketplace": {"type": "object", "properties": {"data": {"type": "array", "items": {
                 "type": "object", "properties": {
                     "id": {"type": "string"}, "billing_type": {"enum": ["token", "per_call"]},
@@ -382,3 +431,56 @@ SPEC: dict[str, Any] = {
         },
     },
 }
+
+#: The customer web console and its sign-in pages (``web/auth.py``, ``web/console.py``).
+SPEC["paths"].update({
+    "/login": html_pages("Customer sign-in: email or account name and password",
+                         ("get", "post")),
+    "/logout": html_pages("Sign out (customer)", ("post",), security="session"),
+    "/signup": html_pages("Self-service sign-up (TOLLWAY_SIGNUP_ENABLED)", ("get", "post")),
+    "/admin/login": html_pages("Operator sign-in with the admin token", ("get", "post")),
+    "/admin/logout": html_pages("Sign out (operator)", ("post",), security="session"),
+    "/console": html_pages("Overview: balance, usage this period, charts",
+                           security="session"),
+    "/console/keys": html_pages("API keys: list and create", ("get", "post"),
+                                security="session"),
+    "/console/keys/{key_id}/revoke": html_pages("Revoke one of the account's keys", ("post",),
+                                                security="session"),
+    "/console/usage": html_pages("Usage log with filters, paging and pricing explanations",
+                                 security="session"),
+    "/console/usage/export": html_pages("The filtered usage log as CSV", security="session"),
+    "/console/statements": html_pages("Monthly statements, printable", security="session"),
+    "/console/redeem": html_pages("Redeem a code (the overview's form): the code's amount is "
+                                  "credited once", ("post",), security="session"),
+    "/console/notifications": html_pages("Notification settings (low-balance threshold, "
+                                         "webhook, email) and recent deliveries with attempts",
+                                         ("get", "post"), security="session"),
+})
+SPEC["components"]["securitySchemes"]["session"] = {
+    "type": "apiKey", "in": "cookie", "name": "tollway_session",
+    "description": "web console session (sign in at /login or /admin/login)"}
+
+#: The public marketplace pages and the operator's pages (``web/market.py``,
+#: ``web/operator.py``); every operator page needs an operator session.
+SPEC["paths"].update({
+    "/": html_pages("Marketplace: every model and data API with its price; ?q, billing_type, "
+                    "provider, group (prices after the group's ratios)"),
+    "/market/{item_id}": html_pages("One item: prices by group and copy-paste examples"),
+    "/admin": html_pages("Operator home (redirects to the accounts)", security="session"),
+    "/admin/accounts": html_pages("Accounts with balances; create one", ("get", "post"),
+                                  security="session"),
+    "/admin/accounts/{account_id}": html_pages("One account: top up, adjust, group, disable",
+                                               security="session"),
+    "/admin/accounts/{account_id}/{action}": html_pages(
+        "Account forms: topup, adjust (a one-time nonce is the idempotency key), group, "
+        "disable, enable", ("post",), security="session"),
+    "/admin/catalog": html_pages("Prices in effect and price history per item",
+                                 security="session"),
+    "/admin/catalog/preview": html_pages("What applying a catalog file would change (writes "
+                                         "nothing)", ("post",), security="session"),
+    "/admin/catalog/apply": html_pages("Apply a catalog file (as `tollway catalog apply`)",
+                                       ("post",), security="session"),
+    "/admin/groups": html_pages("Groups, ratios and item overrides", security="session"),
+    "/admin/usage": html_pages("Usage and revenue of every account, by account and product",
+                               security="session"),
+})

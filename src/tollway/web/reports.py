@@ -42,17 +42,14 @@ async def customer_scope(request: Request, ctx: Context) -> int:
     return record.account_id
 
 
-def _int(request: Request, name: str, *, default: int | None = None, low: int = 1,
-         high: int = 2**63 - 1) -> int | None:
+def query_int(request: Request, name: str, *, default: int | None = None, low: int = 1,
+              high: int = 2**63 - 1) -> int | None:
     value = request.query_params.get(name)
     if value is None or value == "":
         return default
     if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
         raise InvalidRequest(f"{name} must be a whole number from {low} to {high}")
     return int(value)
-
-
-query_int = _int  # the other HTTP modules' name for it
 
 
 def _time(request: Request, name: str) -> int | None:
@@ -76,7 +73,7 @@ def log_filter(request: Request, account_id: int | None) -> LogFilter:
         raise InvalidRequest("review must be true or false")
     return LogFilter(account_id=account_id, start_ms=_time(request, "start"),
                      end_ms=_time(request, "end"), product=products.pop() if products else None,
-                     key_id=_int(request, "key"), group=q.get("group") or None, type=kind,
+                     key_id=query_int(request, "key"), group=q.get("group") or None, type=kind,
                      billing_type=billing_type, review=review == "true")
 
 
@@ -85,7 +82,7 @@ def usage_list(scope: Scope) -> Callable[[Request], Awaitable[Response]]:
         ctx: Context = request.app.state.ctx
         account_id = await scope(request, ctx)
         where = log_filter(request, account_id)
-        limit = _int(request, "limit", default=50, high=1000) or 50
+        limit = query_int(request, "limit", default=50, high=1000) or 50
         cursor = request.query_params.get("cursor") or None
         rows, next_cursor = await ctx.read(
             lambda conn: store.usage_page(conn, where, limit=limit, cursor=cursor))
