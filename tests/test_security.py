@@ -143,6 +143,7 @@ def filled(path: str, values: dict[str, Any]) -> str:
     for name, value in values.items():
         path = path.replace("{" + name + "}", str(value))
         path = path.replace("{" + name + ":path}", str(value))
+        path = path.replace("{" + name + ":int}", str(value))
     assert "{" not in path, path
     return path
 
@@ -421,6 +422,8 @@ def test_secrets_never_reach_logs_errors_or_records(tw: Tollway, logs: Captured)
 #: Routes that never read their request body (so never buffer one, whatever its size).
 READ_NO_BODY = {("POST", "/admin/v1/keys/{key_id}/revoke"),
                 ("POST", "/admin/v1/codes/{code_id}/revoke"),
+                ("POST", "/admin/v1/accounts/{account}/disable"),
+                ("POST", "/admin/v1/accounts/{account}/enable"),
                 ("POST", "/v1/billing/notifications/settings/rotate-secret"),
                 ("POST", "/admin/v1/accounts/{account}/notifications/settings/rotate-secret")}
 
@@ -428,10 +431,13 @@ READ_NO_BODY = {("POST", "/admin/v1/keys/{key_id}/revoke"),
 def test_every_route_that_reads_a_body_refuses_one_too_large(tw: Tollway) -> None:
     http = tw.http()
     alice = customer(tw, http)
-    values = {"account": alice.account, "key_id": alice.key_id, "path": "scholar/search"}
+    values = {"account": alice.account, "key_id": alice.key_id, "path": "scholar/search",
+              "account_id": alice.account, "action": "topup", "item_id": "gpt-test"}
     big = b"{" + b" " * MAX_BODY_BYTES + b"}"
+    # the JSON API (the web console's HTML forms are not covered here yet: see SECURITY.md)
     routes = [(m, filled(p, values)) for m, p in every_route(tw.gateway.app)
-              if m in ("POST", "PUT", "PATCH") and (m, p) not in READ_NO_BODY]
+              if m in ("POST", "PUT", "PATCH") and (m, p) not in READ_NO_BODY
+              and p.startswith(("/v1/", "/apis/v1/", "/admin/v1/"))]
     # every metered route, the data APIs (each method), the customer's and every admin write
     assert {p for _, p in routes} >= {*METERED, "/apis/v1/scholar/search", "/admin/v1/accounts",
                                       "/v1/billing/redeem", "/v1/billing/notifications/settings",
