@@ -16,6 +16,7 @@ from tollway.billing import credits, logins
 from tollway.billing.views import parse_amount
 from tollway.errors import InvalidRequest
 from tollway.web.context import Context
+from tollway.web.http import form_data
 from tollway.web.pages import render
 from tollway.web.session import (
     check_csrf,
@@ -46,7 +47,7 @@ async def login(request: Request) -> Response:
         return await render(request, "auth/login.html",
                             {"next": nxt, "error": None, "login": "",
                              "signup": signup_enabled()})
-    form = await request.form()
+    form = await form_data(request)
     await check_csrf(request, form)
     nxt = safe_next(_text(form, "next"), "/console")
     login_name, password = _text(form, "login", 320), _text(form, "password")
@@ -64,7 +65,7 @@ async def login(request: Request) -> Response:
 def sign_out(then: str) -> Callable[[Request], Awaitable[Response]]:
     """A sign-out endpoint (POST with the CSRF token) that sends the browser to ``then``."""
     async def endpoint(request: Request) -> Response:
-        form = await request.form()
+        form = await form_data(request)
         await check_csrf(request, form)
         response = RedirectResponse(then, status_code=303)
         await end_session(request, response)
@@ -76,7 +77,7 @@ async def admin_login(request: Request) -> Response:
     nxt = safe_next(request.query_params.get("next"), "/admin")
     if request.method == "GET":
         return await render(request, "auth/admin_login.html", {"next": nxt, "error": None})
-    form = await request.form()
+    form = await form_data(request)
     await check_csrf(request, form)
     nxt = safe_next(_text(form, "next"), "/admin")
     ctx: Context = request.app.state.ctx
@@ -98,7 +99,7 @@ async def signup(request: Request) -> Response:
     if request.method == "GET":
         return await render(request, "auth/signup.html",
                             {"error": None, "name": "", "email": ""})
-    form = await request.form()
+    form = await form_data(request)
     await check_csrf(request, form)
     name, email = _text(form, "name", 200).strip(), _text(form, "email", 320).strip()
     password = _text(form, "password")

@@ -48,7 +48,7 @@ from tollway.web import reports
 from tollway.web.auth import auth_routes
 from tollway.web.charts import Bar, bar_chart, column_chart
 from tollway.web.context import Context
-from tollway.web.http import path_int
+from tollway.web.http import form_data, path_int
 from tollway.web.pages import render
 from tollway.web.session import check_csrf, require_customer
 
@@ -122,7 +122,7 @@ async def redeem_code(request: Request) -> Response:
     """The overview's "Redeem a code" form: ``billing.codes.redeem`` credits the code's amount
     once; an unknown, expired, revoked or already redeemed code is shown on the form."""
     account_id = await console_scope(request, _ctx(request))
-    form = await request.form()
+    form = await form_data(request)
     await check_csrf(request, form)
     code = _form_text(form, "code")
     try:
@@ -167,7 +167,7 @@ async def notifications_page(request: Request) -> Response:
     account_id = await console_scope(request, _ctx(request))
     if request.method != "POST":
         return await _notifications(request, account_id)
-    form = await request.form()
+    form = await form_data(request)
     await check_csrf(request, form)
     body = {name: _form_text(form, name) for name in notify.FIELDS}
     try:
@@ -226,7 +226,7 @@ def _form_text(form: FormData, name: str) -> str | None:
 
 
 async def _create_key(request: Request, account_id: int) -> Response:
-    form = await request.form()
+    form = await form_data(request)
     await check_csrf(request, form)
     try:
         name, group = _form_text(form, "name"), _form_text(form, "group")
@@ -248,7 +248,7 @@ async def _create_key(request: Request, account_id: int) -> Response:
 
 async def revoke_key(request: Request) -> Response:
     account_id = await console_scope(request, _ctx(request))
-    form = await request.form()
+    form = await form_data(request)
     await check_csrf(request, form)
     key_id = path_int(request, "key_id")
 

@@ -6,7 +6,9 @@ import json
 from decimal import Decimal
 from typing import Any
 
+from starlette.datastructures import FormData
 from starlette.requests import Request
+from starlette.types import Message
 
 from tollway.errors import InvalidRequest, PayloadTooLarge
 
@@ -25,6 +27,18 @@ async def limited_body(request: Request) -> bytes:
             raise PayloadTooLarge(f"the request body is larger than {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def form_data(request: Request) -> FormData:
+    """A posted form (web console), its body read under the same ``max_body_bytes`` limit as
+    the JSON API first: Starlette's own form parser reads however much is sent. Uploaded files
+    are spooled as usual; close the form when done with them."""
+    body = await limited_body(request)
+
+    async def replay() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return await Request(request.scope, replay).form()
 
 
 async def json_body(request: Request) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from tollway.store import reports as report_store
 from tollway.store.catalog import group_ratios
 from tollway.store.reports import DAY_MS
 from tollway.web.context import Context
+from tollway.web.http import form_data
 from tollway.web.pages import render
 from tollway.web.session import check_csrf, require_operator
 
@@ -76,7 +77,7 @@ async def accounts_page(request: Request) -> Response:
     await require_operator(request)
     if request.method == "GET":
         return await _accounts(request)
-    form = await request.form()
+    form = await form_data(request)
     await check_csrf(request, form)
     fields = {k: _text(form, k, 320) for k in ("name", "group", "email")}
     password = form.get("password")
@@ -139,7 +140,7 @@ async def account_action(request: Request) -> Response:
     action: str = request.path_params["action"]
     if action not in ACTIONS:
         raise NotFound(f"no account form {action!r}")
-    form = await request.form()
+    form = await form_data(request)
     await check_csrf(request, form)
     ctx = _ctx(request)
     values = {k: _text(form, k) for k in ("group", "amount_usd", "note")}
@@ -233,9 +234,12 @@ def _iso(ms: int) -> str:
 async def _posted_catalog(request: Request) -> tuple[str, str]:
     """The posted catalog text and its name (the form is CSRF-checked, and closed after, so
     an uploaded file's temporary file is too)."""
-    async with request.form() as form:
+    form = await form_data(request)
+    try:
         await check_csrf(request, form)
         return await _catalog_text(form)
+    finally:
+        await form.close()
 
 
 async def _catalog_text(form: Any) -> tuple[str, str]:
