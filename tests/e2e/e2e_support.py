@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,16 @@ SCREENSHOTS = ROOT / "var" / "screenshots"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
+
+
+def publish(path: str | Path, name: str) -> None:
+    """Copy a screenshot to docs/screenshots/ (the README's) when
+    ``TOLLWAY_UPDATE_SCREENSHOTS=1``; otherwise it stays an artifact in var/screenshots/, so a
+    test run leaves the checkout clean."""
+    if os.environ.get("TOLLWAY_UPDATE_SCREENSHOTS") == "1":
+        docs = ROOT / "docs" / "screenshots"
+        docs.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, docs / name)
 
 
 @dataclass(frozen=True)

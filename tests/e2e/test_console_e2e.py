@@ -5,7 +5,7 @@ in, creates a key in the console, uses it with the official ``openai`` client fo
 request and with httpx for a per-call data API, then finds both in the usage log with their
 exact costs, the expanded pricing row, and the balance reduced by exactly their sum.
 Screenshots of every page go to var/screenshots/ (the overview and usage log are also the
-README's, in docs/screenshots/).
+README's, in docs/screenshots/, with TOLLWAY_UPDATE_SCREENSHOTS=1).
 
 Costs, by hand, from examples/catalog.yaml (group default, ratio 1):
 - sandbox-chat, "hello sandbox": prompt 2 tokens + 3 (message) + 3 (reply) = 8, completion
@@ -18,7 +18,6 @@ Together 0.0020042 USD; the balance goes from 5.000000000 to 4.997995800.
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 from decimal import Decimal
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
-from e2e_support import ROOT, Server
+from e2e_support import Server, publish
 from openai import OpenAI
 
 from fakes import IGNORE_TOKENIZER_WARNING
@@ -138,10 +137,8 @@ def test_a_new_customer_sees_exact_costs_in_the_console(
         assert page.get_by_test_id("balance").is_visible()
         shot(page, "overview-phone")
 
-        docs = ROOT / "docs" / "screenshots"
-        docs.mkdir(parents=True, exist_ok=True)
         for path in (overview_shot, usage_shot):
-            shutil.copyfile(path, docs / Path(path).name)
+            publish(path, Path(path).name)
     finally:
         context.close()
 

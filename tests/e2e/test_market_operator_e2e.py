@@ -14,12 +14,11 @@ only previews a catalog change and never applies one.
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
-from e2e_support import ROOT, Server
+from e2e_support import ROOT, Server, publish
 
 from test_web_market import LIST_PRICES
 
@@ -49,9 +48,7 @@ def test_the_marketplace_lists_every_catalog_item(server: Server, browser: Any,
         assert page.locator('tr[data-item="stock-quote"] .endpoint').inner_text().split() == [
             "Stock", "quote", "GET", "/apis/v1/finance/quote/{symbol}"]
         path = shot(page, "marketplace")
-        docs = ROOT / "docs" / "screenshots"
-        docs.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, docs / "marketplace.png")
+        publish(path, "marketplace.png")
 
         # the group selector and the filters are a plain form
         page.get_by_label("Prices for group").select_option("vip")
