@@ -16,7 +16,10 @@
     ├── PayloadTooLarge (413)
     ├── UpstreamError (502) — the upstream failed, answered garbage or could not be reached
     │   └── UpstreamTimeout (504)
-    └── StorageUnavailable (503) — the database cannot be reached
+    ├── StorageUnavailable (503) — the database cannot be reached
+    └── Overloaded (503) — this worker has too many requests in flight; shed before any work
+
+The 503s carry ``retry_after_s`` (sent as ``Retry-After``): both go away by themselves.
 
 Callers catch by meaning; the HTTP layer renders any of them as
 ``{"error": {"type", "code", "message", "request_id"}}`` and the CLI prints the message and
@@ -30,6 +33,7 @@ class TollwayError(Exception):
     status = 500
     type = "api_error"
     code = "internal_error"
+    retry_after_s: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -152,3 +156,11 @@ class StorageUnavailable(TollwayError):
     status = 503
     type = "api_error"
     code = "storage_unavailable"
+    retry_after_s = 2
+
+
+class Overloaded(TollwayError):
+    status = 503
+    type = "api_error"
+    code = "overloaded"
+    retry_after_s = 1

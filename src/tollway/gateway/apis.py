@@ -45,7 +45,7 @@ class ApiRoute:
             result = await gw.ctx.write(lambda conn: metering.reserve(
                 conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
                 amount_nano=max(cost, 1), ttl_ms=gw.ctx.hold_ttl_ms,
-                client_key=call.client_key))
+                client_key=call.client_key), account_id=key.account_id)
         except TollwayError as exc:
             await send_error(scope, send, exc)
             return
@@ -78,7 +78,8 @@ class ApiRoute:
         hold_id, client_key = call.hold.id, call.client_key
         await gw.ctx.write(lambda conn: metering.settle(
             conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
-            response=(response.status, response.content_type, raw)))
+            response=(response.status, response.content_type, raw)),
+            account_id=key.account_id)
         await send_bytes(send, response.status, raw, response.content_type.encode(),
                          headers=[(COST_HEADER, format_usd(cost).encode())])
 

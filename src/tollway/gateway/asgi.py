@@ -60,6 +60,13 @@ def error_body(scope: Scope, exc: TollwayError) -> bytes:
                                  "request_id": scope.get(REQUEST_ID)}}).encode()
 
 
+def error_headers(exc: TollwayError) -> list[tuple[bytes, bytes]]:
+    if exc.retry_after_s is None:
+        return []
+    return [(b"retry-after", str(exc.retry_after_s).encode())]
+
+
 async def send_error(scope: Scope, send: Send, exc: TollwayError,
                      headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    await send_bytes(send, exc.status, error_body(scope, exc), headers=headers)
+    await send_bytes(send, exc.status, error_body(scope, exc),
+                     headers=[*error_headers(exc), *headers])

@@ -113,7 +113,8 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
         record = call.record(type_="error", status=status or exc.status, error=exc)
         hold_id = call.hold.id
         await gw.ctx.write(lambda conn: metering.void(conn, hold_id=hold_id, record=record,
-                                                      client_key=call.client_key))
+                                                      client_key=call.client_key),
+                           account_id=call.key.account_id)
     if send_response:
         if body is None:
             await send_bytes(send, exc.status, error_body(call.scope, exc))

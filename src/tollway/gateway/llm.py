@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import (
     InvalidRequest,
+    StorageUnavailable,
     TollwayError,
     UpstreamError,
 )
@@ -34,6 +36,7 @@ from tollway.money import format_usd
 from tollway.pricing.rating import InvalidUsage, TokenPrice, TokenUsage, rate_tokens
 from tollway.upstreams.base import UpstreamRequest, UpstreamResponse
 
+log = logging.getLogger("tollway")
 MAX_TOKENS_HEADER = b"x-tollway-max-tokens"
 #: How far a reported prompt may exceed the local estimate before it is capped for review.
 PROMPT_SLACK_FACTOR = 4
@@ -130,7 +133,7 @@ class LLMRoute:
         result = await gw.ctx.write(lambda conn: metering.reserve(
             conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
             amount_nano=amount, ttl_ms=gw.ctx.hold_ttl_ms, client_key=call.client_key,
-            shrink=llm.affordable if max_field else None))
+            shrink=llm.affordable if max_field else None), account_id=key.account_id)
         if isinstance(result, Replay):
             return result
         call.hold = result.hold
@@ -283,7 +286,7 @@ class LLMRoute:
         hold_id, client_key = call.hold.id, call.client_key
         await llm.gw.ctx.write(lambda conn: metering.settle(
             conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
-            response=response))
+            response=response), account_id=call.key.account_id)
         return cost
 
     # ------------------------------------------------------------------ streaming
@@ -355,11 +358,7 @@ class LLMRoute:
         if not any(llm.delivered) and state.usage is None:
             exc = state.failure or UpstreamError("the upstream stream ended before any output")
             await fail(llm.gw, call, send, exc, status=502, send_response=False)
-            if not state.client_gone:
-                await _send_chunk(send, b"data: " + json.dumps({"error": {
-                    "type": exc.type, "code": exc.code, "message": exc.message,
-                    "request_id": call.request_id}}).encode() + b"\n\n", state)
-                await send({"type": "http.response.body", "body": b""})
+            await _end_with_error(send, call, exc, state)
             return
         metered = self._meter(llm, original, (state.usage or {}).get("usage"))
         note = None
@@ -382,14 +381,22 @@ class LLMRoute:
         replay = None
         if call.client_key is not None and state.sent is not None:
             replay = (200, "text/event-stream", b"".join(state.sent) + tail + done)
-        settled = False
         try:
             await self._settle(llm, metered, status=200, response=replay, note=note)
-            settled = True
-        finally:
+        except StorageUnavailable as exc:
+            # The upstream answered but the charge cannot be recorded. The client is told so,
+            # never a cost that is not in the books; the hold stays open until the reaper
+            # releases it, so nothing is charged for this stream.
+            log.warning("request %s: settling the stream failed, the database is unavailable; "
+                        "its hold is left to expire", call.request_id)
+            await _end_with_error(send, call, exc, state)
+            return
+        except BaseException:
             if not state.client_gone:
-                await send({"type": "http.response.body",
-                            "body": tail + done if settled else done})
+                await send({"type": "http.response.body", "body": done})
+            raise
+        if not state.client_gone:
+            await send({"type": "http.response.body", "body": tail + done})
 
 
 @dataclass
@@ -402,6 +409,16 @@ class _StreamState:
     #: What the client was sent, for an Idempotency-Key replay; None past REPLAY_BODY_LIMIT.
     sent: list[bytes] | None = field(default_factory=list)
     sent_bytes: int = 0
+
+
+async def _end_with_error(send: Send, call: Call, exc: TollwayError, state: _StreamState) -> None:
+    """End a stream whose headers are sent with an error event in the one error shape."""
+    if state.client_gone:
+        return
+    await _send_chunk(send, b"data: " + json.dumps({"error": {
+        "type": exc.type, "code": exc.code, "message": exc.message,
+        "request_id": call.request_id}}).encode() + b"\n\n", state)
+    await send({"type": "http.response.body", "body": b""})
 
 
 async def _send_chunk(send: Send, body: bytes, state: _StreamState) -> None:

@@ -24,7 +24,7 @@ from starlette.types import Scope
 
 from tollway import tokens
 from tollway.billing import keys
-from tollway.errors import InvalidApiKey, UnknownEndpoint, UnknownModel
+from tollway.errors import InvalidApiKey, StorageUnavailable, UnknownEndpoint, UnknownModel
 from tollway.ledger.ledger import now_ms
 from tollway.store import catalog as catalog_store
 from tollway.store.accounts import ApiKeyRecord, key_by_hash
@@ -129,6 +129,8 @@ class Gateway:
             await asyncio.sleep(self.catalog_refresh_s)
             try:
                 await self.refresh()
+            except StorageUnavailable:
+                log.warning("refreshing the catalog failed: the database is unavailable")
             except Exception:  # noqa: BLE001 - keep serving the last good catalog
                 log.exception("refreshing the catalog failed")
 

@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollway.errors import TollwayError
+from tollway.store.db import storage_error
 
 log = logging.getLogger("tollway")
 REQUEST_ID = "tollway.request_id"
@@ -52,7 +53,10 @@ def error_response(request: Request, status: int, type_: str, code: str,
 
 async def tollway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TollwayError)
-    return error_response(request, exc.status, exc.type, exc.code, exc.message)
+    response = error_response(request, exc.status, exc.type, exc.code, exc.message)
+    if exc.retry_after_s is not None:
+        response.headers["retry-after"] = str(exc.retry_after_s)
+    return response
 
 
 _HTTP_CODES = {404: ("not_found_error", "not_found"),
@@ -66,6 +70,12 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
+    unavailable = storage_error(exc)  # a database failure on a path that did not map it
+    if unavailable is not None:
+        response = await tollway_error(request, unavailable)
+        if request_id := request.scope.get(REQUEST_ID):
+            response.headers["x-request-id"] = request_id
+        return response
     # Starlette runs this handler outside RequestIdMiddleware, so the id is logged and the
     # header set here: the message promises the id finds the log line.
     request_id = request.scope.get(REQUEST_ID)
