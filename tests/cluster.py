@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -167,14 +168,15 @@ def servers() -> Iterator[list[Server]]:
 # --------------------------------------------------------------------------- the catalog
 
 
-def catalog_text(fake: FakeUpstream, broken_fake_base: str | None = None) -> str:
+def catalog_text(fake: FakeUpstream, slow: FakeUpstream | None = None) -> str:
     """examples/catalog.yaml plus ``gpt-test`` on the fake upstream, ``broken-model`` whose
-    upstream answers 500, the ``lookup`` data API and ``broken-api`` (500 as well)."""
+    upstream answers 500, the ``lookup`` data API and ``broken-api`` (500 as well); with
+    ``slow``, ``slow-model`` on that (slowly streaming) fake."""
     catalog = yaml.safe_load((ROOT / "examples" / "catalog.yaml").read_text())
     catalog["providers"].update({
         "fakeai": {"kind": "openai", "base_url": f"{fake.base}/v1",
                    "api_key_env": UPSTREAM_KEY_ENV},
-        "brokenai": {"kind": "openai", "base_url": f"{broken_fake_base or fake.base}/broken/v1",
+        "brokenai": {"kind": "openai", "base_url": f"{fake.base}/broken/v1",
                      "api_key_env": UPSTREAM_KEY_ENV},
         "data": {"kind": "http", "base_url": f"{fake.base}/data",
                  "auth": {"header": "X-API-Key"}, "api_key_env": DATA_KEY_ENV},
@@ -185,6 +187,12 @@ def catalog_text(fake: FakeUpstream, broken_fake_base: str | None = None) -> str
         {"id": "broken-model", "provider": "brokenai",
          "price": {"input": "0.15", "output": "0.60"}, "max_output_tokens": 1000},
     ]
+    if slow is not None:
+        catalog["providers"]["slowai"] = {"kind": "openai", "base_url": f"{slow.base}/v1",
+                                          "api_key_env": UPSTREAM_KEY_ENV}
+        catalog["models"].append({"id": "slow-model", "provider": "slowai",
+                                  "price": {"input": "0.15", "output": "0.60"},
+                                  "max_output_tokens": 1000})
     catalog["endpoints"] += [
         {"id": "lookup", "provider": "data", "method": "GET", "path": "/lookup/{id}",
          "upstream_path": "/items/{id}", "price": {"per_call": "0.002"}},
@@ -237,10 +245,6 @@ class Outcome:
     complete: bool = False  # a whole successful response, with its cost
 
 
-KINDS = ("chat", "stream", "stream-quiet", "lookup", "sandbox-chat", "sandbox-search",
-         "broken-model", "broken-api", "poor")
-
-
 def request_for(kind: str, i: int) -> tuple[str, str, dict[str, Any] | None]:
     """(method, path, JSON body) of the ``kind`` request number ``i``."""
     messages = [{"role": "user", "content": f"request {i}"}]
@@ -253,6 +257,10 @@ def request_for(kind: str, i: int) -> tuple[str, str, dict[str, Any] | None]:
     if kind == "stream-quiet":  # no include_usage: the cost comes in the final SSE comment
         return "POST", "/v1/chat/completions", {"model": "gpt-test", "messages": messages,
                                                 "stream": True}
+    if kind == "slow-stream":
+        return "POST", "/v1/chat/completions", {
+            "model": "slow-model", "messages": messages, "stream": True,
+            "stream_options": {"include_usage": True}}
     if kind == "sandbox-chat":
         return "POST", "/v1/chat/completions", {"model": "sandbox-chat", "messages": messages}
     if kind == "sandbox-search":
@@ -328,28 +336,32 @@ class Plan:
 
 
 async def run_load(urls: list[str] | Any, keys: list[str], poor_key: str, plan: Plan,
-                   timeout_s: float = 120) -> list[Outcome]:
-    """Run the plan; ``urls`` is a list, or a callable returning the servers up right now."""
+                   timeout_s: float = 120, stop: threading.Event | None = None,
+                   outcomes: list[Outcome] | None = None) -> list[Outcome]:
+    """Run the plan (until ``stop`` is set, if given), appending to ``outcomes`` as it goes;
+    ``urls`` is a list, or a callable returning the servers up right now."""
     rng = random.Random(plan.seed)
-    kinds = rng.choices(list(plan.weights), weights=list(plan.weights.values()), k=plan.total)
-    outcomes: list[Outcome] = []
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(plan.total):
-        queue.put_nowait(i)
+    names, weights = list(plan.weights), list(plan.weights.values())
+    outcomes = [] if outcomes is None else outcomes
+    counter = iter(range(plan.total))
     connector = aiohttp.TCPConnector(limit=plan.concurrency, force_close=False)
     async with aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
         async def worker() -> None:
             while True:
-                try:
-                    i = queue.get_nowait()
-                except asyncio.QueueEmpty:
+                if stop is not None and stop.is_set():
+                    return
+                i = next(counter, None)
+                if i is None:
                     return
                 live = urls() if callable(urls) else urls
                 url = live[i % len(live)]
-                kind = kinds[i]
+                kind = rng.choices(names, weights)[0]
                 key = poor_key if kind == "poor" else keys[i % len(keys)]
-                outcomes.append(await one_request(session, url, key, kind, i))
+                outcome = await one_request(session, url, key, kind, i)
+                outcomes.append(outcome)
+                if outcome.status == 0:
+                    await asyncio.sleep(0.05)  # the server is down: do not spin
 
         await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
     return outcomes
@@ -427,3 +439,67 @@ def report(name: str, figures: dict[str, Any]) -> None:
     if path:
         with open(path, "a") as out:
             out.write(json.dumps({"test": name, **figures}) + "\n")
+
+
+class BackgroundLoad:
+    """:func:`run_load` in a thread of its own, until :meth:`finish` (the test meanwhile kills
+    and restarts servers or the database)."""
+
+    def __init__(self, urls: Any, keys: list[str], poor_key: str, plan: Plan) -> None:
+        self.stop = threading.Event()
+        self.outcomes: list[Outcome] = []
+        self._error: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(run_load(urls, keys, poor_key, plan, stop=self.stop,
+                                     outcomes=self.outcomes))
+            except BaseException as exc:  # noqa: BLE001 - re-raised by finish()
+                self._error.append(exc)
+
+        self._thread = threading.Thread(target=run, name="load", daemon=True)
+        self._thread.start()
+
+    def seen(self) -> int:
+        return len(self.outcomes)
+
+    def finish(self) -> list[Outcome]:
+        self.stop.set()
+        self._thread.join(300)
+        if self._error:
+            raise self._error[0]
+        return self.outcomes
+
+
+PG_SERVER = ROOT / "scripts" / "pg-test-server"
+
+
+class PgCluster:
+    """A throwaway PostgreSQL cluster of the test's own (scripts/pg-test-server), so that
+    stopping it under load disturbs nobody else's tests."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.url = ""
+
+    def start(self) -> str:
+        done = subprocess.run([str(PG_SERVER), "start", str(self.directory)],
+                              capture_output=True, text=True, timeout=180)
+        if done.returncode != 0:
+            raise RuntimeError(f"pg-test-server start failed: {done.stderr}")
+        self.url = done.stdout.strip()
+        return self.url
+
+    def stop(self) -> None:
+        subprocess.run([str(PG_SERVER), "stop", str(self.directory)], capture_output=True,
+                       timeout=180)
+
+    def remove(self) -> None:
+        """Stop it and delete its files (as root they live outside the directory)."""
+        self.stop()
+        pointer = self.directory / "cluster"
+        if pointer.exists():
+            location = Path(pointer.read_text().strip())
+            if location.name.startswith("tollway-pg-") or location.parent.name.startswith(
+                    "tollway-pg-"):
+                subprocess.run(["rm", "-rf", "--", str(location)], timeout=60)

@@ -38,6 +38,17 @@ SETTINGS = (
             "statements and the ledger are kept)"),
     Setting("catalog_refresh_seconds", "5",
             "how often a worker re-reads the catalog and prices from the database"),
+    Setting("max_inflight_requests", "512",
+            "requests one worker serves at once; beyond it a request is refused at once with "
+            "503 overloaded and Retry-After (nothing read, nothing charged)"),
+    Setting("log_format", "text",
+            "text (one readable line per event) or json (one JSON object per line, for log "
+            "collectors)"),
+    Setting("log_requests", "true",
+            "one access-log line per request: request id, route, status, duration, account, "
+            "product, cost (never keys or headers)"),
+    Setting("metrics_token", "",
+            "bearer token for GET /metrics; empty: the admin token (either is accepted)"),
 )
 
 

@@ -80,6 +80,7 @@ class ApiRoute:
             conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
             response=(response.status, response.content_type, raw)),
             account_id=key.account_id)
+        call.charged(cost)
         await send_bytes(send, response.status, raw, response.content_type.encode(),
                          headers=[(COST_HEADER, format_usd(cost).encode())])
 

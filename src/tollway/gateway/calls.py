@@ -11,15 +11,16 @@ from starlette.types import Scope, Send
 
 from tollway.billing import keys, metering
 from tollway.billing.metering import ClientKey, Replay
-from tollway.errors import InvalidRequest, TollwayError
+from tollway.errors import InvalidRequest, TollwayError, UpstreamError
 from tollway.gateway.asgi import error_body, header, send_bytes
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import Hold, now_ms
+from tollway.metrics import METRICS
 from tollway.money import format_usd
 from tollway.pricing.rating import AppliedRatio, resolve_ratio
 from tollway.store.accounts import ApiKeyRecord
 from tollway.store.catalog import Item, price_columns
-from tollway.web.errors import REQUEST_ID
+from tollway.web.observe import ACCOUNT, COST, ERROR_CODE, PRODUCT, REQUEST_ID
 
 COST_HEADER = b"x-tollway-cost-usd"
 
@@ -49,6 +50,11 @@ class Call:
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
+
+    def charged(self, cost_nano: int) -> None:
+        """The settlement is durable: count it, and tell the access log what it cost."""
+        self.scope[COST] = cost_nano
+        METRICS.charge(self.item.id, cost_nano)
 
     def mark_first_byte(self) -> None:
         if self.ttft_ms is None:
@@ -89,6 +95,8 @@ def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
         raise InvalidRequest(f"the key's group {group!r} is not in the catalog")
     ratio = resolve_ratio(group, gw.catalog.ratios, item.version.group_ratios)
     call = Call(scope, key, item, ratio, route)
+    scope[PRODUCT] = item.id
+    scope[ACCOUNT] = key.account_id
     idem = header(scope, b"idempotency-key")
     if idem:
         if len(idem) > 200:
@@ -109,6 +117,9 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
                send_response: bool = True) -> None:
     """The request failed before anything billable happened: void the hold, record the error
     (cost 0), and answer the client."""
+    call.scope[ERROR_CODE] = exc.code
+    if isinstance(exc, UpstreamError):
+        METRICS.upstream_error(call.item.id, exc.code, status or exc.status)
     if call.hold is not None:
         record = call.record(type_="error", status=status or exc.status, error=exc)
         hold_id = call.hold.id

@@ -287,6 +287,7 @@ class LLMRoute:
         await llm.gw.ctx.write(lambda conn: metering.settle(
             conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
             response=response), account_id=call.key.account_id)
+        call.charged(cost)
         return cost
 
     # ------------------------------------------------------------------ streaming

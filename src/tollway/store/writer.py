@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
+from tollway.metrics import METRICS
 from tollway.store.db import INTEGRITY_ERRORS, OPERATIONAL_ERRORS, Database, storage_error
 
 T = TypeVar("T")
@@ -98,6 +99,13 @@ class Writer:
                 return
 
     def _execute(self, ops: list[Operation]) -> list[Outcome]:
+        started = time.monotonic()
+        outcomes = self._transact(ops)
+        METRICS.writer_batch.observe(len(ops))
+        METRICS.writer_commit.observe(time.monotonic() - started)
+        return outcomes
+
+    def _transact(self, ops: list[Operation]) -> list[Outcome]:
         for attempt in range(_RETRIES):
             try:
                 try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -9,7 +10,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from tollway import settings
@@ -17,12 +18,13 @@ from tollway.admin.routes import admin_routes
 from tollway.billing import keys
 from tollway.billing.marketplace import listing
 from tollway.billing.views import balance_view
-from tollway.errors import TollwayError
+from tollway.errors import InvalidAdminToken, TollwayError
 from tollway.gateway.apis import ApiRoute
 from tollway.gateway.llm import LLMRoute
 from tollway.gateway.models import ModelsRoute
 from tollway.gateway.state import Gateway
-from tollway.ledger.ledger import now_ms
+from tollway.ledger.ledger import now_ms, open_holds
+from tollway.metrics import METRICS
 from tollway.store import accounts as store
 from tollway.store.db import Database
 from tollway.store.writer import Writer
@@ -30,8 +32,9 @@ from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
 from tollway.web import reports
 from tollway.web.context import Context
-from tollway.web.errors import RequestIdMiddleware, http_error, tollway_error, unexpected_error
+from tollway.web.errors import http_error, tollway_error, unexpected_error
 from tollway.web.http import bearer
+from tollway.web.observe import ObserveMiddleware
 from tollway.web.openapi import SPEC
 
 
@@ -39,6 +42,20 @@ async def healthz(request: Request) -> JSONResponse:
     ctx: Context = request.app.state.ctx
     await ctx.read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
     return JSONResponse({"status": "ok", "database": ctx.db.dialect})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this worker's counters (see ``tollway.metrics``)."""
+    ctx: Context = request.app.state.ctx
+    token = bearer(request) or ""
+    allowed = [t for t in (ctx.admin_token, settings.get("metrics_token")) if t]
+    if not any(hmac.compare_digest(token.encode(), t.encode()) for t in allowed):
+        raise InvalidAdminToken("/metrics needs 'Authorization: Bearer <metrics or admin "
+                                "token>'")
+    count, oldest_ms = await ctx.read(open_holds)
+    age_s = max(now_ms() - oldest_ms, 0) / 1000 if oldest_ms is not None else 0.0
+    return PlainTextResponse(METRICS.exposition(open_holds=count, oldest_hold_age_s=age_s),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 async def openapi(request: Request) -> JSONResponse:
@@ -92,6 +109,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
 
     routes = [
         Route("/healthz", healthz),
+        Route("/metrics", metrics),
         Route("/openapi.json", openapi),
         Route("/v1/marketplace", marketplace),
         Route("/v1/billing/balance", balance),
@@ -111,7 +129,10 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[Middleware(ObserveMiddleware,
+                               max_inflight=int(settings.get("max_inflight_requests")),
+                               log_requests=settings.get("log_requests").lower()
+                               in ("1", "true", "yes", "on"))],
         exception_handlers={TollwayError: tollway_error, HTTPException: http_error,
                             Exception: unexpected_error},
     )

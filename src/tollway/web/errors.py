@@ -1,47 +1,21 @@
-"""Request ids and the one error shape: ``{"error": {"type", "code", "message",
-"request_id"}}``. Plain ASGI, so it costs nothing on the hot path."""
+"""The one error shape: ``{"error": {"type", "code", "message", "request_id"}}`` (request
+ids are given by ``observe.ObserveMiddleware``)."""
 
 from __future__ import annotations
 
 import logging
-import secrets
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollway.errors import TollwayError
 from tollway.store.db import storage_error
+from tollway.web.observe import ERROR_CODE, REQUEST_ID
+
+__all__ = ["REQUEST_ID", "error_response", "http_error", "tollway_error", "unexpected_error"]
 
 log = logging.getLogger("tollway")
-REQUEST_ID = "tollway.request_id"
-
-
-def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
-
-
-class RequestIdMiddleware:
-    """Give every request an id and answer it in ``X-Request-Id``."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = new_request_id()
-        scope[REQUEST_ID] = request_id
-        header = (b"x-request-id", request_id.encode())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 def error_response(request: Request, status: int, type_: str, code: str,
@@ -53,6 +27,7 @@ def error_response(request: Request, status: int, type_: str, code: str,
 
 async def tollway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TollwayError)
+    request.scope[ERROR_CODE] = exc.code
     response = error_response(request, exc.status, exc.type, exc.code, exc.message)
     if exc.retry_after_s is not None:
         response.headers["retry-after"] = str(exc.retry_after_s)
