@@ -1,0 +1,220 @@
+"""Operations: ``GET /metrics`` (Prometheus text), the structured access log, and load
+shedding (``max_inflight_requests``), on SQLite and PostgreSQL.
+
+Metrics are per process and the in-thread gateway shares the test process with other tests,
+so each test reads the difference between two scrapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import httpx
+import pytest
+
+from fakes import (
+    ADMIN_TOKEN,
+    GATEWAY_ENV,
+    IGNORE_TOKENIZER_WARNING,
+    DataReply,
+    FakeUpstream,
+    Tollway,
+    error_of,
+    fake_catalog,
+    fresh_database,
+    running_tollway,
+)
+from tollway.ledger import ledger
+from tollway.logs import JsonFormatter, TextFormatter, log_config
+
+pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
+MAX_INFLIGHT = 4
+METRICS_TOKEN = "metrics-scraper-token"
+HELLO = [{"role": "user", "content": "hello"}]
+CHAT_COST = 6_000  # 20 prompt × $0.15 + 5 output × $0.60, per 1M tokens
+LINE = re.compile(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$')
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[Tollway]:
+    env = {**GATEWAY_ENV, "TOLLWAY_MAX_INFLIGHT_REQUESTS": str(MAX_INFLIGHT),
+           "TOLLWAY_METRICS_TOKEN": METRICS_TOKEN}
+    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream), upstream,
+                                                        env=env) as tollway:
+        yield tollway
+
+
+@pytest.fixture
+def tw(served: Tollway) -> Iterator[Tollway]:
+    served.begin_test()
+    yield served
+    served.close_clients()
+
+
+def scrape(tw: Tollway, token: str = ADMIN_TOKEN) -> dict[str, float]:
+    """``{'name{labels}': value}`` of every sample, checking each line's syntax."""
+    response = httpx.get(tw.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in response.text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            continue
+        match = LINE.match(line)
+        assert match, line
+        name, labels, value = match.groups()
+        samples[f"{name}{{{labels or ''}}}"] = float(value)
+    return samples
+
+
+def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    return after.get(name, 0) - before.get(name, 0)
+
+
+def test_metrics_count_requests_charges_and_upstream_errors(tw: Tollway,
+                                                            upstream: FakeUpstream) -> None:
+    key = tw.key(tw.account())
+    client = tw.client(key)
+    http = tw.http()
+    before = scrape(tw)
+    for _ in range(3):
+        client.chat.completions.create(model="gpt-test", messages=HELLO)
+    upstream.data_replies["/data/users/down"] = DataReply(status=503, body=b"{}")
+    assert http.get("/apis/v1/twitter/user/alice",
+                    headers={"Authorization": f"Bearer {key}"}).status_code == 200
+    assert http.get("/apis/v1/twitter/user/down",
+                    headers={"Authorization": f"Bearer {key}"}).status_code == 503
+    after = scrape(tw, METRICS_TOKEN)  # the metrics token works as well as the admin token
+
+    chat = 'route="/v1/chat/completions",product="gpt-test",status="200"'
+    apis = 'route="/apis/v1/{path:path}",product="twitter-user"'
+    assert delta(before, after, f"tollway_http_requests_total{{{chat}}}") == 3
+    assert delta(before, after, f"tollway_http_request_duration_seconds_count{{{chat}}}") == 3
+    assert delta(before, after, 'tollway_http_request_duration_seconds_bucket{'
+                 f'{chat},le="+Inf"}}') == 3
+    assert delta(before, after, f'tollway_http_requests_total{{{apis},status="200"}}') == 1
+    assert delta(before, after, f'tollway_http_requests_total{{{apis},status="503"}}') == 1
+    assert delta(before, after, 'tollway_charges_total{product="gpt-test"}') == 3
+    assert delta(before, after, 'tollway_revenue_nano_usd_total{product="gpt-test"}') == (
+        3 * CHAT_COST)
+    assert delta(before, after, 'tollway_revenue_nano_usd_total{product="twitter-user"}') == (
+        2_000_000)  # $0.002, the failed call is not revenue
+    assert delta(before, after, 'tollway_upstream_errors_total{product="twitter-user",'
+                 'code="upstream_error",status="503"}') == 1
+    assert delta(before, after, "tollway_writer_batch_size_count{}") >= 4  # 4 holds, 4 closes
+    assert after["tollway_writer_commit_seconds_count{}"] == after[
+        "tollway_writer_commit_seconds_bucket{le=\"+Inf\"}"]
+    assert after["tollway_open_holds{}"] == 0
+    assert after["tollway_process_peak_resident_memory_bytes{}"] > 0
+
+
+def test_metrics_show_open_holds_and_their_age(tw: Tollway) -> None:
+    account = tw.account()
+    with tw.db.write() as conn:
+        hold = ledger.place_hold(conn, account, 1000, idempotency_key="ops-open-hold",
+                                 ttl_ms=60_000)
+    try:
+        samples = scrape(tw)
+        assert samples["tollway_open_holds{}"] >= 1
+        assert samples["tollway_oldest_open_hold_age_seconds{}"] >= 0
+    finally:
+        with tw.db.write() as conn:
+            ledger.void_hold(conn, hold.id, idempotency_key="ops-open-hold")
+
+
+def test_metrics_need_a_token(tw: Tollway) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        response = httpx.get(tw.url + "/metrics", headers=headers)
+        assert response.status_code == 401
+        assert error_of(response)["code"] == "invalid_admin_token"
+
+
+def test_access_log_carries_the_request_and_never_a_secret(
+        tw: Tollway, caplog: pytest.LogCaptureFixture) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    with caplog.at_level(logging.INFO, logger="tollway.access"):
+        raw = tw.client(key).chat.completions.with_raw_response.create(
+            model="gpt-test", messages=HELLO)
+        refused = tw.http().get("/v1/billing/balance", headers={"Authorization": "Bearer nope"})
+    request_id = raw.headers["x-request-id"]
+    lines = {r.__dict__.get("request_id"): r for r in caplog.records
+             if r.name == "tollway.access"}
+    record = lines[request_id]
+    entry = json.loads(JsonFormatter().format(record))
+    assert {k: entry[k] for k in ("level", "logger", "request_id", "method", "route", "status",
+                                  "account_id", "product", "cost_usd")} == {
+        "level": "info", "logger": "tollway.access", "request_id": request_id, "method": "POST",
+        "route": "/v1/chat/completions", "status": 200, "account_id": account,
+        "product": "gpt-test", "cost_usd": "0.000006000"}
+    assert entry["duration_ms"] >= 0
+    text = TextFormatter().format(record)
+    assert text.startswith("INFO:     POST /v1/chat/completions 200 ")
+    assert f"request_id={request_id}" in text and "cost_usd=0.000006000" in text
+    assert lines[refused.headers["x-request-id"]].__dict__["status"] == 401
+    everything = "\n".join(JsonFormatter().format(r) + TextFormatter().format(r)
+                           for r in caplog.records)
+    assert key not in everything and "Bearer" not in everything and "nope" not in everything
+
+
+def test_log_config_refuses_an_unknown_format() -> None:
+    assert log_config("json")["formatters"]["default"]["()"] == "tollway.logs.JsonFormatter"
+    with pytest.raises(ValueError, match="text or json"):
+        log_config("xml")
+
+
+async def flood(url: str, key: str, count: int) -> list[tuple[int, str | None, str, Any]]:
+    """``count`` chat requests all at once: (status, error code, request id, Retry-After)."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        async def one() -> tuple[int, str | None, str, Any]:
+            async with session.post(url + "/v1/chat/completions",
+                                    json={"model": "gpt-test", "messages": HELLO},
+                                    headers={"Authorization": f"Bearer {key}"}) as response:
+                body = await response.json(content_type=None)
+                code = body["error"]["code"] if response.status != 200 else None
+                if response.status != 200:
+                    assert body["error"]["request_id"] == response.headers["x-request-id"]
+                return (response.status, code, response.headers["x-request-id"],
+                        response.headers.get("retry-after"))
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def test_overload_is_shed_with_503_and_charges_nothing(tw: Tollway,
+                                                      upstream: FakeUpstream) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    upstream.llm.delay = 0.5  # every admitted request stays in flight a while
+    before = scrape(tw)
+    outcomes = asyncio.run(flood(tw.url, key, 60))
+    seen = Counter((status, code, retry) for status, code, _, retry in outcomes)
+    admitted = seen[(200, None, None)]
+    shed = seen[(503, "overloaded", "1")]
+    assert admitted + shed == 60, seen
+    assert 1 <= admitted and shed >= 60 - 4 * MAX_INFLIGHT, seen  # most were shed at once
+    after = scrape(tw)
+    assert delta(before, after, "tollway_shed_requests_total{}") == shed
+    # Shed requests never reached the upstream nor the books; the admitted ones paid.
+    records = tw.wait_records(admitted)
+    assert sorted(r["request_id"] for r in records) == sorted(
+        rid for status, _, rid, _ in outcomes if status == 200)
+    assert tw.balance(account) == (10 * 1_000_000_000 - admitted * CHAT_COST, 0)
+    assert len(upstream.llm_requests()) == admitted
+    # It recovers by itself: once the flood is over, requests go through again.
+    upstream.llm.delay = 0
+    again = asyncio.run(flood(tw.url, key, MAX_INFLIGHT))
+    assert [status for status, *_ in again] == [200] * MAX_INFLIGHT
+    assert tw.verify() == []
