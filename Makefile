@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck bench clean install
+.PHONY: serve test stress lint typecheck bench clean install
 
 install: $(STAMP)
 
@@ -28,6 +28,20 @@ test: $(STAMP)
 	  echo "!! PostgreSQL unavailable: its test variants will be SKIPPED" >&2; url=""; }; \
 	TOLLWAY_TEST_POSTGRES_URL="$$url" $(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; \
 	scripts/pg-test-server stop var/pg-test >/dev/null 2>&1 || true; exit $$status
+
+# The long versions: 10,000 requests over three instances on one PostgreSQL ledger, 10 SIGKILLs
+# per backend, the PostgreSQL restart, then a flood and a 1,000,000-request soak (bench/soak.py,
+# SOAK_REQUESTS to change); prints the summary table (docs/reliability.md has the figures).
+SOAK_REQUESTS ?= 1000000
+stress: $(STAMP)
+	@mkdir -p var/stress && rm -f var/stress/results.jsonl var/stress/soak.jsonl
+	@url=$$(scripts/pg-test-server start var/pg-test) || { echo "stress needs PostgreSQL" >&2; exit 1; }; \
+	TOLLWAY_STRESS=1 TOLLWAY_STRESS_REPORT=var/stress/results.jsonl TOLLWAY_TEST_POSTGRES_URL="$$url" \
+	  $(BIN)/python -m pytest -q tests/test_reliability_cluster.py tests/test_reliability_crash.py \
+	  tests/test_operations.py; status=$$?; \
+	$(BIN)/python bench/soak.py --requests $(SOAK_REQUESTS) --json var/stress/soak.jsonl || status=1; \
+	scripts/pg-test-server stop var/pg-test >/dev/null 2>&1 || true; \
+	$(BIN)/python bench/stress_report.py var/stress/results.jsonl var/stress/soak.jsonl; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

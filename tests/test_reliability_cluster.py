@@ -42,7 +42,7 @@ from tollway.money import parse_usd
 from tollway.store.db import Database
 
 STRESS = bool(os.environ.get("TOLLWAY_STRESS"))
-REQUESTS = 20_000 if STRESS else 360
+REQUESTS = 10_000 if STRESS else 360
 CONCURRENCY = 48 if STRESS else 24
 INSTANCES = 3
 

@@ -48,7 +48,7 @@ from tollway.store.db import Database
 from tollway.store.tables import holds
 
 STRESS = bool(os.environ.get("TOLLWAY_STRESS"))
-KILLS = 20 if STRESS else 2
+KILLS = 10 if STRESS else 2
 #: One worker per server in the fast version: a start costs seconds on a busy machine.
 WORKERS = 2 if STRESS else 1
 HOLD_TTL_S = 4
