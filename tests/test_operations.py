@@ -8,6 +8,7 @@ so each test reads the difference between two scrapes.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import re
@@ -31,6 +32,8 @@ from fakes import (
     fresh_database,
     running_tollway,
 )
+from tollway.billing import metering
+from tollway.billing.metering import ClientKey
 from tollway.ledger import ledger
 from tollway.logs import JsonFormatter, TextFormatter, log_config
 
@@ -217,4 +220,31 @@ def test_overload_is_shed_with_503_and_charges_nothing(tw: Tollway,
     upstream.llm.delay = 0
     again = asyncio.run(flood(tw.url, key, MAX_INFLIGHT))
     assert [status for status, *_ in again] == [200] * MAX_INFLIGHT
+    assert tw.verify() == []
+
+
+def test_a_retry_after_its_first_attempt_died_takes_the_idempotency_key_over(
+        tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    key_id = tw.key_record(key).id
+    body = json.dumps({"model": "gpt-test", "messages": HELLO}).encode()
+    fingerprint = hashlib.sha256(b"POST /v1/chat/completions\n" + body).hexdigest()
+    with tw.db.write() as conn:  # what a process killed mid-request leaves behind
+        metering.reserve(conn, request_id="req_died", account_id=account, key_id=key_id,
+                         amount_nano=1_000, ttl_ms=60_000,
+                         client_key=ClientKey(key_id, "retry-1", fingerprint))
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "retry-1",
+               "Content-Type": "application/json"}
+    http = tw.http()
+    busy = http.post("/v1/chat/completions", content=body, headers=headers)
+    assert busy.status_code == 409 and error_of(busy)["code"] == "request_in_progress"
+    with tw.db.write() as conn:  # the reaper, once the hold's TTL has passed
+        assert [r.hold_id for r in ledger.expire_holds(conn, ledger.now_ms() + 61_000)] != []
+    retry = http.post("/v1/chat/completions", content=body, headers=headers)
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["x-tollway-cost-usd"] == "0.000006000"
+    replay = http.post("/v1/chat/completions", content=body, headers=headers)
+    assert replay.headers["x-tollway-replayed-request-id"] == retry.headers["x-request-id"]
+    assert tw.balance(account) == (10 * 1_000_000_000 - CHAT_COST, 0)
     assert tw.verify() == []

@@ -375,6 +375,13 @@ def expire_holds(conn: Connection, now: int | None = None, *, limit: int = 1000)
     return released
 
 
+def hold_status(conn: Connection, idempotency_key: str) -> str | None:
+    """The status of the hold placed with ``idempotency_key`` (see :func:`place_hold`), or
+    None if there is none."""
+    row = _existing_entry(conn, f"hold:{idempotency_key}")
+    return None if row is None else _hold(conn, row[3]).status
+
+
 def open_holds(conn: Connection) -> tuple[int, int | None]:
     """(how many holds are open, when the oldest was placed in ms) — for monitoring. Open
     holds are the requests in flight, so this reads few rows (index on status)."""
