@@ -35,6 +35,7 @@ from tollway.gateway.usage import MeteredUsage, bounded, parse_openai_usage
 from tollway.money import format_usd
 from tollway.pricing.rating import InvalidUsage, TokenPrice, TokenUsage, rate_tokens
 from tollway.upstreams.base import UpstreamRequest, UpstreamResponse
+from tollway.web.observe import ERROR_CODE
 
 log = logging.getLogger("tollway")
 MAX_TOKENS_HEADER = b"x-tollway-max-tokens"
@@ -414,6 +415,7 @@ class _StreamState:
 
 async def _end_with_error(send: Send, call: Call, exc: TollwayError, state: _StreamState) -> None:
     """End a stream whose headers are sent with an error event in the one error shape."""
+    call.scope[ERROR_CODE] = exc.code
     if state.client_gone:
         return
     await _send_chunk(send, b"data: " + json.dumps({"error": {

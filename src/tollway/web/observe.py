@@ -80,7 +80,7 @@ class ObserveMiddleware:
         route = _route(scope)
         product = scope.get(PRODUCT) or ""
         METRICS.request(route, product, status, seconds)
-        if status == 503 and scope.get(ERROR_CODE) == "storage_unavailable":
+        if scope.get(ERROR_CODE) == "storage_unavailable":
             METRICS.storage_unavailable += 1
         if self.log_requests and access_log.isEnabledFor(logging.INFO):
             cost = scope.get(COST)
