@@ -14,6 +14,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,8 +35,12 @@ from fakes import (
 )
 from tollway.billing import metering
 from tollway.billing.metering import ClientKey
+from tollway.errors import StorageUnavailable
 from tollway.ledger import ledger
 from tollway.logs import JsonFormatter, TextFormatter, log_config
+from tollway.store.db import Database, storage_error
+from tollway.store.writer import Writer
+from tollway.web.context import Context
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 MAX_INFLIGHT = 4
@@ -248,3 +253,23 @@ def test_a_retry_after_its_first_attempt_died_takes_the_idempotency_key_over(
     assert replay.headers["x-tollway-replayed-request-id"] == retry.headers["x-request-id"]
     assert tw.balance(account) == (10 * 1_000_000_000 - CHAT_COST, 0)
     assert tw.verify() == []
+
+
+def test_database_failures_are_storage_unavailable(tmp_path: Path) -> None:
+    """The one mapping: a database that cannot be opened is 503 storage_unavailable for reads
+    and for the writer, and anything else stays what it is."""
+    db = Database(f"sqlite:///{tmp_path}")  # a directory: SQLite cannot open it
+    ctx = Context(db=db, writer=Writer(db), admin_token="x", hold_ttl_ms=1000,
+                  reaper_interval_s=1)
+    try:
+        with pytest.raises(StorageUnavailable) as read:
+            asyncio.run(ctx.read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar()))
+        with pytest.raises(StorageUnavailable):
+            ctx.writer.call(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
+        assert (read.value.status, read.value.code, read.value.retry_after_s) == (
+            503, "storage_unavailable", 2)
+        assert str(tmp_path) not in read.value.message  # no driver text, no paths or hosts
+        assert storage_error(ValueError("not a database problem")) is None
+    finally:
+        ctx.writer.close()
+        db.dispose()
