@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 
 serve: $(STAMP)
 	$(BIN)/tollway db upgrade
-	$(BIN)/tollway serve --host $(HOST) --port $(PORT) --catalog examples/catalog.yaml --demo
+	TOLLWAY_LOG_REQUESTS=$${TOLLWAY_LOG_REQUESTS:-all} \
+	  $(BIN)/tollway serve --host $(HOST) --port $(PORT) --catalog examples/catalog.yaml --demo
 
 # Runs every test on SQLite and on a throwaway PostgreSQL server (started here, stopped after).
 test: $(STAMP)

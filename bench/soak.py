@@ -87,7 +87,7 @@ class Served:
         self.env.update({"TOLLWAY_DATABASE_URL": f"sqlite:///{workdir / 'soak.db'}",
                          "TOLLWAY_DATA_DIR": str(workdir / "data"), "TOLLWAY_ADMIN_TOKEN": ADMIN,
                          "TOLLWAY_MAX_INFLIGHT_REQUESTS": str(max_inflight),
-                         "TOLLWAY_LOG_REQUESTS": "false"})
+                         "TOLLWAY_LOG_REQUESTS": "errors"})
         self.proc: subprocess.Popen[bytes] | None = None
 
     def cli(self, *args: str) -> str:

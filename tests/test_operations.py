@@ -41,6 +41,7 @@ from tollway.logs import JsonFormatter, TextFormatter, log_config
 from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
 from tollway.web.context import Context
+from tollway.web.observe import ObserveMiddleware
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 MAX_INFLIGHT = 4
@@ -59,7 +60,7 @@ def upstream() -> Iterator[FakeUpstream]:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[Tollway]:
     env = {**GATEWAY_ENV, "TOLLWAY_MAX_INFLIGHT_REQUESTS": str(MAX_INFLIGHT),
-           "TOLLWAY_METRICS_TOKEN": METRICS_TOKEN}
+           "TOLLWAY_METRICS_TOKEN": METRICS_TOKEN, "TOLLWAY_LOG_REQUESTS": "all"}
     with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream), upstream,
                                                         env=env) as tollway:
         yield tollway
@@ -178,10 +179,34 @@ def test_access_log_carries_the_request_and_never_a_secret(
     assert key not in everything and "Bearer" not in everything and "nope" not in everything
 
 
-def test_log_config_refuses_an_unknown_format() -> None:
+def test_log_settings_refuse_unknown_values() -> None:
     assert log_config("json")["formatters"]["default"]["()"] == "tollway.logs.JsonFormatter"
     with pytest.raises(ValueError, match="text or json"):
         log_config("xml")
+    with pytest.raises(ValueError, match="all, errors, none"):
+        ObserveMiddleware(lambda *_: None, max_inflight=1, log_requests="yes")  # type: ignore
+
+
+def test_by_default_only_errors_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        status = 200 if scope["path"] == "/ok" else 404
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    observed = ObserveMiddleware(app, max_inflight=10, log_requests="errors")
+
+    async def call(path: str) -> None:
+        async def send(message: Any) -> None:
+            return None
+
+        await observed({"type": "http", "method": "GET", "path": path, "headers": []},
+                       None, send)  # type: ignore[arg-type]
+
+    with caplog.at_level(logging.INFO, logger="tollway.access"):
+        asyncio.run(call("/ok"))
+        asyncio.run(call("/missing"))
+    assert [(r.__dict__["path"], r.__dict__["status"]) for r in caplog.records
+            if r.name == "tollway.access"] == [("/missing", 404)]
 
 
 async def flood(url: str, key: str, count: int) -> list[tuple[int, str | None, str, Any]]:

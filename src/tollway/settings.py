@@ -44,9 +44,10 @@ SETTINGS = (
     Setting("log_format", "text",
             "text (one readable line per event) or json (one JSON object per line, for log "
             "collectors)"),
-    Setting("log_requests", "true",
-            "one access-log line per request: request id, route, status, duration, account, "
-            "product, cost (never keys or headers)"),
+    Setting("log_requests", "errors",
+            "access log: all (one line per request: request id, route, status, duration, "
+            "account, product, cost; never keys or headers), errors (only answers >= 400: no "
+            "logging cost on the successful hot path) or none"),
     Setting("metrics_token", "",
             "bearer token for GET /metrics; empty: the admin token (either is accepted)"),
 )

@@ -131,8 +131,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         lifespan=lifespan,
         middleware=[Middleware(ObserveMiddleware,
                                max_inflight=int(settings.get("max_inflight_requests")),
-                               log_requests=settings.get("log_requests").lower()
-                               in ("1", "true", "yes", "on"))],
+                               log_requests=settings.get("log_requests").lower())],
         exception_handlers={TollwayError: tollway_error, HTTPException: http_error,
                             Exception: unexpected_error},
     )

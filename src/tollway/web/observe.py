@@ -8,7 +8,8 @@ access log.
   shed (an operator must see the overload).
 - When the response is over: the request counter and latency histogram by route, product and
   status, and one access-log line (request id, method, route, status, duration, account,
-  product, cost). Headers and bodies are never logged: no key or token can leak there.
+  product, cost) for every request or only for errors (``log_requests``). Headers and bodies
+  are never logged: no key or token can leak there.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ACCOUNT = "tollway.account_id"
 COST = "tollway.cost_nano"
 ERROR_CODE = "tollway.error_code"
 UNMATCHED = "(unmatched)"
+LOG_REQUESTS = {"all": 0, "errors": 400, "none": 1000}
 
 access_log = logging.getLogger("tollway.access")
 
@@ -40,10 +42,16 @@ def new_request_id() -> str:
 
 
 class ObserveMiddleware:
-    def __init__(self, app: ASGIApp, *, max_inflight: int, log_requests: bool) -> None:
+    def __init__(self, app: ASGIApp, *, max_inflight: int, log_requests: str) -> None:
+        """``log_requests``: ``all``, ``errors`` (answers >= 400) or ``none``."""
+        if log_requests not in LOG_REQUESTS:
+            raise ValueError(f"TOLLWAY_LOG_REQUESTS must be one of {', '.join(LOG_REQUESTS)}, "
+                             f"got {log_requests!r}")
         self.app = app
         self.max_inflight = max_inflight
-        self.log_requests = log_requests
+        #: the lowest status that is logged (a line costs tens of µs: off the hot path unless
+        #: asked for)
+        self.log_from = LOG_REQUESTS[log_requests]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,7 +90,7 @@ class ObserveMiddleware:
         METRICS.request(route, product, status, seconds)
         if scope.get(ERROR_CODE) == "storage_unavailable":
             METRICS.storage_unavailable += 1
-        if self.log_requests and access_log.isEnabledFor(logging.INFO):
+        if status >= self.log_from and access_log.isEnabledFor(logging.INFO):
             cost = scope.get(COST)
             access_log.info(
                 "%s %s %d %.1fms", scope["method"], route, status, seconds * 1000,
