@@ -43,8 +43,9 @@ def storage_error(exc: BaseException) -> StorageUnavailable | None:
         return exc
     if isinstance(exc, OPERATIONAL_ERRORS) or (
             isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated):
-        return StorageUnavailable("the database is unavailable: this request was not charged; "
-                                  "retry later")
+        return StorageUnavailable("the database is unavailable; retry later (with the same "
+                                  "Idempotency-Key: a charge that reached the ledger just "
+                                  "before the outage is then replayed, never repeated)")
     return None
 
 
