@@ -78,11 +78,16 @@ def expired_holds(db: Database) -> int:
                                 .where(holds.c.status == "expired")).scalar_one())
 
 
+def answered(load: BackgroundLoad) -> int:
+    return sum(o.status != 0 for o in list(load.outcomes))
+
+
 def wait_for_requests(load: BackgroundLoad, more: int, timeout_s: float = 120) -> None:
-    """Until the load has seen ``more`` further outcomes (whatever they were)."""
-    target = load.seen() + more
+    """Until the load got ``more`` further answers (any status; refused connections while a
+    server restarts do not count)."""
+    target = answered(load) + more
     deadline = time.monotonic() + timeout_s
-    while load.seen() < target and time.monotonic() < deadline:
+    while answered(load) < target and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
