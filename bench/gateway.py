@@ -2,7 +2,7 @@
 
     python bench/gateway.py [--requests N] [--concurrency 1,8,32] [--rounds 3]
                             [--modes nonstream,stream] [--postgres URL] [--litellm [PYTHON]]
-                            [--layout proxy|servers|none] [--profile DIR] [--json]
+                            [--limits] [--layout proxy|servers|none] [--profile DIR] [--json]
 
 Every piece is its own process on this machine, all on 127.0.0.1:
 
@@ -20,6 +20,13 @@ Every piece is its own process on this machine, all on 127.0.0.1:
 * **load generator** - an aiohttp client (uvloop) in its own process, closed loop: C workers
   send the fixed number of requests N back to back. Non-streaming: latency to the whole body.
   Streaming: time to the first body chunk (TTFC) and to the end of the stream (``[DONE]``).
+
+``--limits`` adds, for each Tollway backend, a second Tollway (``tollway-sqlite+limits``,
+``tollway-pg+limits``; its own fresh database) whose catalog has a rate-limit tier and whose key
+has every limit on - RPM, TPM and concurrency, daily, weekly and monthly spend caps, an IP
+allowlist - all far above what the run uses, so nothing is refused but every check runs: the
+"limiter cost" lines compare its throughput with the same backend without limits, same round
+(then the median of the per-round ratios).
 
 Rounds are interleaved: for each round, for each (mode, concurrency), every target runs once,
 target order rotated by one each round; figures are medians over rounds. "added p50" is the
@@ -441,8 +448,17 @@ def _run(argv: list[str], **kw: Any) -> str:
     return str(done.stdout)
 
 
-def _catalog(upstream_base: str) -> str:
-    return f"""# written by bench/gateway.py
+#: Limits far above what a run sends: every check runs, none refuses.
+LIMITS_TIERS = """
+tiers:
+  bench: {rpm: 1000000000, tpm: 1000000000000, concurrency: 1000000}
+"""
+LIMITS_KEY_FLAGS = ["--daily-cap", "1000000", "--weekly-cap", "1000000", "--monthly-cap",
+                    "1000000", "--ips", "127.0.0.0/8,::1"]
+
+
+def _catalog(upstream_base: str, limits: bool = False) -> str:
+    return (LIMITS_TIERS if limits else "") + f"""# written by bench/gateway.py
 providers:
   fake: {{kind: openai, base_url: "{upstream_base}/v1", api_key_env: TOLLWAY_BENCH_UPSTREAM_KEY}}
 groups:
@@ -457,13 +473,14 @@ models:
 
 
 def start_tollway(name: str, db_url: str, upstream_base: str, work: Path, cpu: int | None,
-                  log: Any) -> Target:
-    """Fresh database (upgrade, catalog, account, top-up, key), then ``tollway serve``."""
+                  log: Any, limits: bool = False) -> Target:
+    """Fresh database (upgrade, catalog, account, top-up, key), then ``tollway serve``; with
+    ``limits``, a tier and a key with every limit (none of which the run reaches)."""
     cli = _tollway_cli()
     data_dir = work / name
     data_dir.mkdir(parents=True, exist_ok=True)
     catalog = data_dir / "catalog.yaml"
-    catalog.write_text(_catalog(upstream_base))
+    catalog.write_text(_catalog(upstream_base, limits))
     env = {**os.environ, "TOLLWAY_DATA_DIR": str(data_dir),
            "TOLLWAY_BENCH_UPSTREAM_KEY": "sk-fake-upstream"}
     common = ["--database-url", db_url]
@@ -473,7 +490,8 @@ def start_tollway(name: str, db_url: str, upstream_base: str, work: Path, cpu: i
     _run(cli + ["topup", "bench", "1000000", "--idempotency-key", "bench-fund", *common],
          env=env)
     key = json.loads(_run(cli + ["keys", "create", "bench", "--name", "bench", "--json",
-                                 *common], env=env))["key"]
+                                 *(LIMITS_KEY_FLAGS if limits else []), *common],
+                          env=env))["key"]
     port = free_port()
     proc = Proc(name, cli + ["serve", "--host", "127.0.0.1", "--port", str(port), *common],
                 work, cpu=cpu, env={"TOLLWAY_DATA_DIR": str(data_dir),
@@ -488,7 +506,7 @@ def start_tollway(name: str, db_url: str, upstream_base: str, work: Path, cpu: i
 class PostgresDatabase:
     """A fresh database on a PostgreSQL server, dropped by :meth:`drop`."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, suffix: str = "") -> None:
         import sqlalchemy as sa
 
         from tollway.store.db import normalize_url
@@ -497,7 +515,7 @@ class PostgresDatabase:
         self.server_url = sa.engine.make_url(normalize_url(url))
         self.admin = sa.create_engine(self.server_url, isolation_level="AUTOCOMMIT",
                                       poolclass=sa.pool.NullPool)
-        self.name = f"tollway_gwbench_{os.getpid()}"
+        self.name = f"tollway_gwbench_{os.getpid()}{suffix}"
         with self.admin.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
             conn.exec_driver_sql(f"CREATE DATABASE {self.name}")
@@ -1051,6 +1069,34 @@ def _f(value: float | None, fmt: str, dash: str = "-") -> str:
     return dash if value is None else format(value, fmt)
 
 
+def limiter_costs(runs: dict[tuple[str, str, int], list[dict[str, Any]]],
+                  targets: list[Target], modes: list[str], concs: list[int]
+                  ) -> list[dict[str, Any]]:
+    """Each ``X+limits`` target against ``X``: throughput ratio per round, then the median."""
+    out = []
+    names = {t.name for t in targets}
+    for t in targets:
+        base = t.name.removesuffix("+limits")
+        if base == t.name or base not in names:
+            continue
+        for mode in modes:
+            for c in concs:
+                on, off = runs.get((t.name, mode, c), []), runs.get((base, mode, c), [])
+                ratios = [a["rps"] / b["rps"] for a, b in zip(on, off, strict=False)
+                          if b["rps"]]
+                cpu = [a["proxy_cpu_ms_per_req"] / b["proxy_cpu_ms_per_req"]
+                       for a, b in zip(on, off, strict=False)
+                       if a["proxy_cpu_ms_per_req"] and b["proxy_cpu_ms_per_req"]]
+                ratio = _median(ratios)
+                out.append({"target": base, "mode": mode, "concurrency": c,
+                            "rps_on": _median([r["rps"] for r in on]),
+                            "rps_off": _median([r["rps"] for r in off]),
+                            "ratio": ratio, "ratio_rounds": ratios,
+                            "cpu_per_req_ratio": _median(cpu),
+                            "ok": ratio is not None and ratio >= 0.9})
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
     m, p = results["machine"], results["params"]
     lines = [
@@ -1069,7 +1115,7 @@ def render(results: dict[str, Any]) -> str:
                      f"{results['source_digest_at_end']} at the end): targets started at "
                      "different times may have run different code")
     lines += [f"{t}: {n}" for t, n in results["target_notes"].items()]
-    header = (f"{'target':<15} {'mode':<9} {'C':>3} {'req/s':>8} {'x pt':>5} {'cap':>5} "
+    header = (f"{'target':<21} {'mode':<9} {'C':>3} {'req/s':>8} {'x pt':>5} {'cap':>5} "
               f"{'p50 ms':>7} "
               f"{'p99 ms':>7} {'+p50 vs direct':>14} {'TTFC p50':>8} {'+TTFC':>6} "
               f"{'CPU ms/req':>10} {'db CPU':>6} {'RSS MiB':>7}")
@@ -1080,7 +1126,7 @@ def render(results: dict[str, Any]) -> str:
             lines.append("")
         last = (r["mode"], r["concurrency"])
         lines.append(
-            f"{r['target']:<15} {r['mode']:<9} {r['concurrency']:>3} {_f(r['rps'], ',.0f'):>8} "
+            f"{r['target']:<21} {r['mode']:<9} {r['concurrency']:>3} {_f(r['rps'], ',.0f'):>8} "
             f"{_f(r.get('x_passthrough'), '.2f'):>5} {_f(r.get('x_passthrough_cpu'), '.2f'):>5} "
             f"{_f(r['p50_ms'], '.2f'):>7} "
             f"{_f(r['p99_ms'], '.2f'):>7} {_f(r.get('added_p50_ms'), '+.2f'):>14} "
@@ -1113,6 +1159,14 @@ def render(results: dict[str, Any]) -> str:
                      f"{busiest['foreign_cores_max']:.2f}, in "
                      f"{busiest['target']}/{busiest['mode']}/C={busiest['concurrency']})")
     lines.append("")
+    for row in results.get("limiter", []):
+        lines.append(
+            f"limiter cost {row['target']} {row['mode']} C={row['concurrency']}: limits on "
+            f"{_f(row['rps_on'], ',.0f')}/s vs off {_f(row['rps_off'], ',.0f')}/s: ratio "
+            f"{_f(row['ratio'], '.3f')} (rounds "
+            f"{', '.join(f'{x:.3f}' for x in row['ratio_rounds'])}); CPU/req on/off "
+            f"{_f(row['cpu_per_req_ratio'], '.3f')}: under 10% slower "
+            f"{'MET' if row['ok'] else 'NOT MET'}")
     for v in results["verdicts"]:
         lines.append(f"target {v['target']} {v['mode']}: {v['what']}: {v['value']} "
                      f"{'MET' if v['ok'] else 'NOT MET'}")
@@ -1192,6 +1246,8 @@ def main(argv: list[str] | None = None) -> int:
                          "var/litellm-venv)")
     ap.add_argument("--litellm-requests", type=int, default=200,
                     help="requests per LiteLLM measurement (it serves ~20-60 req/s)")
+    ap.add_argument("--limits", action="store_true",
+                    help="also run each Tollway with every limit on (limiter cost)")
     ap.add_argument("--layout", choices=("proxy", "servers", "none"), default="proxy")
     ap.add_argument("--profile", metavar="DIR",
                     help="after the rounds, sample each Tollway server with py-spy (one "
@@ -1225,6 +1281,7 @@ def main(argv: list[str] | None = None) -> int:
     targets: list[Target] = []
     client: Client | None = None
     pg: PostgresDatabase | None = None
+    pg_limits: PostgresDatabase | None = None
     results: dict[str, Any] = {"machine": machine(), "params": {
         "requests": args.requests, "concurrency": concs, "rounds": args.rounds,
         "modes": modes, "warm": args.warm, "layout": layout.describe(),
@@ -1261,6 +1318,13 @@ def main(argv: list[str] | None = None) -> int:
             targets.append(t)
             notes["tollway-sqlite"] = (f"SQLite file in {work} (ext4; WAL, synchronous=FULL: "
                                        "each writer batch is fsynced)")
+            if args.limits:
+                t = start_tollway("tollway-sqlite+limits",
+                                  f"sqlite:///{work / 'tollway-limits.db'}", up_base, work,
+                                  layout.proxy, log, limits=True)
+                procs.append(t.proc)  # type: ignore[arg-type]
+                targets.append(t)
+                notes["tollway-sqlite+limits"] = "the same, every limit on (none reached)"
         pg_url = args.postgres or os.environ.get("TOLLWAY_BENCH_POSTGRES_URL")
         if pg_url:
             pg = PostgresDatabase(pg_url)
@@ -1269,6 +1333,15 @@ def main(argv: list[str] | None = None) -> int:
             t.db_root_pid = pg.postmaster
             procs.append(t.proc)  # type: ignore[arg-type]
             targets.append(t)
+            if args.limits:
+                pg_limits = PostgresDatabase(pg_url, "_limits")
+                t = start_tollway("tollway-pg+limits", pg_limits.url, up_base, work,
+                                  layout.proxy, log, limits=True)
+                t.db_root_pid = pg.postmaster
+                procs.append(t.proc)  # type: ignore[arg-type]
+                targets.append(t)
+                notes["tollway-pg+limits"] = (f"the same server, fresh database "
+                                              f"{pg_limits.name}, every limit on (none reached)")
             notes["tollway-pg"] = (
                 f"PostgreSQL {pg.version} (fsync={pg.settings['fsync']}, synchronous_commit="
                 f"{pg.settings['synchronous_commit']}), fresh database {pg.name}; server "
@@ -1333,6 +1406,7 @@ def main(argv: list[str] | None = None) -> int:
         results["deaths"] = {t.name: t.died for t in targets if t.died}
         results["rows"] = summarise(runs, targets, modes, concs, args.rounds)
         results["verdicts"] = verdicts(results["rows"], concs)
+        results["limiter"] = limiter_costs(runs, targets, modes, concs)
 
         if args.profile:
             out = Path(args.profile)
@@ -1366,6 +1440,8 @@ def main(argv: list[str] | None = None) -> int:
             p.stop()
         if pg is not None:
             pg.drop()
+        if pg_limits is not None:
+            pg_limits.drop()
         if (results.get("ok") and not results.get("deaths")
                 and not os.environ.get("TOLLWAY_BENCH_KEEP")):
             shutil.rmtree(work, ignore_errors=True)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from fakes import FakeUpstream, Tollway, fake_catalog, fresh_database, running_tollway
 from tollway.store.db import Database, normalize_url
 from tollway.store.migrate import upgrade
 
@@ -83,3 +84,30 @@ def db(db_url: str) -> Iterator[Database]:
     database = Database(db_url)
     yield database
     database.dispose()
+
+
+# --------------------------------------------------------------------------- the gateway
+# A gateway module's fixtures (a module may override ``served`` with its own catalog):
+# ``upstream`` — one fake upstream per module; ``served`` — one gateway per backend on the fake
+# catalog for the whole module; ``tw`` — that gateway for one test, which makes its own
+# accounts.
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[Tollway]:
+    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream),
+                                                        upstream) as tollway:
+        yield tollway
+
+
+@pytest.fixture
+def tw(served: Tollway) -> Iterator[Tollway]:
+    served.begin_test()
+    yield served
+    served.close_clients()

@@ -113,6 +113,64 @@ class LLMScript:
 
 
 @dataclass
+class AnthropicScript:
+    """How the fake Anthropic Messages API (under ``/anthropic/v1``) answers."""
+
+    content: list[str] = field(default_factory=lambda: ["Hello", " from", " Claude", "."])
+    input_tokens: int = 20  # EXCLUDES cache reads and writes, as Anthropic reports it
+    output_tokens: int = 4
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    #: cache_creation.{ephemeral_5m_input_tokens, ephemeral_1h_input_tokens}, when given
+    cache_split: tuple[int, int] | None = None
+    status: int = 200
+    error_body: Any = None
+    #: stream: drop the connection after message_start and this many text deltas
+    cut_after: int | None = None
+    #: stream: an ``event: error`` after the content (an overloaded upstream, say)
+    error_event: bool = False
+
+    def usage(self, *, output: int | None = None) -> dict[str, Any]:
+        usage: dict[str, Any] = {
+            "input_tokens": self.input_tokens,
+            "cache_creation_input_tokens": self.cache_creation_input_tokens,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
+            "output_tokens": self.output_tokens if output is None else output}
+        if self.cache_split is not None:
+            usage["cache_creation"] = {"ephemeral_5m_input_tokens": self.cache_split[0],
+                                       "ephemeral_1h_input_tokens": self.cache_split[1]}
+        return usage
+
+
+@dataclass
+class ResponsesScript:
+    """How the fake OpenAI Responses API (``/v1/responses``) answers."""
+
+    content: list[str] = field(default_factory=lambda: ["Responses", " say", " hi"])
+    input_tokens: int = 30  # INCLUDES cached tokens
+    cached_tokens: int = 0
+    output_tokens: int = 3  # INCLUDES reasoning tokens
+    reasoning_tokens: int = 0
+    status: int = 200
+    cut_after: int | None = None  # stream: drop the connection after this many text deltas
+
+    def usage(self) -> dict[str, Any]:
+        return {"input_tokens": self.input_tokens,
+                "input_tokens_details": {"cached_tokens": self.cached_tokens},
+                "output_tokens": self.output_tokens,
+                "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
+                "total_tokens": self.input_tokens + self.output_tokens}
+
+
+@dataclass
+class ImagesScript:
+    """How the fake image generation API (``/v1/images/generations``) answers."""
+
+    returned: int | None = None  # images in the answer; None = as many as requested
+    status: int = 200
+
+
+@dataclass
 class DataReply:
     """What the fake data API answers on one path."""
 
@@ -125,10 +183,14 @@ class DataReply:
 class FakeUpstream:
     def __init__(self) -> None:
         self.llm = LLMScript()
+        self.anthropic = AnthropicScript()
+        self.responses = ResponsesScript()
+        self.images = ImagesScript()
         self.data_replies: dict[str, DataReply] = {}
         self.requests: list[Recorded] = []
         self.aborted_streams = 0  # streams whose reader went away before the end
         self.compress_llm = False
+        self.streamed: list[bytes] = []  # the bytes of each stream sent, in order
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -190,6 +252,10 @@ class FakeUpstream:
 
     def reset(self) -> None:
         self.llm = LLMScript()
+        self.anthropic = AnthropicScript()
+        self.responses = ResponsesScript()
+        self.images = ImagesScript()
+        self.streamed = []
         self.data_replies = {}
         self.requests = []
         self.aborted_streams = 0
@@ -202,10 +268,10 @@ class FakeUpstream:
     # ---------------------------------------------------------------- what was received
 
     def llm_requests(self) -> list[Recorded]:
-        return [r for r in self.requests if r.path.startswith("/v1/")]
+        return [r for r in self.requests if r.path.startswith(("/v1/", "/anthropic/"))]
 
     def data_requests(self) -> list[Recorded]:
-        return [r for r in self.requests if not r.path.startswith("/v1/")]
+        return [r for r in self.requests if not r.path.startswith(("/v1/", "/anthropic/"))]
 
     # ---------------------------------------------------------------- handlers
 
@@ -216,7 +282,120 @@ class FakeUpstream:
             {k.lower(): v for k, v in request.headers.items()}, body))
         if request.path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings"):
             return await self._llm(request, body)
+        if request.path == "/anthropic/v1/messages":
+            return await self._messages(request, json.loads(body))
+        if request.path == "/v1/responses":
+            return await self._responses(request, json.loads(body))
+        if request.path == "/v1/images/generations":
+            return self._images(json.loads(body))
         return await self._data(request)
+
+    async def _write_events(self, request: web.Request, events: list[bytes],
+                            cut_at: int | None = None) -> web.StreamResponse:
+        """Send ``events`` as an SSE stream (recorded in :attr:`streamed`); with ``cut_at``,
+        drop the connection after that many events."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        sent = []
+        try:
+            for index, event in enumerate(events):
+                if cut_at is not None and index == cut_at:
+                    self.streamed.append(b"".join(sent))
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return response
+                await response.write(event)
+                sent.append(event)
+            self.streamed.append(b"".join(sent))
+            await response.write_eof()
+        except ConnectionError:
+            self.aborted_streams += 1
+        return response
+
+    async def _messages(self, request: web.Request, payload: dict[str, Any]
+                        ) -> web.StreamResponse:
+        script = self.anthropic
+        if script.status != 200:
+            return web.json_response(script.error_body or {"type": "error", "error": {
+                "type": "overloaded_error", "message": "scripted"}}, status=script.status)
+        model = payload.get("model")
+        if not payload.get("stream"):
+            return web.json_response({
+                "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": "".join(script.content)}],
+                "stop_reason": "end_turn", "stop_sequence": None, "usage": script.usage()})
+
+        def event(name: str, body: dict[str, Any]) -> bytes:
+            return f"event: {name}\ndata: {json.dumps(body)}\n\n".encode()
+
+        events = [event("message_start", {"type": "message_start", "message": {
+            "id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+            "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": script.usage(output=1)}}),
+            event("content_block_start", {"type": "content_block_start", "index": 0,
+                                          "content_block": {"type": "text", "text": ""}}),
+            event("ping", {"type": "ping"})]
+        cut_at = None if script.cut_after is None else len(events) + script.cut_after
+        events += [event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                 "delta": {"type": "text_delta", "text": piece}})
+                   for piece in script.content]
+        events.append(event("content_block_stop", {"type": "content_block_stop", "index": 0}))
+        if script.error_event:
+            events.append(event("error", {"type": "error", "error": {
+                "type": "overloaded_error", "message": "Overloaded"}}))
+        events.append(event("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": script.output_tokens}}))
+        events.append(event("message_stop", {"type": "message_stop"}))
+        return await self._write_events(request, events, cut_at)
+
+    async def _responses(self, request: web.Request, payload: dict[str, Any]
+                         ) -> web.StreamResponse:
+        script = self.responses
+        if script.status != 200:
+            return web.json_response({"error": {"message": "scripted", "type": "server_error"}},
+                                     status=script.status)
+        text = "".join(script.content)
+        message = {"type": "message", "id": "msg_fake", "status": "completed",
+                   "role": "assistant",
+                   "content": [{"type": "output_text", "text": text, "annotations": []}]}
+        done = {"id": "resp_fake", "object": "response", "created_at": 1_700_000_000,
+                "status": "completed", "model": payload.get("model"), "output": [message],
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                "usage": script.usage()}
+        if not payload.get("stream"):
+            return web.json_response(done)
+        started = {**done, "status": "in_progress", "output": [], "usage": None}
+        sequence = itertools.count()
+
+        def event(name: str, **body: Any) -> bytes:
+            data = {"type": name, "sequence_number": next(sequence), **body}
+            return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+        events = [event("response.created", response=started),
+                  event("response.in_progress", response=started),
+                  event("response.output_item.added", output_index=0,
+                        item={**message, "status": "in_progress", "content": []}),
+                  event("response.content_part.added", item_id="msg_fake", output_index=0,
+                        content_index=0, part={"type": "output_text", "text": "",
+                                               "annotations": []})]
+        events += [event("response.output_text.delta", item_id="msg_fake", output_index=0,
+                         content_index=0, delta=piece) for piece in script.content]
+        events += [event("response.output_text.done", item_id="msg_fake", output_index=0,
+                         content_index=0, text=text),
+                   event("response.output_item.done", output_index=0, item=message),
+                   event("response.completed", response=done)]
+        return await self._write_events(
+            request, events, None if script.cut_after is None else 4 + script.cut_after)
+
+    def _images(self, payload: dict[str, Any]) -> web.Response:
+        script = self.images
+        if script.status != 200:
+            return web.json_response({"error": {"message": "scripted", "type": "server_error"}},
+                                     status=script.status)
+        count = (payload.get("n") or 1) if script.returned is None else script.returned
+        return web.json_response({"created": 1_700_000_000, "data": [
+            {"url": f"https://images.example/{i}.png"} for i in range(count)]})
 
     async def _llm(self, request: web.Request, body: bytes) -> web.StreamResponse:
         script = self.llm
@@ -305,6 +484,19 @@ class FakeUpstream:
 # --------------------------------------------------------------------------- the gateway
 
 
+class FakeClock:
+    """The gateway's time, moved by the test (milliseconds since the epoch)."""
+
+    def __init__(self, start_ms: int) -> None:
+        self.ms = start_ms
+
+    def __call__(self) -> int:
+        return self.ms
+
+    def advance(self, seconds: float = 0, *, ms: int = 0) -> None:
+        self.ms += int(seconds * 1000) + ms
+
+
 class GatewayThread:
     """``create_app(database_url=..., admin_token=...)`` under uvicorn, in a thread.
 
@@ -312,10 +504,11 @@ class GatewayThread:
     :meth:`start`; set them before.
     """
 
-    def __init__(self, database_url: str, admin_token: str = ADMIN_TOKEN) -> None:
+    def __init__(self, database_url: str, admin_token: str = ADMIN_TOKEN,
+                 clock: FakeClock | None = None) -> None:
         from tollway.web.app import create_app
 
-        self.app = create_app(database_url=database_url, admin_token=admin_token)
+        self.app = create_app(database_url=database_url, admin_token=admin_token, clock=clock)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -376,6 +569,10 @@ providers:
   nowhere:
     kind: http
     base_url: "http://127.0.0.1:{closed_port()}"
+  claude:
+    kind: anthropic
+    base_url: "{fake.base}/anthropic/v1"
+    api_key_env: {UPSTREAM_KEY_ENV}
 groups:
   default: {{ratio: "1"}}
   vip:     {{ratio: "0.8"}}
@@ -395,6 +592,19 @@ models:
     provider: fakeai
     price: {{input: "0.02", output: "0"}}
     max_output_tokens: 1
+  # one model, two protocols, one price: chat completions on the OpenAI-compatible upstream,
+  # messages on the Anthropic one
+  - id: claude-test
+    providers: {{openai: fakeai, anthropic: claude}}
+    upstream_model: claude-upstream
+    price: {{input: "3", output: "15", cache_read: "0.30", cache_write: "3.75",
+             cache_write_1h: "6"}}
+    max_output_tokens: 1000
+  - id: image-test
+    provider: fakeai
+    upstream_model: image-upstream
+    price: {{per_call: "0.04", per_size: {{"1024x1024": "0.04", "1792x1024": "0.08"}}}}
+    group_ratios: {{half: "0.33333333"}}
 endpoints:
   - id: twitter-user
     provider: data
@@ -478,11 +688,12 @@ class Tollway:
 
     def key(self, account_id: int, *, name: str = "test", group: str | None = None,
             models: list[str] | None = None, quota_nano: int | None = None,
-            expires_at_ms: int | None = None) -> str:
+            expires_at_ms: int | None = None,
+            limits: account_store.KeyLimits | None = None) -> str:
         with self.db.write() as conn:
             return key_ops.create_key(conn, account_id, at_ms=ledger.now_ms(), name=name,
                                       group=group, models=models, quota_nano=quota_nano,
-                                      expires_at_ms=expires_at_ms).secret
+                                      expires_at_ms=expires_at_ms, limits=limits).secret
 
     def revoke(self, secret: str) -> None:
         with self.db.write() as conn:
@@ -571,12 +782,13 @@ def _usd(text: str) -> int:
 
 @contextlib.contextmanager
 def running_tollway(db: Database, catalog: str, fake: FakeUpstream | None = None,
-                    env: dict[str, str] | None = None) -> Iterator[Tollway]:
+                    env: dict[str, str] | None = None,
+                    clock: FakeClock | None = None) -> Iterator[Tollway]:
     """Apply ``catalog`` and serve the gateway on ``db``, with ``env`` (default
-    :data:`GATEWAY_ENV`) set while it runs."""
+    :data:`GATEWAY_ENV`) set while it runs, on ``clock`` if given."""
     apply_catalog_text(db, catalog)
     with _environment(GATEWAY_ENV if env is None else env):
-        gateway = GatewayThread(db.url)
+        gateway = GatewayThread(db.url, clock=clock)
         gateway.start()
         tollway = Tollway(db, gateway, fake)
         try:

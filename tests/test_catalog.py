@@ -160,3 +160,85 @@ endpoints:
         "cat.yaml: endpoints[b].path: a path parameter appears twice",
         "cat.yaml: endpoints[c].upstream_path: {other} is not a parameter of path /w/{name}",
     ]
+
+
+PROTOCOLS = """
+providers:
+  router: {kind: openai, base_url: "https://router.example/v1"}
+  claude: {kind: anthropic, base_url: "https://api.anthropic.com/v1"}
+  sandbox: {kind: sandbox}
+models:
+  - id: claude-sonnet
+    provider: router
+    providers: {anthropic: claude}
+    price: {input: "3", output: "15", cache_read: "0.30", cache_write: "3.75",
+            cache_write_1h: "6"}
+  - id: claude-direct
+    providers: {anthropic: claude}
+    price: {input: "3", output: "15"}
+  - id: painter
+    provider: sandbox
+    price: {per_call: "0.04", per_size: {"1024x1024": "0.04", "1792x1024": "0.08"}}
+"""
+
+
+def test_a_model_lists_a_provider_per_protocol_at_one_price() -> None:
+    both, direct, painter = parse_catalog(PROTOCOLS).listings
+    assert both.provider == "router"
+    assert both.providers == {"openai": "router", "anthropic": "claude"}
+    assert isinstance(both.price, TokenPrice)
+    assert both.price.cache_write_1h_per_1m == Decimal("6")
+    assert both.spec()["providers"] == {"openai": "router", "anthropic": "claude"}
+    # no `provider`: the first of `providers` is the item's provider
+    assert (direct.provider, direct.providers) == ("claude", {"anthropic": "claude"})
+    # an image model: in `models`, priced per image, a sandbox speaks both protocols
+    assert painter.kind == "model" and painter.billing_type == "per_call"
+    assert isinstance(painter.price, CallPrice)
+    assert painter.price.per_size == {"1024x1024": Decimal("0.04"),
+                                      "1792x1024": Decimal("0.08")}
+    assert painter.price.for_size(None) == Decimal("0.04")
+    assert painter.price.for_size("1792x1024") == Decimal("0.08")
+    assert painter.price.for_size("256x256") is None
+
+
+def test_protocol_providers_must_speak_the_protocol() -> None:
+    found = problems("""
+providers:
+  router: {kind: openai, base_url: "https://router.example/v1"}
+  data: {kind: http, base_url: "https://data.example"}
+models:
+  - id: m
+    provider: router
+    providers: {anthropic: router, grpc: router, openai: nowhere}
+    price: {input: "1", output: "1", cache_write_1h: "-1"}
+  - id: img
+    provider: router
+    price: {per_call: "0.04", per_size: {"1024x1024": "x"}, input: "1"}
+    max_output_tokens: 10
+""")
+    assert found == [
+        ("cat.yaml: models[m].providers.anthropic: provider 'router' (kind openai) does not "
+        "speak the anthropic protocol"),
+        "cat.yaml: models[m].providers.grpc: unknown protocol (openai or anthropic)",
+        "cat.yaml: models[m].providers.openai: unknown provider 'nowhere'",
+        found[3],
+        ("cat.yaml: models[img].price.input: unknown price field (image models take per_call "
+        "and optional per_size, in USD per image)"),
+        "cat.yaml: models[img].max_output_tokens: an image model has no output tokens",
+        found[6],
+    ]
+    assert found[3].startswith("cat.yaml: models[m].price.cache_write_1h: ")
+    assert found[6].startswith("cat.yaml: models[img].price.per_size.1024x1024: ")
+
+
+def test_routes_narrow_a_model_to_routes_its_providers_serve() -> None:
+    narrowed = parse_catalog(PROTOCOLS.replace(
+        "  - id: claude-direct\n", "  - id: claude-direct\n    routes: [/v1/messages]\n"))
+    assert narrowed.listings[1].routes == ("/v1/messages",)
+    assert narrowed.listings[1].spec()["routes"] == ["/v1/messages"]
+    assert narrowed.listings[0].routes is None  # every route of its protocols
+    found = problems(PROTOCOLS.replace(
+        "  - id: claude-direct\n",
+        "  - id: claude-direct\n    routes: [/v1/messages, /v1/chat/completions]\n"))
+    assert found == [("cat.yaml: models[claude-direct].routes: '/v1/chat/completions' is not "
+                     "served by the model's providers (they serve /v1/messages)")]

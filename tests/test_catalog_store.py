@@ -22,7 +22,8 @@ from tollway.store.db import Database
 from tollway.store.tables import groups, price_versions
 
 CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
-ITEMS = {"sandbox-chat", "sandbox-reasoner", "sandbox-embed", "web-search", "stock-quote",
+ITEMS = {"sandbox-chat", "sandbox-reasoner", "sandbox-embed", "sandbox-claude",
+         "sandbox-image", "web-search", "stock-quote",
          "scholar-search"}
 T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z
 HOUR = 3_600_000
@@ -90,7 +91,7 @@ def test_first_apply_stores_one_version_per_item_and_reapply_adds_none(db: Datab
     assert sorted(report.new_versions) == sorted((item, T0) for item in ITEMS)
     assert report.unchanged == [] and report.deactivated == []
     assert report.groups == {"default": "1", "vip": "0.8"}
-    assert version_count(db) == 6
+    assert version_count(db) == 8
     for item in ITEMS:
         assert len(history(db, item)) == 1
 
@@ -117,7 +118,7 @@ def test_first_apply_stores_one_version_per_item_and_reapply_adds_none(db: Datab
         again = apply_catalog(conn, load_catalog(CATALOG), now_ms=T0 + HOUR)
     assert again.new_versions == [] and again.deactivated == []
     assert sorted(again.unchanged) == sorted(ITEMS)
-    assert version_count(db) == 6
+    assert version_count(db) == 8
     assert current(db, T0 + HOUR)["sandbox-chat"].version.effective_from_ms == T0
     # nothing was for sale before the first version
     assert current(db, T0 - 1) == {}

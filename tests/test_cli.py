@@ -24,7 +24,8 @@ from tollway.store.migrate import head_revision
 
 ROOT = Path(__file__).resolve().parents[1]
 CATALOG = ROOT / "examples" / "catalog.yaml"
-ITEMS = {"sandbox-chat", "sandbox-reasoner", "sandbox-embed", "web-search", "stock-quote",
+ITEMS = {"sandbox-chat", "sandbox-reasoner", "sandbox-embed", "sandbox-claude", "sandbox-image",
+         "web-search", "stock-quote",
          "scholar-search"}
 
 
@@ -133,8 +134,8 @@ def test_catalog_apply_then_show(db_url: str, capsys: pytest.CaptureFixture[str]
 
     code, out, err = run(capsys, db_url, "catalog", "apply", str(CATALOG))
     assert (code, err) == (0, "")
-    assert "3 models, 3 endpoints, 2 groups" in out
-    assert out.count("new price version:") == 6
+    assert "5 models, 3 endpoints, 2 groups" in out
+    assert out.count("new price version:") == 8
 
     code, out, err = run(capsys, db_url, "catalog", "show")
     assert (code, err) == (0, "")
@@ -143,7 +144,9 @@ def test_catalog_apply_then_show(db_url: str, capsys: pytest.CaptureFixture[str]
     for expected in ("$0.150000 / 1M input tokens", "$0.600000 / 1M output tokens",
                      "$0.075000 / 1M cached input tokens", "group overrides: vip ×0.7",
                      "$3.125000 / 1M cache-write tokens", "$0.020000 / 1M input tokens",
-                     "$0.002000 / per call", "$0.000500 / per call", "$0.020000 / per call"):
+                     "$0.002000 / per call", "$0.000500 / per call", "$0.020000 / per call",
+                     "$6.000000 / 1M cache-write (1h) tokens", "$0.040000 / per image",
+                     "$0.080000 / per image (1792x1024)"):
         assert expected in lines, (expected, out)
     rows = {line.split()[0]: line.split()[1:] for line in lines
             if line.split() and line.split()[0] in ITEMS}
@@ -161,6 +164,7 @@ def test_catalog_apply_then_show(db_url: str, capsys: pytest.CaptureFixture[str]
     assert shown["groups"] == {"default": "1", "vip": "0.8"}
     assert {item["id"]: item["billing_type"] for item in shown["data"]} == {
         "sandbox-chat": "token", "sandbox-reasoner": "token", "sandbox-embed": "token",
+        "sandbox-claude": "token", "sandbox-image": "per_call",
         "web-search": "per_call", "stock-quote": "per_call", "scholar-search": "per_call"}
 
     again = ok(capsys, db_url, "catalog", "apply", str(CATALOG))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -28,13 +27,9 @@ from fakes import (
     MAX_BODY_BYTES,
     UPSTREAM_KEY,
     USD,
-    FakeUpstream,
     LLMScript,
     Tollway,
     error_of,
-    fake_catalog,
-    fresh_database,
-    running_tollway,
     sse_events,
 )
 from tollway import tokens
@@ -45,27 +40,6 @@ sqlite_only = pytest.mark.parametrize("served", ["sqlite"], indirect=True)
 
 TEN_USD = 10 * USD
 HELLO = [{"role": "user", "content": "hello there"}]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[Tollway]:
-    """One gateway per backend for the whole module; each test makes its own accounts."""
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream),
-                                                        upstream) as tollway:
-        yield tollway
-
-
-@pytest.fixture
-def tw(served: Tollway) -> Iterator[Tollway]:
-    served.begin_test()
-    yield served
-    served.close_clients()
 
 
 def only_record(tw: Tollway) -> dict[str, Any]:
@@ -774,7 +748,7 @@ def test_models_lists_only_what_the_key_may_use(tw: Tollway) -> None:
     everything = tw.key(account)
     narrow = tw.key(account, models=["gpt-test", "twitter-user"])
     assert sorted(m.id for m in tw.client(everything).models.list()) == [
-        "embed-test", "gpt-test", "reasoner-test"]
+        "claude-test", "embed-test", "gpt-test", "image-test", "reasoner-test"]
     listed = list(tw.client(narrow).models.list())
     assert [m.id for m in listed] == ["gpt-test"]
     assert listed[0].owned_by == "fakeai"

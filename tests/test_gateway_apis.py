@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -22,12 +21,8 @@ from fakes import (
     IGNORE_TOKENIZER_WARNING,
     USD,
     DataReply,
-    FakeUpstream,
     Tollway,
     error_of,
-    fake_catalog,
-    fresh_database,
-    running_tollway,
 )
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
@@ -36,26 +31,6 @@ sqlite_only = pytest.mark.parametrize("served", ["sqlite"], indirect=True)
 TEN_USD = 10 * USD
 #: Headers a client may send that must stay at the gateway.
 PRIVATE = {"Cookie": "session=abc", "X-Forwarded-For": "10.0.0.9", "Proxy-Authorization": "x"}
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[Tollway]:
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream),
-                                                        upstream) as tollway:
-        yield tollway
-
-
-@pytest.fixture
-def tw(served: Tollway) -> Iterator[Tollway]:
-    served.begin_test()
-    yield served
-    served.close_clients()
 
 
 def auth(key: str, **more: str) -> dict[str, str]:

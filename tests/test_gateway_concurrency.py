@@ -18,7 +18,6 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -36,12 +35,6 @@ TOLLWAY = Path(sys.executable).parent / "tollway"
 REQUESTS = 300
 AFFORDABLE = 100
 IN_FLIGHT = 100  # the client's connection limit: plenty of overlap, no socket exhaustion
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
 
 
 def free_port() -> int:

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from decimal import ROUND_HALF_UP
+from decimal import Decimal as D
 from pathlib import Path
 from typing import Any
 
+import anthropic
+import openai
 import pytest
 
 from fakes import (
@@ -40,13 +44,6 @@ TEN_USD = 10 * USD
 def served(request: pytest.FixtureRequest) -> Iterator[Tollway]:
     with fresh_database(request) as db, running_tollway(db, CATALOG.read_text()) as tollway:
         yield tollway
-
-
-@pytest.fixture
-def tw(served: Tollway) -> Iterator[Tollway]:
-    served.begin_test()
-    yield served
-    served.close_clients()
 
 
 def test_the_token_counts_these_tests_rely_on() -> None:
@@ -171,5 +168,98 @@ def test_data_apis(tw: Tollway) -> None:
 def test_marketplace_lists_the_demo_catalog(tw: Tollway) -> None:
     key = tw.key(tw.account())
     assert sorted(m.id for m in tw.client(key).models.list()) == [
-        "sandbox-chat", "sandbox-embed", "sandbox-reasoner"]
+        "sandbox-chat", "sandbox-claude", "sandbox-embed", "sandbox-image", "sandbox-reasoner"]
     assert tw.http().get("/v1/marketplace").status_code == 200
+    # sandbox-embed is sold on /v1/embeddings only (the catalog's `routes`)
+    with pytest.raises(openai.NotFoundError) as wrong:
+        tw.client(key).chat.completions.create(model="sandbox-embed", messages=[
+            {"role": "user", "content": "hi"}])
+    assert "served on /v1/embeddings" in str(wrong.value)
+
+
+# --------------------------------------------------------------------------- other protocols
+# sandbox-claude (USD per 1M tokens): input 3, output 15, cache read 0.30, 5-minute cache
+# write 3.75, 1-hour cache write 6; sandbox-image 0.04 per image, 0.08 at 1792x1024.
+
+CLAUDE = {"input": D("3"), "read": D("0.30"), "write": D("3.75"), "write_1h": D("6"),
+          "output": D("15")}
+
+
+def claude_cost(record: dict[str, Any]) -> int:
+    """The DESIGN formula over the record's own counts, at the demo prices (ratio 1)."""
+    uncached = (record["input_tokens"] - record["cached_input_tokens"]
+                - record["cache_write_tokens"] - record["cache_write_1h_tokens"])
+    usd = (uncached * CLAUDE["input"] + record["cached_input_tokens"] * CLAUDE["read"]
+           + record["cache_write_tokens"] * CLAUDE["write"]
+           + record["cache_write_1h_tokens"] * CLAUDE["write_1h"]
+           + record["output_tokens"] * CLAUDE["output"]) / 1_000_000
+    return int((usd * USD).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def test_sandbox_messages_report_cache_reads_and_both_cache_writes(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    client = anthropic.Anthropic(base_url=tw.url, api_key=key, max_retries=0, timeout=20)
+    tw._clients.append(client)
+    system = [{"type": "text", "text": "word " * 1100, "cache_control": {"type": "ephemeral",
+                                                                         "ttl": "1h"}}]
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "hello sandbox", "cache_control": {"type": "ephemeral"}}]}]
+    message = client.messages.create(model="sandbox-claude", max_tokens=100, system=system,
+                                     messages=messages)  # type: ignore[arg-type]
+    assert message.content[0].text == "You said: hello sandbox"  # type: ignore[union-attr]
+    usage = message.usage
+    # prompt = 1101 + 2 + 3 (one message) + 3 (reply) = 1109: half (554) read from the cache,
+    # the 1h-marked system block (1101 tokens) capped at the rest (555), nothing left uncached
+    assert (usage.cache_read_input_tokens, usage.cache_creation_input_tokens,
+            usage.input_tokens, usage.output_tokens) == (554, 555, 0, 5)
+    record = tw.records()[0]
+    assert (record["input_tokens"], record["cached_input_tokens"], record["cache_write_tokens"],
+            record["cache_write_1h_tokens"], record["output_tokens"]) == (1109, 554, 0, 555, 5)
+    # 554 × 0.30 + 555 × 6 + 5 × 15 = 166.2 + 3330 + 75 = 3571.2 per 1M = 3_571_200 nano
+    assert record["cost_nano"] == claude_cost(record) == 3_571_200
+
+    with client.messages.stream(model="sandbox-claude", max_tokens=100,
+                                messages=[{"role": "user", "content": "hello sandbox"}]
+                                ) as stream:
+        kinds = [event.type for event in stream if event.type != "text"]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    streamed = tw.records()[1]
+    # prompt 2 + 3 + 3 = 8 uncached, reply 5: 8 × 3 + 5 × 15 = 99 per 1M = 99_000 nano
+    assert (streamed["stream"], streamed["input_tokens"], streamed["output_tokens"],
+            streamed["cost_nano"], streamed["usage_source"]) == (True, 8, 5, 99_000, "upstream")
+
+
+def test_sandbox_claude_is_served_on_chat_completions_too(tw: Tollway) -> None:
+    key = tw.key(tw.account())
+    reply = tw.client(key).chat.completions.create(
+        model="sandbox-claude", messages=[{"role": "user", "content": "hello sandbox"}])
+    assert reply.choices[0].message.content == "You said: hello sandbox"
+    # the same prompt and reply as the streamed message above: 8 in, 5 out, same prices
+    assert tw.records()[0]["cost_nano"] == 99_000
+
+
+def test_sandbox_responses_and_images(tw: Tollway) -> None:
+    account = tw.account()
+    key = tw.key(account)
+    client = tw.client(key)
+    answer = client.responses.create(model="sandbox-reasoner", input="Think about billing")
+    assert answer.output_text == "You said: Think about billing"
+    # prompt 3 tokens (no message framing for a string input); output 6 + 16 reasoning
+    # 3 × 2.50 + 22 × 10 = 7.5 + 220 = 227.5 per 1M = 227_500 nano
+    events = [e.type for e in client.responses.create(model="sandbox-reasoner",
+                                                      input="Think about billing",
+                                                      stream=True)]
+    assert events[0] == "response.created" and events[-1] == "response.completed"
+    images = client.images.generate(model="sandbox-image", prompt="a lighthouse", n=2,
+                                    size="1792x1024")
+    assert len(images.data or []) == 2
+    plain, streamed, image = tw.records()
+    assert (plain["input_tokens"], plain["output_tokens"], plain["reasoning_tokens"],
+            plain["cost_nano"]) == (3, 22, 16, 227_500)
+    assert streamed["cost_nano"] == 227_500 and streamed["stream"] is True
+    # 2 images × 0.08 = 0.16 USD
+    assert (image["calls"], image["per_call_nano"], image["cost_nano"]) == (
+        2, 80_000_000, 160_000_000)
+    assert tw.available(account) == TEN_USD - 2 * 227_500 - 160_000_000
+    assert tw.open_holds() == 0 and tw.verify() == []

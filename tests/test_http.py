@@ -126,6 +126,7 @@ def test_marketplace_lists_every_item_with_prices_per_group(client: TestClient) 
     items = {item["id"]: item for item in body["data"]}
     assert {i: item["billing_type"] for i, item in items.items()} == {
         "sandbox-chat": "token", "sandbox-reasoner": "token", "sandbox-embed": "token",
+        "sandbox-claude": "token", "sandbox-image": "per_call",
         "web-search": "per_call", "stock-quote": "per_call", "scholar-search": "per_call"}
 
     def money_strings(value: Any) -> Iterator[str]:
@@ -141,13 +142,16 @@ def test_marketplace_lists_every_item_with_prices_per_group(client: TestClient) 
                 yield from money_strings(inner)
 
     prices = list(money_strings(body))
-    assert len(prices) == 3 * 4 * 3 + 3 * 3 and all(USD.match(p) for p in prices), prices
+    # 4 token models × 5 prices × (price + 2 groups), 3 endpoints × 1 × 3, the image model
+    # (per_call + 2 sizes) × 3
+    assert len(prices) == 4 * 5 * 3 + 3 * 3 + 3 * 3 and all(USD.match(p) for p in prices), prices
 
     chat = items["sandbox-chat"]
     assert chat["price"] == {"input_per_1m_usd": "0.150000000",
                              "output_per_1m_usd": "0.600000000",
                              "cache_read_per_1m_usd": "0.075000000",
-                             "cache_write_per_1m_usd": "0.150000000"}  # falls back to input
+                             "cache_write_per_1m_usd": "0.150000000",  # falls back to input
+                             "cache_write_1h_per_1m_usd": "0.150000000"}
     assert chat["price_display"] == ["$0.150000 / 1M input tokens",
                                      "$0.600000 / 1M output tokens",
                                      "$0.075000 / 1M cached input tokens"]
@@ -158,14 +162,39 @@ def test_marketplace_lists_every_item_with_prices_per_group(client: TestClient) 
                                            "input_per_1m_usd": "0.105000000",
                                            "output_per_1m_usd": "0.420000000",
                                            "cache_read_per_1m_usd": "0.052500000",
-                                           "cache_write_per_1m_usd": "0.105000000"}
+                                           "cache_write_per_1m_usd": "0.105000000",
+                                           "cache_write_1h_per_1m_usd": "0.105000000"}
     assert chat["max_output_tokens"] == 4096
+    assert chat["routes"] == ["/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                              "/v1/responses", "/v1/messages"]
+    assert chat["providers"] == {"openai": "sandbox", "anthropic": "sandbox"}
+    assert items["sandbox-embed"]["routes"] == ["/v1/embeddings"]  # narrowed in the catalog
+
+    claude = items["sandbox-claude"]
+    assert claude["price_display"] == ["$3.000000 / 1M input tokens",
+                                       "$15.000000 / 1M output tokens",
+                                       "$0.300000 / 1M cached input tokens",
+                                       "$3.750000 / 1M cache-write tokens",
+                                       "$6.000000 / 1M cache-write (1h) tokens"]
+    # vip 0.8: 6 × 0.8 = 4.8
+    assert claude["group_prices"]["vip"]["cache_write_1h_per_1m_usd"] == "4.800000000"
+
+    image = items["sandbox-image"]
+    assert image["price"] == {"per_call_usd": "0.040000000", "per_size": {
+        "1024x1024": {"per_call_usd": "0.040000000"},
+        "1792x1024": {"per_call_usd": "0.080000000"}}}
+    assert image["price_display"] == ["$0.040000 / per image",
+                                      "$0.040000 / per image (1024x1024)",
+                                      "$0.080000 / per image (1792x1024)"]
+    assert image["routes"] == ["/v1/images/generations"]
+    assert image["group_prices"]["vip"]["per_size"]["1792x1024"] == {
+        "per_call_usd": "0.064000000"}
 
     # the group's ratio 0.8: 2.50×0.8, 10×0.8, 1.25×0.8, 3.125×0.8
     assert items["sandbox-reasoner"]["group_prices"]["vip"] == {
         "ratio": "0.8", "ratio_source": "group", "input_per_1m_usd": "2.000000000",
         "output_per_1m_usd": "8.000000000", "cache_read_per_1m_usd": "1.000000000",
-        "cache_write_per_1m_usd": "2.500000000"}
+        "cache_write_per_1m_usd": "2.500000000", "cache_write_1h_per_1m_usd": "2.500000000"}
     # written as YAML numbers 0.02 and 0: 0.02×0.8 = 0.016
     embed = items["sandbox-embed"]["group_prices"]
     assert (embed["default"]["input_per_1m_usd"], embed["vip"]["input_per_1m_usd"],
@@ -465,8 +494,10 @@ def test_admin_ledger_verify(client: TestClient, db_url: str, prepared: dict[str
 
 
 def test_unknown_routes_and_methods_in_the_error_shape(client: TestClient) -> None:
-    for path in ("/nope", "/v1/nope", "/admin/v1/nope", "/admin/v1/accounts/1/nope"):
+    for path in ("/v1/nope", "/admin/v1/nope", "/admin/v1/accounts/1/nope"):
         assert_error(client.get(path, headers=ADMIN), 404, "not_found", "not_found_error")
+    page = client.get("/nope")  # outside the APIs, a person reads the answer: an HTML page
+    assert page.status_code == 404 and page.headers["content-type"].startswith("text/html")
     assert_error(client.delete("/healthz"), 405, "method_not_allowed")
     assert_error(client.post("/v1/marketplace"), 405, "method_not_allowed")
 

@@ -75,6 +75,7 @@ DAY = 86_400_000
 MINUTE = 60_000
 REQUEST_TYPES = ("consume", "error")
 COUNTERS = ("requests", "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",
+            "cache_write_1h_tokens",
             "output_tokens", "reasoning_tokens", "calls", "cost_nano")
 
 CATALOG = """
@@ -548,8 +549,10 @@ def test_pricing_explains_every_cost(books: Books) -> None:
         names = {c["name"]: c["quantity"] for c in pricing["components"]}
         if row.billing_type == "token":
             assert names == {"input": row.input_tokens - row.cached_input_tokens
-                             - row.cache_write_tokens, "cache_read": row.cached_input_tokens,
+                             - row.cache_write_tokens - row.cache_write_1h_tokens,
+                             "cache_read": row.cached_input_tokens,
                              "cache_write": row.cache_write_tokens,
+                             "cache_write_1h": row.cache_write_1h_tokens,
                              "output": row.output_tokens}
             assert pricing["unit"] == "per 1M tokens"
         else:
@@ -557,8 +560,9 @@ def test_pricing_explains_every_cost(books: Books) -> None:
         explained += 1
     assert explained == 49
     h1 = record_view(by_id[books.tags["h1"].request_id])["pricing"]
-    assert h1["formula"] == ("((1234 − 567 − 0) × 0.15 + 567 × 0.075 + 0 × 0.15 + 89 × 0.6) "
-                             "/ 1000000 × 0.7 = 0.0001371825 → 0.000137183 USD")
+    assert h1["formula"] == ("((1234 − 567 − 0 − 0) × 0.15 + 567 × 0.075 + 0 × 0.15 + "
+                             "0 × 0.15 + 89 × 0.6) / 1000000 × 0.7 = 0.0001371825 → "
+                             "0.000137183 USD")
     h7 = record_view(by_id[books.tags["h7"].request_id])["pricing"]
     assert h7["formula"] == "1 call × 0.000001235 × 0.5 = 0.0000006175 → 0.000000618 USD"
 

@@ -17,8 +17,9 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 
 from tollway import settings
-from tollway.billing import credits
+from tollway.billing import credits, logins, tiers
 from tollway.billing import keys as key_ops
+from tollway.billing.marketplace import item_unit
 from tollway.billing.reports import (
     export_csv,
     export_jsonl,
@@ -29,6 +30,7 @@ from tollway.billing.reports import (
     summary_view,
 )
 from tollway.billing.views import (
+    LIMIT_FIELDS,
     account_view,
     credit_view,
     entry_view,
@@ -36,6 +38,7 @@ from tollway.billing.views import (
     key_view,
     parse_amount,
     parse_iso_ms,
+    parse_key_limits,
     parse_signed_amount,
 )
 from tollway.errors import InvalidRequest, TollwayError
@@ -123,9 +126,10 @@ def cmd_catalog_show(args: argparse.Namespace) -> Output:
     width = max((len(i.id) for i in items), default=10)
     for item in items:
         where = (f" {item.spec.get('method')} /apis/v1{item.spec.get('path')}"
-                 if item.billing_type == "per_call" else "")
+                 if "path" in item.spec else "")
         lines.append(f"{item.id:<{width}}  {item.billing_type:<8}  {item.provider}{where}")
-        lines += [f"{'':<{width}}    {line}" for line in price_lines(item.version.price)]
+        lines += [f"{'':<{width}}    {line}"
+                  for line in price_lines(item.version.price, per=item_unit(item))]
         if item.version.group_ratios:
             lines.append(f"{'':<{width}}    group overrides: " + ", ".join(
                 f"{g} ×{r}" for g, r in sorted(item.version.group_ratios.items())))
@@ -134,12 +138,50 @@ def cmd_catalog_show(args: argparse.Namespace) -> Output:
     return Output(data, "\n".join(lines))
 
 
+def _stdin_password() -> str:
+    """A password from standard input (never argv, which other users can read): the first
+    line, without its line ending."""
+    line = sys.stdin.readline()
+    return line.removesuffix("\n").removesuffix("\r")
+
+
 def cmd_accounts_create(args: argparse.Namespace) -> Output:
+    password_hash = logins.hash_password(_stdin_password()) if args.password_stdin else None
     db = open_db(args)
     with db.write() as conn:
-        account = store.create_account(conn, args.name, args.group, at_ms=ledger.now_ms())
+        account = logins.create_account(conn, args.name, args.group, email=args.email,
+                                        password_hash=password_hash)
     view = account_view(account)
-    return Output(view, f"created account {account.id} ({account.name}, group {account.group})")
+    login = " with a console login" if password_hash else ""
+    return Output(view, f"created account {account.id} ({account.name}, group "
+                        f"{account.group}){login}")
+
+
+def cmd_accounts_set_password(args: argparse.Namespace) -> Output:
+    password_hash = logins.hash_password(_stdin_password())
+    db = open_db(args)
+    with db.write() as conn:
+        account = logins.set_password_hash(conn, store.find_account(conn, args.account).id,
+                                           password_hash)
+        if args.email is not None:
+            account = store.set_email(conn, account.id, args.email or None)
+    return Output(account_view(account), f"password set for account {account.id} "
+                  f"({account.name}); its console sessions were ended")
+
+
+def cmd_accounts_disable(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.write() as conn:
+        account = logins.disable_account(conn, store.find_account(conn, args.account).id)
+    return Output(account_view(account), f"disabled account {account.id} ({account.name}): "
+                  "its keys and console sign-in are refused")
+
+
+def cmd_accounts_enable(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.write() as conn:
+        account = logins.enable_account(conn, store.find_account(conn, args.account).id)
+    return Output(account_view(account), f"enabled account {account.id} ({account.name})")
 
 
 def cmd_accounts_list(args: argparse.Namespace) -> Output:
@@ -186,16 +228,52 @@ def cmd_keys_create(args: argparse.Namespace) -> Output:
     expires = None if args.expires is None else parse_iso_ms(args.expires, what="--expires")
     models = None if args.models is None else [m.strip() for m in args.models.split(",")
                                                if m.strip()]
+    limits = parse_key_limits(_limit_values(args))
     db = open_db(args)
     with db.write() as conn:
         account = store.find_account(conn, args.account)
         new = key_ops.create_key(conn, account.id, at_ms=ledger.now_ms(), name=args.name,
                                  group=args.group, models=models, quota_nano=quota,
-                                 expires_at_ms=expires)
+                                 expires_at_ms=expires, limits=limits)
     view = key_view(new.record, secret=new.secret)
     return Output(view, f"created key {new.record.id} for account {account.id} "
                   f"({account.name}):\n\n    {new.secret}\n\nstore it now: it is not shown "
                   "again.")
+
+
+#: ``keys create`` / ``keys update`` flags → the API's limit fields.
+_LIMIT_FLAGS = {"rpm": "rpm", "tpm": "tpm", "concurrency": "concurrency",
+                "daily_cap": "daily_cap_usd", "weekly_cap": "weekly_cap_usd",
+                "monthly_cap": "monthly_cap_usd", "ips": "allowed_ips"}
+
+
+def _limit_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The limit flags given; ``none`` clears one (``keys update``)."""
+    return {field: None if value.strip().lower() == "none" else value
+            for flag, field in _LIMIT_FLAGS.items()
+            if (value := getattr(args, flag, None)) is not None}
+
+
+def cmd_keys_update(args: argparse.Namespace) -> Output:
+    values = _limit_values(args)
+    if not values:
+        raise InvalidRequest("nothing to change: give at least one of --rpm, --tpm, "
+                             "--concurrency, --daily-cap, --weekly-cap, --monthly-cap, --ips")
+    db = open_db(args)
+    with db.write() as conn:
+        limits = parse_key_limits(values, store.get_key(conn, args.key_id).limits)
+        record = key_ops.set_limits(conn, args.key_id, limits)
+    view = key_view(record)
+    shown = ", ".join(f"{f}={view[f]}" for f in LIMIT_FIELDS if view[f] is not None)
+    return Output(view, f"key {record.id} ({record.prefix}…) limits: {shown or 'none'}")
+
+
+def cmd_accounts_set_tier(args: argparse.Namespace) -> Output:
+    db = open_db(args)
+    with db.write() as conn:
+        account = tiers.set_tier(conn, args.account, args.tier)
+    return Output(account_view(account), f"account {account.id} ({account.name}) is now in "
+                  f"tier {account.tier}")
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> Output:
@@ -483,6 +561,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
+    def limit_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--rpm", metavar="N", help="requests per minute (at most the tier's)")
+        p.add_argument("--tpm", metavar="N", help="tokens per minute (at most the tier's)")
+        p.add_argument("--concurrency", metavar="N",
+                       help="requests in flight (at most the tier's)")
+        p.add_argument("--daily-cap", metavar="USD", help="spend cap per calendar day")
+        p.add_argument("--weekly-cap", metavar="USD", help="spend cap per week (from Monday)")
+        p.add_argument("--monthly-cap", metavar="USD", help="spend cap per calendar month")
+        p.add_argument("--ips", metavar="CIDR,CIDR", help="IP allowlist (IPv4 and IPv6)")
+
     def group(name: str, help: str) -> Any:
         p = sub.add_parser(name, help=help, description=help)
         return p.add_subparsers(dest="subcommand", required=True, metavar="SUBCOMMAND")
@@ -508,7 +596,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(acc, "create", cmd_accounts_create, "create a customer account")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--group", default="default")
+    p.add_argument("--email", help="email address for the web console sign-in")
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read an initial console password from standard input")
     add(acc, "list", cmd_accounts_list, "list accounts with balances")
+    p = add(acc, "set-tier", cmd_accounts_set_tier, "put an account in a rate-limit tier of "
+            "the catalog (up or down)")
+    p.add_argument("account", metavar="ACCOUNT", help="account id or name")
+    p.add_argument("tier", metavar="TIER")
+    p = add(acc, "set-password", cmd_accounts_set_password,
+            "set an account's console password (read from standard input)")
+    p.add_argument("account", metavar="ACCOUNT", help="account id or name")
+    p.add_argument("--email", help="also set the sign-in email ('' removes it)")
+    for name, handler, text in (
+            ("disable", cmd_accounts_disable, "refuse an account's keys and console sign-in"),
+            ("enable", cmd_accounts_enable, "enable a disabled account")):
+        p = add(acc, name, handler, text)
+        p.add_argument("account", metavar="ACCOUNT", help="account id or name")
 
     p = add(sub, "balance", cmd_balance, "show an account's balance")
     p.add_argument("account", metavar="ACCOUNT", help="account id or name")
@@ -534,6 +638,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated catalog ids the key may use")
     p.add_argument("--quota", metavar="USD", help="the key's own spending limit")
     p.add_argument("--expires", metavar="ISO", help="expiry time, e.g. 2027-01-01T00:00:00Z")
+    limit_flags(p)
+    p = add(keys, "update", cmd_keys_update, "change an API key's limits (none clears one)")
+    p.add_argument("key_id", metavar="KEY_ID", type=int)
+    limit_flags(p)
     p = add(keys, "revoke", cmd_keys_revoke, "revoke an API key")
     p.add_argument("key_id", metavar="KEY_ID", type=int)
     p = add(keys, "list", cmd_keys_list, "list an account's keys")
@@ -591,6 +699,10 @@ def build_parser() -> argparse.ArgumentParser:
     add(led, "verify", cmd_ledger_verify, "recompute every balance from postings; exit 1 on any "
         "violation")
     add(led, "expire-holds", cmd_ledger_expire, "release holds past their deadline now")
+
+    from tollway import cli_notify  # imports this module: registered once it is loaded
+
+    cli_notify.register(group, add)
     return parser
 
 

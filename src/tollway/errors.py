@@ -9,10 +9,18 @@
     │   └── InvalidAdminToken
     ├── InsufficientBalance (402)
     ├── ModelNotAllowed (403)
-    ├── NotFound (404): UnknownAccount, UnknownApiKey, UnknownHold, UnknownModel, UnknownEndpoint
-    ├── QuotaExceeded (429)
+    ├── IpNotAllowed (403) — the key's IP allowlist does not include the client
+    ├── AccountDisabled (403) — the operator disabled the key's account
+    ├── CsrfFailed (403) — a console form without its session's CSRF token
+    ├── NotFound (404): UnknownAccount, UnknownApiKey, UnknownHold, UnknownModel, UnknownEndpoint,
+    │                   UnknownCode (a redemption code nobody minted)
+    ├── LimitExceeded (429, may carry Retry-After)
+    │   ├── QuotaExceeded — the key's total quota or a period spend cap
+    │   └── RateLimited   — requests or tokens per minute, or requests in flight
     ├── HoldClosed (409) — settle/void of a hold another operation already closed
     ├── RequestInProgress (409) — a retry arrived while the first request still runs
+    ├── CodeRedeemed (409) — a redemption code was already used
+    ├── CodeExpired (410) — a redemption code past its expiry, or revoked (CodeRevoked)
     ├── PayloadTooLarge (413)
     ├── UpstreamError (502) — the upstream failed, answered garbage or could not be reached
     │   └── UpstreamTimeout (504)
@@ -38,6 +46,15 @@ class TollwayError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        #: Extra response headers (the gateway's rate-limit headers of a refused request).
+        self.headers: list[tuple[bytes, bytes]] = []
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """Every header an HTTP answer of this error carries: its own, and ``Retry-After``
+        when it goes away by itself (a limit's reset, a 503). The one place for both."""
+        if self.retry_after_s is None:
+            return self.headers
+        return [*self.headers, (b"retry-after", str(self.retry_after_s).encode())]
 
 
 class InvalidRequest(TollwayError):
@@ -92,6 +109,18 @@ class ModelNotAllowed(TollwayError):
     code = "model_not_allowed"
 
 
+class AccountDisabled(TollwayError):
+    status = 403
+    type = "permission_error"
+    code = "account_disabled"
+
+
+class CsrfFailed(TollwayError):
+    status = 403
+    type = "permission_error"
+    code = "invalid_csrf_token"
+
+
 class NotFound(TollwayError):
     status = 404
     type = "not_found_error"
@@ -118,10 +147,38 @@ class UnknownEndpoint(NotFound):
     code = "unknown_endpoint"
 
 
-class QuotaExceeded(TollwayError):
+class UnknownCode(NotFound):
+    code = "unknown_code"
+
+
+class LimitExceeded(TollwayError):
+    """A limit refused the request before anything was forwarded or held. ``retry_after_s``
+    (whole seconds) is when the limit that refused it resets, if it resets by itself."""
+
     status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        #: The key's rate-limit window without this request, (start_ms, requests, tokens),
+        #: when the refusal came from the key's guarded statement.
+        self.window_state: tuple[int, int, int] | None = None
+
+
+class QuotaExceeded(LimitExceeded):
     type = "billing_error"
     code = "quota_exceeded"
+
+
+class RateLimited(LimitExceeded):
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
+class IpNotAllowed(TollwayError):
+    status = 403
+    type = "permission_error"
+    code = "ip_not_allowed"
 
 
 class HoldClosed(TollwayError):
@@ -164,3 +221,19 @@ class Overloaded(TollwayError):
     type = "api_error"
     code = "overloaded"
     retry_after_s = 1
+
+
+class CodeRedeemed(TollwayError):
+    status = 409
+    type = "billing_error"
+    code = "code_redeemed"
+
+
+class CodeExpired(TollwayError):
+    status = 410
+    type = "billing_error"
+    code = "code_expired"
+
+
+class CodeRevoked(CodeExpired):
+    code = "code_revoked"

@@ -36,6 +36,12 @@ SETTINGS = (
     Setting("usage_retention_days", "400",
             "raw usage records older than this are deleted by `tollway usage prune` (rollups, "
             "statements and the ledger are kept)"),
+    Setting("billing_timezone", "UTC",
+            "IANA time zone of the calendar days, weeks (from Monday) and months of key spend "
+            "caps"),
+    Setting("trusted_proxies", "",
+            "comma-separated CIDR networks of reverse proxies whose X-Forwarded-For is "
+            "believed (the client is the right-most address not in them); empty = none"),
     Setting("catalog_refresh_seconds", "5",
             "how often a worker re-reads the catalog and prices from the database"),
     Setting("max_inflight_requests", "512",
@@ -50,6 +56,24 @@ SETTINGS = (
             "logging cost on the successful hot path) or none"),
     Setting("metrics_token", "",
             "bearer token for GET /metrics; empty: the admin token (either is accepted)"),
+    Setting("session_hours", "12", "how long a web console sign-in lasts"),
+    Setting("signup_enabled", "false",
+            "true: anyone may create a customer account with a console login at /signup"),
+    Setting("signup_credit_usd", "0",
+            "a decimal USD amount credited once to each account created at /signup"),
+    Setting("notify_interval_seconds", "5",
+            "how often the server looks for notifications to deliver (0: never; then run "
+            "`tollway notify deliver`)"),
+    Setting("notify_retry_base_seconds", "30",
+            "wait before the first retry of a failed delivery; doubled after each attempt"),
+    Setting("notify_max_attempts", "8", "attempts per delivery before it is marked failed"),
+    Setting("notify_timeout_seconds", "10", "longest wait for a webhook receiver's answer"),
+    Setting("notify_allow_private_targets", "false",
+            "deliver webhooks to loopback, private and link-local addresses (off: a customer "
+            "cannot make the server call into the operator's network)"),
+    Setting("smtp_url", "",
+            "smtp://USER:PASS@HOST:PORT (STARTTLS when offered) or smtps://…; empty: no email"),
+    Setting("notify_email_from", "tollway@localhost", "From: address of notification email"),
 )
 
 

@@ -61,12 +61,19 @@ def prompt_parts(payload: dict[str, Any]) -> tuple[list[str], int]:
                 if key in message:
                     texts.append(json.dumps(message[key]) if not isinstance(message[key], str)
                                  else message[key])
-    for key in ("prompt", "input"):
+    for key in ("prompt", "input", "system", "instructions"):
         value = payload.get(key)
         if isinstance(value, str):
             texts.append(value)
         elif isinstance(value, list):
-            texts.extend(v if isinstance(v, str) else json.dumps(v) for v in value)
+            for v in value:
+                if isinstance(v, str):
+                    texts.append(v)
+                elif isinstance(v, dict) and v.get("type") == "text" and isinstance(
+                        v.get("text"), str):
+                    texts.append(v["text"])  # an Anthropic system block
+                else:
+                    texts.append(json.dumps(v))
     for key in ("tools", "functions"):
         if key in payload:
             texts.append(json.dumps(payload[key]))

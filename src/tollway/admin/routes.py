@@ -1,4 +1,5 @@
-"""Operator routes: accounts, top-ups, adjustments, keys, ledger verification.
+"""Operator routes: accounts and their tiers, top-ups, adjustments, keys and their limits,
+ledger verification.
 
 Every route takes ``Authorization: Bearer <admin token>``. Money moves through the ledger in
 the writer's batches; ``Idempotency-Key`` (header) makes a top-up or adjustment safe to retry.
@@ -16,21 +17,23 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tollway.billing import credits
+from tollway.billing import codes, credits, logins, tiers
 from tollway.billing import keys as key_ops
 from tollway.billing.views import (
+    LIMIT_FIELDS,
     account_view,
     credit_view,
     key_view,
     parse_amount,
     parse_iso_ms,
+    parse_key_limits,
     parse_signed_amount,
 )
 from tollway.errors import InvalidAdminToken, InvalidRequest
 from tollway.ledger import ledger
 from tollway.ledger.verify import verify
 from tollway.store import accounts as store
-from tollway.web import reports
+from tollway.web import notifications, reports
 from tollway.web.context import Context
 from tollway.web.http import bearer, json_body, optional_str, path_int
 
@@ -80,9 +83,25 @@ async def create_account(request: Request, ctx: Context) -> Response:
     if not name:
         raise InvalidRequest("name is required")
     group = optional_str(body, "group") or "default"
-    account = await ctx.write(
-        lambda conn: store.create_account(conn, name, group, at_ms=ledger.now_ms()))
+    email, password = optional_str(body, "email"), optional_str(body, "password")
+    password_hash = None if password is None else logins.hash_password(password)
+    account = await ctx.write(lambda conn: logins.create_account(
+        conn, name, group, email=email, password_hash=password_hash))
     return JSONResponse(account_view(account), status_code=201)
+
+
+async def disable_account(request: Request, ctx: Context) -> Response:
+    ref = request.path_params["account"]
+    account = await ctx.write(
+        lambda conn: logins.disable_account(conn, store.find_account(conn, ref).id))
+    return JSONResponse(account_view(account))
+
+
+async def enable_account(request: Request, ctx: Context) -> Response:
+    ref = request.path_params["account"]
+    account = await ctx.write(
+        lambda conn: logins.enable_account(conn, store.find_account(conn, ref).id))
+    return JSONResponse(account_view(account))
 
 
 async def get_account(request: Request, ctx: Context) -> Response:
@@ -135,16 +154,40 @@ async def create_key(request: Request, ctx: Context) -> Response:
     expires = optional_str(body, "expires_at")
     expires_ms = None if expires is None else parse_iso_ms(expires, what="expires_at")
     name, group = optional_str(body, "name"), optional_str(body, "group")
+    limits = parse_key_limits(body)
     ref = request.path_params["account"]
 
     def op(conn: Connection) -> dict[str, Any]:
         account = store.find_account(conn, ref)
         new = key_ops.create_key(conn, account.id, at_ms=ledger.now_ms(), name=name,
                                  group=group, models=models, quota_nano=quota_nano,
-                                 expires_at_ms=expires_ms)
+                                 expires_at_ms=expires_ms, limits=limits)
         return key_view(new.record, secret=new.secret)
 
     return JSONResponse(await ctx.write(op), status_code=201)
+
+
+async def update_key(request: Request, ctx: Context) -> Response:
+    """Change a key's limits: the fields given replace the key's, null clears one."""
+    key_id = path_int(request, "key_id")
+    body = await json_body(request)
+    if unknown := sorted(set(body) - set(LIMIT_FIELDS)):
+        raise InvalidRequest(f"unknown fields {', '.join(unknown)} (a key's limits are "
+                             f"{', '.join(LIMIT_FIELDS)})")
+
+    def op(conn: Connection) -> dict[str, Any]:
+        limits = parse_key_limits(body, store.get_key(conn, key_id).limits)
+        return key_view(key_ops.set_limits(conn, key_id, limits))
+
+    return JSONResponse(await ctx.write(op))
+
+
+async def set_tier(request: Request, ctx: Context) -> Response:
+    body = await json_body(request)
+    tier = optional_str(body, "tier")
+    ref = request.path_params["account"]
+    return JSONResponse(account_view(await ctx.write(lambda conn: tiers.set_tier(conn, ref,
+                                                                                 tier))))
 
 
 async def revoke_key(request: Request, ctx: Context) -> Response:
@@ -152,6 +195,36 @@ async def revoke_key(request: Request, ctx: Context) -> Response:
     record = await ctx.write(lambda conn: key_ops.revoke_key(conn, key_id,
                                                              at_ms=ledger.now_ms()))
     return JSONResponse(key_view(record))
+
+
+async def create_codes(request: Request, ctx: Context) -> Response:
+    """Mint ``count`` codes worth ``amount_usd``: the codes are in this answer only."""
+    body = await json_body(request)
+    amount = parse_amount(body.get("amount_usd"))
+    count = body.get("count", 1)
+    if not isinstance(count, int) or isinstance(count, bool):
+        raise InvalidRequest("count must be a whole number")
+    expires = optional_str(body, "expires_at")
+    expires_ms = None if expires is None else parse_iso_ms(expires, what="expires_at")
+    note = optional_str(body, "note")
+    minted = await ctx.write(lambda conn: codes.mint(
+        conn, amount, count=count, at_ms=ledger.now_ms(), expires_at_ms=expires_ms, note=note))
+    return JSONResponse({"object": "list", "data": [codes.new_code_view(c) for c in minted]},
+                        status_code=201)
+
+
+async def list_codes(request: Request, ctx: Context) -> Response:
+    limit = reports.query_int(request, "limit", default=100, high=1000) or 100
+    cursor = reports.query_int(request, "cursor")
+    status = request.query_params.get("status") or None
+    return JSONResponse(await ctx.read(lambda conn: codes.page(
+        conn, limit=limit, cursor=cursor, status=status, now_ms=ledger.now_ms())))
+
+
+async def revoke_code(request: Request, ctx: Context) -> Response:
+    code_id = path_int(request, "code_id")
+    return JSONResponse(await ctx.write(lambda conn: codes.revoke(conn, code_id,
+                                                                  at_ms=ledger.now_ms())))
 
 
 async def verify_ledger(request: Request, ctx: Context) -> Response:
@@ -164,10 +237,14 @@ admin_routes = [
     Route("/accounts", _admin(list_accounts), methods=["GET"]),
     Route("/accounts", _admin(create_account), methods=["POST"]),
     Route("/accounts/{account}", _admin(get_account), methods=["GET"]),
+    Route("/accounts/{account}/disable", _admin(disable_account), methods=["POST"]),
+    Route("/accounts/{account}/enable", _admin(enable_account), methods=["POST"]),
     Route("/accounts/{account}/topups", _admin(topup), methods=["POST"]),
     Route("/accounts/{account}/adjustments", _admin(adjust), methods=["POST"]),
     Route("/accounts/{account}/keys", _admin(list_keys), methods=["GET"]),
     Route("/accounts/{account}/keys", _admin(create_key), methods=["POST"]),
+    Route("/accounts/{account}/tier", _admin(set_tier), methods=["PUT"]),
+    Route("/keys/{key_id}", _admin(update_key), methods=["PATCH"]),
     Route("/keys/{key_id}/revoke", _admin(revoke_key), methods=["POST"]),
     Route("/ledger/verify", _admin(verify_ledger), methods=["GET"]),
     Route("/usage", reports.usage_list(admin_scope), methods=["GET"]),
@@ -176,4 +253,15 @@ admin_routes = [
     Route("/summary", reports.summary(admin_scope), methods=["GET"]),
     Route("/accounts/{account}/summary", reports.summary(admin_scope), methods=["GET"]),
     Route("/accounts/{account}/statement", reports.statement(admin_scope), methods=["GET"]),
+    Route("/accounts/{account}/notifications", notifications.events(admin_scope),
+          methods=["GET"]),
+    Route("/accounts/{account}/notifications/settings", notifications.get_settings(admin_scope),
+          methods=["GET"]),
+    Route("/accounts/{account}/notifications/settings", notifications.put_settings(admin_scope),
+          methods=["PUT"]),
+    Route("/accounts/{account}/notifications/settings/rotate-secret",
+          notifications.rotate_secret(admin_scope), methods=["POST"]),
+    Route("/codes", _admin(create_codes), methods=["POST"]),
+    Route("/codes", _admin(list_codes), methods=["GET"]),
+    Route("/codes/{code_id}/revoke", _admin(revoke_code), methods=["POST"]),
 ]

@@ -7,22 +7,31 @@ enough: nobody can guess a preimage, and lookups stay a single indexed read.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 
 from sqlalchemy.engine import Connection
 
 from tollway.errors import (
+    AccountDisabled,
     ExpiredApiKey,
     InvalidApiKey,
+    InvalidRequest,
+    IpNotAllowed,
     ModelNotAllowed,
     QuotaExceeded,
     RevokedApiKey,
 )
 from tollway.store import accounts as store
 from tollway.store import usage as usage_store
-from tollway.store.accounts import ApiKeyRecord
+from tollway.store.accounts import ApiKeyRecord, KeyLimits
+from tollway.store.catalog import list_tiers
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 KEY_PREFIX = "tw-"
 DISPLAY_PREFIX_LEN = 10
 
@@ -39,15 +48,74 @@ def hash_key(secret: str) -> str:
 
 def create_key(conn: Connection, account_id: int, *, at_ms: int, name: str | None = None,
                group: str | None = None, models: list[str] | None = None,
-               quota_nano: int | None = None, expires_at_ms: int | None = None) -> NewKey:
+               quota_nano: int | None = None, expires_at_ms: int | None = None,
+               limits: KeyLimits | None = None) -> NewKey:
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    if limits is not None:
+        check_limits(conn, account_id, limits)
     record = store.insert_key(conn, account_id=account_id, prefix=secret[:DISPLAY_PREFIX_LEN],
                               key_hash=hash_key(secret), name=name, group=group, models=models,
-                              quota_nano=quota_nano, expires_at_ms=expires_at_ms, at_ms=at_ms)
+                              quota_nano=quota_nano, expires_at_ms=expires_at_ms, at_ms=at_ms,
+                              limits=limits)
     usage_store.insert_event(conn, event_id=f"key-{record.id}-created", account_id=account_id,
                              type_="system", at_ms=at_ms, key_id=record.id, key_name=name,
                              note=f"API key {record.prefix}… created")
     return NewKey(record, secret)
+
+
+def set_limits(conn: Connection, key_id: int, limits: KeyLimits) -> ApiKeyRecord:
+    """Replace a key's own limits (workers see it within ``key_cache_seconds``)."""
+    check_limits(conn, store.get_key(conn, key_id).account_id, limits)
+    return store.set_key_limits(conn, key_id, limits)
+
+
+def check_limits(conn: Connection, account_id: int, limits: KeyLimits) -> None:
+    """A key's rate limits are positive and may only lower its account tier's."""
+    account = store.get_account(conn, account_id)
+    tiers, default = list_tiers(conn)
+    by_name = {t.name: t for t in tiers}
+    tier = by_name.get(account.tier or "") or by_name.get(default or "")
+    for name in ("rpm", "tpm", "concurrency", "daily_cap_nano", "weekly_cap_nano",
+                 "monthly_cap_nano"):
+        value = getattr(limits, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise InvalidRequest(f"{name} must be a positive integer, got {value!r}")
+        ceiling = getattr(tier, name, None) if tier is not None else None
+        if value is not None and tier is not None and ceiling is not None and value > ceiling:
+            raise InvalidRequest(f"{name} {value} is above the {ceiling} of the account's tier "
+                                 f"{tier.name!r} (a key's limits may only lower its tier's)")
+
+
+def parse_networks(values: Iterable[str]) -> tuple[str, ...]:
+    """CIDR networks (or single addresses), IPv4 or IPv6, in their normal form."""
+    out = []
+    for value in values:
+        text = value.strip()
+        try:
+            out.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise InvalidRequest(f"{text!r} is not an IP network (e.g. 203.0.113.0/24, "
+                                 "2001:db8::/32 or one address)") from None
+    if not out:
+        raise InvalidRequest("an IP allowlist needs at least one network")
+    return tuple(out)
+
+
+@lru_cache(maxsize=4096)
+def networks(cidrs: tuple[str, ...]) -> tuple[Network, ...]:
+    return tuple(ipaddress.ip_network(c) for c in cidrs)
+
+
+def within(address: Address, nets: Iterable[Network]) -> bool:
+    return any(address.version == net.version and address in net for net in nets)
+
+
+def check_ip(record: ApiKeyRecord, address: Address | None) -> None:
+    """Whether the key may be used from this client address (its allowlist, if any)."""
+    allowed = record.limits.allowed_ips
+    if allowed is not None and (address is None or not within(address, networks(allowed))):
+        raise IpNotAllowed(f"API key {record.prefix}… may not be used from {address}: the "
+                           "address is not in its IP allowlist")
 
 
 def revoke_key(conn: Connection, key_id: int, *, at_ms: int) -> ApiKeyRecord:
@@ -76,6 +144,8 @@ def check_usable(record: ApiKeyRecord, *, now_ms: int) -> None:
         raise RevokedApiKey(f"API key {record.prefix}… was revoked")
     if record.expires_at_ms is not None and record.expires_at_ms <= now_ms:
         raise ExpiredApiKey(f"API key {record.prefix}… has expired")
+    if record.account_disabled_at_ms is not None:
+        raise AccountDisabled(f"the account of API key {record.prefix}… is disabled")
 
 
 def check_item(record: ApiKeyRecord, item_id: str) -> None:

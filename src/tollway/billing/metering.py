@@ -8,6 +8,11 @@ that also writes the request's usage record and idempotency state in the same tr
                for replays.
     void     — release the hold, write an error record with cost 0, forget the idempotency
                key so the client may retry (as when a dead process's hold expired).
+    refuse   — a request a limit refused (429) before anything was held: its error record,
+               cost 0 (``reserve`` raised, so its own transaction wrote nothing).
+
+``reserve`` also applies the key's limits (``billing.limits``): its RPM/TPM window, its
+concurrency and its spend caps, checked by the ledger in the hold's own statements.
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from tollway.errors import IdempotencyConflict, InsufficientBalance, RequestInProgress
+from tollway.billing import limits as rate_limits
+from tollway.billing.limits import NO_LIMITS, Limits, Window
+from tollway.errors import (
+    IdempotencyConflict,
+    InsufficientBalance,
+    RequestInProgress,
+    TollwayError,
+)
 from tollway.ledger import ledger
 from tollway.ledger.ledger import Hold, Settlement
 from tollway.store import accounts as account_store
@@ -49,13 +61,16 @@ class Replay:
 class Reservation:
     hold: Hold
     granted: Any = None  # what the shrink callback returned when the hold was lowered
+    window: Window | None = None  # the key's rate-limit window after counting this request
 
 
 def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
             amount_nano: int, ttl_ms: int, client_key: ClientKey | None = None,
-            shrink: Callable[[int], tuple[int, Any] | None] | None = None
+            shrink: Callable[[int], tuple[int, Any] | None] | None = None,
+            limits: Limits = NO_LIMITS, tokens: int = 0, at_ms: int | None = None
             ) -> Reservation | Replay:
-    now = ledger.now_ms()
+    """``tokens``: what the request counts against the key's TPM limit at admission."""
+    now = ledger.now_ms() if at_ms is None else at_ms
     if client_key is not None:
         row = usage_store.find_request_key(conn, client_key.key_id, client_key.value)
         if row is not None and row[7] > now - REPLAY_WINDOW_MS:
@@ -75,29 +90,44 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
                                       idempotency_key=client_key.value, request_id=request_id,
                                       fingerprint=client_key.fingerprint, at_ms=now)
     try:
-        hold = ledger.place_hold(conn, account_id, amount_nano, idempotency_key=request_id,
-                                 ttl_ms=ttl_ms, key_id=key_id)
-        return Reservation(hold)
-    except InsufficientBalance:
-        if shrink is None:
-            raise
-        available = account_store.get_account(conn, account_id).available_nano
-        smaller = shrink(available)
-        if smaller is None:
-            raise
-        amount, granted = smaller
-        hold = ledger.place_hold(conn, account_id, amount, idempotency_key=request_id,
-                                 ttl_ms=ttl_ms, key_id=key_id)
-        return Reservation(hold, granted)
+        rate = rate_limits.admission(limits, tokens, now)
+        try:
+            hold = ledger.place_hold(conn, account_id, amount_nano, idempotency_key=request_id,
+                                     ttl_ms=ttl_ms, key_id=key_id, rate=rate, at_ms=now)
+            return Reservation(hold, window=rate_limits.window(limits, now, hold.window))
+        except InsufficientBalance:
+            if shrink is None:
+                raise
+            available = account_store.get_account(conn, account_id).available_nano
+            smaller = shrink(available)
+            if smaller is None:
+                raise
+            amount, granted = smaller
+            hold = ledger.place_hold(conn, account_id, amount, idempotency_key=request_id,
+                                     ttl_ms=ttl_ms, key_id=key_id, rate=rate, at_ms=now)
+            return Reservation(hold, granted,
+                               rate_limits.window(limits, now, hold.window))
+    except TollwayError as exc:  # refused (402, 429): nothing was counted
+        if limits.windowed:
+            state = getattr(exc, "window_state", None) or ledger.key_window(conn, key_id)
+            rate_limits.explain(exc, limits, tokens, now, state)
+        raise
 
 
 def settle(conn: Connection, *, hold_id: int, cost_nano: int, record: dict[str, Any],
            client_key: ClientKey | None = None, response: tuple[int, str, bytes | None]
-           | None = None) -> Settlement:
+           | None = None, at_ms: int | None = None, window: Window | None = None,
+           counted_tokens: int = 0) -> Settlement:
+    """``window``/``counted_tokens``: the request's rate-limit window and what it counted
+    there at admission, replaced by the record's actual input + output tokens."""
     # The charge's day in the wallet and its hour in the rollups come from one clock reading.
-    at = ledger.now_ms()
+    at = ledger.now_ms() if at_ms is None else at_ms
+    correction = rate_limits.correction(
+        window, counted=counted_tokens,
+        actual=record["input_tokens"] + record["output_tokens"])
     settlement = ledger.settle_hold(conn, hold_id, cost_nano,
-                                    idempotency_key=record["request_id"], at_ms=at)
+                                    idempotency_key=record["request_id"], at_ms=at,
+                                    correction=correction)
     usage_store.insert_usage(conn, {**record, "created_at_ms": at, "hold_id": hold_id,
                                     "cost_nano": cost_nano})
     if client_key is not None and response is not None:
@@ -110,9 +140,16 @@ def settle(conn: Connection, *, hold_id: int, cost_nano: int, record: dict[str, 
 
 
 def void(conn: Connection, *, hold_id: int, record: dict[str, Any],
-         client_key: ClientKey | None = None) -> None:
-    ledger.void_hold(conn, hold_id, idempotency_key=record["request_id"])
+         client_key: ClientKey | None = None, window: Window | None = None,
+         counted_tokens: int = 0) -> None:
+    ledger.void_hold(conn, hold_id, idempotency_key=record["request_id"],
+                     correction=rate_limits.correction(window, counted=counted_tokens,
+                                                       actual=0))
     usage_store.insert_usage(conn, {**record, "hold_id": hold_id, "cost_nano": 0})
     if client_key is not None:
         usage_store.release_request_key(conn, key_id=client_key.key_id,
                                         idempotency_key=client_key.value)
+
+
+def refuse(conn: Connection, *, record: dict[str, Any]) -> None:
+    usage_store.insert_usage(conn, {**record, "hold_id": None, "cost_nano": 0})

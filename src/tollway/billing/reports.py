@@ -28,9 +28,12 @@ from tollway.pricing.rating import (
 from tollway.store.reports import Statement
 
 REQUEST_TYPES = ("consume", "error")
+#: Per-call records of this route count images (``n`` × the size's price), not calls.
+IMAGES_ROUTE = "/v1/images/generations"
 CSV_COLUMNS = ("created_at", "request_id", "type", "billing_type", "product", "key_id",
                "key_name", "group", "ratio", "ratio_source", "status", "stream",
-               "input_tokens", "cached_input_tokens", "cache_write_tokens", "output_tokens",
+               "input_tokens", "cached_input_tokens", "cache_write_tokens",
+               "cache_write_1h_tokens", "output_tokens",
                "reasoning_tokens", "calls", "cost_usd", "credit_usd", "usage_source",
                "duration_ms", "note")
 
@@ -45,14 +48,18 @@ def recharge(row: Any) -> Charge | None:
         return None
     ratio = AppliedRatio(Decimal(row.ratio), row.ratio_source)
     if row.billing_type == "per_call":
+        # an image model's record keeps the unit price of the size it was billed at
         return rate_calls(CallUsage(int(row.calls)), CallPrice(nano_to_decimal(row.per_call_nano)),
                           ratio)
+    write_1h = row.cache_write_1h_nano_per_1m  # NULL on records older than migration 0006
     price = TokenPrice(nano_to_decimal(row.input_nano_per_1m),
                        nano_to_decimal(row.output_nano_per_1m),
                        nano_to_decimal(row.cache_read_nano_per_1m),
-                       nano_to_decimal(row.cache_write_nano_per_1m))
+                       nano_to_decimal(row.cache_write_nano_per_1m),
+                       None if write_1h is None else nano_to_decimal(write_1h))
     usage = TokenUsage(int(row.input_tokens), int(row.output_tokens),
-                       int(row.cached_input_tokens), int(row.cache_write_tokens))
+                       int(row.cached_input_tokens), int(row.cache_write_tokens),
+                       int(row.cache_write_1h_tokens))
     return rate_tokens(usage, price, ratio)
 
 
@@ -78,17 +85,20 @@ def pricing(row: Any) -> dict[str, Any] | None:
     }
     if row.billing_type == "per_call":
         (c,) = charge.components
-        body["unit"] = "per call"
-        body["formula"] = (f"{c.quantity} call × {_plain(c.unit_price_usd)} × {ratio} = "
+        unit = "image" if row.route == IMAGES_ROUTE else "call"
+        body["unit"] = f"per {unit}"
+        body["formula"] = (f"{c.quantity} {unit} × {_plain(c.unit_price_usd)} × {ratio} = "
                            f"{_plain(charge.exact_usd)} → {format_usd(charge.cost_nano_usd)} USD")
     else:
         parts = {c.name: c for c in charge.components}
         body["unit"] = "per 1M tokens"
         body["formula"] = (
-            f"(({row.input_tokens} − {row.cached_input_tokens} − {row.cache_write_tokens}) × "
+            f"(({row.input_tokens} − {row.cached_input_tokens} − {row.cache_write_tokens} − "
+            f"{row.cache_write_1h_tokens}) × "
             f"{_plain(parts['input'].unit_price_usd)} + {row.cached_input_tokens} × "
             f"{_plain(parts['cache_read'].unit_price_usd)} + {row.cache_write_tokens} × "
-            f"{_plain(parts['cache_write'].unit_price_usd)} + {row.output_tokens} × "
+            f"{_plain(parts['cache_write'].unit_price_usd)} + {row.cache_write_1h_tokens} × "
+            f"{_plain(parts['cache_write_1h'].unit_price_usd)} + {row.output_tokens} × "
             f"{_plain(parts['output'].unit_price_usd)}) / 1000000 × {ratio} = "
             f"{_plain(charge.exact_usd)} → {format_usd(charge.cost_nano_usd)} USD")
     if row.type == "error":
@@ -108,13 +118,15 @@ def record_view(row: Any, *, explain: bool = True) -> dict[str, Any]:
         "product": row.product, "route": row.route, "status": row.status,
         "stream": bool(row.stream), "duration_ms": row.duration_ms, "ttft_ms": row.ttft_ms,
         "input_tokens": row.input_tokens, "cached_input_tokens": row.cached_input_tokens,
-        "cache_write_tokens": row.cache_write_tokens, "output_tokens": row.output_tokens,
+        "cache_write_tokens": row.cache_write_tokens,
+        "cache_write_1h_tokens": row.cache_write_1h_tokens, "output_tokens": row.output_tokens,
         "reasoning_tokens": row.reasoning_tokens, "calls": row.calls,
         "unit_prices_usd": {
             "input_per_1m": _usd(row.input_nano_per_1m),
             "output_per_1m": _usd(row.output_nano_per_1m),
             "cache_read_per_1m": _usd(row.cache_read_nano_per_1m),
             "cache_write_per_1m": _usd(row.cache_write_nano_per_1m),
+            "cache_write_1h_per_1m": _usd(row.cache_write_1h_nano_per_1m),
             "per_call": _usd(row.per_call_nano)},
         "price_version": row.price_version_id, "cost_usd": format_usd(row.cost_nano),
         "credit_usd": format_usd(row.credit_nano), "usage_source": row.usage_source,

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from starlette.types import Receive, Scope, Send
 
-from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import TollwayError, UpstreamError
-from tollway.gateway.asgi import read_body, send_bytes, send_error
-from tollway.gateway.calls import COST_HEADER, begin, fail, send_replay
+from tollway.gateway.asgi import read_body, send_error
+from tollway.gateway.calls import begin, fail, fetch, reserve, send_replay, settle_answer
 from tollway.gateway.state import Gateway
-from tollway.money import format_usd
 from tollway.pricing.rating import CallPrice, CallUsage, rate_calls
 from tollway.upstreams.base import UpstreamRequest
 
@@ -42,47 +40,30 @@ class ApiRoute:
             price = item.version.price
             assert isinstance(price, CallPrice)
             cost = rate_calls(CallUsage(1), price, call.ratio).cost_nano_usd
-            result = await gw.ctx.write(lambda conn: metering.reserve(
-                conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
-                amount_nano=max(cost, 1), ttl_ms=gw.ctx.hold_ttl_ms,
-                client_key=call.client_key), account_id=key.account_id)
+            result = await reserve(gw, call, max(cost, 1))
         except TollwayError as exc:
             await send_error(scope, send, exc)
             return
         if isinstance(result, Replay):
             await send_replay(send, result)
             return
-        call.hold = result.hold
+        assert call.hold is not None
         query = [(k, v) for k, v in _query(scope)]
         headers = {name.decode("latin-1"): value.decode("latin-1")
                    for name, value in scope["headers"] if name in FORWARDED_HEADERS}
         request = UpstreamRequest(scope["method"], endpoint.upstream_for(params), body,
                                   query=query, headers=headers)
-        try:
-            response = await gw.registry.get(item.provider).send(request)
-            try:
-                raw = await response.read()
-            finally:
-                await response.close()
-        except UpstreamError as exc:
-            await fail(gw, call, send, exc)
+        answer = await fetch(gw, call, send, item.provider, request)
+        if answer is None:
             return
-        call.mark_first_byte()
-        if not 200 <= response.status < 300:
-            refused = UpstreamError(f"the upstream answered {response.status}")
-            await fail(gw, call, send, refused, status=response.status, body=raw,
-                       content_type=response.content_type.encode())
+        if not answer.ok:
+            refused = UpstreamError(f"the upstream answered {answer.status}")
+            await fail(gw, call, send, refused, status=answer.status, body=answer.body,
+                       content_type=answer.content_type.encode())
             return
-        record = call.record(type_="consume", status=response.status, usage_source="upstream",
+        record = call.record(type_="consume", status=answer.status, usage_source="upstream",
                              calls=1)
-        hold_id, client_key = call.hold.id, call.client_key
-        await gw.ctx.write(lambda conn: metering.settle(
-            conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
-            response=(response.status, response.content_type, raw)),
-            account_id=key.account_id)
-        call.charged(cost)
-        await send_bytes(send, response.status, raw, response.content_type.encode(),
-                         headers=[(COST_HEADER, format_usd(cost).encode())])
+        await settle_answer(gw, call, send, answer, cost=cost, record=record)
 
 
 def _query(scope: Scope) -> list[tuple[str, str]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
@@ -61,13 +61,12 @@ def error_body(scope: Scope, exc: TollwayError) -> bytes:
                                  "request_id": scope.get(REQUEST_ID)}}).encode()
 
 
-def error_headers(exc: TollwayError) -> list[tuple[bytes, bytes]]:
-    if exc.retry_after_s is None:
-        return []
-    return [(b"retry-after", str(exc.retry_after_s).encode())]
-
-
 async def send_error(scope: Scope, send: Send, exc: TollwayError,
-                     headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    await send_bytes(send, exc.status, error_body(scope, exc),
-                     headers=[*error_headers(exc), *headers])
+                     headers: Iterable[tuple[bytes, bytes]] = (),
+                     render: Callable[[Scope, TollwayError], bytes] = error_body) -> None:
+    """An error response (its body as ``render`` writes it: Anthropic's shape on
+    /v1/messages) with the error's own headers (rate limits) and its Retry-After (a limit
+    that resets by itself, a 503 that goes away)."""
+    scope[ERROR_CODE] = exc.code
+    await send_bytes(send, exc.status, render(scope, exc),
+                     headers=[*headers, *exc.response_headers()])

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 from starlette.types import Scope, Send
 
 from tollway.billing import keys, metering
-from tollway.billing.metering import ClientKey, Replay
-from tollway.errors import InvalidRequest, TollwayError, UpstreamError
+from tollway.billing.limits import NO_LIMITS, Limits, Window
+from tollway.billing.metering import ClientKey, Replay, Reservation
+from tollway.errors import InvalidRequest, LimitExceeded, TollwayError, UpstreamError
 from tollway.gateway.asgi import error_body, header, send_bytes
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import Hold, now_ms
@@ -20,6 +23,7 @@ from tollway.money import format_usd
 from tollway.pricing.rating import AppliedRatio, resolve_ratio
 from tollway.store.accounts import ApiKeyRecord
 from tollway.store.catalog import Item, price_columns
+from tollway.upstreams.base import UpstreamRequest
 from tollway.web.observe import ACCOUNT, COST, ERROR_CODE, PRODUCT, REQUEST_ID
 
 COST_HEADER = b"x-tollway-cost-usd"
@@ -39,6 +43,15 @@ class Call:
     client_key: ClientKey | None = None
     hold: Hold | None = None
     ttft_ms: int | None = None
+    clock: Callable[[], int] | None = None  # the gateway's; None: the ledger's clock
+    limits: Limits = NO_LIMITS
+    window: Window | None = None  # the key's rate-limit window once admitted
+    counted_tokens: int = 0  # what this request counted against TPM at admission
+    #: how this route's own error answers read (Anthropic's shape on /v1/messages)
+    render_error: Callable[[Scope, TollwayError], bytes] = error_body
+
+    def rate_headers(self) -> list[tuple[bytes, bytes]]:
+        return [] if self.window is None else self.window.headers()
 
     @property
     def request_id(self) -> str:
@@ -61,13 +74,15 @@ class Call:
             self.ttft_ms = self.elapsed_ms()
 
     def record(self, *, type_: str, status: int, usage_source: str = "none",
-               input_tokens: int = 0, cached: int = 0, cache_write: int = 0, output: int = 0,
-               reasoning: int = 0, calls: int = 0, error: TollwayError | None = None,
+               input_tokens: int = 0, cached: int = 0, cache_write: int = 0,
+               cache_write_1h: int = 0, output: int = 0, reasoning: int = 0, calls: int = 0,
+               unit_price: Decimal | None = None, error: TollwayError | None = None,
                note: str | None = None) -> dict[str, Any]:
         """The usage record's fields (the metering layer adds hold and cost)."""
-        prices = price_columns(self.item.version.price)
+        prices = price_columns(self.item.version.price, unit_price=unit_price)
         return {
-            "request_id": self.request_id, "created_at_ms": now_ms(),
+            "request_id": self.request_id,
+            "created_at_ms": self.clock() if self.clock is not None else now_ms(),
             "account_id": self.key.account_id, "key_id": self.key.id,
             "key_name": self.key.name, "group_name": self.group,
             "ratio": str(self.ratio.value), "ratio_source": self.ratio.source,
@@ -75,7 +90,8 @@ class Call:
             "route": self.route, "status": status, "stream": self.stream,
             "duration_ms": self.elapsed_ms(), "ttft_ms": self.ttft_ms,
             "input_tokens": input_tokens, "cached_input_tokens": cached,
-            "cache_write_tokens": cache_write, "output_tokens": output,
+            "cache_write_tokens": cache_write, "cache_write_1h_tokens": cache_write_1h,
+            "output_tokens": output,
             "reasoning_tokens": reasoning, "calls": calls,
             **prices,
             "price_version_id": self.item.version.id,
@@ -87,14 +103,15 @@ class Call:
 
 def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
           body: bytes) -> Call:
-    """Checks that need no database: allowlist, quota pre-check, the ratio, Idempotency-Key."""
+    """Checks that need no database: model allowlist, quota pre-check, the ratio,
+    Idempotency-Key."""
     keys.check_item(key, item.id)
     keys.check_quota(key)
     group = keys.effective_group(key)
     if group not in gw.catalog.ratios:
         raise InvalidRequest(f"the key's group {group!r} is not in the catalog")
     ratio = resolve_ratio(group, gw.catalog.ratios, item.version.group_ratios)
-    call = Call(scope, key, item, ratio, route)
+    call = Call(scope, key, item, ratio, route, clock=gw.clock, limits=gw.catalog.limits(key))
     scope[PRODUCT] = item.id
     scope[ACCOUNT] = key.account_id
     idem = header(scope, b"idempotency-key")
@@ -104,6 +121,29 @@ def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
         digest = hashlib.sha256(scope["method"].encode() + b" " + route.encode() + b"\n" + body)
         call.client_key = ClientKey(key.id, idem, digest.hexdigest())
     return call
+
+
+async def reserve(gw: Gateway, call: Call, amount_nano: int, *, tokens: int = 0,
+                  shrink: Callable[[int], tuple[int, Any] | None] | None = None
+                  ) -> Reservation | Replay:
+    """Admit the request under the key's limits and place its hold, in one writer operation.
+    A request a limit refuses is recorded (an error record, cost 0) and the error re-raised;
+    nothing was held or forwarded."""
+    key, at = call.key, gw.clock()
+    try:
+        result = await gw.ctx.write(lambda conn: metering.reserve(
+            conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
+            amount_nano=amount_nano, ttl_ms=gw.ctx.hold_ttl_ms, client_key=call.client_key,
+            shrink=shrink, limits=call.limits, tokens=tokens, at_ms=at),
+            account_id=key.account_id)
+    except LimitExceeded as exc:
+        record = call.record(type_="error", status=exc.status, error=exc)
+        await gw.ctx.write(lambda conn: metering.refuse(conn, record=record),
+                           account_id=key.account_id)
+        raise
+    if isinstance(result, Reservation):
+        call.hold, call.window, call.counted_tokens = result.hold, result.window, tokens
+    return result
 
 
 async def send_replay(send: Send, replay: Replay) -> None:
@@ -123,11 +163,68 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
     if call.hold is not None:
         record = call.record(type_="error", status=status or exc.status, error=exc)
         hold_id = call.hold.id
-        await gw.ctx.write(lambda conn: metering.void(conn, hold_id=hold_id, record=record,
-                                                      client_key=call.client_key),
-                           account_id=call.key.account_id)
+        await gw.ctx.write(lambda conn: metering.void(
+            conn, hold_id=hold_id, record=record, client_key=call.client_key,
+            window=call.window, counted_tokens=call.counted_tokens),
+            account_id=call.key.account_id)
     if send_response:
         if body is None:
-            await send_bytes(send, exc.status, error_body(call.scope, exc))
+            await send_bytes(send, exc.status, call.render_error(call.scope, exc),
+                             headers=call.rate_headers())
         else:
-            await send_bytes(send, status or exc.status, body, content_type)
+            await send_bytes(send, status or exc.status, body, content_type,
+                             headers=call.rate_headers())
+
+
+async def settle(gw: Gateway, call: Call, *, cost: int, record: dict[str, Any],
+                 response: tuple[int, str, bytes | None] | None) -> None:
+    """Charge ``cost`` with its usage record at the gateway's time; the key's rate-limit
+    window gets the record's actual tokens in place of what admission counted."""
+    assert call.hold is not None
+    hold_id, client_key, at = call.hold.id, call.client_key, gw.clock()
+    window, counted = call.window, call.counted_tokens
+    await gw.ctx.write(lambda conn: metering.settle(
+        conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
+        response=response, at_ms=at, window=window, counted_tokens=counted),
+        account_id=call.key.account_id)
+    call.charged(cost)
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An upstream's whole answer to a non-streamed request."""
+
+    status: int
+    content_type: str
+    body: bytes
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.status < 300
+
+
+async def fetch(gw: Gateway, call: Call, send: Send, provider: str,
+                request: UpstreamRequest) -> Answer | None:
+    """Send ``request`` and read the whole answer; if the upstream cannot be reached or
+    breaks off, void the hold, answer the client, and return None."""
+    try:
+        response = await gw.registry.get(provider).send(request)
+        try:
+            body = await response.read()
+        finally:
+            await response.close()
+    except UpstreamError as exc:
+        await fail(gw, call, send, exc)
+        return None
+    call.mark_first_byte()
+    return Answer(response.status, response.content_type, body)
+
+
+async def settle_answer(gw: Gateway, call: Call, send: Send, answer: Answer, *, cost: int,
+                        record: dict[str, Any]) -> None:
+    """Charge ``cost`` with its usage record (kept for an Idempotency-Key replay) and pass the
+    upstream's answer on with the cost and rate-limit headers."""
+    await settle(gw, call, cost=cost, record=record,
+                 response=(answer.status, answer.content_type, answer.body))
+    await send_bytes(send, answer.status, answer.body, answer.content_type.encode(),
+                     headers=[(COST_HEADER, format_usd(cost).encode()), *call.rate_headers()])

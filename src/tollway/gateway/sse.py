@@ -3,7 +3,9 @@ than the unfinished tail, and read an event's ``data`` field."""
 
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
@@ -33,3 +35,14 @@ def event_data(event: bytes) -> bytes | None:
     """The joined ``data:`` lines of an event, or None if it has none (a comment)."""
     lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None
+
+
+def event_json(event: bytes) -> Any:
+    """An event's data parsed as JSON; None for a comment or data that is not JSON."""
+    data = event_data(event)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None

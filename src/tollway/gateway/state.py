@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
@@ -24,8 +26,12 @@ from starlette.types import Scope
 
 from tollway import tokens
 from tollway.billing import keys
+from tollway.billing import limits as rate_limits
+from tollway.billing.keys import Address, Network, within
+from tollway.billing.limits import Limits
 from tollway.errors import InvalidApiKey, StorageUnavailable, UnknownEndpoint, UnknownModel
 from tollway.ledger.ledger import now_ms
+from tollway.pricing.catalog import Tier
 from tollway.store import catalog as catalog_store
 from tollway.store.accounts import ApiKeyRecord, key_by_hash
 from tollway.store.catalog import Item
@@ -62,13 +68,31 @@ class CatalogSnapshot:
     endpoints: tuple[Endpoint, ...]
     ratios: dict[str, Decimal]
     providers: dict[str, tuple[str, dict[str, Any]]]
+    tiers: dict[str, Tier] = field(default_factory=dict)
+    default_tier: str | None = None
 
-    def model(self, model_id: object) -> Item:
+    def limits(self, key: ApiKeyRecord) -> Limits:
+        """The key's limits: its account's tier (a tier no longer in the catalog counts as
+        the default one), each lowered by the key's own."""
+        tier = self.tiers.get(key.account_tier or "") or self.tiers.get(self.default_tier or "")
+        return rate_limits.effective(tier, key.limits)
+
+    def model(self, model_id: object, route: str) -> tuple[Item, str]:
+        """The model and the provider that serves it on ``route`` (a gateway route such as
+        ``/v1/messages``); UnknownModel if it is not for sale or not served there."""
         item = self.models.get(model_id) if isinstance(model_id, str) else None
         if item is None:
             raise UnknownModel(f"unknown model {model_id!r}: GET /v1/models lists the models "
                                "this key may use")
-        return item
+        kinds = {pid: kind for pid, (kind, _) in self.providers.items()}
+        protocols = catalog_store.item_protocols(item, kinds)
+        routes = catalog_store.item_routes(item, protocols)
+        if route not in routes:
+            served = ", ".join(routes) or "no route"
+            raise UnknownModel(f"model {item.id!r} is not served on {route} (it is served on "
+                               f"{served}): GET /v1/marketplace lists each model's routes")
+        family = "anthropic" if route == "/v1/messages" else "openai"
+        return item, protocols[family]
 
     def endpoint(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]]:
         allowed = False
@@ -88,17 +112,25 @@ def load_snapshot(conn: Connection) -> CatalogSnapshot:
     endpoints = tuple(
         Endpoint(item, str(item.spec["method"]), _pattern(str(item.spec["path"])),
                  str(item.spec.get("upstream_path") or item.spec["path"]))
-        for item in items if item.billing_type == "per_call")
+        for item in items if "path" in item.spec)
+    tiers, default_tier = catalog_store.list_tiers(conn)
     return CatalogSnapshot(
-        models={item.id: item for item in items if item.billing_type == "token"},
+        models={item.id: item for item in items if "path" not in item.spec},
         endpoints=endpoints, ratios=catalog_store.group_ratios(conn),
-        providers=catalog_store.list_providers(conn))
+        providers=catalog_store.list_providers(conn),
+        tiers={tier.name: tier for tier in tiers}, default_tier=default_tier)
 
 
 class Gateway:
     def __init__(self, ctx: Context, registry: Registry, *, catalog_refresh_s: float,
-                 key_cache_s: float, max_body_bytes: int) -> None:
+                 key_cache_s: float, max_body_bytes: int,
+                 clock: Callable[[], int] = now_ms,
+                 trusted_proxies: tuple[Network, ...] = ()) -> None:
         self.ctx = ctx
+        #: Milliseconds since the epoch: limit windows, holds and records take their time
+        #: from here (tests pass a clock they move).
+        self.clock = clock
+        self.trusted_proxies = trusted_proxies
         self.registry = registry
         self.catalog_refresh_s = catalog_refresh_s
         self.key_cache_s = key_cache_s
@@ -135,9 +167,11 @@ class Gateway:
                 log.exception("refreshing the catalog failed")
 
     async def authenticate(self, scope: Scope) -> ApiKeyRecord:
-        secret = _bearer(scope)
+        """The usable key of the request (revoked, expired and IP allowlist checked)."""
+        secret = _secret(scope)
         if not secret:
-            raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>'")
+            raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>' or "
+                                "'x-api-key: <key>'")
         digest = keys.hash_key(secret)
         cached = self._keys.get(digest)
         now = time.monotonic()
@@ -155,8 +189,29 @@ class Gateway:
             self._keys[digest] = (now + self.key_cache_s, record)
             if len(self._keys) > 100_000:
                 self._keys.clear()
-        keys.check_usable(record, now_ms=now_ms())
+        keys.check_usable(record, now_ms=self.clock())
+        keys.check_ip(record, self.client_address(scope))
         return record
+
+    def client_address(self, scope: Scope) -> Address | None:
+        """The client's address: the peer, or where the peer is a trusted proxy, the
+        right-most address of ``X-Forwarded-For`` that is not a trusted proxy."""
+        client = scope.get("client")
+        peer = _address(client[0]) if client else None
+        if peer is None or not within(peer, self.trusted_proxies):
+            return peer
+        hops: list[str] = []
+        for name, value in scope["headers"]:
+            if name == b"x-forwarded-for":
+                hops += value.decode("latin-1").split(",")
+        for hop in reversed(hops):
+            address = _address(hop.strip())
+            if address is None:
+                return peer  # a forged or broken header: trust only what we saw
+            if not within(address, self.trusted_proxies):
+                return address
+            peer = address
+        return peer
 
     def forget_keys(self) -> None:
         self._keys.clear()
@@ -169,10 +224,25 @@ def _lookup(conn: Connection, digest: str) -> ApiKeyRecord:
     return record
 
 
-def _bearer(scope: Scope) -> str | None:
+def _secret(scope: Scope) -> str | None:
+    """The customer's key from ``Authorization: Bearer`` (OpenAI clients) or ``x-api-key``
+    (Anthropic clients); Bearer wins when both are sent."""
+    api_key = None
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return str(token.strip())
-    return None
+        elif name == b"x-api-key" and value.strip():
+            api_key = str(value.decode("latin-1").strip())
+    return api_key
+
+
+def _address(text: str) -> Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

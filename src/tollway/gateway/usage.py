@@ -6,6 +6,9 @@ which OpenAI does not report, are read from ``prompt_tokens_details.cache_write_
 OpenAI-compatible upstream provides them. Usage that cannot be real (not integers, negative,
 cached more than prompt) is refused, and the caller estimates instead; usage far beyond what was
 asked for is capped at the request's bound and flagged.
+
+Anthropic and Responses usage are read here and converted explicitly to the rating inputs by
+:meth:`TokenUsage.from_anthropic` / :meth:`TokenUsage.from_responses`.
 """
 
 from __future__ import annotations
@@ -54,6 +57,47 @@ def parse_openai_usage(raw: Any) -> tuple[TokenUsage, int]:
     return usage, min(reasoning, usage.completion_tokens)
 
 
+def _details(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise InvalidUsage(f"usage {name} is not an object")
+    return value
+
+
+def parse_anthropic_usage(raw: Any) -> TokenUsage:
+    """Rating inputs from an Anthropic Messages ``usage`` object (a whole message's, or the
+    merge of a stream's ``message_start`` and ``message_delta`` usages); raises
+    InvalidUsage."""
+    if not isinstance(raw, dict) or "input_tokens" not in raw:
+        raise InvalidUsage("no usage object with input_tokens")
+    creation = _details(raw, "cache_creation")
+    split = {name: _int(creation[name], name) for name in
+             ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens") if name in creation}
+    return TokenUsage.from_anthropic(
+        input_tokens=_int(raw.get("input_tokens"), "input_tokens"),
+        output_tokens=_int(raw.get("output_tokens"), "output_tokens"),
+        cache_read_input_tokens=_int(raw.get("cache_read_input_tokens"),
+                                     "cache_read_input_tokens"),
+        cache_creation_input_tokens=_int(raw.get("cache_creation_input_tokens"),
+                                         "cache_creation_input_tokens"),
+        **split)
+
+
+def parse_responses_usage(raw: Any) -> tuple[TokenUsage, int]:
+    """(usage, reasoning tokens) from an OpenAI Responses ``usage`` object; raises
+    InvalidUsage."""
+    if not isinstance(raw, dict) or "input_tokens" not in raw:
+        raise InvalidUsage("no usage object with input_tokens")
+    usage = TokenUsage.from_responses(
+        input_tokens=_int(raw.get("input_tokens"), "input_tokens"),
+        output_tokens=_int(raw.get("output_tokens"), "output_tokens"),
+        cached_tokens=_int(_details(raw, "input_tokens_details").get("cached_tokens"),
+                           "cached_tokens"))
+    reasoning = _int(_details(raw, "output_tokens_details").get("reasoning_tokens"),
+                     "reasoning_tokens")
+    return usage, min(reasoning, usage.completion_tokens)
+
+
 def bounded(usage: TokenUsage, reasoning: int, *, prompt_bound: int,
             completion_bound: int | None) -> MeteredUsage:
     """Cap counts beyond the request's bounds (and say so); within them, bill as reported."""
@@ -70,6 +114,7 @@ def bounded(usage: TokenUsage, reasoning: int, *, prompt_bound: int,
         return MeteredUsage(usage, reasoning, "upstream")
     cached = min(usage.cached_tokens, prompt)
     write = min(usage.cache_write_tokens, prompt - cached)
-    capped = TokenUsage(prompt, completion, cached, write)
+    write_1h = min(usage.cache_write_1h_tokens, prompt - cached - write)
+    capped = TokenUsage(prompt, completion, cached, write, write_1h)
     return MeteredUsage(capped, min(reasoning, completion), "upstream",
                         "usage capped for review: " + "; ".join(notes))

@@ -10,8 +10,11 @@ Checks, each against the stored state:
 - the revenue account equals the sum of all settled charges;
 - each wallet's daily movements (what statements are made of) add up to its balance;
 - every gateway request's usage record agrees with its hold: a ``consume`` record's cost is
-  what its hold settled, an ``error`` record's hold was released and cost nothing, so the
-  usage records sum to exactly the revenue their requests brought.
+  what its hold settled, an ``error`` record's hold was released and cost nothing (or it was
+  refused by a limit before any hold), so the usage records sum to exactly the revenue their
+  requests brought;
+- each key's count of requests in flight equals its open holds, and the held amount of each
+  of its spend-cap periods equals the open holds that period counted.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from tollway.ledger import periods
 from tollway.ledger.ledger import AVAILABLE, HELD, REVENUE
 from tollway.money import format_usd
 from tollway.store.tables import (
@@ -26,6 +30,7 @@ from tollway.store.tables import (
     api_keys,
     entries,
     holds,
+    key_spend,
     postings,
     usage_records,
     wallet_days,
@@ -121,13 +126,46 @@ def verify(conn: Connection) -> list[str]:
             sa.and_(usage_records.c.type == "consume",
                     sa.or_(holds.c.status != "settled",
                            holds.c.charged_nano != usage_records.c.cost_nano)),
+            # an error either voided its hold or was refused by a limit before any hold
             sa.and_(usage_records.c.type == "error",
                     sa.or_(usage_records.c.cost_nano != 0,
                            holds.c.status.not_in(("voided", "expired")))),
-            sa.and_(usage_records.c.type.in_(("consume", "error")), holds.c.id.is_(None))))
+            sa.and_(usage_records.c.type == "consume", holds.c.id.is_(None))))
         .limit(20)).all()
     for request_id, kind, cost, status, charged in mismatched:
         problems.append(f"usage record {request_id} ({kind}, {format_usd(cost)} USD) disagrees "
                         f"with its hold ({status}, charged "
                         f"{format_usd(charged) if charged is not None else 'nothing'})")
+    _verify_key_limits(conn, problems)
     return problems
+
+
+def _verify_key_limits(conn: Connection, problems: list[str]) -> None:
+    """Only open holds are read (few), so this stays cheap on a large ledger."""
+    in_flight: dict[int, int] = {}
+    held: dict[tuple[int, str, int], int] = {}
+    for key_id, amount, created, bits in conn.execute(
+            sa.select(holds.c.key_id, holds.c.amount_nano, holds.c.created_at_ms,
+                      holds.c.cap_periods)
+            .where(holds.c.status == "open", holds.c.key_id.is_not(None))):
+        in_flight[key_id] = in_flight.get(key_id, 0) + 1
+        for period in periods.PERIODS:
+            if bits & periods.PERIOD_BITS[period]:
+                start = periods.bounds(created, period)[0]
+                held[(key_id, period, start)] = held.get((key_id, period, start), 0) + amount
+    for key_id, stored in conn.execute(sa.select(api_keys.c.id, api_keys.c.open_holds)
+                                       .where(api_keys.c.open_holds != 0)):
+        if stored != in_flight.get(key_id, 0):
+            problems.append(f"API key {key_id}: {stored} requests in flight recorded but "
+                            f"{in_flight.get(key_id, 0)} open holds")
+    for key_id in in_flight.keys() - {r[0] for r in conn.execute(
+            sa.select(api_keys.c.id).where(api_keys.c.open_holds != 0))}:
+        problems.append(f"API key {key_id}: 0 requests in flight recorded but "
+                        f"{in_flight[key_id]} open holds")
+    stored_held = {(r.key_id, r.period, r.period_start_ms): r.held_nano for r in conn.execute(
+        sa.select(key_spend).where(key_spend.c.held_nano != 0))}
+    for where in sorted(stored_held.keys() | held.keys()):
+        if stored_held.get(where, 0) != held.get(where, 0):
+            problems.append(f"API key {where[0]}: {format_usd(stored_held.get(where, 0))} USD "
+                            f"held in its {where[1]} from {where[2]} ms but its open holds "
+                            f"there total {format_usd(held.get(where, 0))} USD")

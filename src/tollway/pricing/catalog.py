@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -22,6 +22,17 @@ from tollway.money import MoneyFormatError, parse_decimal, parse_usd
 from tollway.pricing.rating import CallPrice, Price, TokenPrice
 
 PROVIDER_KINDS = ("openai", "anthropic", "http", "sandbox")
+#: The protocol families a provider kind speaks: ``openai`` (chat completions, completions,
+#: embeddings, responses, image generation) and ``anthropic`` (messages).
+KIND_PROTOCOLS: Mapping[str, tuple[str, ...]] = {
+    "openai": ("openai",), "anthropic": ("anthropic",), "sandbox": ("openai", "anthropic"),
+    "http": ()}
+#: The gateway routes of each protocol family, for token-priced and per-call (image) models.
+TOKEN_ROUTES: Mapping[str, tuple[str, ...]] = {
+    "openai": ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"),
+    "anthropic": ("/v1/messages",)}
+IMAGE_ROUTES: Mapping[str, tuple[str, ...]] = {"openai": ("/v1/images/generations",),
+                                               "anthropic": ()}
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 DEFAULT_GROUP = "default"
 _PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -49,6 +60,10 @@ class Listing:
     # models
     upstream_model: str | None = None
     max_output_tokens: int | None = None
+    #: protocol family → provider serving the model through it (see KIND_PROTOCOLS)
+    providers: Mapping[str, str] | None = None
+    #: the gateway routes it is sold on, when narrower than every route of its protocols
+    routes: tuple[str, ...] | None = None
     # endpoints
     name: str | None = None
     method: str | None = None
@@ -61,12 +76,36 @@ class Listing:
 
     @property
     def kind(self) -> str:
-        return "model" if isinstance(self.price, TokenPrice) else "endpoint"
+        return "endpoint" if self.path is not None else "model"
 
     def spec(self) -> dict[str, Any]:
         """The non-price attributes, as stored beside the item."""
         keys = ("upstream_model", "max_output_tokens", "name", "method", "path", "upstream_path")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        spec = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.providers is not None:
+            spec["providers"] = dict(self.providers)
+        if self.routes is not None:
+            spec["routes"] = list(self.routes)
+        return spec
+
+
+def model_routes(billing_type: str, protocols: Mapping[str, str]) -> list[str]:
+    """The gateway routes a model can be called through, given its protocol providers."""
+    table = TOKEN_ROUTES if billing_type == "token" else IMAGE_ROUTES
+    return [route for family in ("openai", "anthropic") if family in protocols
+            for route in table[family]]
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """Rate limits per API key of the accounts in this tier. ``upgrade_at_nano``: the
+    cumulative top-ups (nano-USD) that move an account up to this tier, if any."""
+
+    name: str
+    rpm: int
+    tpm: int
+    concurrency: int
+    upgrade_at_nano: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +113,8 @@ class Catalog:
     providers: Mapping[str, Provider]
     groups: Mapping[str, Decimal]
     listings: tuple[Listing, ...]
+    tiers: tuple[Tier, ...] = ()  # lowest first
+    default_tier: str | None = None
 
     @property
     def models(self) -> tuple[Listing, ...]:
@@ -132,7 +173,8 @@ class _Validator:
             raise CatalogError([(f"{self.source}: the catalog must be a mapping with "
                                  "providers, groups, models and endpoints")])
         for key in sorted(set(data) - {"providers", "groups", "models", "endpoints",
-                                       "effective_from"}):
+                                       "effective_from", "tiers", "tier_upgrades",
+                                       "default_tier"}):
             self.problem(str(key), "unknown top-level section")
         default_from = self.timestamp("effective_from", data.get("effective_from"))
         providers = self.providers(data.get("providers") or {})
@@ -161,9 +203,68 @@ class _Validator:
                                      f"already served by endpoint {routes[route]}")
                     routes[route] = listing.id
                 listings.append(listing)
+        tiers, default_tier = self.tiers(data.get("tiers"), data.get("tier_upgrades"),
+                                         data.get("default_tier"))
         if self.problems:
             raise CatalogError(self.problems)
-        return Catalog(providers, groups, tuple(listings))
+        return Catalog(providers, groups, tuple(listings), tiers, default_tier)
+
+    def tiers(self, raw: Any, upgrades: Any, default: Any) -> tuple[tuple[Tier, ...],
+                                                                    str | None]:
+        """``tiers: {name: {rpm, tpm, concurrency}}`` lowest first, ``default_tier`` (else the
+        first), ``tier_upgrades: {name: "USD"}`` thresholds rising with the tiers."""
+        if raw is None:
+            for name, value in (("tier_upgrades", upgrades), ("default_tier", default)):
+                if value is not None:
+                    self.problem(name, "needs a 'tiers' section")
+            return (), None
+        if not isinstance(raw, dict) or not raw:
+            self.problem("tiers", "must be a mapping of tier name to {rpm, tpm, concurrency}")
+            return (), None
+        if upgrades is not None and not isinstance(upgrades, dict):
+            self.problem("tier_upgrades", "must be a mapping of tier name to a USD amount")
+            upgrades = None
+        upgrades = upgrades or {}
+        for name in upgrades:
+            if name not in raw:
+                self.problem(f"tier_upgrades[{name}]", "unknown tier")
+        tiers: list[Tier] = []
+        last: tuple[str, int] | None = None
+        for name, spec in raw.items():
+            where = f"tiers[{name}]"
+            if not _ID.match(str(name)) or len(str(name)) > 64:
+                self.problem(where, "a tier name is 1 to 64 letters, digits, '.', '_' or '-'")
+                continue
+            if not isinstance(spec, dict):
+                self.problem(where, "must be a mapping with rpm, tpm and concurrency")
+                continue
+            for field_name in sorted(set(spec) - {"rpm", "tpm", "concurrency"}):
+                self.problem(f"{where}.{field_name}", "unknown field")
+            values = [self.positive(f"{where}.{f}", spec.get(f))
+                      for f in ("rpm", "tpm", "concurrency")]
+            threshold = None
+            if name in upgrades:
+                amount = self.usd(f"tier_upgrades[{name}]", upgrades[name])
+                if amount is not None:
+                    threshold = parse_usd(upgrades[name])
+                    if last is not None and threshold <= last[1]:
+                        self.problem(f"tier_upgrades[{name}]", "must be more than the threshold"
+                                     f" of the lower tier {last[0]!r}")
+                    last = (str(name), threshold)
+            if None not in values:
+                rpm, tpm, concurrency = (int(v) for v in values if v is not None)
+                tiers.append(Tier(str(name), rpm, tpm, concurrency, threshold))
+        default_name = str(next(iter(raw))) if default is None else default
+        if default_name not in raw:
+            self.problem("default_tier", f"unknown tier {default!r} (tiers: "
+                         f"{', '.join(str(n) for n in raw)})")
+        return tuple(tiers), str(default_name)
+
+    def positive(self, where: str, value: Any) -> int | None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            self.problem(where, f"must be a positive integer, got {value!r}")
+            return None
+        return value
 
     def providers(self, raw: Any) -> dict[str, Provider]:
         if not isinstance(raw, dict):
@@ -259,11 +360,20 @@ class _Validator:
         where = f"{section}[{item_id}]"
         before = len(self.problems)
         allowed = {"id", "provider", "price", "group_ratios", "effective_from"} | (
-            {"upstream_model", "max_output_tokens"} if section == "models"
+            {"upstream_model", "max_output_tokens", "providers", "routes"} if section == "models"
             else {"name", "method", "path", "upstream_path"})
         for key in sorted(set(item) - allowed):
             self.problem(f"{where}.{key}", "unknown field")
         provider = item.get("provider")
+        protocols: dict[str, str] = {}
+        if section == "models":
+            protocols = self.protocols(where, item, providers)
+            if provider is None and protocols:
+                provider = next(iter(protocols.values()))
+            if not protocols and isinstance(provider, str) and provider in providers:
+                self.problem(f"{where}.provider", f"provider {provider!r} (kind "
+                             f"{providers[provider].kind}) serves no model protocol: use an "
+                             "openai, anthropic or sandbox provider")
         if provider not in providers:
             known = ", ".join(sorted(providers)) or "none defined"
             self.problem(f"{where}.provider", f"unknown provider {provider!r} (known: {known})")
@@ -288,15 +398,68 @@ class _Validator:
             return None
         if section == "models":
             listing = self.model(where, item, price_raw, overrides, effective_from)
+            if listing is not None:
+                listing = replace(listing, provider=str(provider), providers=protocols,
+                                  routes=self.routes(where, item, listing.billing_type,
+                                                     protocols))
         else:
             listing = self.endpoint(where, item, price_raw, overrides, effective_from)
         return listing if len(self.problems) == before else None
 
+    def protocols(self, where: str, item: dict[str, Any],
+                  providers: Mapping[str, Provider]) -> dict[str, str]:
+        """``provider`` serves every protocol its kind speaks; ``providers: {openai: a,
+        anthropic: b}`` names (or overrides) the provider per protocol family."""
+        result: dict[str, str] = {}
+        main = providers.get(str(item.get("provider")))
+        if main is not None:
+            result.update({family: main.id for family in KIND_PROTOCOLS[main.kind]})
+        raw = item.get("providers")
+        if raw is None:
+            return result
+        if not isinstance(raw, dict) or not raw:
+            self.problem(f"{where}.providers", "must be a mapping of protocol (openai, "
+                         "anthropic) to provider id")
+            return result
+        for family, pid in raw.items():
+            if family not in TOKEN_ROUTES:
+                self.problem(f"{where}.providers.{family}", "unknown protocol (openai or "
+                             "anthropic)")
+            elif pid not in providers:
+                self.problem(f"{where}.providers.{family}", f"unknown provider {pid!r}")
+            elif family not in KIND_PROTOCOLS[providers[pid].kind]:
+                self.problem(f"{where}.providers.{family}", f"provider {pid!r} (kind "
+                             f"{providers[pid].kind}) does not speak the {family} protocol")
+            else:
+                result[str(family)] = str(pid)
+        return result
+
+    def routes(self, where: str, item: dict[str, Any], billing_type: str,
+               protocols: Mapping[str, str]) -> tuple[str, ...] | None:
+        """``routes: [/v1/embeddings]`` sells a model on some of its protocols' routes only."""
+        raw = item.get("routes")
+        if raw is None:
+            return None
+        served = model_routes(billing_type, protocols)
+        if not isinstance(raw, list) or not raw:
+            self.problem(f"{where}.routes", "must be a list of gateway routes, e.g. "
+                         "[/v1/chat/completions, /v1/messages]")
+            return None
+        for route in raw:
+            if route not in served:
+                self.problem(f"{where}.routes", f"{route!r} is not served by the model's "
+                             f"providers (they serve {', '.join(served) or 'nothing'})")
+        return tuple(str(route) for route in raw)
+
     def model(self, where: str, item: dict[str, Any], raw: dict[str, Any],
               overrides: dict[str, Decimal], effective_from: datetime | None) -> Listing | None:
-        for key in sorted(set(raw) - {"input", "output", "cache_read", "cache_write"}):
+        if "per_call" in raw:
+            return self.image_model(where, item, raw, overrides, effective_from)
+        for key in sorted(set(raw) - {"input", "output", "cache_read", "cache_write",
+                                      "cache_write_1h"}):
             self.problem(f"{where}.price.{key}", "unknown price field (token prices are input, "
-                         "output, cache_read, cache_write, in USD per 1M tokens)")
+                         "output, cache_read, cache_write, cache_write_1h, in USD per 1M "
+                         "tokens; image models take per_call and per_size)")
         prices: dict[str, Decimal | None] = {}
         for key in ("input", "output"):
             if raw.get(key) is None:
@@ -304,7 +467,7 @@ class _Validator:
                 prices[key] = None
             else:
                 prices[key] = self.usd(f"{where}.price.{key}", raw[key])
-        for key in ("cache_read", "cache_write"):
+        for key in ("cache_read", "cache_write", "cache_write_1h"):
             prices[key] = None if raw.get(key) is None else self.usd(f"{where}.price.{key}",
                                                                      raw[key])
         max_out = item.get("max_output_tokens", 4096)
@@ -317,9 +480,40 @@ class _Validator:
         if prices["input"] is None or prices["output"] is None:
             return None
         price = TokenPrice(prices["input"], prices["output"], prices["cache_read"],
-                           prices["cache_write"])
+                           prices["cache_write"], prices["cache_write_1h"])
         return Listing(item["id"], str(item.get("provider")), price, overrides, effective_from,
                        upstream_model=upstream_model, max_output_tokens=max_out)
+
+    def image_model(self, where: str, item: dict[str, Any], raw: dict[str, Any],
+                    overrides: dict[str, Decimal],
+                    effective_from: datetime | None) -> Listing | None:
+        """A model priced per image returned (``/v1/images/generations``)."""
+        for key in sorted(set(raw) - {"per_call", "per_size"}):
+            self.problem(f"{where}.price.{key}", "unknown price field (image models take "
+                         "per_call and optional per_size, in USD per image)")
+        if "max_output_tokens" in item:
+            self.problem(f"{where}.max_output_tokens", "an image model has no output tokens")
+        per_call = self.usd(f"{where}.price.per_call", raw["per_call"])
+        sizes: dict[str, Decimal] = {}
+        per_size = raw.get("per_size") or {}
+        if not isinstance(per_size, dict):
+            self.problem(f"{where}.price.per_size", "must be a mapping of size (e.g. "
+                         "\"1024x1024\") to USD per image")
+            per_size = {}
+        for size, value in per_size.items():
+            if not isinstance(size, str) or not size:
+                self.problem(f"{where}.price.per_size", f"a size must be a string, got {size!r}")
+                continue
+            usd = self.usd(f"{where}.price.per_size.{size}", value)
+            if usd is not None:
+                sizes[size] = usd
+        upstream_model = item.get("upstream_model", item["id"])
+        if not isinstance(upstream_model, str) or not upstream_model:
+            self.problem(f"{where}.upstream_model", "must be a model name")
+        if per_call is None:
+            return None
+        return Listing(item["id"], str(item.get("provider")), CallPrice(per_call, sizes),
+                       overrides, effective_from, upstream_model=upstream_model)
 
     def endpoint(self, where: str, item: dict[str, Any], raw: dict[str, Any],
                  overrides: dict[str, Decimal], effective_from: datetime | None) -> Listing | None:

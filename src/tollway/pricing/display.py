@@ -16,15 +16,24 @@ def unit_price(value: Decimal) -> str:
     return f"${whole}.{frac[:6]}{frac[6:].rstrip('0')}"
 
 
-def price_lines(price: Price) -> list[str]:
+def price_lines(price: Price, ratio: Decimal = Decimal(1), *, per: str = "call") -> list[str]:
+    """The list price, or a group's price after ``ratio`` (rounded half-up to nano-USD, as
+    :func:`price_fields` shows it). ``per`` names what a per-call price is paid for: ``call``
+    (data APIs) or ``image``."""
+    def show(value: Decimal) -> str:
+        return unit_price(value * ratio)
+
     if isinstance(price, CallPrice):
-        return [f"{unit_price(price.per_call)} / per call"]
-    lines = [f"{unit_price(price.input_per_1m)} / 1M input tokens",
-             f"{unit_price(price.output_per_1m)} / 1M output tokens"]
+        return [f"{show(price.per_call)} / per {per}"] + [
+            f"{show(value)} / per {per} ({size})" for size, value in price.per_size.items()]
+    lines = [f"{show(price.input_per_1m)} / 1M input tokens",
+             f"{show(price.output_per_1m)} / 1M output tokens"]
     if price.cache_read_per_1m is not None:
-        lines.append(f"{unit_price(price.cache_read_per_1m)} / 1M cached input tokens")
+        lines.append(f"{show(price.cache_read_per_1m)} / 1M cached input tokens")
     if price.cache_write_per_1m is not None:
-        lines.append(f"{unit_price(price.cache_write_per_1m)} / 1M cache-write tokens")
+        lines.append(f"{show(price.cache_write_per_1m)} / 1M cache-write tokens")
+    if price.cache_write_1h_per_1m is not None:
+        lines.append(f"{show(price.cache_write_1h_per_1m)} / 1M cache-write (1h) tokens")
     return lines
 
 
@@ -38,9 +47,14 @@ def price_fields(price: Price, ratio: Decimal = Decimal(1)) -> dict[str, Any]:
         return None if value is None else format_usd(to_nano_usd(value * ratio))
 
     if isinstance(price, CallPrice):
-        return {"per_call_usd": usd(price.per_call)}
+        fields: dict[str, Any] = {"per_call_usd": usd(price.per_call)}
+        if price.per_size:
+            fields["per_size"] = {size: {"per_call_usd": usd(value)}
+                                  for size, value in price.per_size.items()}
+        return fields
     assert isinstance(price, TokenPrice)
     return {"input_per_1m_usd": usd(price.input_per_1m),
             "output_per_1m_usd": usd(price.output_per_1m),
             "cache_read_per_1m_usd": usd(price.effective_cache_read_per_1m),
-            "cache_write_per_1m_usd": usd(price.effective_cache_write_per_1m)}
+            "cache_write_per_1m_usd": usd(price.effective_cache_write_per_1m),
+            "cache_write_1h_per_1m_usd": usd(price.effective_cache_write_1h_per_1m)}

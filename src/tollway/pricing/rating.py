@@ -2,12 +2,21 @@
 
 Token formula (OpenAI usage semantics, prompt includes cached and cache-write tokens)::
 
-    cost = round_half_up(((prompt - cached - cache_write) * input
+    cost = round_half_up(((prompt - cached - cache_write - cache_write_1h) * input
                           + cached * cache_read
                           + cache_write * cache_write_price
+                          + cache_write_1h * cache_write_1h_price
                           + completion * output) / 1e6 * ratio, 1e-9 USD)
 
-Per-call formula: ``cost = price_per_call * ratio`` for each successful call.
+``cache_write`` are 5-minute cache writes, ``cache_write_1h`` 1-hour ones (Anthropic prices
+them apart). A missing cache price falls back: cache_read → input, cache_write → input,
+cache_write_1h → cache_write → input.
+
+Other protocols report usage differently; :meth:`TokenUsage.from_anthropic` and
+:meth:`TokenUsage.from_responses` convert explicitly, so the formula above is the only one.
+
+Per-call formula: ``cost = price_per_call * ratio`` for each successful call (for image
+models, each image returned).
 
 Every intermediate value is an exact ``Decimal`` (the context traps ``Inexact``, so a
 silent rounding would raise instead); the total is rounded once, in :func:`to_nano_usd`.
@@ -16,7 +25,7 @@ silent rounding would raise instead); the total is rounded once, in :func:`to_na
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal, Inexact, localcontext
 from typing import Literal
 
@@ -33,6 +42,7 @@ class TokenPrice:
     output_per_1m: Decimal
     cache_read_per_1m: Decimal | None = None
     cache_write_per_1m: Decimal | None = None
+    cache_write_1h_per_1m: Decimal | None = None
 
     @property
     def effective_cache_read_per_1m(self) -> Decimal:
@@ -42,12 +52,27 @@ class TokenPrice:
     def effective_cache_write_per_1m(self) -> Decimal:
         return self.input_per_1m if self.cache_write_per_1m is None else self.cache_write_per_1m
 
+    @property
+    def effective_cache_write_1h_per_1m(self) -> Decimal:
+        if self.cache_write_1h_per_1m is not None:
+            return self.cache_write_1h_per_1m
+        return self.effective_cache_write_per_1m
+
 
 @dataclass(frozen=True, slots=True)
 class CallPrice:
-    """USD per successful call."""
+    """USD per successful call (per image returned, for image models). ``per_size`` prices an
+    image model's sizes apart (``{"1024x1024": 0.04}``); ``per_call`` is the price of a request
+    that names no size."""
 
     per_call: Decimal
+    per_size: Mapping[str, Decimal] = field(default_factory=dict)
+
+    def for_size(self, size: str | None) -> Decimal | None:
+        """The unit price of ``size``; None when the model prices sizes and this is not one."""
+        if size is None or not self.per_size:
+            return self.per_call
+        return self.per_size.get(size)
 
 
 Price = TokenPrice | CallPrice
@@ -57,24 +82,31 @@ class InvalidUsage(ValueError):
     """Usage that cannot be real (negative counts, more cached tokens than prompt tokens)."""
 
 
+_TOKEN_FIELDS = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens",
+                 "cache_write_1h_tokens")
+
+
 @dataclass(frozen=True, slots=True)
 class TokenUsage:
-    """Token counts in OpenAI semantics: ``prompt_tokens`` includes ``cached_tokens`` and
-    ``cache_write_tokens``; ``completion_tokens`` includes reasoning tokens."""
+    """Token counts in OpenAI semantics, the rating inputs: ``prompt_tokens`` includes
+    ``cached_tokens`` (cache reads), ``cache_write_tokens`` (5-minute cache writes) and
+    ``cache_write_1h_tokens`` (1-hour cache writes); ``completion_tokens`` includes reasoning
+    tokens."""
 
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
     cache_write_tokens: int = 0
+    cache_write_1h_tokens: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens"):
+        for name in _TOKEN_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise InvalidUsage(f"{name} must be a non-negative integer, got {value!r}")
-        if self.cached_tokens + self.cache_write_tokens > self.prompt_tokens:
+        if self.cached_tokens + self.cache_writes > self.prompt_tokens:
             raise InvalidUsage(
-                f"cached ({self.cached_tokens}) + cache-write ({self.cache_write_tokens}) tokens "
+                f"cached ({self.cached_tokens}) + cache-write ({self.cache_writes}) tokens "
                 f"exceed prompt tokens ({self.prompt_tokens})"
             )
 
@@ -86,18 +118,54 @@ class TokenUsage:
         output_tokens: int,
         cache_read_input_tokens: int = 0,
         cache_creation_input_tokens: int = 0,
+        ephemeral_5m_input_tokens: int | None = None,
+        ephemeral_1h_input_tokens: int | None = None,
     ) -> TokenUsage:
-        """Anthropic's ``input_tokens`` excludes cache reads and writes; add them back."""
+        """Anthropic Messages usage → rating inputs.
+
+        Anthropic's ``input_tokens`` EXCLUDES ``cache_read_input_tokens`` and
+        ``cache_creation_input_tokens``: they are added back to make the prompt. Cache writes
+        are split by ``cache_creation.ephemeral_5m_input_tokens`` /
+        ``ephemeral_1h_input_tokens`` when the upstream reports the split; without it every
+        creation token is a 5-minute write (Anthropic's default TTL). Where the split and the
+        total disagree, the larger wins (creation tokens beyond the itemised 1-hour ones are
+        5-minute writes), so no itemised token goes unbilled.
+        """
+        for name, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens),
+                            ("cache_read_input_tokens", cache_read_input_tokens),
+                            ("cache_creation_input_tokens", cache_creation_input_tokens),
+                            ("ephemeral_5m_input_tokens", ephemeral_5m_input_tokens or 0),
+                            ("ephemeral_1h_input_tokens", ephemeral_1h_input_tokens or 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InvalidUsage(f"{name} must be a non-negative integer, got {value!r}")
+        write_1h = ephemeral_1h_input_tokens or 0
+        write_5m = max(cache_creation_input_tokens - write_1h, ephemeral_5m_input_tokens or 0)
         return cls(
-            prompt_tokens=input_tokens + cache_read_input_tokens + cache_creation_input_tokens,
+            prompt_tokens=input_tokens + cache_read_input_tokens + write_5m + write_1h,
             completion_tokens=output_tokens,
             cached_tokens=cache_read_input_tokens,
-            cache_write_tokens=cache_creation_input_tokens,
+            cache_write_tokens=write_5m,
+            cache_write_1h_tokens=write_1h,
         )
+
+    @classmethod
+    def from_responses(cls, *, input_tokens: int, output_tokens: int,
+                       cached_tokens: int = 0) -> TokenUsage:
+        """OpenAI Responses usage → rating inputs: ``input_tokens`` INCLUDES
+        ``input_tokens_details.cached_tokens`` and ``output_tokens`` includes
+        ``output_tokens_details.reasoning_tokens`` — the same semantics as Chat Completions'
+        prompt/completion, under other names (reasoning is reported beside, not billed apart).
+        """
+        return cls(prompt_tokens=input_tokens, completion_tokens=output_tokens,
+                   cached_tokens=cached_tokens)
+
+    @property
+    def cache_writes(self) -> int:
+        return self.cache_write_tokens + self.cache_write_1h_tokens
 
     @property
     def uncached_prompt_tokens(self) -> int:
-        return self.prompt_tokens - self.cached_tokens - self.cache_write_tokens
+        return self.prompt_tokens - self.cached_tokens - self.cache_writes
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +223,8 @@ def rate_tokens(usage: TokenUsage, price: TokenPrice, ratio: AppliedRatio) -> Ch
             ("input", usage.uncached_prompt_tokens, price.input_per_1m),
             ("cache_read", usage.cached_tokens, price.effective_cache_read_per_1m),
             ("cache_write", usage.cache_write_tokens, price.effective_cache_write_per_1m),
+            ("cache_write_1h", usage.cache_write_1h_tokens,
+             price.effective_cache_write_1h_per_1m),
             ("output", usage.completion_tokens, price.output_per_1m),
         )
         components = tuple(Component(name, qty, unit, (qty * unit).scaleb(_PER_1M_SCALE))
@@ -162,11 +232,14 @@ def rate_tokens(usage: TokenUsage, price: TokenPrice, ratio: AppliedRatio) -> Ch
         return _total(components, ratio)
 
 
-def rate_calls(usage: CallUsage, price: CallPrice, ratio: AppliedRatio) -> Charge:
+def rate_calls(usage: CallUsage, price: CallPrice, ratio: AppliedRatio, *,
+               unit_price: Decimal | None = None) -> Charge:
+    """``calls`` × the per-call price (or ``unit_price``: an image size's) × ratio."""
+    unit = price.per_call if unit_price is None else unit_price
     with localcontext() as ctx:
         ctx.prec = 80
         ctx.traps[Inexact] = True
-        component = Component("calls", usage.calls, price.per_call, usage.calls * price.per_call)
+        component = Component("calls", usage.calls, unit, usage.calls * unit)
         return _total((component,), ratio)
 
 

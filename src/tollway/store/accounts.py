@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from tollway.errors import InvalidRequest, UnknownAccount, UnknownApiKey
-from tollway.store.tables import accounts, api_keys, catalog_items, entries, groups
+from tollway.store.tables import accounts, api_keys, catalog_items, entries, groups, wallet_days
 
 #: Ids are signed 64-bit integers; a larger number names nothing (and SQLite cannot bind it).
 _MAX_ID = 2**63 - 1
@@ -31,10 +31,35 @@ class Account:
     used_nano: int
     requests: int
     created_at_ms: int
+    tier: str | None = None
+    email: str | None = None
+    disabled_at_ms: int | None = None
+    has_password: bool = False
 
     @property
     def balance_nano(self) -> int:
         return self.available_nano + self.held_nano
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """A key's own limits (None = none of its own): rate limits that may only lower its
+    account tier's, spend caps per calendar period, and the IP networks it may be used from."""
+
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    daily_cap_nano: int | None = None
+    weekly_cap_nano: int | None = None
+    monthly_cap_nano: int | None = None
+    allowed_ips: tuple[str, ...] | None = None  # CIDR networks
+
+    def columns(self) -> dict[str, Any]:
+        return {"rpm": self.rpm, "tpm": self.tpm, "concurrency": self.concurrency,
+                "daily_cap_nano": self.daily_cap_nano, "weekly_cap_nano": self.weekly_cap_nano,
+                "monthly_cap_nano": self.monthly_cap_nano,
+                "allowed_ips": None if self.allowed_ips is None
+                else json.dumps(list(self.allowed_ips))}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,14 +77,19 @@ class ApiKeyRecord:
     revoked_at_ms: int | None
     created_at_ms: int
     account_group: str
+    limits: KeyLimits = KeyLimits()
+    account_tier: str | None = None  # None = the catalog's default tier
+    account_disabled_at_ms: int | None = None
 
 
 def _account(row: sa.Row[tuple[object, ...]]) -> Account:
     return Account(row.id, row.name, row.group_name, row.available_nano, row.held_nano,
-                   row.used_nano, row.requests, row.created_at_ms)
+                   row.used_nano, row.requests, row.created_at_ms, row.tier, row.email,
+                   row.disabled_at_ms, row.password_hash is not None)
 
 
-def create_account(conn: Connection, name: str, group: str, *, at_ms: int) -> Account:
+def create_account(conn: Connection, name: str, group: str, *, at_ms: int,
+                   email: str | None = None, password_hash: str | None = None) -> Account:
     name = name.strip()
     if not name or len(name) > 200:
         raise InvalidRequest("an account name must be 1 to 200 characters")
@@ -68,10 +98,63 @@ def create_account(conn: Connection, name: str, group: str, *, at_ms: int) -> Ac
     require_group(conn, group)
     if conn.execute(sa.select(accounts.c.id).where(accounts.c.name == name)).first():
         raise InvalidRequest(f"an account named {name!r} already exists")
+    if email is not None:
+        email = _check_email(conn, email)
     account_id = conn.execute(accounts.insert().values(
-        name=name, kind="customer", group_name=group, created_at_ms=at_ms,
+        name=name, kind="customer", group_name=group, created_at_ms=at_ms, email=email,
+        password_hash=password_hash,
     ).returning(accounts.c.id)).scalar_one()
     return get_account(conn, int(account_id))
+
+
+def _check_email(conn: Connection, email: str, *, account_id: int | None = None) -> str:
+    """An email address as stored: trimmed, lower-cased, plausible and not taken."""
+    email = email.strip().lower()
+    local, at, domain = email.partition("@")
+    if (not at or not local or "." not in domain or len(email) > 320 or "\x00" in email
+            or any(c.isspace() for c in email)):
+        raise InvalidRequest(f"{email!r} is not an email address")
+    taken = conn.execute(sa.select(accounts.c.id).where(accounts.c.email == email)).scalar()
+    if taken is not None and taken != account_id:
+        raise InvalidRequest("another account already uses this email address")
+    return email
+
+
+def set_email(conn: Connection, account_id: int, email: str | None) -> Account:
+    get_account(conn, account_id)
+    if email is not None:
+        email = _check_email(conn, email, account_id=account_id)
+    conn.execute(accounts.update().where(accounts.c.id == account_id).values(email=email))
+    return get_account(conn, account_id)
+
+
+def set_password_hash(conn: Connection, account_id: int, password_hash: str | None) -> Account:
+    get_account(conn, account_id)
+    conn.execute(accounts.update().where(accounts.c.id == account_id)
+                 .values(password_hash=password_hash))
+    return get_account(conn, account_id)
+
+
+def set_disabled(conn: Connection, account_id: int, *, at_ms: int | None) -> Account:
+    """Disable (``at_ms``) or enable (None) an account; disabling again keeps the first time."""
+    get_account(conn, account_id)
+    query = accounts.update().where(accounts.c.id == account_id)
+    if at_ms is not None:
+        query = query.where(accounts.c.disabled_at_ms.is_(None))
+    conn.execute(query.values(disabled_at_ms=at_ms))
+    return get_account(conn, account_id)
+
+
+def login_row(conn: Connection, login: str) -> tuple[Account, str | None] | None:
+    """The customer account whose email or name is ``login``, with its password hash."""
+    login = login.strip()
+    if not login or "\x00" in login or len(login) > 320:
+        return None
+    column = accounts.c.email if "@" in login else accounts.c.name
+    value = login.lower() if "@" in login else login
+    row = conn.execute(sa.select(accounts).where(column == value,
+                                                 accounts.c.kind == "customer")).first()
+    return None if row is None else (_account(row), row.password_hash)
 
 
 def require_group(conn: Connection, group: str) -> None:
@@ -109,19 +192,26 @@ def list_accounts(conn: Connection) -> list[Account]:
     return [_account(r) for r in rows]
 
 
-_KEY_COLUMNS = (*api_keys.c, accounts.c.group_name.label("account_group"))
+_KEY_COLUMNS = (*api_keys.c, accounts.c.group_name.label("account_group"),
+                accounts.c.tier.label("account_tier"),
+                accounts.c.disabled_at_ms.label("account_disabled_at_ms"))
 
 
 def _key(row: sa.Row[tuple[object, ...]]) -> ApiKeyRecord:
     models = tuple(json.loads(row.models)) if row.models is not None else None
+    ips = tuple(json.loads(row.allowed_ips)) if row.allowed_ips is not None else None
+    limits = KeyLimits(row.rpm, row.tpm, row.concurrency, row.daily_cap_nano,
+                       row.weekly_cap_nano, row.monthly_cap_nano, ips)
     return ApiKeyRecord(row.id, row.account_id, row.prefix, row.name, row.group_name, models,
                         row.quota_nano, row.used_nano, row.held_nano, row.expires_at_ms,
-                        row.revoked_at_ms, row.created_at_ms, row.account_group)
+                        row.revoked_at_ms, row.created_at_ms, row.account_group, limits,
+                        row.account_tier, row.account_disabled_at_ms)
 
 
 def insert_key(conn: Connection, *, account_id: int, prefix: str, key_hash: str,
                name: str | None, group: str | None, models: list[str] | None,
-               quota_nano: int | None, expires_at_ms: int | None, at_ms: int) -> ApiKeyRecord:
+               quota_nano: int | None, expires_at_ms: int | None, at_ms: int,
+               limits: KeyLimits | None = None) -> ApiKeyRecord:
     get_account(conn, account_id)
     if group is not None:
         require_group(conn, group)
@@ -134,7 +224,7 @@ def insert_key(conn: Connection, *, account_id: int, prefix: str, key_hash: str,
     key_id = conn.execute(api_keys.insert().values(
         account_id=account_id, prefix=prefix, key_hash=key_hash, name=name, group_name=group,
         models=json.dumps(models) if models is not None else None, quota_nano=quota_nano,
-        expires_at_ms=expires_at_ms, created_at_ms=at_ms,
+        expires_at_ms=expires_at_ms, created_at_ms=at_ms, **(limits or KeyLimits()).columns(),
     ).returning(api_keys.c.id)).scalar_one()
     return get_key(conn, int(key_id))
 
@@ -172,7 +262,35 @@ def revoke_key(conn: Connection, key_id: int, *, at_ms: int) -> ApiKeyRecord:
     return get_key(conn, key_id)
 
 
+def set_key_limits(conn: Connection, key_id: int, limits: KeyLimits) -> ApiKeyRecord:
+    get_key(conn, key_id)
+    conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(**limits.columns()))
+    return get_key(conn, key_id)
+
+
+def set_tier(conn: Connection, account_id: int, tier: str | None) -> Account:
+    """Set (or with None, clear) an account's tier; the caller checks the name."""
+    get_account(conn, account_id)
+    conn.execute(accounts.update().where(accounts.c.id == account_id).values(tier=tier))
+    return get_account(conn, account_id)
+
+
+def cumulative_topups(conn: Connection, account_id: int) -> int:
+    """Everything ever topped up to the account (from its daily wallet rows)."""
+    return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(wallet_days.c.topups_nano), 0))
+                            .where(wallet_days.c.account_id == account_id)).scalar_one())
+
+
 def recent_entries(conn: Connection, account_id: int, *, limit: int) -> list[sa.Row[Any]]:
     """The account's ledger entries, newest first."""
     return list(conn.execute(sa.select(entries).where(entries.c.account_id == account_id)
                              .order_by(entries.c.id.desc()).limit(limit)))
+
+
+def set_group(conn: Connection, account_id: int, group: str) -> Account:
+    """Move an account to another (known) group: its next requests are priced with that
+    group's ratio (keys pinned to a group keep their own)."""
+    get_account(conn, account_id)
+    require_group(conn, group)
+    conn.execute(accounts.update().where(accounts.c.id == account_id).values(group_name=group))
+    return get_account(conn, account_id)

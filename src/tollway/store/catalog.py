@@ -18,7 +18,14 @@ from sqlalchemy.engine import Connection
 
 from tollway.errors import CatalogError
 from tollway.money import nano_to_decimal, parse_usd
-from tollway.pricing.catalog import Catalog, Listing, Provider
+from tollway.pricing.catalog import (
+    KIND_PROTOCOLS,
+    Catalog,
+    Listing,
+    Provider,
+    Tier,
+    model_routes,
+)
 from tollway.pricing.rating import CallPrice, Price, TokenPrice
 from tollway.store.tables import (
     accounts,
@@ -27,6 +34,7 @@ from tollway.store.tables import (
     groups,
     price_versions,
     providers,
+    tiers,
 )
 
 
@@ -58,29 +66,43 @@ class ApplyReport:
     groups: dict[str, str] = field(default_factory=dict)
 
 
-def price_columns(price: Price) -> dict[str, int | None]:
-    """A price as nano-USD columns, with the cache prices actually applied (a missing cache
-    price is the input price), as each usage record keeps them."""
-    columns = _price_columns(price)
+def price_columns(price: Price, *, unit_price: Decimal | None = None) -> dict[str, int | None]:
+    """A price as a usage record's nano-USD columns, with the prices actually applied: a
+    missing cache price is its fallback's (see rating), and a per-call item's unit price is
+    ``unit_price`` when given (an image size's)."""
+    columns: dict[str, int | None] = {k: v for k, v in _price_columns(price).items()
+                                      if k != "per_size_nano" and not isinstance(v, str)}
     if isinstance(price, TokenPrice):
         columns["cache_read_nano_per_1m"] = parse_usd(price.effective_cache_read_per_1m)
         columns["cache_write_nano_per_1m"] = parse_usd(price.effective_cache_write_per_1m)
+        columns["cache_write_1h_nano_per_1m"] = parse_usd(price.effective_cache_write_1h_per_1m)
+    elif unit_price is not None:
+        columns["per_call_nano"] = parse_usd(unit_price)
     return columns
 
 
-def _price_columns(price: Price) -> dict[str, int | None]:
+def _price_columns(price: Price) -> dict[str, int | str | None]:
+    """A price version's columns, as the catalog file gave it (no fallbacks applied)."""
     def nano(value: Decimal | None) -> int | None:
         return None if value is None else parse_usd(value)
 
+    columns: dict[str, int | str | None] = {
+        "input_nano_per_1m": None, "output_nano_per_1m": None, "cache_read_nano_per_1m": None,
+        "cache_write_nano_per_1m": None, "cache_write_1h_nano_per_1m": None,
+        "per_call_nano": None, "per_size_nano": None}
     if isinstance(price, TokenPrice):
-        return {"input_nano_per_1m": nano(price.input_per_1m),
-                "output_nano_per_1m": nano(price.output_per_1m),
-                "cache_read_nano_per_1m": nano(price.cache_read_per_1m),
-                "cache_write_nano_per_1m": nano(price.cache_write_per_1m),
-                "per_call_nano": None}
-    return {"input_nano_per_1m": None, "output_nano_per_1m": None,
-            "cache_read_nano_per_1m": None, "cache_write_nano_per_1m": None,
-            "per_call_nano": nano(price.per_call)}
+        columns.update({"input_nano_per_1m": nano(price.input_per_1m),
+                        "output_nano_per_1m": nano(price.output_per_1m),
+                        "cache_read_nano_per_1m": nano(price.cache_read_per_1m),
+                        "cache_write_nano_per_1m": nano(price.cache_write_per_1m),
+                        "cache_write_1h_nano_per_1m": nano(price.cache_write_1h_per_1m)})
+    else:
+        columns["per_call_nano"] = nano(price.per_call)
+        if price.per_size:
+            columns["per_size_nano"] = json.dumps(
+                {size: parse_usd(value) for size, value in price.per_size.items()},
+                sort_keys=True)
+    return columns
 
 
 def _ratios_json(ratios: dict[str, Decimal] | Any) -> str:
@@ -95,9 +117,12 @@ def _version(row: sa.Row[tuple[object, ...]]) -> PriceVersion:
     if row.billing_type == "token":
         price = TokenPrice(nano_to_decimal(row.input_nano_per_1m),
                            nano_to_decimal(row.output_nano_per_1m),
-                           usd(row.cache_read_nano_per_1m), usd(row.cache_write_nano_per_1m))
+                           usd(row.cache_read_nano_per_1m), usd(row.cache_write_nano_per_1m),
+                           usd(row.cache_write_1h_nano_per_1m))
     else:
-        price = CallPrice(nano_to_decimal(row.per_call_nano))
+        sizes = json.loads(row.per_size_nano) if row.per_size_nano else {}
+        price = CallPrice(nano_to_decimal(row.per_call_nano),
+                          {size: nano_to_decimal(nano) for size, nano in sizes.items()})
     return PriceVersion(row.id, row.item_id, price, _ratios(row.group_ratios),
                         row.effective_from_ms)
 
@@ -105,6 +130,13 @@ def _version(row: sa.Row[tuple[object, ...]]) -> PriceVersion:
 def apply_catalog(conn: Connection, catalog: Catalog, *, now_ms: int) -> ApplyReport:
     report = ApplyReport()
     _apply_groups(conn, catalog, report)
+    conn.execute(tiers.delete())
+    if catalog.tiers:
+        conn.execute(tiers.insert(), [
+            {"name": t.name, "position": i, "rpm": t.rpm, "tpm": t.tpm,
+             "concurrency": t.concurrency, "upgrade_at_nano": t.upgrade_at_nano,
+             "is_default": t.name == catalog.default_tier}
+            for i, t in enumerate(catalog.tiers)])
     conn.execute(providers.delete())
     if catalog.providers:
         conn.execute(providers.insert(), [
@@ -230,6 +262,33 @@ def group_ratios(conn: Connection) -> dict[str, Decimal]:
     return ratios
 
 
+def item_protocols(item: Item, kinds: dict[str, str]) -> dict[str, str]:
+    """A model's ``{protocol family: provider id}``; items applied before protocols were
+    stored serve every protocol of their provider's kind (``kinds``: provider id → kind)."""
+    stored = item.spec.get("providers")
+    if isinstance(stored, dict):
+        return {str(k): str(v) for k, v in stored.items()}
+    return {family: item.provider for family in KIND_PROTOCOLS.get(kinds.get(item.provider, ""),
+                                                                   ())}
+
+
+def item_routes(item: Item, protocols: dict[str, str]) -> list[str]:
+    """The gateway routes a model is sold on: its ``routes`` if the catalog narrows them, else
+    every route of its protocols."""
+    narrowed = item.spec.get("routes")
+    if isinstance(narrowed, list):
+        return [str(route) for route in narrowed]
+    return model_routes(item.billing_type, protocols)
+
+
 def list_providers(conn: Connection) -> dict[str, tuple[str, dict[str, Any]]]:
     """``{provider id: (kind, config)}`` as applied from the catalog file."""
     return {r.id: (r.kind, json.loads(r.config)) for r in conn.execute(sa.select(providers))}
+
+
+def list_tiers(conn: Connection) -> tuple[tuple[Tier, ...], str | None]:
+    """The applied tiers, lowest first, and the default tier's name (None: no tiers)."""
+    rows = list(conn.execute(sa.select(tiers).order_by(tiers.c.position)))
+    default = next((r.name for r in rows if r.is_default), None)
+    return (tuple(Tier(r.name, r.rpm, r.tpm, r.concurrency, r.upgrade_at_nano) for r in rows),
+            default)

@@ -19,9 +19,9 @@ from tollway.store.tables import api_keys, usage_records, usage_rollups, wallet_
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
 LOG_TYPES = ("consume", "error", "topup", "adjustment", "refund", "system")
-GROUP_BY = ("model", "endpoint", "product", "key", "day", "hour", "billing_type")
+GROUP_BY = ("model", "endpoint", "product", "key", "day", "hour", "billing_type", "account")
 COUNTERS = ("requests", "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",
-            "output_tokens", "reasoning_tokens", "calls", "cost_nano")
+            "cache_write_1h_tokens", "output_tokens", "reasoning_tokens", "calls", "cost_nano")
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +128,8 @@ def summary(conn: Connection, *, account_id: int | None, start_ms: int, end_ms: 
             keys.append(r.hour_ms.label("hour_ms"))
         elif name == "billing_type":
             keys.append(r.billing_type.label("billing_type"))
+        elif name == "account":  # operators: revenue by account
+            keys.append(r.account_id.label("account_id"))
         else:
             raise InvalidRequest(f"group_by must be among {', '.join(GROUP_BY)}, got {name!r}")
     unique = list({str(k.name): k for k in keys}.values())

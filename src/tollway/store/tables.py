@@ -30,6 +30,16 @@ accounts = sa.Table(
     sa.Column("used_nano", Nano, nullable=False, server_default="0"),
     sa.Column("requests", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("created_at_ms", Ms, nullable=False),
+    # console sign-in (migration 0003): email and password are optional, both NULL = no login
+    sa.Column("email", sa.String(320)),  # stored lower-cased, unique
+    sa.Column("password_hash", sa.String(255)),  # scrypt$n$r$p$salt$hash (billing/logins.py)
+    sa.Column("disabled_at_ms", Ms),  # set: its keys and its console sign-in are refused
+    sa.Index("uq_accounts_email", "email", unique=True),
+    sa.Column("tier", sa.String(64)),  # NULL = the catalog's default tier
+    # the low-balance threshold (NULL = none) and whether its next crossing is notified: the
+    # ledger reads both in the RETURNING of the statement that moves the money
+    sa.Column("low_balance_nano", Nano),
+    sa.Column("low_balance_armed", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("available_nano >= 0", name="ck_accounts_available_nonnegative"),
     sa.CheckConstraint("held_nano >= 0", name="ck_accounts_held_nonnegative"),
 )
@@ -50,6 +60,20 @@ api_keys = sa.Table(
     sa.Column("expires_at_ms", Ms),
     sa.Column("revoked_at_ms", Ms),
     sa.Column("created_at_ms", Ms, nullable=False),
+    # limits that may only lower the account tier's (NULL = the tier's)
+    sa.Column("rpm", sa.BigInteger),
+    sa.Column("tpm", sa.BigInteger),
+    sa.Column("concurrency", sa.BigInteger),
+    # spend caps per calendar period in the billing time zone (NULL = none)
+    sa.Column("daily_cap_nano", Nano),
+    sa.Column("weekly_cap_nano", Nano),
+    sa.Column("monthly_cap_nano", Nano),
+    sa.Column("allowed_ips", sa.Text),  # JSON list of CIDR networks, NULL = any address
+    sa.Column("open_holds", sa.BigInteger, nullable=False, server_default="0"),  # in flight
+    # the key's current fixed one-minute rate-limit window, counted by the hold's statement
+    sa.Column("window_start_ms", Ms, nullable=False, server_default="0"),
+    sa.Column("window_requests", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("window_tokens", sa.BigInteger, nullable=False, server_default="0"),
     sa.CheckConstraint("held_nano >= 0", name="ck_api_keys_held_nonnegative"),
 )
 
@@ -95,8 +119,11 @@ holds = sa.Table(
     sa.Column("charged_nano", Nano),
     sa.Column("from_available_nano", Nano),
     sa.Column("shortfall_nano", Nano),
+    # which of the key's spend-cap periods (1 day, 2 week, 4 month) count this hold
+    sa.Column("cap_periods", sa.SmallInteger, nullable=False, server_default="0"),
     sa.Index("ix_holds_open_expiry", "status", "expires_at_ms"),
     sa.Index("ix_holds_account", "account_id"),
+    sa.Index("ix_holds_key_open", "key_id", "status"),
 )
 
 providers = sa.Table(
@@ -141,6 +168,9 @@ price_versions = sa.Table(
     sa.Column("effective_from_ms", Ms, nullable=False),
     sa.Column("created_at_ms", Ms, nullable=False),
     sa.Index("ix_price_versions_item", "item_id", "effective_from_ms"),
+    # 0006: 1-hour cache writes; an image model's per-size prices, JSON {size: nano-USD}
+    sa.Column("cache_write_1h_nano_per_1m", Nano),
+    sa.Column("per_size_nano", sa.Text),
 )
 
 #: The account's log: one row per gateway request (written in the same transaction as its
@@ -189,6 +219,9 @@ usage_records = sa.Table(
     sa.Index("ix_usage_account_key_time", "account_id", "key_id", "created_at_ms", "id"),
     sa.Index("ix_usage_account_type_time", "account_id", "type", "created_at_ms", "id"),
     sa.Index("ix_usage_time", "created_at_ms", "id"),
+    # 0006: 1-hour cache writes (``cache_write_tokens`` are the 5-minute ones) and their price
+    sa.Column("cache_write_1h_tokens", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("cache_write_1h_nano_per_1m", Nano),
 )
 
 #: Requests per account x key x product x hour, maintained in the same transaction as each
@@ -210,6 +243,8 @@ usage_rollups = sa.Table(
     sa.Column("reasoning_tokens", sa.BigInteger, nullable=False),
     sa.Column("calls", sa.BigInteger, nullable=False),
     sa.Column("cost_nano", Nano, nullable=False),
+    sa.Column("cache_write_1h_tokens", sa.BigInteger, nullable=False,
+              server_default="0"),  # 0006
 )
 
 #: A wallet's movements per UTC day, maintained by the ledger with each movement of its total
@@ -242,4 +277,123 @@ request_keys = sa.Table(
     sa.Column("cost_nano", Nano),
     sa.Column("created_at_ms", Ms, nullable=False),
     sa.Index("ix_request_keys_created", "created_at_ms"),
+)
+
+#: Rate-limit tiers from the catalog: limits per API key. An account without a tier has the
+#: default one; ``upgrade_at_nano`` is the cumulative top-up that moves an account up to it.
+tiers = sa.Table(
+    "tiers",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("position", sa.Integer, nullable=False),  # order in the catalog: lowest first
+    sa.Column("rpm", sa.BigInteger, nullable=False),
+    sa.Column("tpm", sa.BigInteger, nullable=False),
+    sa.Column("concurrency", sa.BigInteger, nullable=False),
+    sa.Column("upgrade_at_nano", Nano),
+    sa.Column("is_default", sa.Boolean, nullable=False),
+)
+
+#: A capped key's spending per calendar period (day, week, month in the billing time zone):
+#: open holds count in ``held_nano`` until settled (moved to ``spent_nano``) or released.
+key_spend = sa.Table(
+    "key_spend",
+    metadata,
+    sa.Column("key_id", Id, sa.ForeignKey("api_keys.id"), primary_key=True),
+    sa.Column("period", sa.String(8), primary_key=True),  # day | week | month
+    sa.Column("period_start_ms", Ms, primary_key=True),
+    sa.Column("spent_nano", Nano, nullable=False),
+    sa.Column("held_nano", Nano, nullable=False),
+    sa.CheckConstraint("held_nano >= 0", name="ck_key_spend_held_nonnegative"),
+)
+
+#: Signed-in browsers (migration 0003). The cookie holds a random 256-bit id; only its SHA-256
+#: is stored, so a copy of the database cannot be replayed as a session.
+web_sessions = sa.Table(
+    "web_sessions",
+    metadata,
+    sa.Column("id_hash", sa.String(64), primary_key=True),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id")),  # NULL for the operator
+    sa.Column("operator", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("csrf_token", sa.String(64), nullable=False),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("expires_at_ms", Ms, nullable=False),
+    sa.Index("ix_web_sessions_account", "account_id"),
+    sa.Index("ix_web_sessions_expiry", "expires_at_ms"),
+)
+
+#: Where an account's notifications go. The secret signs webhooks (HMAC-SHA256); it is kept in
+#: clear because signing needs it, and shown to the account's owner on request.
+notification_settings = sa.Table(
+    "notification_settings",
+    metadata,
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), primary_key=True),
+    sa.Column("webhook_url", sa.Text),
+    sa.Column("webhook_secret", sa.String(80), nullable=False),
+    sa.Column("email", sa.String(320)),
+    sa.Column("updated_at_ms", Ms, nullable=False),
+)
+
+#: The outbox: an event is inserted in the same transaction as the money movement it reports,
+#: with its exact JSON body; deliveries (one per channel) are attempted later by any worker.
+notification_events = sa.Table(
+    "notification_events",
+    metadata,
+    _id(),
+    sa.Column("public_id", sa.String(40), nullable=False, unique=True),
+    sa.Column("dedupe_key", sa.String(80), unique=True),  # e.g. topup:<entry id>
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),  # balance.low | balance.topup
+    sa.Column("body", sa.Text, nullable=False),  # the JSON document delivered, byte for byte
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Index("ix_notification_events_account", "account_id", "id"),
+)
+
+notification_deliveries = sa.Table(
+    "notification_deliveries",
+    metadata,
+    _id(),
+    sa.Column("event_id", Id, sa.ForeignKey("notification_events.id"), nullable=False,
+              index=True),
+    sa.Column("channel", sa.String(16), nullable=False),  # webhook | email
+    sa.Column("status", sa.String(16), nullable=False),  # pending | delivered | failed
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_attempt_at_ms", Ms, nullable=False),
+    sa.Column("claimed_until_ms", Ms),  # a worker's lease on the current attempt
+    sa.Column("claim_token", sa.String(40)),
+    sa.Column("delivered_at_ms", Ms),
+    sa.Index("ix_notification_deliveries_due", "status", "next_attempt_at_ms"),
+)
+
+notification_attempts = sa.Table(
+    "notification_attempts",
+    metadata,
+    _id(),
+    sa.Column("delivery_id", Id, sa.ForeignKey("notification_deliveries.id"), nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("target", sa.Text),  # the URL or address tried
+    sa.Column("started_at_ms", Ms, nullable=False),
+    sa.Column("duration_ms", sa.Integer, nullable=False),
+    sa.Column("status_code", sa.Integer),  # the receiver's HTTP status (webhooks)
+    sa.Column("error", sa.Text),  # NULL = delivered
+    sa.UniqueConstraint("delivery_id", "attempt", name="uq_notification_attempts"),
+)
+
+#: Redemption codes: only the SHA-256 of a code is stored, so a copy of the database is worth
+#: nothing; ``hint`` (its last group) lets an operator tell codes apart.
+redemption_codes = sa.Table(
+    "redemption_codes",
+    metadata,
+    _id(),
+    sa.Column("code_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("hint", sa.String(8), nullable=False),
+    sa.Column("amount_nano", Nano, nullable=False),
+    sa.Column("note", sa.Text),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("expires_at_ms", Ms),
+    sa.Column("revoked_at_ms", Ms),
+    sa.Column("redeemed_by", Id, sa.ForeignKey("accounts.id")),
+    sa.Column("redeemed_at_ms", Ms),
+    sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),
+    sa.CheckConstraint("amount_nano > 0", name="ck_redemption_codes_amount_positive"),
+    sa.Index("ix_redemption_codes_created", "created_at_ms", "id"),
 )

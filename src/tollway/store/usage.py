@@ -17,7 +17,7 @@ _INSERT_USAGE = Prepared(usage_records.insert().values(
 USAGE_COLUMNS = frozenset(c.name for c in usage_records.c if c.name != "id") - {"credit_nano"}
 HOUR_MS = 3_600_000
 _COUNTERS = ("requests", "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",
-             "output_tokens", "reasoning_tokens", "calls", "cost_nano")
+             "cache_write_1h_tokens", "output_tokens", "reasoning_tokens", "calls", "cost_nano")
 _ROLLUP = upsert(usage_rollups, ("account_id", "hour_ms", "key_id", "product"), _COUNTERS)
 _EVENT_EXISTS = Prepared(sa.select(usage_records.c.id)
                          .where(usage_records.c.request_id == _b("request_id")))

@@ -63,6 +63,12 @@ class Registry:
             headers = {"Authorization": f"Bearer {key}"} if key else {}
             return HttpUpstream(self.session, config["base_url"], timeouts=self.timeouts,
                                 headers=headers)
+        if kind == "anthropic":
+            # base_url as for openai, e.g. https://api.anthropic.com/v1; anthropic-version
+            # comes from the client's request (the route forwards it)
+            headers = {"x-api-key": key} if key else {}
+            return HttpUpstream(self.session, config["base_url"], timeouts=self.timeouts,
+                                headers=headers)
         if kind == "http":
             auth = config.get("auth") or {}
             headers, query = {}, {}

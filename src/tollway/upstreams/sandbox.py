@@ -6,7 +6,8 @@ The LLM echoes the last user message ("You said: …") with real token counts, h
 tool when tools are offered, and reports OpenAI-style usage. A model whose upstream name
 contains ``reason`` also reports reasoning tokens (included in completion tokens, as OpenAI
 does). Prompts of 1,024 tokens or more report half of them as cached, as a provider's prompt
-cache would on a repeat.
+cache would on a repeat. Anthropic Messages, Responses and images are in
+:mod:`.sandbox_protocols`.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tollway import tokens
+from tollway.upstreams import sandbox_protocols
 from tollway.upstreams.base import BufferedResponse, UpstreamRequest
 
 REASONING_TOKENS = 16
@@ -35,17 +37,16 @@ def _error(status: int, message: str) -> BufferedResponse:
 
 class SandboxUpstream:
     async def send(self, request: UpstreamRequest) -> BufferedResponse:
-        if request.path in ("/chat/completions", "/completions", "/embeddings"):
-            try:
-                payload = json.loads(request.body)
-            except ValueError:
-                return _error(400, "the body is not JSON")
-            if not isinstance(payload, dict):
-                return _error(400, "the body must be a JSON object")
-            if request.path == "/embeddings":
-                return _embeddings(payload)
-            return _complete(payload, chat=request.path == "/chat/completions")
-        return _data_api(request)
+        answer = _LLM_PATHS.get(request.path)
+        if answer is None:
+            return _data_api(request)
+        try:
+            payload = json.loads(request.body)
+        except ValueError:
+            return _error(400, "the body is not JSON")
+        if not isinstance(payload, dict):
+            return _error(400, "the body must be a JSON object")
+        return answer(payload)
 
     async def close(self) -> None:
         return None
@@ -172,6 +173,16 @@ def _embeddings(payload: dict[str, Any]) -> BufferedResponse:
         data.append({"object": "embedding", "index": index, "embedding": vector})
     return _json(200, {"object": "list", "data": data, "model": payload.get("model"),
                        "usage": {"prompt_tokens": total, "total_tokens": total}})
+
+
+_LLM_PATHS: dict[str, Callable[[dict[str, Any]], BufferedResponse]] = {
+    "/chat/completions": lambda payload: _complete(payload, chat=True),
+    "/completions": lambda payload: _complete(payload, chat=False),
+    "/embeddings": _embeddings,
+    "/messages": sandbox_protocols.messages,
+    "/responses": sandbox_protocols.responses,
+    "/images/generations": sandbox_protocols.images,
+}
 
 
 # --------------------------------------------------------------------------- data APIs

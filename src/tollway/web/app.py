@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
@@ -20,22 +20,59 @@ from tollway.billing.marketplace import listing
 from tollway.billing.views import balance_view
 from tollway.errors import InvalidAdminToken, TollwayError
 from tollway.gateway.apis import ApiRoute
+from tollway.gateway.images import ImagesRoute
 from tollway.gateway.llm import LLMRoute
+from tollway.gateway.messages import MessagesRoute
 from tollway.gateway.models import ModelsRoute
+from tollway.gateway.responses import ResponsesRoute
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import now_ms, open_holds
 from tollway.metrics import METRICS
+from tollway.notify.deliverer import Deliverer
 from tollway.store import accounts as store
-from tollway.store.db import Database
+from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
-from tollway.web import reports
+from tollway.web import notifications, pages, reports
+from tollway.web.console import console_routes
 from tollway.web.context import Context
 from tollway.web.errors import http_error, tollway_error, unexpected_error
 from tollway.web.http import bearer
-from tollway.web.observe import ObserveMiddleware
+from tollway.web.market import market_routes
+from tollway.web.observe import ERROR_CODE, REQUEST_ID, ObserveMiddleware
 from tollway.web.openapi import SPEC
+from tollway.web.operator import operator_routes
+from tollway.web.session import LoginRequired, login_required
+
+
+async def error(request: Request, exc: Exception) -> Response:
+    """API paths answer the JSON error body; pages (``pages.is_page``) an HTML page."""
+    if isinstance(exc, TollwayError):
+        if pages.is_page(request):
+            request.scope[ERROR_CODE] = exc.code
+            response = await pages.error_page(request, exc.status, exc.message)
+            for name, value in exc.response_headers():
+                response.headers.append(name.decode(), value.decode())
+            return response
+        return await tollway_error(request, exc)
+    assert isinstance(exc, HTTPException)
+    if pages.is_page(request):
+        return await pages.error_page(request, exc.status_code, str(exc.detail))
+    return await http_error(request, exc)
+
+
+async def unexpected(request: Request, exc: Exception) -> Response:
+    """A database failure no layer mapped is 503 storage_unavailable (a page on page paths);
+    anything else a 500. Starlette runs this outside the observing middleware, so the request
+    id header is set here."""
+    unavailable = storage_error(exc)
+    if unavailable is None or not pages.is_page(request):
+        return await unexpected_error(request, exc)
+    response = await error(request, unavailable)
+    if request_id := request.scope.get(REQUEST_ID):
+        response.headers["x-request-id"] = request_id
+    return response
 
 
 async def healthz(request: Request) -> JSONResponse:
@@ -79,24 +116,32 @@ async def balance(request: Request) -> JSONResponse:
     return JSONResponse(await ctx.read(load))
 
 
-def create_app(*, database_url: str | None = None, admin_token: str | None = None) -> Starlette:
-    """The application; settings not given here come from the environment (``settings``)."""
+def create_app(*, database_url: str | None = None, admin_token: str | None = None,
+               clock: Callable[[], int] | None = None) -> Starlette:
+    """The application; settings not given here come from the environment (``settings``).
+    ``clock`` (milliseconds since the epoch) is the gateway's time: tests pass one they move."""
+    proxies = settings.get("trusted_proxies")
+    trusted = keys.networks(keys.parse_networks(proxies.split(","))) if proxies.strip() else ()
     url = database_url or settings.get("database_url")
     token = admin_token if admin_token is not None else settings.get("admin_token")
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = Database(url)
-        ctx = Context(db=db, writer=Writer(db), admin_token=token,
+        writer = Writer(db)
+        ctx = Context(db=db, writer=writer, admin_token=token,
                       hold_ttl_ms=int(settings.get("hold_ttl_seconds")) * 1000,
-                      reaper_interval_s=int(settings.get("reaper_interval_seconds")))
+                      reaper_interval_s=int(settings.get("reaper_interval_seconds")),
+                      deliverer=Deliverer(writer.run),
+                      notify_interval_s=float(settings.get("notify_interval_seconds")))
         registry = Registry(timeouts=Timeouts(
             connect_s=float(settings.get("upstream_connect_timeout_seconds")),
             read_s=float(settings.get("upstream_read_timeout_seconds"))))
         gw = Gateway(ctx, registry,
                      catalog_refresh_s=int(settings.get("catalog_refresh_seconds")),
                      key_cache_s=int(settings.get("key_cache_seconds")),
-                     max_body_bytes=int(settings.get("max_body_bytes")))
+                     max_body_bytes=int(settings.get("max_body_bytes")),
+                     clock=clock or now_ms, trusted_proxies=trusted)
         app.state.ctx = ctx
         app.state.gateway = gw
         ctx.start()
@@ -118,13 +163,29 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         Route("/v1/billing/usage/{request_id}", reports.usage_one(reports.customer_scope)),
         Route("/v1/billing/summary", reports.summary(reports.customer_scope)),
         Route("/v1/billing/statement", reports.statement(reports.customer_scope)),
+        Route("/v1/billing/notifications", notifications.events(reports.customer_scope)),
+        Route("/v1/billing/notifications/settings",
+              notifications.get_settings(reports.customer_scope), methods=["GET"]),
+        Route("/v1/billing/notifications/settings",
+              notifications.put_settings(reports.customer_scope), methods=["PUT"]),
+        Route("/v1/billing/notifications/settings/rotate-secret",
+              notifications.rotate_secret(reports.customer_scope), methods=["POST"]),
+        Route("/v1/billing/redeem", notifications.redeem(reports.customer_scope),
+              methods=["POST"]),
         Route("/v1/chat/completions", LLMRoute("chat"), methods=["POST"]),
         Route("/v1/completions", LLMRoute("completions"), methods=["POST"]),
         Route("/v1/embeddings", LLMRoute("embeddings"), methods=["POST"]),
+        Route("/v1/messages", MessagesRoute(), methods=["POST"]),
+        Route("/v1/responses", ResponsesRoute(), methods=["POST"]),
+        Route("/v1/images/generations", ImagesRoute(), methods=["POST"]),
         Route("/v1/models", ModelsRoute(), methods=["GET"]),
         Route("/apis/v1/{path:path}", ApiRoute(),
               methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         Mount("/admin/v1", routes=admin_routes),
+        pages.static_mount,
+        # web console pages; keep them before any Mount("/admin") so /admin/login matches
+        *console_routes,
+        *market_routes, *operator_routes,
     ]
     return Starlette(
         routes=routes,
@@ -132,6 +193,6 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         middleware=[Middleware(ObserveMiddleware,
                                max_inflight=int(settings.get("max_inflight_requests")),
                                log_requests=settings.get("log_requests").lower())],
-        exception_handlers={TollwayError: tollway_error, HTTPException: http_error,
-                            Exception: unexpected_error},
+        exception_handlers={TollwayError: error, HTTPException: error,
+                            LoginRequired: login_required, Exception: unexpected},
     )

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from tollway.errors import StorageUnavailable
 from tollway.ledger import ledger
+from tollway.notify.deliverer import Deliverer
 from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
 
@@ -28,7 +29,11 @@ class Context:
     admin_token: str
     hold_ttl_ms: int
     reaper_interval_s: int
+    #: delivers queued notifications every ``notify_interval_s`` (0: leave it to the CLI)
+    deliverer: Deliverer | None = None
+    notify_interval_s: float = 0
     _reaper: asyncio.Task[None] | None = field(default=None, repr=False)
+    _notifier: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def read(self, fn: Callable[[Connection], T]) -> T:
         """Run a read-only query on a pooled connection, off the event loop."""
@@ -50,13 +55,20 @@ class Context:
         return await self.writer.run(fn, account_id=account_id)
 
     def start(self) -> None:
-        self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        loop = asyncio.get_running_loop()
+        self._reaper = loop.create_task(self._reap())
+        if self.deliverer is not None and self.notify_interval_s > 0:
+            self._notifier = loop.create_task(
+                self.deliverer.run_forever(self.notify_interval_s))
 
     async def stop(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
+        for task in (self._reaper, self._notifier):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.deliverer is not None:
+            await self.deliverer.close()
         await run_in_threadpool(self.writer.close)
         self.db.dispose()
 
@@ -74,3 +86,4 @@ class Context:
                 continue
             if released:
                 log.info("released %d expired holds", len(released))
+

@@ -29,8 +29,8 @@ async def tollway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TollwayError)
     request.scope[ERROR_CODE] = exc.code
     response = error_response(request, exc.status, exc.type, exc.code, exc.message)
-    if exc.retry_after_s is not None:
-        response.headers["retry-after"] = str(exc.retry_after_s)
+    for name, value in exc.response_headers():
+        response.headers.append(name.decode(), value.decode())
     return response
 
 

@@ -120,5 +120,5 @@ async def _shed(scope: Scope, send: Send, header: tuple[bytes, bytes]) -> None:
     await send({"type": "http.response.start", "status": exc.status,
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(exc.retry_after_s).encode()), header]})
+                            *exc.response_headers(), header]})
     await send({"type": "http.response.body", "body": body})

@@ -19,7 +19,7 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 
 ERRORS = {str(code): {"$ref": "#/components/responses/Error"}
-          for code in (400, 401, 402, 403, 404, 409, 413, 429, 502, 503, 504)}
+          for code in (400, 401, 402, 403, 404, 409, 410, 413, 429, 502, 503, 504)}
 
 
 def _op(summary: str, response: dict[str, Any], *, security: str | None = "apiKey",
@@ -45,15 +45,38 @@ def _path(name: str, schema: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": schema or {"type": "string"}}
 
 
+def html_pages(summary: str, methods: Sequence[str] = ("get",), *,
+               security: str | None = None) -> dict[str, Any]:
+    """A server-rendered page (web console): HTML, forms posted with a CSRF token."""
+    return {method: {"summary": summary, "tags": ["pages"], "responses": {
+        "200" if method == "get" else "303": {
+            "description": "the page" if method == "get" else "redirect after the form",
+            "content": {"text/html": {"schema": {"type": "string"}}}}},
+        **({"security": [{security: []}]} if security else {})} for method in methods}
+
+
 LOG_FILTERS = ["start", "end", "model", "endpoint", "product", "key", "group", "type",
                "billing_type"]
+USD_IN = {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"}
+COUNT = {"type": ["integer", "null"], "minimum": 1}
+#: A key's own limits (create, update and view): null = none of its own.
+KEY_LIMITS = {"rpm": COUNT, "tpm": COUNT, "concurrency": COUNT,
+              "daily_cap_usd": {"oneOf": [USD_IN, {"type": "null"}]},
+              "weekly_cap_usd": {"oneOf": [USD_IN, {"type": "null"}]},
+              "monthly_cap_usd": {"oneOf": [USD_IN, {"type": "null"}]},
+              "allowed_ips": {"type": ["array", "null"], "items": {"type": "string"},
+                              "description": "CIDR networks, IPv4 or IPv6"}}
 OBJECT = {"type": "object", "additionalProperties": True}
 
 SPEC: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "Tollway", "version": "0.1.0",
              "description": "API marketplace gateway with exact usage-based billing. Money is "
-                            "a decimal string with 9 decimal places (USD)."},
+                            "a decimal string with 9 decimal places (USD). Gateway responses "
+                            "carry X-RateLimit-{Limit,Remaining,Reset}-{Requests,Tokens} "
+                            "(reset as whole seconds, e.g. '12s') for the key's limits; a 429 "
+                            "(rate_limited, quota_exceeded) carries Retry-After in seconds when "
+                            "the limit resets by itself."},
     "paths": {
         "/healthz": {"get": _op("Liveness and database check", _json(OBJECT), security=None)},
         "/openapi.json": {"get": _op("This document", _json(OBJECT), security=None)},
@@ -82,6 +105,20 @@ SPEC: dict[str, Any] = {
         "/v1/billing/statement": {"get": _op("A month's statement (json, csv or html)",
                                              _json(_ref("Statement")),
                                              params=["month", "format_statement"])},
+        "/v1/billing/notifications": {"get": _op(
+            "Notification events, newest first, with every delivery attempt",
+            _json(_ref("NotificationPage")), params=["limit", "cursor"])},
+        "/v1/billing/notifications/settings": {
+            "get": _op("Low-balance threshold, webhook URL and secret, email",
+                       _json(_ref("NotificationSettings"))),
+            "put": _op("Change notification settings (null clears a field)",
+                       _json(_ref("NotificationSettings")), body=_ref("NotificationChanges"))},
+        "/v1/billing/notifications/settings/rotate-secret": {"post": _op(
+            "Replace the webhook signing secret", _json(_ref("NotificationSettings")))},
+        "/v1/billing/redeem": {"post": _op(
+            "Redeem a code: its amount is topped up once (404 unknown_code, 409 "
+            "code_redeemed, 410 code_expired / code_revoked)", _json(_ref("Redemption")),
+            body=_ref("Redeem"), status="201")},
         "/v1/chat/completions": {"post": _op(
             "OpenAI-compatible chat completions (streaming included), metered",
             _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
@@ -90,6 +127,21 @@ SPEC: dict[str, Any] = {
                                         body=OBJECT)},
         "/v1/embeddings": {"post": _op("OpenAI-compatible embeddings, metered", _json(OBJECT),
                                        body=OBJECT)},
+        "/v1/messages": {"post": _op(
+            "Anthropic-compatible messages (streaming included), metered with Anthropic's "
+            "usage semantics; takes x-api-key or Bearer; errors in Anthropic's shape "
+            "(type: error) with Tollway's code and request_id",
+            _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
+            security="anthropicKey", body=_ref("MessagesRequest"))},
+        "/v1/responses": {"post": _op(
+            "OpenAI Responses API (streaming included), metered from response.completed",
+            _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
+            body=_ref("ResponsesRequest"))},
+        "/v1/images/generations": {"post": _op(
+            "Image generation: per_call image models, charged per image returned "
+            "(n × the size's price × ratio)",
+            _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
+            body=_ref("ImagesRequest"))},
         "/v1/models": {"get": _op("Models this key may use", _json(OBJECT))},
         "/apis/v1/{path}": {method: _op(
             "A catalog data API: charged per successful (2xx) call",
@@ -101,6 +153,13 @@ SPEC: dict[str, Any] = {
                         body=_ref("NewAccount"), status="201")},
         "/admin/v1/accounts/{account}": {"get": _op("One account", _json(_ref("Account")),
                                                     security="adminToken", params=["account"])},
+        "/admin/v1/accounts/{account}/disable": {"post": _op(
+            "Disable an account: its keys answer 403 account_disabled, its console sign-in "
+            "is refused, its sessions end", _json(_ref("Account")), security="adminToken",
+            params=["account"])},
+        "/admin/v1/accounts/{account}/enable": {"post": _op(
+            "Enable a disabled account again", _json(_ref("Account")), security="adminToken",
+            params=["account"])},
         "/admin/v1/accounts/{account}/topups": {"post": _op(
             "Credit an account (Idempotency-Key header)", _json(_ref("Credit")),
             security="adminToken", params=["account", "idempotency_key"],
@@ -115,6 +174,15 @@ SPEC: dict[str, Any] = {
             "post": _op("Create a key (the secret is returned once)", _json(_ref("Key")),
                         security="adminToken", params=["account"], body=_ref("NewKey"),
                         status="201")},
+        "/admin/v1/accounts/{account}/tier": {"put": _op(
+            "Put an account in a rate-limit tier (null: the default tier)",
+            _json(_ref("Account")), security="adminToken", params=["account"],
+            body={"type": "object", "required": ["tier"],
+                  "properties": {"tier": {"type": ["string", "null"]}}})},
+        "/admin/v1/keys/{key_id}": {"patch": _op(
+            "Change a key's limits (given fields replace, null clears)", _json(_ref("Key")),
+            security="adminToken", params=["key_id"],
+            body={"type": "object", "properties": KEY_LIMITS, "additionalProperties": False})},
         "/admin/v1/keys/{key_id}/revoke": {"post": _op("Revoke a key", _json(_ref("Key")),
                                                        security="adminToken",
                                                        params=["key_id"])},
@@ -143,10 +211,35 @@ SPEC: dict[str, Any] = {
         "/admin/v1/accounts/{account}/statement": {"get": _op(
             "One account's monthly statement", _json(_ref("Statement")),
             security="adminToken", params=["account", "month", "format_statement"])},
+        "/admin/v1/accounts/{account}/notifications": {"get": _op(
+            "An account's notification events and delivery attempts",
+            _json(_ref("NotificationPage")), security="adminToken",
+            params=["account", "limit", "cursor"])},
+        "/admin/v1/accounts/{account}/notifications/settings": {
+            "get": _op("An account's notification settings",
+                       _json(_ref("NotificationSettings")), security="adminToken",
+                       params=["account"]),
+            "put": _op("Change an account's notification settings",
+                       _json(_ref("NotificationSettings")), security="adminToken",
+                       params=["account"], body=_ref("NotificationChanges"))},
+        "/admin/v1/accounts/{account}/notifications/settings/rotate-secret": {"post": _op(
+            "Replace an account's webhook secret", _json(_ref("NotificationSettings")),
+            security="adminToken", params=["account"])},
+        "/admin/v1/codes": {
+            "get": _op("Redemption codes, newest first (?status=unused|redeemed|expired|"
+                       "revoked)", _json(OBJECT), security="adminToken",
+                       params=["limit", "cursor"]),
+            "post": _op("Mint redemption codes (returned once)", _json(OBJECT),
+                        security="adminToken", body=_ref("NewCodes"), status="201")},
+        "/admin/v1/codes/{code_id}/revoke": {"post": _op(
+            "Revoke an unused code", _json(OBJECT), security="adminToken",
+            params=["code_id"])},
     },
     "components": {
         "securitySchemes": {
             "apiKey": {"type": "http", "scheme": "bearer", "description": "A Tollway API key"},
+            "anthropicKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
+                             "description": "A Tollway API key (Bearer works too)"},
             "adminToken": {"type": "http", "scheme": "bearer",
                            "description": "The operator's admin token"}},
         "parameters": {
@@ -165,7 +258,7 @@ SPEC: dict[str, Any] = {
             "cursor": _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
             "group_by": _query("group_by", {"type": "string"},
                                "comma-separated: model, endpoint, product, key, day, hour, "
-                               "billing_type"),
+                               "billing_type, account (revenue by account: operators)"),
             "month": {"name": "month", "in": "query", "required": True,
                       "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"}},
             "format_export": _query("format", {"enum": ["csv", "jsonl"]}, "default csv"),
@@ -175,6 +268,7 @@ SPEC: dict[str, Any] = {
             "account": _path("account"),
             "request_id": _path("request_id"),
             "key_id": _path("key_id", {"type": "integer", "minimum": 1}),
+            "code_id": _path("code_id", {"type": "integer", "minimum": 1}),
             "api_path": _path("path"),
             "idempotency_key": {"name": "Idempotency-Key", "in": "header", "required": False,
                                 "schema": {"type": "string", "maxLength": 200}},
@@ -193,10 +287,16 @@ SPEC: dict[str, Any] = {
                 "requests": {"type": "integer"}}},
             "Account": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "name": {"type": "string"},
-                "group": {"type": "string"}, "balance_usd": USD, "held_usd": USD,
-                "available_usd": USD, "used_usd": USD, "requests": {"type": "integer"}}},
+                "group": {"type": "string"}, "tier": {"type": ["string", "null"]},
+                "balance_usd": USD, "held_usd": USD,
+                "available_usd": USD, "used_usd": USD, "requests": {"type": "integer"},
+                "email": {"type": ["string", "null"]}, "console_login": {"type": "boolean"},
+                "disabled_at": {"type": ["string", "null"], "format": "date-time"}}},
             "NewAccount": {"type": "object", "required": ["name"], "properties": {
-                "name": {"type": "string"}, "group": {"type": "string"}}},
+                "name": {"type": "string"}, "group": {"type": "string"},
+                "email": {"type": "string", "description": "console sign-in (optional)"},
+                "password": {"type": "string", "minLength": 8,
+                             "description": "initial console password (optional)"}}},
             "Amount": {"type": "object", "required": ["amount_usd"], "properties": {
                 "amount_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"},
                 "note": {"type": "string"}}},
@@ -210,20 +310,40 @@ SPEC: dict[str, Any] = {
                 "name": {"type": "string"}, "group": {"type": "string"},
                 "models": {"type": "array", "items": {"type": "string"}},
                 "quota_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"},
-                "expires_at": {"type": "string", "format": "date-time"}}},
+                "expires_at": {"type": "string", "format": "date-time"}, **KEY_LIMITS}},
             "Key": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "account_id": {"type": "integer"},
                 "prefix": {"type": "string"}, "key": {"type": "string"},
                 "quota_usd": {"oneOf": [USD, {"type": "null"}]}, "used_usd": USD,
-                "held_usd": USD}},
+                "held_usd": USD, "rpm": COUNT, "tpm": COUNT, "concurrency": COUNT,
+                "daily_cap_usd": {"oneOf": [USD, {"type": "null"}]},
+                "weekly_cap_usd": {"oneOf": [USD, {"type": "null"}]},
+                "monthly_cap_usd": {"oneOf": [USD, {"type": "null"}]},
+                "allowed_ips": KEY_LIMITS["allowed_ips"]}},
             "Marketplace": {"type": "object", "properties": {"data": {"type": "array", "items": {
                 "type": "object", "properties": {
                     "id": {"type": "string"}, "billing_type": {"enum": ["token", "per_call"]},
-                    "price": {"type": "object", "additionalProperties": {
-                        "oneOf": [USD, {"type": "null"}]}}}}}}},
+                    "price": {"type": "object", "properties": {
+                        "per_size": {"type": "object", "additionalProperties": {
+                            "type": "object", "properties": {"per_call_usd": USD}}}},
+                        "additionalProperties": {"oneOf": [USD, {"type": "null"}]}},
+                    "routes": {"type": "array", "items": {"type": "string"},
+                               "description": "models: the gateway routes serving it"},
+                    "providers": {"type": "object", "additionalProperties": {
+                        "type": "string"}}}}}}},
             "ChatRequest": {"type": "object", "required": ["model"], "properties": {
                 "model": {"type": "string"}, "messages": {"type": "array"},
                 "stream": {"type": "boolean"}, "max_tokens": {"type": "integer"}}},
+            "MessagesRequest": {"type": "object", "required": ["model", "max_tokens",
+                                                                "messages"], "properties": {
+                "model": {"type": "string"}, "messages": {"type": "array"},
+                "max_tokens": {"type": "integer"}, "stream": {"type": "boolean"}}},
+            "ResponsesRequest": {"type": "object", "required": ["model"], "properties": {
+                "model": {"type": "string"}, "input": {}, "stream": {"type": "boolean"},
+                "max_output_tokens": {"type": "integer"}}},
+            "ImagesRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
+                "model": {"type": "string"}, "prompt": {"type": "string"},
+                "n": {"type": "integer", "minimum": 1}, "size": {"type": "string"}}},
             "UsageRecord": {"type": "object", "properties": {
                 "request_id": {"type": "string"}, "type": {"type": "string"},
                 "product": {"type": ["string", "null"]}, "cost_usd": USD, "credit_usd": USD,
@@ -237,9 +357,91 @@ SPEC: dict[str, Any] = {
                 "totals": {"type": "object", "properties": {"cost_usd": USD}},
                 "data": {"type": "array", "items": {"type": "object", "properties": {
                     "cost_usd": USD}}}}},
+            "NotificationSettings": {"type": "object", "properties": {
+                "account_id": {"type": "integer"},
+                "low_balance_threshold_usd": {"oneOf": [USD, {"type": "null"}]},
+                "webhook_url": {"type": ["string", "null"]},
+                "webhook_secret": {"type": ["string", "null"]},
+                "email": {"type": ["string", "null"]}}},
+            "NotificationChanges": {"type": "object", "additionalProperties": False,
+                                    "properties": {
+                "low_balance_threshold_usd": {"oneOf": [
+                    {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"}, {"type": "null"}]},
+                "webhook_url": {"type": ["string", "null"], "format": "uri"},
+                "email": {"type": ["string", "null"], "format": "email"}}},
+            "NotificationPage": {"type": "object", "properties": {
+                "data": {"type": "array", "items": {"type": "object", "properties": {
+                    "id": {"type": "string"}, "type": {"enum": ["balance.low",
+                                                                "balance.topup"]},
+                    "body": {"type": "string"},
+                    "deliveries": {"type": "array", "items": OBJECT}}}},
+                "next_cursor": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}}},
+            "Redeem": {"type": "object", "required": ["code"],
+                       "properties": {"code": {"type": "string"}}},
+            "Redemption": {"type": "object", "properties": {
+                "code_id": {"type": "integer"}, "amount_usd": USD, "available_usd": USD,
+                "entry_id": {"type": "integer"}}},
+            "NewCodes": {"type": "object", "required": ["amount_usd"], "properties": {
+                "amount_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"},
+                "count": {"type": "integer", "minimum": 1, "maximum": 10000},
+                "expires_at": {"type": "string", "format": "date-time"},
+                "note": {"type": "string"}}},
             "Statement": {"type": "object", "properties": {
                 "opening_balance_usd": USD, "topups_usd": USD, "adjustments_usd": USD,
                 "charges_usd": USD, "written_off_usd": USD, "closing_balance_usd": USD}},
         },
     },
 }
+
+#: The customer web console and its sign-in pages (``web/auth.py``, ``web/console.py``).
+SPEC["paths"].update({
+    "/login": html_pages("Customer sign-in: email or account name and password",
+                         ("get", "post")),
+    "/logout": html_pages("Sign out (customer)", ("post",), security="session"),
+    "/signup": html_pages("Self-service sign-up (TOLLWAY_SIGNUP_ENABLED)", ("get", "post")),
+    "/admin/login": html_pages("Operator sign-in with the admin token", ("get", "post")),
+    "/admin/logout": html_pages("Sign out (operator)", ("post",), security="session"),
+    "/console": html_pages("Overview: balance, usage this period, charts",
+                           security="session"),
+    "/console/keys": html_pages("API keys: list and create", ("get", "post"),
+                                security="session"),
+    "/console/keys/{key_id}/revoke": html_pages("Revoke one of the account's keys", ("post",),
+                                                security="session"),
+    "/console/usage": html_pages("Usage log with filters, paging and pricing explanations",
+                                 security="session"),
+    "/console/usage/export": html_pages("The filtered usage log as CSV", security="session"),
+    "/console/statements": html_pages("Monthly statements, printable", security="session"),
+    "/console/redeem": html_pages("Redeem a code (the overview's form): the code's amount is "
+                                  "credited once", ("post",), security="session"),
+    "/console/notifications": html_pages("Notification settings (low-balance threshold, "
+                                         "webhook, email) and recent deliveries with attempts",
+                                         ("get", "post"), security="session"),
+})
+SPEC["components"]["securitySchemes"]["session"] = {
+    "type": "apiKey", "in": "cookie", "name": "tollway_session",
+    "description": "web console session (sign in at /login or /admin/login)"}
+
+#: The public marketplace pages and the operator's pages (``web/market.py``,
+#: ``web/operator.py``); every operator page needs an operator session.
+SPEC["paths"].update({
+    "/": html_pages("Marketplace: every model and data API with its price; ?q, billing_type, "
+                    "provider, group (prices after the group's ratios)"),
+    "/market/{item_id}": html_pages("One item: prices by group and copy-paste examples"),
+    "/admin": html_pages("Operator home (redirects to the accounts)", security="session"),
+    "/admin/accounts": html_pages("Accounts with balances; create one", ("get", "post"),
+                                  security="session"),
+    "/admin/accounts/{account_id}": html_pages("One account: top up, adjust, group, disable",
+                                               security="session"),
+    "/admin/accounts/{account_id}/{action}": html_pages(
+        "Account forms: topup, adjust (a one-time nonce is the idempotency key), group, "
+        "disable, enable", ("post",), security="session"),
+    "/admin/catalog": html_pages("Prices in effect and price history per item",
+                                 security="session"),
+    "/admin/catalog/preview": html_pages("What applying a catalog file would change (writes "
+                                         "nothing)", ("post",), security="session"),
+    "/admin/catalog/apply": html_pages("Apply a catalog file (as `tollway catalog apply`)",
+                                       ("post",), security="session"),
+    "/admin/groups": html_pages("Groups, ratios and item overrides", security="session"),
+    "/admin/usage": html_pages("Usage and revenue of every account, by account and product",
+                               security="session"),
+})

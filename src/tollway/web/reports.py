@@ -42,8 +42,8 @@ async def customer_scope(request: Request, ctx: Context) -> int:
     return record.account_id
 
 
-def _int(request: Request, name: str, *, default: int | None = None, low: int = 1,
-         high: int = 2**63 - 1) -> int | None:
+def query_int(request: Request, name: str, *, default: int | None = None, low: int = 1,
+              high: int = 2**63 - 1) -> int | None:
     value = request.query_params.get(name)
     if value is None or value == "":
         return default
@@ -70,7 +70,7 @@ def log_filter(request: Request, account_id: int | None) -> LogFilter:
         raise InvalidRequest("billing_type must be token or per_call")
     return LogFilter(account_id=account_id, start_ms=_time(request, "start"),
                      end_ms=_time(request, "end"), product=products.pop() if products else None,
-                     key_id=_int(request, "key"), group=q.get("group") or None, type=kind,
+                     key_id=query_int(request, "key"), group=q.get("group") or None, type=kind,
                      billing_type=billing_type)
 
 
@@ -79,7 +79,7 @@ def usage_list(scope: Scope) -> Callable[[Request], Awaitable[Response]]:
         ctx: Context = request.app.state.ctx
         account_id = await scope(request, ctx)
         where = log_filter(request, account_id)
-        limit = _int(request, "limit", default=50, high=1000) or 50
+        limit = query_int(request, "limit", default=50, high=1000) or 50
         cursor = request.query_params.get("cursor") or None
         rows, next_cursor = await ctx.read(
             lambda conn: store.usage_page(conn, where, limit=limit, cursor=cursor))

@@ -1,0 +1,107 @@
+"""``POST /v1/images/generations``: image models priced ``per_call``, billed per image
+returned.
+
+The hold covers the ``n`` images asked for at the requested size's price (``per_size``) or the
+model's ``per_call`` price; the charge is the images the upstream actually returned (never more
+than ``n``) × that price × the ratio, rounded once. A failed request is charged nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+from starlette.types import Receive, Scope, Send
+
+from tollway.billing.metering import Replay
+from tollway.errors import InvalidRequest, TollwayError, UpstreamError
+from tollway.gateway.asgi import json_object, read_body, send_error
+from tollway.gateway.calls import Call, begin, fail, fetch, reserve, send_replay, settle_answer
+from tollway.gateway.state import Gateway
+from tollway.pricing.rating import CallPrice, CallUsage, rate_calls
+from tollway.upstreams.base import UpstreamRequest
+
+ROUTE = "/v1/images/generations"
+MAX_IMAGES = 128
+
+
+class ImagesRoute:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw: Gateway = scope["app"].state.gateway
+        try:
+            prepared = await self._prepare(gw, scope, receive)
+        except TollwayError as exc:
+            await send_error(scope, send, exc)
+            return
+        if isinstance(prepared, Replay):
+            await send_replay(send, prepared)
+            return
+        call, provider, payload, price, unit, n = prepared
+        payload["model"] = call.item.spec.get("upstream_model") or call.item.id
+        request = UpstreamRequest("POST", "/images/generations", json.dumps(payload).encode(),
+                                  headers={"Content-Type": "application/json",
+                                           "Accept": "application/json"})
+        answer = await fetch(gw, call, send, provider, request)
+        if answer is None:
+            return
+        if not answer.ok:
+            refused = UpstreamError(f"the upstream answered {answer.status}: "
+                                    f"{answer.body[:300].decode('utf-8', 'replace')}")
+            if answer.status < 500:  # the client's request: show them the upstream's answer
+                await fail(gw, call, send, refused, status=answer.status, body=answer.body,
+                           content_type=answer.content_type.encode())
+            else:
+                await fail(gw, call, send, refused, status=502)
+            return
+        returned = _images_returned(answer.body)
+        if returned is None:
+            await fail(gw, call, send, UpstreamError(
+                "the upstream answered 2xx without a list of images"))
+            return
+        billed = min(returned, n)
+        note = None
+        if returned != n:
+            note = f"{returned} of {n} images returned" + (
+                f"; billed for the {n} requested" if returned > n else "")
+        cost = rate_calls(CallUsage(billed), price, call.ratio, unit_price=unit).cost_nano_usd
+        record = call.record(type_="consume", status=answer.status, usage_source="upstream",
+                             calls=billed, unit_price=unit, note=note)
+        await settle_answer(gw, call, send, answer, cost=cost, record=record)
+
+    async def _prepare(self, gw: Gateway, scope: Scope, receive: Receive
+                       ) -> tuple[Call, str, dict[str, Any], CallPrice, Decimal, int] | Replay:
+        body = await read_body(receive, gw.max_body_bytes)
+        key = await gw.authenticate(scope)
+        payload = json_object(body)
+        item, provider = gw.catalog.model(payload.get("model"), ROUTE)
+        price = item.version.price
+        assert isinstance(price, CallPrice)  # the images route serves image models only
+        n = payload.get("n", 1)
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_IMAGES:
+            raise InvalidRequest(f"n must be an integer from 1 to {MAX_IMAGES}")
+        size = payload.get("size")
+        if size is not None and not isinstance(size, str):
+            raise InvalidRequest("size must be a string such as \"1024x1024\"")
+        unit = price.for_size(size)
+        if unit is None:
+            raise InvalidRequest(f"size {size!r} is not offered for {item.id}; sizes: "
+                                 + ", ".join(sorted(price.per_size)))
+        call = begin(gw, scope, key, item, ROUTE, body)
+        amount = max(rate_calls(CallUsage(n), price, call.ratio, unit_price=unit).cost_nano_usd,
+                     1)
+        # an image request counts against RPM, concurrency and spend caps; it has no tokens,
+        # so it counts 0 against TPM
+        result = await reserve(gw, call, amount)
+        if isinstance(result, Replay):
+            return result
+        return call, provider, payload, price, unit, n
+
+
+def _images_returned(raw: bytes) -> int | None:
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        return None
+    data = obj.get("data") if isinstance(obj, dict) else None
+    return len(data) if isinstance(data, list) else None

@@ -1,0 +1,80 @@
+"""``POST /v1/responses``: the OpenAI Responses API, forwarded to an OpenAI-compatible
+upstream's ``/responses``.
+
+Usage is read from the answer's ``usage`` (streamed: from the ``response.completed`` event, or
+``response.incomplete`` / ``response.failed``): ``input_tokens`` includes
+``input_tokens_details.cached_tokens`` and ``output_tokens`` includes
+``output_tokens_details.reasoning_tokens`` (:meth:`TokenUsage.from_responses`). Streamed events
+pass through unchanged and in order; the cost follows as an SSE comment.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.types import Send
+
+from tollway.errors import TollwayError
+from tollway.gateway.asgi import error_body
+from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int, send_chunk
+from tollway.gateway.sse import event_json
+from tollway.gateway.usage import parse_responses_usage
+from tollway.pricing.rating import TokenUsage
+
+#: Events that end a response and carry its usage.
+FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
+#: Events whose ``delta`` is generated output (for a local count if usage never comes).
+DELTA_EVENTS = ("response.output_text.delta", "response.refusal.delta",
+                "response.function_call_arguments.delta",
+                "response.reasoning_summary_text.delta", "response.reasoning_text.delta")
+
+
+class ResponsesRoute(TokenRoute):
+    route = "/v1/responses"
+    upstream_path = "/responses"
+    reports_cut = True
+
+    def stream_error(self, llm: LLMCall, exc: TollwayError) -> bytes:
+        """The Responses API's ``error`` event, with Tollway's error object beside (which is
+        what makes the openai package raise)."""
+        body = json.loads(error_body(llm.call.scope, exc))
+        event = {"type": "error", "code": exc.code, "message": exc.message, "param": None,
+                 **body}
+        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+
+    def output_bound(self, payload: dict[str, Any], model_max: int) -> tuple[str | None,
+                                                                             int | None]:
+        value = positive_int(payload, "max_output_tokens")
+        return "max_output_tokens", model_max if value is None else value
+
+    def collect(self, obj: dict[str, Any], out: list[str]) -> None:
+        for item in obj.get("output") or []:
+            if not isinstance(item, dict):
+                continue
+            for key in ("arguments", "name"):
+                if isinstance(item.get(key), str):
+                    out.append(item[key])
+            for part in item.get("content") or item.get("summary") or []:
+                if isinstance(part, dict):
+                    for key in ("text", "refusal"):
+                        if isinstance(part.get(key), str):
+                            out.append(part[key])
+
+    def parse_usage(self, raw: Any) -> tuple[TokenUsage, int]:
+        return parse_responses_usage(raw)
+
+    async def relay(self, llm: LLMCall, event: bytes, send: Send, state: StreamState) -> bool:
+        obj = event_json(event)
+        if isinstance(obj, dict):
+            kind = obj.get("type")
+            if kind in DELTA_EVENTS and isinstance(obj.get("delta"), str):
+                llm.delivered.append(obj["delta"])
+            elif kind in FINAL_EVENTS:
+                response = obj.get("response")
+                if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+                    state.usage = response["usage"]
+                state.done = True
+        llm.call.mark_first_byte()
+        await send_chunk(send, event, state)
+        return True

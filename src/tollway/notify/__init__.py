@@ -1,0 +1,1 @@
+"""Notifications: signed webhooks and optional email, delivered from the outbox."""

@@ -1,0 +1,191 @@
+"""The deliverer: drains the notification outbox (started with the server, or one pass with
+``tollway notify deliver``).
+
+Each pass claims due deliveries in one short transaction, sends them concurrently outside any
+transaction, and records every attempt (status code, error, duration) in another. A failure is
+retried after ``retry_base * 2**(attempt-1)`` until ``max_attempts``; a worker that dies holding
+a claim loses it when its lease (longer than the send timeout) runs out, and the next worker
+makes the next attempt. A receiver may still see an event twice (our record of its 2xx lost to
+a crash): the event id in ``X-Tollway-Event-Id`` is what it deduplicates on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+from sqlalchemy.engine import Connection
+
+from tollway import settings
+from tollway.errors import StorageUnavailable
+from tollway.ledger.ledger import now_ms as wall_clock_ms
+from tollway.notify import mail, signing
+from tollway.store import notifications as store
+from tollway.store.notifications import Claimed
+
+T = TypeVar("T")
+#: Runs a function in a write transaction: the server's writer, or ``Database.run_write``.
+Write = Callable[[Callable[[Connection], Any]], Awaitable[Any]]
+log = logging.getLogger("tollway.notify")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Policy:
+    retry_base_ms: int = 30_000
+    max_attempts: int = 8
+    timeout_s: float = 10.0
+    batch: int = 50
+    allow_private_targets: bool = False
+    smtp_url: str = ""
+    email_from: str = "tollway@localhost"
+
+    @property
+    def lease_ms(self) -> int:
+        """A claim outlives the longest send, so no other worker retries a live attempt."""
+        return int(self.timeout_s * 1000) * 3 + 30_000
+
+    def retry_at(self, attempt: int, now_ms: int) -> int | None:
+        if attempt >= self.max_attempts:
+            return None
+        return now_ms + (self.retry_base_ms << (attempt - 1))
+
+    @classmethod
+    def from_settings(cls) -> Policy:
+        return cls(retry_base_ms=int(float(settings.get("notify_retry_base_seconds")) * 1000),
+                   max_attempts=int(settings.get("notify_max_attempts")),
+                   timeout_s=float(settings.get("notify_timeout_seconds")),
+                   allow_private_targets=settings.get("notify_allow_private_targets").lower()
+                   in ("1", "true", "yes"),
+                   smtp_url=settings.get("smtp_url"),
+                   email_from=settings.get("notify_email_from"))
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    target: str | None
+    status_code: int | None
+    error: str | None  # None: delivered
+    final: bool = False  # no point retrying (nowhere to deliver to)
+
+
+class Deliverer:
+    def __init__(self, write: Write, policy: Policy | None = None, *,
+                 clock_ms: Callable[[], int] = wall_clock_ms) -> None:
+        self.write = write
+        self.policy = policy or Policy.from_settings()
+        self.clock_ms = clock_ms
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def run_once(self) -> int:
+        """One pass: claim a batch of due deliveries, attempt each once. Returns how many."""
+        now = self.clock_ms()
+        policy = self.policy
+        claimed: list[Claimed] = await self.write(lambda conn: store.claim(
+            conn, now_ms=now, lease_ms=policy.lease_ms, limit=policy.batch))
+        outcomes = await asyncio.gather(*(self._attempt(c) for c in claimed),
+                                        return_exceptions=True)
+        # An attempt not recorded (say, the database went away): its lease runs out and a
+        # later pass makes the next attempt.
+        for failure in outcomes:
+            if isinstance(failure, StorageUnavailable):
+                log.warning("recording a delivery attempt failed: the database is unavailable")
+            elif failure is not None:
+                log.error("recording a delivery attempt failed: %r", failure)
+        return len(claimed)
+
+    async def drain(self) -> int:
+        """Passes until nothing is due (the CLI's one-shot)."""
+        total = 0
+        while n := await self.run_once():
+            total += n
+        return total
+
+    async def run_forever(self, interval_s: float) -> None:
+        while True:
+            try:
+                while await self.run_once() == self.policy.batch:
+                    pass
+            except StorageUnavailable:  # the next round retries; a traceback says nothing
+                log.warning("delivering notifications failed: the database is unavailable")
+            except Exception:  # noqa: BLE001 - keep delivering; the next round retries
+                log.exception("delivering notifications failed")
+            await asyncio.sleep(interval_s)
+
+    async def _attempt(self, claimed: Claimed) -> None:
+        started = self.clock_ms()
+        t0 = time.monotonic()
+        if claimed.channel == "webhook":
+            outcome = await self._post(claimed)
+        else:
+            outcome = await self._email(claimed)
+        duration = int((time.monotonic() - t0) * 1000)
+        now = self.clock_ms()
+        retry = None if outcome.final else self.policy.retry_at(claimed.attempt, now)
+        await self.write(lambda conn: store.record_attempt(
+            conn, claimed, target=outcome.target, started_at_ms=started, duration_ms=duration,
+            status_code=outcome.status_code, error=outcome.error, now_ms=now, retry_at_ms=retry))
+
+    async def _post(self, c: Claimed) -> Outcome:
+        url = c.webhook_url
+        if not url or not c.webhook_secret:
+            return Outcome(None, None, "no webhook URL is configured", final=True)
+        if (refused := await self._refuse(url)) is not None:
+            return Outcome(url, None, refused)
+        body = c.body.encode()
+        headers = signing.headers(c.webhook_secret, c.event_id, self.clock_ms() // 1000, body)
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        try:
+            async with self._session.post(
+                    url, data=body, headers=headers, allow_redirects=False,
+                    timeout=aiohttp.ClientTimeout(total=self.policy.timeout_s)) as response:
+                status = response.status  # the body is never read: only the status counts
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return Outcome(url, None, f"{type(exc).__name__}: {exc}".rstrip(": ")[:500])
+        return Outcome(url, status, None if 200 <= status < 300 else f"HTTP {status}")
+
+    async def _refuse(self, url: str) -> str | None:
+        """Why this URL may not be called, or None. Webhook URLs come from customers: unless
+        the operator allows it, none may resolve to a loopback, private or link-local
+        address (the check is at resolution time; see the README on DNS rebinding)."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return f"not an http(s) URL: {url}"
+        if self.policy.allow_private_targets:
+            return None
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        except OSError as exc:
+            return f"cannot resolve {parts.hostname}: {exc}"
+        for info in infos:
+            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+            if not address.is_global:
+                return f"{parts.hostname} resolves to a non-public address ({address})"
+        return None
+
+    async def _email(self, c: Claimed) -> Outcome:
+        if not c.email:
+            return Outcome(None, None, "no email address is configured", final=True)
+        if not self.policy.smtp_url:
+            return Outcome(c.email, None, "the operator has not configured smtp_url",
+                           final=True)
+        try:
+            await asyncio.to_thread(mail.send, self.policy.smtp_url, self.policy.email_from,
+                                    c.email, c.event_type, c.body,
+                                    timeout_s=self.policy.timeout_s)
+        except (OSError, mail.SMTPError) as exc:
+            return Outcome(c.email, None, f"{type(exc).__name__}: {exc}"[:500])
+        return Outcome(c.email, None, None)

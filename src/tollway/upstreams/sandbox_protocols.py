@@ -1,0 +1,230 @@
+"""The sandbox's other protocols: Anthropic Messages (with prompt-cache usage), OpenAI
+Responses and image generation — deterministic, offline, so ``make serve`` demonstrates every
+route and every token kind.
+
+Messages: the reply echoes the last user message as chat does. Usage follows Anthropic's
+semantics (``input_tokens`` EXCLUDES cache tokens): a prompt of 1,024 tokens or more reports
+half of it as a cache read; content blocks marked ``cache_control`` report their tokens as
+cache writes (1-hour for ``{"ttl": "1h"}``, else 5-minute), split in ``cache_creation``.
+Responses: usage in OpenAI Responses semantics (``input_tokens`` includes cached tokens,
+``output_tokens`` includes reasoning). Images: ``n`` deterministic placeholder images.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import itertools
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from tollway import tokens
+from tollway.upstreams.base import BufferedResponse
+
+REASONING_TOKENS = 16
+CACHE_MIN_PROMPT = 1024
+#: A 1×1 transparent PNG: what every sandbox image is.
+PIXEL = base64.b64encode(bytes.fromhex(
+    "89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")).decode()
+
+
+def _json(status: int, body: Any) -> BufferedResponse:
+    return BufferedResponse(status, json.dumps(body).encode())
+
+
+def _last_user_text(messages: Any) -> str:
+    for message in reversed(messages if isinstance(messages, list) else []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return " ".join(str(p.get("text", "[image]")) for p in content
+                                if isinstance(p, dict) and p.get("type") in (
+                                    "text", "input_text", "image", "input_image"))
+    return ""
+
+
+def _reply(text: str, limit: int | None) -> tuple[str, int, bool]:
+    """(the reply, its tokens, whether it was cut at ``limit``)."""
+    encoding = tokens._encoding()
+    ids = encoding.encode_ordinary(text)
+    cut = limit is not None and len(ids) > limit
+    if cut:
+        ids = ids[:limit]
+    return (encoding.decode(ids) if ids else ""), len(ids), cut
+
+
+def _pieces(text: str) -> list[str]:
+    return re.findall(r"\S+\s*|\s+", text)
+
+
+def _sse(name: str, body: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(body)}\n\n".encode()
+
+
+async def _events(events: list[bytes]) -> AsyncIterator[bytes]:
+    for event in events:
+        yield event
+
+
+def _rid(prefix: str, payload: dict[str, Any]) -> str:
+    return prefix + hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+# --------------------------------------------------------------------------- messages
+
+
+def _cache_writes(payload: dict[str, Any]) -> tuple[int, int]:
+    """(5-minute, 1-hour) cache-write tokens: the blocks marked ``cache_control``."""
+    writes = [0, 0]
+    blocks: list[Any] = []
+    if isinstance(payload.get("system"), list):
+        blocks += payload["system"]
+    for message in payload.get("messages") or []:
+        if isinstance(message, dict) and isinstance(message.get("content"), list):
+            blocks += message["content"]
+    for block in blocks:
+        if isinstance(block, dict) and isinstance(block.get("cache_control"), dict):
+            size = tokens.count(str(block.get("text") or json.dumps(block)))
+            writes[block["cache_control"].get("ttl") == "1h"] += size
+    return writes[0], writes[1]
+
+
+def messages(payload: dict[str, Any]) -> BufferedResponse:
+    model = str(payload.get("model", "sandbox"))
+    limit = payload.get("max_tokens")
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        return _json(400, {"type": "error", "error": {"type": "invalid_request_error",
+                                                      "message": "max_tokens is required"}})
+    prompt = tokens.count_prompt(payload)
+    read = prompt // 2 if prompt >= CACHE_MIN_PROMPT else 0
+    write_5m, write_1h = _cache_writes(payload)
+    write_1h = min(write_1h, prompt - read)
+    write_5m = min(write_5m, prompt - read - write_1h)
+    tools = payload.get("tools")
+    choice = payload.get("tool_choice")
+    tool = tools[0] if isinstance(tools, list) and tools and isinstance(tools[0], dict) \
+        else None
+    if isinstance(choice, dict) and choice.get("type") == "none":
+        tool = None
+    blocks: list[dict[str, Any]]
+    if tool is not None:
+        arguments = {"input": _last_user_text(payload.get("messages"))[:200]}
+        blocks = [{"type": "tool_use", "id": "toolu_" + _rid("", arguments)[:12],
+                   "name": str(tool.get("name", "tool")), "input": arguments}]
+        output, stop = tokens.count(json.dumps(arguments)), "tool_use"
+    else:
+        text, output, cut = _reply("You said: " + _last_user_text(payload.get("messages")),
+                                   limit)
+        blocks = [{"type": "text", "text": text}]
+        stop = "max_tokens" if cut else "end_turn"
+    usage = {"input_tokens": prompt - read - write_5m - write_1h,
+             "cache_creation_input_tokens": write_5m + write_1h,
+             "cache_read_input_tokens": read,
+             "cache_creation": {"ephemeral_5m_input_tokens": write_5m,
+                                "ephemeral_1h_input_tokens": write_1h},
+             "output_tokens": output}
+    rid = _rid("msg_sbx", payload)
+    if not payload.get("stream"):
+        return _json(200, {"id": rid, "type": "message", "role": "assistant", "model": model,
+                           "content": blocks, "stop_reason": stop, "stop_sequence": None,
+                           "usage": usage})
+    start: dict[str, Any] = {
+        "id": rid, "type": "message", "role": "assistant", "model": model, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {**usage, "output_tokens": 1}}
+    events = [_sse("message_start", {"type": "message_start", "message": start})]
+    block = blocks[0]
+    if block["type"] == "text":
+        events.append(_sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                                   "content_block": {"type": "text",
+                                                                     "text": ""}}))
+        events.append(_sse("ping", {"type": "ping"}))
+        events += [_sse("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                                "delta": {"type": "text_delta", "text": piece}})
+                   for piece in _pieces(block["text"])]
+    else:
+        events.append(_sse("content_block_start", {"type": "content_block_start", "index": 0,
+                                                   "content_block": {**block, "input": {}}}))
+        events.append(_sse("content_block_delta", {
+            "type": "content_block_delta", "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}}))
+    events.append(_sse("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    events.append(_sse("message_delta", {"type": "message_delta",
+                                         "delta": {"stop_reason": stop, "stop_sequence": None},
+                                         "usage": {"output_tokens": output}}))
+    events.append(_sse("message_stop", {"type": "message_stop"}))
+    return BufferedResponse(200, _events(events), "text/event-stream")
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def responses(payload: dict[str, Any]) -> BufferedResponse:
+    model = str(payload.get("model", "sandbox"))
+    limit = payload.get("max_output_tokens")
+    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+    reasoning = REASONING_TOKENS if "reason" in model else 0
+    if limit is not None:
+        reasoning = min(reasoning, limit // 2)
+    raw = payload.get("input")
+    said = raw if isinstance(raw, str) else _last_user_text(raw)
+    text, visible, cut = _reply("You said: " + said,
+                                None if limit is None else limit - reasoning)
+    prompt = tokens.count_prompt(payload)
+    cached = prompt // 2 if prompt >= CACHE_MIN_PROMPT else 0
+    usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+             "output_tokens": visible + reasoning,
+             "output_tokens_details": {"reasoning_tokens": reasoning},
+             "total_tokens": prompt + visible + reasoning}
+    rid = _rid("resp_sbx", payload)
+    message = {"type": "message", "id": "msg_" + rid[len("resp_"):], "status": "completed",
+               "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}
+    done = {"id": rid, "object": "response", "created_at": int(time.time()),
+            "status": "incomplete" if cut else "completed", "model": model,
+            "output": [message], "parallel_tool_calls": True, "tool_choice": "auto",
+            "tools": [], "usage": usage}
+    if not payload.get("stream"):
+        return _json(200, done)
+    sequence = itertools.count()
+
+    def event(name: str, **body: Any) -> bytes:
+        return _sse(name, {"type": name, "sequence_number": next(sequence), **body})
+
+    started = {**done, "status": "in_progress", "output": [], "usage": None}
+    item = {"item_id": message["id"], "output_index": 0, "content_index": 0}
+    events = [event("response.created", response=started),
+              event("response.in_progress", response=started),
+              event("response.output_item.added", output_index=0,
+                    item={**message, "status": "in_progress", "content": []}),
+              event("response.content_part.added", **item,
+                    part={"type": "output_text", "text": "", "annotations": []})]
+    events += [event("response.output_text.delta", **item, delta=piece)
+               for piece in _pieces(text)]
+    events += [event("response.output_text.done", **item, text=text),
+               event("response.output_item.done", output_index=0, item=message),
+               event("response.incomplete" if cut else "response.completed", response=done)]
+    return BufferedResponse(200, _events(events), "text/event-stream")
+
+
+# --------------------------------------------------------------------------- images
+
+
+def images(payload: dict[str, Any]) -> BufferedResponse:
+    n = payload.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 10:
+        return _json(400, {"error": {"message": "n must be from 1 to 10",
+                                     "type": "invalid_request_error"}})
+    prompt = str(payload.get("prompt", ""))
+    if payload.get("response_format") == "b64_json":
+        data = [{"b64_json": PIXEL, "revised_prompt": prompt} for _ in range(n)]
+    else:
+        digest = _rid("", payload)
+        data = [{"url": f"https://sandbox.invalid/images/{digest}-{i}.png",
+                 "revised_prompt": prompt} for i in range(n)]
+    return _json(200, {"created": int(time.time()), "data": data})
