@@ -263,6 +263,9 @@ def request_for(kind: str, i: int) -> tuple[str, str, dict[str, Any] | None]:
             "stream_options": {"include_usage": True}}
     if kind == "sandbox-chat":
         return "POST", "/v1/chat/completions", {"model": "sandbox-chat", "messages": messages}
+    if kind == "messages-stream":  # Anthropic's protocol, streamed, on the sandbox
+        return "POST", "/v1/messages", {"model": "sandbox-claude", "messages": messages,
+                                        "max_tokens": 64, "stream": True}
     if kind == "sandbox-search":
         return "GET", f"/apis/v1/search/web?q=item-{i}", None
     if kind == "lookup":
@@ -280,8 +283,8 @@ def stream_cost(body: bytes) -> tuple[int | None, str | None]:
     """The cost in a stream's final ``: tollway cost_usd=`` comment (and, when there is a usage
     chunk, checked equal to its ``tollway.cost_usd``), or the code of an error event."""
     cost = usage_cost = code = None
-    for block in body.replace(b"\r\n", b"\n").split(b"\n\n"):
-        line = block.strip()
+    lines = body.replace(b"\r\n", b"\n").split(b"\n")  # Anthropic's events: event: + data:
+    for line in (line.strip() for line in lines):
         if line.startswith(b": tollway cost_usd="):
             cost = parse_usd(line.split(b"=", 1)[1].decode())
         elif line.startswith(b"data:") and line[5:].strip() != b"[DONE]":
@@ -311,8 +314,9 @@ async def one_request(session: aiohttp.ClientSession, url: str, key: str, kind: 
                     outcome.code = json.loads(raw)["error"]["code"]
             elif response.headers.get("content-type", "").startswith("text/event-stream"):
                 outcome.cost_nano, outcome.code = stream_cost(raw)
-                outcome.complete = outcome.cost_nano is not None and raw.rstrip().endswith(
-                    b"data: [DONE]")
+                ended = raw.rstrip().endswith(b"data: [DONE]") or (
+                    path == "/v1/messages" and b"event: message_stop" in raw)
+                outcome.complete = outcome.cost_nano is not None and ended
             else:
                 header = response.headers.get("x-tollway-cost-usd")
                 outcome.cost_nano = parse_usd(header) if header else None
@@ -331,6 +335,7 @@ class Plan:
     concurrency: int
     weights: dict[str, int] = field(default_factory=lambda: {
         "chat": 4, "stream": 4, "stream-quiet": 1, "lookup": 3, "sandbox-chat": 2,
+        "messages-stream": 2,
         "sandbox-search": 2, "broken-model": 1, "broken-api": 1, "poor": 1})
     seed: int = 7
 

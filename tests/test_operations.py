@@ -38,6 +38,7 @@ from tollway.billing.metering import ClientKey
 from tollway.errors import StorageUnavailable
 from tollway.ledger import ledger
 from tollway.logs import JsonFormatter, TextFormatter, log_config
+from tollway.store.accounts import KeyLimits
 from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
 from tollway.web.context import Context
@@ -128,6 +129,38 @@ def test_metrics_count_requests_charges_and_upstream_errors(tw: Tollway,
         "tollway_writer_commit_seconds_bucket{le=\"+Inf\"}"]
     assert after["tollway_open_holds{}"] == 0
     assert after["tollway_process_peak_resident_memory_bytes{}"] > 0
+
+
+def test_metrics_label_every_protocol_route_and_limit_refusals(tw: Tollway) -> None:
+    """Messages, Responses and images are routes of their own in the metrics; a request a
+    rate limit refuses is a 429 with its code in the access log's scope and Retry-After."""
+    key = tw.key(tw.account(), limits=KeyLimits(rpm=4))
+    auth = {"Authorization": f"Bearer {key}"}
+    http = tw.http()
+    before = scrape(tw)
+    assert http.post("/v1/messages", headers=auth, json={
+        "model": "claude-test", "max_tokens": 50, "messages": HELLO}).status_code == 200
+    assert http.post("/v1/responses", headers=auth, json={
+        "model": "reasoner-test", "input": "hi"}).status_code == 200
+    assert http.post("/v1/images/generations", headers=auth, json={
+        "model": "image-test", "prompt": "a cat", "n": 1}).status_code == 200
+    assert http.post("/v1/chat/completions", headers=auth, json={
+        "model": "gpt-test", "messages": HELLO}).status_code == 200
+    refused = http.post("/v1/messages", headers=auth, json={
+        "model": "claude-test", "max_tokens": 50, "messages": HELLO})
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "rate_limited"  # Anthropic's shape, our code
+    assert int(refused.headers["retry-after"]) >= 1
+    assert len(refused.headers.get_list("retry-after")) == 1  # one place adds it
+    after = scrape(tw)
+    for route, product, status in (("/v1/messages", "claude-test", 200),
+                                   ("/v1/responses", "reasoner-test", 200),
+                                   ("/v1/images/generations", "image-test", 200),
+                                   ("/v1/messages", "claude-test", 429)):
+        labels = f'route="{route}",product="{product}",status="{status}"'
+        assert delta(before, after, f"tollway_http_requests_total{{{labels}}}") == 1, labels
+    for product in ("claude-test", "reasoner-test", "image-test"):
+        assert delta(before, after, f'tollway_charges_total{{product="{product}"}}') == 1
 
 
 def test_metrics_show_open_holds_and_their_age(tw: Tollway) -> None:
@@ -298,3 +331,27 @@ def test_database_failures_are_storage_unavailable(tmp_path: Path) -> None:
     finally:
         ctx.writer.close()
         db.dispose()
+
+
+def test_pages_and_static_files_pass_the_observing_middleware(tw: Tollway) -> None:
+    """The web console's pages and /static get request ids, metrics and shedding like the
+    API; an HTML error page shows the request id its X-Request-Id header carries."""
+    http = tw.http()
+    before = scrape(tw)
+    css = http.get("/static/tollway.css")
+    assert css.status_code == 200 and css.headers["x-request-id"].startswith("req_")
+    missing = http.get("/no-such-page")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"].startswith("text/html")
+    request_id = missing.headers["x-request-id"]
+    assert f"<code>{request_id}</code>" in missing.text
+    signin = http.get("/login")
+    assert signin.headers["x-request-id"].startswith("req_")
+    after = scrape(tw)
+    assert delta(before, after, 'tollway_http_requests_total{route="/static",product="",'
+                 'status="200"}') == 1
+    assert delta(before, after, 'tollway_http_requests_total{route="(unmatched)",product="",'
+                 'status="404"}') == 1
+    assert signin.status_code == 200
+    assert delta(before, after, 'tollway_http_requests_total{route="/login",product="",'
+                 'status="200"}') == 1

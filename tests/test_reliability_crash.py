@@ -56,6 +56,7 @@ REAPER_S = 1
 #: Slow streams: ten chunks 0.05 s apart, well inside the hold TTL even on a loaded machine.
 SLOW = LLMScript(content=[f" word{i}" for i in range(10)], chunk_delay=0.05)
 WEIGHTS = {"chat": 3, "stream": 3, "slow-stream": 4, "lookup": 3, "sandbox-chat": 1,
+           "messages-stream": 1,
            "sandbox-search": 1, "broken-model": 1, "broken-api": 1, "poor": 1}
 
 pytestmark = pytest.mark.skipif(not TOLLWAY.exists(), reason="tollway is not installed")
