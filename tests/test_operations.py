@@ -38,6 +38,7 @@ from tollway.billing.metering import ClientKey
 from tollway.errors import StorageUnavailable
 from tollway.ledger import ledger
 from tollway.logs import JsonFormatter, TextFormatter, log_config
+from tollway.notify.deliverer import Deliverer
 from tollway.store.accounts import KeyLimits
 from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
@@ -331,6 +332,39 @@ def test_database_failures_are_storage_unavailable(tmp_path: Path) -> None:
     finally:
         ctx.writer.close()
         db.dispose()
+
+
+def test_background_tasks_warn_without_a_traceback_when_the_database_is_down(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The reaper and the notification deliverer keep running through an outage and say so in
+    one warning line per round, not a traceback (an outage is not a bug)."""
+    db = Database(f"sqlite:///{tmp_path}")  # a directory: SQLite cannot open it
+    writer = Writer(db)
+
+    async def rounds() -> None:
+        ctx = Context(db=db, writer=writer, admin_token="x", hold_ttl_ms=1000,
+                      reaper_interval_s=1, deliverer=Deliverer(writer.run),
+                      notify_interval_s=0.05)
+        ctx.start()
+        try:
+            for _ in range(400):  # until both said it (the reaper's first round is at 1 s)
+                messages = {r.getMessage() for r in caplog.records}
+                if {REAPER_DOWN, DELIVERER_DOWN} <= messages:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await ctx.stop()
+
+    with caplog.at_level(logging.WARNING, logger="tollway"):
+        asyncio.run(rounds())
+    messages = {r.getMessage() for r in caplog.records}
+    assert {REAPER_DOWN, DELIVERER_DOWN} <= messages, messages
+    assert all(r.exc_info is None for r in caplog.records)
+    assert all(r.levelno == logging.WARNING for r in caplog.records if r.name == "tollway")
+
+
+REAPER_DOWN = "releasing expired holds failed: the database is unavailable"
+DELIVERER_DOWN = "delivering notifications failed: the database is unavailable"
 
 
 def test_pages_and_static_files_pass_the_observing_middleware(tw: Tollway) -> None:
