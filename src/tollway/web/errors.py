@@ -51,7 +51,7 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
         if request_id := request.scope.get(REQUEST_ID):
             response.headers["x-request-id"] = request_id
         return response
-    # Starlette runs this handler outside RequestIdMiddleware, so the id is logged and the
+    # Starlette runs this handler outside the observing middleware, so the id is logged and the
     # header set here: the message promises the id finds the log line.
     request_id = request.scope.get(REQUEST_ID)
     log.exception("unhandled error in %s %s (request %s)", request.method, request.url.path,
