@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: serve test lint typecheck bench clean install stress stress-fuzz
+.PHONY: serve test lint typecheck bench clean install stress stress-reliability stress-fuzz
 
 install: $(STAMP)
 
@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 
 serve: $(STAMP)
 	$(BIN)/tollway db upgrade
-	$(BIN)/tollway serve --host $(HOST) --port $(PORT) --catalog examples/catalog.yaml --demo
+	TOLLWAY_LOG_REQUESTS=$${TOLLWAY_LOG_REQUESTS:-all} \
+	  $(BIN)/tollway serve --host $(HOST) --port $(PORT) --catalog examples/catalog.yaml --demo
 
 # Runs every test on SQLite and on a throwaway PostgreSQL server (started here, stopped after).
 test: $(STAMP)
@@ -29,8 +30,9 @@ test: $(STAMP)
 	TOLLWAY_TEST_POSTGRES_URL="$$url" $(BIN)/python -m pytest $(PYTEST_ARGS); status=$$?; \
 	scripts/pg-test-server stop var/pg-test >/dev/null 2>&1 || true; exit $$status
 
-# The long runs (pytest marker `stress`, deselected by `make test`), on SQLite and PostgreSQL.
-stress: stress-fuzz
+# The long runs, on SQLite and PostgreSQL: reliability (cluster, crashes, restart, flood, soak)
+# and fuzzing (pytest marker `stress`, deselected by `make test`). Each prints its table.
+stress: stress-reliability stress-fuzz
 
 # Long fuzzing: schemathesis over every operation, hypothesis over catalogs and usage
 # (TOLLWAY_STRESS_EXAMPLES examples each), then the per-operation table.
@@ -43,6 +45,20 @@ stress-fuzz: $(STAMP)
 	  tests/test_fuzz_api.py tests/test_fuzz_catalog.py tests/test_fuzz_usage.py $(PYTEST_ARGS); \
 	status=$$?; scripts/pg-test-server stop var/pg-test >/dev/null 2>&1 || true; \
 	$(BIN)/python scripts/fuzz-summary var/stress/fuzz-api.jsonl; exit $$status
+
+# The long versions: 10,000 requests over three instances on one PostgreSQL ledger, 10 SIGKILLs
+# per backend, the PostgreSQL restart, then a flood and a 1,000,000-request soak (bench/soak.py,
+# SOAK_REQUESTS to change); prints the summary table (docs/reliability.md has the figures).
+SOAK_REQUESTS ?= 1000000
+stress-reliability: $(STAMP)
+	@mkdir -p var/stress && rm -f var/stress/results.jsonl var/stress/soak.jsonl
+	@url=$$(scripts/pg-test-server start var/pg-test) || { echo "stress needs PostgreSQL" >&2; exit 1; }; \
+	TOLLWAY_STRESS=1 TOLLWAY_STRESS_REPORT=var/stress/results.jsonl TOLLWAY_TEST_POSTGRES_URL="$$url" \
+	  $(BIN)/python -m pytest -q tests/test_reliability_cluster.py tests/test_reliability_crash.py \
+	  tests/test_operations.py; status=$$?; \
+	$(BIN)/python bench/soak.py --requests $(SOAK_REQUESTS) --json var/stress/soak.jsonl || status=1; \
+	scripts/pg-test-server stop var/pg-test >/dev/null 2>&1 || true; \
+	$(BIN)/python bench/stress_report.py var/stress/results.jsonl var/stress/soak.jsonl; exit $$status
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

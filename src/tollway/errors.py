@@ -24,7 +24,10 @@
     ├── PayloadTooLarge (413)
     ├── UpstreamError (502) — the upstream failed, answered garbage or could not be reached
     │   └── UpstreamTimeout (504)
-    └── StorageUnavailable (503) — the database cannot be reached
+    ├── StorageUnavailable (503) — the database cannot be reached
+    └── Overloaded (503) — this worker has too many requests in flight; shed before any work
+
+The 503s carry ``retry_after_s`` (sent as ``Retry-After``): both go away by themselves.
 
 Callers catch by meaning; the HTTP layer renders any of them as
 ``{"error": {"type", "code", "message", "request_id"}}`` and the CLI prints the message and
@@ -38,12 +41,20 @@ class TollwayError(Exception):
     status = 500
     type = "api_error"
     code = "internal_error"
+    retry_after_s: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
         #: Extra response headers (the gateway's rate-limit headers of a refused request).
         self.headers: list[tuple[bytes, bytes]] = []
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """Every header an HTTP answer of this error carries: its own, and ``Retry-After``
+        when it goes away by itself (a limit's reset, a 503). The one place for both."""
+        if self.retry_after_s is None:
+            return self.headers
+        return [*self.headers, (b"retry-after", str(self.retry_after_s).encode())]
 
 
 class InvalidRequest(TollwayError):
@@ -202,6 +213,14 @@ class StorageUnavailable(TollwayError):
     status = 503
     type = "api_error"
     code = "storage_unavailable"
+    retry_after_s = 2
+
+
+class Overloaded(TollwayError):
+    status = 503
+    type = "api_error"
+    code = "overloaded"
+    retry_after_s = 1
 
 
 class CodeRedeemed(TollwayError):

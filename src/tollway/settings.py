@@ -50,6 +50,18 @@ SETTINGS = (
             "believed (the client is the right-most address not in them); empty = none"),
     Setting("catalog_refresh_seconds", "5",
             "how often a worker re-reads the catalog and prices from the database"),
+    Setting("max_inflight_requests", "512",
+            "requests one worker serves at once; beyond it a request is refused at once with "
+            "503 overloaded and Retry-After (nothing read, nothing charged)"),
+    Setting("log_format", "text",
+            "text (one readable line per event) or json (one JSON object per line, for log "
+            "collectors)"),
+    Setting("log_requests", "errors",
+            "access log: all (one line per request: request id, route, status, duration, "
+            "account, product, cost; never keys or headers), errors (only answers >= 400: no "
+            "logging cost on the successful hot path) or none"),
+    Setting("metrics_token", "",
+            "bearer token for GET /metrics; empty: the admin token (either is accepted)"),
     Setting("session_hours", "12", "how long a web console sign-in lasts"),
     Setting("signup_enabled", "false",
             "true: anyone may create a customer account with a console login at /signup"),

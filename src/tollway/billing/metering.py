@@ -7,7 +7,7 @@ that also writes the request's usage record and idempotency state in the same tr
     settle   — charge the actual cost (ledger), write the usage record, keep the response
                for replays.
     void     — release the hold, write an error record with cost 0, forget the idempotency
-               key so the client may retry.
+               key so the client may retry (as when a dead process's hold expired).
     refuse   — a request a limit refused (429) before anything was held: its error record,
                cost 0 (``reserve`` raised, so its own transaction wrote nothing).
 
@@ -80,7 +80,12 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
                                           "request in the last 24 hours")
             if state == "done":
                 return Replay(status, content_type, bytes(body or b""), cost, request)
-            raise RequestInProgress("a request with this Idempotency-Key is still in progress")
+            # Still "in progress" although its hold expired: the process serving it died, and
+            # the reaper released the hold (a late settlement of an expired hold is refused).
+            # Nothing was charged, so this retry takes the key over.
+            if ledger.hold_status(conn, request) != "expired":
+                raise RequestInProgress("a request with this Idempotency-Key is still in "
+                                        "progress")
         usage_store.claim_request_key(conn, key_id=client_key.key_id,
                                       idempotency_key=client_key.value, request_id=request_id,
                                       fingerprint=client_key.fingerprint, at_ms=now)

@@ -8,8 +8,8 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from tollway.errors import InvalidRequest, LimitExceeded, PayloadTooLarge, TollwayError
-from tollway.web.errors import REQUEST_ID
+from tollway.errors import InvalidRequest, PayloadTooLarge, TollwayError
+from tollway.web.observe import ERROR_CODE, REQUEST_ID
 
 JSON = b"application/json"
 
@@ -68,6 +68,7 @@ async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes =
 
 
 def error_body(scope: Scope, exc: TollwayError) -> bytes:
+    scope[ERROR_CODE] = exc.code
     return json.dumps({"error": {"type": exc.type, "code": exc.code, "message": exc.message,
                                  "request_id": scope.get(REQUEST_ID)}}).encode()
 
@@ -76,9 +77,8 @@ async def send_error(scope: Scope, send: Send, exc: TollwayError,
                      headers: Iterable[tuple[bytes, bytes]] = (),
                      render: Callable[[Scope, TollwayError], bytes] = error_body) -> None:
     """An error response (its body as ``render`` writes it: Anthropic's shape on
-    /v1/messages) with the error's own headers (rate limits), and Retry-After for a limit
-    that resets by itself."""
-    headers = [*headers, *exc.headers]
-    if isinstance(exc, LimitExceeded) and exc.retry_after_s is not None:
-        headers.append((b"retry-after", str(exc.retry_after_s).encode()))
-    await send_bytes(send, exc.status, render(scope, exc), headers=headers)
+    /v1/messages) with the error's own headers (rate limits) and its Retry-After (a limit
+    that resets by itself, a 503 that goes away)."""
+    scope[ERROR_CODE] = exc.code
+    await send_bytes(send, exc.status, render(scope, exc),
+                     headers=[*headers, *exc.response_headers()])

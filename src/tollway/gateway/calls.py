@@ -18,12 +18,13 @@ from tollway.errors import InvalidRequest, LimitExceeded, TollwayError, Upstream
 from tollway.gateway.asgi import error_body, header, send_bytes
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import Hold, now_ms
+from tollway.metrics import METRICS
 from tollway.money import format_usd
 from tollway.pricing.rating import AppliedRatio, resolve_ratio
 from tollway.store.accounts import ApiKeyRecord
 from tollway.store.catalog import Item, price_columns
 from tollway.upstreams.base import UpstreamRequest
-from tollway.web.errors import REQUEST_ID
+from tollway.web.observe import ACCOUNT, COST, ERROR_CODE, PRODUCT, REQUEST_ID
 
 COST_HEADER = b"x-tollway-cost-usd"
 #: On an upstream's own non-2xx answer, passed through unchanged: tells a client that the body
@@ -65,6 +66,11 @@ class Call:
 
     def elapsed_ms(self) -> int:
         return int((time.monotonic() - self.started) * 1000)
+
+    def charged(self, cost_nano: int) -> None:
+        """The settlement is durable: count it, and tell the access log what it cost."""
+        self.scope[COST] = cost_nano
+        METRICS.charge(self.item.id, cost_nano)
 
     def mark_first_byte(self) -> None:
         if self.ttft_ms is None:
@@ -114,6 +120,8 @@ def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
         raise InvalidRequest(f"the key's group {group!r} is not in the catalog")
     ratio = resolve_ratio(group, gw.catalog.ratios, item.version.group_ratios)
     call = Call(scope, key, item, ratio, route, clock=gw.clock, limits=gw.catalog.limits(key))
+    scope[PRODUCT] = item.id
+    scope[ACCOUNT] = key.account_id
     idem = header(scope, b"idempotency-key")
     if idem:
         if len(idem) > 200:
@@ -134,10 +142,12 @@ async def reserve(gw: Gateway, call: Call, amount_nano: int, *, tokens: int = 0,
         result = await gw.ctx.write(lambda conn: metering.reserve(
             conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
             amount_nano=amount_nano, ttl_ms=gw.ctx.hold_ttl_ms, client_key=call.client_key,
-            shrink=shrink, limits=call.limits, tokens=tokens, at_ms=at))
+            shrink=shrink, limits=call.limits, tokens=tokens, at_ms=at),
+            account_id=key.account_id)
     except LimitExceeded as exc:
         record = call.record(type_="error", status=exc.status, error=exc)
-        await gw.ctx.write(lambda conn: metering.refuse(conn, record=record))
+        await gw.ctx.write(lambda conn: metering.refuse(conn, record=record),
+                           account_id=key.account_id)
         raise
     if isinstance(result, Reservation):
         call.hold, call.window, call.counted_tokens = result.hold, result.window, tokens
@@ -155,12 +165,16 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
                send_response: bool = True) -> None:
     """The request failed before anything billable happened: void the hold, record the error
     (cost 0), and answer the client."""
+    call.scope[ERROR_CODE] = exc.code
+    if isinstance(exc, UpstreamError):
+        METRICS.upstream_error(call.item.id, exc.code, status or exc.status)
     if call.hold is not None:
         record = call.record(type_="error", status=status or exc.status, error=exc)
         hold_id = call.hold.id
         await gw.ctx.write(lambda conn: metering.void(
             conn, hold_id=hold_id, record=record, client_key=call.client_key,
-            window=call.window, counted_tokens=call.counted_tokens))
+            window=call.window, counted_tokens=call.counted_tokens),
+            account_id=call.key.account_id)
     if send_response:
         if body is None:
             await send_bytes(send, exc.status, call.render_error(call.scope, exc),
@@ -179,7 +193,9 @@ async def settle(gw: Gateway, call: Call, *, cost: int, record: dict[str, Any],
     window, counted = call.window, call.counted_tokens
     await gw.ctx.write(lambda conn: metering.settle(
         conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
-        response=response, at_ms=at, window=window, counted_tokens=counted))
+        response=response, at_ms=at, window=window, counted_tokens=counted),
+        account_id=call.key.account_id)
+    call.charged(cost)
 
 
 @dataclass(frozen=True, slots=True)

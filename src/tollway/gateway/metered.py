@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from tollway import tokens
 from tollway.billing.metering import Replay
-from tollway.errors import InvalidRequest, TollwayError, UpstreamError
+from tollway.errors import InvalidRequest, StorageUnavailable, TollwayError, UpstreamError
 from tollway.gateway.asgi import (
     error_body,
     json_object,
@@ -41,6 +42,9 @@ from tollway.gateway.usage import MeteredUsage, bounded
 from tollway.money import MAX_NANO_USD, format_usd
 from tollway.pricing.rating import InvalidUsage, TokenPrice, TokenUsage, rate_tokens
 from tollway.upstreams.base import UpstreamRequest, UpstreamResponse
+from tollway.web.observe import ERROR_CODE
+
+log = logging.getLogger("tollway")
 
 MAX_TOKENS_HEADER = b"x-tollway-max-tokens"
 #: How far a reported prompt may exceed the local estimate before it is capped for review.
@@ -384,9 +388,7 @@ class TokenRoute:
         if not any(llm.delivered) and state.usage is None:
             exc = state.failure or UpstreamError("the upstream stream ended before any output")
             await fail(llm.gw, call, send, exc, status=exc.status, send_response=False)
-            if not state.client_gone:
-                await send_chunk(send, self.stream_error(llm, exc), state)
-                await send({"type": "http.response.body", "body": b""})
+            await self._end_with_error(llm, exc, state, send)
             return
         metered = self.stream_metered(llm, original, state)
         note = None
@@ -402,14 +404,32 @@ class TokenRoute:
         replay = None
         if call.client_key is not None and state.sent is not None:
             replay = (200, "text/event-stream", b"".join(state.sent) + tail + done)
-        settled = False
         try:
             await self._settle(llm, metered, status=200, response=replay, note=note)
-            settled = True
-        finally:
+        except StorageUnavailable as exc:
+            # The upstream answered but the charge cannot be recorded. The client is told so,
+            # never a cost that is not in the books; the hold stays open until the reaper
+            # releases it, so nothing is charged for this stream.
+            log.warning("request %s: settling the stream failed, the database is unavailable; "
+                        "its hold is left to expire", call.request_id)
+            await self._end_with_error(llm, exc, state, send)
+            return
+        except BaseException:
             if not state.client_gone:
-                await send({"type": "http.response.body",
-                            "body": tail + done if settled else done})
+                await send({"type": "http.response.body", "body": done})
+            raise
+        if not state.client_gone:
+            await send({"type": "http.response.body", "body": tail + done})
+
+    async def _end_with_error(self, llm: LLMCall, exc: TollwayError, state: StreamState,
+                              send: Send) -> None:
+        """End a stream whose headers are sent with an error event in the route's error
+        shape (its code goes to the access log and metrics)."""
+        llm.call.scope[ERROR_CODE] = exc.code
+        if state.client_gone:
+            return
+        await send_chunk(send, self.stream_error(llm, exc), state)
+        await send({"type": "http.response.body", "body": b""})
 
 
 async def send_chunk(send: Send, body: bytes, state: StreamState) -> None:

@@ -29,7 +29,7 @@ from tollway.billing import keys
 from tollway.billing import limits as rate_limits
 from tollway.billing.keys import Address, Network, within
 from tollway.billing.limits import Limits
-from tollway.errors import InvalidApiKey, UnknownEndpoint, UnknownModel
+from tollway.errors import InvalidApiKey, StorageUnavailable, UnknownEndpoint, UnknownModel
 from tollway.ledger.ledger import now_ms
 from tollway.pricing.catalog import Tier
 from tollway.store import catalog as catalog_store
@@ -161,6 +161,8 @@ class Gateway:
             await asyncio.sleep(self.catalog_refresh_s)
             try:
                 await self.refresh()
+            except StorageUnavailable:
+                log.warning("refreshing the catalog failed: the database is unavailable")
             except Exception:  # noqa: BLE001 - keep serving the last good catalog
                 log.exception("refreshing the catalog failed")
 

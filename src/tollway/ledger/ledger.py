@@ -590,6 +590,21 @@ def expire_holds(conn: Connection, now: int | None = None, *, limit: int = 1000)
     return released
 
 
+def hold_status(conn: Connection, idempotency_key: str) -> str | None:
+    """The status of the hold placed with ``idempotency_key`` (see :func:`place_hold`), or
+    None if there is none."""
+    row = _existing_entry(conn, f"hold:{idempotency_key}")
+    return None if row is None else _hold(conn, row[3]).status
+
+
+def open_holds(conn: Connection) -> tuple[int, int | None]:
+    """(how many holds are open, when the oldest was placed in ms) — for monitoring. Open
+    holds are the requests in flight, so this reads few rows (index on status)."""
+    row = conn.execute(sa.select(sa.func.count(), sa.func.min(holds.c.created_at_ms))
+                       .where(holds.c.status == "open")).one()
+    return int(row[0]), None if row[1] is None else int(row[1])
+
+
 def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str,
              correction: RateCorrection | None = None) -> Release:
     closed = _close(conn, hold_id, status, None)

@@ -24,6 +24,7 @@ import aiohttp
 from sqlalchemy.engine import Connection
 
 from tollway import settings
+from tollway.errors import StorageUnavailable
 from tollway.ledger.ledger import now_ms as wall_clock_ms
 from tollway.notify import mail, signing
 from tollway.store import notifications as store
@@ -95,8 +96,12 @@ class Deliverer:
             conn, now_ms=now, lease_ms=policy.lease_ms, limit=policy.batch))
         outcomes = await asyncio.gather(*(self._attempt(c) for c in claimed),
                                         return_exceptions=True)
-        for failure in outcomes:  # not recorded (say, the database went away): the lease
-            if failure is not None:  # runs out and a later pass makes the next attempt
+        # An attempt not recorded (say, the database went away): its lease runs out and a
+        # later pass makes the next attempt.
+        for failure in outcomes:
+            if isinstance(failure, StorageUnavailable):
+                log.warning("recording a delivery attempt failed: the database is unavailable")
+            elif failure is not None:
                 log.error("recording a delivery attempt failed: %r", failure)
         return len(claimed)
 
@@ -112,6 +117,8 @@ class Deliverer:
             try:
                 while await self.run_once() == self.policy.batch:
                     pass
+            except StorageUnavailable:  # the next round retries; a traceback says nothing
+                log.warning("delivering notifications failed: the database is unavailable")
             except Exception:  # noqa: BLE001 - keep delivering; the next round retries
                 log.exception("delivering notifications failed")
             await asyncio.sleep(interval_s)

@@ -20,12 +20,33 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
+from tollway.errors import StorageUnavailable
+
 T = TypeVar("T")
 
 #: Errors as raised through SQLAlchemy or straight from the drivers (see ``prepared.py``).
 INTEGRITY_ERRORS = (sa_exc.IntegrityError, sqlite3.IntegrityError, psycopg.IntegrityError)
-OPERATIONAL_ERRORS = (sa_exc.OperationalError, sqlite3.OperationalError,
-                      psycopg.OperationalError)
+#: The database could not do the work at all (server down, connection lost, disk or lock
+#: trouble): nothing of the transaction happened, and the operation may be tried again.
+OPERATIONAL_ERRORS = (sa_exc.OperationalError, sa_exc.InterfaceError, sqlite3.OperationalError,
+                      psycopg.OperationalError, psycopg.InterfaceError)
+
+
+def storage_error(exc: BaseException) -> StorageUnavailable | None:
+    """The public 503 ``storage_unavailable`` for a database failure, else None.
+
+    The one place that decides which driver errors mean "the database cannot be reached":
+    the writer, ``Context.read`` and the HTTP error handler all ask here. The message never
+    carries the driver's text (it may name hosts and users).
+    """
+    if isinstance(exc, StorageUnavailable):
+        return exc
+    if isinstance(exc, OPERATIONAL_ERRORS) or (
+            isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated):
+        return StorageUnavailable("the database is unavailable; retry later (with the same "
+                                  "Idempotency-Key: a charge that reached the ledger just "
+                                  "before the outage is then replayed, never repeated)")
+    return None
 
 
 class Database:
@@ -44,10 +65,13 @@ class Database:
             self.write_engine = _sqlite_engine(self.url, "BEGIN IMMEDIATE", busy_timeout_ms,
                                                null_pool)
         elif self.dialect == "postgresql":
+            # pool_pre_ping: a connection that died with a server restart is replaced at
+            # checkout, so the service recovers by itself once the server is back.
             pool: dict[str, Any] = ({"poolclass": NullPool} if null_pool else
                                     {"pool_size": pool_size, "max_overflow": pool_size * 4,
                                      "pool_pre_ping": True})
-            self.engine = sa.create_engine(self.url, **pool)
+            self.engine = sa.create_engine(self.url, connect_args={"connect_timeout": 5},
+                                           **pool)
             self.write_engine = self.engine
         else:
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite:/// or "

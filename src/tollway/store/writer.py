@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import random
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -22,7 +24,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy.engine import Connection
 
-from tollway.store.db import INTEGRITY_ERRORS, OPERATIONAL_ERRORS, Database
+from tollway.metrics import METRICS
+from tollway.store.db import INTEGRITY_ERRORS, OPERATIONAL_ERRORS, Database, storage_error
 
 T = TypeVar("T")
 Operation = Callable[[Connection], Any]
@@ -31,6 +34,7 @@ Target = Future[Any] | tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
 Outcome = tuple[bool, Any]  # (succeeded, result or exception)
 _STOP = object()
 _RETRIES = 5
+_LAST = 2**63
 
 
 class Writer:
@@ -41,24 +45,26 @@ class Writer:
         self._thread = threading.Thread(target=self._run, name="tollway-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, op: Callable[[Connection], T]) -> Future[T]:
+    def submit(self, op: Callable[[Connection], T], *, account_id: int | None = None
+               ) -> Future[T]:
         future: Future[T] = Future()
-        self._queue.put((op, future))
+        self._queue.put((_order(account_id), op, future))
         return future
 
-    def call(self, op: Callable[[Connection], T]) -> T:
+    def call(self, op: Callable[[Connection], T], *, account_id: int | None = None) -> T:
         """Run ``op`` in the next batch and wait for its durable result (sync callers)."""
-        return self.submit(op).result()
+        return self.submit(op, account_id=account_id).result()
 
-    async def run(self, op: Callable[[Connection], T]) -> T:
-        """Run ``op`` in the next batch without blocking the event loop.
+    async def run(self, op: Callable[[Connection], T], *, account_id: int | None = None) -> T:
+        """Run ``op`` in the next batch without blocking the event loop. ``account_id`` names
+        the account whose rows the operation locks (see :func:`_order`).
 
         If the caller is cancelled, the operation still runs (or has run): its result is
         dropped, which for a ledger operation means a hold the reaper later releases.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put((op, (loop, future)))
+        self._queue.put((_order(account_id), op, (loop, future)))
         return await future
 
     def close(self) -> None:
@@ -81,16 +87,25 @@ class Writer:
                     stop = True
                     break
                 batch.append(nxt)
-            live = [(op, target) for op, target in batch if _claim(target)]
+            live = [(op, target) for _, op, target in
+                    sorted(batch, key=_by_order) if _claim(target)]
             try:
                 outcomes = self._execute([op for op, _ in live])
             except BaseException as exc:  # noqa: BLE001 - never let the writer thread die
-                outcomes = [(False, exc)] * len(live)
+                # Callers hear 503 storage_unavailable for a database that cannot be reached.
+                outcomes = [(False, storage_error(exc) or exc)] * len(live)
             _deliver([target for _, target in live], outcomes)
             if stop:
                 return
 
     def _execute(self, ops: list[Operation]) -> list[Outcome]:
+        started = time.monotonic()
+        outcomes = self._transact(ops)
+        METRICS.writer_batch.observe(len(ops))
+        METRICS.writer_commit.observe(time.monotonic() - started)
+        return outcomes
+
+    def _transact(self, ops: list[Operation]) -> list[Outcome]:
         for attempt in range(_RETRIES):
             try:
                 try:
@@ -101,9 +116,30 @@ class Writer:
                         return [_run_op(conn, op) for op in ops]
             except OPERATIONAL_ERRORS as exc:
                 if attempt + 1 < _RETRIES and _retryable(exc):
+                    time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # break the lockstep
+                    continue
+                if attempt == 0 and self.db.dialect == "postgresql":
+                    # Most often a pooled connection that died with a server restart: once
+                    # more, on a fresh (pre-pinged) connection. Operations are idempotent.
                     continue
                 raise
         raise AssertionError("unreachable")
+
+
+def _order(account_id: int | None) -> int:
+    """Where an operation goes in its batch: by the account whose rows it locks.
+
+    On PostgreSQL several processes' writers commit batches concurrently. Each operation locks
+    rows of one customer account (its balance, key, day and rollup rows); if two batches took
+    accounts A and B in opposite orders they would deadlock (a one-second wait, then a retry).
+    Sorting every batch by account makes all writers lock in the same order. Operations whose
+    account is not known up front (operator actions, the reaper) go last.
+    """
+    return _LAST if account_id is None else account_id
+
+
+def _by_order(item: tuple[int, Operation, Target]) -> int:
+    return item[0]
 
 
 def _claim(target: Target) -> bool:

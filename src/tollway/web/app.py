@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -9,7 +10,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
 from tollway import settings
@@ -17,7 +18,7 @@ from tollway.admin.routes import admin_routes
 from tollway.billing import keys
 from tollway.billing.marketplace import listing
 from tollway.billing.views import balance_view
-from tollway.errors import TollwayError
+from tollway.errors import InvalidAdminToken, TollwayError
 from tollway.gateway.apis import ApiRoute
 from tollway.gateway.images import ImagesRoute
 from tollway.gateway.llm import LLMRoute
@@ -25,19 +26,21 @@ from tollway.gateway.messages import MessagesRoute
 from tollway.gateway.models import ModelsRoute
 from tollway.gateway.responses import ResponsesRoute
 from tollway.gateway.state import Gateway
-from tollway.ledger.ledger import now_ms
+from tollway.ledger.ledger import now_ms, open_holds
+from tollway.metrics import METRICS
 from tollway.notify.deliverer import Deliverer
 from tollway.store import accounts as store
-from tollway.store.db import Database
+from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
 from tollway.web import notifications, pages, reports
 from tollway.web.console import console_routes
 from tollway.web.context import Context
-from tollway.web.errors import RequestIdMiddleware, http_error, tollway_error, unexpected_error
+from tollway.web.errors import http_error, tollway_error, unexpected_error
 from tollway.web.http import bearer
 from tollway.web.market import market_routes
+from tollway.web.observe import ERROR_CODE, REQUEST_ID, ObserveMiddleware
 from tollway.web.openapi import SPEC
 from tollway.web.operator import operator_routes
 from tollway.web.session import LoginRequired, login_required
@@ -47,7 +50,11 @@ async def error(request: Request, exc: Exception) -> Response:
     """API paths answer the JSON error body; pages (``pages.is_page``) an HTML page."""
     if isinstance(exc, TollwayError):
         if pages.is_page(request):
-            return await pages.error_page(request, exc.status, exc.message)
+            request.scope[ERROR_CODE] = exc.code
+            response = await pages.error_page(request, exc.status, exc.message)
+            for name, value in exc.response_headers():
+                response.headers.append(name.decode(), value.decode())
+            return response
         return await tollway_error(request, exc)
     assert isinstance(exc, HTTPException)
     if pages.is_page(request):
@@ -55,10 +62,37 @@ async def error(request: Request, exc: Exception) -> Response:
     return await http_error(request, exc)
 
 
+async def unexpected(request: Request, exc: Exception) -> Response:
+    """A database failure no layer mapped is 503 storage_unavailable (a page on page paths);
+    anything else a 500. Starlette runs this outside the observing middleware, so the request
+    id header is set here."""
+    unavailable = storage_error(exc)
+    if unavailable is None or not pages.is_page(request):
+        return await unexpected_error(request, exc)
+    response = await error(request, unavailable)
+    if request_id := request.scope.get(REQUEST_ID):
+        response.headers["x-request-id"] = request_id
+    return response
+
+
 async def healthz(request: Request) -> JSONResponse:
     ctx: Context = request.app.state.ctx
     await ctx.read(lambda conn: conn.exec_driver_sql("SELECT 1").scalar())
     return JSONResponse({"status": "ok", "database": ctx.db.dialect})
+
+
+async def metrics(request: Request) -> Response:
+    """Prometheus text exposition of this worker's counters (see ``tollway.metrics``)."""
+    ctx: Context = request.app.state.ctx
+    token = bearer(request) or ""
+    allowed = [t for t in (ctx.admin_token, settings.get("metrics_token")) if t]
+    if not any(hmac.compare_digest(token.encode(), t.encode()) for t in allowed):
+        raise InvalidAdminToken("/metrics needs 'Authorization: Bearer <metrics or admin "
+                                "token>'")
+    count, oldest_ms = await ctx.read(open_holds)
+    age_s = max(now_ms() - oldest_ms, 0) / 1000 if oldest_ms is not None else 0.0
+    return PlainTextResponse(METRICS.exposition(open_holds=count, oldest_hold_age_s=age_s),
+                             media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 async def openapi(request: Request) -> JSONResponse:
@@ -122,6 +156,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
 
     routes = [
         Route("/healthz", healthz),
+        Route("/metrics", metrics),
         Route("/openapi.json", openapi),
         Route("/v1/marketplace", marketplace),
         Route("/v1/billing/balance", balance),
@@ -157,7 +192,9 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(RequestIdMiddleware)],
+        middleware=[Middleware(ObserveMiddleware,
+                               max_inflight=int(settings.get("max_inflight_requests")),
+                               log_requests=settings.get("log_requests").lower())],
         exception_handlers={TollwayError: error, HTTPException: error,
-                            LoginRequired: login_required, Exception: unexpected_error},
+                            LoginRequired: login_required, Exception: unexpected},
     )

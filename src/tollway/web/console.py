@@ -129,7 +129,7 @@ async def redeem_code(request: Request) -> Response:
         if code is None:
             raise InvalidRequest("enter the code you were given")
         done = await _ctx(request).write(
-            lambda conn: codes.redeem(conn, account_id, code, now_ms()))
+            lambda conn: codes.redeem(conn, account_id, code, now_ms()), account_id=account_id)
     except (InvalidRequest, UnknownCode, CodeRedeemed, CodeExpired) as exc:
         return await _overview(request, account_id, redeem_error=exc.message,
                                status=exc.status)

@@ -12,9 +12,10 @@ from typing import TypeVar
 from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 
+from tollway.errors import StorageUnavailable
 from tollway.ledger import ledger
 from tollway.notify.deliverer import Deliverer
-from tollway.store.db import Database
+from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
 
 T = TypeVar("T")
@@ -38,14 +39,21 @@ class Context:
     async def read(self, fn: Callable[[Connection], T]) -> T:
         """Run a read-only query on a pooled connection, off the event loop."""
         def run() -> T:
-            with self.db.read() as conn:
-                return fn(conn)
+            try:
+                with self.db.read() as conn:
+                    return fn(conn)
+            except Exception as exc:
+                unavailable = storage_error(exc)
+                if unavailable is None:
+                    raise
+                raise unavailable from None
 
         return await run_in_threadpool(run)
 
-    async def write(self, fn: Callable[[Connection], T]) -> T:
-        """Run a write in the writer's next durable batch."""
-        return await self.writer.run(fn)
+    async def write(self, fn: Callable[[Connection], T], *, account_id: int | None = None) -> T:
+        """Run a write in the writer's next durable batch (``account_id``: the customer
+        account whose rows it locks, which orders the batch; see ``Writer``)."""
+        return await self.writer.run(fn, account_id=account_id)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -71,6 +79,9 @@ class Context:
             await asyncio.sleep(self.reaper_interval_s)
             try:
                 released = await self.write(ledger.expire_holds)
+            except StorageUnavailable:
+                log.warning("releasing expired holds failed: the database is unavailable")
+                continue
             except Exception:  # noqa: BLE001 - keep reaping; the next round retries
                 log.exception("releasing expired holds failed")
                 continue

@@ -1,46 +1,21 @@
-"""Request ids and the one error shape: ``{"error": {"type", "code", "message",
-"request_id"}}``. Plain ASGI, so it costs nothing on the hot path."""
+"""The one error shape: ``{"error": {"type", "code", "message", "request_id"}}`` (request
+ids are given by ``observe.ObserveMiddleware``)."""
 
 from __future__ import annotations
 
 import logging
-import secrets
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tollway.errors import TollwayError
+from tollway.store.db import storage_error
+from tollway.web.observe import ERROR_CODE, REQUEST_ID
+
+__all__ = ["REQUEST_ID", "error_response", "http_error", "tollway_error", "unexpected_error"]
 
 log = logging.getLogger("tollway")
-REQUEST_ID = "tollway.request_id"
-
-
-def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
-
-
-class RequestIdMiddleware:
-    """Give every request an id and answer it in ``X-Request-Id``."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = new_request_id()
-        scope[REQUEST_ID] = request_id
-        header = (b"x-request-id", request_id.encode())
-
-        async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), header]
-            await send(message)
-
-        await self.app(scope, receive, send_with_id)
 
 
 def error_response(request: Request, status: int, type_: str, code: str,
@@ -52,7 +27,11 @@ def error_response(request: Request, status: int, type_: str, code: str,
 
 async def tollway_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, TollwayError)
-    return error_response(request, exc.status, exc.type, exc.code, exc.message)
+    request.scope[ERROR_CODE] = exc.code
+    response = error_response(request, exc.status, exc.type, exc.code, exc.message)
+    for name, value in exc.response_headers():
+        response.headers.append(name.decode(), value.decode())
+    return response
 
 
 _HTTP_CODES = {404: ("not_found_error", "not_found"),
@@ -66,7 +45,13 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
-    # Starlette runs this handler outside RequestIdMiddleware, so the id is logged and the
+    unavailable = storage_error(exc)  # a database failure on a path that did not map it
+    if unavailable is not None:
+        response = await tollway_error(request, unavailable)
+        if request_id := request.scope.get(REQUEST_ID):
+            response.headers["x-request-id"] = request_id
+        return response
+    # Starlette runs this handler outside the observing middleware, so the id is logged and the
     # header set here: the message promises the id finds the log line.
     request_id = request.scope.get(REQUEST_ID)
     log.exception("unhandled error in %s %s (request %s)", request.method, request.url.path,

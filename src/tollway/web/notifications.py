@@ -75,6 +75,7 @@ def redeem(scope: Scope) -> Endpoint:
         code = (await json_body(request)).get("code")
         if not isinstance(code, str) or not code.strip():
             raise InvalidRequest("code is required")
-        result = await ctx.write(lambda conn: codes.redeem(conn, account_id, code, now_ms()))
+        result = await ctx.write(lambda conn: codes.redeem(conn, account_id, code, now_ms()),
+                                 account_id=account_id)
         return JSONResponse(codes.redemption_view(result), status_code=201)
     return endpoint

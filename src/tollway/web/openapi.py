@@ -103,6 +103,10 @@ SPEC: dict[str, Any] = {
     "paths": {
         "/healthz": {"get": _op("Liveness and database check", _json(OBJECT), security=None)},
         "/openapi.json": {"get": _op("This document", _json(OBJECT), security=None)},
+        "/metrics": {"get": _op(
+            "This worker's counters in Prometheus text format (admin or metrics token)",
+            {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            security="adminToken")},
         "/v1/marketplace": {"get": _op("Every listing with billing type and prices per group",
                                        _json(_ref("Marketplace")), security=None)},
         "/v1/billing/balance": {"get": _op("The key's account balance", _json(_ref("Balance")))},

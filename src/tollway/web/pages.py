@@ -1,7 +1,8 @@
 """Server-rendered pages: the Jinja2 environment, ``render`` and the static files.
 
 Every template extends ``base.html`` (blocks ``title`` and ``content``) and receives
-``session`` (the signed-in ``Session`` or None) and ``csrf_token`` (put it in every form as
+``session`` (the signed-in ``Session`` or None), ``request_id`` (error pages show it) and
+``csrf_token`` (put it in every form as
 ``<input type="hidden" name="csrf_token" value="{{ csrf_token }}">``). Autoescape is on.
 Static assets are vendored in ``web/static`` and served at ``/static``: nothing from a CDN.
 
@@ -20,6 +21,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
+from tollway.web.observe import REQUEST_ID
 from tollway.web.session import CSRF_COOKIE, anonymous_csrf, current_session, set_cookie
 
 HERE = Path(__file__).parent
@@ -33,7 +35,8 @@ templates = jinja2.Environment(
 static_mount = Mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
 #: Paths answered with JSON (APIs); everything else is a page.
-_API_PREFIXES = ("/v1/", "/admin/v1/", "/apis/", "/healthz", "/openapi.json", "/static/")
+_API_PREFIXES = ("/v1/", "/admin/v1/", "/apis/", "/healthz", "/metrics", "/openapi.json",
+                 "/static/")
 
 
 def is_page(request: Request) -> bool:
@@ -47,7 +50,8 @@ async def render(request: Request, name: str, context: dict[str, Any] | None = N
     session = await current_session(request)
     csrf = session.csrf_token if session else anonymous_csrf(request)
     body = templates.get_template(name).render(
-        {**(context or {}), "session": session, "csrf_token": csrf, "path": request.url.path})
+        {**(context or {}), "session": session, "csrf_token": csrf, "path": request.url.path,
+         "request_id": request.scope.get(REQUEST_ID)})
     response = HTMLResponse(body, status_code=status, headers={
         "cache-control": "no-store", "x-frame-options": "DENY",
         "referrer-policy": "same-origin", "x-content-type-options": "nosniff"})
@@ -57,5 +61,7 @@ async def render(request: Request, name: str, context: dict[str, Any] | None = N
 
 
 async def error_page(request: Request, status: int, message: str) -> HTMLResponse:
+    """The error as a page, with its request id (the same one as ``X-Request-Id`` and the
+    access log: what a customer quotes to the operator)."""
     return await render(request, "error.html", {"status": status, "message": message},
                         status=status)

@@ -15,6 +15,7 @@ from tollway.billing import credits
 from tollway.billing import keys as key_ops
 from tollway.errors import AuthenticationError, InvalidRequest
 from tollway.ledger import ledger
+from tollway.logs import log_config
 from tollway.pricing.catalog import load_catalog
 from tollway.store import accounts as store
 from tollway.store.catalog import apply_catalog
@@ -65,6 +66,7 @@ def ensure_demo(db: Database, data_dir: Path) -> str:
 
 
 def serve(args: argparse.Namespace) -> None:
+    config = log_config(settings.get("log_format"))  # refuse a bad format before anything
     db = Database(args.database_url)
     if current_revision(db) != head_revision():
         raise InvalidRequest("the database is not up to date: run `tollway db upgrade` first")
@@ -88,4 +90,5 @@ def serve(args: argparse.Namespace) -> None:
     os.environ[settings.Setting("database_url", "", "").env] = args.database_url
     os.environ[settings.Setting("admin_token", "", "").env] = token
     uvicorn.run("tollway.web.app:create_app", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level="info", access_log=False)
+                workers=args.workers, log_level="info", access_log=False,
+                log_config=config)
