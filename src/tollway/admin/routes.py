@@ -128,9 +128,12 @@ async def adjust(request: Request, ctx: Context) -> Response:
 async def _credit(request: Request, ctx: Context, kind: str, amount: int,
                   note: str | None) -> Response:
     key = _idempotency_key(request)
-    ref = request.path_params["account"]
+    # the account is looked up first so the write is ordered by it like every other money
+    # write (see store/writer.py: writers lock accounts in one order, so never deadlock)
+    account = await ctx.read(lambda conn: store.find_account(conn, request.path_params["account"]))
     _, result = await ctx.write(lambda conn: credits.credit(
-        conn, ref, amount, kind=kind, idempotency_key=key, note=note))
+        conn, account.id, amount, kind=kind, idempotency_key=key, note=note),
+        account_id=account.id)
     return JSONResponse(credit_view(result), status_code=201)
 
 
