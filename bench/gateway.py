@@ -87,6 +87,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hostinfo import cpu_model, git_commit
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -1022,23 +1024,13 @@ def machine() -> dict[str, Any]:
     import uvicorn
     import uvloop
 
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                            capture_output=True, text=True).stdout.strip()
+    model, commit = cpu_model(), git_commit()
     return {"nproc": os.cpu_count(), "usable_cpus": len(os.sched_getaffinity(0)),
             "source_digest": source_digest(), "tollway_source": str(tollway_source()),
             "cpu_model": model, "python": platform.python_version(),
             "uvicorn": uvicorn.__version__, "starlette": starlette.__version__,
             "aiohttp": aiohttp.__version__, "uvloop": getattr(uvloop, "__version__", "?"),
-            "platform": platform.platform(), "commit": commit or "?",
+            "platform": platform.platform(), "commit": commit,
             "loadavg_at_start": os.getloadavg(),
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 

@@ -40,7 +40,6 @@ import pstats
 import shutil
 import sqlite3
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,6 +51,7 @@ from functools import partial
 from typing import Any
 
 import sqlalchemy as sa
+from hostinfo import cpu_model, git_commit, loadavg
 
 from tollway.ledger.ledger import place_hold, settle_hold, topup
 from tollway.ledger.verify import verify
@@ -477,31 +477,9 @@ def bench_backend(backend: Backend, args: argparse.Namespace, log: Callable[[str
     return result
 
 
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
 def machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {"nproc": os.cpu_count(), "commit": commit or "?",
+    model, commit = cpu_model(), git_commit()
+    return {"nproc": os.cpu_count(), "commit": commit,
             "usable_cpus": len(os.sched_getaffinity(0)), "loadavg_start": loadavg(),
             "cpu_model": model, "python": platform.python_version(),
             "sqlalchemy": sa.__version__, "platform": platform.platform(),

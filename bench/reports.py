@@ -50,7 +50,6 @@ import platform
 import random
 import sqlite3
 import statistics
-import subprocess
 import sys
 import time
 import tracemalloc
@@ -63,6 +62,7 @@ from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from hostinfo import cpu_model, git_commit, loadavg
 
 from tollway.billing.reports import (
     export_csv,
@@ -1411,34 +1411,12 @@ def _reset_hwm() -> None:
 # --------------------------------------------------------------------------- output
 
 
-def loadavg() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
 def machine() -> dict[str, Any]:
-    model = "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        commit = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"],
-                                capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    model, commit = cpu_model(), git_commit()
     mem = _meminfo_gib()
     return {"nproc": os.cpu_count(), "cpu_model": model, "memory_gib": mem,
             "python": platform.python_version(), "sqlalchemy": sa.__version__,
-            "psycopg": psycopg.__version__, "commit": commit or "?",
+            "psycopg": psycopg.__version__, "commit": commit,
             "loadavg_start": loadavg(), "date": _now_text()}
 
 
