@@ -63,6 +63,11 @@ SETTINGS = (
     Setting("metrics_token", "",
             "bearer token for GET /metrics; empty: the admin token (either is accepted)"),
     Setting("session_hours", "12", "how long a web console sign-in lasts"),
+    Setting("signin_max_failures", "5",
+            "failed console sign-ins per login or client address within the window before "
+            "further attempts are refused (HTTP 429) without checking the password"),
+    Setting("signin_window_seconds", "900",
+            "how long a failed console sign-in counts against its login and address"),
     Setting("signup_enabled", "false",
             "true: anyone may create a customer account with a console login at /signup"),
     Setting("signup_credit_usd", "0",

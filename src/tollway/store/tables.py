@@ -321,6 +321,18 @@ web_sessions = sa.Table(
     sa.Index("ix_web_sessions_expiry", "expires_at_ms"),
 )
 
+#: Failed console sign-ins (migration 0007), one row per failure and scope (``login:<login>``,
+#: ``ip:<address>``): the sign-in throttle counts them, so every worker and instance shares it.
+signin_failures = sa.Table(
+    "signin_failures",
+    metadata,
+    _id(),
+    sa.Column("scope", sa.String(400), nullable=False),
+    sa.Column("at_ms", Ms, nullable=False),
+    sa.Index("ix_signin_failures_scope", "scope", "at_ms"),
+    sa.Index("ix_signin_failures_time", "at_ms"),
+)
+
 #: Where an account's notifications go. The secret signs webhooks (HMAC-SHA256); it is kept in
 #: clear because signing needs it, and shown to the account's owner on request.
 notification_settings = sa.Table(

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tollway import settings
-from tollway.billing import credits, logins
+from tollway.billing import credits, logins, signin
 from tollway.billing.views import parse_amount
 from tollway.errors import InvalidRequest
 from tollway.web.context import Context
@@ -26,7 +26,36 @@ from tollway.web.session import (
     start_session,
 )
 
+if TYPE_CHECKING:
+    from tollway.gateway.state import Gateway
+
 REFUSED = "That login and password do not match an active account."
+
+
+async def _throttled(request: Request, page: str, retry_after_s: int,
+                     context: dict[str, Any]) -> Response:
+    """The sign-in page again, refused with 429 and ``Retry-After`` (the throttle)."""
+    minutes = -(-retry_after_s // 60)
+    error = (f"Too many failed sign-ins. Try again in {minutes} minute"
+             f"{'' if minutes == 1 else 's'}.")
+    response = await render(request, page, {**context, "error": error}, status=429)
+    response.headers["retry-after"] = str(retry_after_s)
+    return response
+
+
+async def _locked(request: Request, scopes: list[str],
+                  policy: signin.Policy) -> tuple[int, int | None]:
+    """The gateway's time and, when ``scopes`` are throttled, the seconds to wait."""
+    gw: Gateway = request.app.state.gateway
+    ctx: Context = request.app.state.ctx
+    at = gw.clock()
+    wait = await ctx.read(lambda conn: signin.retry_after_s(conn, scopes, policy, now_ms=at))
+    return at, wait
+
+
+def _client_scopes(request: Request) -> list[str]:
+    gw: Gateway = request.app.state.gateway
+    return signin.ip_scope(gw.client_address(request.scope))
 
 
 def _text(form: Any, name: str, limit: int = 1024) -> str:
@@ -52,11 +81,19 @@ async def login(request: Request) -> Response:
     nxt = safe_next(_text(form, "next"), "/console")
     login_name, password = _text(form, "login", 320), _text(form, "password")
     ctx: Context = request.app.state.ctx
+    policy = signin.Policy.from_settings()
+    scopes = [signin.login_scope(login_name), *_client_scopes(request)]
+    at, wait = await _locked(request, scopes, policy)
+    if wait is not None:  # refused before scrypt: a guesser gets no password check
+        return await _throttled(request, "auth/login.html", wait,
+                                {"next": nxt, "login": login_name, "signup": signup_enabled()})
     account = await ctx.read(lambda conn: logins.authenticate(conn, login_name, password))
     if account is None:
+        await ctx.write(lambda conn: signin.record_failure(conn, scopes, policy, now_ms=at))
         return await render(request, "auth/login.html",
                             {"next": nxt, "error": REFUSED, "login": login_name,
                              "signup": signup_enabled()}, status=401)
+    await ctx.write(lambda conn: signin.record_success(conn, login_name))
     response = RedirectResponse(nxt, status_code=303)
     await start_session(request, response, account_id=account.id, operator=False)
     return response
@@ -81,9 +118,15 @@ async def admin_login(request: Request) -> Response:
     await check_csrf(request, form)
     nxt = safe_next(_text(form, "next"), "/admin")
     ctx: Context = request.app.state.ctx
+    policy = signin.Policy.from_settings()
+    scopes = _client_scopes(request)  # one operator: its form counts by client address only
+    at, wait = await _locked(request, scopes, policy)
+    if wait is not None:
+        return await _throttled(request, "auth/admin_login.html", wait, {"next": nxt})
     token = _text(form, "token")
     if not token or not ctx.admin_token or not hmac.compare_digest(
             token.encode(), ctx.admin_token.encode()):
+        await ctx.write(lambda conn: signin.record_failure(conn, scopes, policy, now_ms=at))
         return await render(request, "auth/admin_login.html",
                             {"next": nxt, "error": "That is not the admin token."}, status=401)
     response = RedirectResponse(nxt, status_code=303)

@@ -78,6 +78,20 @@ def html_pages(summary: str, methods: Sequence[str] = ("get",), *,
         **({"security": [{security: []}]} if security else {})} for method in methods}
 
 
+def sign_in_page(summary: str) -> dict[str, Any]:
+    """A sign-in form: a refusal re-renders it (401), and so does the throttle (429)."""
+    page = html_pages(summary, ("get", "post"))
+    html = {"text/html": {"schema": {"type": "string"}}}
+    page["post"]["responses"].update({
+        "401": {"description": "wrong credentials: the form again", "content": html},
+        "429": {"description": "too many failed sign-ins from this login or address: the "
+                "form again, refused without checking the password",
+                "headers": {"Retry-After": {"description": "seconds to wait",
+                                            "schema": {"type": "integer"}}},
+                "content": html}})
+    return page
+
+
 LOG_FILTERS = ["start", "end", "model", "endpoint", "product", "key", "group", "type",
                "billing_type", "review"]
 USD_IN = {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"}
@@ -438,11 +452,10 @@ SPEC: dict[str, Any] = {
 
 #: The customer web console and its sign-in pages (``web/auth.py``, ``web/console.py``).
 SPEC["paths"].update({
-    "/login": html_pages("Customer sign-in: email or account name and password",
-                         ("get", "post")),
+    "/login": sign_in_page("Customer sign-in: email or account name and password"),
     "/logout": html_pages("Sign out (customer)", ("post",), security="session"),
     "/signup": html_pages("Self-service sign-up (TOLLWAY_SIGNUP_ENABLED)", ("get", "post")),
-    "/admin/login": html_pages("Operator sign-in with the admin token", ("get", "post")),
+    "/admin/login": sign_in_page("Operator sign-in with the admin token"),
     "/admin/logout": html_pages("Sign out (operator)", ("post",), security="session"),
     "/console": html_pages("Overview: balance, usage this period, charts",
                            security="session"),
