@@ -158,13 +158,6 @@ def served(request: pytest.FixtureRequest) -> Iterator[Tollway]:
         yield tollway
 
 
-@pytest.fixture
-def tw(served: Tollway) -> Iterator[Tollway]:
-    served.begin_test()
-    yield served
-    served.close_clients()
-
-
 def test_fifty_concurrent_http_redemptions_credit_once(tw: Tollway) -> None:
     accounts = [tw.account(usd=None) for _ in range(5)]
     keys = [tw.key(a) for a in accounts]

@@ -143,13 +143,6 @@ def served(request: pytest.FixtureRequest) -> Iterator[Tollway]:
         yield tollway
 
 
-@pytest.fixture
-def tw(served: Tollway) -> Iterator[Tollway]:
-    served.begin_test()
-    yield served
-    served.close_clients()
-
-
 def test_one_signed_low_balance_event_per_crossing(tw: Tollway, receiver: Receiver) -> None:
     account = tw.account(usd="0.010")
     key = tw.key(account)

@@ -68,13 +68,6 @@ def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[T
         yield tollway
 
 
-@pytest.fixture
-def tw(served: Tollway) -> Iterator[Tollway]:
-    served.begin_test()
-    yield served
-    served.close_clients()
-
-
 def scrape(tw: Tollway, token: str = ADMIN_TOKEN) -> dict[str, float]:
     """``{'name{labels}': value}`` of every sample, checking each line's syntax."""
     response = httpx.get(tw.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
