@@ -14,10 +14,12 @@ from sqlalchemy.engine import Connection
 
 from tollway.billing import codes
 from tollway.billing import notifications as notify
+from tollway.billing.csv_cells import cell as csv_cell
 from tollway.billing.views import parse_amount, parse_iso_ms
 from tollway.cli import Output, open_db
 from tollway.ledger import ledger
 from tollway.notify.deliverer import Deliverer
+from tollway.notify import targets
 from tollway.store import accounts as store
 from tollway.store.db import Database
 
@@ -32,6 +34,7 @@ def cmd_notify_settings(args: argparse.Namespace) -> Output:
         if value is not None:
             body[field] = None if value.lower() == _CLEAR else value
     notify.parse_changes(body)
+    targets.check_saved_sync(body)
     db = open_db(args)
 
     def op(conn: Connection) -> dict[str, Any]:
@@ -99,7 +102,7 @@ def cmd_codes_create(args: argparse.Namespace) -> Output:
     writer = csv.DictWriter(out, fieldnames=["code", "id", "amount_usd", "expires_at", "note"],
                             lineterminator="\n")
     writer.writeheader()
-    writer.writerows(views)
+    writer.writerows({k: csv_cell(v) for k, v in view.items()} for view in views)
     return Output(views, out.getvalue().rstrip("\n"))
 
 

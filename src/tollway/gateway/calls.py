@@ -126,7 +126,10 @@ def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
     if idem:
         if len(idem) > 200:
             raise InvalidRequest("Idempotency-Key must be at most 200 characters")
-        digest = hashlib.sha256(scope["method"].encode() + b" " + route.encode() + b"\n" + body)
+        # method, path, query string and body: the same key with another ``?q=`` is another
+        # request (409 idempotency_key_reused), never a replay of the first answer
+        digest = hashlib.sha256(scope["method"].encode() + b" " + scope["path"].encode()
+                                + b"?" + scope.get("query_string", b"") + b"\n" + body)
         call.client_key = ClientKey(key.id, idem, digest.hexdigest())
     return call
 

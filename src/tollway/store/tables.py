@@ -53,6 +53,9 @@ api_keys = sa.Table(
     sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("name", sa.String(200)),
     sa.Column("group_name", sa.String(64)),
+    # who pinned group_name (migration 0008): only an ``operator`` pin is charged; a
+    # ``customer`` pin (made through the console before 0008) is ignored
+    sa.Column("group_pinned_by", sa.String(16)),
     sa.Column("models", sa.Text),  # JSON list of allowed catalog ids, NULL = all
     sa.Column("quota_nano", Nano),  # NULL = no own quota
     sa.Column("used_nano", Nano, nullable=False, server_default="0"),
@@ -358,6 +361,7 @@ notification_events = sa.Table(
     sa.Column("body", sa.Text, nullable=False),  # the JSON document delivered, byte for byte
     sa.Column("created_at_ms", Ms, nullable=False),
     sa.Index("ix_notification_events_account", "account_id", "id"),
+    sa.Index("ix_notification_events_created", "created_at_ms"),
 )
 
 notification_deliveries = sa.Table(

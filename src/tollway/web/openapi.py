@@ -222,9 +222,11 @@ SPEC: dict[str, Any] = {
             body={"type": "object", "required": ["tier"],
                   "properties": {"tier": {"type": ["string", "null"]}}})},
         "/admin/v1/keys/{key_id}": {"patch": _op(
-            "Change a key's limits (given fields replace, null clears)", _json(_ref("Key")),
-            security="adminToken", params=["key_id"],
-            body={"type": "object", "properties": KEY_LIMITS, "additionalProperties": False})},
+            "Change a key's limits or pin its price group (given fields replace, null "
+            "clears)", _json(_ref("Key")), security="adminToken", params=["key_id"],
+            body={"type": "object", "properties": {
+                **KEY_LIMITS, "group": {"type": ["string", "null"]}},
+                "additionalProperties": False})},
         "/admin/v1/keys/{key_id}/revoke": {"post": _op("Revoke a key", _json(_ref("Key")),
                                                        security="adminToken",
                                                        params=["key_id"])},
