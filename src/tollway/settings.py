@@ -68,6 +68,10 @@ SETTINGS = (
             "further attempts are refused (HTTP 429) without checking the password"),
     Setting("signin_window_seconds", "900",
             "how long a failed console sign-in counts against its login and address"),
+    Setting("signup_max_per_address", "5",
+            "sign-ups (every POST to /signup) one client address may make per window; more "
+            "are refused with 429 and Retry-After"),
+    Setting("signup_window_seconds", "3600", "the window of signup_max_per_address"),
     Setting("signup_enabled", "false",
             "true: anyone may create a customer account with a console login at /signup"),
     Setting("signup_credit_usd", "0",
@@ -82,6 +86,9 @@ SETTINGS = (
     Setting("notify_allow_private_targets", "false",
             "deliver webhooks to loopback, private and link-local addresses (off: a customer "
             "cannot make the server call into the operator's network)"),
+    Setting("notify_retention_days", "90",
+            "notification events (with their deliveries and attempts) older than this are "
+            "deleted by the server's deliverer and `tollway notify prune`; pending ones stay"),
     Setting("smtp_url", "",
             "smtp://USER:PASS@HOST:PORT (STARTTLS when offered) or smtps://…; empty: no email"),
     Setting("notify_email_from", "tollway@localhost", "From: address of notification email"),
