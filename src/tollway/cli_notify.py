@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from tollway import settings
 from tollway.billing import codes
 from tollway.billing import notifications as notify
 from tollway.billing.csv_cells import cell as csv_cell
@@ -67,6 +68,21 @@ def cmd_notify_deliver(args: argparse.Namespace) -> Output:
 
     attempted = asyncio.run(run())
     return Output({"attempted": attempted}, f"attempted {attempted} deliveries")
+
+
+def cmd_notify_prune(args: argparse.Namespace) -> Output:
+    """Delete notification events older than the retention, with deliveries and attempts."""
+    db = open_db(args)
+
+    async def run() -> int:
+        deliverer = Deliverer(_threaded(db))
+        try:
+            return await deliverer.prune(older_than_days=args.older_than_days)
+        finally:
+            await deliverer.close()
+
+    pruned = asyncio.run(run())
+    return Output({"pruned_events": pruned}, f"pruned {pruned} notification events")
 
 
 def _threaded(db: Database) -> Callable[[Callable[[Connection], Any]], Any]:
@@ -148,6 +164,11 @@ def register(group: Callable[[str, str], Any], add: Callable[..., argparse.Argum
     p.add_argument("--email", metavar="ADDRESS", help="email address (needs smtp_url)")
     p.add_argument("--rotate-secret", action="store_true", help="replace the signing secret")
     add(ntf, "deliver", cmd_notify_deliver, "deliver every notification that is due, once")
+    p = add(ntf, "prune", cmd_notify_prune, "delete notification events (with deliveries and "
+            "attempts) older than the retention; pending ones stay")
+    p.add_argument("--older-than-days", metavar="N", type=int,
+                   default=int(settings.get("notify_retention_days")),
+                   help="default: $TOLLWAY_NOTIFY_RETENTION_DAYS (90)")
     p = add(ntf, "list", cmd_notify_list, "an account's notifications and delivery attempts")
     p.add_argument("account", metavar="ACCOUNT")
     p.add_argument("--limit", type=int, default=20)

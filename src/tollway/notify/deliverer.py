@@ -32,6 +32,8 @@ T = TypeVar("T")
 #: Runs a function in a write transaction: the server's writer, or ``Database.run_write``.
 Write = Callable[[Callable[[Connection], Any]], Awaitable[Any]]
 log = logging.getLogger("tollway.notify")
+#: how often a serving deliverer prunes old notifications
+PRUNE_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,6 +45,7 @@ class Policy:
     allow_private_targets: bool = False
     smtp_url: str = ""
     email_from: str = "tollway@localhost"
+    retention_days: int = 90  # older events, deliveries and attempts are pruned
 
     @property
     def lease_ms(self) -> int:
@@ -62,7 +65,8 @@ class Policy:
                    allow_private_targets=settings.get("notify_allow_private_targets").lower()
                    in ("1", "true", "yes"),
                    smtp_url=settings.get("smtp_url"),
-                   email_from=settings.get("notify_email_from"))
+                   email_from=settings.get("notify_email_from"),
+                   retention_days=int(settings.get("notify_retention_days")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +114,26 @@ class Deliverer:
             total += n
         return total
 
+    async def prune(self, *, older_than_days: int | None = None, batch: int = 1000) -> int:
+        """Delete events older than the retention (with their deliveries and attempts), in
+        batches of ``batch`` per transaction; events with a pending delivery stay."""
+        days = self.policy.retention_days if older_than_days is None else older_than_days
+        before = self.clock_ms() - days * 86_400_000
+        total = 0
+        while n := await self.write(lambda conn: store.prune(conn, before_ms=before,
+                                                             limit=batch)):
+            total += n
+        return total
+
     async def run_forever(self, interval_s: float) -> None:
+        pruned_at = 0.0
         while True:
             try:
+                if time.monotonic() - pruned_at >= PRUNE_EVERY_S or not pruned_at:
+                    pruned_at = time.monotonic()
+                    if n := await self.prune():
+                        log.info("pruned %d notification events older than %d days", n,
+                                 self.policy.retention_days)
                 while await self.run_once() == self.policy.batch:
                     pass
             except StorageUnavailable:  # the next round retries; a traceback says nothing
