@@ -286,7 +286,7 @@ def test_a_retry_after_its_first_attempt_died_takes_the_idempotency_key_over(
     key = tw.key(account)
     key_id = tw.key_record(key).id
     body = json.dumps({"model": "gpt-test", "messages": HELLO}).encode()
-    fingerprint = hashlib.sha256(b"POST /v1/chat/completions\n" + body).hexdigest()
+    fingerprint = hashlib.sha256(b"POST /v1/chat/completions?\n" + body).hexdigest()
     with tw.db.write() as conn:  # what a process killed mid-request leaves behind
         metering.reserve(conn, request_id="req_died", account_id=account, key_id=key_id,
                          amount_nano=1_000, ttl_ms=60_000,
@@ -382,3 +382,34 @@ def test_pages_and_static_files_pass_the_observing_middleware(tw: Tollway) -> No
     assert signin.status_code == 200
     assert delta(before, after, 'tollway_http_requests_total{route="/login",product="",'
                  'status="200"}') == 1
+
+
+def test_shedding_answers_html_on_page_paths() -> None:
+    """A shed page request gets a small HTML page (503, Retry-After, the request id); an API
+    path keeps the JSON error."""
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("a shed request never reaches the app")
+
+    shedding = ObserveMiddleware(app, max_inflight=0, log_requests="none")
+
+    async def call(path: str) -> tuple[int, dict[str, str], bytes]:
+        sent: list[Any] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await shedding({"type": "http", "method": "GET", "path": path, "headers": []},
+                       None, send)  # type: ignore[arg-type]
+        headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+        return sent[0]["status"], headers, sent[1]["body"]
+
+    for page in ("/console", "/login", "/admin/accounts", "/market"):
+        status, headers, body = asyncio.run(call(page))
+        assert (status, headers["content-type"], headers["retry-after"]) == (
+            503, "text/html; charset=utf-8", "1"), page
+        assert b"<h1>503" in body and headers["x-request-id"].encode() in body
+    for api in ("/v1/billing/balance", "/admin/v1/accounts", "/apis/v1/x", "/healthz"):
+        status, headers, body = asyncio.run(call(api))
+        assert (status, headers["content-type"]) == (503, "application/json"), api
+        error = json.loads(body)["error"]
+        assert (error["code"], error["request_id"]) == ("overloaded", headers["x-request-id"])

@@ -24,6 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tollway.errors import Overloaded
 from tollway.metrics import METRICS
 from tollway.money import format_usd
+from tollway.web.paths import is_page_path
 
 REQUEST_ID = "tollway.request_id"
 #: What the gateway learns about a request, for the metrics and the log (set on the scope).
@@ -112,13 +113,29 @@ def _route(scope: Scope) -> str:
     return mount + path if mount and not path.startswith(mount) else path
 
 
+_SHED_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Busy — Tollway</title></head>
+<body><h1>503 — busy</h1><p>{message}</p><p>Request id: <code>{request_id}</code></p>
+</body></html>
+"""
+
+
 async def _shed(scope: Scope, send: Send, header: tuple[bytes, bytes]) -> None:
+    """503 ``overloaded``: the API's JSON error, or on page paths a small HTML page (no
+    template and no session: shedding must stay as cheap as possible)."""
     exc = Overloaded("this server is at its limit of requests in flight; retry shortly")
     scope[ERROR_CODE] = exc.code
-    body = json.dumps({"error": {"type": exc.type, "code": exc.code, "message": exc.message,
-                                 "request_id": scope[REQUEST_ID]}}).encode()
+    if is_page_path(scope["path"]):
+        body = _SHED_PAGE.format(message="This server is at its limit right now. Try again "
+                                 "in a moment.", request_id=scope[REQUEST_ID]).encode()
+        content_type = b"text/html; charset=utf-8"
+    else:
+        body = json.dumps({"error": {"type": exc.type, "code": exc.code,
+                                     "message": exc.message,
+                                     "request_id": scope[REQUEST_ID]}}).encode()
+        content_type = b"application/json"
     await send({"type": "http.response.start", "status": exc.status,
-                "headers": [(b"content-type", b"application/json"),
+                "headers": [(b"content-type", content_type), (b"cache-control", b"no-store"),
                             (b"content-length", str(len(body)).encode()),
                             *exc.response_headers(), header]})
     await send({"type": "http.response.body", "body": body})
