@@ -19,7 +19,7 @@ from tollway.ledger.ledger import now_ms
 from tollway.money import format_usd
 from tollway.store import accounts as account_store
 from tollway.store.db import Database
-from tollway.store.tables import web_sessions
+from tollway.store.tables import signin_failures, web_sessions
 from tollway.web.app import create_app
 from webclient import TestClient, csrf, login, operator_login, post_form
 
@@ -41,8 +41,10 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[Database, TestClien
 
 @pytest.fixture
 def client(served: tuple[Database, TestClient]) -> Iterator[TestClient]:
-    _, client = served
+    db, client = served
     client.cookies.clear()
+    with db.write() as conn:  # the TestClient has no IP address: every test's wrong sign-ins
+        conn.execute(signin_failures.delete())  # count together (tests/test_web_signin_...)
     yield client
     client.cookies.clear()
 

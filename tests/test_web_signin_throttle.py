@@ -88,9 +88,10 @@ def test_the_sixth_attempt_is_refused_until_the_oldest_failure_leaves_the_window
         response = login(client, "alice", PASSWORD)
         assert response.status_code == 303
         assert "tollway_session" in client.cookies
-        # a success clears the login's count (not the address's: 4 remain there)
+        # a success clears the login's count (not the address's: 4 remain there; the
+        # expired one was deleted by the attempt)
         assert failures(db, "login:alice") == []
-        assert len(failures(db, "ip:198.51.100.7")) == 4  # the expired one is deleted by the next attempt
+        assert len(failures(db, "ip:198.51.100.7")) == 4
         for _ in range(5):
             assert login(other, "alice", WRONG).status_code == 401
         assert_throttled(login(other, "alice", PASSWORD), 900)

@@ -19,8 +19,8 @@ from tollway.billing.csv_cells import cell as csv_cell
 from tollway.billing.views import parse_amount, parse_iso_ms
 from tollway.cli import Output, open_db
 from tollway.ledger import ledger
-from tollway.notify.deliverer import Deliverer
 from tollway.notify import targets
+from tollway.notify.deliverer import Deliverer
 from tollway.store import accounts as store
 from tollway.store.db import Database
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from aiohttp.abc import AbstractResolver, ResolveResult
@@ -118,7 +119,7 @@ async def save_refusal(url: str) -> str | None:
     return None
 
 
-def check_saved_sync(body: dict[str, object]) -> None:
+def check_saved_sync(body: Mapping[str, object]) -> None:
     """``check_saved`` for the CLI (no event loop)."""
     asyncio.run(check_saved(body))
 
@@ -141,7 +142,7 @@ class PublicResolver(AbstractResolver):
         await self._inner.close()
 
 
-async def check_saved(body: dict[str, object]) -> None:
+async def check_saved(body: Mapping[str, object]) -> None:
     """Refuse a settings change whose ``webhook_url`` may not be called (400)."""
     url = body.get("webhook_url")
     if isinstance(url, str) and url and (why := await save_refusal(url)) is not None:

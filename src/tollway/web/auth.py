@@ -154,12 +154,12 @@ async def signup(request: Request) -> Response:
                          signin.Policy.signup_from_settings())
     if isinstance(claim, int):
         minutes = -(-claim // 60)
-        response = await render(request, "auth/signup.html", {
+        refused = await render(request, "auth/signup.html", {
             "error": f"Too many sign-ups from this address. Try again in {minutes} minute"
                      f"{'' if minutes == 1 else 's'}.", "name": name, "email": email},
             status=429)
-        response.headers["retry-after"] = str(claim)
-        return response
+        refused.headers["retry-after"] = str(claim)
+        return refused
     try:
         if not email:
             raise InvalidRequest("an email address is needed to sign in")
