@@ -717,6 +717,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tollway import cli_notify  # imports this module: registered once it is loaded
 
     cli_notify.register(group, add)
+    from tollway import cli_backup
+
+    cli_backup.register(sub, add)
     return parser
 
 

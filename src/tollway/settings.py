@@ -89,6 +89,9 @@ SETTINGS = (
     Setting("notify_retention_days", "90",
             "notification events (with their deliveries and attempts) older than this are "
             "deleted by the server's deliverer and `tollway notify prune`; pending ones stay"),
+    Setting("pg_bin_dir", "",
+            "where `tollway backup`/`restore` find pg_dump and pg_restore for PostgreSQL "
+            "(empty: the PATH, then Debian's /usr/lib/postgresql/<newest>/bin)"),
     Setting("smtp_url", "",
             "smtp://USER:PASS@HOST:PORT (STARTTLS when offered) or smtps://…; empty: no email"),
     Setting("notify_email_from", "tollway@localhost", "From: address of notification email"),
