@@ -117,7 +117,8 @@ endpoints:
     db = Database(db_url)
     with db.write() as conn:
         buyer = create_account(conn, "buyer", "default", at_ms=clock.now_ms()).id
-        ledger.topup(conn, buyer, USD, idempotency_key="seed")  # 1 USD / 0.01 = 100 calls
+        ledger.topup(conn, buyer, USD, idempotency_key="seed",
+                     at_ms=clock.now_ms())  # 1 USD / 0.01 = 100 calls
         key = create_key(conn, buyer, at_ms=clock.now_ms(), name="load").secret
 
     port = free_port()

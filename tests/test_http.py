@@ -60,15 +60,18 @@ def prepared(db_url: str) -> dict[str, Any]:
     with db.write() as conn:
         apply_catalog(conn, load_catalog(CATALOG), now_ms=now)
         alice = store.create_account(conn, "alice", "default", at_ms=now)
-        ledger.topup(conn, alice.id, 5 * NANO, idempotency_key="seed")
+        ledger.topup(conn, alice.id, 5 * NANO, idempotency_key="seed", at_ms=clock.now_ms())
         good = key_ops.create_key(conn, alice.id, at_ms=now, name="good")
         revoked = key_ops.create_key(conn, alice.id, at_ms=now, name="revoked")
         store.revoke_key(conn, revoked.record.id, at_ms=now)
         expired = key_ops.create_key(conn, alice.id, at_ms=now - 2000, name="expired",
                                      expires_at_ms=now - 1000)
-        settled = ledger.place_hold(conn, alice.id, NANO, idempotency_key="h1", ttl_ms=60_000)
-        ledger.settle_hold(conn, settled.id, 123_456_789, idempotency_key="s1")
-        ledger.place_hold(conn, alice.id, 1_250_000_000, idempotency_key="h2", ttl_ms=60_000)
+        settled = ledger.place_hold(conn, alice.id, NANO, idempotency_key="h1", ttl_ms=60_000,
+                                    at_ms=clock.now_ms())
+        ledger.settle_hold(conn, settled.id, 123_456_789, idempotency_key="s1",
+                           at_ms=clock.now_ms())
+        ledger.place_hold(conn, alice.id, 1_250_000_000, idempotency_key="h2", ttl_ms=60_000,
+                          at_ms=clock.now_ms())
     db.dispose()
     return {"alice": alice, "key": good.secret, "revoked": revoked.secret,
             "expired": expired.secret}

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tollway import clock
 from tollway.errors import (
     HoldClosed,
     IdempotencyConflict,
@@ -43,7 +44,8 @@ def new_account(db: Database, name: str = "alice", topup_nano: int = 0) -> int:
     with db.write() as conn:
         account_id = create_account(conn, name, "default", at_ms=0).id
         if topup_nano:
-            ledger.topup(conn, account_id, topup_nano, idempotency_key=f"seed-{name}")
+            ledger.topup(conn, account_id, topup_nano, idempotency_key=f"seed-{name}",
+                         at_ms=clock.now_ms())
     return account_id
 
 
@@ -96,11 +98,13 @@ def hold_row(db: Database, hold_id: int) -> Any:
 def test_topup_credits_wallet_and_returns_new_balance(db: Database) -> None:
     alice = new_account(db)
     with db.write() as conn:
-        first = ledger.topup(conn, alice, 5 * USD, idempotency_key="t1", note="first")
+        first = ledger.topup(conn, alice, 5 * USD, idempotency_key="t1", note="first",
+                             at_ms=clock.now_ms())
     assert (first.account_id, first.amount_nano, first.balance_nano) == (alice, 5_000_000_000,
                                                                           5_000_000_000)
     with db.write() as conn:
-        second = ledger.topup(conn, alice, 2_500_000_001, idempotency_key="t2")
+        second = ledger.topup(conn, alice, 2_500_000_001, idempotency_key="t2",
+                              at_ms=clock.now_ms())
     assert second.balance_nano == 7_500_000_001
     assert second.entry_id != first.entry_id
     assert balances(db, alice) == (7_500_000_001, 0)
@@ -114,11 +118,11 @@ def test_topup_repeat_with_same_key_returns_first_result_and_moves_money_once(
         db: Database) -> None:
     alice = new_account(db)
     with db.write() as conn:
-        first = ledger.topup(conn, alice, 3 * USD, idempotency_key="pay-1")
+        first = ledger.topup(conn, alice, 3 * USD, idempotency_key="pay-1", at_ms=clock.now_ms())
     with db.write() as conn:  # another top-up in between: the repeat must not report it
-        ledger.topup(conn, alice, 1 * USD, idempotency_key="pay-2")
+        ledger.topup(conn, alice, 1 * USD, idempotency_key="pay-2", at_ms=clock.now_ms())
     with db.write() as conn:
-        again = ledger.topup(conn, alice, 3 * USD, idempotency_key="pay-1")
+        again = ledger.topup(conn, alice, 3 * USD, idempotency_key="pay-1", at_ms=clock.now_ms())
     assert again == first == Topup(first.entry_id, alice, 3_000_000_000, 3_000_000_000)
     assert balances(db, alice) == (4_000_000_000, 0)
     assert (rows(db, entries), rows(db, postings)) == (2, 4)
@@ -130,13 +134,13 @@ def test_topup_same_key_with_other_parameters_is_a_conflict_and_writes_nothing(
     alice = new_account(db)
     bob = new_account(db, "bob")
     with db.write() as conn:
-        ledger.topup(conn, alice, 3 * USD, idempotency_key="pay-1")
+        ledger.topup(conn, alice, 3 * USD, idempotency_key="pay-1", at_ms=clock.now_ms())
     before = snapshot(db)
     with pytest.raises(IdempotencyConflict) as err, db.write() as conn:
-        ledger.topup(conn, alice, 4 * USD, idempotency_key="pay-1")
+        ledger.topup(conn, alice, 4 * USD, idempotency_key="pay-1", at_ms=clock.now_ms())
     assert err.value.status == 409
     with pytest.raises(IdempotencyConflict), db.write() as conn:  # same amount, other wallet
-        ledger.topup(conn, bob, 3 * USD, idempotency_key="pay-1")
+        ledger.topup(conn, bob, 3 * USD, idempotency_key="pay-1", at_ms=clock.now_ms())
     assert snapshot(db) == before
     assert balances(db, alice) == (3_000_000_000, 0)
     assert balances(db, bob) == (0, 0)
@@ -151,7 +155,7 @@ def test_topup_rejects_amounts_that_are_not_positive_integers(db: Database) -> N
     before = snapshot(db)
     for amount in BAD_AMOUNTS:
         with pytest.raises(InvalidRequest), db.write() as conn:
-            ledger.topup(conn, alice, amount, idempotency_key="bad")
+            ledger.topup(conn, alice, amount, idempotency_key="bad", at_ms=clock.now_ms())
     assert snapshot(db) == before
     assert rows(db, entries) == 0
     assert_verified(db)
@@ -162,7 +166,8 @@ def test_topup_of_unknown_or_system_account_is_refused(db: Database) -> None:
     before = snapshot(db)
     for account_id in (999_999, FUNDING, REVENUE, WRITEOFF, ADJUSTMENTS):
         with pytest.raises(UnknownAccount), db.write() as conn:
-            ledger.topup(conn, account_id, 1 * USD, idempotency_key=f"t{account_id}")
+            ledger.topup(conn, account_id, 1 * USD, idempotency_key=f"t{account_id}",
+                         at_ms=clock.now_ms())
     assert snapshot(db) == before
     assert (rows(db, entries), rows(db, postings)) == (0, 0)
     assert_verified(db)
@@ -175,7 +180,7 @@ def test_place_hold_moves_available_to_held(db: Database) -> None:
     alice = new_account(db, topup_nano=10 * USD)
     with db.write() as conn:
         hold = ledger.place_hold(conn, alice, 2_750_000_000, idempotency_key="h1",
-                                 ttl_ms=HOUR_MS)
+                                 ttl_ms=HOUR_MS, at_ms=clock.now_ms())
     assert (hold.account_id, hold.amount_nano, hold.status, hold.key_id) == (
         alice, 2_750_000_000, "open", None)
     assert balances(db, alice) == (7_250_000_000, 2_750_000_000)
@@ -186,16 +191,18 @@ def test_place_hold_moves_available_to_held(db: Database) -> None:
     assert row.expires_at_ms == hold.expires_at_ms
     # a second hold may take exactly what is left
     with db.write() as conn:
-        ledger.place_hold(conn, alice, 7_250_000_000, idempotency_key="h2", ttl_ms=HOUR_MS)
+        ledger.place_hold(conn, alice, 7_250_000_000, idempotency_key="h2", ttl_ms=HOUR_MS,
+                          at_ms=clock.now_ms())
     assert balances(db, alice) == (0, 10_000_000_000)
     # repeating a hold returns it and reserves nothing more
     with db.write() as conn:
         assert ledger.place_hold(conn, alice, 2_750_000_000, idempotency_key="h1",
-                                 ttl_ms=HOUR_MS) == hold
+                                 ttl_ms=HOUR_MS, at_ms=clock.now_ms()) == hold
     assert balances(db, alice) == (0, 10_000_000_000)
     assert rows(db, holds) == 2
     with pytest.raises(IdempotencyConflict), db.write() as conn:
-        ledger.place_hold(conn, alice, 1, idempotency_key="h1", ttl_ms=HOUR_MS)
+        ledger.place_hold(conn, alice, 1, idempotency_key="h1", ttl_ms=HOUR_MS,
+                          at_ms=clock.now_ms())
     assert_verified(db)
 
 
@@ -203,7 +210,8 @@ def test_place_hold_beyond_available_is_refused_and_writes_nothing(db: Database)
     alice = new_account(db, topup_nano=1 * USD)
     before = snapshot(db)
     with pytest.raises(InsufficientBalance) as err, db.write() as conn:
-        ledger.place_hold(conn, alice, 1_000_000_001, idempotency_key="h", ttl_ms=HOUR_MS)
+        ledger.place_hold(conn, alice, 1_000_000_001, idempotency_key="h", ttl_ms=HOUR_MS,
+                          at_ms=clock.now_ms())
     assert err.value.status == 402
     assert "1.000000000 USD available" in err.value.message
     assert snapshot(db) == before
@@ -212,7 +220,8 @@ def test_place_hold_beyond_available_is_refused_and_writes_nothing(db: Database)
     assert rows(db, entries) == 1  # the seed top-up only
     # the refused key is free: the same key succeeds once the request fits
     with db.write() as conn:
-        ledger.place_hold(conn, alice, 1_000_000_000, idempotency_key="h", ttl_ms=HOUR_MS)
+        ledger.place_hold(conn, alice, 1_000_000_000, idempotency_key="h", ttl_ms=HOUR_MS,
+                          at_ms=clock.now_ms())
     assert balances(db, alice) == (0, 1_000_000_000)
     assert_verified(db)
 
@@ -222,10 +231,12 @@ def test_place_hold_refuses_bad_amounts_and_unknown_accounts(db: Database) -> No
     before = snapshot(db)
     for amount in BAD_AMOUNTS:
         with pytest.raises(InvalidRequest), db.write() as conn:
-            ledger.place_hold(conn, alice, amount, idempotency_key="h", ttl_ms=HOUR_MS)
+            ledger.place_hold(conn, alice, amount, idempotency_key="h", ttl_ms=HOUR_MS,
+                              at_ms=clock.now_ms())
     for account_id in (999_999, REVENUE):
         with pytest.raises(UnknownAccount), db.write() as conn:
-            ledger.place_hold(conn, account_id, 1, idempotency_key="h", ttl_ms=HOUR_MS)
+            ledger.place_hold(conn, account_id, 1, idempotency_key="h", ttl_ms=HOUR_MS,
+                              at_ms=clock.now_ms())
     assert snapshot(db) == before
 
 
@@ -265,13 +276,14 @@ def check_settle_case(db: Database, case: str) -> None:
     alice = new_account(db, case, topup_nano=10 * USD)
     with db.write() as conn:
         hold = ledger.place_hold(conn, alice, 4 * USD, idempotency_key=f"{case}-h",
-                                 ttl_ms=HOUR_MS)
+                                 ttl_ms=HOUR_MS, at_ms=clock.now_ms())
     assert balances(db, alice) == (6_000_000_000, 4_000_000_000)
     postings_before = rows(db, postings)
     revenue_before, writeoff_before = posted(db, REVENUE), posted(db, WRITEOFF)
 
     with db.write() as conn:
-        settlement = ledger.settle_hold(conn, hold.id, actual, idempotency_key=f"{case}-s")
+        settlement = ledger.settle_hold(conn, hold.id, actual, idempotency_key=f"{case}-s",
+                                        at_ms=clock.now_ms())
     assert settlement == Settlement(hold.id, charged, from_hold, from_avail, shortfall, released)
     assert balances(db, alice) == (available, 0)
     assert rows(db, postings) - postings_before == n_postings
@@ -290,16 +302,18 @@ def check_settle_case(db: Database, case: str) -> None:
     before = snapshot(db)
     with db.write() as conn:
         assert ledger.settle_hold(conn, hold.id, actual,
-                                  idempotency_key=f"{case}-s") == settlement
+                                  idempotency_key=f"{case}-s", at_ms=clock.now_ms()) == settlement
     assert snapshot(db) == before
     # the same key with another amount is a conflict; another key finds the hold closed
     with pytest.raises(IdempotencyConflict), db.write() as conn:
-        ledger.settle_hold(conn, hold.id, actual + 1, idempotency_key=f"{case}-s")
+        ledger.settle_hold(conn, hold.id, actual + 1, idempotency_key=f"{case}-s",
+                           at_ms=clock.now_ms())
     with pytest.raises(HoldClosed) as err, db.write() as conn:
-        ledger.settle_hold(conn, hold.id, actual, idempotency_key=f"{case}-s-other")
+        ledger.settle_hold(conn, hold.id, actual, idempotency_key=f"{case}-s-other",
+                           at_ms=clock.now_ms())
     assert "settled" in err.value.message
     with pytest.raises(HoldClosed), db.write() as conn:
-        ledger.void_hold(conn, hold.id, idempotency_key=f"{case}-v")
+        ledger.void_hold(conn, hold.id, idempotency_key=f"{case}-v", at_ms=clock.now_ms())
     assert snapshot(db) == before
     assert_verified(db)
 
@@ -315,16 +329,19 @@ def test_shortfall_never_takes_a_balance_below_zero_across_several_holds(db: Dat
     off."""
     alice = new_account(db, topup_nano=3 * USD)
     with db.write() as conn:
-        h1 = ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h1", ttl_ms=HOUR_MS)
-        h2 = ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h2", ttl_ms=HOUR_MS)
+        h1 = ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h1", ttl_ms=HOUR_MS,
+                               at_ms=clock.now_ms())
+        h2 = ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h2", ttl_ms=HOUR_MS,
+                               at_ms=clock.now_ms())
     assert balances(db, alice) == (1_000_000_000, 2_000_000_000)
     with db.write() as conn:
-        s1 = ledger.settle_hold(conn, h1.id, 5 * USD, idempotency_key="s1")
+        s1 = ledger.settle_hold(conn, h1.id, 5 * USD, idempotency_key="s1", at_ms=clock.now_ms())
     # 1 from its hold, 1 from available, 3 written off; h2's 1 USD stays held
     assert s1 == Settlement(h1.id, 5_000_000_000, 1_000_000_000, 1_000_000_000, 3_000_000_000, 0)
     assert balances(db, alice) == (0, 1_000_000_000)
     with db.write() as conn:
-        s2 = ledger.settle_hold(conn, h2.id, 1_500_000_000, idempotency_key="s2")
+        s2 = ledger.settle_hold(conn, h2.id, 1_500_000_000, idempotency_key="s2",
+                                at_ms=clock.now_ms())
     assert s2 == Settlement(h2.id, 1_500_000_000, 1_000_000_000, 0, 500_000_000, 0)
     assert balances(db, alice) == (0, 0)
     assert posted(db, REVENUE) == 6_500_000_000
@@ -336,16 +353,17 @@ def test_shortfall_never_takes_a_balance_below_zero_across_several_holds(db: Dat
 def test_settle_of_voided_or_unknown_hold(db: Database) -> None:
     alice = new_account(db, topup_nano=2 * USD)
     with db.write() as conn:
-        hold = ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h", ttl_ms=HOUR_MS)
-        ledger.void_hold(conn, hold.id, idempotency_key="v")
+        hold = ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h", ttl_ms=HOUR_MS,
+                                 at_ms=clock.now_ms())
+        ledger.void_hold(conn, hold.id, idempotency_key="v", at_ms=clock.now_ms())
     before = snapshot(db)
     with pytest.raises(HoldClosed) as err, db.write() as conn:
-        ledger.settle_hold(conn, hold.id, 1, idempotency_key="s")
+        ledger.settle_hold(conn, hold.id, 1, idempotency_key="s", at_ms=clock.now_ms())
     assert "voided" in err.value.message
     with pytest.raises(UnknownHold), db.write() as conn:
-        ledger.settle_hold(conn, 424_242, 1, idempotency_key="s")
+        ledger.settle_hold(conn, 424_242, 1, idempotency_key="s", at_ms=clock.now_ms())
     with pytest.raises(InvalidRequest), db.write() as conn:
-        ledger.settle_hold(conn, hold.id, -1, idempotency_key="s")
+        ledger.settle_hold(conn, hold.id, -1, idempotency_key="s", at_ms=clock.now_ms())
     assert snapshot(db) == before
     assert balances(db, alice) == (2_000_000_000, 0)
     assert posted(db, REVENUE) == 0
@@ -359,10 +377,10 @@ def test_void_returns_everything_and_repeat_is_idempotent(db: Database) -> None:
     alice = new_account(db, topup_nano=5 * USD)
     with db.write() as conn:
         hold = ledger.place_hold(conn, alice, 3_333_333_333, idempotency_key="h",
-                                 ttl_ms=HOUR_MS)
+                                 ttl_ms=HOUR_MS, at_ms=clock.now_ms())
     assert balances(db, alice) == (1_666_666_667, 3_333_333_333)
     with db.write() as conn:
-        release = ledger.void_hold(conn, hold.id, idempotency_key="v")
+        release = ledger.void_hold(conn, hold.id, idempotency_key="v", at_ms=clock.now_ms())
     assert release == Release(hold.id, 3_333_333_333, "voided")
     assert balances(db, alice) == (5_000_000_000, 0)
     assert posted(db, REVENUE) == 0
@@ -372,12 +390,12 @@ def test_void_returns_everything_and_repeat_is_idempotent(db: Database) -> None:
 
     before = snapshot(db)
     with db.write() as conn:
-        assert ledger.void_hold(conn, hold.id, idempotency_key="v") == release
+        assert ledger.void_hold(conn, hold.id, idempotency_key="v", at_ms=clock.now_ms()) == release
     assert snapshot(db) == before
     with pytest.raises(HoldClosed), db.write() as conn:  # a void under another key
-        ledger.void_hold(conn, hold.id, idempotency_key="v2")
+        ledger.void_hold(conn, hold.id, idempotency_key="v2", at_ms=clock.now_ms())
     with pytest.raises(UnknownHold), db.write() as conn:
-        ledger.void_hold(conn, 424_242, idempotency_key="v3")
+        ledger.void_hold(conn, 424_242, idempotency_key="v3", at_ms=clock.now_ms())
     assert snapshot(db) == before
     assert_verified(db)
 
@@ -395,7 +413,7 @@ def test_key_quota_refuses_holds_beyond_it_and_writes_nothing(db: Database) -> N
     def hold(amount: int, idem: str) -> Hold:
         with db.write() as conn:
             return ledger.place_hold(conn, alice, amount, idempotency_key=idem, ttl_ms=HOUR_MS,
-                                     key_id=key.id)
+                                     key_id=key.id, at_ms=clock.now_ms())
 
     h1 = hold(6 * USD, "k1")  # used 0 + held 0 + 6 <= 10
     before = snapshot(db)
@@ -407,7 +425,8 @@ def test_key_quota_refuses_holds_beyond_it_and_writes_nothing(db: Database) -> N
 
     h2 = hold(4 * USD, "k3")  # 0 + 6 + 4 = 10: exactly the quota
     with db.write() as conn:
-        ledger.settle_hold(conn, h1.id, 3 * USD, idempotency_key="s1")  # used 3, held 4
+        ledger.settle_hold(conn, h1.id, 3 * USD, idempotency_key="s1",
+                           at_ms=clock.now_ms())  # used 3, held 4
         record = get_key(conn, key.id)
     assert (record.used_nano, record.held_nano) == (3_000_000_000, 4_000_000_000)
     h3 = hold(3 * USD, "k4")  # 3 + 4 + 3 = 10
@@ -417,11 +436,12 @@ def test_key_quota_refuses_holds_beyond_it_and_writes_nothing(db: Database) -> N
     assert snapshot(db) == before
     # the account itself is not limited by another key's quota: a hold without a key passes
     with db.write() as conn:
-        ledger.place_hold(conn, alice, 50 * USD, idempotency_key="nokey", ttl_ms=HOUR_MS)
+        ledger.place_hold(conn, alice, 50 * USD, idempotency_key="nokey", ttl_ms=HOUR_MS,
+                          at_ms=clock.now_ms())
     # voiding gives quota back
     with db.write() as conn:
-        ledger.void_hold(conn, h2.id, idempotency_key="v2")
-        ledger.void_hold(conn, h3.id, idempotency_key="v3")
+        ledger.void_hold(conn, h2.id, idempotency_key="v2", at_ms=clock.now_ms())
+        ledger.void_hold(conn, h3.id, idempotency_key="v3", at_ms=clock.now_ms())
         record = get_key(conn, key.id)
     assert (record.used_nano, record.held_nano) == (3_000_000_000, 0)
     hold(7 * USD, "k6")  # 3 + 0 + 7 = 10
@@ -436,34 +456,38 @@ def test_key_quota_refuses_holds_beyond_it_and_writes_nothing(db: Database) -> N
 def test_adjust_positive_and_negative(db: Database) -> None:
     alice = new_account(db, topup_nano=2 * USD)
     with db.write() as conn:
-        up = ledger.adjust(conn, alice, 500_000_000, idempotency_key="a1", note="goodwill")
+        up = ledger.adjust(conn, alice, 500_000_000, idempotency_key="a1", note="goodwill",
+                           at_ms=clock.now_ms())
     assert up == Adjustment(up.entry_id, alice, 500_000_000, 2_500_000_000)
     with db.write() as conn:
-        down = ledger.adjust(conn, alice, -2_400_000_000, idempotency_key="a2")
+        down = ledger.adjust(conn, alice, -2_400_000_000, idempotency_key="a2",
+                             at_ms=clock.now_ms())
     assert down.balance_nano == 100_000_000
     assert balances(db, alice) == (100_000_000, 0)
     assert posted(db, ADJUSTMENTS) == 1_900_000_000  # -0.5 + 2.4
     with db.write() as conn:  # repeat: same result, no movement
-        assert ledger.adjust(conn, alice, -2_400_000_000, idempotency_key="a2") == down
+        assert ledger.adjust(conn, alice, -2_400_000_000, idempotency_key="a2",
+                             at_ms=clock.now_ms()) == down
     assert balances(db, alice) == (100_000_000, 0)
 
     with db.write() as conn:
-        ledger.place_hold(conn, alice, 60_000_000, idempotency_key="h", ttl_ms=HOUR_MS)
+        ledger.place_hold(conn, alice, 60_000_000, idempotency_key="h", ttl_ms=HOUR_MS,
+                          at_ms=clock.now_ms())
     before = snapshot(db)
     # 0.04 USD available (0.06 is held): a debit of 0.04 + 1 nano is refused
     with pytest.raises(InsufficientBalance), db.write() as conn:
-        ledger.adjust(conn, alice, -40_000_001, idempotency_key="a3")
+        ledger.adjust(conn, alice, -40_000_001, idempotency_key="a3", at_ms=clock.now_ms())
     with pytest.raises(IdempotencyConflict), db.write() as conn:
-        ledger.adjust(conn, alice, 2_400_000_000, idempotency_key="a2")
+        ledger.adjust(conn, alice, 2_400_000_000, idempotency_key="a2", at_ms=clock.now_ms())
     with pytest.raises(InvalidRequest), db.write() as conn:
-        ledger.adjust(conn, alice, 0, idempotency_key="a4")
+        ledger.adjust(conn, alice, 0, idempotency_key="a4", at_ms=clock.now_ms())
     with pytest.raises(UnknownAccount), db.write() as conn:
-        ledger.adjust(conn, 999_999, -1, idempotency_key="a5")
+        ledger.adjust(conn, 999_999, -1, idempotency_key="a5", at_ms=clock.now_ms())
     with pytest.raises(UnknownAccount), db.write() as conn:
-        ledger.adjust(conn, WRITEOFF, 1, idempotency_key="a6")
+        ledger.adjust(conn, WRITEOFF, 1, idempotency_key="a6", at_ms=clock.now_ms())
     assert snapshot(db) == before
     with db.write() as conn:
-        ledger.adjust(conn, alice, -40_000_000, idempotency_key="a3")
+        ledger.adjust(conn, alice, -40_000_000, idempotency_key="a3", at_ms=clock.now_ms())
     assert balances(db, alice) == (0, 60_000_000)
     assert_verified(db)
 
@@ -474,9 +498,10 @@ def test_adjust_positive_and_negative(db: Database) -> None:
 def test_crash_between_hold_and_settle_is_repaired_by_the_reaper(db: Database) -> None:
     alice = new_account(db, topup_nano=1 * USD)
     with db.write() as conn:
-        doomed = ledger.place_hold(conn, alice, 300_000_000, idempotency_key="req-1", ttl_ms=0)
+        doomed = ledger.place_hold(conn, alice, 300_000_000, idempotency_key="req-1", ttl_ms=0,
+                                   at_ms=clock.now_ms())
         alive = ledger.place_hold(conn, alice, 200_000_000, idempotency_key="req-2",
-                                  ttl_ms=HOUR_MS)
+                                  ttl_ms=HOUR_MS, at_ms=clock.now_ms())
     # ... the process that placed `doomed` dies here; later a reaper runs in a new transaction
     assert balances(db, alice) == (500_000_000, 500_000_000)
     with db.write() as conn:
@@ -492,12 +517,14 @@ def test_crash_between_hold_and_settle_is_repaired_by_the_reaper(db: Database) -
 
     before = snapshot(db)
     with pytest.raises(HoldClosed) as err, db.write() as conn:  # the late settlement
-        ledger.settle_hold(conn, doomed.id, 100_000_000, idempotency_key="req-1")
+        ledger.settle_hold(conn, doomed.id, 100_000_000, idempotency_key="req-1",
+                           at_ms=clock.now_ms())
     assert "expired" in err.value.message
     assert snapshot(db) == before
     assert posted(db, REVENUE) == 0
     with db.write() as conn:
-        assert ledger.settle_hold(conn, alive.id, 50_000_000, idempotency_key="req-2") == (
+        assert ledger.settle_hold(conn, alive.id, 50_000_000, idempotency_key="req-2",
+                                  at_ms=clock.now_ms()) == (
             Settlement(alive.id, 50_000_000, 50_000_000, 0, 0, 150_000_000))
     assert balances(db, alice) == (950_000_000, 0)
     assert_verified(db)
@@ -506,7 +533,8 @@ def test_crash_between_hold_and_settle_is_repaired_by_the_reaper(db: Database) -
 def test_expire_holds_respects_limit(db: Database) -> None:
     alice = new_account(db, topup_nano=1 * USD)
     with db.write() as conn:
-        hs = [ledger.place_hold(conn, alice, 100_000_000, idempotency_key=f"h{i}", ttl_ms=0)
+        hs = [ledger.place_hold(conn, alice, 100_000_000, idempotency_key=f"h{i}", ttl_ms=0,
+                                at_ms=clock.now_ms())
               for i in range(5)]
     now = max(h.expires_at_ms for h in hs)
     with db.write() as conn:
@@ -530,17 +558,21 @@ def busy_ledger(db: Database) -> tuple[int, int]:
                          group=None, models=None, quota_nano=20 * USD, expires_at_ms=None,
                          at_ms=0)
         h1 = ledger.place_hold(conn, alice, 2 * USD, idempotency_key="h1", ttl_ms=HOUR_MS,
-                               key_id=key.id)
-        ledger.settle_hold(conn, h1.id, 1 * USD, idempotency_key="s1")
-        h2 = ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h2", ttl_ms=HOUR_MS)
-        ledger.void_hold(conn, h2.id, idempotency_key="v2")
+                               key_id=key.id, at_ms=clock.now_ms())
+        ledger.settle_hold(conn, h1.id, 1 * USD, idempotency_key="s1", at_ms=clock.now_ms())
+        h2 = ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h2", ttl_ms=HOUR_MS,
+                               at_ms=clock.now_ms())
+        ledger.void_hold(conn, h2.id, idempotency_key="v2", at_ms=clock.now_ms())
         ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h3", ttl_ms=HOUR_MS,
-                          key_id=key.id)  # stays open
-        h4 = ledger.place_hold(conn, bob, 1 * USD, idempotency_key="h4", ttl_ms=0)
+                          key_id=key.id, at_ms=clock.now_ms())  # stays open
+        h4 = ledger.place_hold(conn, bob, 1 * USD, idempotency_key="h4", ttl_ms=0,
+                               at_ms=clock.now_ms())
         ledger.expire_holds(conn, now=h4.expires_at_ms)
-        h5 = ledger.place_hold(conn, bob, 1 * USD, idempotency_key="h5", ttl_ms=HOUR_MS)
-        ledger.settle_hold(conn, h5.id, 2 * USD, idempotency_key="s5")  # 1 USD shortfall
-        ledger.adjust(conn, alice, -1, idempotency_key="a1")
+        h5 = ledger.place_hold(conn, bob, 1 * USD, idempotency_key="h5", ttl_ms=HOUR_MS,
+                               at_ms=clock.now_ms())
+        ledger.settle_hold(conn, h5.id, 2 * USD, idempotency_key="s5",
+                           at_ms=clock.now_ms())  # 1 USD shortfall
+        ledger.adjust(conn, alice, -1, idempotency_key="a1", at_ms=clock.now_ms())
     assert balances(db, alice) == (7_999_999_999, 1_000_000_000)
     assert balances(db, bob) == (0, 0)
     assert posted(db, WRITEOFF) == -1_000_000_000
@@ -646,18 +678,21 @@ def test_writer_commits_in_batches_and_isolates_a_failing_operation(
             return op
 
         ops = [
-            *[tracked(lambda c, i=i: ledger.topup(c, alice, i * USD, idempotency_key=f"t{i}"))
+            *[tracked(lambda c, i=i: ledger.topup(c, alice, i * USD, idempotency_key=f"t{i}",
+                                                  at_ms=clock.now_ms()))
               for i in range(1, 6)],  # 1+2+3+4+5 = 15 USD
             tracked(lambda c: ledger.place_hold(c, alice, 16 * USD, idempotency_key="too-big",
-                                                ttl_ms=HOUR_MS)),  # refused
+                                                ttl_ms=HOUR_MS, at_ms=clock.now_ms())),  # refused
             tracked(lambda c: ledger.place_hold(c, alice, 3 * USD, idempotency_key="fits",
-                                                ttl_ms=HOUR_MS)),
-            tracked(lambda c: ledger.topup(c, alice, 500_000_000, idempotency_key="t6")),
+                                                ttl_ms=HOUR_MS, at_ms=clock.now_ms())),
+            tracked(lambda c: ledger.topup(c, alice, 500_000_000, idempotency_key="t6",
+                                           at_ms=clock.now_ms())),
             # a statement the database itself refuses (duplicate primary key)
             tracked(lambda c: c.execute(accounts.insert().values(
                 id=FUNDING, name="dup", kind="system", group_name="system",
                 created_at_ms=0))),
-            tracked(lambda c: ledger.topup(c, alice, 1, idempotency_key="t7")),
+            tracked(lambda c: ledger.topup(c, alice, 1, idempotency_key="t7",
+                                           at_ms=clock.now_ms())),
         ]
         futures = [writer.submit(op) for op in ops]
         gate.set()
@@ -694,7 +729,8 @@ def test_writer_results_are_durable_when_returned(db: Database, db_url: str) -> 
     writer = Writer(db)
     try:
         def op(i: int) -> Any:
-            return lambda c: ledger.topup(c, alice, USD, idempotency_key=f"w{i}")
+            return lambda c: ledger.topup(c, alice, USD, idempotency_key=f"w{i}",
+                                          at_ms=clock.now_ms())
 
         futures = [writer.submit(op(i)) for i in range(100)]
         results = [f.result(30) for f in futures]

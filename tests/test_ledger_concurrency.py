@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tollway import clock
 from tollway.errors import InsufficientBalance
 from tollway.ledger import ledger
 from tollway.ledger.ledger import Release, Settlement, Topup
@@ -45,7 +46,8 @@ def new_account(db: Database, name: str = "alice", topup_nano: int = 0) -> int:
     with db.write() as conn:
         account_id = create_account(conn, name, "default", at_ms=0).id
         if topup_nano:
-            ledger.topup(conn, account_id, topup_nano, idempotency_key=f"seed-{name}")
+            ledger.topup(conn, account_id, topup_nano, idempotency_key=f"seed-{name}",
+                         at_ms=clock.now_ms())
     return account_id
 
 
@@ -107,7 +109,7 @@ def test_200_threads_race_for_57_holds(db_url: str) -> None:
                 barrier.wait(timeout=60)
                 with racers.write() as conn:
                     ledger.place_hold(conn, alice, X, idempotency_key=f"race-{i}",
-                                      ttl_ms=HOUR_MS)
+                                      ttl_ms=HOUR_MS, at_ms=clock.now_ms())
                 outcomes[i] = "ok"
             except InsufficientBalance:
                 outcomes[i] = "insufficient"
@@ -140,7 +142,7 @@ def race(i):
     try:
         with db.write() as conn:
             ledger.place_hold(conn, account, amount, idempotency_key=f"{prefix}-{i}",
-                              ttl_ms=3_600_000)
+                              ttl_ms=3_600_000, at_ms=clock.now_ms())
         out[i] = "ok"
     except InsufficientBalance:
         out[i] = "insufficient"
@@ -222,7 +224,8 @@ def test_50_writers_repeating_one_topup_credit_it_once(db_url: str) -> None:
                 if inside is not None and first:
                     first = False
                     inside.wait(timeout=60)
-                return ledger.topup(conn, alice, 7 * USD, idempotency_key="same")
+                return ledger.topup(conn, alice, 7 * USD, idempotency_key="same",
+                                    at_ms=clock.now_ms())
 
             try:
                 start.wait(timeout=60)
@@ -266,12 +269,12 @@ def test_writer_retry_after_unique_violation_returns_the_first_result(db_url: st
 
     def op(conn: Any) -> Topup:
         next(calls)
-        return ledger.topup(conn, alice, 3 * USD, idempotency_key="same")
+        return ledger.topup(conn, alice, 3 * USD, idempotency_key="same", at_ms=clock.now_ms())
 
     try:
         alice = new_account(db)
         with db.write() as conn:
-            first = ledger.topup(conn, alice, 3 * USD, idempotency_key="same")
+            first = ledger.topup(conn, alice, 3 * USD, idempotency_key="same", at_ms=clock.now_ms())
             pending = writer.submit(op)
             wait_for_lock_waiters(db, 1)
         assert pending.result(30) == first
@@ -296,19 +299,22 @@ def test_settle_overrun_racing_a_new_hold_never_overdraws(db_url: str) -> None:
     try:
         alice = new_account(db, topup_nano=10 * USD)
         with db.write() as conn:
-            hold = ledger.place_hold(conn, alice, 4 * USD, idempotency_key="h1", ttl_ms=HOUR_MS)
+            hold = ledger.place_hold(conn, alice, 4 * USD, idempotency_key="h1", ttl_ms=HOUR_MS,
+                                     at_ms=clock.now_ms())
         outcome: dict[str, Any] = {}
 
         def settle() -> None:
             try:
                 with db.write() as conn:
                     outcome["settlement"] = ledger.settle_hold(conn, hold.id, 9 * USD,
-                                                               idempotency_key="s1")
+                                                               idempotency_key="s1",
+                                                               at_ms=clock.now_ms())
             except Exception as exc:  # noqa: BLE001 - reported by the assertion below
                 outcome["error"] = exc
 
         with db.write() as conn:
-            ledger.place_hold(conn, alice, 5 * USD, idempotency_key="h2", ttl_ms=HOUR_MS)
+            ledger.place_hold(conn, alice, 5 * USD, idempotency_key="h2", ttl_ms=HOUR_MS,
+                              at_ms=clock.now_ms())
             settler = threading.Thread(target=settle)
             settler.start()
             wait_for_lock_waiters(db, 1)
@@ -331,8 +337,10 @@ def test_reaper_racing_a_late_settlement_skips_that_hold_only(db_url: str) -> No
     try:
         alice = new_account(db, topup_nano=1 * USD)
         with db.write() as conn:
-            h1 = ledger.place_hold(conn, alice, 300_000_000, idempotency_key="h1", ttl_ms=0)
-            h2 = ledger.place_hold(conn, alice, 200_000_000, idempotency_key="h2", ttl_ms=0)
+            h1 = ledger.place_hold(conn, alice, 300_000_000, idempotency_key="h1", ttl_ms=0,
+                                   at_ms=clock.now_ms())
+            h2 = ledger.place_hold(conn, alice, 200_000_000, idempotency_key="h2", ttl_ms=0,
+                                   at_ms=clock.now_ms())
         outcome: dict[str, Any] = {}
 
         def reap() -> None:
@@ -344,7 +352,7 @@ def test_reaper_racing_a_late_settlement_skips_that_hold_only(db_url: str) -> No
                 outcome["error"] = exc
 
         with db.write() as conn:
-            ledger.settle_hold(conn, h1.id, 100_000_000, idempotency_key="s1")
+            ledger.settle_hold(conn, h1.id, 100_000_000, idempotency_key="s1", at_ms=clock.now_ms())
             reaper = threading.Thread(target=reap)
             reaper.start()
             wait_for_lock_waiters(db, 1)

@@ -215,18 +215,22 @@ def run(db: Database, call: tuple[Any, ...]) -> Any:
         with db.write() as conn:
             match call:
                 case ("topup", account_id, amount, key):
-                    return ledger.topup(conn, account_id, amount, idempotency_key=key)
+                    return ledger.topup(conn, account_id, amount, idempotency_key=key,
+                                        at_ms=clock.now_ms())
                 case ("hold", account_id, amount, key, ttl, key_id):
                     return ledger.place_hold(conn, account_id, amount, idempotency_key=key,
-                                             ttl_ms=ttl, key_id=key_id)
+                                             ttl_ms=ttl, key_id=key_id, at_ms=clock.now_ms())
                 case ("settle", hold_id, amount, key):
-                    return ledger.settle_hold(conn, hold_id, amount, idempotency_key=key)
+                    return ledger.settle_hold(conn, hold_id, amount, idempotency_key=key,
+                                              at_ms=clock.now_ms())
                 case ("void", hold_id, key):
-                    return ledger.void_hold(conn, hold_id, idempotency_key=key)
+                    return ledger.void_hold(conn, hold_id, idempotency_key=key,
+                                            at_ms=clock.now_ms())
                 case ("expire", now):
                     return ledger.expire_holds(conn, now=now)
                 case ("adjust", account_id, amount, key):
-                    return ledger.adjust(conn, account_id, amount, idempotency_key=key)
+                    return ledger.adjust(conn, account_id, amount, idempotency_key=key,
+                                         at_ms=clock.now_ms())
         raise AssertionError(call)
     except TollwayError as exc:
         return exc

@@ -489,17 +489,18 @@ def test_ip_allowlist_without_trusted_proxies() -> None:
 
 def test_a_top_up_moves_the_account_up_a_tier_never_down(tw: Tollway) -> None:
     from tollway.billing import credits
+    from tollway.clock import now_ms
 
     account = tw.account(usd="10")  # cumulative top-ups: 10 USD, below starter's 25
     key = tw.key(account)
     assert call(tw.http(), key).headers["x-ratelimit-limit-requests"] == "60"
     with tw.db.write() as conn:
-        credits.topup(conn, account, 15 * USD, idempotency_key="to-starter")
+        credits.topup(conn, account, 15 * USD, idempotency_key="to-starter", at_ms=now_ms())
         assert account_store.get_account(conn, account).tier == "starter"
     assert call(tw.http(), key).headers["x-ratelimit-limit-requests"] == "600"
     with tw.db.write() as conn:
         tiers.set_tier(conn, account, "bulk")
-        credits.topup(conn, account, USD, idempotency_key="stay")
+        credits.topup(conn, account, USD, idempotency_key="stay", at_ms=now_ms())
         assert account_store.get_account(conn, account).tier == "bulk"
 
 

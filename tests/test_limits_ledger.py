@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tollway import clock
 from tollway.billing import limits, metering
 from tollway.billing.limits import Limits
 from tollway.errors import (
@@ -29,8 +30,8 @@ from tollway.errors import (
     QuotaExceeded,
     RateLimited,
 )
-from tollway.ledger import ledger, periods
-from tollway.ledger.ledger import RateAdmission
+from tollway.ledger import guards, ledger, periods
+from tollway.ledger.guards import KeyWindow, RateAdmission
 from tollway.ledger.verify import verify
 from tollway.pricing.catalog import Tier, parse_catalog
 from tollway.store.accounts import KeyLimits, create_account, get_key, insert_key
@@ -49,7 +50,7 @@ _example = itertools.count()
 def _account_and_key(conn: Any, name: str, *, usd: int = 1000,
                      key_limits: KeyLimits | None = None) -> tuple[int, int]:
     account = create_account(conn, name, "default", at_ms=0).id
-    ledger.topup(conn, account, usd * USD, idempotency_key=f"seed-{name}")
+    ledger.topup(conn, account, usd * USD, idempotency_key=f"seed-{name}", at_ms=clock.now_ms())
     key = insert_key(conn, account_id=account, prefix="tw-x", key_hash=f"h-{name}", name=None,
                      group=None, models=None, quota_nano=None, expires_at_ms=None, at_ms=0,
                      limits=key_limits).id
@@ -113,10 +114,10 @@ def test_caps_are_never_exceeded_and_counters_match_the_holds(db: Database) -> N
                         amount = conn.execute(sa.select(holds.c.amount_nano)
                                               .where(holds.c.id == hold_id)).scalar_one()
                         ledger.settle_hold(conn, hold_id, amount * op[2] // 100,
-                                           idempotency_key=f"c{n}-{step}")
+                                           idempotency_key=f"c{n}-{step}", at_ms=clock.now_ms())
                     elif op[0] == "void" and placed:
                         ledger.void_hold(conn, placed[op[1] % len(placed)],
-                                         idempotency_key=f"c{n}-{step}")
+                                         idempotency_key=f"c{n}-{step}", at_ms=clock.now_ms())
                     elif op[0] == "expire":
                         now += op[1]
                         ledger.expire_holds(conn, now)
@@ -168,7 +169,7 @@ def test_concurrency_is_open_holds_and_an_expired_hold_stops_counting(db: Databa
         hold("c", T0)
     assert caught.value.retry_after_s == 1
     with db.write() as conn:
-        ledger.settle_hold(conn, first.id, USD // 2, idempotency_key="a")
+        ledger.settle_hold(conn, first.id, USD // 2, idempotency_key="a", at_ms=clock.now_ms())
     third = hold("d", T0)
     with pytest.raises(RateLimited):
         hold("e", T0)
@@ -207,7 +208,8 @@ def test_the_window_is_counted_in_the_holds_statement(db: Database) -> None:
     assert (first.window.requests, first.window.tokens) == (1, 30)
     with db.write() as conn:  # actual 20 + 45 tokens
         ledger.settle_hold(conn, first.hold.id, 500, idempotency_key="one",
-                           correction=limits.correction(first.window, counted=30, actual=65))
+                           correction=limits.correction(first.window, counted=30, actual=65),
+                           at_ms=clock.now_ms())
     with pytest.raises(RateLimited) as caught:  # 65 + 40 > 100
         reserve("two", 1000, 40, T0 + 59_000)
     assert caught.value.retry_after_s == 1
@@ -227,8 +229,9 @@ def test_the_window_is_counted_in_the_holds_statement(db: Database) -> None:
     # a late correction for the previous minute does not touch this one
     with db.write() as conn:
         ledger.void_hold(conn, second.hold.id, idempotency_key="three",
-                         correction=limits.correction(second.window, counted=35, actual=0))
-        assert ledger.key_window(conn, key_id) == (T0 - T0 % 60_000 + 60_000, 1, 0)
+                         correction=limits.correction(second.window, counted=35, actual=0),
+                         at_ms=clock.now_ms())
+        assert guards.key_window(conn, key_id) == KeyWindow(T0 - T0 % 60_000 + 60_000, 1, 0)
         # an instance whose clock lags counts in the current window, it does not restart it
     late = reserve("late", 1000, 5, T0 + 59_000)
     assert late.window is not None and (late.window.start_ms, late.window.requests,

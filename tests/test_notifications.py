@@ -212,7 +212,8 @@ def test_a_receiver_that_fails_twice_gets_the_event_on_the_third_attempt(
                       json={"webhook_url": receiver.url}).json()["webhook_secret"]
     receiver.script = ["500", "drop"]
     with tw.db.write() as conn:
-        credits.topup(conn, account, 2 * USD, idempotency_key=f"retry-{account}")
+        credits.topup(conn, account, 2 * USD, idempotency_key=f"retry-{account}",
+                      at_ms=clock.now_ms())
 
     # a fake clock: retries after 60 s, then 120 s (base 60 s, doubled); no sleeping
     now = [clock.now_ms()]
@@ -263,7 +264,7 @@ def test_a_delivery_gives_up_after_max_attempts(tw: Tollway, receiver: Receiver)
     account = tw.account(usd="1")
     with tw.db.write() as conn:
         notify.update(conn, account, {"webhook_url": receiver.url}, at_ms=clock.now_ms())
-        credits.topup(conn, account, USD, idempotency_key=f"giveup-{account}")
+        credits.topup(conn, account, USD, idempotency_key=f"giveup-{account}", at_ms=clock.now_ms())
     receiver.script = ["500"] * 10
     policy = Policy(retry_base_ms=0, max_attempts=3, allow_private_targets=True, timeout_s=5)
     assert deliver(tw.db, policy) == 3
@@ -277,7 +278,7 @@ def test_private_addresses_are_refused_unless_allowed(tw: Tollway, receiver: Rec
     account = tw.account(usd="1")
     with tw.db.write() as conn:
         notify.update(conn, account, {"webhook_url": receiver.url}, at_ms=clock.now_ms())
-        credits.topup(conn, account, USD, idempotency_key=f"ssrf-{account}")
+        credits.topup(conn, account, USD, idempotency_key=f"ssrf-{account}", at_ms=clock.now_ms())
     assert deliver(tw.db, Policy(retry_base_ms=0, max_attempts=1)) == 1
     assert receiver.received == []
     with tw.db.read() as conn:
@@ -312,7 +313,7 @@ def _configured_account(db: Database, url: str, usd: int = 100) -> tuple[int, st
     with db.write() as conn:
         account = account_store.create_account(conn, "hooked", "default",
                                                at_ms=clock.now_ms()).id
-        ledger.topup(conn, account, usd * USD, idempotency_key="seed")
+        ledger.topup(conn, account, usd * USD, idempotency_key="seed", at_ms=clock.now_ms())
         secret = notify.update(conn, account, {"webhook_url": url},
                                at_ms=clock.now_ms())["webhook_secret"]
     return account, secret
@@ -323,7 +324,7 @@ def test_two_deliverers_deliver_each_attempt_once(db_url: str, receiver: Receive
     account, secret = _configured_account(db, receiver.url)
     for i in range(40):
         with db.write() as conn:
-            credits.topup(conn, account, USD, idempotency_key=f"t{i}")
+            credits.topup(conn, account, USD, idempotency_key=f"t{i}", at_ms=clock.now_ms())
     # two workers, each with its own connections, claiming small batches at the same time
     workers = [Database(db_url) for _ in range(2)]
     policy = Policy(retry_base_ms=0, allow_private_targets=True, batch=3, timeout_s=5)
@@ -356,23 +357,27 @@ def test_events_are_written_with_the_money_or_not_at_all(db: Database) -> None:
     with db.write() as conn:
         notify.update(conn, account, {"low_balance_threshold_usd": "5"}, at_ms=clock.now_ms())
     with pytest.raises(RuntimeError), db.write() as conn:
-        ledger.place_hold(conn, account, 6 * USD, idempotency_key="h1", ttl_ms=60_000)
+        ledger.place_hold(conn, account, 6 * USD, idempotency_key="h1", ttl_ms=60_000,
+                          at_ms=clock.now_ms())
         raise RuntimeError("the request failed before commit")
     with db.read() as conn:
         assert notify.events_page(conn, account)["data"] == []
     with db.write() as conn:
-        hold = ledger.place_hold(conn, account, 6 * USD, idempotency_key="h2", ttl_ms=60_000)
-        ledger.void_hold(conn, hold.id, idempotency_key="h2")  # back to 10: not re-armed
-        ledger.place_hold(conn, account, 6 * USD, idempotency_key="h3", ttl_ms=60_000)
+        hold = ledger.place_hold(conn, account, 6 * USD, idempotency_key="h2", ttl_ms=60_000,
+                                 at_ms=clock.now_ms())
+        ledger.void_hold(conn, hold.id, idempotency_key="h2",
+                         at_ms=clock.now_ms())  # back to 10: not re-armed
+        ledger.place_hold(conn, account, 6 * USD, idempotency_key="h3", ttl_ms=60_000,
+                          at_ms=clock.now_ms())
     for _ in range(2):
         with db.write() as conn:
-            credits.topup(conn, account, USD, idempotency_key="same")
+            credits.topup(conn, account, USD, idempotency_key="same", at_ms=clock.now_ms())
     with db.read() as conn:
         types = [e["type"] for e in notify.events_page(conn, account)["data"]]
     assert types == ["balance.topup", "balance.low"]  # one low (h2), one top-up
     with db.write() as conn:
         other = account_store.create_account(conn, "quiet", "default", at_ms=1).id
-        credits.topup(conn, other, USD, idempotency_key="quiet")
+        credits.topup(conn, other, USD, idempotency_key="quiet", at_ms=clock.now_ms())
         assert notify.events_page(conn, other)["data"] == []
 
 
@@ -383,11 +388,12 @@ def test_a_settlement_above_the_hold_can_cross(db: Database) -> None:
     with db.write() as conn:
         notify.update(conn, account, {"low_balance_threshold_usd": "9.5"},
                       at_ms=clock.now_ms())
-        hold = ledger.place_hold(conn, account, USD // 4, idempotency_key="a", ttl_ms=60_000)
-        ledger.settle_hold(conn, hold.id, USD, idempotency_key="a")  # 10 -> 9
+        hold = ledger.place_hold(conn, account, USD // 4, idempotency_key="a", ttl_ms=60_000,
+                                 at_ms=clock.now_ms())
+        ledger.settle_hold(conn, hold.id, USD, idempotency_key="a", at_ms=clock.now_ms())  # 10 -> 9
         notify.update(conn, account, {"low_balance_threshold_usd": "20"},
                       at_ms=clock.now_ms())  # already below: disarmed
-        ledger.adjust(conn, account, -USD, idempotency_key="b", note="x")
+        ledger.adjust(conn, account, -USD, idempotency_key="b", note="x", at_ms=clock.now_ms())
     with db.read() as conn:
         [low] = notify.events_page(conn, account)["data"]
     assert json.loads(low["body"])["data"] == {"available_usd": "9.000000000",
@@ -440,7 +446,7 @@ def test_email_is_sent_through_smtp(db: Database) -> None:
         with db.write() as conn:
             account = account_store.create_account(conn, "mailed", "default", at_ms=1).id
             notify.update(conn, account, {"email": "owner@example.com"}, at_ms=1)
-            credits.topup(conn, account, 3 * USD, idempotency_key="m")
+            credits.topup(conn, account, 3 * USD, idempotency_key="m", at_ms=clock.now_ms())
         port = server.server_address[1]
         policy = Policy(smtp_url=f"smtp://127.0.0.1:{port}", email_from="billing@tollway.test",
                         retry_base_ms=0)
@@ -530,7 +536,8 @@ def test_low_balance_events_follow_the_arming_rule(db: Database) -> None:
         with db.write() as conn:
             account = account_store.create_account(conn, f"p{n}", "default", at_ms=1).id
             if opening:
-                ledger.topup(conn, account, opening, idempotency_key=f"p{n}-open")
+                ledger.topup(conn, account, opening, idempotency_key=f"p{n}-open",
+                             at_ms=clock.now_ms())
             notify.update(conn, account, {"webhook_url": "https://hooks.example.com/",
                                           "low_balance_threshold_usd": format_usd(threshold)},
                           at_ms=1)
@@ -541,18 +548,22 @@ def test_low_balance_events_follow_the_arming_rule(db: Database) -> None:
                 before = account_store.get_account(conn, account).available_nano
                 try:
                     if kind == "topup":
-                        ledger.topup(conn, account, value, idempotency_key=key)
+                        ledger.topup(conn, account, value, idempotency_key=key,
+                                     at_ms=clock.now_ms())
                     elif kind == "hold":
                         holds.append(ledger.place_hold(conn, account, value,
-                                                       idempotency_key=key, ttl_ms=60_000))
+                                                       idempotency_key=key, ttl_ms=60_000,
+                                                       at_ms=clock.now_ms()))
                     elif kind == "settle" and holds:
                         hold = holds.pop()
                         ledger.settle_hold(conn, hold.id, hold.amount_nano * value // 100,
-                                           idempotency_key=key)
+                                           idempotency_key=key, at_ms=clock.now_ms())
                     elif kind == "void" and holds:
-                        ledger.void_hold(conn, holds.pop().id, idempotency_key=key)
+                        ledger.void_hold(conn, holds.pop().id, idempotency_key=key,
+                                         at_ms=clock.now_ms())
                     elif kind == "adjust":
-                        ledger.adjust(conn, account, value, idempotency_key=key, note="p")
+                        ledger.adjust(conn, account, value, idempotency_key=key, note="p",
+                                      at_ms=clock.now_ms())
                 except InsufficientBalance:
                     continue
                 after = account_store.get_account(conn, account).available_nano

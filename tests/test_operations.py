@@ -162,14 +162,14 @@ def test_metrics_show_open_holds_and_their_age(tw: Tollway) -> None:
     account = tw.account()
     with tw.db.write() as conn:
         hold = ledger.place_hold(conn, account, 1000, idempotency_key="ops-open-hold",
-                                 ttl_ms=60_000)
+                                 ttl_ms=60_000, at_ms=clock.now_ms())
     try:
         samples = scrape(tw)
         assert samples["tollway_open_holds{}"] >= 1
         assert samples["tollway_oldest_open_hold_age_seconds{}"] >= 0
     finally:
         with tw.db.write() as conn:
-            ledger.void_hold(conn, hold.id, idempotency_key="ops-open-hold")
+            ledger.void_hold(conn, hold.id, idempotency_key="ops-open-hold", at_ms=clock.now_ms())
 
 
 def test_metrics_need_a_token(tw: Tollway) -> None:
@@ -291,7 +291,7 @@ def test_a_retry_after_its_first_attempt_died_takes_the_idempotency_key_over(
     with tw.db.write() as conn:  # what a process killed mid-request leaves behind
         metering.reserve(conn, request_id="req_died", account_id=account, key_id=key_id,
                          amount_nano=1_000, ttl_ms=60_000,
-                         client_key=ClientKey(key_id, "retry-1", fingerprint))
+                         client_key=ClientKey(key_id, "retry-1", fingerprint), at_ms=clock.now_ms())
     headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "retry-1",
                "Content-Type": "application/json"}
     http = tw.http()

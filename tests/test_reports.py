@@ -55,8 +55,6 @@ from tollway.pricing.rating import (
     CallPrice,
     CallUsage,
     TokenUsage,
-    rate_calls,
-    rate_tokens,
     resolve_ratio,
 )
 from tollway.runtime.errors import REQUEST_ID
@@ -188,7 +186,8 @@ class Books:
         amount = parse_usd(usd)
         with self.db.write() as conn:
             result = credits.topup(conn, self.accounts[account], amount,
-                                   idempotency_key=f"topup-{next(self._n)}", note=f"top-up {usd}")
+                                   idempotency_key=f"topup-{next(self._n)}", note=f"top-up {usd}",
+                                   at_ms=tollway.clock.now_ms())
         return self._add(Row(f"entry-{result.entry_id}", self.clock(), self.accounts[account],
                              "topup", credit_nano=amount))
 
@@ -197,7 +196,7 @@ class Books:
         with self.db.write() as conn:
             result = credits.adjust(conn, self.accounts[account], amount,
                                     idempotency_key=f"adjust-{next(self._n)}",
-                                    note=f"adjustment {usd}")
+                                    note=f"adjustment {usd}", at_ms=tollway.clock.now_ms())
         return self._add(Row(f"entry-{result.entry_id}", self.clock(), self.accounts[account],
                              "adjustment", credit_nano=amount))
 
@@ -231,22 +230,23 @@ class Books:
             route = "/v1/chat/completions" if item.billing_type == "token" else "/apis/v1/x"
             call = Call({REQUEST_ID: request_id, "method": "POST"}, key, item, ratio, route)
             price = item.version.price
-            if isinstance(price, CallPrice):
-                cost = rate_calls(CallUsage(1), price, ratio).cost_nano_usd
-            else:
-                cost = rate_tokens(TokenUsage(prompt, completion, cached, cache_write), price,
-                                   ratio).cost_nano_usd
+            usage = (CallUsage(1) if isinstance(price, CallPrice)
+                     else TokenUsage(prompt, completion, cached, cache_write))
+            charge = metering.rate(usage, price, ratio)
+            cost = charge.cost_nano_usd
             hold = hold_nano if hold_nano is not None else max(cost, 1) + (
                 0 if isinstance(price, CallPrice) else 50_000)
             reserved = metering.reserve(conn, request_id=request_id, account_id=key.account_id,
-                                        key_id=key.id, amount_nano=hold, ttl_ms=HOUR)
+                                        key_id=key.id, amount_nano=hold, ttl_ms=HOUR,
+                                        at_ms=tollway.clock.now_ms())
         assert isinstance(reserved, Reservation)
         call.hold = reserved.hold
         with self.db.write() as conn:
             if fail:
                 record = call.record(type_="error", status=502,
                                      error=UpstreamError("the upstream answered 500"))
-                metering.void(conn, hold_id=reserved.hold.id, record=record)
+                metering.void(conn, hold_id=reserved.hold.id, record=record,
+                              at_ms=tollway.clock.now_ms())
                 cost = 0
             else:
                 per_call = isinstance(price, CallPrice)
@@ -254,7 +254,8 @@ class Books:
                                      input_tokens=prompt, cached=cached,
                                      cache_write=cache_write, output=completion,
                                      reasoning=reasoning, calls=1 if per_call else 0)
-                metering.settle(conn, hold_id=reserved.hold.id, cost_nano=cost, record=record)
+                metering.settle(conn, hold_id=reserved.hold.id, charge=charge, record=record,
+                                at_ms=tollway.clock.now_ms())
         row = self._add(Row(request_id, record["created_at_ms"], key.account_id,
                             record["type"], key.id, product, item.billing_type, call.group,
                             cost))
@@ -711,7 +712,7 @@ def statement_books(db: Database) -> Books:
         clock.set("2025-12-02T10:00:00Z")
         with db.write() as conn:  # a hold nobody settled yet: the balance total is the same
             ledger.place_hold(conn, books.accounts["dora"], 1_000_000, idempotency_key="open",
-                              ttl_ms=HOUR)
+                              ttl_ms=HOUR, at_ms=tollway.clock.now_ms())
     return books
 
 

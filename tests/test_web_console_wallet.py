@@ -148,7 +148,7 @@ def test_recent_deliveries_show_each_attempt(client: TestClient, db: Database) -
         "email": ""}).status_code == 303
     with db.write() as conn:
         account_id = next(a.id for a in account_store.list_accounts(conn) if a.name == "alice")
-        credits.topup(conn, account_id, 7 * NANO, idempotency_key="wallet-1")
+        credits.topup(conn, account_id, 7 * NANO, idempotency_key="wallet-1", at_ms=clock.now_ms())
     now = clock.now_ms()
     with db.write() as conn:  # one failed attempt, as the deliverer would record it
         (claimed,) = notify_store.claim(conn, now_ms=now, lease_ms=60_000, limit=10)

@@ -50,7 +50,7 @@ def db(db_url: str) -> Iterator[Database]:
         apply_catalog(conn, load_catalog(CATALOG), now_ms=clock.now_ms())
         alice = logins.create_account(conn, "alice", "default", email="alice@example.com",
                                       password_hash=logins.hash_password(PASSWORD))
-        ledger.topup(conn, alice.id, 5 * NANO, idempotency_key="seed")
+        ledger.topup(conn, alice.id, 5 * NANO, idempotency_key="seed", at_ms=clock.now_ms())
     yield database
     database.dispose()
 
@@ -168,10 +168,12 @@ def test_the_accounts_list_shows_balances_groups_and_status(client: TestClient,
                                                             db: Database) -> None:
     with db.write() as conn:
         bob = store.create_account(conn, "bob", "vip", at_ms=clock.now_ms())
-        ledger.topup(conn, bob.id, 2 * NANO, idempotency_key="bob")
-        hold = ledger.place_hold(conn, bob.id, 500_000_000, idempotency_key="h", ttl_ms=60_000)
-        ledger.settle_hold(conn, hold.id, 123_456_789, idempotency_key="s")
-        ledger.place_hold(conn, bob.id, 250_000_000, idempotency_key="h2", ttl_ms=60_000)
+        ledger.topup(conn, bob.id, 2 * NANO, idempotency_key="bob", at_ms=clock.now_ms())
+        hold = ledger.place_hold(conn, bob.id, 500_000_000, idempotency_key="h", ttl_ms=60_000,
+                                 at_ms=clock.now_ms())
+        ledger.settle_hold(conn, hold.id, 123_456_789, idempotency_key="s", at_ms=clock.now_ms())
+        ledger.place_hold(conn, bob.id, 250_000_000, idempotency_key="h2", ttl_ms=60_000,
+                          at_ms=clock.now_ms())
         logins.disable_account(conn, bob.id)
     sign_in_operator(client)
     text = client.get("/admin/accounts").text
@@ -518,7 +520,7 @@ def test_usage_and_revenue_by_account_and_by_product(client: TestClient,
     now = clock.now_ms()
     with db.write() as conn:
         bob = store.create_account(conn, "bob", "vip", at_ms=now)
-        ledger.topup(conn, bob.id, NANO, idempotency_key="bob")
+        ledger.topup(conn, bob.id, NANO, idempotency_key="bob", at_ms=clock.now_ms())
         alice_key = key_ops.create_key(conn, alice(db).id, at_ms=now).secret
         bob_key = key_ops.create_key(conn, bob.id, at_ms=now).secret
     for symbol in ("AAPL", "MSFT"):
