@@ -101,13 +101,14 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
     now = at_ms
     if client_key is not None:
         row = usage_store.find_request_key(conn, client_key.key_id, client_key.value)
-        if row is not None and row[7] > now - REPLAY_WINDOW_MS:
-            request, fingerprint, state, status, content_type, body, cost = row[:7]
-            if fingerprint != client_key.fingerprint:
+        if row is not None and row.created_at_ms > now - REPLAY_WINDOW_MS:
+            request = row.request_id
+            if row.fingerprint != client_key.fingerprint:
                 raise IdempotencyConflict("this Idempotency-Key was used for a different "
                                           "request in the last 24 hours")
-            if state == "done":
-                return Replay(status, content_type, bytes(body or b""), cost, request)
+            if row.state == "done":
+                return Replay(row.status, row.content_type, bytes(row.body or b""),
+                              row.cost_nano, request)
             # Still "in progress" although its hold expired: the process serving it died, and
             # the reaper released the hold (a late settlement of an expired hold is refused).
             # Nothing was charged, so this retry takes the key over.
