@@ -127,6 +127,7 @@ def test_200_threads_race_for_57_holds(db_url: str) -> None:
 
 CHILD = r"""
 import json, sys, threading
+from tollway import clock
 from tollway.errors import InsufficientBalance
 from tollway.ledger import ledger
 from tollway.store.db import Database
