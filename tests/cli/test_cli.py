@@ -22,7 +22,7 @@ from tollway.cli import main
 from tollway.store.db import Database
 from tollway.store.migrate import head_revision
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CATALOG = ROOT / "examples" / "catalog.yaml"
 ITEMS = {"sandbox-chat", "sandbox-reasoner", "sandbox-embed", "sandbox-claude", "sandbox-image",
          "web-search", "stock-quote",

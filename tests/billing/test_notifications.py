@@ -42,7 +42,7 @@ from tollway.store import accounts as account_store
 from tollway.store.db import Database
 from tollway.store.migrate import upgrade
 
-CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
+CATALOG = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 #: The server's own deliverer is off: each test delivers when it chooses, with its policy.
 ENV = {**GATEWAY_ENV, "TOLLWAY_NOTIFY_INTERVAL_SECONDS": "0"}
 ADMIN = {"Authorization": "Bearer test-admin-token"}

@@ -12,9 +12,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
-import tollway.clock
-from fakes import fresh_database
 from test_reports import (
     DAY,
     Books,
@@ -23,6 +20,9 @@ from test_reports import (
     raw_summary,
     standard_books,
 )
+
+import tollway.clock
+from fakes import fresh_database
 from tollway.cli import main
 from tollway.money import format_usd
 from tollway.store import reports as store

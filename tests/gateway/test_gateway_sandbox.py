@@ -36,7 +36,7 @@ from tollway import tokens
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 sqlite_only = pytest.mark.parametrize("served", ["sqlite"], indirect=True)
 
-CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
+CATALOG = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 TEN_USD = 10 * USD
 
 

@@ -21,7 +21,7 @@ from tollway.store.catalog import ApplyReport, apply_catalog, current_items, pri
 from tollway.store.db import Database
 from tollway.store.tables import groups, price_versions
 
-CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
+CATALOG = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 ITEMS = {"sandbox-chat", "sandbox-reasoner", "sandbox-embed", "sandbox-claude",
          "sandbox-image", "web-search", "stock-quote",
          "scholar-search"}

@@ -54,7 +54,7 @@ from tollway.api.openapi import SPEC
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 
-CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
+CATALOG = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 FAST_EXAMPLES = 8
 STRESS_EXAMPLES = int(os.environ.get("TOLLWAY_STRESS_EXAMPLES", "300"))
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_hostile_upstream import DONE, PIECES, answer, chunk, delta, replying, streaming
 
 from fakes import (
     IGNORE_TOKENIZER_WARNING,
@@ -37,7 +38,6 @@ from fakes import (
     fresh_database,
     running_tollway,
 )
-from test_hostile_upstream import DONE, PIECES, answer, chunk, delta, replying, streaming
 from tollway.gateway.usage import (
     bounded,
     parse_anthropic_usage,

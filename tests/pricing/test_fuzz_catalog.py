@@ -30,7 +30,7 @@ from tollway.pricing.catalog import Catalog, parse_catalog
 from tollway.store.catalog import apply_catalog
 from tollway.store.db import Database
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 BASE = yaml.safe_load(EXAMPLE.read_text())
 SOURCE = "fuzz.yaml"
 FAST_EXAMPLES = 60

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from tollway.app import create_app
 from tollway.cli import main
 
-CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
+CATALOG = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 TIERS = """
 tiers:
   free: {rpm: 60, tpm: 60000, concurrency: 5}

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from test_notifications import ENV
 
 from fakes import USD, Tollway, fresh_database, running_tollway
-from test_notifications import ENV
 from tollway import cli, clock
 from tollway.billing import codes
 from tollway.billing import notifications as notify
@@ -28,7 +28,7 @@ from tollway.store import accounts as account_store
 from tollway.store.db import Database
 from tollway.store.tables import redemption_codes
 
-CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
+CATALOG = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 ADMIN = {"Authorization": "Bearer test-admin-token"}
 
 

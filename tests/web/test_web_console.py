@@ -18,9 +18,9 @@ from typing import Any
 
 import pytest
 from starlette.routing import Mount, Route
+from test_reports import Books, standard_books
 
 from fakes import fresh_database
-from test_reports import Books, standard_books
 from tollway.app import create_app
 from tollway.billing import logins
 from tollway.store import accounts as account_store

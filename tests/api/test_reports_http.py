@@ -18,8 +18,6 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-
-from fakes import fresh_database
 from test_reports import (
     COUNTERS,
     NANO,
@@ -29,6 +27,8 @@ from test_reports import (
     raw_summary,
     standard_books,
 )
+
+from fakes import fresh_database
 from tollway.app import create_app
 from tollway.money import format_usd
 from tollway.store.reports import LogFilter

@@ -1,6 +1,6 @@
 """Every web console form (sign-in, sign-up, console and operator pages) refuses a body larger
 than ``TOLLWAY_MAX_BODY_BYTES`` with 413 before parsing it, declared or chunked, and changes
-nothing — the same limit as the JSON API (see tests/test_security.py), on SQLite and
+nothing — the same limit as the JSON API (see tests/api/test_security.py), on SQLite and
 PostgreSQL. The route list comes from the router, so a new form cannot be missed."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
 from test_security import every_route, filled
+
 from tollway.app import create_app
 from tollway.billing import logins
 from tollway.store.db import Database

@@ -11,7 +11,7 @@ from tollway.errors import CatalogError
 from tollway.pricing.catalog import load_catalog, parse_catalog
 from tollway.pricing.rating import CallPrice, TokenPrice
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "catalog.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 
 GOOD = """
 providers:

@@ -34,7 +34,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette 1.x prefers httpx2 for its test client
     from starlette.testclient import TestClient
 
-CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
+CATALOG = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 TOKEN = "adm-operator-pages"
 NANO = 1_000_000_000
 PASSWORD = "correct horse battery"

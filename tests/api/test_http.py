@@ -41,7 +41,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from starlette.testclient import TestClient
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CATALOG = ROOT / "examples" / "catalog.yaml"
 ADMIN = {"Authorization": "Bearer adm-test"}
 USD = re.compile(r"^-?\d+\.\d{9}$")
