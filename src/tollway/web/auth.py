@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -15,8 +15,8 @@ from tollway import settings
 from tollway.billing import credits, logins, signin
 from tollway.billing.views import parse_amount
 from tollway.errors import InvalidRequest
-from tollway.web.context import Context
-from tollway.web.http import form_data
+from tollway.runtime.context import Context
+from tollway.runtime.http import client_address, form_data
 from tollway.web.pages import render
 from tollway.web.session import (
     check_csrf,
@@ -25,9 +25,6 @@ from tollway.web.session import (
     safe_next,
     start_session,
 )
-
-if TYPE_CHECKING:
-    from tollway.gateway.state import Gateway
 
 REFUSED = "That login and password do not match an active account."
 
@@ -47,17 +44,16 @@ async def _claim(request: Request, scopes: list[str],
                  policy: signin.Policy) -> signin.Claim | int:
     """Check and count this attempt in one write (``signin.claim``): the attempt, or the
     seconds to wait when one of ``scopes`` is throttled."""
-    gw: Gateway = request.app.state.gateway
     ctx: Context = request.app.state.ctx
-    at = gw.clock()
+    at = ctx.clock()
     result: signin.Claim | int = await ctx.write(
         lambda conn: signin.claim(conn, scopes, policy, now_ms=at))
     return result
 
 
 def _client_scopes(request: Request) -> list[str]:
-    gw: Gateway = request.app.state.gateway
-    return signin.ip_scope(gw.client_address(request.scope))
+    ctx: Context = request.app.state.ctx
+    return signin.ip_scope(client_address(request.scope, ctx.trusted_proxies))
 
 
 def _text(form: Any, name: str, limit: int = 1024) -> str:
@@ -148,10 +144,9 @@ async def signup(request: Request) -> Response:
     name, email = _text(form, "name", 200).strip(), _text(form, "email", 320).strip()
     password = _text(form, "password")
     ctx: Context = request.app.state.ctx
-    gw: Gateway = request.app.state.gateway
     # every sign-up attempt counts against its address (before scrypt or any account)
-    claim = await _claim(request, signin.signup_scope(gw.client_address(request.scope)),
-                         signin.Policy.signup_from_settings())
+    scope = signin.signup_scope(client_address(request.scope, ctx.trusted_proxies))
+    claim = await _claim(request, scope, signin.Policy.signup_from_settings())
     if isinstance(claim, int):
         minutes = -(-claim // 60)
         refused = await render(request, "auth/signup.html", {
@@ -181,7 +176,7 @@ async def signup(request: Request) -> Response:
         if credit_nano:  # once per account, whatever the number of submits
             await ctx.write(lambda conn: credits.topup(
                 conn, account_id, credit_nano, idempotency_key=f"signup-credit-{account_id}",
-                note="sign-up credit"), account_id=account_id)
+                note="sign-up credit", at_ms=ctx.clock()), account_id=account_id)
     except InvalidRequest as exc:
         return await render(request, "auth/signup.html",
                             {"error": exc.message, "name": name, "email": email}, status=400)
