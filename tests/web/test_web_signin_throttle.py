@@ -248,7 +248,7 @@ def test_signup_is_throttled_per_address(db: Database,
     monkeypatch.setenv("TOLLWAY_SIGNUP_ENABLED", "true")
     clock = Clock()
     start = clock.ms
-    with served(db, clock, "198.51.100.40", "198.51.100.41") as (client, other):
+    with serving_clients(db, clock, "198.51.100.40", "198.51.100.41") as (client, other):
         for i in range(5):
             clock.ms = start + i * 1000
             client.cookies.clear()
