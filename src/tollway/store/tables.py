@@ -409,3 +409,38 @@ redemption_codes = sa.Table(
     sa.CheckConstraint("amount_nano > 0", name="ck_redemption_codes_amount_positive"),
     sa.Index("ix_redemption_codes_created", "created_at_ms", "id"),
 )
+
+# money in through a payment provider (migration 0008_payments): one row per checkout order,
+# created by Tollway before the customer is sent to the provider; the webhook credits the
+# row's own amount (never the webhook's), and each provider event id is recorded once
+payment_orders = sa.Table(
+    "payment_orders",
+    metadata,
+    _id(),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("provider", sa.String(16), nullable=False),  # stripe
+    sa.Column("amount_nano", Nano, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),  # usd
+    sa.Column("status", sa.String(16), nullable=False),  # open | paid | expired | failed
+    sa.Column("session_id", sa.String(255), unique=True),  # the Checkout Session, once made
+    sa.Column("payment_intent", sa.String(255)),  # set when paid: refunds name it
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("paid_at_ms", Ms),
+    sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),  # the top-up that credited it
+    sa.Column("refunded_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("disputed_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("reversed_nano", Nano, nullable=False, server_default="0"),  # debited + written off
+    sa.Column("written_off_nano", Nano, nullable=False, server_default="0"),
+    sa.CheckConstraint("amount_nano > 0", name="ck_payment_orders_amount_positive"),
+    sa.Index("ix_payment_orders_account", "account_id", "id"),
+    sa.Index("ix_payment_orders_payment_intent", "payment_intent"),
+)
+payment_events = sa.Table(
+    "payment_events",
+    metadata,
+    sa.Column("event_id", sa.String(255), primary_key=True),  # the provider's, e.g. evt_…
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("order_id", Id, sa.ForeignKey("payment_orders.id")),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("received_at_ms", Ms, nullable=False),
+)

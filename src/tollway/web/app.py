@@ -43,6 +43,7 @@ from tollway.web.market import market_routes
 from tollway.web.observe import ERROR_CODE, REQUEST_ID, ObserveMiddleware
 from tollway.web.openapi import SPEC
 from tollway.web.operator import operator_routes
+from tollway.web.payments import payment_routes
 from tollway.web.session import LoginRequired, login_required
 
 
@@ -174,6 +175,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
               notifications.rotate_secret(reports.customer_scope), methods=["POST"]),
         Route("/v1/billing/redeem", notifications.redeem(reports.customer_scope),
               methods=["POST"]),
+        *payment_routes,
         Route("/v1/chat/completions", LLMRoute("chat"), methods=["POST"]),
         Route("/v1/completions", LLMRoute("completions"), methods=["POST"]),
         Route("/v1/embeddings", LLMRoute("embeddings"), methods=["POST"]),
