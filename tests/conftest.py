@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from fake_stripe import FakeStripe
 from fakes import FakeUpstream, Tollway, fake_catalog, fresh_database, running_tollway
 from tollway.store.db import Database, normalize_url
 from tollway.store.migrate import upgrade
@@ -104,6 +105,13 @@ def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[T
     with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream),
                                                         upstream) as tollway:
         yield tollway
+
+
+@pytest.fixture(scope="module")
+def stripe_fake() -> Iterator[FakeStripe]:
+    """A fake Stripe Checkout API on 127.0.0.1 (``fake_stripe``), one per module."""
+    with FakeStripe() as fake:
+        yield fake
 
 
 @pytest.fixture

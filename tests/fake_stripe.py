@@ -32,6 +32,13 @@ SECRET_KEY = "sk_test_tollway_fake"
 _ids = itertools.count(1)
 
 
+def stripe_env(fake: FakeStripe) -> dict[str, str]:
+    """The settings of a gateway whose card top-ups go to ``fake``."""
+    return {"TOLLWAY_STRIPE_SECRET_KEY": SECRET_KEY,
+            "TOLLWAY_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "TOLLWAY_STRIPE_API_BASE": fake.base}
+
+
 def signature(payload: bytes, secret: str = WEBHOOK_SECRET, *, at: int | None = None) -> str:
     t = int(time.time()) if at is None else at
     mac = hmac.new(secret.encode(), f"{t}.".encode() + payload, hashlib.sha256).hexdigest()

@@ -42,6 +42,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from fake_stripe import stripe_env
 from fakes import (
     ADMIN_TOKEN,
     GATEWAY_ENV,
@@ -123,8 +124,10 @@ def steer(case: schemathesis.Case, choice: int, targets: Targets) -> None:
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def served(request: pytest.FixtureRequest) -> Iterator[Tollway]:
     # the sandbox catalog; a 64 KiB body limit (fuzzed bodies stay well within it)
+    # and card top-ups against the fake Checkout API (webhooks: fuzzed bodies are unsigned)
+    stripe = request.getfixturevalue("stripe_fake")
     env = {name: value for name, value in GATEWAY_ENV.items()
-           if not name.startswith("TOLLWAY_TEST_")}
+           if not name.startswith("TOLLWAY_TEST_")} | stripe_env(stripe)
     with fresh_database(request) as db, running_tollway(db, CATALOG.read_text(),
                                                         env=env) as tollway:
         yield tollway

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from fake_stripe import SECRET_KEY, WEBHOOK_SECRET, FakeStripe, event, signature
+from fake_stripe import FakeStripe, event, signature, stripe_env
 from fakes import (
     GATEWAY_ENV,
     USD,
@@ -39,19 +39,10 @@ from tollway.store.tables import entries, payment_events, payment_orders, postin
 CENT = USD // 100
 
 
-@pytest.fixture(scope="module")
-def stripe_fake() -> Iterator[FakeStripe]:
-    with FakeStripe() as fake:
-        yield fake
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def served(request: pytest.FixtureRequest, upstream: FakeUpstream,
            stripe_fake: FakeStripe) -> Iterator[Tollway]:
-    env = {**GATEWAY_ENV, "TOLLWAY_STRIPE_SECRET_KEY": SECRET_KEY,
-           "TOLLWAY_STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,
-           "TOLLWAY_STRIPE_API_BASE": stripe_fake.base,
-           "TOLLWAY_PUBLIC_URL": "https://tollway.example",
+    env = {**GATEWAY_ENV, **stripe_env(stripe_fake), "TOLLWAY_PUBLIC_URL": "https://tollway.example",
            "TOLLWAY_TOPUP_MIN_USD": "5", "TOLLWAY_TOPUP_MAX_USD": "500",
            "TOLLWAY_TOPUP_PRESETS_USD": "10,20,50"}
     with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream), upstream,
@@ -188,6 +179,20 @@ def test_without_stripe_settings_checkout_is_503(tw: Tollway,
     monkeypatch.setenv("TOLLWAY_STRIPE_SECRET_KEY", "")
     answer = checkout(tw, tw.key(account_id), "10")
     assert answer.status_code == 503 and error_of(answer)["code"] == "payments_unavailable"
+
+
+def test_a_key_starts_and_lists_only_its_own_accounts_orders(
+        tw: Tollway, stripe_fake: FakeStripe) -> None:
+    alice, bob = tw.account(usd=None), tw.account(usd=None)
+    bobs_order, _ = paid_order(tw, stripe_fake, bob, "10")
+    answer = tw.http().post(f"/v1/billing/checkout?account={bob}",
+                            json={"amount_usd": "10", "account_id": bob},
+                            headers={"Authorization": f"Bearer {tw.key(alice)}"})
+    assert order(tw, answer.json()["order_id"]).account_id == alice
+    listed = tw.http().get(f"/v1/billing/payments?account={bob}", headers={
+        "Authorization": f"Bearer {tw.key(alice)}"}).json()["data"]
+    assert [o["id"] for o in listed] == [answer.json()["order_id"]]
+    assert bobs_order not in [o["id"] for o in listed]
 
 
 def test_checkout_needs_a_key(tw: Tollway) -> None:
@@ -468,3 +473,31 @@ def test_a_console_session_starts_a_checkout_with_its_csrf_token(tw: Tollway) ->
                        headers={"X-CSRF-Token": csrf(http, "/console")})
     assert answer.status_code == 201, answer.text
     assert order(tw, answer.json()["order_id"]).account_id == account_id
+
+
+# ----------------------------------------------------------------------------- migration
+
+
+def test_migration_0008_matches_the_tables_and_downgrades(db: Any) -> None:
+    from alembic import command
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from tollway.store.migrate import alembic_config, current_revision, head_revision, upgrade
+    from tollway.store.tables import metadata
+
+    def drift() -> list[object]:
+        with db.read() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+        return [d for d in diffs if "payment_" in repr(d)]
+
+    assert current_revision(db) == head_revision() and drift() == []
+    config = alembic_config()
+    with db.write() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0007")
+    with db.read() as conn:
+        assert not sa.inspect(conn).has_table("payment_orders")
+        assert not sa.inspect(conn).has_table("payment_events")
+    upgrade(db)
+    assert current_revision(db) == head_revision() and drift() == []
