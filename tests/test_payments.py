@@ -478,7 +478,7 @@ def test_a_console_session_starts_a_checkout_with_its_csrf_token(tw: Tollway) ->
 # ----------------------------------------------------------------------------- migration
 
 
-def test_migration_0008_matches_the_tables_and_downgrades(db: Any) -> None:
+def test_migrations_0008_and_0009_match_the_tables_and_downgrade(db: Any) -> None:
     from alembic import command
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
@@ -489,7 +489,7 @@ def test_migration_0008_matches_the_tables_and_downgrades(db: Any) -> None:
     def drift() -> list[object]:
         with db.read() as conn:
             diffs = compare_metadata(MigrationContext.configure(conn), metadata)
-        return [d for d in diffs if "payment_" in repr(d)]
+        return [d for d in diffs if "payment_" in repr(d) or "promo" in repr(d)]
 
     assert current_revision(db) == head_revision() and drift() == []
     config = alembic_config()
@@ -499,5 +499,7 @@ def test_migration_0008_matches_the_tables_and_downgrades(db: Any) -> None:
     with db.read() as conn:
         assert not sa.inspect(conn).has_table("payment_orders")
         assert not sa.inspect(conn).has_table("payment_events")
+        assert not sa.inspect(conn).has_table("promo_grants")
+        assert "promo_nano" not in {c["name"] for c in sa.inspect(conn).get_columns("accounts")}
     upgrade(db)
     assert current_revision(db) == head_revision() and drift() == []

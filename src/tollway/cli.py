@@ -707,6 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tollway import cli_notify  # imports this module: registered once it is loaded
 
     cli_notify.register(group, add)
+    from tollway import cli_grants
+
+    cli_grants.register(group, add)
     return parser
 
 

@@ -40,6 +40,8 @@ accounts = sa.Table(
     # ledger reads both in the RETURNING of the statement that moves the money
     sa.Column("low_balance_nano", Nano),
     sa.Column("low_balance_armed", sa.Boolean, nullable=False, server_default=sa.false()),
+    # the promotional part of the wallet (available + held), spent first (0009_grants)
+    sa.Column("promo_nano", Nano, nullable=False, server_default="0"),
     sa.CheckConstraint("available_nano >= 0", name="ck_accounts_available_nonnegative"),
     sa.CheckConstraint("held_nano >= 0", name="ck_accounts_held_nonnegative"),
 )
@@ -443,4 +445,25 @@ payment_events = sa.Table(
     sa.Column("order_id", Id, sa.ForeignKey("payment_orders.id")),
     sa.Column("outcome", sa.String(32), nullable=False),
     sa.Column("received_at_ms", Ms, nullable=False),
+)
+
+# promotional credit (migration 0009_grants): what each grant has left is derived from the
+# account's promo_nano, soonest expiry first (billing/grants.py)
+promo_grants = sa.Table(
+    "promo_grants",
+    metadata,
+    _id(),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("amount_nano", Nano, nullable=False),
+    sa.Column("remaining_nano", Nano, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("expires_at_ms", Ms),  # NULL: never
+    sa.Column("closed_at_ms", Ms),  # spent in full, or expired and taken out
+    sa.Column("expired_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),
+    sa.CheckConstraint("amount_nano > 0", name="ck_promo_grants_amount_positive"),
+    sa.CheckConstraint("remaining_nano >= 0", name="ck_promo_grants_remaining_nonnegative"),
+    sa.Index("ix_promo_grants_account", "account_id", "closed_at_ms"),
+    sa.Index("ix_promo_grants_due", "closed_at_ms", "expires_at_ms"),
 )

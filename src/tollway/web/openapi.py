@@ -267,6 +267,17 @@ SPEC: dict[str, Any] = {
         "/admin/v1/accounts/{account}/notifications/settings/rotate-secret": {"post": _op(
             "Replace an account's webhook secret", _json(_ref("NotificationSettings")),
             security="adminToken", params=["account"])},
+        "/admin/v1/accounts/{account}/grants": {
+            "post": _op("Grant promotional credit (spent first; expires_at optional); "
+                        "Idempotency-Key makes a retry grant once",
+                        _json(OBJECT), security="adminToken", params=["account"], status="201",
+                        body={"type": "object", "required": ["amount_usd", "reason"],
+                              "properties": {"amount_usd": USD_IN,
+                                             "reason": {"type": "string"},
+                                             "expires_at": {"type": "string",
+                                                            "format": "date-time"}}}),
+            "get": _op("The account's grants with what each has left", _json(OBJECT),
+                       security="adminToken", params=["account"])},
         "/admin/v1/codes": {
             "get": _op("Redemption codes, newest first (?status=unused|redeemed|expired|"
                        "revoked)", _json(OBJECT), security="adminToken",
@@ -338,6 +349,7 @@ SPEC: dict[str, Any] = {
                                "request_id": {"type": ["string", "null"]}}}}},
             "Balance": {"type": "object", "properties": {
                 "balance_usd": USD, "held_usd": USD, "available_usd": USD, "used_usd": USD,
+                "paid_usd": USD, "promotional_usd": USD,
                 "requests": {"type": "integer"}}},
             "Account": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "name": {"type": "string"},
