@@ -96,6 +96,9 @@ SETTINGS = (
             "Stripe API address (tests point it at a local fake)"),
     Setting("topup_min_usd", "5", "smallest card top-up, USD (at most 2 decimals)"),
     Setting("topup_max_usd", "1000", "largest card top-up, USD (at most 2 decimals)"),
+    Setting("receipt_business_name", "Tollway", "the seller's name printed on receipts"),
+    Setting("receipt_business_address", "",
+            "the seller's address and tax id printed on receipts (\\n separates lines)"),
     Setting("topup_presets_usd", "10,20,50,100",
             "comma-separated top-up amounts the console offers as buttons (each within the "
             "bounds)"),

@@ -125,12 +125,12 @@ def parse_amount(value: object, limits: TopupBounds) -> int:
                              f"decimals), got {value!r}")
     nano = _cents(value, "amount_usd")
     if not limits.min_nano <= nano <= limits.max_nano:
-        raise InvalidRequest(f"amount_usd must be from {_usd2(limits.min_nano)} to "
-                             f"{_usd2(limits.max_nano)} USD, got {value!r}")
+        raise InvalidRequest(f"amount_usd must be from {usd_cents(limits.min_nano)} to "
+                             f"{usd_cents(limits.max_nano)} USD, got {value!r}")
     return nano
 
 
-def _usd2(nano: int) -> str:
+def usd_cents(nano: int) -> str:
     return f"{nano // NANO_PER_USD}.{nano % NANO_PER_USD // NANO_PER_CENT:02d}"
 
 

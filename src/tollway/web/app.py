@@ -35,6 +35,7 @@ from tollway.store.writer import Writer
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
 from tollway.web import notifications, pages, reports
+from tollway.web.billing_pages import billing_routes
 from tollway.web.console import console_routes
 from tollway.web.context import Context
 from tollway.web.errors import http_error, tollway_error, unexpected_error
@@ -188,7 +189,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         Mount("/admin/v1", routes=admin_routes),
         pages.static_mount,
         # web console pages; keep them before any Mount("/admin") so /admin/login matches
-        *console_routes,
+        *console_routes, *billing_routes,
         *market_routes, *operator_routes,
     ]
     return Starlette(

@@ -552,3 +552,12 @@ SPEC["paths"].update({
         "signature, 400 payment_mismatch for a session that contradicts its order)",
         _json(_ref("WebhookReceipt")), security=None, body=OBJECT)},
 })
+SPEC["paths"].update({
+    "/console/billing": html_pages("Add funds by card (presets or an amount; redirects to "
+                                   "Stripe Checkout) and payment history", ("get", "post"),
+                                   security="session"),
+    "/console/billing/return": html_pages("Where Stripe sends the customer back: the order's "
+                                          "state and the new balance", security="session"),
+    "/console/billing/receipts/{order_id}": html_pages("A paid order's printable receipt",
+                                                       security="session"),
+})
