@@ -503,3 +503,65 @@ def test_migrations_0008_and_0009_match_the_tables_and_downgrade(db: Any) -> Non
         assert "promo_nano" not in {c["name"] for c in sa.inspect(conn).get_columns("accounts")}
     upgrade(db)
     assert current_revision(db) == head_revision() and drift() == []
+
+
+# ----------------------------------------------------------------------------- console pages
+
+
+def signed_in(tw: Tollway, account_id: int) -> Any:
+    from tollway.billing import logins
+    from webclient import login
+
+    with tw.db.write() as conn:
+        logins.set_password_hash(conn, account_id, logins.hash_password("correct horse"))
+        name = conn.execute(sa.text("SELECT name FROM accounts WHERE id = :i"),
+                            {"i": account_id}).scalar_one()
+    http = tw.http()
+    assert login(http, name, "correct horse").status_code == 303
+    return http
+
+
+def test_the_console_sends_a_chosen_amount_to_checkout_and_refuses_bad_ones(
+        tw: Tollway, stripe_fake: FakeStripe) -> None:
+    from webclient import csrf
+
+    account_id = tw.account(usd=None)
+    http = signed_in(tw, account_id)
+    page = http.get("/console/billing").text
+    assert all(f">${p}</button>" in page for p in ("10.00", "20.00", "50.00"))
+    token = csrf(http, "/console/billing")
+    bad = http.post("/console/billing", data={"csrf_token": token, "custom": "4.99"})
+    assert bad.status_code == 400 and "amount_usd must be from 5.00 to 500.00 USD" in bad.text
+    sent = http.post("/console/billing", data={"csrf_token": token, "custom": "12.34"},
+                     follow_redirects=False)
+    assert sent.status_code == 303 and sent.headers["location"].startswith(
+        f"{stripe_fake.base}/pay/cs_test_")
+    forged = http.post("/console/billing", data={"csrf_token": "x", "amount": "10.00"},
+                       follow_redirects=False)
+    assert forged.status_code == 403
+    with tw.db.read() as conn:
+        amounts = conn.execute(sa.select(payment_orders.c.amount_nano).where(
+            payment_orders.c.account_id == account_id)).scalars().all()
+    assert amounts == [1234 * CENT]
+
+
+def test_return_pages_and_receipts_show_only_the_accounts_own_paid_orders(
+        tw: Tollway, stripe_fake: FakeStripe) -> None:
+    alice, bob = tw.account(usd=None), tw.account(usd=None)
+    alice_order, _ = credited_order(tw, stripe_fake, alice)
+    bob_order, _ = credited_order(tw, stripe_fake, bob)
+    open_order, _ = paid_order(tw, stripe_fake, alice, "10")
+    http = signed_in(tw, alice)
+    shown = http.get(f"/console/billing/return?order={alice_order}")
+    assert "Payment received: 20.00 USD was added" in shown.text
+    waiting = http.get(f"/console/billing/return?order={open_order}")
+    assert "Waiting for Stripe" in waiting.text and 'http-equiv="refresh"' in waiting.text
+    canceled = http.get(f"/console/billing/return?order={open_order}&canceled=1")
+    assert "Payment cancelled" in canceled.text
+    receipt = http.get(f"/console/billing/receipts/{alice_order}")
+    assert receipt.status_code == 200 and "@media print" in receipt.text
+    assert "Tollway prepaid credit" in receipt.text and "20.00" in receipt.text
+    for path in (f"/console/billing/return?order={bob_order}",
+                 f"/console/billing/receipts/{bob_order}",
+                 f"/console/billing/receipts/{open_order}"):
+        assert http.get(path).status_code == 404, path
