@@ -32,6 +32,7 @@ from fakes import (
     fresh_database,
     running_tollway,
 )
+from tollway import clock
 from tollway.billing import payments
 from tollway.ledger import ledger
 from tollway.store.tables import entries, payment_events, payment_orders, postings, wallet_days
@@ -262,11 +263,11 @@ def test_two_transactions_racing_on_two_connections_credit_once(
         results: list[Any] = []
         holding = tw.db.write()
         conn = holding.__enter__()
-        results.append(payments.handle_event(conn, first, at_ms=ledger.now_ms()))
+        results.append(payments.handle_event(conn, first, at_ms=clock.now_ms()))
 
         def racer(ev: dict[str, Any] = second, results: list[Any] = results) -> None:
             with tw.db.write() as other:
-                results.append(payments.handle_event(other, ev, at_ms=ledger.now_ms()))
+                results.append(payments.handle_event(other, ev, at_ms=clock.now_ms()))
 
         thread = threading.Thread(target=racer)
         thread.start()

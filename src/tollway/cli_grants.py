@@ -7,10 +7,10 @@ import secrets
 from collections.abc import Callable
 from typing import Any
 
+from tollway import clock
 from tollway.billing import grants
 from tollway.billing.views import parse_amount, parse_iso_ms
 from tollway.cli import Output, open_db
-from tollway.ledger import ledger
 from tollway.money import format_usd
 
 
@@ -20,7 +20,7 @@ def cmd_grants_add(args: argparse.Namespace) -> Output:
     db = open_db(args)
     view = db.run_write(lambda conn: grants.add(
         conn, args.account, amount, reason=args.reason, expires_at_ms=expires,
-        at_ms=ledger.now_ms(), idempotency_key=args.idempotency_key or secrets.token_hex(16)))
+        at_ms=clock.now_ms(), idempotency_key=args.idempotency_key or secrets.token_hex(16)))
     return Output(view, f"granted {view['amount_usd']} USD of promotional credit to account "
                   f"{view['account_id']} (grant {view['id']}, expires "
                   f"{view['expires_at'] or 'never'}): {view['available_usd']} USD available")
@@ -28,7 +28,7 @@ def cmd_grants_add(args: argparse.Namespace) -> Output:
 
 def cmd_grants_list(args: argparse.Namespace) -> Output:
     db = open_db(args)
-    page = db.run_write(lambda conn: grants.listing(conn, args.account, at_ms=ledger.now_ms()))
+    page = db.run_write(lambda conn: grants.listing(conn, args.account, at_ms=clock.now_ms()))
     lines = [f"{g['id']:>6}  {g['amount_usd']:>16} USD  left {g['remaining_usd']:>16}  "
              f"expires {g['expires_at'] or 'never'}  {g['reason']}" for g in page["data"]]
     return Output(page["data"], "\n".join(lines) or "no grants")
@@ -36,7 +36,7 @@ def cmd_grants_list(args: argparse.Namespace) -> Output:
 
 def cmd_grants_expire(args: argparse.Namespace) -> Output:
     db = open_db(args)
-    taken = db.run_write(lambda conn: grants.expire_due(conn, at_ms=ledger.now_ms()))
+    taken = db.run_write(lambda conn: grants.expire_due(conn, at_ms=clock.now_ms()))
     return Output({"taken_usd": format_usd(taken)},
                   f"took back {format_usd(taken)} USD of expired promotional credit")
 

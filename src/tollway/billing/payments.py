@@ -28,18 +28,20 @@ failed deliveries); everything else 200, since redelivering it would change noth
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy.engine import Connection
 
 from tollway import settings
-from tollway.billing import credits
+from tollway.billing import credits, stripe_checkout
 from tollway.billing.views import iso
-from tollway.errors import InvalidRequest
+from tollway.errors import InvalidRequest, PaymentsUnavailable, TollwayError
 from tollway.ledger.reversals import reverse_topup
 from tollway.money import NANO_PER_USD, MoneyFormatError, format_usd, parse_decimal
 from tollway.store import notifications
@@ -47,6 +49,7 @@ from tollway.store import payments as store
 from tollway.store import usage as usage_store
 
 log = logging.getLogger("tollway.payments")
+T = TypeVar("T")
 
 CURRENCY = "usd"
 _PLAIN = re.compile(r"\d{1,9}(\.\d{1,2})?")
@@ -141,6 +144,42 @@ def create_order(conn: Connection, account_id: int, amount_nano: int, *, at_ms: 
 
 def client_reference(order_id: int) -> str:
     return f"tollway-order-{order_id}"
+
+
+class Write(Protocol):
+    """How the HTTP layers hand over the writer (``Context.write``)."""
+
+    def __call__(self, fn: Callable[[Connection], T], *,
+                 account_id: int | None = None) -> Awaitable[T]: ...
+
+
+async def start_checkout(write: Write, account_id: int, amount: object, *,
+                         at_ms: int) -> dict[str, Any]:
+    """Write the order, create its Checkout Session (off the event loop), store the
+    session's id on the order; a refused or failed session closes the order as ``failed``."""
+    amount_nano = parse_amount(amount, bounds())
+    if not stripe_checkout.configured():
+        raise PaymentsUnavailable("card top-ups are not configured on this server "
+                                  "(TOLLWAY_STRIPE_SECRET_KEY, TOLLWAY_STRIPE_WEBHOOK_SECRET)")
+    order_id = await write(lambda conn: create_order(conn, account_id, amount_nano,
+                                                     at_ms=at_ms), account_id=account_id)
+    base = settings.get("public_url").rstrip("/")
+    try:
+        session = await asyncio.to_thread(
+            stripe_checkout.create_session, order_id=order_id, account_id=account_id,
+            amount_cents=amount_nano // NANO_PER_CENT, currency=CURRENCY,
+            reference=client_reference(order_id),
+            success_url=f"{base}/console/billing/return?order={order_id}"
+                        "&session_id={CHECKOUT_SESSION_ID}",
+            cancel_url=f"{base}/console/billing/return?order={order_id}&canceled=1")
+    except TollwayError:
+        await write(lambda conn: store.mark_closed(conn, order_id, "failed"),
+                    account_id=account_id)
+        raise
+    await write(lambda conn: store.set_session(conn, order_id, session.id),
+                account_id=account_id)
+    return {"object": "checkout", "id": session.id, "url": session.url, "order_id": order_id,
+            "amount_usd": format_usd(amount_nano), "currency": CURRENCY}
 
 
 # ----------------------------------------------------------------------------- events

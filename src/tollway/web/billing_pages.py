@@ -6,6 +6,7 @@ only for a paid order of that account (another account's order is a 404, as a mi
 
 from __future__ import annotations
 
+import hmac
 from typing import Any
 
 from sqlalchemy.engine import Connection
@@ -16,16 +17,30 @@ from starlette.routing import Route
 from tollway import settings
 from tollway.billing import payments
 from tollway.billing.views import balance_view
-from tollway.errors import NotFound, TollwayError
+from tollway.errors import CsrfFailed, NotFound, TollwayError
+from tollway.runtime.context import Context
+from tollway.runtime.http import form_data, path_int
+from tollway.runtime.queries import query_int
 from tollway.store import accounts as account_store
 from tollway.store import payments as store
 from tollway.web.console import console_scope
-from tollway.web.context import Context
-from tollway.web.http import form_data, path_int
 from tollway.web.pages import render
-from tollway.web.payments import start_checkout
-from tollway.web.reports import query_int
-from tollway.web.session import check_csrf
+from tollway.web.session import check_csrf, current_session, require_customer
+
+
+async def has_session(request: Request) -> bool:
+    return await current_session(request) is not None
+
+
+async def csrf_session_scope(request: Request, ctx: Context) -> int:
+    """The signed-in customer's account for a JSON call from the console, which must carry
+    the session's CSRF token in ``X-CSRF-Token`` (as its forms carry it in a field)."""
+    session = await require_customer(request)
+    given = request.headers.get("x-csrf-token", "")
+    if not hmac.compare_digest(given.encode(), session.csrf_token.encode()):
+        raise CsrfFailed("a console session's request needs its CSRF token in X-CSRF-Token")
+    assert session.account_id is not None
+    return session.account_id
 
 
 def _ctx(request: Request) -> Context:
@@ -48,7 +63,8 @@ async def billing_page(request: Request) -> Response:
         await check_csrf(request, form)
         amount = form.get("custom") or form.get("amount")
         try:
-            started = await start_checkout(ctx, account_id, amount)
+            started = await payments.start_checkout(ctx.write, account_id, amount,
+                                                    at_ms=ctx.clock())
         except TollwayError as exc:
             error = exc.message
         else:

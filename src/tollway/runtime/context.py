@@ -1,4 +1,4 @@
-"""What a running server holds: the database, the writer and the admin token."""
+"""What a running server holds: the database, the writer, the admin token, the clock."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 
 from tollway.billing import grants
+from tollway.billing.keys import Network
+from tollway.clock import Clock, now_ms
 from tollway.errors import StorageUnavailable
 from tollway.ledger import ledger
 from tollway.money import format_usd
@@ -35,6 +37,10 @@ class Context:
     #: delivers queued notifications every ``notify_interval_s`` (0: leave it to the CLI)
     deliverer: Deliverer | None = None
     notify_interval_s: float = 0
+    #: the server's one clock (ms since the epoch); tests pass one they move
+    clock: Clock = now_ms
+    #: proxies whose ``X-Forwarded-For`` is believed (``runtime.http.client_address``)
+    trusted_proxies: tuple[Network, ...] = ()
     _reaper: asyncio.Task[None] | None = field(default=None, repr=False)
     _notifier: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -91,7 +97,7 @@ class Context:
                 log.info("released %d expired holds", len(released))
             try:  # promotional credit whose expiry has come (billing/grants.py)
                 taken = await self.write(lambda conn: grants.expire_due(
-                    conn, at_ms=ledger.now_ms()))
+                    conn, at_ms=self.clock()))
             except Exception:  # noqa: BLE001 - the next round retries
                 log.exception("expiring promotional credit failed")
                 continue
