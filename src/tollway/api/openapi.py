@@ -515,7 +515,7 @@ SPEC["paths"].update({
                                security="session"),
 })
 
-#: Card top-ups (``web/payments.py``): an API key, or a console session with X-CSRF-Token.
+#: Card top-ups (``api/payments.py``): an API key, or a console session with X-CSRF-Token.
 SPEC["components"]["schemas"].update({
     "CheckoutRequest": {"type": "object", "required": ["amount_usd"], "properties": {
         "amount_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,2})?$",
