@@ -51,5 +51,6 @@ def downgrade() -> None:
     op.drop_index('ix_promo_grants_due', table_name='promo_grants')
     op.drop_index('ix_promo_grants_account', table_name='promo_grants')
     op.drop_table('promo_grants')
-    with op.batch_alter_table('accounts') as batch:
-        batch.drop_column('promo_nano')
+    # plain ALTER TABLE (SQLite >= 3.35): a batch copy of accounts would trip the foreign keys
+    # other tables hold on it
+    op.execute('ALTER TABLE accounts DROP COLUMN promo_nano')
