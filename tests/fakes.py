@@ -688,7 +688,8 @@ class Tollway:
             account_id = account_store.create_account(conn, name, group,
                                                       at_ms=clock.now_ms()).id
             if amount:
-                ledger.topup(conn, account_id, amount, idempotency_key=f"seed-{name}")
+                ledger.topup(conn, account_id, amount, idempotency_key=f"seed-{name}",
+                             at_ms=clock.now_ms())
         self.accounts.append(account_id)
         return account_id
 
@@ -784,6 +785,17 @@ def _usd(text: str) -> int:
     from tollway.money import parse_usd
 
     return parse_usd(text)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What a module's served Tollway differs in. ``catalog``: the catalog text (default: the
+    fake catalog on the module's fake upstream); ``env``: the environment while it runs
+    (default ``GATEWAY_ENV``); ``clock``: a clock the module moves."""
+
+    catalog: str | None = None
+    env: dict[str, str] | None = None
+    clock: FakeClock | None = None
 
 
 @contextlib.contextmanager

@@ -72,7 +72,7 @@ def add(conn: Connection, account_ref: str | int, amount_nano: int, *, reason: s
     account = find_account(conn, account_ref)
     reconcile(conn, account.id, at_ms=at_ms)  # earlier spending stays with earlier grants
     move = ledger_grants.grant(conn, account.id, amount_nano, idempotency_key=idempotency_key,
-                               note=f"promotional credit: {reason.strip()}")
+                               at_ms=at_ms, note=f"promotional credit: {reason.strip()}")
     if (earlier := store.by_entry(conn, move.entry_id)) is not None:  # a repeated key
         return _view(earlier, move.balance_nano)
     store.insert(conn, account_id=account.id, amount_nano=amount_nano,
@@ -99,7 +99,7 @@ def expire_account(conn: Connection, account_id: int, *, at_ms: int) -> int:
             continue
         remaining = int(row["remaining_nano"])
         move = ledger_grants.expire(conn, account_id, remaining,
-                                    idempotency_key=f"{row['id']}:{remaining}",
+                                    idempotency_key=f"{row['id']}:{remaining}", at_ms=at_ms,
                                     note=f"promotional credit expired (grant {row['id']})")
         left = remaining - move.amount_nano
         store.set_remaining(conn, row["id"], left, closed_at_ms=at_ms if left == 0 else None,

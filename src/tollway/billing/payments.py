@@ -256,7 +256,7 @@ def _checkout(conn: Connection, event_id: str, kind: str, session: dict[str, Any
         return replace(base, outcome="already_paid")
     account_id, amount = int(won[0]), int(won[1])
     topup = credits.topup(conn, account_id, amount, idempotency_key=f"order:{order.id}",
-                          note=f"card top-up, order {order.id}", source="card")
+                          at_ms=at_ms, note=f"card top-up, order {order.id}", source="card")
     store.set_entry(conn, order.id, topup.entry_id)
     return replace(base, outcome="credited", credited_nano=amount)
 
@@ -281,7 +281,7 @@ def _reversal(conn: Connection, event_id: str, kind: str, obj: dict[str, Any], o
         return replace(base, outcome="nothing_due")
     what = "refund" if kind == "charge.refunded" else "dispute"
     result = reverse_topup(conn, account_id, due, idempotency_key=f"order:{order.id}:{target}",
-                           note=f"card {what}, order {order.id}")
+                           at_ms=at_ms, note=f"card {what}, order {order.id}")
     store.add_reversal(conn, order.id, reversed_nano=due,
                        written_off_nano=result.written_off_nano)
     usage_store.insert_event(conn, event_id=f"entry-{result.entry_id}", account_id=account_id,

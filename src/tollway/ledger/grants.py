@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from tollway.ledger import wallet_days
 from tollway.ledger.ledger import (
     _AVAILABLE_FOR_UPDATE,
     _CREDIT,
@@ -29,9 +30,8 @@ from tollway.ledger.ledger import (
     _existing_entry,
     _post,
     _require_customer,
-    _wallet_day,
-    _watch,
 )
+from tollway.ledger.low_balance import watch
 from tollway.money import format_usd
 from tollway.store.tables import accounts, postings
 
@@ -53,7 +53,7 @@ def _promo(conn: Connection, account_id: int, delta_nano: int) -> None:
 
 
 def grant(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
-          note: str | None = None) -> PromoMove:
+          at_ms: int, note: str | None = None) -> PromoMove:
     _amount(amount_nano, "a grant")
     key = f"grant:{idempotency_key}"
     if (row := _existing_entry(conn, key)) is not None:
@@ -61,22 +61,22 @@ def grant(conn: Connection, account_id: int, amount_nano: int, *, idempotency_ke
             raise _conflict(idempotency_key, f"a grant of {format_usd(row[2])} USD to account "
                             f"{row[1]}")
         return PromoMove(row[0], row[1], row[2], row[4])
-    credited = _CREDIT.one(conn, account_id=account_id, amount=amount_nano)
+    credited = _CREDIT.row(conn, account_id=account_id, amount=amount_nano)
     if credited is None:
         _require_customer(conn, account_id)
     balance = int(credited[0])
-    _watch(conn, account_id, amount_nano, credited)
+    watch(conn, account_id, amount_nano, credited, at_ms=at_ms)
     _promo(conn, account_id, amount_nano)
-    _wallet_day(conn, account_id, adjustments=amount_nano)
+    wallet_days.count(conn, account_id, at_ms=at_ms, adjustments=amount_nano)
     entry_id = _post(conn, kind="grant", account_id=account_id, amount_nano=amount_nano,
-                     key=key, balance_after_nano=balance, note=note,
+                     key=key, balance_after_nano=balance, note=note, at_ms=at_ms,
                      lines=[(ADJUSTMENTS, AVAILABLE, -amount_nano),
                             (account_id, AVAILABLE, amount_nano)])
     return PromoMove(entry_id, account_id, amount_nano, balance)
 
 
 def expire(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
-           note: str | None = None) -> PromoMove:
+           at_ms: int, note: str | None = None) -> PromoMove:
     """Take back up to ``amount_nano`` of expired promotional credit: at most what is
     available. Returns what was taken (possibly 0)."""
     _amount(amount_nano, "an expiry")
@@ -90,13 +90,13 @@ def expire(conn: Connection, account_id: int, amount_nano: int, *, idempotency_k
     if found is None:
         _require_customer(conn, account_id)
     taken = min(amount_nano, int(found[0]))
-    debited = _CREDIT.one(conn, account_id=account_id, amount=-taken)
+    debited = _CREDIT.row(conn, account_id=account_id, amount=-taken)
     balance = int(debited[0])
     if taken:
-        _watch(conn, account_id, -taken, debited)
+        watch(conn, account_id, -taken, debited, at_ms=at_ms)
         _promo(conn, account_id, -taken)
-        _wallet_day(conn, account_id, adjustments=-taken)
+        wallet_days.count(conn, account_id, at_ms=at_ms, adjustments=-taken)
     entry_id = _post(conn, kind="grant_expire", account_id=account_id, amount_nano=taken,
-                     key=key, balance_after_nano=balance, note=note,
+                     key=key, balance_after_nano=balance, note=note, at_ms=at_ms,
                      lines=[(account_id, AVAILABLE, -taken), (ADJUSTMENTS, AVAILABLE, taken)])
     return PromoMove(entry_id, account_id, taken, balance)

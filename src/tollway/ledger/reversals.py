@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from tollway.ledger import wallet_days
 from tollway.ledger.ledger import (
     _AVAILABLE_FOR_UPDATE,
     _CREDIT,
@@ -32,9 +33,8 @@ from tollway.ledger.ledger import (
     _existing_entry,
     _post,
     _require_customer,
-    _wallet_day,
-    _watch,
 )
+from tollway.ledger.low_balance import watch
 from tollway.money import format_usd
 from tollway.store.tables import postings
 
@@ -50,7 +50,7 @@ class Reversal:
 
 
 def reverse_topup(conn: Connection, account_id: int, amount_nano: int, *,
-                  idempotency_key: str, note: str | None = None) -> Reversal:
+                  idempotency_key: str, at_ms: int, note: str | None = None) -> Reversal:
     """Take ``amount_nano`` back from the wallet, at most its available balance; the rest is
     written off. A repeat with the same key returns the first result and moves nothing."""
     _amount(amount_nano, "a reversal")
@@ -65,14 +65,14 @@ def reverse_topup(conn: Connection, account_id: int, amount_nano: int, *,
         _require_customer(conn, account_id)
     taken = min(amount_nano, int(found[0]))
     written_off = amount_nano - taken
-    debited = _CREDIT.one(conn, account_id=account_id, amount=-taken)
+    debited = _CREDIT.row(conn, account_id=account_id, amount=-taken)
     assert debited is not None  # the row is locked and taken <= available
     balance = int(debited[0])
     if taken:
-        _watch(conn, account_id, -taken, debited)
-    _wallet_day(conn, account_id, topups=-taken, written_off=written_off)
+        watch(conn, account_id, -taken, debited, at_ms=at_ms)
+    wallet_days.count(conn, account_id, at_ms=at_ms, topups=-taken, written_off=written_off)
     entry_id = _post(conn, kind="reverse", account_id=account_id, amount_nano=amount_nano,
-                     key=key, balance_after_nano=balance, note=note,
+                     key=key, balance_after_nano=balance, note=note, at_ms=at_ms,
                      lines=[(FUNDING, AVAILABLE, amount_nano), (account_id, AVAILABLE, -taken),
                             (WRITEOFF, AVAILABLE, -written_off)])
     return Reversal(entry_id, account_id, amount_nano, taken, written_off, balance)
