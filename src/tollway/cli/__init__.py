@@ -21,6 +21,7 @@ from tollway.cli import (
     backup,
     catalog,
     codes,
+    grants,
     keys,
     ledger,
     notify,
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = Commands(parser.add_subparsers(dest="command", required=True,
                                               metavar="COMMAND"), common)
     # the order of `tollway --help`
-    for group in (serve, catalog, accounts, keys, reports, ledger, backup, notify, codes):
+    for group in (serve, catalog, accounts, keys, reports, ledger, backup, notify, codes,
+                  grants):
         group.register(commands)
     return parser
 

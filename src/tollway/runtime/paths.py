@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 #: Paths answered with JSON (APIs); everything else is a page.
-API_PREFIXES = ("/v1/", "/admin/v1/", "/apis/", "/healthz", "/metrics", "/openapi.json",
-                "/static/")
+API_PREFIXES = ("/v1/", "/admin/v1/", "/apis/", "/webhooks/", "/healthz", "/metrics",
+                "/openapi.json", "/static/")
 
 
 def is_page_path(path: str) -> bool:

@@ -1,7 +1,7 @@
 """security ends: who pinned a key's group; notification retention index
 
-Revision ID: 0008_security
-Revises: 0007
+Revision ID: 0010_security
+Revises: 0009_grants
 
 ``api_keys.group_pinned_by`` records who pinned a key to a price group. Only ``operator``
 pins count when a key is charged: a customer may no longer pin (the console refused it from
@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = '0008_security'
-down_revision: str | Sequence[str] | None = '0007'
+revision: str = '0010_security'
+down_revision: str | Sequence[str] | None = '0009_grants'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
