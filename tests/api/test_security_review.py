@@ -75,7 +75,7 @@ def test_a_customer_cannot_pin_a_key_to_a_group(tw: Tollway, console: TestClient
 def test_only_an_operator_pin_is_charged(tw: Tollway, capsys: pytest.CaptureFixture[str]
                                          ) -> None:
     """An operator pin (admin API, CLI) is charged at its group; a customer pin made through
-    the old console form (marked ``customer`` by migration 0008) at the account's group."""
+    the old console form (marked ``customer`` by migration 0010) at the account's group."""
     account = tw.account("pins")
     http = tw.http()
     made = http.post(f"/admin/v1/accounts/{account}/keys", headers=ADMIN,
@@ -84,7 +84,7 @@ def test_only_an_operator_pin_is_charged(tw: Tollway, capsys: pytest.CaptureFixt
     operator_key = made.json()["key"]
     legacy_key = tw.key(account, name="by-customer", group="vip")
     legacy_id = tw.key_record(legacy_key).id
-    with tw.db.write() as conn:  # as migration 0008 marks a pin it cannot vouch for
+    with tw.db.write() as conn:  # as migration 0010 marks a pin it cannot vouch for
         conn.execute(api_keys.update().where(api_keys.c.id == legacy_id)
                      .values(group_pinned_by="customer"))
     assert tw.key_record(legacy_key).group is None
