@@ -27,7 +27,7 @@ from tollway.gateway.models import ModelsRoute
 from tollway.gateway.responses import ResponsesRoute
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import now_ms, open_holds
-from tollway.metrics import METRICS
+from tollway.metrics import CONTENT_TYPE, METRICS, register_worker
 from tollway.notify.deliverer import Deliverer
 from tollway.store import accounts as store
 from tollway.store.db import Database, storage_error
@@ -82,7 +82,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition of this worker's counters (see ``tollway.metrics``)."""
+    """Prometheus text exposition of every worker's counters (see ``tollway.metrics``)."""
     ctx: Context = request.app.state.ctx
     token = bearer(request) or ""
     allowed = [t for t in (ctx.admin_token, settings.get("metrics_token")) if t]
@@ -92,7 +92,7 @@ async def metrics(request: Request) -> Response:
     count, oldest_ms = await ctx.read(open_holds)
     age_s = max(now_ms() - oldest_ms, 0) / 1000 if oldest_ms is not None else 0.0
     return PlainTextResponse(METRICS.exposition(open_holds=count, oldest_hold_age_s=age_s),
-                             media_type="text/plain; version=0.0.4; charset=utf-8")
+                             media_type=CONTENT_TYPE)
 
 
 async def openapi(request: Request) -> JSONResponse:
@@ -146,6 +146,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
                      clock=clock or now_ms, trusted_proxies=trusted)
         app.state.ctx = ctx
         app.state.gateway = gw
+        register_worker()
         ctx.start()
         await gw.start()
         try:
