@@ -43,13 +43,11 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from tollway import settings
+from tollway.metrics_files import MULTIPROC_ENV, WORKER_MARK
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 COMMIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-#: One empty file per worker that served (``worker_<pid>``; not ``*.db``, which the merge reads).
-WORKER_MARK = "worker_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no ``_created`` series: they are not in the 0.0.4 format we served
@@ -59,15 +57,6 @@ def multiprocess() -> bool:
     """True when prometheus_client writes values to files (it chooses once, at its import,
     from ``PROMETHEUS_MULTIPROC_DIR``: ``tollway serve`` sets that before importing the app)."""
     return bool(getattr(_values.ValueClass, "_multiprocess", False))
-
-
-def prepare_directory(path: Path) -> None:
-    """Make ``path`` the server's empty metrics directory (values from an earlier run would
-    otherwise be added to this one's)."""
-    path.mkdir(parents=True, exist_ok=True)
-    for entry in path.iterdir():
-        if entry.is_file() and (entry.suffix == ".db" or entry.name.startswith(WORKER_MARK)):
-            entry.unlink()
 
 
 class Metrics:

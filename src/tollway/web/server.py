@@ -17,6 +17,7 @@ from tollway.billing import keys as key_ops
 from tollway.errors import AuthenticationError, InvalidRequest
 from tollway.ledger import ledger
 from tollway.logs import log_config
+from tollway.metrics_files import MULTIPROC_ENV, prepare_directory
 from tollway.pricing.catalog import load_catalog
 from tollway.store import accounts as store
 from tollway.store.catalog import apply_catalog
@@ -71,11 +72,11 @@ def share_metrics(port: int, data_dir: Path) -> None:
     chosen when it is imported: the app, and so the metrics, are imported after this) and an
     ``instance`` label."""
     directory = Path(settings.get("metrics_dir") or data_dir / "metrics" / str(port)).resolve()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    from tollway.metrics import multiprocess, prepare_directory  # only now: see above
+    prepare_directory(directory)
+    os.environ[MULTIPROC_ENV] = str(directory)
+    from tollway.metrics import multiprocess  # only now: see above
 
     assert multiprocess(), "prometheus_client was imported before its directory was set"
-    prepare_directory(directory)
     instance = settings.Setting("instance", "", "").env
     os.environ[instance] = os.environ.get(instance) or f"{socket.gethostname()}:{port}"
 
