@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 
-from tollway import settings
+from tollway import settings, tracing
 from tollway.admin.routes import admin_routes
 from tollway.billing import keys
 from tollway.billing.marketplace import listing
@@ -147,6 +147,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         app.state.ctx = ctx
         app.state.gateway = gw
         register_worker()
+        tracing.configure()
         ctx.start()
         await gw.start()
         try:
@@ -154,6 +155,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         finally:
             await gw.stop()
             await ctx.stop()
+            tracing.shutdown()
 
     routes = [
         Route("/healthz", healthz),
