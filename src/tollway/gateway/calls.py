@@ -128,7 +128,8 @@ def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
         call.trace = tracing.start(
             scope, route=route, endpoint_path=item.spec.get("path"), item_id=item.id,
             billing_type=item.billing_type, system=gw.registry.kind(item.provider),
-            account_id=key.account_id, key_id=key.id, group=group, ratio=str(ratio.value), request_id=call.request_id)
+            account_id=key.account_id, key_id=key.id, group=group, ratio=str(ratio.value),
+            request_id=call.request_id)
     idem = header(scope, b"idempotency-key")
     if idem:
         if len(idem) > 200:
