@@ -3,7 +3,7 @@
 The counters are ``prometheus_client`` metrics. Under ``tollway serve`` they run in its
 *multiprocess mode*: each worker writes its values to memory-mapped files in a directory the
 server owns (``PROMETHEUS_MULTIPROC_DIR``, emptied when the server starts, see
-:func:`prepare_directory`), and a scrape, whichever worker answers it, merges the files of every
+:mod:`tollway.metrics_files`), and a scrape, whichever worker answers it, merges the files of every
 worker the server has had. So counters never go backwards between scrapes (a dead worker's
 files stay and keep counting in the sums), histograms merge bucket by bucket, and the in-flight
 gauge sums the live workers only. Outside ``tollway serve`` (an app built by a test) the values
@@ -13,16 +13,19 @@ Per worker, never summed: the standard process metrics (CPU, memory, open files)
 worker, read from ``/proc`` at scrape time and labelled ``worker="<pid>"``. Every sample also
 gets ``instance`` (the ``instance`` setting) at scrape time, which costs nothing per request.
 
-The hot path looks up a cached child and adds to it (two or three mmap writes a request; the
-cost is measured in docs/benchmarks.md). ``tollway_http_requests_total`` is derived from the
-latency histogram's count at scrape time rather than counted twice. Money counters are integer
+The request path only adds to plain ints; each worker publishes them to its files once a
+second and before it answers a scrape (see :class:`Metrics` for why, measured).
+``tollway_http_requests_total`` is derived from the latency histogram's count at scrape time
+rather than counted twice. Money counters are integer
 nano-USD (``_nano_usd_total``): Prometheus values are floats, exact for integers below 2**53.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,8 @@ LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 COMMIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+#: how often a worker adds its counts to the shared files (see :class:`Metrics`)
+PUBLISH_INTERVAL_S = 1.0
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no ``_created`` series: they are not in the 0.0.4 format we served
 
@@ -59,99 +64,122 @@ def multiprocess() -> bool:
     return bool(getattr(_values.ValueClass, "_multiprocess", False))
 
 
+class Tally:
+    """A histogram in plain ints; ``counts[i]`` counts values in (bounds[i-1], bounds[i]]
+    (the last, values above every bound), as prometheus_client's histogram buckets do."""
+
+    __slots__ = ("bounds", "counts", "total", "count")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+        self.count += 1
+
+
 class Metrics:
-    """The server's counters. One instance, :data:`METRICS`."""
+    """The server's counters. One instance, :data:`METRICS`.
+
+    The request path only adds to plain ints (no lock: the event loop is one thread; the
+    writer thread touches only the writer's tallies, each ``+=`` safe under the GIL). Every
+    :data:`PUBLISH_INTERVAL_S`, when the worker stops, and before it answers a scrape,
+    :meth:`publish` adds what changed since the last time to the prometheus_client metrics
+    (in multiprocess mode, the worker's mmap files): updating those on every request cost
+    13.6 µs of CPU (docs/benchmarks.md), more than the 10 µs allowed. So a scrape shows the
+    answering worker's counts as of now and the others' as of at most that interval ago."""
 
     def __init__(self) -> None:
         self.multiprocess = multiprocess()
         #: the in-process registry (None in multiprocess mode: a scrape merges the files)
         self.registry = None if self.multiprocess else CollectorRegistry(auto_describe=False)
-        reg = self.registry
-        self._duration = Histogram(
-            "tollway_http_request_duration_seconds",
-            "time from the request's arrival to the end of its response (streams included)",
-            ("route", "product", "status"), buckets=LATENCY_BUCKETS_S, registry=reg)
-        self._charges = Counter("tollway_charges", "settled charges, by product", ("product",),
-                                registry=reg)
-        self._revenue = Counter("tollway_revenue_nano_usd",
-                                "charged amount in nano-USD (1e-9 USD), by product",
-                                ("product",), registry=reg)
-        self._upstream_errors = Counter(
-            "tollway_upstream_errors",
-            "upstream failures (code upstream_error or upstream_timeout; status as answered to "
-            "the client), by product", ("product", "code", "status"), registry=reg)
-        self._inflight_gauge = Gauge("tollway_inflight_requests",
-                                     "requests the server's live workers are serving now",
-                                     multiprocess_mode="livesum", registry=reg)
-        self._shed = Counter("tollway_shed_requests",
-                             "requests refused with 503 overloaded (max_inflight_requests "
-                             "reached)", registry=reg)
-        self._storage_unavailable = Counter(
-            "tollway_storage_unavailable",
-            "requests answered 503 storage_unavailable (the database could not be reached)",
-            registry=reg)
-        self.writer_batch = Histogram("tollway_writer_batch_size",
-                                      "operations per database writer transaction",
-                                      buckets=BATCH_BUCKETS, registry=reg)
-        self.writer_commit = Histogram(
-            "tollway_writer_commit_seconds",
-            "duration of a writer transaction, from BEGIN to durable COMMIT",
-            buckets=COMMIT_BUCKETS_S, registry=reg)
-        self._inflight = self._shed_count = self._unavailable_count = 0
-        self._request_children: dict[tuple[str, str, str], Any] = {}
-        self._charge_children: dict[str, tuple[Any, Any]] = {}
-
-    # The middleware reads and adjusts these three as plain ints (``metrics.shed += 1``).
-    @property
-    def inflight(self) -> int:
-        """Requests this worker serves now (what load shedding compares with its limit)."""
-        return self._inflight
-
-    @inflight.setter
-    def inflight(self, value: int) -> None:
-        self._inflight = value
-        self._inflight_gauge.set(value)
-
-    @property
-    def shed(self) -> int:
-        return self._shed_count
-
-    @shed.setter
-    def shed(self, value: int) -> None:
-        self._shed.inc(value - self._shed_count)
-        self._shed_count = value
-
-    @property
-    def storage_unavailable(self) -> int:
-        return self._unavailable_count
-
-    @storage_unavailable.setter
-    def storage_unavailable(self, value: int) -> None:
-        self._storage_unavailable.inc(value - self._unavailable_count)
-        self._unavailable_count = value
+        #: (route, product, status) → request latency (its count is the requests)
+        self.requests: dict[tuple[str, str, str], Tally] = {}
+        #: product → [charges, revenue in nano-USD]
+        self.charges: dict[str, list[int]] = {}
+        #: (product, code, status) → upstream failures
+        self.upstream_errors: dict[tuple[str, str, str], int] = {}
+        self.shed = 0
+        self.inflight = 0
+        self.storage_unavailable = 0
+        self.writer_batch = Tally(BATCH_BUCKETS)
+        self.writer_commit = Tally(COMMIT_BUCKETS_S)
+        self._published = _Published(self.registry)
+        self._done: dict[tuple[str, ...], Any] = {}  # what was published, by series
 
     def request(self, route: str, product: str, status: int, seconds: float) -> None:
         key = (route, product, str(status))
-        child = self._request_children.get(key)
-        if child is None:
-            child = self._request_children[key] = self._duration.labels(*key)
-        child.observe(seconds)
+        tally = self.requests.get(key)
+        if tally is None:
+            tally = self.requests[key] = Tally(LATENCY_BUCKETS_S)
+        tally.observe(seconds)
 
     def charge(self, product: str, cost_nano: int) -> None:
-        children = self._charge_children.get(product)
-        if children is None:
-            children = self._charge_children[product] = (self._charges.labels(product),
-                                                          self._revenue.labels(product))
-        children[0].inc()
-        if cost_nano:
-            children[1].inc(cost_nano)
+        found = self.charges.get(product)
+        if found is None:
+            self.charges[product] = [1, cost_nano]
+        else:
+            found[0] += 1
+            found[1] += cost_nano
 
     def upstream_error(self, product: str, code: str, status: int) -> None:
-        self._upstream_errors.labels(product, code, str(status)).inc()
+        key = (product, code, str(status))
+        self.upstream_errors[key] = self.upstream_errors.get(key, 0) + 1
+
+    def publish(self) -> None:
+        """Add what changed since the last call to the prometheus_client metrics."""
+        out = self._published
+        for key, tally in list(self.requests.items()):
+            self._histogram(("request", *key), tally, out.duration.labels(*key))
+        self._histogram(("batch",), self.writer_batch, out.writer_batch)
+        self._histogram(("commit",), self.writer_commit, out.writer_commit)
+        for product, (count, nano) in list(self.charges.items()):
+            self._counter(("charges", product), count, out.charges.labels(product))
+            self._counter(("revenue", product), nano, out.revenue.labels(product))
+        for key, count in list(self.upstream_errors.items()):
+            self._counter(("upstream", *key), count, out.upstream_errors.labels(*key))
+        self._counter(("shed",), self.shed, out.shed)
+        self._counter(("unavailable",), self.storage_unavailable, out.storage_unavailable)
+        out.inflight.set(self.inflight)
+
+    async def publish_every(self, seconds: float = 0.0) -> None:
+        """A worker's background task: :meth:`publish` every ``seconds`` (default
+        :data:`PUBLISH_INTERVAL_S`), and once more when cancelled."""
+        try:
+            while True:
+                await asyncio.sleep(seconds or PUBLISH_INTERVAL_S)
+                self.publish()
+        finally:
+            self.publish()
+
+    def _counter(self, key: tuple[str, ...], value: int, counter: Any) -> None:
+        done = self._done.get(key, 0)
+        if value != done:
+            counter.inc(value - done)
+            self._done[key] = value
+
+    def _histogram(self, key: tuple[str, ...], tally: Tally, histogram: Any) -> None:
+        counts, total = list(tally.counts), tally.total
+        done_counts, done_total = self._done.get(key) or ([0] * len(counts), 0.0)
+        if counts == done_counts:
+            return
+        # prometheus_client has no public call to add n observations at once: its children's
+        # per-bucket values (what ``observe`` increments) are used directly.
+        for value, (now, before) in zip(histogram._buckets, zip(counts, done_counts,
+                                                                 strict=True), strict=True):
+            if now != before:
+                value.inc(now - before)
+        histogram._sum.inc(total - done_total)
+        self._done[key] = (counts, total)
 
     def exposition(self, *, open_holds: int, oldest_hold_age_s: float) -> str:
         """Every worker's counters (merged), the database's hold figures and each live
         worker's process metrics, every sample labelled with the instance."""
+        self.publish()
         if self.multiprocess:
             directory = os.environ[MULTIPROC_ENV]
             workers = sweep_workers(Path(directory))
@@ -174,6 +202,42 @@ class Metrics:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Fixed([_labelled(f, "instance", label) for f in families]))
         return generate_latest(registry).decode()
+
+
+class _Published:
+    """The prometheus_client side of :class:`Metrics` (written only by ``publish``)."""
+
+    def __init__(self, reg: CollectorRegistry | None) -> None:
+        self.duration = Histogram(
+            "tollway_http_request_duration_seconds",
+            "time from the request's arrival to the end of its response (streams included)",
+            ("route", "product", "status"), buckets=LATENCY_BUCKETS_S, registry=reg)
+        self.charges = Counter("tollway_charges", "settled charges, by product", ("product",),
+                               registry=reg)
+        self.revenue = Counter("tollway_revenue_nano_usd",
+                               "charged amount in nano-USD (1e-9 USD), by product",
+                               ("product",), registry=reg)
+        self.upstream_errors = Counter(
+            "tollway_upstream_errors",
+            "upstream failures (code upstream_error or upstream_timeout; status as answered to "
+            "the client), by product", ("product", "code", "status"), registry=reg)
+        self.inflight = Gauge("tollway_inflight_requests",
+                              "requests the server's live workers are serving now",
+                              multiprocess_mode="livesum", registry=reg)
+        self.shed = Counter("tollway_shed_requests",
+                            "requests refused with 503 overloaded (max_inflight_requests "
+                            "reached)", registry=reg)
+        self.storage_unavailable = Counter(
+            "tollway_storage_unavailable",
+            "requests answered 503 storage_unavailable (the database could not be reached)",
+            registry=reg)
+        self.writer_batch = Histogram("tollway_writer_batch_size",
+                                      "operations per database writer transaction",
+                                      buckets=BATCH_BUCKETS, registry=reg)
+        self.writer_commit = Histogram(
+            "tollway_writer_commit_seconds",
+            "duration of a writer transaction, from BEGIN to durable COMMIT",
+            buckets=COMMIT_BUCKETS_S, registry=reg)
 
 
 def register_worker() -> None:

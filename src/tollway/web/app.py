@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -148,6 +150,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         app.state.gateway = gw
         register_worker()
         tracing.configure()
+        publisher = asyncio.create_task(METRICS.publish_every())
         ctx.start()
         await gw.start()
         try:
@@ -155,6 +158,9 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         finally:
             await gw.stop()
             await ctx.stop()
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
             tracing.shutdown()
 
     routes = [
