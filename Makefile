@@ -79,9 +79,11 @@ stress-reliability: $(STAMP)
 	scripts/pg-test-server stop var/pg-test >/dev/null 2>&1 || true; \
 	$(BIN)/python bench/stress_report.py var/stress/results.jsonl var/stress/soak.jsonl; exit $$status
 
+# ruff, mypy strict, and the import contracts in pyproject.toml (the layering in README "Layout").
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 bench: $(STAMP)
 	$(BIN)/python bench/ledger.py

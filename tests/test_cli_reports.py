@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import tollway.clock
 from fakes import fresh_database
 from test_reports import (
     DAY,
@@ -23,7 +24,6 @@ from test_reports import (
     standard_books,
 )
 from tollway.cli import main
-from tollway.ledger import ledger
 from tollway.money import format_usd
 from tollway.store import reports as store
 from tollway.store.db import Database
@@ -310,7 +310,7 @@ def test_usage_prune_deletes_old_records_only(
         monkeypatch: pytest.MonkeyPatch) -> None:
     books, url = clean_books, clean_books.db.url
     now = ms("2025-11-02T00:00:00Z")
-    monkeypatch.setattr(ledger, "now_ms", lambda: now)
+    monkeypatch.setattr(tollway.clock, "now_ms", lambda: now)
     cutoff = now - DAY
     old = [r.request_id for r in books.rows if r.at < cutoff]
     kept = [r.request_id for r in books.rows if r.at >= cutoff]

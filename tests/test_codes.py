@@ -19,11 +19,10 @@ import sqlalchemy as sa
 
 from fakes import USD, Tollway, fresh_database, running_tollway
 from test_notifications import ENV
-from tollway import cli
+from tollway import cli, clock
 from tollway.billing import codes
 from tollway.billing import notifications as notify
 from tollway.errors import CodeExpired, CodeRedeemed, CodeRevoked, UnknownCode
-from tollway.ledger import ledger
 from tollway.ledger.verify import verify
 from tollway.store import accounts as account_store
 from tollway.store.db import Database
@@ -48,7 +47,7 @@ def test_a_code_redeemed_concurrently_50_times_credits_once(db_url: str) -> None
     db = Database(db_url)
     accounts = _accounts(db, 5)
     with db.write() as conn:
-        [new] = codes.mint(conn, 5 * USD, at_ms=ledger.now_ms())
+        [new] = codes.mint(conn, 5 * USD, at_ms=clock.now_ms())
     # 50 threads, each on its own connection (NullPool), released together
     racers = Database(db_url, null_pool=True)
     start = threading.Barrier(50)
@@ -57,7 +56,7 @@ def test_a_code_redeemed_concurrently_50_times_credits_once(db_url: str) -> None
         start.wait()
         try:
             return racers.run_write(lambda conn: codes.redeem(
-                conn, accounts[i % 5], new.code, ledger.now_ms()))
+                conn, accounts[i % 5], new.code, clock.now_ms()))
         except CodeRedeemed as exc:
             return exc
 
@@ -81,7 +80,7 @@ def test_a_code_redeemed_concurrently_50_times_credits_once(db_url: str) -> None
 
 def test_codes_are_random_hashed_and_forgiving_to_type(db: Database) -> None:
     with db.write() as conn:
-        minted = codes.mint(conn, USD, count=200, at_ms=ledger.now_ms())
+        minted = codes.mint(conn, USD, count=200, at_ms=clock.now_ms())
     assert len({c.code for c in minted}) == 200
     for c in minted:
         assert len(c.code) == 22 and c.code.startswith("TW-")
@@ -96,14 +95,14 @@ def test_codes_are_random_hashed_and_forgiving_to_type(db: Database) -> None:
     [account] = _accounts(db, 1)
     typed = minted[0].code.lower().replace("-", " ").replace("0", "o").replace("1", "l")
     with db.write() as conn:
-        assert codes.redeem(conn, account, typed, ledger.now_ms()).amount_nano == USD
-        assert codes.redeem(conn, account, minted[1].code[3:], ledger.now_ms()).amount_nano \
+        assert codes.redeem(conn, account, typed, clock.now_ms()).amount_nano == USD
+        assert codes.redeem(conn, account, minted[1].code[3:], clock.now_ms()).amount_nano \
             == USD
 
 
 def test_unknown_expired_and_revoked_codes(db: Database) -> None:
     [account] = _accounts(db, 1)
-    now = ledger.now_ms()
+    now = clock.now_ms()
     with db.write() as conn:
         expiring, revoked = codes.mint(conn, USD, count=2, at_ms=now, expires_at_ms=now + 1000)
         codes.revoke(conn, revoked.id, at_ms=now)
@@ -168,7 +167,7 @@ def test_fifty_concurrent_http_redemptions_credit_once(tw: Tollway) -> None:
     [code] = minted.json()["data"]
     with tw.db.write() as conn:  # settings with no channel: events are still logged
         for a in accounts:
-            notify.update(conn, a, {"email": None}, at_ms=ledger.now_ms())
+            notify.update(conn, a, {"email": None}, at_ms=clock.now_ms())
     start = threading.Barrier(50)
 
     def redeem(i: int) -> httpx.Response:
@@ -221,7 +220,7 @@ def test_http_errors_for_codes(tw: Tollway) -> None:
                           "expires_at": "2099-01-01T00:00:00Z"}).json()["data"]
     with tw.db.write() as conn:  # let the first one expire
         conn.execute(redemption_codes.update().where(redemption_codes.c.id == two[0]["id"])
-                     .values(expires_at_ms=ledger.now_ms() - 1))
+                     .values(expires_at_ms=clock.now_ms() - 1))
     error(http.post("/v1/billing/redeem", json={"code": two[0]["code"]}, headers=auth),
           410, "code_expired")
     revoked = http.post(f"/admin/v1/codes/{two[1]['id']}/revoke", headers=ADMIN)

@@ -50,7 +50,7 @@ from fakes import (
     fresh_database,
     running_tollway,
 )
-from tollway.web.openapi import SPEC
+from tollway.api.openapi import SPEC
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fakes import fresh_database
+from tollway import clock
 from tollway.errors import CatalogError, TollwayError
-from tollway.ledger import ledger
 from tollway.pricing.catalog import Catalog, parse_catalog
 from tollway.store.catalog import apply_catalog
 from tollway.store.db import Database
@@ -123,7 +123,7 @@ def load(text: str) -> Catalog | None:
 def apply(db: Database, catalog: Catalog) -> None:
     try:
         with db.write() as conn:
-            apply_catalog(conn, catalog, now_ms=ledger.now_ms())
+            apply_catalog(conn, catalog, now_ms=clock.now_ms())
     except TollwayError:
         pass
 

@@ -33,7 +33,7 @@ from fakes import (
     sse_events,
 )
 from tollway import tokens
-from tollway.ledger.ledger import now_ms
+from tollway.clock import now_ms
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 sqlite_only = pytest.mark.parametrize("served", ["sqlite"], indirect=True)

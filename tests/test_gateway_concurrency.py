@@ -25,6 +25,7 @@ import pytest
 import sqlalchemy as sa
 
 from fakes import DATA_KEY, DATA_KEY_ENV, USD, FakeUpstream
+from tollway import clock
 from tollway.billing.keys import create_key
 from tollway.ledger import ledger
 from tollway.store.accounts import create_account, get_account
@@ -115,9 +116,9 @@ endpoints:
     assert applied.returncode == 0, applied.stderr
     db = Database(db_url)
     with db.write() as conn:
-        buyer = create_account(conn, "buyer", "default", at_ms=ledger.now_ms()).id
+        buyer = create_account(conn, "buyer", "default", at_ms=clock.now_ms()).id
         ledger.topup(conn, buyer, USD, idempotency_key="seed")  # 1 USD / 0.01 = 100 calls
-        key = create_key(conn, buyer, at_ms=ledger.now_ms(), name="load").secret
+        key = create_key(conn, buyer, at_ms=clock.now_ms(), name="load").secret
 
     port = free_port()
     log = tmp_path / "serve.log"

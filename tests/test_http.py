@@ -27,13 +27,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tollway import clock
+from tollway.app import create_app
 from tollway.billing import keys as key_ops
 from tollway.ledger import ledger
 from tollway.pricing.catalog import load_catalog, parse_catalog
 from tollway.store import accounts as store
 from tollway.store.catalog import apply_catalog
 from tollway.store.db import Database
-from tollway.web.app import create_app
 
 with warnings.catch_warnings():
     # starlette 1.x prefers httpx2 for its test client; httpx works the same
@@ -55,7 +56,7 @@ def prepared(db_url: str) -> dict[str, Any]:
     """The demo catalog; alice (default group) with 5 USD, a settled request and an open
     hold; keys: a good one, a revoked one, an expired one."""
     db = Database(db_url)
-    now = ledger.now_ms()
+    now = clock.now_ms()
     with db.write() as conn:
         apply_catalog(conn, load_catalog(CATALOG), now_ms=now)
         alice = store.create_account(conn, "alice", "default", at_ms=now)
@@ -227,7 +228,7 @@ models:
     provider: sandbox
     price: {input: "0.000000003", output: "0.2009"}
     group_ratios: {third: "0.7"}
-"""), now_ms=ledger.now_ms())
+"""), now_ms=clock.now_ms())
     db.dispose()
     with TestClient(create_app(database_url=db_url, admin_token="adm-test")) as client:
         (tiny,) = client.get("/v1/marketplace").json()["data"]
@@ -522,12 +523,12 @@ def test_malformed_json_body_is_400_in_the_error_shape(client: TestClient, db_ur
 def test_an_unexpected_error_is_500_in_the_error_shape_with_the_id_logged(
         db_url: str, prepared: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    import tollway.web.app as web_app
+    import tollway.api.routes as api_routes
 
     def broken(conn: Any, *, now_ms: int) -> Any:
         raise RuntimeError("the disk is on fire")
 
-    monkeypatch.setattr(web_app, "listing", broken)
+    monkeypatch.setattr(api_routes, "listing", broken)
     app = create_app(database_url=db_url, admin_token="adm-test")
     with caplog.at_level(logging.ERROR, logger="tollway"), \
             TestClient(app, raise_server_exceptions=False) as client:

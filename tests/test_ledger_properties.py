@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tollway import clock
 from tollway.errors import HoldClosed, InsufficientBalance, QuotaExceeded, TollwayError
 from tollway.ledger import ledger
 from tollway.ledger.ledger import Adjustment, Hold, Release, Settlement, Topup
@@ -161,7 +162,7 @@ def apply(db: Database, model: Model, op: tuple[Any, ...], key: str) -> None:
         release(model, h, "voided")
         model.done.append((call, expected))
     elif kind == "expire":
-        now = ledger.now_ms()
+        now = clock.now_ms()
         due = [h for h in model.holds if h.status == "open" and h.expires_at_ms <= now]
         result = run(db, ("expire", now))
         assert sorted(result, key=lambda r: r.hold_id) == [

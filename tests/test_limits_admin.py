@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from tollway.app import create_app
 from tollway.cli import main
-from tollway.web.app import create_app
 
 CATALOG = Path(__file__).resolve().parents[1] / "examples" / "catalog.yaml"
 TIERS = """

@@ -467,20 +467,17 @@ def test_ip_allowlist_with_a_trusted_proxy(tw: Tollway) -> None:
 
 def test_ip_allowlist_without_trusted_proxies() -> None:
     """Without trusted proxies X-Forwarded-For is ignored: the peer is the client."""
-    from tollway.billing.keys import networks, parse_networks
-    from tollway.gateway.state import Gateway
+    from tollway.billing.keys import Network, networks, parse_networks
+    from tollway.runtime.http import client_address
 
-    def client(gw: Gateway, peer: str, forwarded: str | None) -> str:
+    def client(trusted: tuple[Network, ...], peer: str, forwarded: str | None) -> str:
         headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
-        return str(gw.client_address({"client": (peer, 5000), "headers": headers}))
+        return str(client_address({"client": (peer, 5000), "headers": headers}, trusted))
 
-    bare = Gateway(None, None, catalog_refresh_s=5, key_cache_s=5,  # type: ignore[arg-type]
-                   max_body_bytes=1)
+    bare: tuple[Network, ...] = ()
     assert client(bare, "198.51.100.4", "203.0.113.9") == "198.51.100.4"
     assert client(bare, "::ffff:198.51.100.4", None) == "198.51.100.4"
-    proxied = Gateway(None, None, catalog_refresh_s=5, key_cache_s=5,  # type: ignore[arg-type]
-                      max_body_bytes=1,
-                      trusted_proxies=networks(parse_networks(["10.0.0.0/8", "fd00::/8"])))
+    proxied = networks(parse_networks(["10.0.0.0/8", "fd00::/8"]))
     assert client(proxied, "10.0.0.1", "203.0.113.9, 10.2.3.4") == "203.0.113.9"
     assert client(proxied, "fd00::1", "2001:db8::1, fd00::2") == "2001:db8::1"
     assert client(proxied, "198.51.100.4", "203.0.113.9") == "198.51.100.4"

@@ -28,8 +28,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import tollway.clock
 from fakes import GATEWAY_ENV, USD, Tollway, fresh_database, running_tollway
-from tollway import cli
+from tollway import cli, clock
 from tollway.billing import credits
 from tollway.billing import notifications as notify
 from tollway.errors import InsufficientBalance
@@ -122,7 +123,7 @@ def check_signature(secret: str, got: Received) -> dict[str, Any]:
 
 
 def deliver(db: Database, policy: Policy = NOW_POLICY,
-            clock_ms: Callable[[], int] = ledger.now_ms) -> int:
+            clock_ms: Callable[[], int] = tollway.clock.now_ms) -> int:
     """``tollway notify deliver``: every due attempt, on a deliverer of the test's own."""
     async def run() -> int:
         d = Deliverer(lambda fn: asyncio.to_thread(db.run_write, fn), policy, clock_ms=clock_ms)
@@ -214,7 +215,7 @@ def test_a_receiver_that_fails_twice_gets_the_event_on_the_third_attempt(
         credits.topup(conn, account, 2 * USD, idempotency_key=f"retry-{account}")
 
     # a fake clock: retries after 60 s, then 120 s (base 60 s, doubled); no sleeping
-    now = [ledger.now_ms()]
+    now = [clock.now_ms()]
     policy = Policy(retry_base_ms=60_000, max_attempts=5, allow_private_targets=True,
                     timeout_s=5)
     assert deliver(tw.db, policy, lambda: now[0]) == 1  # attempt 1: HTTP 500
@@ -261,7 +262,7 @@ def test_a_receiver_that_fails_twice_gets_the_event_on_the_third_attempt(
 def test_a_delivery_gives_up_after_max_attempts(tw: Tollway, receiver: Receiver) -> None:
     account = tw.account(usd="1")
     with tw.db.write() as conn:
-        notify.update(conn, account, {"webhook_url": receiver.url}, at_ms=ledger.now_ms())
+        notify.update(conn, account, {"webhook_url": receiver.url}, at_ms=clock.now_ms())
         credits.topup(conn, account, USD, idempotency_key=f"giveup-{account}")
     receiver.script = ["500"] * 10
     policy = Policy(retry_base_ms=0, max_attempts=3, allow_private_targets=True, timeout_s=5)
@@ -275,7 +276,7 @@ def test_a_delivery_gives_up_after_max_attempts(tw: Tollway, receiver: Receiver)
 def test_private_addresses_are_refused_unless_allowed(tw: Tollway, receiver: Receiver) -> None:
     account = tw.account(usd="1")
     with tw.db.write() as conn:
-        notify.update(conn, account, {"webhook_url": receiver.url}, at_ms=ledger.now_ms())
+        notify.update(conn, account, {"webhook_url": receiver.url}, at_ms=clock.now_ms())
         credits.topup(conn, account, USD, idempotency_key=f"ssrf-{account}")
     assert deliver(tw.db, Policy(retry_base_ms=0, max_attempts=1)) == 1
     assert receiver.received == []
@@ -310,10 +311,10 @@ def test_settings_are_validated_and_the_secret_rotates(tw: Tollway) -> None:
 def _configured_account(db: Database, url: str, usd: int = 100) -> tuple[int, str]:
     with db.write() as conn:
         account = account_store.create_account(conn, "hooked", "default",
-                                               at_ms=ledger.now_ms()).id
+                                               at_ms=clock.now_ms()).id
         ledger.topup(conn, account, usd * USD, idempotency_key="seed")
         secret = notify.update(conn, account, {"webhook_url": url},
-                               at_ms=ledger.now_ms())["webhook_secret"]
+                               at_ms=clock.now_ms())["webhook_secret"]
     return account, secret
 
 
@@ -353,7 +354,7 @@ def test_events_are_written_with_the_money_or_not_at_all(db: Database) -> None:
     a repeated top-up (same idempotency key) queues nothing new, no settings means no event."""
     account, _ = _configured_account(db, "https://hooks.example.com/x", usd=10)
     with db.write() as conn:
-        notify.update(conn, account, {"low_balance_threshold_usd": "5"}, at_ms=ledger.now_ms())
+        notify.update(conn, account, {"low_balance_threshold_usd": "5"}, at_ms=clock.now_ms())
     with pytest.raises(RuntimeError), db.write() as conn:
         ledger.place_hold(conn, account, 6 * USD, idempotency_key="h1", ttl_ms=60_000)
         raise RuntimeError("the request failed before commit")
@@ -381,11 +382,11 @@ def test_a_settlement_above_the_hold_can_cross(db: Database) -> None:
     account, _ = _configured_account(db, "https://hooks.example.com/x", usd=10)
     with db.write() as conn:
         notify.update(conn, account, {"low_balance_threshold_usd": "9.5"},
-                      at_ms=ledger.now_ms())
+                      at_ms=clock.now_ms())
         hold = ledger.place_hold(conn, account, USD // 4, idempotency_key="a", ttl_ms=60_000)
         ledger.settle_hold(conn, hold.id, USD, idempotency_key="a")  # 10 -> 9
         notify.update(conn, account, {"low_balance_threshold_usd": "20"},
-                      at_ms=ledger.now_ms())  # already below: disarmed
+                      at_ms=clock.now_ms())  # already below: disarmed
         ledger.adjust(conn, account, -USD, idempotency_key="b", note="x")
     with db.read() as conn:
         [low] = notify.events_page(conn, account)["data"]

@@ -8,10 +8,10 @@ from typing import Any
 
 from starlette.routing import Mount, Route
 
+from tollway.api.openapi import SPEC
+from tollway.app import create_app
 from tollway.store.db import Database
 from tollway.store.migrate import upgrade
-from tollway.web.app import create_app
-from tollway.web.openapi import SPEC
 
 
 def _routes() -> set[tuple[str, str]]:

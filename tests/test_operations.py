@@ -35,17 +35,18 @@ from fakes import (
     running_tollway,
 )
 from promtext import Samples, delta, parse
+from tollway import clock
 from tollway.billing import metering
 from tollway.billing.metering import ClientKey
 from tollway.errors import StorageUnavailable
 from tollway.ledger import ledger
 from tollway.logs import JsonFormatter, TextFormatter, log_config
 from tollway.notify.deliverer import Deliverer
+from tollway.runtime.context import Context
+from tollway.runtime.observe import ObserveMiddleware
 from tollway.store.accounts import KeyLimits
 from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
-from tollway.web.context import Context
-from tollway.web.observe import ObserveMiddleware
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 MAX_INFLIGHT = 4
@@ -290,7 +291,7 @@ def test_a_retry_after_its_first_attempt_died_takes_the_idempotency_key_over(
     busy = http.post("/v1/chat/completions", content=body, headers=headers)
     assert busy.status_code == 409 and error_of(busy)["code"] == "request_in_progress"
     with tw.db.write() as conn:  # the reaper, once the hold's TTL has passed
-        assert [r.hold_id for r in ledger.expire_holds(conn, ledger.now_ms() + 61_000)] != []
+        assert [r.hold_id for r in ledger.expire_holds(conn, clock.now_ms() + 61_000)] != []
     retry = http.post("/v1/chat/completions", content=body, headers=headers)
     assert retry.status_code == 200, retry.text
     assert retry.headers["x-tollway-cost-usd"] == "0.000006000"

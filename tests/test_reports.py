@@ -1,7 +1,7 @@
 """Usage log, summaries and statements on SQLite and PostgreSQL, from books written through the
 real money path: ``metering.reserve`` → ``settle`` / ``void`` with records built by the
 gateway's own ``Call.record``, top-ups and adjustments through ``billing.credits``, keys
-through ``billing.keys``. A fixed clock (``ledger.now_ms`` and the gateway's ``now_ms``
+through ``billing.keys``. A fixed clock (``tollway.clock.now_ms``
 patched) places every record, hold and wallet movement at a known time.
 
 Every expectation is computed here, by hand or from the raw records, never by the code under
@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+import tollway.clock
 from fakes import fresh_database
 from tollway.billing import credits, metering
 from tollway.billing import keys as key_ops
@@ -45,7 +46,6 @@ from tollway.billing.reports import (
     summary_view,
 )
 from tollway.errors import InvalidRequest, UpstreamError
-from tollway.gateway import calls
 from tollway.gateway.calls import Call
 from tollway.ledger import ledger
 from tollway.ledger.verify import verify
@@ -59,6 +59,7 @@ from tollway.pricing.rating import (
     rate_tokens,
     resolve_ratio,
 )
+from tollway.runtime.errors import REQUEST_ID
 from tollway.store import accounts as account_store
 from tollway.store import reports as store
 from tollway.store import usage as usage_store
@@ -67,7 +68,6 @@ from tollway.store.catalog import apply_catalog, current_items, group_ratios
 from tollway.store.db import Database
 from tollway.store.reports import LogFilter
 from tollway.store.tables import usage_records
-from tollway.web.errors import REQUEST_ID
 
 NANO = 1_000_000_000
 HOUR = 3_600_000
@@ -143,8 +143,7 @@ def frozen(clock: Clock) -> Iterator[Clock]:
     """Patch the ledger's clock (holds, wallet days, credits) and the gateway's (the usage
     record's ``created_at_ms``)."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ledger, "now_ms", clock)
-        patch.setattr(calls, "now_ms", clock)
+        patch.setattr(tollway.clock, "now_ms", clock)
         yield clock
 
 

@@ -29,10 +29,10 @@ from test_reports import (
     raw_summary,
     standard_books,
 )
+from tollway.app import create_app
 from tollway.money import format_usd
 from tollway.store.reports import LogFilter
 from tollway.store.tables import usage_records
-from tollway.web.app import create_app
 
 with warnings.catch_warnings():
     # starlette 1.x prefers httpx2 for its test client; httpx works the same

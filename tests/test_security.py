@@ -43,7 +43,7 @@ from fakes import (
     fresh_database,
     running_tollway,
 )
-from tollway.admin import routes as admin
+from tollway.api import admin
 from tollway.store import tables
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)

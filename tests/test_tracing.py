@@ -158,7 +158,7 @@ def test_tracing_off_never_imports_opentelemetry(tmp_path: Path) -> None:
         from tollway.store.catalog import apply_catalog
         from tollway.store.db import Database
         from tollway.store.migrate import upgrade
-        from tollway.web.app import create_app
+        from tollway.app import create_app
         url = "sqlite:///{tmp_path}/t.db"
         db = Database(url)
         upgrade(db)

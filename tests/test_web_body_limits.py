@@ -10,9 +10,9 @@ from collections.abc import Iterator
 import pytest
 
 from test_security import every_route, filled
+from tollway.app import create_app
 from tollway.billing import logins
 from tollway.store.db import Database
-from tollway.web.app import create_app
 from webclient import TestClient, login, operator_login
 
 LIMIT = 4096

@@ -21,9 +21,9 @@ from starlette.routing import Mount, Route
 
 from fakes import fresh_database
 from test_reports import Books, standard_books
+from tollway.app import create_app
 from tollway.billing import logins
 from tollway.store import accounts as account_store
-from tollway.web.app import create_app
 from webclient import TestClient, csrf, login, operator_login, post_form
 
 ADMIN_TOKEN = "adm-console"

@@ -16,13 +16,13 @@ from collections.abc import Iterator
 
 import pytest
 
+from tollway import clock
+from tollway.app import create_app
 from tollway.billing import codes, credits, logins
 from tollway.billing import notifications as notify
-from tollway.ledger import ledger
 from tollway.store import accounts as account_store
 from tollway.store import notifications as notify_store
 from tollway.store.db import Database
-from tollway.web.app import create_app
 from webclient import TestClient, csrf, login, post_form
 
 PASSWORD = "wallet pass 1"
@@ -48,7 +48,7 @@ def available(db: Database, name: str) -> int:
 
 
 def mint(db: Database, amount_nano: int, *, expires_in_ms: int | None = None) -> str:
-    now = ledger.now_ms()
+    now = clock.now_ms()
     at = now if expires_in_ms is None or expires_in_ms > 0 else now + expires_in_ms - 1000
     expires = None if expires_in_ms is None else now + expires_in_ms
     with db.write() as conn:
@@ -149,7 +149,7 @@ def test_recent_deliveries_show_each_attempt(client: TestClient, db: Database) -
     with db.write() as conn:
         account_id = next(a.id for a in account_store.list_accounts(conn) if a.name == "alice")
         credits.topup(conn, account_id, 7 * NANO, idempotency_key="wallet-1")
-    now = ledger.now_ms()
+    now = clock.now_ms()
     with db.write() as conn:  # one failed attempt, as the deliverer would record it
         (claimed,) = notify_store.claim(conn, now_ms=now, lease_ms=60_000, limit=10)
         notify_store.record_attempt(conn, claimed, target="https://hooks.example.com/tw",

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from tollway.ledger import ledger
+from tollway import clock
+from tollway.app import create_app
 from tollway.pricing.catalog import load_catalog
 from tollway.store.catalog import apply_catalog
 from tollway.store.db import Database
-from tollway.web.app import create_app
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette 1.x prefers httpx2 for its test client
@@ -93,7 +93,7 @@ ENDPOINTS = {
 def client(db_url: str) -> Iterator[TestClient]:
     db = Database(db_url)
     with db.write() as conn:
-        apply_catalog(conn, load_catalog(CATALOG), now_ms=ledger.now_ms())
+        apply_catalog(conn, load_catalog(CATALOG), now_ms=clock.now_ms())
     db.dispose()
     with TestClient(create_app(database_url=db_url, admin_token="adm-market")) as c:
         yield c

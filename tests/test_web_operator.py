@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tollway import clock
+from tollway.app import create_app
 from tollway.billing import keys as key_ops
 from tollway.billing import logins
 from tollway.ledger import ledger
@@ -27,7 +29,6 @@ from tollway.store import accounts as store
 from tollway.store.catalog import apply_catalog, current_items, price_history
 from tollway.store.db import Database
 from tollway.store.tables import entries, price_versions
-from tollway.web.app import create_app
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # starlette 1.x prefers httpx2 for its test client
@@ -46,7 +47,7 @@ def db(db_url: str) -> Iterator[Database]:
     """The demo catalog and alice (default group, 5 USD, a console password)."""
     database = Database(db_url)
     with database.write() as conn:
-        apply_catalog(conn, load_catalog(CATALOG), now_ms=ledger.now_ms())
+        apply_catalog(conn, load_catalog(CATALOG), now_ms=clock.now_ms())
         alice = logins.create_account(conn, "alice", "default", email="alice@example.com",
                                       password_hash=logins.hash_password(PASSWORD))
         ledger.topup(conn, alice.id, 5 * NANO, idempotency_key="seed")
@@ -130,7 +131,7 @@ def test_anonymous_visitors_are_sent_to_the_operator_sign_in(client: TestClient,
                                                                          None)
     with db.read() as conn:
         assert [a.name for a in store.list_accounts(conn)] == ["alice"]
-        assert len(current_items(conn, now_ms=ledger.now_ms())) == 8
+        assert len(current_items(conn, now_ms=clock.now_ms())) == 8
 
 
 def test_a_signed_in_customer_is_not_an_operator(client: TestClient, db: Database) -> None:
@@ -166,7 +167,7 @@ def test_forms_without_the_sessions_csrf_token_are_refused(client: TestClient,
 def test_the_accounts_list_shows_balances_groups_and_status(client: TestClient,
                                                             db: Database) -> None:
     with db.write() as conn:
-        bob = store.create_account(conn, "bob", "vip", at_ms=ledger.now_ms())
+        bob = store.create_account(conn, "bob", "vip", at_ms=clock.now_ms())
         ledger.topup(conn, bob.id, 2 * NANO, idempotency_key="bob")
         hold = ledger.place_hold(conn, bob.id, 500_000_000, idempotency_key="h", ttl_ms=60_000)
         ledger.settle_hold(conn, hold.id, 123_456_789, idempotency_key="s")
@@ -281,7 +282,7 @@ def test_adjust_change_group_disable_and_enable(client: TestClient, db: Database
                     {"csrf_token": token, "group": "gold"}, 400)
     assert errors(response.text) == ["unknown group 'gold' (known: default, vip)"]
     with db.write() as conn:
-        key = key_ops.create_key(conn, account_id, at_ms=ledger.now_ms(), name="k")
+        key = key_ops.create_key(conn, account_id, at_ms=clock.now_ms(), name="k")
     quote = "/apis/v1/finance/quote/AAPL"
     bearer = {"Authorization": f"Bearer {key.secret}"}
     assert client.get(quote, headers=bearer).status_code == 200
@@ -410,7 +411,7 @@ def test_catalog_preview_lists_the_exact_changes_and_writes_nothing(
     assert 'action="/admin/catalog/apply"' in text
     assert version_count(db) == before
     with db.read() as conn:
-        assert {i.id for i in current_items(conn, now_ms=ledger.now_ms())} == {
+        assert {i.id for i in current_items(conn, now_ms=clock.now_ms())} == {
             "sandbox-chat", "sandbox-reasoner", "sandbox-embed", "sandbox-claude",
             "sandbox-image", "web-search", "stock-quote", "scholar-search"}
 
@@ -481,7 +482,7 @@ def test_invalid_catalogs_show_the_loaders_message(client: TestClient, db: Datab
 def test_a_preview_shows_why_the_apply_would_be_refused(client: TestClient,
                                                         db: Database) -> None:
     with db.write() as conn:
-        store.create_account(conn, "vip-customer", "vip", at_ms=ledger.now_ms())
+        store.create_account(conn, "vip-customer", "vip", at_ms=clock.now_ms())
     token = sign_in_operator(client)
     without_vip = CATALOG.read_text().replace('  vip:     {ratio: "0.8"}\n', "").replace(
         "    group_ratios: {vip: \"0.7\"}\n", "")
@@ -500,8 +501,8 @@ def test_a_preview_shows_why_the_apply_would_be_refused(client: TestClient,
 
 def test_groups_page(client: TestClient, db: Database) -> None:
     with db.write() as conn:
-        store.create_account(conn, "bob", "vip", at_ms=ledger.now_ms())
-        store.create_account(conn, "carol", "vip", at_ms=ledger.now_ms())
+        store.create_account(conn, "bob", "vip", at_ms=clock.now_ms())
+        store.create_account(conn, "carol", "vip", at_ms=clock.now_ms())
     sign_in_operator(client)
     text = client.get("/admin/groups").text
     rows = {name: re.sub(r"<[^>]+>", " ", row).split() for name, row in
@@ -514,7 +515,7 @@ def test_usage_and_revenue_by_account_and_by_product(client: TestClient,
                                                      db: Database) -> None:
     """Per-call prices make the revenue easy to check by hand: alice (default) calls
     stock-quote twice (2 × 0.0005), bob (vip, ×0.8) calls scholar-search once (0.02 × 0.8)."""
-    now = ledger.now_ms()
+    now = clock.now_ms()
     with db.write() as conn:
         bob = store.create_account(conn, "bob", "vip", at_ms=now)
         ledger.topup(conn, bob.id, NANO, idempotency_key="bob")

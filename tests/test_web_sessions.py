@@ -13,14 +13,14 @@ import pytest
 import sqlalchemy as sa
 
 from fakes import USD, fresh_database
+from tollway.app import create_app
 from tollway.billing import logins
+from tollway.clock import now_ms
 from tollway.errors import InvalidRequest
-from tollway.ledger.ledger import now_ms
 from tollway.money import format_usd
 from tollway.store import accounts as account_store
 from tollway.store.db import Database
 from tollway.store.tables import web_sessions
-from tollway.web.app import create_app
 from webclient import TestClient, csrf, login, operator_login, post_form
 
 ADMIN_TOKEN = "adm-sessions"

@@ -12,11 +12,11 @@ from contextlib import contextmanager
 
 import sqlalchemy as sa
 
+from tollway.app import create_app
 from tollway.billing import logins
-from tollway.ledger.ledger import now_ms
+from tollway.clock import now_ms
 from tollway.store.db import Database
 from tollway.store.tables import signin_failures
-from tollway.web.app import create_app
 from webclient import TestClient, login, operator_login
 
 ADMIN_TOKEN = "adm-throttle"

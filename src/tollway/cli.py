@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import exc as sa_exc
 
-from tollway import settings
+from tollway import clock, settings
 from tollway.billing import credits, logins, tiers
 from tollway.billing import keys as key_ops
 from tollway.billing.marketplace import item_unit
@@ -99,7 +99,7 @@ def cmd_catalog_apply(args: argparse.Namespace) -> Output:
     catalog = load_catalog(args.file)
     db = open_db(args)
     with db.write() as conn:
-        report = apply_catalog(conn, catalog, now_ms=ledger.now_ms())
+        report = apply_catalog(conn, catalog, now_ms=clock.now_ms())
     lines = [(f"applied {args.file}: {len(catalog.models)} models, "
               f"{len(catalog.endpoints)} endpoints, {len(catalog.groups)} groups")]
     lines += [f"  new price version: {item} (effective {iso(ms)})"
@@ -120,8 +120,8 @@ def cmd_catalog_show(args: argparse.Namespace) -> Output:
 
     db = open_db(args)
     with db.read() as conn:
-        data = listing(conn, now_ms=ledger.now_ms())
-        items = current_items(conn, now_ms=ledger.now_ms())
+        data = listing(conn, now_ms=clock.now_ms())
+        items = current_items(conn, now_ms=clock.now_ms())
     lines = ["groups: " + ", ".join(f"{g} ×{r}" for g, r in data["groups"].items())]
     width = max((len(i.id) for i in items), default=10)
     for item in items:
@@ -232,7 +232,7 @@ def cmd_keys_create(args: argparse.Namespace) -> Output:
     db = open_db(args)
     with db.write() as conn:
         account = store.find_account(conn, args.account)
-        new = key_ops.create_key(conn, account.id, at_ms=ledger.now_ms(), name=args.name,
+        new = key_ops.create_key(conn, account.id, at_ms=clock.now_ms(), name=args.name,
                                  group=args.group, models=models, quota_nano=quota,
                                  expires_at_ms=expires, limits=limits)
     view = key_view(new.record, secret=new.secret)
@@ -279,7 +279,7 @@ def cmd_accounts_set_tier(args: argparse.Namespace) -> Output:
 def cmd_keys_revoke(args: argparse.Namespace) -> Output:
     db = open_db(args)
     with db.write() as conn:
-        record = key_ops.revoke_key(conn, args.key_id, at_ms=ledger.now_ms())
+        record = key_ops.revoke_key(conn, args.key_id, at_ms=clock.now_ms())
     return Output(key_view(record), f"key {record.id} ({record.prefix}…) revoked at "
                   f"{iso(record.revoked_at_ms)}")
 
@@ -397,7 +397,7 @@ def cmd_usage_prune(args: argparse.Namespace) -> Output:
     if batch < 1:
         raise InvalidRequest(f"--batch must be at least 1, got {batch}")
     db = open_db(args)
-    before = ledger.now_ms() - days * DAY_MS
+    before = clock.now_ms() - days * DAY_MS
     deleted = 0
     while True:  # one short transaction per batch: the gateway keeps writing meanwhile
         with db.write() as conn:
@@ -418,7 +418,7 @@ def cmd_usage_prune(args: argparse.Namespace) -> Output:
 def _whole_hours(args: argparse.Namespace) -> tuple[int, int]:
     """The period in whole UTC hours (the rollups' grain), as the API takes it: start rounds
     down, end up; default the last 30 days."""
-    end = parse_iso_ms(args.end, what="--end") if args.end else ledger.now_ms()
+    end = parse_iso_ms(args.end, what="--end") if args.end else clock.now_ms()
     start = parse_iso_ms(args.start, what="--start") if args.start else end - 30 * DAY_MS
     if start >= end:
         raise InvalidRequest("--start must be before --end")
@@ -482,7 +482,7 @@ def cmd_statement(args: argparse.Namespace) -> Output | None:
         _stream([statement_csv(view).encode()])
         return None
     if args.format == "html":
-        from tollway.web.reports import statement_html
+        from tollway.api.reports import statement_html
 
         _stream([statement_html(view).encode()])
         return None
@@ -527,7 +527,7 @@ def cmd_ledger_expire(args: argparse.Namespace) -> Output:
 
 
 def cmd_serve(args: argparse.Namespace) -> Output:
-    from tollway.web.server import serve
+    from tollway.server import serve
 
     serve(args)
     return Output({}, "")

@@ -12,11 +12,11 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from tollway import clock
 from tollway.billing import codes
 from tollway.billing import notifications as notify
 from tollway.billing.views import parse_amount, parse_iso_ms
 from tollway.cli import Output, open_db
-from tollway.ledger import ledger
 from tollway.notify.deliverer import Deliverer
 from tollway.store import accounts as store
 from tollway.store.db import Database
@@ -38,7 +38,7 @@ def cmd_notify_settings(args: argparse.Namespace) -> Output:
         account = store.find_account(conn, args.account)
         if not body and not args.rotate_secret:
             return notify.current(conn, account.id)
-        return notify.update(conn, account.id, body, at_ms=ledger.now_ms(),
+        return notify.update(conn, account.id, body, at_ms=clock.now_ms(),
                              rotate_secret=args.rotate_secret)
 
     view = db.run_write(op)
@@ -92,7 +92,7 @@ def cmd_codes_create(args: argparse.Namespace) -> Output:
     expires = None if args.expires is None else parse_iso_ms(args.expires, what="--expires")
     db = open_db(args)
     minted = db.run_write(lambda conn: codes.mint(
-        conn, amount, count=args.count, at_ms=ledger.now_ms(), expires_at_ms=expires,
+        conn, amount, count=args.count, at_ms=clock.now_ms(), expires_at_ms=expires,
         note=args.note))
     views = [codes.new_code_view(c) for c in minted]
     out = io.StringIO()
@@ -107,7 +107,7 @@ def cmd_codes_list(args: argparse.Namespace) -> Output:
     db = open_db(args)
     with db.read() as conn:
         page = codes.page(conn, limit=args.limit, cursor=None, status=args.status,
-                          now_ms=ledger.now_ms())
+                          now_ms=clock.now_ms())
     lines = [f"{c['id']:>6}  {c['hint']}  {c['amount_usd']:>16} USD  "
              + ("redeemed by " + str(c["redeemed_by"]) if c["redeemed_at"]
                 else "revoked" if c["revoked_at"] else "expires " + (c["expires_at"] or "never"))
@@ -117,7 +117,7 @@ def cmd_codes_list(args: argparse.Namespace) -> Output:
 
 def cmd_codes_revoke(args: argparse.Namespace) -> Output:
     db = open_db(args)
-    view = db.run_write(lambda conn: codes.revoke(conn, args.code_id, at_ms=ledger.now_ms()))
+    view = db.run_write(lambda conn: codes.revoke(conn, args.code_id, at_ms=clock.now_ms()))
     return Output(view, f"code {view['id']} ({view['hint']}) revoked")
 
 
@@ -127,7 +127,7 @@ def cmd_codes_redeem(args: argparse.Namespace) -> Output:
     def op(conn: Connection) -> dict[str, Any]:
         account = store.find_account(conn, args.account)
         return codes.redemption_view(codes.redeem(conn, account.id, args.code,
-                                                  ledger.now_ms()))
+                                                  clock.now_ms()))
 
     view = db.run_write(op)
     return Output(view, f"redeemed {view['amount_usd']} USD into account "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Connection
 
+from tollway import clock
 from tollway.billing import tiers
 from tollway.ledger import ledger
 from tollway.ledger.ledger import Adjustment, Topup
@@ -21,7 +22,7 @@ def topup(conn: Connection, account_id: int, amount_nano: int, *, idempotency_ke
     account's log and its ``balance.topup`` notification, all in the caller's transaction."""
     result = ledger.topup(conn, account_id, amount_nano, idempotency_key=idempotency_key,
                           note=note)
-    at = ledger.now_ms()
+    at = clock.now_ms()
     usage_store.insert_event(conn, event_id=f"entry-{result.entry_id}", account_id=account_id,
                              type_="topup", at_ms=at, credit_nano=amount_nano, note=note)
     notifications.enqueue(conn, account_id, "balance.topup", {
@@ -37,7 +38,7 @@ def adjust(conn: Connection, account_id: int, amount_nano: int, *, idempotency_k
     result = ledger.adjust(conn, account_id, amount_nano, idempotency_key=idempotency_key,
                            note=note)
     usage_store.insert_event(conn, event_id=f"entry-{result.entry_id}", account_id=account_id,
-                             type_="adjustment", at_ms=ledger.now_ms(),
+                             type_="adjustment", at_ms=clock.now_ms(),
                              credit_nano=amount_nano, note=note)
     return result
 

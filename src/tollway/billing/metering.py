@@ -23,6 +23,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
+from tollway import clock
 from tollway.billing import limits as rate_limits
 from tollway.billing.limits import NO_LIMITS, Limits, Window
 from tollway.errors import (
@@ -70,7 +71,7 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
             limits: Limits = NO_LIMITS, tokens: int = 0, at_ms: int | None = None
             ) -> Reservation | Replay:
     """``tokens``: what the request counts against the key's TPM limit at admission."""
-    now = ledger.now_ms() if at_ms is None else at_ms
+    now = clock.now_ms() if at_ms is None else at_ms
     if client_key is not None:
         row = usage_store.find_request_key(conn, client_key.key_id, client_key.value)
         if row is not None and row[7] > now - REPLAY_WINDOW_MS:
@@ -121,7 +122,7 @@ def settle(conn: Connection, *, hold_id: int, cost_nano: int, record: dict[str, 
     """``window``/``counted_tokens``: the request's rate-limit window and what it counted
     there at admission, replaced by the record's actual input + output tokens."""
     # The charge's day in the wallet and its hour in the rollups come from one clock reading.
-    at = ledger.now_ms() if at_ms is None else at_ms
+    at = clock.now_ms() if at_ms is None else at_ms
     correction = rate_limits.correction(
         window, counted=counted_tokens,
         actual=record["input_tokens"] + record["output_tokens"])

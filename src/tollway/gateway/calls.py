@@ -11,21 +11,21 @@ from typing import Any
 
 from starlette.types import Scope, Send
 
-from tollway import tracing
+from tollway import clock, tracing
 from tollway.billing import keys, metering
 from tollway.billing.limits import NO_LIMITS, Limits, Window
 from tollway.billing.metering import ClientKey, Replay, Reservation
 from tollway.errors import InvalidRequest, LimitExceeded, TollwayError, UpstreamError
 from tollway.gateway.asgi import error_body, header, send_bytes
 from tollway.gateway.state import Gateway
-from tollway.ledger.ledger import Hold, now_ms
+from tollway.ledger.ledger import Hold
 from tollway.metrics import METRICS
 from tollway.money import format_usd
 from tollway.pricing.rating import AppliedRatio, resolve_ratio
+from tollway.runtime.observe import ACCOUNT, COST, ERROR_CODE, PRODUCT, REQUEST_ID
 from tollway.store.accounts import ApiKeyRecord
 from tollway.store.catalog import Item, price_columns
 from tollway.upstreams.base import UpstreamRequest
-from tollway.web.observe import ACCOUNT, COST, ERROR_CODE, PRODUCT, REQUEST_ID
 
 COST_HEADER = b"x-tollway-cost-usd"
 #: On an upstream's own non-2xx answer, passed through unchanged: tells a client that the body
@@ -87,7 +87,7 @@ class Call:
         prices = price_columns(self.item.version.price, unit_price=unit_price)
         return {
             "request_id": self.request_id,
-            "created_at_ms": self.clock() if self.clock is not None else now_ms(),
+            "created_at_ms": self.clock() if self.clock is not None else clock.now_ms(),
             "account_id": self.key.account_id, "key_id": self.key.id,
             "key_name": self.key.name, "group_name": self.group,
             "ratio": str(self.ratio.value), "ratio_source": self.ratio.source,

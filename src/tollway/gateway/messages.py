@@ -32,7 +32,7 @@ from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_i
 from tollway.gateway.sse import event_json
 from tollway.gateway.usage import MeteredUsage, parse_anthropic_usage
 from tollway.pricing.rating import TokenUsage
-from tollway.web.errors import REQUEST_ID
+from tollway.runtime.errors import REQUEST_ID
 
 DEFAULT_VERSION = "2023-06-01"
 #: Tollway's error types (OpenAI's vocabulary) as Anthropic names them.

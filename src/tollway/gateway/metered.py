@@ -41,8 +41,8 @@ from tollway.gateway.state import Gateway
 from tollway.gateway.usage import MeteredUsage, bounded
 from tollway.money import MAX_NANO_USD, format_usd
 from tollway.pricing.rating import InvalidUsage, TokenPrice, TokenUsage, rate_tokens
+from tollway.runtime.observe import ERROR_CODE
 from tollway.upstreams.base import UpstreamRequest, UpstreamResponse
-from tollway.web.observe import ERROR_CODE
 
 log = logging.getLogger("tollway")
 

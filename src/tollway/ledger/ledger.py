@@ -31,13 +31,13 @@ in the same transaction (:func:`_watch`; the transactional outbox).
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from tollway import clock
 from tollway.errors import (
     HoldClosed,
     IdempotencyConflict,
@@ -77,10 +77,6 @@ HELD = "held"
 HoldStatus = Literal["open", "settled", "voided", "expired"]
 #: No limit: larger than any count of requests, tokens or open holds.
 UNLIMITED = 2**62
-
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,7 +304,7 @@ def _post(conn: Connection, *, kind: str, account_id: int, amount_nano: int, key
     entry_id = int(_INSERT_ENTRY.one(
         conn, kind=kind, account_id=account_id, amount_nano=amount_nano, hold_id=hold_id,
         idempotency_key=key, balance_after_nano=balance_after_nano, note=note,
-        created_at_ms=now_ms() if at_ms is None else at_ms)[0])
+        created_at_ms=clock.now_ms() if at_ms is None else at_ms)[0])
     params: dict[str, Any] = {"entry_id": entry_id}
     moving = [line for line in lines if line[2]]
     for i, (acct, bucket, amount) in enumerate(moving):
@@ -321,7 +317,7 @@ def _post(conn: Connection, *, kind: str, account_id: int, amount_nano: int, key
 def _wallet_day(conn: Connection, account_id: int, *, topups: int = 0, adjustments: int = 0,
                 charges: int = 0, written_off: int = 0, at_ms: int | None = None) -> None:
     """Count a movement of the wallet's total (available + held) in its UTC day."""
-    at = now_ms() if at_ms is None else at_ms
+    at = clock.now_ms() if at_ms is None else at_ms
     _WALLET_DAY.execute(conn, {"account_id": account_id, "day_ms": at - at % DAY_MS,
                                "topups_nano": topups, "adjustments_nano": adjustments,
                                "charges_nano": charges, "written_off_nano": written_off})
@@ -341,7 +337,7 @@ def _watch(conn: Connection, account_id: int, delta_nano: int, row: Any) -> None
     if threshold is None:
         return
     if delta_nano < 0 and armed and after < threshold <= after - delta_nano:
-        notifications.balance_low(conn, account_id, at_ms=now_ms(), data={
+        notifications.balance_low(conn, account_id, at_ms=clock.now_ms(), data={
             "available_usd": format_usd(after), "threshold_usd": format_usd(int(threshold))})
     elif delta_nano > 0 and not armed and after >= threshold:
         notifications.set_armed(conn, account_id, True)
@@ -447,7 +443,7 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
         raise InsufficientBalance(
             f"this request may cost up to {format_usd(amount_nano)} USD but the account has "
             f"{format_usd(_available(conn, account_id))} USD available")
-    at = now_ms() if at_ms is None else at_ms
+    at = clock.now_ms() if at_ms is None else at_ms
     cap_periods, window = 0, None
     if key_id is not None:
         cap_periods, window = _reserve_key(conn, key_id, amount_nano, at, rate)
@@ -579,7 +575,7 @@ def void_hold(conn: Connection, hold_id: int, *, idempotency_key: str,
 def expire_holds(conn: Connection, now: int | None = None, *, limit: int = 1000) -> list[Release]:
     """Release holds nobody settled before their deadline (the reaper). Returns what it
     released; call again while it returns ``limit`` items."""
-    at = now_ms() if now is None else now
+    at = clock.now_ms() if now is None else now
     ids = [int(r[0]) for r in _EXPIRED.execute(conn, {"at": at, "limit": limit}).fetchall()]
     released: list[Release] = []
     for hid in ids:
@@ -632,7 +628,7 @@ def _close(conn: Connection, hold_id: int, status: HoldStatus,
     was not open. Closing first
     and looking for an earlier identical operation only when that fails keeps the common path
     one statement shorter."""
-    row = _CLOSE_HOLD.one(conn, hold_id=hold_id, status=status, at=now_ms(), charged=charged,
+    row = _CLOSE_HOLD.one(conn, hold_id=hold_id, status=status, at=clock.now_ms(), charged=charged,
                           from_available=0 if charged is not None else None,
                           shortfall=0 if charged is not None else None)
     return None if row is None else (int(row[0]), row[1], int(row[2]), int(row[3]),

@@ -10,8 +10,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tollway.errors import TollwayError
+from tollway.runtime.observe import ERROR_CODE, REQUEST_ID
 from tollway.store.db import storage_error
-from tollway.web.observe import ERROR_CODE, REQUEST_ID
 
 __all__ = ["REQUEST_ID", "error_response", "http_error", "tollway_error", "unexpected_error"]
 

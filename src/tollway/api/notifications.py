@@ -10,11 +10,11 @@ from starlette.responses import JSONResponse, Response
 
 from tollway.billing import codes
 from tollway.billing import notifications as notify
+from tollway.clock import now_ms
 from tollway.errors import InvalidRequest
-from tollway.ledger.ledger import now_ms
-from tollway.web.context import Context
-from tollway.web.http import json_body
-from tollway.web.reports import Scope, query_int
+from tollway.runtime.context import Context
+from tollway.runtime.http import json_body
+from tollway.runtime.queries import Scope, query_int
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import uvicorn
 
-from tollway import settings
+from tollway import clock, settings
 from tollway.billing import credits
 from tollway.billing import keys as key_ops
 from tollway.errors import AuthenticationError, InvalidRequest
-from tollway.ledger import ledger
 from tollway.logs import log_config
 from tollway.metrics_files import MULTIPROC_ENV, prepare_directory
 from tollway.pricing.catalog import load_catalog
@@ -50,17 +49,17 @@ def ensure_demo(db: Database, data_dir: Path) -> str:
         try:
             account = store.find_account(conn, DEMO_ACCOUNT)
         except Exception:  # noqa: BLE001 - UnknownAccount: make it
-            account = store.create_account(conn, DEMO_ACCOUNT, "default", at_ms=ledger.now_ms())
+            account = store.create_account(conn, DEMO_ACCOUNT, "default", at_ms=clock.now_ms())
         credits.topup(conn, account.id, DEMO_CREDIT_NANO, idempotency_key="demo:initial-credit",
                       note="demo credit")
         if path.exists():
             secret = path.read_text().strip()
             try:
-                key_ops.authenticate(conn, secret, now_ms=ledger.now_ms())
+                key_ops.authenticate(conn, secret, now_ms=clock.now_ms())
                 return secret
             except AuthenticationError:
                 pass
-        new = key_ops.create_key(conn, account.id, at_ms=ledger.now_ms(), name="demo")
+        new = key_ops.create_key(conn, account.id, at_ms=clock.now_ms(), name="demo")
     data_dir.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
     path.write_text(new.secret + "\n")
@@ -89,7 +88,7 @@ def serve(args: argparse.Namespace) -> None:
     data_dir = Path(settings.get("data_dir"))
     if args.catalog:
         with db.write() as conn:
-            report = apply_catalog(conn, load_catalog(args.catalog), now_ms=ledger.now_ms())
+            report = apply_catalog(conn, load_catalog(args.catalog), now_ms=clock.now_ms())
         print(f"catalog {args.catalog}: {len(report.new_versions)} new price versions, "
               f"{len(report.unchanged)} unchanged", file=sys.stderr)
     token = admin_token(data_dir)
@@ -106,6 +105,6 @@ def serve(args: argparse.Namespace) -> None:
     os.environ[settings.Setting("database_url", "", "").env] = args.database_url
     os.environ[settings.Setting("admin_token", "", "").env] = token
     share_metrics(args.port, data_dir)
-    uvicorn.run("tollway.web.app:create_app", factory=True, host=args.host, port=args.port,
+    uvicorn.run("tollway.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level="info", access_log=False,
                 log_config=config)

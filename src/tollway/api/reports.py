@@ -5,76 +5,36 @@ caller's scope decides which account a query may touch."""
 from __future__ import annotations
 
 import html
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.engine import Connection
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from tollway.billing import keys
 from tollway.billing.reports import (
-    export_csv,
-    export_jsonl,
     month_bounds,
     record_view,
     statement_csv,
     statement_view,
     summary_view,
 )
-from tollway.billing.views import parse_iso_ms
+from tollway.clock import now_ms
 from tollway.errors import InvalidRequest, NotFound
-from tollway.ledger.ledger import now_ms
 from tollway.money import format_usd
+from tollway.runtime.context import Context
+from tollway.runtime.http import bearer
+from tollway.runtime.queries import Scope, log_filter, query_int, query_time
 from tollway.store import accounts as account_store
 from tollway.store import reports as store
-from tollway.store.reports import DAY_MS, HOUR_MS, LOG_TYPES, LogFilter
-from tollway.web.context import Context
-from tollway.web.http import bearer
-
-#: Resolves the account a request may see: its key's account, or (operators) any or all.
-Scope = Callable[[Request, Context], Awaitable[int | None]]
+from tollway.store.reports import DAY_MS, HOUR_MS
 
 
 async def customer_scope(request: Request, ctx: Context) -> int:
     secret = bearer(request)
     record = await ctx.read(lambda conn: keys.authenticate(conn, secret, now_ms=now_ms()))
     return record.account_id
-
-
-def query_int(request: Request, name: str, *, default: int | None = None, low: int = 1,
-              high: int = 2**63 - 1) -> int | None:
-    value = request.query_params.get(name)
-    if value is None or value == "":
-        return default
-    if not (value.isascii() and value.isdigit()) or not low <= int(value) <= high:
-        raise InvalidRequest(f"{name} must be a whole number from {low} to {high}")
-    return int(value)
-
-
-def _time(request: Request, name: str) -> int | None:
-    value = request.query_params.get(name)
-    return None if not value else parse_iso_ms(value, what=name)
-
-
-def log_filter(request: Request, account_id: int | None) -> LogFilter:
-    q = request.query_params
-    products = {q.get(n) for n in ("model", "endpoint", "product")} - {None, ""}
-    if len(products) > 1:
-        raise InvalidRequest("give one of model, endpoint or product")
-    kind = q.get("type") or None
-    if kind is not None and kind not in LOG_TYPES:
-        raise InvalidRequest(f"type must be one of {', '.join(LOG_TYPES)}")
-    billing_type = q.get("billing_type") or None
-    if billing_type is not None and billing_type not in ("token", "per_call"):
-        raise InvalidRequest("billing_type must be token or per_call")
-    review = q.get("review") or "false"
-    if review not in ("true", "false"):
-        raise InvalidRequest("review must be true or false")
-    return LogFilter(account_id=account_id, start_ms=_time(request, "start"),
-                     end_ms=_time(request, "end"), product=products.pop() if products else None,
-                     key_id=query_int(request, "key"), group=q.get("group") or None, type=kind,
-                     billing_type=billing_type, review=review == "true")
 
 
 def usage_list(scope: Scope) -> Callable[[Request], Awaitable[Response]]:
@@ -104,30 +64,10 @@ def usage_one(scope: Scope) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
-def usage_export(scope: Scope) -> Callable[[Request], Awaitable[Response]]:
-    async def endpoint(request: Request) -> Response:
-        ctx: Context = request.app.state.ctx
-        account_id = await scope(request, ctx)
-        where = log_filter(request, account_id)
-        fmt = request.query_params.get("format", "csv")
-        if fmt not in ("csv", "jsonl"):
-            raise InvalidRequest("format must be csv or jsonl")
-
-        def body() -> Iterator[bytes]:  # runs in a worker thread, one keyset chunk at a time
-            with ctx.db.read() as conn:
-                rows = store.iter_usage(conn, where)
-                yield from (export_csv(rows) if fmt == "csv" else export_jsonl(rows))
-
-        media = "text/csv" if fmt == "csv" else "application/x-ndjson"
-        return StreamingResponse(body(), media_type=media, headers={
-            "content-disposition": f'attachment; filename="usage.{fmt}"'})
-    return endpoint
-
-
 def _period(request: Request) -> tuple[int, int]:
     """Whole UTC hours: the rollups' grain. Start rounds down, end up; default 30 days."""
-    end = _time(request, "end") or now_ms()
-    start = _time(request, "start") or end - 30 * DAY_MS
+    end = query_time(request, "end") or now_ms()
+    start = query_time(request, "start") or end - 30 * DAY_MS
     if start >= end:
         raise InvalidRequest("start must be before end")
     return start - start % HOUR_MS, end + (-end % HOUR_MS)

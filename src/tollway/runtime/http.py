@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from decimal import Decimal
 from typing import Any
 
 from starlette.datastructures import FormData
 from starlette.requests import Request
-from starlette.types import Message
+from starlette.types import Message, Scope
 
+from tollway.billing.keys import Address, Network, within
 from tollway.errors import InvalidRequest, PayloadTooLarge
 
 
@@ -87,3 +89,34 @@ def path_int(request: Request, name: str) -> int:
     if not (str(value).isascii() and str(value).isdigit()):
         raise InvalidRequest(f"{name} must be a number, got {value!r}")
     return int(value)
+
+
+def client_address(scope: Scope, trusted_proxies: tuple[Network, ...]) -> Address | None:
+    """The client's address: the peer, or where the peer is a trusted proxy, the
+    right-most address of ``X-Forwarded-For`` that is not a trusted proxy."""
+    client = scope.get("client")
+    peer = _address(client[0]) if client else None
+    if peer is None or not within(peer, trusted_proxies):
+        return peer
+    hops: list[str] = []
+    for name, value in scope["headers"]:
+        if name == b"x-forwarded-for":
+            hops += value.decode("latin-1").split(",")
+    for hop in reversed(hops):
+        address = _address(hop.strip())
+        if address is None:
+            return peer  # a forged or broken header: trust only what we saw
+        if not within(address, trusted_proxies):
+            return address
+        peer = address
+    return peer
+
+
+def _address(text: str) -> Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address

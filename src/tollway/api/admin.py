@@ -17,6 +17,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tollway import clock
+from tollway.api import notifications, reports
 from tollway.billing import codes, credits, logins, tiers
 from tollway.billing import keys as key_ops
 from tollway.billing.views import (
@@ -30,12 +32,11 @@ from tollway.billing.views import (
     parse_signed_amount,
 )
 from tollway.errors import InvalidAdminToken, InvalidRequest
-from tollway.ledger import ledger
 from tollway.ledger.verify import verify
+from tollway.runtime import queries
+from tollway.runtime.context import Context
+from tollway.runtime.http import bearer, json_body, optional_str, path_int
 from tollway.store import accounts as store
-from tollway.web import notifications, reports
-from tollway.web.context import Context
-from tollway.web.http import bearer, json_body, optional_str, path_int
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -162,7 +163,7 @@ async def create_key(request: Request, ctx: Context) -> Response:
 
     def op(conn: Connection) -> dict[str, Any]:
         account = store.find_account(conn, ref)
-        new = key_ops.create_key(conn, account.id, at_ms=ledger.now_ms(), name=name,
+        new = key_ops.create_key(conn, account.id, at_ms=clock.now_ms(), name=name,
                                  group=group, models=models, quota_nano=quota_nano,
                                  expires_at_ms=expires_ms, limits=limits)
         return key_view(new.record, secret=new.secret)
@@ -196,7 +197,7 @@ async def set_tier(request: Request, ctx: Context) -> Response:
 async def revoke_key(request: Request, ctx: Context) -> Response:
     key_id = path_int(request, "key_id")
     record = await ctx.write(lambda conn: key_ops.revoke_key(conn, key_id,
-                                                             at_ms=ledger.now_ms()))
+                                                             at_ms=clock.now_ms()))
     return JSONResponse(key_view(record))
 
 
@@ -211,23 +212,23 @@ async def create_codes(request: Request, ctx: Context) -> Response:
     expires_ms = None if expires is None else parse_iso_ms(expires, what="expires_at")
     note = optional_str(body, "note")
     minted = await ctx.write(lambda conn: codes.mint(
-        conn, amount, count=count, at_ms=ledger.now_ms(), expires_at_ms=expires_ms, note=note))
+        conn, amount, count=count, at_ms=clock.now_ms(), expires_at_ms=expires_ms, note=note))
     return JSONResponse({"object": "list", "data": [codes.new_code_view(c) for c in minted]},
                         status_code=201)
 
 
 async def list_codes(request: Request, ctx: Context) -> Response:
-    limit = reports.query_int(request, "limit", default=100, high=1000) or 100
-    cursor = reports.query_int(request, "cursor")
+    limit = queries.query_int(request, "limit", default=100, high=1000) or 100
+    cursor = queries.query_int(request, "cursor")
     status = request.query_params.get("status") or None
     return JSONResponse(await ctx.read(lambda conn: codes.page(
-        conn, limit=limit, cursor=cursor, status=status, now_ms=ledger.now_ms())))
+        conn, limit=limit, cursor=cursor, status=status, now_ms=clock.now_ms())))
 
 
 async def revoke_code(request: Request, ctx: Context) -> Response:
     code_id = path_int(request, "code_id")
     return JSONResponse(await ctx.write(lambda conn: codes.revoke(conn, code_id,
-                                                                  at_ms=ledger.now_ms())))
+                                                                  at_ms=clock.now_ms())))
 
 
 async def verify_ledger(request: Request, ctx: Context) -> Response:
@@ -251,7 +252,7 @@ admin_routes = [
     Route("/keys/{key_id}/revoke", _admin(revoke_key), methods=["POST"]),
     Route("/ledger/verify", _admin(verify_ledger), methods=["GET"]),
     Route("/usage", reports.usage_list(admin_scope), methods=["GET"]),
-    Route("/usage/export", reports.usage_export(admin_scope), methods=["GET"]),
+    Route("/usage/export", queries.usage_export(admin_scope), methods=["GET"]),
     Route("/usage/{request_id}", reports.usage_one(admin_scope), methods=["GET"]),
     Route("/summary", reports.summary(admin_scope), methods=["GET"]),
     Route("/accounts/{account}/summary", reports.summary(admin_scope), methods=["GET"]),

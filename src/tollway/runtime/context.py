@@ -1,4 +1,4 @@
-"""What a running server holds: the database, the writer and the admin token."""
+"""What a running server holds: the database, the writer, the admin token, the clock."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from typing import TypeVar
 from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 
+from tollway.billing.keys import Network
+from tollway.clock import Clock, now_ms
 from tollway.errors import StorageUnavailable
 from tollway.ledger import ledger
 from tollway.notify.deliverer import Deliverer
@@ -33,6 +35,10 @@ class Context:
     #: delivers queued notifications every ``notify_interval_s`` (0: leave it to the CLI)
     deliverer: Deliverer | None = None
     notify_interval_s: float = 0
+    #: the server's one clock (ms since the epoch); tests pass one they move
+    clock: Clock = now_ms
+    #: proxies whose ``X-Forwarded-For`` is believed (``runtime.http.client_address``)
+    trusted_proxies: tuple[Network, ...] = ()
     _reaper: asyncio.Task[None] | None = field(default=None, repr=False)
     _notifier: asyncio.Task[None] | None = field(default=None, repr=False)
 
