@@ -23,6 +23,7 @@ nano-USD (``_nano_usd_total``): Prometheus values are floats, exact for integers
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from bisect import bisect_left
@@ -55,6 +56,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 #: how often a worker adds its counts to the shared files (see :class:`Metrics`)
 PUBLISH_INTERVAL_S = 1.0
 
+log = logging.getLogger("tollway.metrics")
 disable_created_metrics()  # type: ignore[no-untyped-call]  # no ``_created`` series: they are not in the 0.0.4 format we served
 
 
@@ -152,7 +154,10 @@ class Metrics:
         try:
             while True:
                 await asyncio.sleep(seconds or PUBLISH_INTERVAL_S)
-                self.publish()
+                try:
+                    self.publish()
+                except Exception:  # noqa: BLE001 - monitoring must not stop serving
+                    log.exception("could not publish the metrics (next try in a second)")
         finally:
             self.publish()
 
