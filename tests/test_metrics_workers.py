@@ -91,6 +91,11 @@ def test_two_workers_one_truthful_metrics(db_url: str, tmp_path: Path,
         server = Server(env, tmp_path / "serve.log", workers=2).start()
         running.append(server)
         first = previous = scrape(server)
+        for _ in range(100):  # the second worker may still be starting on a loaded machine
+            if len(workers(first)) == 2:
+                break
+            time.sleep(0.1)
+            first = previous = scrape(server)
         assert len(workers(first)) == 2, sorted(first)  # one series per worker, never summed
         history = [first]
         for i in range(ROUNDS):

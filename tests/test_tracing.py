@@ -152,6 +152,7 @@ def test_tracing_off_never_imports_opentelemetry(tmp_path: Path) -> None:
         os.environ.pop("TOLLWAY_OTLP_TRACES_ENDPOINT", None)
         from starlette.testclient import TestClient
         from tollway.billing.keys import create_key
+        from tollway.clock import now_ms
         from tollway.ledger import ledger
         from tollway.pricing.catalog import load_catalog
         from tollway.store.accounts import create_account
@@ -164,10 +165,10 @@ def test_tracing_off_never_imports_opentelemetry(tmp_path: Path) -> None:
         upgrade(db)
         with db.write() as conn:
             apply_catalog(conn, load_catalog("{ROOT}/examples/catalog.yaml"),
-                          now_ms=ledger.now_ms())
-            account = create_account(conn, "a", "default", at_ms=ledger.now_ms()).id
+                          now_ms=now_ms())
+            account = create_account(conn, "a", "default", at_ms=now_ms()).id
             ledger.topup(conn, account, 10**9, idempotency_key="t")
-            key = create_key(conn, account, at_ms=ledger.now_ms()).secret
+            key = create_key(conn, account, at_ms=now_ms()).secret
         db.dispose()
         with TestClient(create_app(database_url=url, admin_token="t")) as client:
             response = client.post("/v1/chat/completions",
