@@ -3,6 +3,8 @@ HTML console (``web/``) side by side, over the runtime (``runtime/``) that serve
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,7 +14,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tollway import settings
+from tollway import settings, tracing
 from tollway.api.payments import payment_routes
 from tollway.api.reports import customer_scope
 from tollway.api.routes import api_routes
@@ -21,6 +23,7 @@ from tollway.clock import Clock, now_ms
 from tollway.errors import TollwayError
 from tollway.gateway.routes import gateway_routes
 from tollway.gateway.state import Gateway
+from tollway.metrics import METRICS, register_worker
 from tollway.notify.deliverer import Deliverer
 from tollway.runtime.context import Context
 from tollway.runtime.errors import http_error, tollway_error, unexpected_error
@@ -102,6 +105,9 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
                      max_body_bytes=ctx.max_body_bytes)
         app.state.ctx = ctx
         app.state.gateway = gw
+        register_worker()
+        tracing.configure()
+        publisher = asyncio.create_task(METRICS.publish_every())
         ctx.start()
         await gw.start()
         try:
@@ -109,6 +115,10 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         finally:
             await gw.stop()
             await ctx.stop()
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+            tracing.shutdown()
 
     routes = [*api_routes, *payment_routes(key_or_session), *gateway_routes, *web_routes]
     return Starlette(

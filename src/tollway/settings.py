@@ -62,6 +62,16 @@ SETTINGS = (
             "logging cost on the successful hot path) or none"),
     Setting("metrics_token", "",
             "bearer token for GET /metrics; empty: the admin token (either is accepted)"),
+    Setting("instance", "",
+            "the `instance` label on every /metrics series (and the traces' service instance): "
+            "what tells this server from the others; empty: HOSTNAME:PORT under `tollway serve`"),
+    Setting("metrics_dir", "",
+            "where `tollway serve` keeps its workers' shared metric files (emptied at start); "
+            "empty: DATA_DIR/metrics/PORT"),
+    Setting("otlp_traces_endpoint", "",
+            "OTLP/HTTP endpoint for OpenTelemetry traces of gateway requests, e.g. "
+            "http://collector:4318/v1/traces (needs `pip install 'tollway[otel]'`); empty: "
+            "no tracing, and OpenTelemetry is never imported"),
     Setting("session_hours", "12", "how long a web console sign-in lasts"),
     Setting("signin_max_failures", "5",
             "failed console sign-ins per login or client address within the window before "

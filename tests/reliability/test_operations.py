@@ -11,7 +11,8 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
+import os
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from fakes import (
     Tollway,
     error_of,
 )
+from promtext import Samples, delta, parse
 from tollway import clock
 from tollway.billing import metering
 from tollway.billing.metering import ClientKey
@@ -48,7 +50,6 @@ MAX_INFLIGHT = 4
 METRICS_TOKEN = "metrics-scraper-token"
 HELLO = [{"role": "user", "content": "hello"}]
 CHAT_COST = 6_000  # 20 prompt × $0.15 + 5 output × $0.60, per 1M tokens
-LINE = re.compile(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$')
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +58,12 @@ def serving() -> Serving:
                         "TOLLWAY_METRICS_TOKEN": METRICS_TOKEN, "TOLLWAY_LOG_REQUESTS": "all"})
 
 
-def scrape(tw: Tollway, token: str = ADMIN_TOKEN) -> dict[str, float]:
-    """``{'name{labels}': value}`` of every sample, checking each line's syntax."""
+def scrape(tw: Tollway, token: str = ADMIN_TOKEN) -> Samples:
+    """Every sample (see ``promtext``); the test's server is labelled with the host name."""
     response = httpx.get(tw.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples = {}
-    for line in response.text.splitlines():
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            continue
-        match = LINE.match(line)
-        assert match, line
-        name, labels, value = match.groups()
-        samples[f"{name}{{{labels or ''}}}"] = float(value)
-    return samples
-
-
-def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
-    return after.get(name, 0) - before.get(name, 0)
+    return parse(response.text, socket.gethostname())
 
 
 def test_metrics_count_requests_charges_and_upstream_errors(tw: Tollway,
@@ -111,7 +100,11 @@ def test_metrics_count_requests_charges_and_upstream_errors(tw: Tollway,
     assert after["tollway_writer_commit_seconds_count{}"] == after[
         "tollway_writer_commit_seconds_bucket{le=\"+Inf\"}"]
     assert after["tollway_open_holds{}"] == 0
-    assert after["tollway_process_peak_resident_memory_bytes{}"] > 0
+    worker = f'worker="{os.getpid()}"'  # the test's server runs in this process
+    assert after[f"tollway_process_peak_resident_memory_bytes{{{worker}}}"] > 0
+    assert after[f"process_resident_memory_bytes{{{worker}}}"] > 0
+    assert after[f"process_open_fds{{{worker}}}"] > 0
+    assert after[f"process_cpu_seconds_total{{{worker}}}"] > 0
 
 
 def test_metrics_label_every_protocol_route_and_limit_refusals(tw: Tollway) -> None:

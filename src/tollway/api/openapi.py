@@ -118,7 +118,7 @@ SPEC: dict[str, Any] = {
         "/healthz": {"get": _op("Liveness and database check", _json(OBJECT), security=None)},
         "/openapi.json": {"get": _op("This document", _json(OBJECT), security=None)},
         "/metrics": {"get": _op(
-            "This worker's counters in Prometheus text format (admin or metrics token)",
+            "Every worker's counters, merged, in Prometheus text format (admin or metrics token)",
             {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}},
             security="adminToken")},
         "/v1/marketplace": {"get": _op("Every listing with billing type and prices per group",

@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from starlette.types import Scope, Send
 
-from tollway import clock
+from tollway import clock, tracing
 from tollway.billing import keys, metering
 from tollway.billing.limits import NO_LIMITS, Limits, Window
 from tollway.billing.metering import ClientKey, Replay, Reservation
@@ -52,6 +52,7 @@ class Call:
     limits: Limits = NO_LIMITS
     window: Window | None = None  # the key's rate-limit window once admitted
     counted_tokens: int = 0  # what this request counted against TPM at admission
+    trace: tracing.CallTrace | None = None  # its spans, when tracing is on
     #: how this route's own error answers read (Anthropic's shape on /v1/messages)
     render_error: Callable[[Scope, TollwayError], bytes] = error_body
 
@@ -124,6 +125,12 @@ def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
     call = Call(scope, key, item, ratio, route, clock=gw.clock, limits=gw.catalog.limits(key))
     scope[PRODUCT] = item.id
     scope[ACCOUNT] = key.account_id
+    if tracing.enabled():
+        call.trace = tracing.start(
+            scope, route=route, endpoint_path=item.spec.get("path"), item_id=item.id,
+            billing_type=item.billing_type, system=gw.registry.kind(item.provider),
+            account_id=key.account_id, key_id=key.id, group=group, ratio=str(ratio.value),
+            request_id=call.request_id)
     idem = header(scope, b"idempotency-key")
     if idem:
         if len(idem) > 200:
@@ -171,6 +178,8 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
     """The request failed before anything billable happened: void the hold, record the error
     (cost 0), and answer the client."""
     call.scope[ERROR_CODE] = exc.code
+    if call.trace is not None:
+        call.trace.failed(exc.code)
     if isinstance(exc, UpstreamError):
         METRICS.upstream_error(call.item.id, exc.code, status or exc.status)
     if call.hold is not None:
@@ -197,10 +206,11 @@ async def settle(gw: Gateway, call: Call, *, charge: Charge, record: dict[str, A
     assert call.hold is not None
     hold_id, client_key, at = call.hold.id, call.client_key, gw.clock()
     window, counted = call.window, call.counted_tokens
-    await gw.ctx.write(lambda conn: metering.settle(
-        conn, hold_id=hold_id, charge=charge, record=record, client_key=client_key,
-        response=response, at_ms=at, window=window, counted_tokens=counted),
-        account_id=call.key.account_id)
+    with tracing.settling(call.trace, cost_nano=charge.cost_nano_usd, record=record):
+        await gw.ctx.write(lambda conn: metering.settle(
+            conn, hold_id=hold_id, charge=charge, record=record, client_key=client_key,
+            response=response, at_ms=at, window=window, counted_tokens=counted),
+            account_id=call.key.account_id)
     call.charged(charge.cost_nano_usd)
 
 
@@ -221,6 +231,8 @@ async def fetch(gw: Gateway, call: Call, send: Send, provider: str,
                 request: UpstreamRequest) -> Answer | None:
     """Send ``request`` and read the whole answer; if the upstream cannot be reached or
     breaks off, void the hold, answer the client, and return None."""
+    if call.trace is not None:
+        call.trace.upstream_started(provider)
     try:
         response = await gw.registry.get(provider).send(request)
         try:

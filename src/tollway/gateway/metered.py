@@ -253,6 +253,8 @@ class TokenRoute:
                      "Accept": "text/event-stream" if call.stream else "application/json",
                      **self.upstream_headers(call.scope)},
             stream=call.stream)
+        if call.trace is not None:
+            call.trace.upstream_started(llm.provider)
         try:
             response = await gw.registry.get(llm.provider).send(request)
         except UpstreamError as exc:

@@ -21,6 +21,7 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from tollway import tracing
 from tollway.errors import Overloaded
 from tollway.metrics import METRICS
 from tollway.money import format_usd
@@ -89,6 +90,9 @@ class ObserveMiddleware:
         route = _route(scope)
         product = scope.get(PRODUCT) or ""
         METRICS.request(route, product, status, seconds)
+        trace = scope.get(tracing.SCOPE_KEY)
+        if trace is not None:
+            trace.finish(status)
         if scope.get(ERROR_CODE) == "storage_unavailable":
             METRICS.storage_unavailable += 1
         if status >= self.log_from and access_log.isEnabledFor(logging.INFO):
