@@ -8,7 +8,6 @@ than ``n``) × that price × the ratio, rounded once. A failed request is charge
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 from typing import Any
 
@@ -16,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 
 from tollway.billing.metering import Replay
 from tollway.errors import InvalidRequest, TollwayError, UpstreamError
+from tollway.gateway import jsonio
 from tollway.gateway.asgi import json_object, read_body, send_error, stream_flag
 from tollway.gateway.calls import Call, begin, fail, fetch, reserve, send_replay, settle_answer
 from tollway.gateway.state import Gateway
@@ -39,7 +39,7 @@ class ImagesRoute:
             return
         call, provider, payload, price, unit, n = prepared
         payload["model"] = call.item.spec.get("upstream_model") or call.item.id
-        request = UpstreamRequest("POST", "/images/generations", json.dumps(payload).encode(),
+        request = UpstreamRequest("POST", "/images/generations", jsonio.dumps(payload),
                                   headers={"Content-Type": "application/json",
                                            "Accept": "application/json"})
         answer = await fetch(gw, call, send, provider, request)
@@ -102,7 +102,7 @@ class ImagesRoute:
 
 def _images_returned(raw: bytes) -> int | None:
     try:
-        obj = json.loads(raw)
+        obj = jsonio.loads(raw)
     except ValueError:
         return None
     data = obj.get("data") if isinstance(obj, dict) else None

@@ -27,6 +27,7 @@ from starlette.types import Scope, Send
 
 from tollway import tokens
 from tollway.errors import InvalidRequest, TollwayError
+from tollway.gateway import jsonio
 from tollway.gateway.asgi import header
 from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int, send_chunk
 from tollway.gateway.sse import event_json
@@ -44,9 +45,9 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 
 def anthropic_error(scope: Scope, exc: TollwayError) -> bytes:
     request_id = scope.get(REQUEST_ID)
-    return json.dumps({"type": "error", "error": {
+    return jsonio.dumps({"type": "error", "error": {
         "type": _ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message,
-        "code": exc.code, "request_id": request_id}, "request_id": request_id}).encode()
+        "code": exc.code, "request_id": request_id}, "request_id": request_id})
 
 
 class MessagesRoute(TokenRoute):
@@ -132,4 +133,4 @@ def _collect_block(block: dict[str, Any], out: list[str]) -> None:
             out.append(value)
     if block.get("type") == "tool_use" and isinstance(block.get("input"), dict) \
             and block["input"]:
-        out.append(json.dumps(block["input"]))
+        out.append(json.dumps(block["input"]))  # counted: keep the spelling
