@@ -68,8 +68,8 @@ class TokenRater:
 
     def _scale(self, total: int) -> int:
         if self.exponent >= 0:
-            return total * 10 ** self.exponent
-        divisor = 10 ** -self.exponent
+            return total * _power_of_ten(self.exponent)
+        divisor = _power_of_ten(-self.exponent)
         if total < 0:
             return -((-total * 2 + divisor) // (divisor * 2))
         return (total * 2 + divisor) // (divisor * 2)
@@ -82,6 +82,14 @@ def _rater(price: TokenPrice, ratio: Decimal) -> TokenRater:
                                   price.effective_cache_write_1h_per_1m, price.output_per_1m)]
     exponent = min(e for _, e in prices)
     ratio_coefficient, ratio_exponent = _parts(ratio)
-    scaled = [c * 10 ** (e - exponent) * ratio_coefficient for c, e in prices]
+    input_, read, write, write_1h, output = (c * _power_of_ten(e - exponent) * ratio_coefficient
+                                             for c, e in prices)
     # /10^6 tokens, ×10^9 nano-USD: +3
-    return TokenRater(*scaled, exponent=exponent + ratio_exponent + 3)
+    return TokenRater(input_, read, write, write_1h, output,
+                      exponent=exponent + ratio_exponent + 3)
+
+
+@functools.lru_cache(maxsize=256)
+def _power_of_ten(n: int) -> int:
+    """10^n for n >= 0."""
+    return int(10**n)

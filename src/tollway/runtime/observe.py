@@ -31,6 +31,8 @@ PRODUCT = "tollway.product"
 ACCOUNT = "tollway.account_id"
 COST = "tollway.cost_nano"
 ERROR_CODE = "tollway.error_code"
+#: Set once the response's headers are sent (an error can then no longer be answered).
+RESPONSE_STARTED = "tollway.response_started"
 UNMATCHED = "(unmatched)"
 LOG_REQUESTS = {"all": 0, "errors": 400, "none": 1000}
 
@@ -74,6 +76,7 @@ class ObserveMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                scope[RESPONSE_STARTED] = True
                 message["headers"] = [*message.get("headers", []), header]
             await send(message)
 
