@@ -23,13 +23,13 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from starlette.types import Scope, Send
+from starlette.types import Scope
 
 from tollway import tokens
 from tollway.errors import InvalidRequest, TollwayError
 from tollway.gateway import jsonio
 from tollway.gateway.asgi import header
-from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int, send_chunk
+from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int
 from tollway.gateway.sse import event_json
 from tollway.gateway.usage import MeteredUsage, parse_anthropic_usage
 from tollway.pricing.rating import TokenUsage
@@ -78,7 +78,7 @@ class MessagesRoute(TokenRoute):
     def parse_usage(self, raw: Any) -> tuple[TokenUsage, int]:
         return parse_anthropic_usage(raw), 0
 
-    async def relay(self, llm: LLMCall, event: bytes, send: Send, state: StreamState) -> bool:
+    def relay(self, llm: LLMCall, event: bytes, state: StreamState) -> bool:
         obj = event_json(event)
         if isinstance(obj, dict):
             kind = obj.get("type")
@@ -105,7 +105,7 @@ class MessagesRoute(TokenRoute):
             elif kind == "message_stop":
                 state.done = True
         llm.call.mark_first_byte()
-        await send_chunk(send, event, state)
+        state.emit(event)
         return True
 
     def stream_metered(self, llm: LLMCall, original: dict[str, Any],

@@ -70,6 +70,10 @@ class LLMCall:
     client_wants_usage: bool = True
     lowered_to: int | None = None
     delivered: list[str] = field(default_factory=list)
+    #: stream events relayed without parsing (they carry no usage): read for their text only
+    #: if the stream ends without usage (``TokenRoute.drain``)
+    unparsed: list[bytes] = field(default_factory=list)
+    unparsed_bytes: int = 0
 
     def hold_cost(self, prompt: int, output: int) -> int:
         worst = TokenPrice(max(self.price.input_per_1m, self.price.effective_cache_read_per_1m,
@@ -118,6 +122,11 @@ class StreamState:
     #: What the client was sent, for an Idempotency-Key replay; None past REPLAY_BODY_LIMIT.
     sent: list[bytes] | None = field(default_factory=list)
     sent_bytes: int = 0
+    #: Events relayed from the current upstream read, sent to the client as one message.
+    out: list[bytes] = field(default_factory=list)
+
+    def emit(self, event: bytes) -> None:
+        self.out.append(event)
 
 
 ErrorRenderer = Callable[[Scope, TollwayError], bytes]
@@ -188,9 +197,15 @@ class TokenRoute:
     def answer_usage(self, obj: dict[str, Any]) -> Any:
         return obj.get("usage")
 
-    async def relay(self, llm: LLMCall, event: bytes, send: Send, state: StreamState) -> bool:
-        """Forward one stream event (reading what it says); False once the stream is over."""
+    def relay(self, llm: LLMCall, event: bytes, state: StreamState) -> bool:
+        """Pass one stream event on (``state.emit``), reading what it says; False once the
+        stream is over. What the events of one upstream read emit goes to the client as one
+        message."""
         raise NotImplementedError
+
+    def drain(self, llm: LLMCall) -> None:
+        """Read the text of the events relayed unparsed into ``llm.delivered`` (needed only
+        for a local count)."""
 
     def stream_metered(self, llm: LLMCall, original: dict[str, Any],
                        state: StreamState) -> MeteredUsage:
@@ -322,6 +337,7 @@ class TokenRoute:
                                             llm.prompt_estimate + PROMPT_SLACK_TOKENS),
                            completion_bound=bound)
         except InvalidUsage as exc:
+            self.drain(llm)
             prompt = tokens.count_prompt(original)
             # The delivered text as a whole: counting each chunk on its own would bill the
             # upstream's chunking ("Hello " + "there " is 4 tokens apart, 2 together).
@@ -374,9 +390,17 @@ class TokenRoute:
         splitter = EventSplitter()
         try:
             async for chunk in response.chunks():
+                more = True
                 for event in splitter.feed(chunk):
-                    if not await self.relay(llm, event, send, state):
-                        return
+                    if not self.relay(llm, event, state):
+                        more = False
+                        break
+                if state.out:
+                    body = b"".join(state.out)
+                    state.out.clear()
+                    await send_chunk(send, body, state)
+                if not more:
+                    return
             state.cut = splitter.rest() != b"" or not state.done
         except UpstreamError as exc:
             state.failure = exc
@@ -385,6 +409,8 @@ class TokenRoute:
     async def _finish_stream(self, llm: LLMCall, original: dict[str, Any], state: StreamState,
                              send: Send) -> None:
         call = llm.call
+        if state.usage is None:
+            self.drain(llm)
         if not any(llm.delivered) and state.usage is None:
             exc = state.failure or UpstreamError("the upstream stream ended before any output")
             await fail(llm.gw, call, send, exc, status=exc.status, send_response=False)
