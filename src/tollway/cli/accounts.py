@@ -8,6 +8,7 @@ import secrets
 import sys
 from typing import Any
 
+from tollway import clock
 from tollway.billing import credits, logins, tiers
 from tollway.billing.views import (
     account_view,
@@ -109,7 +110,8 @@ def _credit(args: argparse.Namespace, kind: str, amount: int) -> tuple[Account, 
     db = open_db(args)
     key = _key(args.idempotency_key)
     account, result = db.run_write(lambda conn: credits.credit(
-        conn, args.account, amount, kind=kind, idempotency_key=key, note=args.note))
+        conn, args.account, amount, kind=kind, idempotency_key=key, note=args.note,
+        at_ms=clock.now_ms()))
     return account, credit_view(result)
 
 
