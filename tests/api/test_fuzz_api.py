@@ -24,7 +24,6 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,13 +41,13 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from fake_stripe import FakeStripe, stripe_env
 from fakes import (
     ADMIN_TOKEN,
     GATEWAY_ENV,
     IGNORE_TOKENIZER_WARNING,
+    Serving,
     Tollway,
-    fresh_database,
-    running_tollway,
 )
 from tollway.api.openapi import SPEC
 
@@ -120,14 +119,13 @@ def steer(case: schemathesis.Case, choice: int, targets: Targets) -> None:
         params["code_id"] = targets.code_id
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest) -> Iterator[Tollway]:
+@pytest.fixture(scope="module")
+def serving(stripe_fake: FakeStripe) -> Serving:
     # the sandbox catalog; a 64 KiB body limit (fuzzed bodies stay well within it)
-    env = {name: value for name, value in GATEWAY_ENV.items()
-           if not name.startswith("TOLLWAY_TEST_")}
-    with fresh_database(request) as db, running_tollway(db, CATALOG.read_text(),
-                                                        env=env) as tollway:
-        yield tollway
+    # and card top-ups against the fake Checkout API (webhooks: fuzzed bodies are unsigned)
+    return Serving(catalog=CATALOG.read_text(), env={
+        name: value for name, value in GATEWAY_ENV.items() if not name.startswith("TOLLWAY_TEST_")
+    } | stripe_env(stripe_fake))
 
 
 def check_error_shape(response: Any) -> None:
