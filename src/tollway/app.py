@@ -26,6 +26,7 @@ from tollway.gateway.state import Gateway
 from tollway.metrics import METRICS, register_worker
 from tollway.notify.deliverer import Deliverer
 from tollway.runtime.context import Context
+from tollway.runtime.direct import TollwayApp
 from tollway.runtime.errors import http_error, tollway_error, unexpected_error
 from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, ObserveMiddleware
 from tollway.store.db import Database, storage_error
@@ -121,12 +122,14 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
             tracing.shutdown()
 
     routes = [*api_routes, *payment_routes(key_or_session), *gateway_routes, *web_routes]
-    return Starlette(
+    max_inflight = int(settings.get("max_inflight_requests"))
+    log_requests = settings.get("log_requests").lower()
+    return TollwayApp(
+        direct_routes=gateway_routes, max_inflight=max_inflight, log_requests=log_requests,
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(ObserveMiddleware,
-                               max_inflight=int(settings.get("max_inflight_requests")),
-                               log_requests=settings.get("log_requests").lower())],
+        middleware=[Middleware(ObserveMiddleware, max_inflight=max_inflight,
+                               log_requests=log_requests)],
         exception_handlers={TollwayError: error, HTTPException: error,
                             LoginRequired: login_required, Exception: unexpected},
     )

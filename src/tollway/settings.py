@@ -38,7 +38,8 @@ SETTINGS = (
             "not deliver"),
     Setting("key_cache_seconds", "5",
             "how long a worker trusts a looked-up API key (revocations made through another "
-            "process take effect within this time)"),
+            "process take effect within this time; a key in use is refreshed in the background "
+            "during the last quarter of it)"),
     Setting("usage_retention_days", "400",
             "raw usage records older than this are deleted by `tollway usage prune` (rollups, "
             "statements and the ledger are kept)"),

@@ -8,7 +8,6 @@ than ``n``) × that price × the ratio, rounded once. A failed request is charge
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import InvalidRequest, UpstreamError
+from tollway.gateway import jsonio
 from tollway.gateway.asgi import json_object, read_body, stream_flag
 from tollway.gateway.calls import (
     Call,
@@ -44,7 +44,7 @@ class ImagesRoute:
             return
         call, provider, payload, price, unit, n = prepared
         payload["model"] = call.item.spec.get("upstream_model") or call.item.id
-        request = UpstreamRequest("POST", "/images/generations", json.dumps(payload).encode(),
+        request = UpstreamRequest("POST", "/images/generations", jsonio.dumps(payload),
                                   headers={"Content-Type": "application/json",
                                            "Accept": "application/json"})
         answer = await fetch(gw, call, send, provider, request)
@@ -102,7 +102,7 @@ class ImagesRoute:
 
 def _images_returned(raw: bytes) -> int | None:
     try:
-        obj = json.loads(raw)
+        obj = jsonio.loads(raw)
     except ValueError:
         return None
     data = obj.get("data") if isinstance(obj, dict) else None

@@ -23,12 +23,13 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from starlette.types import Scope, Send
+from starlette.types import Scope
 
 from tollway import tokens
 from tollway.errors import InvalidRequest, TollwayError
+from tollway.gateway import jsonio
 from tollway.gateway.asgi import header
-from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int, send_chunk
+from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int
 from tollway.gateway.sse import event_json
 from tollway.gateway.usage import MeteredUsage, parse_anthropic_usage
 from tollway.pricing.rating import TokenUsage
@@ -44,9 +45,9 @@ _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
 
 def anthropic_error(scope: Scope, exc: TollwayError) -> bytes:
     request_id = scope.get(REQUEST_ID)
-    return json.dumps({"type": "error", "error": {
+    return jsonio.dumps({"type": "error", "error": {
         "type": _ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message,
-        "code": exc.code, "request_id": request_id}, "request_id": request_id}).encode()
+        "code": exc.code, "request_id": request_id}, "request_id": request_id})
 
 
 class MessagesRoute(TokenRoute):
@@ -77,7 +78,7 @@ class MessagesRoute(TokenRoute):
     def parse_usage(self, raw: Any) -> tuple[TokenUsage, int]:
         return parse_anthropic_usage(raw), 0
 
-    async def relay(self, llm: LLMCall, event: bytes, send: Send, state: StreamState) -> bool:
+    def relay(self, llm: LLMCall, event: bytes, state: StreamState) -> bool:
         obj = event_json(event)
         if isinstance(obj, dict):
             kind = obj.get("type")
@@ -104,7 +105,7 @@ class MessagesRoute(TokenRoute):
             elif kind == "message_stop":
                 state.done = True
         llm.call.mark_first_byte()
-        await send_chunk(send, event, state)
+        state.emit(event)
         return True
 
     def stream_metered(self, llm: LLMCall, original: dict[str, Any],
@@ -132,4 +133,4 @@ def _collect_block(block: dict[str, Any], out: list[str]) -> None:
             out.append(value)
     if block.get("type") == "tool_use" and isinstance(block.get("input"), dict) \
             and block["input"]:
-        out.append(json.dumps(block["input"]))
+        out.append(json.dumps(block["input"]))  # counted: keep the spelling

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
-
 from starlette.types import Receive, Scope, Send
 
 from tollway.errors import TollwayError
+from tollway.gateway import jsonio
 from tollway.gateway.asgi import send_bytes, send_error
 from tollway.gateway.state import Gateway
 
@@ -24,4 +23,4 @@ class ModelsRoute:
                  // 1000, "owned_by": item.provider}
                 for item in gw.catalog.models.values()
                 if allowed is None or item.id in allowed]
-        await send_bytes(send, 200, json.dumps({"object": "list", "data": data}).encode())
+        await send_bytes(send, 200, jsonio.dumps({"object": "list", "data": data}))
