@@ -167,7 +167,7 @@ def test_tracing_off_never_imports_opentelemetry(tmp_path: Path) -> None:
             apply_catalog(conn, load_catalog("{ROOT}/examples/catalog.yaml"),
                           now_ms=now_ms())
             account = create_account(conn, "a", "default", at_ms=now_ms()).id
-            ledger.topup(conn, account, 10**9, idempotency_key="t")
+            ledger.topup(conn, account, 10**9, idempotency_key="t", at_ms=now_ms())
             key = create_key(conn, account, at_ms=now_ms()).secret
         db.dispose()
         with TestClient(create_app(database_url=url, admin_token="t")) as client:
