@@ -29,6 +29,7 @@ from tollway.pricing.rating import TokenUsage
 
 ROUTES = {"chat": "/chat/completions", "completions": "/completions",
           "embeddings": "/embeddings"}
+REQUIRED = {"chat": ("messages",), "completions": ("prompt",), "embeddings": ("input",)}
 
 
 class LLMRoute(TokenRoute):
@@ -40,6 +41,7 @@ class LLMRoute(TokenRoute):
         self.kind = kind
         self.upstream_path = ROUTES[kind]
         self.route = "/v1" + self.upstream_path
+        self.required = REQUIRED[kind]
 
     def choices(self, payload: dict[str, Any]) -> int:
         if self.kind == "embeddings":

@@ -20,6 +20,7 @@ from tollway.billing.marketplace import listing
 from tollway.billing.views import balance_view
 from tollway.errors import InvalidAdminToken, TollwayError
 from tollway.gateway.apis import ApiRoute
+from tollway.gateway.count_tokens import CountTokensRoute
 from tollway.gateway.images import ImagesRoute
 from tollway.gateway.llm import LLMRoute
 from tollway.gateway.messages import MessagesRoute
@@ -34,10 +35,10 @@ from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
-from tollway.web import notifications, pages, reports
+from tollway.web import cors, notifications, pages, reports
 from tollway.web.console import console_routes
 from tollway.web.context import Context
-from tollway.web.errors import http_error, tollway_error, unexpected_error
+from tollway.web.errors import http_error, missing_v1, tollway_error, unexpected_error
 from tollway.web.http import bearer
 from tollway.web.market import market_routes
 from tollway.web.observe import ERROR_CODE, REQUEST_ID, ObserveMiddleware
@@ -57,7 +58,7 @@ async def error(request: Request, exc: Exception) -> Response:
             return response
         return await tollway_error(request, exc)
     assert isinstance(exc, HTTPException)
-    if pages.is_page(request):
+    if pages.is_page(request) and not missing_v1(request.url.path):
         return await pages.error_page(request, exc.status_code, str(exc.detail))
     return await http_error(request, exc)
 
@@ -178,9 +179,11 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         Route("/v1/completions", LLMRoute("completions"), methods=["POST"]),
         Route("/v1/embeddings", LLMRoute("embeddings"), methods=["POST"]),
         Route("/v1/messages", MessagesRoute(), methods=["POST"]),
+        Route("/v1/messages/count_tokens", CountTokensRoute(), methods=["POST"]),
         Route("/v1/responses", ResponsesRoute(), methods=["POST"]),
         Route("/v1/images/generations", ImagesRoute(), methods=["POST"]),
         Route("/v1/models", ModelsRoute(), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", ModelsRoute(), methods=["GET"]),
         Route("/apis/v1/{path:path}", ApiRoute(),
               methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
         Mount("/admin/v1", routes=admin_routes),
@@ -189,12 +192,16 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         *console_routes,
         *market_routes, *operator_routes,
     ]
+    middleware = [Middleware(ObserveMiddleware,
+                             max_inflight=int(settings.get("max_inflight_requests")),
+                             log_requests=settings.get("log_requests").lower())]
+    origins = [o.strip() for o in settings.get("cors_origins").split(",") if o.strip()]
+    if origins:  # off by default: no middleware at all, nothing on the request path
+        middleware.insert(0, cors.middleware(origins))
     return Starlette(
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(ObserveMiddleware,
-                               max_inflight=int(settings.get("max_inflight_requests")),
-                               log_requests=settings.get("log_requests").lower())],
+        middleware=middleware,
         exception_handlers={TollwayError: error, HTTPException: error,
                             LoginRequired: login_required, Exception: unexpected},
     )
