@@ -620,8 +620,12 @@ def test_idempotent_retry_of_a_stream_replays_it(tw: Tollway) -> None:
     streams = [list(client.chat.completions.create(
         model="gpt-test", messages=HELLO, stream=True, stream_options={"include_usage": True},
         extra_headers={"Idempotency-Key": "stream-8"})) for _ in range(2)]
-    assert streams[0] == streams[1]
-    assert (streams[1][-1].model_extra or {})["tollway"]["cost_usd"] == "0.000009000"
+    assert streams[0][:-1] == streams[1][:-1]
+    assert (streams[0][-1].model_extra or {})["tollway"] == {
+        "cost_usd": "0.000009000", "request_id": streams[0][-1].model_extra["tollway"][
+            "request_id"], "usage_source": "upstream"}
+    assert (streams[1][-1].model_extra or {})["tollway"] == {
+        **streams[0][-1].model_extra["tollway"], "replayed": True}  # not charged again
     assert len(tw.fake.llm_requests()) == 2 and len(tw.records()) == 2
     assert tw.available(account) == TEN_USD - 2 * 9_000
     assert_books_clean(tw)
