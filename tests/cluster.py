@@ -37,6 +37,7 @@ import sqlalchemy as sa
 import yaml
 
 from fakes import DATA_KEY, DATA_KEY_ENV, UPSTREAM_KEY, UPSTREAM_KEY_ENV, DataReply, FakeUpstream
+from tollway import clock
 from tollway.billing.keys import create_key
 from tollway.ledger import ledger
 from tollway.ledger.verify import verify
@@ -223,9 +224,10 @@ def customers(db: Database, count: int, usd: int, *, poor: int = 1) -> list[tupl
         for i in range(count + poor):
             credit = usd * USD if i < count else USD // 1000
             account = create_account(conn, f"c{i}-{time.monotonic_ns()}", "default",
-                                     at_ms=ledger.now_ms()).id
-            ledger.topup(conn, account, credit, idempotency_key=f"seed-{account}")
-            made.append((account, create_key(conn, account, at_ms=ledger.now_ms(),
+                                     at_ms=clock.now_ms()).id
+            ledger.topup(conn, account, credit, idempotency_key=f"seed-{account}",
+                         at_ms=clock.now_ms())
+            made.append((account, create_key(conn, account, at_ms=clock.now_ms(),
                                              name="load").secret))
     return made
 

@@ -4,7 +4,7 @@
   loop in a background thread) that plays an OpenAI-compatible LLM API under ``/v1`` and data
   APIs under every other path. Each test scripts it (:class:`LLMScript`, :class:`DataReply`)
   and reads back what it received (:class:`Recorded`), to assert what the gateway forwarded.
-- :class:`GatewayThread` — ``tollway.web.app:create_app`` served by uvicorn in a thread.
+- :class:`GatewayThread` — ``tollway.app:create_app`` served by uvicorn in a thread.
 - :class:`Tollway` — a running gateway, its database and the fake, with helpers to make
   accounts and keys and to read balances, holds and usage records.
 """
@@ -29,6 +29,7 @@ import sqlalchemy as sa
 import uvicorn
 from aiohttp import web
 
+from tollway import clock
 from tollway.billing import keys as key_ops
 from tollway.ledger import ledger
 from tollway.ledger.verify import verify
@@ -511,7 +512,7 @@ class GatewayThread:
 
     def __init__(self, database_url: str, admin_token: str = ADMIN_TOKEN,
                  clock: FakeClock | None = None) -> None:
-        from tollway.web.app import create_app
+        from tollway.app import create_app
 
         self.app = create_app(database_url=database_url, admin_token=admin_token, clock=clock)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -647,7 +648,7 @@ def closed_port() -> int:
 
 def apply_catalog_text(db: Database, text: str) -> None:
     with db.write() as conn:
-        apply_catalog(conn, parse_catalog(text), now_ms=ledger.now_ms())
+        apply_catalog(conn, parse_catalog(text), now_ms=clock.now_ms())
 
 
 # --------------------------------------------------------------------------- the whole thing
@@ -685,9 +686,10 @@ class Tollway:
         amount = nano if nano is not None else (_usd(usd) if usd else 0)
         with self.db.write() as conn:
             account_id = account_store.create_account(conn, name, group,
-                                                      at_ms=ledger.now_ms()).id
+                                                      at_ms=clock.now_ms()).id
             if amount:
-                ledger.topup(conn, account_id, amount, idempotency_key=f"seed-{name}")
+                ledger.topup(conn, account_id, amount, idempotency_key=f"seed-{name}",
+                             at_ms=clock.now_ms())
         self.accounts.append(account_id)
         return account_id
 
@@ -696,7 +698,7 @@ class Tollway:
             expires_at_ms: int | None = None,
             limits: account_store.KeyLimits | None = None) -> str:
         with self.db.write() as conn:
-            return key_ops.create_key(conn, account_id, at_ms=ledger.now_ms(), name=name,
+            return key_ops.create_key(conn, account_id, at_ms=clock.now_ms(), name=name,
                                       group=group, models=models, quota_nano=quota_nano,
                                       expires_at_ms=expires_at_ms, limits=limits).secret
 
@@ -704,7 +706,7 @@ class Tollway:
         with self.db.write() as conn:
             record = account_store.key_by_hash(conn, key_ops.hash_key(secret))
             assert record is not None
-            account_store.revoke_key(conn, record.id, at_ms=ledger.now_ms())
+            account_store.revoke_key(conn, record.id, at_ms=clock.now_ms())
 
     def key_record(self, secret: str) -> account_store.ApiKeyRecord:
         with self.db.read() as conn:
@@ -783,6 +785,17 @@ def _usd(text: str) -> int:
     from tollway.money import parse_usd
 
     return parse_usd(text)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What a module's served Tollway differs in. ``catalog``: the catalog text (default: the
+    fake catalog on the module's fake upstream); ``env``: the environment while it runs
+    (default ``GATEWAY_ENV``); ``clock``: a clock the module moves."""
+
+    catalog: str | None = None
+    env: dict[str, str] | None = None
+    clock: FakeClock | None = None
 
 
 @contextlib.contextmanager

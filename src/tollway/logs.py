@@ -2,7 +2,7 @@
 (``TOLLWAY_LOG_FORMAT=json``) for log collectors.
 
 Every record goes through one formatter per format, uvicorn's own included. The access log
-(``tollway.access``, see ``web.observe``) carries the request id, route, status, duration,
+(``tollway.access``, see ``runtime.observe``) carries the request id, route, status, duration,
 account, product and cost as fields; nothing the gateway logs contains a header, a body, a key
 or a token, so secrets cannot leak through the log.
 """

@@ -181,7 +181,7 @@ def test_cors_is_off_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 
     from tollway.store.db import Database
     from tollway.store.migrate import upgrade
-    from tollway.web.app import create_app
+    from tollway.app import create_app
 
     monkeypatch.delenv("TOLLWAY_CORS_ORIGINS", raising=False)
     url = f"sqlite:///{tmp_path / 't.db'}"

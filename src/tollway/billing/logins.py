@@ -15,8 +15,8 @@ import secrets
 
 from sqlalchemy.engine import Connection
 
+from tollway import clock
 from tollway.errors import InvalidRequest
-from tollway.ledger import ledger
 from tollway.store import accounts as store
 from tollway.store import sessions as session_store
 from tollway.store.accounts import Account
@@ -72,7 +72,7 @@ def create_account(conn: Connection, name: str, group: str, *, email: str | None
                    password_hash: str | None = None) -> Account:
     """An account, with a console login when a password hash (``hash_password``, computed
     before the write transaction: scrypt is slow on purpose) is given."""
-    return store.create_account(conn, name, group, at_ms=ledger.now_ms(), email=email,
+    return store.create_account(conn, name, group, at_ms=clock.now_ms(), email=email,
                                 password_hash=password_hash)
 
 
@@ -100,7 +100,7 @@ def authenticate(conn: Connection, login: str, password: str) -> Account | None:
 def disable_account(conn: Connection, account_id: int) -> Account:
     """Refuse the account's keys and its console sign-in, and end its sessions. Its money and
     records stay; a gateway worker may trust a cached key for ``key_cache_seconds`` more."""
-    account = store.set_disabled(conn, account_id, at_ms=ledger.now_ms())
+    account = store.set_disabled(conn, account_id, at_ms=clock.now_ms())
     session_store.delete_account_sessions(conn, account_id)
     return account
 

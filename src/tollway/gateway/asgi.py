@@ -9,7 +9,7 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from tollway.errors import InvalidRequest, PayloadTooLarge, TollwayError
-from tollway.web.observe import ERROR_CODE, REQUEST_ID, error_json
+from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, error_json
 
 JSON = b"application/json"
 

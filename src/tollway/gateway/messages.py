@@ -32,7 +32,7 @@ from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_i
 from tollway.gateway.sse import event_json
 from tollway.gateway.usage import MeteredUsage, parse_anthropic_usage
 from tollway.pricing.rating import TokenUsage
-from tollway.web.observe import ERROR_CODE, REQUEST_ID, error_json
+from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, error_json
 
 DEFAULT_VERSION = "2023-06-01"
 

@@ -14,7 +14,7 @@ from tollway.errors import TollwayError, UnknownModel
 from tollway.gateway.asgi import header, send_bytes, send_error
 from tollway.gateway.state import Gateway
 from tollway.store.catalog import Item
-from tollway.web.observe import ERROR_CODE, REQUEST_ID, error_json
+from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, error_json
 
 
 def _openai(item: Item) -> dict[str, Any]:

@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import re
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -27,16 +25,16 @@ from starlette.types import Scope
 from tollway import tokens
 from tollway.billing import keys
 from tollway.billing import limits as rate_limits
-from tollway.billing.keys import Address, Network, within
 from tollway.billing.limits import Limits
+from tollway.clock import now_ms
 from tollway.errors import InvalidApiKey, StorageUnavailable, UnknownEndpoint, UnknownModel
-from tollway.ledger.ledger import now_ms
 from tollway.pricing.catalog import Tier
+from tollway.runtime.context import Context
+from tollway.runtime.http import client_address
 from tollway.store import catalog as catalog_store
 from tollway.store.accounts import ApiKeyRecord, key_by_hash
 from tollway.store.catalog import Item
 from tollway.upstreams.registry import Registry
-from tollway.web.context import Context
 
 log = logging.getLogger("tollway")
 
@@ -124,13 +122,11 @@ def load_snapshot(conn: Connection) -> CatalogSnapshot:
 class Gateway:
     def __init__(self, ctx: Context, registry: Registry, *, catalog_refresh_s: float,
                  key_cache_s: float, max_body_bytes: int,
-                 clock: Callable[[], int] = now_ms,
-                 trusted_proxies: tuple[Network, ...] = ()) -> None:
+                 ) -> None:
         self.ctx = ctx
         #: Milliseconds since the epoch: limit windows, holds and records take their time
-        #: from here (tests pass a clock they move).
-        self.clock = clock
-        self.trusted_proxies = trusted_proxies
+        #: from the server's one clock (tests pass a clock they move).
+        self.clock = ctx.clock
         self.registry = registry
         self.catalog_refresh_s = catalog_refresh_s
         self.key_cache_s = key_cache_s
@@ -190,28 +186,8 @@ class Gateway:
             if len(self._keys) > 100_000:
                 self._keys.clear()
         keys.check_usable(record, now_ms=self.clock())
-        keys.check_ip(record, self.client_address(scope))
+        keys.check_ip(record, client_address(scope, self.ctx.trusted_proxies))
         return record
-
-    def client_address(self, scope: Scope) -> Address | None:
-        """The client's address: the peer, or where the peer is a trusted proxy, the
-        right-most address of ``X-Forwarded-For`` that is not a trusted proxy."""
-        client = scope.get("client")
-        peer = _address(client[0]) if client else None
-        if peer is None or not within(peer, self.trusted_proxies):
-            return peer
-        hops: list[str] = []
-        for name, value in scope["headers"]:
-            if name == b"x-forwarded-for":
-                hops += value.decode("latin-1").split(",")
-        for hop in reversed(hops):
-            address = _address(hop.strip())
-            if address is None:
-                return peer  # a forged or broken header: trust only what we saw
-            if not within(address, self.trusted_proxies):
-                return address
-            peer = address
-        return peer
 
     def forget_keys(self) -> None:
         self._keys.clear()
@@ -238,11 +214,3 @@ def _secret(scope: Scope) -> str | None:
     return api_key
 
 
-def _address(text: str) -> Address | None:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address

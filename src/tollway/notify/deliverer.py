@@ -23,9 +23,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from sqlalchemy.engine import Connection
 
-from tollway import settings
+from tollway import clock, settings
 from tollway.errors import StorageUnavailable
-from tollway.ledger.ledger import now_ms as wall_clock_ms
 from tollway.notify import mail, signing
 from tollway.store import notifications as store
 from tollway.store.notifications import Claimed
@@ -77,7 +76,7 @@ class Outcome:
 
 class Deliverer:
     def __init__(self, write: Write, policy: Policy | None = None, *,
-                 clock_ms: Callable[[], int] = wall_clock_ms) -> None:
+                 clock_ms: Callable[[], int] = clock.now_ms) -> None:
         self.write = write
         self.policy = policy or Policy.from_settings()
         self.clock_ms = clock_ms

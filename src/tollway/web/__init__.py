@@ -1,1 +1,2 @@
-"""HTTP: the Starlette application, public and customer routes, the server entry point."""
+"""The HTML console: sign-in, the customer's and the operator's pages, the public marketplace
+pages. Server-rendered, no JavaScript required."""

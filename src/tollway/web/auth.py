@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
@@ -15,8 +15,8 @@ from tollway import settings
 from tollway.billing import credits, logins, signin
 from tollway.billing.views import parse_amount
 from tollway.errors import InvalidRequest
-from tollway.web.context import Context
-from tollway.web.http import form_data
+from tollway.runtime.context import Context
+from tollway.runtime.http import client_address, form_data
 from tollway.web.pages import render
 from tollway.web.session import (
     check_csrf,
@@ -25,9 +25,6 @@ from tollway.web.session import (
     safe_next,
     start_session,
 )
-
-if TYPE_CHECKING:
-    from tollway.gateway.state import Gateway
 
 REFUSED = "That login and password do not match an active account."
 
@@ -46,16 +43,15 @@ async def _throttled(request: Request, page: str, retry_after_s: int,
 async def _locked(request: Request, scopes: list[str],
                   policy: signin.Policy) -> tuple[int, int | None]:
     """The gateway's time and, when ``scopes`` are throttled, the seconds to wait."""
-    gw: Gateway = request.app.state.gateway
     ctx: Context = request.app.state.ctx
-    at = gw.clock()
+    at = ctx.clock()
     wait = await ctx.read(lambda conn: signin.retry_after_s(conn, scopes, policy, now_ms=at))
     return at, wait
 
 
 def _client_scopes(request: Request) -> list[str]:
-    gw: Gateway = request.app.state.gateway
-    return signin.ip_scope(gw.client_address(request.scope))
+    ctx: Context = request.app.state.ctx
+    return signin.ip_scope(client_address(request.scope, ctx.trusted_proxies))
 
 
 def _text(form: Any, name: str, limit: int = 1024) -> str:
@@ -168,7 +164,7 @@ async def signup(request: Request) -> Response:
         if credit_nano:  # once per account, whatever the number of submits
             await ctx.write(lambda conn: credits.topup(
                 conn, account_id, credit_nano, idempotency_key=f"signup-credit-{account_id}",
-                note="sign-up credit"), account_id=account_id)
+                note="sign-up credit", at_ms=ctx.clock()), account_id=account_id)
     except InvalidRequest as exc:
         return await render(request, "auth/signup.html",
                             {"error": exc.message, "name": name, "email": email}, status=400)

@@ -2,7 +2,7 @@
 
 Every page takes the account id from the session (``require_customer``), never from the URL
 or a form, and reads through the same billing/store functions as the JSON API: the usage log
-is ``store.reports.usage_page`` with the API's filters (``web.reports.log_filter``), summaries
+is ``store.reports.usage_page`` with the API's filters (``web.queries.log_filter``), summaries
 come from the hourly rollups, statements from the wallet days, keys from ``billing.keys``.
 """
 
@@ -31,6 +31,7 @@ from tollway.billing.reports import (
     summary_view,
 )
 from tollway.billing.views import balance_view, iso, key_view, parse_amount, parse_iso_ms
+from tollway.clock import now_ms
 from tollway.errors import (
     CodeExpired,
     CodeRedeemed,
@@ -38,17 +39,16 @@ from tollway.errors import (
     UnknownApiKey,
     UnknownCode,
 )
-from tollway.ledger.ledger import now_ms
 from tollway.money import format_usd
+from tollway.runtime import queries
+from tollway.runtime.context import Context
+from tollway.runtime.http import form_data, path_int
 from tollway.store import accounts as account_store
 from tollway.store import reports as report_store
 from tollway.store.catalog import current_items, group_ratios
 from tollway.store.reports import DAY_MS, HOUR_MS, LOG_TYPES
-from tollway.web import reports
 from tollway.web.auth import auth_routes
 from tollway.web.charts import Bar, bar_chart, column_chart
-from tollway.web.context import Context
-from tollway.web.http import form_data, path_int
 from tollway.web.pages import render
 from tollway.web.session import check_csrf, require_customer
 
@@ -83,7 +83,7 @@ async def overview(request: Request) -> Response:
 async def _overview(request: Request, account_id: int, *,
                     redeemed: dict[str, Any] | None = None, redeem_error: str | None = None,
                     status: int = 200) -> Response:
-    days = reports.query_int(request, "days", default=30, high=366) or 30
+    days = queries.query_int(request, "days", default=30, high=366) or 30
     end = now_ms()
     end += -end % HOUR_MS  # whole hours: the rollups' grain
     start = end - days * DAY_MS
@@ -267,8 +267,8 @@ async def revoke_key(request: Request) -> Response:
 
 async def usage_page(request: Request) -> Response:
     account_id = await console_scope(request, _ctx(request))
-    where = reports.log_filter(request, account_id)
-    limit = reports.query_int(request, "limit", default=50, high=500) or 50
+    where = queries.log_filter(request, account_id)
+    limit = queries.query_int(request, "limit", default=50, high=500) or 50
     cursor = request.query_params.get("cursor") or None
 
     def load(conn: Connection) -> dict[str, Any]:
@@ -335,6 +335,6 @@ console_routes: list[BaseRoute] = [
     Route("/console/keys", keys_page, methods=["GET", "POST"]),
     Route("/console/keys/{key_id}/revoke", revoke_key, methods=["POST"]),
     Route("/console/usage", usage_page),
-    Route("/console/usage/export", reports.usage_export(console_scope)),
+    Route("/console/usage/export", queries.usage_export(console_scope)),
     Route("/console/statements", statements_page),
 ]

@@ -18,9 +18,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from tollway.billing.marketplace import listing
-from tollway.ledger.ledger import now_ms
+from tollway.clock import now_ms
+from tollway.runtime.context import Context
 from tollway.store.catalog import group_ratios
-from tollway.web.context import Context
 from tollway.web.pages import error_page, render
 
 BILLING_TYPES = {"token": "Per token", "per_call": "Per call or image"}

@@ -25,16 +25,16 @@ from tollway.billing import catalog_changes, credits, logins
 from tollway.billing.marketplace import item_unit
 from tollway.billing.reports import summary_view
 from tollway.billing.views import account_view, entry_view, parse_amount, parse_signed_amount
+from tollway.clock import now_ms
 from tollway.errors import CatalogError, InvalidRequest, NotFound, TollwayError
-from tollway.ledger.ledger import now_ms
 from tollway.pricing.catalog import Catalog, parse_catalog
 from tollway.pricing.display import price_lines
+from tollway.runtime.context import Context
+from tollway.runtime.http import form_data
 from tollway.store import accounts as store
 from tollway.store import reports as report_store
 from tollway.store.catalog import group_ratios
 from tollway.store.reports import DAY_MS
-from tollway.web.context import Context
-from tollway.web.http import form_data
 from tollway.web.pages import render
 from tollway.web.session import check_csrf, require_operator
 
@@ -186,7 +186,7 @@ async def _credit(ctx: Context, account_id: int, action: str, form: Any,
     kind = "topup" if action == "topup" else "adjustment"
     await ctx.write(lambda conn: credits.credit(
         conn, account_id, amount, kind=kind, idempotency_key=f"console-{action}-{nonce}",
-        note=values["note"] or None), account_id=account_id)
+        note=values["note"] or None, at_ms=ctx.clock()), account_id=account_id)
 
 
 # --------------------------------------------------------------------------- catalog

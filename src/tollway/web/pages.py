@@ -21,7 +21,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
-from tollway.web.observe import REQUEST_ID
+from tollway.runtime.observe import REQUEST_ID
 from tollway.web.session import CSRF_COOKIE, anonymous_csrf, current_session, set_cookie
 
 HERE = Path(__file__).parent

@@ -27,10 +27,10 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from tollway import settings
+from tollway.clock import now_ms
 from tollway.errors import CsrfFailed
-from tollway.ledger.ledger import now_ms
+from tollway.runtime.context import Context
 from tollway.store import sessions as store
-from tollway.web.context import Context
 
 COOKIE = "tollway_session"
 CSRF_COOKIE = "tollway_csrf"
