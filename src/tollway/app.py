@@ -20,8 +20,8 @@ from tollway.errors import TollwayError
 from tollway.gateway.routes import gateway_routes
 from tollway.gateway.state import Gateway
 from tollway.notify.deliverer import Deliverer
-from tollway.runtime.context import Context
 from tollway.runtime import cors
+from tollway.runtime.context import Context
 from tollway.runtime.errors import http_error, missing_v1, tollway_error, unexpected_error
 from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, ObserveMiddleware
 from tollway.store.db import Database, storage_error

@@ -179,9 +179,9 @@ def test_cors_when_configured(tw: Tollway) -> None:
 def test_cors_is_off_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from starlette.testclient import TestClient
 
+    from tollway.app import create_app
     from tollway.store.db import Database
     from tollway.store.migrate import upgrade
-    from tollway.app import create_app
 
     monkeypatch.delenv("TOLLWAY_CORS_ORIGINS", raising=False)
     url = f"sqlite:///{tmp_path / 't.db'}"

@@ -13,8 +13,8 @@ from starlette.types import Receive, Scope, Send
 from tollway.errors import TollwayError, UnknownModel
 from tollway.gateway.asgi import header, send_bytes, send_error
 from tollway.gateway.state import Gateway
-from tollway.store.catalog import Item
 from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, error_json
+from tollway.store.catalog import Item
 
 
 def _openai(item: Item) -> dict[str, Any]:
@@ -26,7 +26,8 @@ def _anthropic(item: Item) -> dict[str, Any]:
     created = datetime.fromtimestamp(item.version.effective_from_ms / 1000, UTC)
     return {"type": "model", "id": item.id,
             "display_name": str(item.spec.get("name") or item.id),
-            "created_at": created.isoformat().replace("+00:00", "Z")}
+            "created_at": created.isoformat().replace("+00:00", "Z"), "lifecycle": "active",
+            "max_tokens": item.spec.get("max_output_tokens")}
 
 
 def _anthropic_error(scope: Scope, exc: TollwayError) -> bytes:

@@ -279,7 +279,9 @@ def responses(payload: dict[str, Any]) -> BufferedResponse:
             "metadata": payload.get("metadata") or {}, "temperature": 1.0, "top_p": 1.0,
             "text": {"format": fmt if isinstance(fmt, dict) else {"type": "text"}},
             "tool_choice": payload.get("tool_choice") or "auto",
-            "tools": payload.get("tools") or [], "truncation": "disabled", "usage": usage}
+            "tools": [{"strict": True, **t} if isinstance(t, dict) and t.get("type") == "function"
+                      else t for t in payload.get("tools") or []],
+            "truncation": "disabled", "usage": usage}
     if not payload.get("stream"):
         return _json(200, done)
     sequence = itertools.count()
@@ -287,8 +289,8 @@ def responses(payload: dict[str, Any]) -> BufferedResponse:
     def event(kind: str, **body: Any) -> bytes:
         return _sse(kind, {"type": kind, "sequence_number": next(sequence), **body})
 
-    started = {**done, "status": "in_progress", "completed_at": None, "output": [],
-               "usage": None, "incomplete_details": None}
+    started = {k: v for k, v in done.items() if k != "usage"}  # usage comes at the end
+    started.update(status="in_progress", completed_at=None, output=[], incomplete_details=None)
     events = [event("response.created", response=started),
               event("response.in_progress", response=started)]
     if item["type"] == "function_call":
