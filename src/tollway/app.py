@@ -25,9 +25,10 @@ from tollway.gateway.routes import gateway_routes
 from tollway.gateway.state import Gateway
 from tollway.metrics import METRICS, register_worker
 from tollway.notify.deliverer import Deliverer
+from tollway.runtime import cors
 from tollway.runtime.context import Context
 from tollway.runtime.direct import TollwayApp
-from tollway.runtime.errors import http_error, tollway_error, unexpected_error
+from tollway.runtime.errors import http_error, missing_v1, tollway_error, unexpected_error
 from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, ObserveMiddleware
 from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
@@ -58,7 +59,7 @@ async def error(request: Request, exc: Exception) -> Response:
             return response
         return await tollway_error(request, exc)
     assert isinstance(exc, HTTPException)
-    if pages.is_page(request):
+    if pages.is_page(request) and not missing_v1(request.url.path):
         return await pages.error_page(request, exc.status_code, str(exc.detail))
     return await http_error(request, exc)
 
@@ -124,12 +125,18 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
     routes = [*api_routes, *payment_routes(key_or_session), *gateway_routes, *web_routes]
     max_inflight = int(settings.get("max_inflight_requests"))
     log_requests = settings.get("log_requests").lower()
+    middleware = [Middleware(ObserveMiddleware, max_inflight=max_inflight,
+                             log_requests=log_requests)]
+    origins = [o.strip() for o in settings.get("cors_origins").split(",") if o.strip()]
+    if origins:  # off by default: no middleware at all, nothing on the request path
+        middleware.insert(0, cors.middleware(origins))
     return TollwayApp(
-        direct_routes=gateway_routes, max_inflight=max_inflight, log_requests=log_requests,
+        # with CORS on, every request takes Starlette's way, so CORS wraps the gateway too
+        direct_routes=() if origins else gateway_routes, max_inflight=max_inflight,
+        log_requests=log_requests,
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(ObserveMiddleware, max_inflight=max_inflight,
-                               log_requests=log_requests)],
+        middleware=middleware,
         exception_handlers={TollwayError: error, HTTPException: error,
                             LoginRequired: login_required, Exception: unexpected},
     )

@@ -61,6 +61,9 @@ SETTINGS = (
             "access log: all (one line per request: request id, route, status, duration, "
             "account, product, cost; never keys or headers), errors (only answers >= 400: no "
             "logging cost on the successful hot path) or none"),
+    Setting("cors_origins", "",
+            "comma-separated origins (https://app.example.com, or *) whose browser pages may "
+            "call the API; empty = CORS off (no headers, preflights not answered)"),
     Setting("metrics_token", "",
             "bearer token for GET /metrics; empty: the admin token (either is accepted)"),
     Setting("instance", "",

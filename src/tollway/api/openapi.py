@@ -183,7 +183,21 @@ SPEC: dict[str, Any] = {
             "(n × the size's price × ratio)",
             _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
             body=_ref("ImagesRequest"), errors=GATEWAY_ERRORS)},
-        "/v1/models": {"get": _op("Models this key may use", _json(OBJECT))},
+        "/v1/messages/count_tokens": {"post": _op(
+            "Anthropic's token counter, answered locally and free (never forwarded, held or "
+            "charged): {input_tokens}; errors in Anthropic's shape",
+            _json({"type": "object", "required": ["input_tokens"],
+                   "properties": {"input_tokens": {"type": "integer"}}}),
+            security="anthropicKey", body={"type": "object", "required": ["model", "messages"],
+                                           "properties": {"model": {"type": "string"},
+                                                          "messages": {"type": "array"}}})},
+        "/v1/models": {"get": _op(
+            "Models this key may use (Anthropic's list shape when the request carries "
+            "anthropic-version)", _json(OBJECT))},
+        "/v1/models/{model_id}": {"get": _op(
+            "One model this key may use, in OpenAI's shape ({id, object: model, created, "
+            "owned_by}), or Anthropic's ({type: model, id, display_name, created_at}) when the "
+            "request carries anthropic-version", _json(OBJECT), params=["model_id"])},
         "/apis/v1/{path}": {method: _op(
             "A catalog data API: charged per successful (2xx) call",
             {"description": "The upstream's answer, unchanged"}, params=["api_path"],
@@ -328,6 +342,7 @@ SPEC: dict[str, Any] = {
             "key_id": _path("key_id", {"type": "integer", "minimum": 1}),
             "code_id": _path("code_id", {"type": "integer", "minimum": 1}),
             "api_path": _path("path"),
+            "model_id": _path("model_id"),
             "idempotency_key": {"name": "Idempotency-Key", "in": "header", "required": False,
                                 "schema": {"type": "string", "maxLength": 200}},
         },
@@ -348,6 +363,7 @@ SPEC: dict[str, Any] = {
                 "type": "object", "required": ["type", "code", "message", "request_id"],
                 "properties": {"type": {"type": "string"}, "code": {"type": "string"},
                                "message": {"type": "string"},
+                               "param": {"type": ["string", "null"]},
                                "request_id": {"type": ["string", "null"]}}}}},
             "Balance": {"type": "object", "properties": {
                 "balance_usd": USD, "held_usd": USD, "available_usd": USD, "used_usd": USD,

@@ -9,7 +9,7 @@ from starlette.types import Receive, Scope, Send
 
 from tollway.errors import InvalidRequest, PayloadTooLarge, TollwayError
 from tollway.gateway import jsonio
-from tollway.runtime.observe import ERROR_CODE, REQUEST_ID
+from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, error_json
 
 JSON = b"application/json"
 
@@ -69,8 +69,8 @@ async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes =
 
 def error_body(scope: Scope, exc: TollwayError) -> bytes:
     scope[ERROR_CODE] = exc.code
-    return jsonio.dumps({"error": {"type": exc.type, "code": exc.code, "message": exc.message,
-                                   "request_id": scope.get(REQUEST_ID)}})
+    return error_json(scope["path"], scope.get(REQUEST_ID), exc.status, exc.type, exc.code,
+                      exc.message, exc.param)
 
 
 async def send_error(scope: Scope, send: Send, exc: TollwayError,

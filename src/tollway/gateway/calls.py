@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -166,10 +167,24 @@ async def reserve(gw: Gateway, call: Call, amount_nano: int, *, tokens: int = 0,
     return result
 
 
+REPLAYED_HEADER = (b"x-tollway-replayed", b"true")
+
+
 async def send_replay(send: Send, replay: Replay) -> None:
-    await send_bytes(send, replay.status, replay.body, replay.content_type.encode(),
+    """The first answer again, saying it is a replay (``X-Tollway-Replayed: true``; in a
+    stream, ``"replayed": true`` in the cost object and ``replayed=true`` in the cost comment):
+    the cost shown is what the first request was charged, not charged again."""
+    body = replay.body
+    if replay.content_type.startswith("text/event-stream"):
+        body = body.replace(b'"tollway": {', b'"tollway": {"replayed": true, ')
+        body = _COST_COMMENT.sub(rb"\g<0> replayed=true", body)
+    await send_bytes(send, replay.status, body, replay.content_type.encode(),
                      headers=[(COST_HEADER, format_usd(replay.cost_nano).encode()),
+                              REPLAYED_HEADER,
                               (b"x-tollway-replayed-request-id", replay.request_id.encode())])
+
+
+_COST_COMMENT = re.compile(rb"^: tollway cost_usd=[0-9.]+", re.MULTILINE)
 
 
 async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status: int | None = None,

@@ -74,6 +74,8 @@ class ImagesRoute:
         body = await read_body(receive, gw.max_body_bytes)
         key = await gw.authenticate(scope)
         payload = json_object(body)
+        if payload.get("prompt") is None:
+            raise InvalidRequest("prompt is required", param="prompt")
         item, provider = gw.catalog.model(payload.get("model"), ROUTE)
         price = item.version.price
         assert isinstance(price, CallPrice)  # the images route serves image models only
@@ -81,7 +83,7 @@ class ImagesRoute:
             raise InvalidRequest("stream is not supported on /v1/images/generations")
         n = payload.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_IMAGES:
-            raise InvalidRequest(f"n must be an integer from 1 to {MAX_IMAGES}")
+            raise InvalidRequest(f"n must be an integer from 1 to {MAX_IMAGES}", param="n")
         size = payload.get("size")
         if size is not None and not isinstance(size, str):
             raise InvalidRequest("size must be a string such as \"1024x1024\"")

@@ -35,6 +35,7 @@ UNPARSED_LIMIT = 256 * 1024
 
 ROUTES = {"chat": "/chat/completions", "completions": "/completions",
           "embeddings": "/embeddings"}
+REQUIRED = {"chat": ("messages",), "completions": ("prompt",), "embeddings": ("input",)}
 
 
 class LLMRoute(TokenRoute):
@@ -46,6 +47,7 @@ class LLMRoute(TokenRoute):
         self.kind = kind
         self.upstream_path = ROUTES[kind]
         self.route = "/v1" + self.upstream_path
+        self.required = REQUIRED[kind]
 
     def choices(self, payload: dict[str, Any]) -> int:
         if self.kind == "embeddings":

@@ -27,27 +27,21 @@ from starlette.types import Scope
 
 from tollway import tokens
 from tollway.errors import InvalidRequest, TollwayError
-from tollway.gateway import jsonio
 from tollway.gateway.asgi import header
 from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int
 from tollway.gateway.sse import event_json
 from tollway.gateway.usage import MeteredUsage, parse_anthropic_usage
 from tollway.pricing.rating import TokenUsage
-from tollway.runtime.errors import REQUEST_ID
+from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, error_json
 
 DEFAULT_VERSION = "2023-06-01"
-#: Tollway's error types (OpenAI's vocabulary) as Anthropic names them.
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                402: "billing_error", 403: "permission_error", 404: "not_found_error",
-                409: "invalid_request_error", 413: "request_too_large",
-                429: "rate_limit_error", 504: "timeout_error"}
 
 
 def anthropic_error(scope: Scope, exc: TollwayError) -> bytes:
-    request_id = scope.get(REQUEST_ID)
-    return jsonio.dumps({"type": "error", "error": {
-        "type": _ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message,
-        "code": exc.code, "request_id": request_id}, "request_id": request_id})
+    """Anthropic's error shape, whatever the path (``observe.error_json``)."""
+    scope[ERROR_CODE] = exc.code
+    return error_json("/v1/messages", scope.get(REQUEST_ID), exc.status, exc.type, exc.code,
+                      exc.message, exc.param)
 
 
 class MessagesRoute(TokenRoute):
@@ -55,6 +49,7 @@ class MessagesRoute(TokenRoute):
     upstream_path = "/messages"
     render_error = staticmethod(anthropic_error)
     reports_cut = True
+    required = ("messages",)
 
     def output_bound(self, payload: dict[str, Any], model_max: int) -> tuple[str | None,
                                                                              int | None]:

@@ -160,6 +160,9 @@ class TokenRoute:
     done_marker: bytes = b""
     #: tell the client, with :meth:`stream_error`, that a stream cut short is incomplete
     reports_cut: bool = False
+    #: fields a request must carry (a request without one is refused with 400 naming it,
+    #: before anything is held: an upstream may answer it 200 with a billed "empty" reply)
+    required: tuple[str, ...] = ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw: Gateway = scope["app"].state.gateway
@@ -178,6 +181,11 @@ class TokenRoute:
 
     def choices(self, payload: dict[str, Any]) -> int:
         return 1
+
+    def check_required(self, payload: dict[str, Any]) -> None:
+        for name in self.required:
+            if payload.get(name) is None:
+                raise InvalidRequest(f"{name} is required", param=name)
 
     def streams(self, payload: dict[str, Any]) -> bool:
         return stream_flag(payload)
@@ -232,9 +240,10 @@ class TokenRoute:
         body = await read_body(receive, gw.max_body_bytes)
         key = await gw.authenticate(scope)
         payload = json_object(body)
+        self.check_required(payload)
         model = payload.get("model")
         if not isinstance(model, str) or not model:
-            raise InvalidRequest("model is required")
+            raise InvalidRequest("model is required", param="model")
         item, provider = gw.catalog.model(model, self.route)
         call = begin(gw, scope, key, item, self.route, body)
         call.render_error = self.render_error

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tollway.errors import TollwayError
+from tollway.errors import InvalidRequest, TollwayError
 from tollway.gateway import jsonio
 from tollway.gateway.asgi import error_body
 from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int
@@ -32,6 +32,13 @@ class ResponsesRoute(TokenRoute):
     route = "/v1/responses"
     upstream_path = "/responses"
     reports_cut = True
+
+    def check_required(self, payload: dict[str, Any]) -> None:
+        """``input``, unless the conversation lives upstream (``previous_response_id``,
+        ``conversation``) or a stored ``prompt`` supplies it."""
+        if payload.get("input") is None and not any(
+                payload.get(k) for k in ("previous_response_id", "conversation", "prompt")):
+            raise InvalidRequest("input is required", param="input")
 
     def stream_error(self, llm: LLMCall, exc: TollwayError) -> bytes:
         """The Responses API's ``error`` event, with Tollway's error object beside (which is

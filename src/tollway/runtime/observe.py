@@ -1,7 +1,8 @@
 """The one plain-ASGI middleware every request passes: its id, load shedding, metrics and the
 access log.
 
-- Every request gets an id, answered in ``X-Request-Id``.
+- Every request gets an id, answered in ``X-Request-Id`` (and ``request-id`` on Anthropic's
+  routes, where the ``anthropic`` package reads it).
 - Beyond ``max_inflight_requests`` requests in flight in this worker, a request is refused at
   once with 503 ``overloaded`` and ``Retry-After`` — before its body is read or the database
   is touched, so shedding costs almost nothing and charges nothing. ``/metrics`` is never
@@ -49,6 +50,38 @@ _ID_PREFIX = secrets.token_hex(6)
 _ID_COUNTER = itertools.count(secrets.randbelow(1 << 32))
 
 
+#: Tollway's error types (OpenAI's vocabulary) as Anthropic names them.
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    402: "billing_error", 403: "permission_error", 404: "not_found_error",
+                    405: "invalid_request_error", 409: "invalid_request_error",
+                    413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+                    504: "timeout_error"}
+
+
+def is_anthropic(path: str) -> bool:
+    """Anthropic's routes, whose every refusal reads in Anthropic's error shape."""
+    return path == "/v1/messages" or path.startswith("/v1/messages/")
+
+
+def error_json(path: str, request_id: str | None, status: int, type_: str, code: str,
+               message: str, param: str | None = None) -> bytes:
+    """The one error body: ``{"error": {"type", "code", "message", "param", "request_id"}}``
+    (OpenAI's shape plus Tollway's ``request_id``), or on Anthropic's routes Anthropic's, with
+    Tollway's ``code`` and ``request_id`` beside, so each client library raises its own
+    exception types::
+
+        {"type": "error", "error": {"type": "authentication_error", "message": "...",
+                                    "code": "invalid_api_key", "request_id": "req_..."},
+         "request_id": "req_..."}
+    """
+    if is_anthropic(path):
+        return json.dumps({"type": "error", "error": {
+            "type": _ANTHROPIC_TYPES.get(status, "api_error"), "message": message,
+            "code": code, "request_id": request_id}, "request_id": request_id}).encode()
+    return json.dumps({"error": {"type": type_, "code": code, "message": message,
+                                 "param": param, "request_id": request_id}}).encode()
+
+
 def new_request_id() -> str:
     return f"req_{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFF:012x}"
 
@@ -72,11 +105,13 @@ class ObserveMiddleware:
         request_id = new_request_id()
         scope[REQUEST_ID] = request_id
         header = (b"x-request-id", request_id.encode())
+        # Anthropic's routes also answer ``request-id`` (what the ``anthropic`` package reads)
+        ids = [header, (b"request-id", header[1])] if is_anthropic(scope["path"]) else [header]
         started = time.monotonic()
         metrics = METRICS
         if metrics.inflight >= self.max_inflight and scope["path"] != "/metrics":
             metrics.shed += 1
-            await _shed(scope, send, header)
+            await _shed(scope, send, ids)
             self._done(scope, 503, started)
             return
         status = 500
@@ -87,7 +122,7 @@ class ObserveMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 scope[RESPONSE_STARTED] = True
-                message["headers"] = [*message.get("headers", []), header]
+                message["headers"] = [*message.get("headers", []), *ids]
             await send(message)
 
         try:
@@ -135,9 +170,9 @@ _SHED_PAGE = """<!doctype html>
 """
 
 
-async def _shed(scope: Scope, send: Send, header: tuple[bytes, bytes]) -> None:
-    """503 ``overloaded``: the API's JSON error, or on page paths a small HTML page (no
-    template and no session: shedding must stay as cheap as possible)."""
+async def _shed(scope: Scope, send: Send, ids: list[tuple[bytes, bytes]]) -> None:
+    """503 ``overloaded``: the API's JSON error (Anthropic's shape on its routes), or on page
+    paths a small HTML page (no template and no session: shedding must stay cheap)."""
     exc = Overloaded("this server is at its limit of requests in flight; retry shortly")
     scope[ERROR_CODE] = exc.code
     if is_page_path(scope["path"]):
@@ -145,12 +180,11 @@ async def _shed(scope: Scope, send: Send, header: tuple[bytes, bytes]) -> None:
                                  "in a moment.", request_id=scope[REQUEST_ID]).encode()
         content_type = b"text/html; charset=utf-8"
     else:
-        body = json.dumps({"error": {"type": exc.type, "code": exc.code,
-                                     "message": exc.message,
-                                     "request_id": scope[REQUEST_ID]}}).encode()
+        body = error_json(scope["path"], scope[REQUEST_ID], exc.status, exc.type, exc.code,
+                          exc.message)
         content_type = b"application/json"
     await send({"type": "http.response.start", "status": exc.status,
                 "headers": [(b"content-type", content_type), (b"cache-control", b"no-store"),
                             (b"content-length", str(len(body)).encode()),
-                            *exc.response_headers(), header]})
+                            *exc.response_headers(), *ids]})
     await send({"type": "http.response.body", "body": body})
