@@ -64,8 +64,8 @@ BUDGET: dict[tuple[str, str], Work] = {
     ("stream", "postgresql"): Work(statements=14, commits=2, rollbacks=0, rows=16),
     ("per-call", "sqlite"): Work(statements=16, commits=2, rollbacks=0, rows=15),
     ("per-call", "postgresql"): Work(statements=14, commits=2, rollbacks=0, rows=15),
-    ("refused-402", "sqlite"): Work(statements=12, commits=1, rollbacks=1, rows=0),
-    ("refused-402", "postgresql"): Work(statements=10, commits=1, rollbacks=1, rows=0),
+    ("refused-402", "sqlite"): Work(statements=14, commits=1, rollbacks=1, rows=0),
+    ("refused-402", "postgresql"): Work(statements=12, commits=1, rollbacks=1, rows=0),
     ("refused-429", "sqlite"): Work(statements=13, commits=2, rollbacks=1, rows=4),
     ("refused-429", "postgresql"): Work(statements=10, commits=2, rollbacks=1, rows=4),
 }
