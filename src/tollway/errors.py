@@ -2,6 +2,8 @@
 
     TollwayError
     ├── InvalidRequest (400 invalid_request_error)
+    │   ├── InvalidSignature   — a payment webhook whose signature is forged or stale
+    │   ├── PaymentMismatch    — a paid session that does not match its order (not credited)
     │   ├── CatalogError       — the catalog file cannot be used as written
     │   └── IdempotencyConflict — a key reused with different parameters (409)
     ├── AuthenticationError (401)
@@ -23,14 +25,17 @@
     ├── CodeExpired (410) — a redemption code past its expiry, or revoked (CodeRevoked)
     ├── PayloadTooLarge (413)
     ├── UpstreamError (502) — the upstream failed, answered garbage or could not be reached
-    │   └── UpstreamTimeout (504)
+    │   ├── UpstreamTimeout (504)
+    │   └── PaymentProviderError — the payment provider refused or could not be reached
     ├── StorageUnavailable (503) — the database cannot be reached
+    ├── PaymentsUnavailable (503) — card top-ups are not configured on this server
     └── Overloaded (503) — this worker has too many requests in flight; shed before any work
 
 The 503s carry ``retry_after_s`` (sent as ``Retry-After``): both go away by themselves.
 
 Callers catch by meaning; the HTTP layer renders any of them as
-``{"error": {"type", "code", "message", "request_id"}}`` and the CLI prints the message and
+``{"error": {"type", "code", "message", "param", "request_id"}}`` (Anthropic's shape on
+``/v1/messages``) and the CLI prints the message and
 exits non-zero.
 """
 
@@ -42,6 +47,8 @@ class TollwayError(Exception):
     type = "api_error"
     code = "internal_error"
     retry_after_s: int | None = None
+    #: The request field the error is about (OpenAI's ``param``), when there is one.
+    param: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -61,6 +68,10 @@ class InvalidRequest(TollwayError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class CatalogError(InvalidRequest):
@@ -234,3 +245,21 @@ class CodeExpired(TollwayError):
 
 class CodeRevoked(CodeExpired):
     code = "code_revoked"
+
+
+class InvalidSignature(InvalidRequest):
+    code = "invalid_signature"
+
+
+class PaymentMismatch(InvalidRequest):
+    code = "payment_mismatch"
+
+
+class PaymentProviderError(UpstreamError):
+    code = "payment_provider_error"
+
+
+class PaymentsUnavailable(TollwayError):
+    status = 503
+    type = "api_error"
+    code = "payments_unavailable"

@@ -101,7 +101,7 @@ def assert_error(response: Any, status: int, code: str, type_: str | None = None
     body = response.json()
     assert body.keys() == {"error"}
     error = body["error"]
-    assert error.keys() == {"type", "code", "message", "request_id"}
+    assert error.keys() == {"type", "code", "message", "param", "request_id"}
     assert error["code"] == code, error
     if type_ is not None:
         assert error["type"] == type_
@@ -258,6 +258,7 @@ def test_balance_with_a_valid_key(client: TestClient, prepared: dict[str, Any]) 
     assert body == {"object": "balance", "account_id": prepared["alice"].id,
                     "balance_usd": "4.876543211", "held_usd": "1.250000000",
                     "available_usd": "3.626543211", "used_usd": "0.123456789",
+                    "paid_usd": "3.626543211", "promotional_usd": "0.000000000",
                     "requests": 1}
     assert response.headers["x-request-id"].startswith("req_")
     # the scheme is case-insensitive

@@ -118,7 +118,7 @@ SPEC: dict[str, Any] = {
         "/healthz": {"get": _op("Liveness and database check", _json(OBJECT), security=None)},
         "/openapi.json": {"get": _op("This document", _json(OBJECT), security=None)},
         "/metrics": {"get": _op(
-            "This worker's counters in Prometheus text format (admin or metrics token)",
+            "Every worker's counters, merged, in Prometheus text format (admin or metrics token)",
             {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}},
             security="adminToken")},
         "/v1/marketplace": {"get": _op("Every listing with billing type and prices per group",
@@ -183,7 +183,21 @@ SPEC: dict[str, Any] = {
             "(n × the size's price × ratio)",
             _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
             body=_ref("ImagesRequest"), errors=GATEWAY_ERRORS)},
-        "/v1/models": {"get": _op("Models this key may use", _json(OBJECT))},
+        "/v1/messages/count_tokens": {"post": _op(
+            "Anthropic's token counter, answered locally and free (never forwarded, held or "
+            "charged): {input_tokens}; errors in Anthropic's shape",
+            _json({"type": "object", "required": ["input_tokens"],
+                   "properties": {"input_tokens": {"type": "integer"}}}),
+            security="anthropicKey", body={"type": "object", "required": ["model", "messages"],
+                                           "properties": {"model": {"type": "string"},
+                                                          "messages": {"type": "array"}}})},
+        "/v1/models": {"get": _op(
+            "Models this key may use (Anthropic's list shape when the request carries "
+            "anthropic-version)", _json(OBJECT))},
+        "/v1/models/{model_id}": {"get": _op(
+            "One model this key may use, in OpenAI's shape ({id, object: model, created, "
+            "owned_by}), or Anthropic's ({type: model, id, display_name, created_at}) when the "
+            "request carries anthropic-version", _json(OBJECT), params=["model_id"])},
         "/apis/v1/{path}": {method: _op(
             "A catalog data API: charged per successful (2xx) call",
             {"description": "The upstream's answer, unchanged"}, params=["api_path"],
@@ -222,9 +236,11 @@ SPEC: dict[str, Any] = {
             body={"type": "object", "required": ["tier"],
                   "properties": {"tier": {"type": ["string", "null"]}}})},
         "/admin/v1/keys/{key_id}": {"patch": _op(
-            "Change a key's limits (given fields replace, null clears)", _json(_ref("Key")),
-            security="adminToken", params=["key_id"],
-            body={"type": "object", "properties": KEY_LIMITS, "additionalProperties": False})},
+            "Change a key's limits or pin its price group (given fields replace, null "
+            "clears)", _json(_ref("Key")), security="adminToken", params=["key_id"],
+            body={"type": "object", "properties": {
+                **KEY_LIMITS, "group": {"type": ["string", "null"]}},
+                "additionalProperties": False})},
         "/admin/v1/keys/{key_id}/revoke": {"post": _op("Revoke a key", _json(_ref("Key")),
                                                        security="adminToken",
                                                        params=["key_id"])},
@@ -267,6 +283,17 @@ SPEC: dict[str, Any] = {
         "/admin/v1/accounts/{account}/notifications/settings/rotate-secret": {"post": _op(
             "Replace an account's webhook secret", _json(_ref("NotificationSettings")),
             security="adminToken", params=["account"])},
+        "/admin/v1/accounts/{account}/grants": {
+            "post": _op("Grant promotional credit (spent first; expires_at optional); "
+                        "Idempotency-Key makes a retry grant once",
+                        _json(OBJECT), security="adminToken", params=["account"], status="201",
+                        body={"type": "object", "required": ["amount_usd", "reason"],
+                              "properties": {"amount_usd": USD_IN,
+                                             "reason": {"type": "string"},
+                                             "expires_at": {"type": "string",
+                                                            "format": "date-time"}}}),
+            "get": _op("The account's grants with what each has left", _json(OBJECT),
+                       security="adminToken", params=["account"])},
         "/admin/v1/codes": {
             "get": _op("Redemption codes, newest first (?status=unused|redeemed|expired|"
                        "revoked)", _json(OBJECT), security="adminToken",
@@ -315,6 +342,7 @@ SPEC: dict[str, Any] = {
             "key_id": _path("key_id", {"type": "integer", "minimum": 1}),
             "code_id": _path("code_id", {"type": "integer", "minimum": 1}),
             "api_path": _path("path"),
+            "model_id": _path("model_id"),
             "idempotency_key": {"name": "Idempotency-Key", "in": "header", "required": False,
                                 "schema": {"type": "string", "maxLength": 200}},
         },
@@ -335,9 +363,11 @@ SPEC: dict[str, Any] = {
                 "type": "object", "required": ["type", "code", "message", "request_id"],
                 "properties": {"type": {"type": "string"}, "code": {"type": "string"},
                                "message": {"type": "string"},
+                               "param": {"type": ["string", "null"]},
                                "request_id": {"type": ["string", "null"]}}}}},
             "Balance": {"type": "object", "properties": {
                 "balance_usd": USD, "held_usd": USD, "available_usd": USD, "used_usd": USD,
+                "paid_usd": USD, "promotional_usd": USD,
                 "requests": {"type": "integer"}}},
             "Account": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "name": {"type": "string"},
@@ -429,7 +459,8 @@ SPEC: dict[str, Any] = {
             "NotificationPage": {"type": "object", "properties": {
                 "data": {"type": "array", "items": {"type": "object", "properties": {
                     "id": {"type": "string"}, "type": {"enum": ["balance.low",
-                                                                "balance.topup"]},
+                                                                "balance.topup",
+                                                                "payment.reversed"]},
                     "body": {"type": "string"},
                     "deliveries": {"type": "array", "items": OBJECT}}}},
                 "next_cursor": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}}},
@@ -500,4 +531,51 @@ SPEC["paths"].update({
     "/admin/groups": html_pages("Groups, ratios and item overrides", security="session"),
     "/admin/usage": html_pages("Usage and revenue of every account, by account and product",
                                security="session"),
+})
+
+#: Card top-ups (``api/payments.py``): an API key, or a console session with X-CSRF-Token.
+SPEC["components"]["schemas"].update({
+    "CheckoutRequest": {"type": "object", "required": ["amount_usd"], "properties": {
+        "amount_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,2})?$",
+                       "description": "within TOLLWAY_TOPUP_MIN_USD..TOLLWAY_TOPUP_MAX_USD"}}},
+    "Checkout": {"type": "object", "properties": {
+        "id": {"type": "string", "description": "the Checkout Session's id"},
+        "url": {"type": "string", "description": "send the customer here to pay"},
+        "order_id": {"type": "integer"}, "amount_usd": USD, "currency": {"type": "string"}}},
+    "PaymentOrderPage": {"type": "object", "properties": {
+        "data": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "status": {"enum": ["open", "paid", "expired",
+                                                           "failed"]},
+            "amount_usd": USD, "refunded_usd": USD, "disputed_usd": USD,
+            "reversed_usd": USD, "written_off_usd": USD}}},
+        "next_cursor": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}}},
+    "WebhookReceipt": {"type": "object", "properties": {
+        "received": {"type": "boolean"}, "outcome": {"type": "string"},
+        "replay": {"type": "boolean"}, "order_id": {"type": ["integer", "null"]},
+        "credited_usd": USD}},
+})
+SPEC["paths"].update({
+    "/v1/billing/checkout": {"post": _op(
+        "Start a card top-up: an order row and a Stripe Checkout Session for it; send the "
+        "customer to url (400 invalid_request outside the bounds or with more than 2 "
+        "decimals, 503 payments_unavailable when not configured, 502 payment_provider_error)",
+        _json(_ref("Checkout")), body=_ref("CheckoutRequest"), status="201")},
+    "/v1/billing/payments": {"get": _op(
+        "The account's card top-up orders, newest first", _json(_ref("PaymentOrderPage")),
+        params=["limit", "cursor"])},
+    "/webhooks/stripe": {"post": _op(
+        "Stripe's events (signed: Stripe-Signature). checkout.session.completed / "
+        "async_payment_succeeded credit the order's own amount once; charge.refunded and "
+        "charge.dispute.created take money back (400 invalid_signature for a forged or stale "
+        "signature, 400 payment_mismatch for a session that contradicts its order)",
+        _json(_ref("WebhookReceipt")), security=None, body=OBJECT)},
+})
+SPEC["paths"].update({
+    "/console/billing": html_pages("Add funds by card (presets or an amount; redirects to "
+                                   "Stripe Checkout) and payment history", ("get", "post"),
+                                   security="session"),
+    "/console/billing/return": html_pages("Where Stripe sends the customer back: the order's "
+                                          "state and the new balance", security="session"),
+    "/console/billing/receipts/{order_id}": html_pages("A paid order's printable receipt",
+                                                       security="session"),
 })
