@@ -8,6 +8,11 @@ spend caps are one guarded upsert more, for capped keys only (``key_spend``). Ze
 changed means "refuse": :func:`refuse` reads the key once to say why. These are the ledger's
 statements (they run beside the wallet's, and roll back with it), kept apart from the money.
 
+The same statement refuses a key that is revoked or expired, and applies the key row's own
+rate limits and concurrency (lowering what the caller passes), so a change made through the
+CLI, the admin API or the console binds on the very next request on every worker and
+instance, whatever a key cache still holds, at no extra statement (issue 15).
+
 The window travels as a :class:`KeyWindow`; a refusal carries the key's window without the
 refused request (:class:`KeyQuotaExceeded`, :class:`KeyRateLimited`), for its rate-limit
 headers.
@@ -22,7 +27,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from tollway.errors import LimitExceeded, QuotaExceeded, RateLimited, UnknownApiKey
+from tollway.errors import (
+    ExpiredApiKey,
+    LimitExceeded,
+    QuotaExceeded,
+    RateLimited,
+    RevokedApiKey,
+    UnknownApiKey,
+)
 from tollway.ledger import periods
 from tollway.money import format_usd
 from tollway.store.prepared import Prepared
@@ -104,14 +116,25 @@ _k = api_keys.c
 _NEW_WINDOW = _k.window_start_ms < _b("window")
 #: The key's total quota, its concurrency limit (open holds) and its rate-limit window in one
 #: guarded statement, which also returns the key's period caps (checked next) and the window.
+def _lowest(column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[Any]:
+    """The limit ``name`` the caller passes, lowered by the key row's own (NULL: none), so a
+    key limit lowered a moment ago binds on the next request, whatever a cache still holds."""
+    return sa.case((column < _b(name), column), else_=_b(name))
+
+
+#: Usable: not revoked, not expired at the hold's time. Read in the hold's own statement, so a
+#: key revoked or expired a moment ago is refused by every worker and instance at once.
+_USABLE = (_k.revoked_at_ms.is_(None),
+           sa.or_(_k.expires_at_ms.is_(None), _k.expires_at_ms > _b("at")))
 _KEY_RESERVE = Prepared(
     api_keys.update()
-    .where(_k.id == _b("key_id"),
+    .where(_k.id == _b("key_id"), *_USABLE,
            sa.or_(_k.quota_nano.is_(None),
                   _k.used_nano + _k.held_nano + _b("amount") <= _k.quota_nano),
-           _k.open_holds < _b("max_open"),
-           sa.or_(_NEW_WINDOW, sa.and_(_k.window_requests + 1 <= _b("rpm"),
-                                       _k.window_tokens + _b("tokens") <= _b("tpm"))))
+           _k.open_holds < _lowest(_k.concurrency, "max_open"),
+           sa.or_(_NEW_WINDOW,
+                  sa.and_(_k.window_requests + 1 <= _lowest(_k.rpm, "rpm"),
+                          _k.window_tokens + _b("tokens") <= _lowest(_k.tpm, "tpm"))))
     .values(held_nano=_k.held_nano + _b("amount"), open_holds=_k.open_holds + 1,
             window_requests=sa.case((_NEW_WINDOW, 1), else_=_k.window_requests + 1),
             window_tokens=sa.case((_NEW_WINDOW, _b("tokens")),
@@ -121,7 +144,8 @@ _KEY_RESERVE = Prepared(
                _k.window_start_ms, _k.window_requests, _k.window_tokens))
 _KEY_STATE = Prepared(
     sa.select(_k.quota_nano, _k.used_nano, _k.held_nano, _k.open_holds, _k.window_start_ms,
-              _k.window_requests, _k.window_tokens).where(_k.id == _b("key_id")))
+              _k.window_requests, _k.window_tokens, _k.prefix, _k.revoked_at_ms,
+              _k.expires_at_ms, _k.concurrency).where(_k.id == _b("key_id")))
 _SPEND_CLOSE = Prepared(
     key_spend.update()
     .where(key_spend.c.key_id == _b("key_id"),
@@ -177,9 +201,9 @@ def reserve(conn: Connection, key_id: int, amount_nano: int, at_ms: int,
     """The key's share of a hold placed at ``at_ms``, or raise (:func:`refuse`)."""
     row = _KEY_RESERVE.row(conn, key_id=key_id, amount=amount_nano, max_open=rate.max_open,
                            window=rate.window_start_ms, tokens=rate.tokens, rpm=rate.rpm,
-                           tpm=rate.tpm)
+                           tpm=rate.tpm, at=at_ms)
     if row is None:
-        refuse(conn, key_id, amount_nano, rate)
+        refuse(conn, key_id, amount_nano, rate, at_ms)
     window = _window(row)
     capped = [(p, getattr(row, _CAP_COLUMN[p])) for p in periods.PERIODS]
     capped = [(p, cap) for p, cap in capped if cap is not None]
@@ -201,19 +225,35 @@ def reserve(conn: Connection, key_id: int, amount_nano: int, at_ms: int,
     return KeyShare(sum(periods.PERIOD_BITS[p] for p, _ in capped), window)
 
 
-def refuse(conn: Connection, key_id: int, amount_nano: int, rate: RateAdmission) -> None:
-    """Why the key's guarded statement changed nothing; always raises."""
-    row = _KEY_STATE.row(conn, key_id=key_id)
+def check_usable(conn: Connection, key_id: int, at_ms: int) -> None:
+    """Raise if the key is revoked or expired at ``at_ms`` (read on refusal paths only)."""
+    _unusable(_KEY_STATE.row(conn, key_id=key_id), key_id, at_ms)
+
+
+def _unusable(row: Any, key_id: int, at_ms: int) -> None:
     if row is None:
         raise UnknownApiKey(f"no API key with id {key_id}")
+    if row.revoked_at_ms is not None:
+        raise RevokedApiKey(f"API key {row.prefix}… was revoked")
+    if row.expires_at_ms is not None and row.expires_at_ms <= at_ms:
+        raise ExpiredApiKey(f"API key {row.prefix}… has expired")
+
+
+def refuse(conn: Connection, key_id: int, amount_nano: int, rate: RateAdmission,
+           at_ms: int) -> None:
+    """Why the key's guarded statement changed nothing; always raises."""
+    row = _KEY_STATE.row(conn, key_id=key_id)
+    _unusable(row, key_id, at_ms)
+    max_open = min(rate.max_open, rate.max_open if row.concurrency is None
+                   else int(row.concurrency))
     window = _window(row)
     exc: LimitExceeded
     if row.quota_nano is not None and (int(row.used_nano) + int(row.held_nano) + amount_nano
                                        > row.quota_nano):
         exc = KeyQuotaExceeded(f"API key {key_id} has reached its spending quota",
                                window=window)
-    elif int(row.open_holds) >= rate.max_open:
-        exc = KeyRateLimited(f"API key {key_id} already has {rate.max_open} requests in "
+    elif int(row.open_holds) >= max_open:
+        exc = KeyRateLimited(f"API key {key_id} already has {max_open} requests in "
                              "flight, its concurrency limit", retry_after_s=1, window=window)
     else:
         exc = KeyRateLimited(f"API key {key_id} has reached its rate limit for this minute",

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Connection
 
 from tollway import clock
 from tollway.errors import (
+    AccountDisabled,
     HoldClosed,
     IdempotencyConflict,
     InsufficientBalance,
@@ -130,7 +131,8 @@ _INSERT_POSTINGS = {
         {"entry_id": _b("entry_id"), "account_id": _b(f"a{i}"), "bucket": _b(f"b{i}"),
          "amount_nano": _b(f"x{i}")} for i in range(n)]))
     for n in range(1, 5)}
-_ACCOUNT_KIND = Prepared(sa.select(accounts.c.kind).where(accounts.c.id == _b("account_id")))
+_ACCOUNT_KIND = Prepared(sa.select(accounts.c.kind, accounts.c.disabled_at_ms)
+                         .where(accounts.c.id == _b("account_id")))
 _AVAILABLE = Prepared(sa.select(accounts.c.available_nano)
                       .where(accounts.c.id == _b("account_id")))
 #: Settlement reads the balance it is about to debit: lock the row (PostgreSQL) so that a
@@ -146,10 +148,12 @@ _CREDIT = Prepared(
            accounts.c.available_nano + _b("amount") >= 0)
     .values(available_nano=accounts.c.available_nano + _b("amount"))
     .returning(*WATCHED))
+#: A hold: the balance covers it and the account is not disabled (checked here, in the hold's
+#: own statement, so disabling an account refuses its next request everywhere at once).
 _RESERVE = Prepared(
     accounts.update()
     .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
-           accounts.c.available_nano >= _b("amount"))
+           accounts.c.disabled_at_ms.is_(None), accounts.c.available_nano >= _b("amount"))
     .values(available_nano=accounts.c.available_nano - _b("amount"),
             held_nano=accounts.c.held_nano + _b("amount"))
     .returning(*WATCHED))
@@ -220,10 +224,12 @@ def _post(conn: Connection, *, kind: str, account_id: int, amount_nano: int, key
     return entry_id
 
 
-def _require_customer(conn: Connection, account_id: int) -> None:
+def _require_customer(conn: Connection, account_id: int) -> int | None:
+    """Raise unless a customer account; returns when it was disabled (None: it is not)."""
     row = _ACCOUNT_KIND.row(conn, account_id=account_id)
     if row is None or row.kind != "customer":
         raise UnknownAccount(f"no customer account with id {account_id}")
+    return None if row.disabled_at_ms is None else int(row.disabled_at_ms)
 
 
 def _available(conn: Connection, account_id: int) -> int:
@@ -316,8 +322,11 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
             raise _conflict(idempotency_key, f"hold {hold.id}")
         return hold
     reserved = _RESERVE.row(conn, account_id=account_id, amount=amount_nano)
-    if reserved is None:
-        _require_customer(conn, account_id)
+    if reserved is None:  # say why, the key's own refusal (401) first
+        if key_id is not None:
+            guards.check_usable(conn, key_id, at_ms)
+        if _require_customer(conn, account_id) is not None:
+            raise AccountDisabled(f"account {account_id} is disabled")
         raise InsufficientBalance(
             f"this request may cost up to {format_usd(amount_nano)} USD but the account has "
             f"{format_usd(_available(conn, account_id))} USD available")

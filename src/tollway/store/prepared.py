@@ -5,6 +5,8 @@ SQLAlchemy's per-execution work (coercion, cache keys, result processing) costs 
 statement, several times the cost of the statement itself on SQLite; a hold plus its
 settlement is a dozen statements. The columns these statements touch are integers and
 strings, which need no type processing, so skipping that layer changes nothing but speed.
+Engine event listeners (``before_cursor_execute``/``after_cursor_execute``) still see these
+statements: the statement-budget tests count them that way.
 """
 
 from __future__ import annotations
@@ -46,7 +48,13 @@ class Prepared:
         """Run on the connection's DBAPI cursor; returns the cursor (fetchone, rowcount)."""
         sql, constants = self._for(conn.dialect.name)
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        cursor.execute(sql, {**constants, **params} if constants else params)
+        args = {**constants, **params} if constants else params
+        if conn.engine._has_events:  # an engine listener (tests count statements): tell it
+            conn.dispatch.before_cursor_execute(conn, cursor, sql, args, None, False)
+            cursor.execute(sql, args)
+            conn.dispatch.after_cursor_execute(conn, cursor, sql, args, None, False)
+        else:
+            cursor.execute(sql, args)
         return cursor
 
     def one(self, conn: Connection, **params: Any) -> Any:

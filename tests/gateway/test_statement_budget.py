@@ -1,0 +1,225 @@
+"""The database work of one request, counted, against a budget pinned in :data:`BUDGET`.
+
+Timing stays in ``bench/``; this guards the hot path without it. For each request type the
+gateway's own engines are watched (SQLAlchemy's ``before_cursor_execute``, ``commit`` and
+``rollback`` events) while one request runs on a warm server (key cached, catalog loaded,
+background loops idle): the SQL statements sent, the transactions committed and rolled back,
+and the rows written (INSERT/UPDATE/DELETE: ``cursor.rowcount`` on PostgreSQL, the change of
+``sqlite3.Connection.total_changes`` on SQLite, where a statement with RETURNING reports its
+rows only once they are fetched). Savepoints the writer issues on the raw DBAPI cursor (only
+when an operation of a batch raised) are not SQLAlchemy statements and are not counted.
+
+A change that adds database work must change this table on purpose; one that removes work
+lowers it. The numbers are exact, per backend.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+
+from fakes import (
+    GATEWAY_ENV,
+    IGNORE_TOKENIZER_WARNING,
+    DataReply,
+    FakeClock,
+    FakeUpstream,
+    LLMScript,
+    Tollway,
+    fake_catalog,
+    fresh_database,
+    running_tollway,
+)
+from tollway.clock import now_ms
+from tollway.store.accounts import KeyLimits
+
+pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@dataclass(frozen=True)
+class Work:
+    statements: int
+    commits: int
+    rollbacks: int
+    rows: int
+
+
+#: (request type, backend) → the database work of one request. Lower these as work is cut.
+#: SQLite counts its ``BEGIN IMMEDIATE`` as a statement; PostgreSQL's BEGIN is implicit.
+#: Two commits: the hold's batch and the settlement's (or the refusal record's) batch.
+#: A refused hold raises inside the writer's batch, which is rolled back and run again.
+BUDGET: dict[tuple[str, str], Work] = {
+    ("chat", "sqlite"): Work(statements=16, commits=2, rollbacks=0, rows=16),
+    ("chat", "postgresql"): Work(statements=14, commits=2, rollbacks=0, rows=16),
+    ("stream", "sqlite"): Work(statements=16, commits=2, rollbacks=0, rows=16),
+    ("stream", "postgresql"): Work(statements=14, commits=2, rollbacks=0, rows=16),
+    ("per-call", "sqlite"): Work(statements=16, commits=2, rollbacks=0, rows=15),
+    ("per-call", "postgresql"): Work(statements=14, commits=2, rollbacks=0, rows=15),
+    ("refused-402", "sqlite"): Work(statements=14, commits=1, rollbacks=1, rows=0),
+    ("refused-402", "postgresql"): Work(statements=12, commits=1, rollbacks=1, rows=0),
+    ("refused-429", "sqlite"): Work(statements=13, commits=2, rollbacks=1, rows=4),
+    ("refused-429", "postgresql"): Work(statements=10, commits=2, rollbacks=1, rows=4),
+}
+
+#: A warm, quiet server: keys cached for the test's length, no background loop in the window.
+QUIET_ENV = {**GATEWAY_ENV, "TOLLWAY_KEY_CACHE_SECONDS": "3600",
+             "TOLLWAY_CATALOG_REFRESH_SECONDS": "3600", "TOLLWAY_REAPER_INTERVAL_SECONDS": "3600",
+             "TOLLWAY_NOTIFY_INTERVAL_SECONDS": "0"}
+
+
+class Counter:
+    """The work done on every engine but the test's own while :meth:`counting`."""
+
+    def __init__(self, own: set[sa.Engine]) -> None:
+        self.own = own
+        self.lock = threading.Lock()
+        self.on = False
+        self.statements = self.commits = self.rollbacks = self.rows = 0
+        self.sql: list[str] = []
+        self._changes: dict[int, int] = {}
+
+    def _watched(self, conn: Any) -> bool:
+        return self.on and conn.engine not in self.own
+
+    def before_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if self._watched(conn):
+            with self.lock:
+                self.statements += 1
+                self.sql.append(" ".join(statement.split())[:70])
+
+    def after_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if (self._watched(conn) and conn.dialect.name == "postgresql"
+                and statement.lstrip()[:6].upper() in ("INSERT", "UPDATE", "DELETE")):
+            with self.lock:
+                self.rows += max(cursor.rowcount, 0)
+
+    def _sqlite_rows(self, conn: Any) -> None:
+        if conn.dialect.name != "sqlite":
+            return
+        raw = conn.connection.dbapi_connection
+        total = raw.total_changes
+        with self.lock:
+            before = self._changes.get(id(raw))
+            self._changes[id(raw)] = total
+            if self._watched(conn) and before is not None:
+                self.rows += total - before
+
+    def begin(self, conn: Any) -> None:
+        if conn.dialect.name == "sqlite":
+            raw = conn.connection.dbapi_connection
+            with self.lock:
+                self._changes[id(raw)] = raw.total_changes
+
+    def commit(self, conn: Any) -> None:
+        self._sqlite_rows(conn)
+        if self._watched(conn):
+            with self.lock:
+                self.commits += 1
+
+    def rollback(self, conn: Any) -> None:
+        self._sqlite_rows(conn)
+        if self._watched(conn):
+            with self.lock:
+                self.rollbacks += 1
+
+    def reset(self) -> None:
+        self.statements = self.commits = self.rollbacks = self.rows = 0
+        self.sql = []
+
+    def work(self) -> Work:
+        return Work(self.statements, self.commits, self.rollbacks, self.rows)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def counted(request: pytest.FixtureRequest, upstream: FakeUpstream
+            ) -> Iterator[tuple[Tollway, Counter, str]]:
+    backend = request.param
+    clock = FakeClock(now_ms())  # one rate-limit minute for the whole test
+    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream), upstream,
+                                                        env=QUIET_ENV, clock=clock) as tw:
+        counter = Counter({db.engine, db.write_engine})
+        hooks = [("before_cursor_execute", counter.before_execute),
+                 ("after_cursor_execute", counter.after_execute),
+                 ("begin", counter.begin), ("commit", counter.commit),
+                 ("rollback", counter.rollback)]
+        for name, fn in hooks:
+            event.listen(sa.engine.Engine, name, fn)
+        try:
+            tw.begin_test()
+            yield tw, counter, backend
+        finally:
+            for name, fn in hooks:
+                event.remove(sa.engine.Engine, name, fn)
+
+
+def _chat(http: httpx.Client, key: str, **body: Any) -> httpx.Response:
+    return http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                     json={"model": "gpt-test", "messages": HELLO, "max_tokens": 10, **body})
+
+
+def _measure(tw: Tollway, counter: Counter, request: Any, records: int) -> Work:
+    """The work of ``request()`` until the gateway wrote its ``records``-th usage record."""
+    counter.reset()
+    counter.on = True
+    try:
+        request()
+        tw.wait_records(records)
+    finally:
+        counter.on = False
+    return counter.work()
+
+
+def test_database_work_per_request_type(counted: tuple[Tollway, Counter, str]) -> None:
+    tw, counter, backend = counted
+    tw.fake.llm = LLMScript(prompt_tokens=20, completion_tokens=5)
+    tw.fake.data_replies["/data/users/jack"] = DataReply(200, b"jack", "text/plain")
+    http = tw.http()
+    rich = tw.account()
+    key = tw.key(rich)
+    limited = tw.key(rich, name="limited", limits=KeyLimits(rpm=1))
+    poor_key = tw.key(tw.account(usd=None))
+    # Warm up: every key cached, every prepared statement compiled, on every path.
+    for secret in (key, limited, poor_key):
+        _chat(http, secret)
+    _chat(http, key, stream=True)
+    http.get("/apis/v1/twitter/user/jack", headers={"Authorization": f"Bearer {key}"})
+    seen = len(tw.wait_records(4))
+    assert seen == 4  # the 402 writes no record
+
+    def stream() -> None:
+        with http.stream("POST", "/v1/chat/completions",
+                         headers={"Authorization": f"Bearer {key}"},
+                         json={"model": "gpt-test", "messages": HELLO, "max_tokens": 10,
+                               "stream": True}) as response:
+            assert response.status_code == 200
+            response.read()
+
+    def status(code: int, send: Any) -> Any:
+        def run() -> None:
+            assert send().status_code == code
+        return run
+
+    cases = [  # (type, the request, the usage records it writes)
+        ("chat", status(200, lambda: _chat(http, key)), 1),
+        ("stream", stream, 1),
+        ("per-call", status(200, lambda: http.get(
+            "/apis/v1/twitter/user/jack", headers={"Authorization": f"Bearer {key}"})), 1),
+        ("refused-402", status(402, lambda: _chat(http, poor_key)), 0),
+        ("refused-429", status(429, lambda: _chat(http, limited)), 1),
+    ]
+    measured = {}
+    for name, run, records in cases:
+        seen += records
+        measured[name] = _measure(tw, counter, run, seen)
+        assert len(tw.records()) == seen
+    assert measured == {name: BUDGET[(name, backend)] for name, _, _ in cases}
+    assert tw.open_holds() == 0 and tw.verify() == []
