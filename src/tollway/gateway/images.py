@@ -38,7 +38,7 @@ class ImagesRoute:
             await send_replay(send, prepared)
             return
         call, provider, payload, price, unit, n = prepared
-        payload["model"] = call.item.spec.get("upstream_model") or call.item.id
+        payload["model"] = call.item.spec.upstream_model or call.item.id
         request = UpstreamRequest("POST", "/images/generations", json.dumps(payload).encode(),
                                   headers={"Content-Type": "application/json",
                                            "Accept": "application/json"})

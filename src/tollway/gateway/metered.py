@@ -224,8 +224,8 @@ class TokenRoute:
         call.render_error = self.render_error
         price = item.version.price
         assert isinstance(price, TokenPrice)  # token routes serve token-priced models only
-        max_field, bound = self.output_bound(payload, int(item.spec.get("max_output_tokens")
-                                                          or 4096))
+        max_field, bound = self.output_bound(payload, item.spec.max_output_tokens
+                                                          or 4096)
         llm = LLMCall(gw, call, payload, price, tokens.estimate_prompt(payload), bound, max_field,
                       provider, choices=self.choices(payload))
         call.stream = self.streams(payload)
@@ -247,7 +247,7 @@ class TokenRoute:
         call = llm.call
         original = dict(llm.payload)
         payload = llm.payload
-        payload["model"] = call.item.spec.get("upstream_model") or call.item.id
+        payload["model"] = call.item.spec.upstream_model or call.item.id
         self.prepare_upstream(llm, payload)
         request = UpstreamRequest(
             "POST", self.upstream_path, json.dumps(payload).encode(),

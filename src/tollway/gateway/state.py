@@ -108,12 +108,12 @@ class CatalogSnapshot:
 def load_snapshot(conn: Connection) -> CatalogSnapshot:
     items = catalog_store.current_items(conn, now_ms=now_ms())
     endpoints = tuple(
-        Endpoint(item, str(item.spec["method"]), _pattern(str(item.spec["path"])),
-                 str(item.spec.get("upstream_path") or item.spec["path"]))
-        for item in items if "path" in item.spec)
+        Endpoint(item, str(item.spec.method), _pattern(item.spec.path),
+                 item.spec.upstream_path or item.spec.path)
+        for item in items if item.spec.path is not None)
     tiers, default_tier = catalog_store.list_tiers(conn)
     return CatalogSnapshot(
-        models={item.id: item for item in items if "path" not in item.spec},
+        models={item.id: item for item in items if not item.spec.is_endpoint},
         endpoints=endpoints, ratios=catalog_store.group_ratios(conn),
         providers=catalog_store.list_providers(conn),
         tiers={tier.name: tier for tier in tiers}, default_tier=default_tier)

@@ -49,6 +49,58 @@ class Provider:
 
 
 @dataclass(frozen=True, slots=True)
+class ItemSpec:
+    """An item's non-price attributes: what the gateway needs to route and bound a call.
+    Stored beside the item as JSON (:meth:`as_dict`: only the attributes that are set, so the
+    stored text of an item is the same as before this type existed)."""
+
+    # models
+    upstream_model: str | None = None
+    max_output_tokens: int | None = None
+    #: protocol family → provider serving the model through it (see KIND_PROTOCOLS)
+    providers: Mapping[str, str] | None = None
+    #: the gateway routes it is sold on, when narrower than every route of its protocols
+    routes: tuple[str, ...] | None = None
+    # endpoints
+    name: str | None = None
+    method: str | None = None
+    path: str | None = None
+    upstream_path: str | None = None
+
+    @property
+    def is_endpoint(self) -> bool:
+        return self.path is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        keys = ("upstream_model", "max_output_tokens", "name", "method", "path", "upstream_path")
+        spec: dict[str, Any] = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.providers is not None:
+            spec["providers"] = dict(self.providers)
+        if self.routes is not None:
+            spec["routes"] = list(self.routes)
+        return spec
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ItemSpec:
+        """The stored JSON back (unknown keys are ignored)."""
+        def text(key: str) -> str | None:
+            value = raw.get(key)
+            return None if value is None else str(value)
+
+        providers = raw.get("providers")
+        routes = raw.get("routes")
+        max_out = raw.get("max_output_tokens")
+        return cls(upstream_model=text("upstream_model"),
+                   max_output_tokens=None if max_out is None else int(max_out),
+                   providers=({str(k): str(v) for k, v in providers.items()}
+                              if isinstance(providers, dict) else None),
+                   routes=(tuple(str(r) for r in routes) if isinstance(routes, list)
+                           else None),
+                   name=text("name"), method=text("method"), path=text("path"),
+                   upstream_path=text("upstream_path"))
+
+
+@dataclass(frozen=True, slots=True)
 class Listing:
     """One sellable item: a token-priced model or a per-call endpoint."""
 
@@ -78,15 +130,14 @@ class Listing:
     def kind(self) -> str:
         return "endpoint" if self.path is not None else "model"
 
-    def spec(self) -> dict[str, Any]:
-        """The non-price attributes, as stored beside the item."""
-        keys = ("upstream_model", "max_output_tokens", "name", "method", "path", "upstream_path")
-        spec = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        if self.providers is not None:
-            spec["providers"] = dict(self.providers)
-        if self.routes is not None:
-            spec["routes"] = list(self.routes)
-        return spec
+    @property
+    def spec(self) -> ItemSpec:
+        """The non-price attributes, as carried beside the item to the gateway."""
+        return ItemSpec(upstream_model=self.upstream_model,
+                        max_output_tokens=self.max_output_tokens,
+                        providers=None if self.providers is None else dict(self.providers),
+                        routes=self.routes, name=self.name, method=self.method,
+                        path=self.path, upstream_path=self.upstream_path)
 
 
 def model_routes(billing_type: str, protocols: Mapping[str, str]) -> list[str]:
