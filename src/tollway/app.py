@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from decimal import Decimal
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,6 +26,7 @@ from tollway.runtime.errors import http_error, tollway_error, unexpected_error
 from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, ObserveMiddleware
 from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
+from tollway.upstreams.channels import Board, Policy, parse_statuses
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
 from tollway.web import pages
@@ -80,7 +82,12 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
                       max_body_bytes=int(settings.get("max_body_bytes")),
                       deliverer=Deliverer(writer.run),
                       notify_interval_s=float(settings.get("notify_interval_seconds")),
-                      clock=clock or now_ms, trusted_proxies=trusted)
+                      clock=clock or now_ms, trusted_proxies=trusted,
+                      channels=Board(Policy(
+                          failures=int(settings.get("channel_failures")),
+                          cooldown_ms=int(float(settings.get("channel_cooldown_seconds")) * 1000),
+                          max_attempts=int(settings.get("channel_max_attempts")),
+                          retry_statuses=parse_statuses(settings.get("channel_retry_statuses")))))
         registry = Registry(timeouts=Timeouts(
             connect_s=float(settings.get("upstream_connect_timeout_seconds")),
             read_s=float(settings.get("upstream_read_timeout_seconds"))),
@@ -88,7 +95,10 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         gw = Gateway(ctx, registry,
                      catalog_refresh_s=int(settings.get("catalog_refresh_seconds")),
                      key_cache_s=int(settings.get("key_cache_seconds")),
-                     max_body_bytes=ctx.max_body_bytes)
+                     max_body_bytes=ctx.max_body_bytes,
+                     headers_timeout_s=float(settings.get("upstream_headers_timeout_seconds")),
+                     read_timeout_s=float(settings.get("upstream_read_timeout_seconds")),
+                     cost_tolerance=Decimal(settings.get("upstream_cost_tolerance")))
         app.state.ctx = ctx
         app.state.gateway = gw
         ctx.start()

@@ -704,9 +704,10 @@ def build_parser() -> argparse.ArgumentParser:
         "violation")
     add(led, "expire-holds", cmd_ledger_expire, "release holds past their deadline now")
 
-    from tollway import cli_notify  # imports this module: registered once it is loaded
+    from tollway import cli_channels, cli_notify  # import this module: registered once loaded
 
     cli_notify.register(group, add)
+    cli_channels.register(group, add, sub)
     return parser
 
 

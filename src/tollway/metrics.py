@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -62,6 +62,10 @@ class Metrics:
         self.charges: dict[str, list[int]] = {}
         #: (product, code, status) → upstream failures
         self.upstream_errors: dict[tuple[str, str, str], int] = {}
+        #: (channel, outcome: ok | error | the failing status) → upstream attempts
+        self.channel_attempts: dict[tuple[str, str], int] = {}
+        #: the channels and their circuit states now, set by the gateway: () → [(id, state)]
+        self.channel_states: Callable[[], list[tuple[str, str]]] | None = None
         self.shed = 0
         self.inflight = 0
         self.storage_unavailable = 0
@@ -82,6 +86,10 @@ class Metrics:
         else:
             found[0] += 1
             found[1] += cost_nano
+
+    def channel_attempt(self, channel: str, outcome: str) -> None:
+        key = (channel, outcome)
+        self.channel_attempts[key] = self.channel_attempts.get(key, 0) + 1
 
     def upstream_error(self, product: str, code: str, status: int) -> None:
         key = (product, code, str(status))
@@ -117,6 +125,17 @@ class Metrics:
         for (product, code, status), count in sorted(self.upstream_errors.items()):
             out.append(f'tollway_upstream_errors_total{{product="{_esc(product)}",'
                        f'code="{code}",status="{status}"}} {count}')
+        family("tollway_channel_attempts_total", "counter",
+               "upstream attempts by channel and outcome (ok, error, or the failing status)")
+        for (channel, outcome), count in sorted(self.channel_attempts.items()):
+            out.append(f'tollway_channel_attempts_total{{channel="{_esc(channel)}",'
+                       f'outcome="{outcome}"}} {count}')
+        family("tollway_channel_state", "gauge",
+               "1 for each channel's circuit state in this worker (closed, open, half_open, "
+               "disabled)")
+        for channel, state in (self.channel_states() if self.channel_states else []):
+            out.append(f'tollway_channel_state{{channel="{_esc(channel)}",'
+                       f'state="{state}"}} 1')
         family("tollway_inflight_requests", "gauge", "requests this worker is serving now")
         out.append(f"tollway_inflight_requests {self.inflight}")
         family("tollway_shed_requests_total", "counter",

@@ -52,7 +52,7 @@ class ApiRoute:
                    for name, value in scope["headers"] if name in FORWARDED_HEADERS}
         request = UpstreamRequest(scope["method"], endpoint.upstream_for(params), body,
                                   query=query, headers=headers)
-        answer = await fetch(gw, call, send, item.provider, request)
+        answer = await fetch(gw, call, send, "", lambda _channel: request)
         if answer is None:
             return
         if not answer.ok:

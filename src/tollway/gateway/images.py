@@ -21,6 +21,7 @@ from tollway.gateway.calls import Call, begin, fail, fetch, reserve, send_replay
 from tollway.gateway.state import Gateway
 from tollway.pricing.rating import CallPrice, CallUsage, rate_calls
 from tollway.upstreams.base import UpstreamRequest
+from tollway.upstreams.channels import Channel
 
 ROUTE = "/v1/images/generations"
 MAX_IMAGES = 128
@@ -38,11 +39,15 @@ class ImagesRoute:
             await send_replay(send, prepared)
             return
         call, provider, payload, price, unit, n = prepared
-        payload["model"] = call.item.spec.upstream_model or call.item.id
-        request = UpstreamRequest("POST", "/images/generations", json.dumps(payload).encode(),
-                                  headers={"Content-Type": "application/json",
-                                           "Accept": "application/json"})
-        answer = await fetch(gw, call, send, provider, request)
+        call.size = payload.get("size")
+
+        def build(channel: Channel) -> UpstreamRequest:
+            payload["model"] = channel.upstream_model or call.item.id
+            return UpstreamRequest("POST", "/images/generations", json.dumps(payload).encode(),
+                                   headers={"Content-Type": "application/json",
+                                            "Accept": "application/json"})
+
+        answer = await fetch(gw, call, send, "openai", build)
         if answer is None:
             return
         if not answer.ok:

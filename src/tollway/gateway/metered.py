@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from tollway import tokens
 from tollway.billing.metering import Replay
 from tollway.errors import InvalidRequest, StorageUnavailable, TollwayError, UpstreamError
+from tollway.gateway import failover
 from tollway.gateway.asgi import (
     error_body,
     json_object,
@@ -41,8 +42,10 @@ from tollway.gateway.state import Gateway
 from tollway.gateway.usage import MeteredUsage, bounded
 from tollway.money import MAX_NANO_USD, format_usd
 from tollway.pricing.rating import InvalidUsage, TokenPrice, TokenUsage, rate_tokens
+from tollway.pricing.upstream_cost import reported_cost
 from tollway.runtime.observe import ERROR_CODE
 from tollway.upstreams.base import UpstreamRequest, UpstreamResponse
+from tollway.upstreams.channels import Channel
 
 log = logging.getLogger("tollway")
 
@@ -247,16 +250,19 @@ class TokenRoute:
         call = llm.call
         original = dict(llm.payload)
         payload = llm.payload
-        payload["model"] = call.item.spec.upstream_model or call.item.id
         self.prepare_upstream(llm, payload)
-        request = UpstreamRequest(
-            "POST", self.upstream_path, json.dumps(payload).encode(),
-            headers={"Content-Type": "application/json",
-                     "Accept": "text/event-stream" if call.stream else "application/json",
-                     **self.upstream_headers(call.scope)},
-            stream=call.stream)
+        headers = {"Content-Type": "application/json",
+                   "Accept": "text/event-stream" if call.stream else "application/json",
+                   **self.upstream_headers(call.scope)}
+
+        def build(channel: Channel) -> UpstreamRequest:
+            payload["model"] = channel.upstream_model or call.item.id
+            return UpstreamRequest("POST", self.upstream_path, json.dumps(payload).encode(),
+                                   headers=headers, stream=call.stream)
+
+        family = "anthropic" if self.route == "/v1/messages" else "openai"
         try:
-            response = await gw.registry.get(llm.provider).send(request)
+            response = await failover.send(gw, call, family, build)
         except UpstreamError as exc:
             await fail(gw, call, send, exc)
             return
@@ -302,6 +308,7 @@ class TokenRoute:
                                      "object"))
             return
         call.mark_first_byte()
+        call.reported_cost = reported_cost(raw)
         self.collect(obj, llm.delivered)
         metered = self.meter(llm, original, self.answer_usage(obj))
         cost = await self._settle(llm, metered, status=200,

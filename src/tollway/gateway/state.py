@@ -28,12 +28,15 @@ from tollway.billing import limits as rate_limits
 from tollway.billing.limits import Limits
 from tollway.clock import now_ms
 from tollway.errors import InvalidApiKey, StorageUnavailable, UnknownEndpoint, UnknownModel
+from tollway.metrics import METRICS
 from tollway.pricing.catalog import Tier
 from tollway.runtime.context import Context
 from tollway.runtime.http import client_address
 from tollway.store import catalog as catalog_store
 from tollway.store.accounts import ApiKeyRecord, key_by_hash
 from tollway.store.catalog import Item
+from tollway.store.channels import disabled_channels
+from tollway.upstreams.channels import Board
 from tollway.upstreams.registry import Registry
 
 log = logging.getLogger("tollway")
@@ -68,6 +71,8 @@ class CatalogSnapshot:
     providers: dict[str, tuple[str, dict[str, Any]]]
     tiers: dict[str, Tier] = field(default_factory=dict)
     default_tier: str | None = None
+    #: channel ids the operator disabled
+    disabled: frozenset[str] = frozenset()
 
     def limits(self, key: ApiKeyRecord) -> Limits:
         """The key's limits: its account's tier (a tier no longer in the catalog counts as
@@ -116,12 +121,22 @@ def load_snapshot(conn: Connection) -> CatalogSnapshot:
         models={item.id: item for item in items if not item.spec.is_endpoint},
         endpoints=endpoints, ratios=catalog_store.group_ratios(conn),
         providers=catalog_store.list_providers(conn),
-        tiers={tier.name: tier for tier in tiers}, default_tier=default_tier)
+        tiers={tier.name: tier for tier in tiers}, default_tier=default_tier,
+        disabled=frozenset(disabled_channels(conn)))
+
+
+def configure_board(board: Board, catalog: CatalogSnapshot) -> None:
+    """The snapshot's channels (every model and endpoint) with the stored disabled ones."""
+    board.configure(
+        [*((i.id, i.spec, i.provider) for i in catalog.models.values()),
+         *((e.item.id, e.item.spec, e.item.provider) for e in catalog.endpoints)],
+        catalog.providers, catalog.disabled)
 
 
 class Gateway:
     def __init__(self, ctx: Context, registry: Registry, *, catalog_refresh_s: float,
-                 key_cache_s: float, max_body_bytes: int,
+                 key_cache_s: float, max_body_bytes: int, headers_timeout_s: float = 30,
+                 read_timeout_s: float = 600, cost_tolerance: Decimal = Decimal("0.05"),
                  ) -> None:
         self.ctx = ctx
         #: Milliseconds since the epoch: limit windows, holds and records take their time
@@ -131,6 +146,11 @@ class Gateway:
         self.catalog_refresh_s = catalog_refresh_s
         self.key_cache_s = key_cache_s
         self.max_body_bytes = max_body_bytes
+        #: failover (gateway.failover): the wait for response headers, the whole answer's
+        #: bound, and the upstream-cost tolerance of the margin reconciliation
+        self.headers_timeout_s = headers_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.cost_tolerance = cost_tolerance
         self.catalog = CatalogSnapshot({}, (), {}, {})
         self._keys: dict[str, tuple[float, ApiKeyRecord]] = {}
         self._lookups: dict[str, asyncio.Future[ApiKeyRecord]] = {}
@@ -138,6 +158,8 @@ class Gateway:
 
     async def start(self) -> None:
         await self.refresh()
+        METRICS.channel_states = lambda: [(c.id, c.state(self.clock()))
+                                          for c in self.board.channels.values()]
         await run_in_threadpool(tokens.warm_up)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
 
@@ -151,6 +173,11 @@ class Gateway:
     async def refresh(self) -> None:
         self.catalog = await self.ctx.read(load_snapshot)
         self.registry.configure(self.catalog.providers)
+        configure_board(self.board, self.catalog)
+
+    @property
+    def board(self) -> Board:
+        return self.ctx.channels
 
     async def _refresh_loop(self) -> None:
         while True:

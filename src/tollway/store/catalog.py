@@ -164,8 +164,13 @@ def apply_catalog(conn: Connection, catalog: Catalog, *, now_ms: int) -> ApplyRe
 
 
 def _provider_config(provider: Provider) -> dict[str, Any]:
-    return {"base_url": provider.base_url, "api_key_env": provider.api_key_env,
-            "auth": dict(provider.auth)}
+    config: dict[str, Any] = {"base_url": provider.base_url, "api_key_env": provider.api_key_env,
+              "auth": dict(provider.auth)}
+    if provider.api_key_envs:
+        config["api_key_envs"] = list(provider.api_key_envs)
+    if provider.health_path:
+        config["health_path"] = provider.health_path
+    return config
 
 
 def _apply_groups(conn: Connection, catalog: Catalog, report: ApplyReport) -> None:
