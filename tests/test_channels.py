@@ -56,7 +56,11 @@ providers:
   b-claude: {{kind: anthropic, base_url: "{b.base}/anthropic/v1"}}
   a-data: {{kind: http, base_url: "{a.base}"}}
   b-data: {{kind: http, base_url: "{b.base}"}}
+  pool: {{kind: openai, base_url: "{b.base}/v1", api_key_envs: [POOL_KEY_1, POOL_KEY_2]}}
 models:
+  - id: pooled
+    price: {{input: "1", output: "2"}}
+    channels: [{{provider: pool}}]
   - id: chat-fo
     price: {{input: "1", output: "2"}}
     cost: {{input: "0.8", output: "1.6"}}
@@ -94,7 +98,8 @@ endpoints:
 
 
 ENV = {**GATEWAY_ENV, "TOLLWAY_UPSTREAM_HEADERS_TIMEOUT_SECONDS": "0.5",
-       "TOLLWAY_CHANNEL_FAILURES": "1000", "TOLLWAY_CHANNEL_MAX_ATTEMPTS": "2"}
+       "TOLLWAY_CHANNEL_FAILURES": "1000", "TOLLWAY_CHANNEL_MAX_ATTEMPTS": "2",
+       "POOL_KEY_1": "sk-pool-one", "POOL_KEY_2": "sk-pool-two"}
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +167,8 @@ PROTOCOLS = {
     "completions": ("chat-fo", 30_000),
     "embeddings": ("chat-fo", 20_000),  # 20 prompt tokens × 1000, no output
     "responses": ("chat-fo", 36_000),  # 30 × 1000 + 3 × 2000
-    "messages": ("claude-fo", 120_000), "messages-stream": ("claude-fo", 120_000),  # 20×3000+4×15000
+    # 20 × 3000 + 4 × 15 000
+    "messages": ("claude-fo", 120_000), "messages-stream": ("claude-fo", 120_000),
     "images": ("img-fo", 40_000_000),
     "data": ("search-fo", 2_000_000),
 }
@@ -238,6 +244,18 @@ def test_the_answering_channel_gets_its_own_upstream_model_and_cost(
     assert b.llm_requests()[0].json()["model"] == "chat-fo"
     assert (record["channel"], record["upstream_cost_nano"], record["cost_nano"]) == (
         "chat-fo/b", 15_000, 30_000)
+
+
+def test_a_key_pool_uses_each_key_in_turn(tw: Tollway,
+                                          fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
+    a, b = fakes
+    key = tw.key(tw.account())
+    for _ in range(4):
+        tw.client(key).chat.completions.create(model="pooled",
+                                               messages=[{"role": "user", "content": "hi"}])
+    assert [r.headers["authorization"] for r in b.llm_requests()] == [
+        "Bearer sk-pool-one", "Bearer sk-pool-two"] * 2
+    assert [r["channel"] for r in tw.records()] == ["pooled/pool#1", "pooled/pool#2"] * 2
 
 
 def test_refused_connection_fails_over(tw: Tollway,

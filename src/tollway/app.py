@@ -98,7 +98,8 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
                      max_body_bytes=ctx.max_body_bytes,
                      headers_timeout_s=float(settings.get("upstream_headers_timeout_seconds")),
                      read_timeout_s=float(settings.get("upstream_read_timeout_seconds")),
-                     cost_tolerance=Decimal(settings.get("upstream_cost_tolerance")))
+                     cost_tolerance=Decimal(settings.get("upstream_cost_tolerance")),
+                     health_interval_s=float(settings.get("channel_health_interval_seconds")))
         app.state.ctx = ctx
         app.state.gateway = gw
         ctx.start()

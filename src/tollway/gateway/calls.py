@@ -218,7 +218,7 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
     if send_response:
         if body is None:
             await send_bytes(send, exc.status, call.render_error(call.scope, exc),
-                             headers=call.rate_headers())
+                             headers=[*exc.response_headers(), *call.rate_headers()])
         else:
             await send_bytes(send, status or exc.status, body, content_type,
                              headers=[UPSTREAM_ERROR_HEADER, *call.rate_headers()])

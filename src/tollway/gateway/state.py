@@ -37,6 +37,7 @@ from tollway.store.accounts import ApiKeyRecord, key_by_hash
 from tollway.store.catalog import Item
 from tollway.store.channels import disabled_channels
 from tollway.upstreams.channels import Board
+from tollway.upstreams.health import Health, check
 from tollway.upstreams.registry import Registry
 
 log = logging.getLogger("tollway")
@@ -137,7 +138,7 @@ class Gateway:
     def __init__(self, ctx: Context, registry: Registry, *, catalog_refresh_s: float,
                  key_cache_s: float, max_body_bytes: int, headers_timeout_s: float = 30,
                  read_timeout_s: float = 600, cost_tolerance: Decimal = Decimal("0.05"),
-                 ) -> None:
+                 health_interval_s: float = 0) -> None:
         self.ctx = ctx
         #: Milliseconds since the epoch: limit windows, holds and records take their time
         #: from the server's one clock (tests pass a clock they move).
@@ -151,6 +152,8 @@ class Gateway:
         self.headers_timeout_s = headers_timeout_s
         self.read_timeout_s = read_timeout_s
         self.cost_tolerance = cost_tolerance
+        self.health_interval_s = health_interval_s
+        self._health: asyncio.Task[None] | None = None
         self.catalog = CatalogSnapshot({}, (), {}, {})
         self._keys: dict[str, tuple[float, ApiKeyRecord]] = {}
         self._lookups: dict[str, asyncio.Future[ApiKeyRecord]] = {}
@@ -162,12 +165,15 @@ class Gateway:
                                           for c in self.board.channels.values()]
         await run_in_threadpool(tokens.warm_up)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        if self.health_interval_s > 0:
+            self._health = asyncio.get_running_loop().create_task(self._health_loop())
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        for task in (self._refresher, self._health):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.registry.close()
 
     async def refresh(self) -> None:
@@ -188,6 +194,31 @@ class Gateway:
                 log.warning("refreshing the catalog failed: the database is unavailable")
             except Exception:  # noqa: BLE001 - keep serving the last good catalog
                 log.exception("refreshing the catalog failed")
+
+    async def _health_loop(self) -> None:
+        """Every channel gets a free request (``upstreams.health``) each interval: a failure
+        counts toward its circuit, a success closes a circuit whose cooldown is over (the
+        half-open probe, without a customer's request)."""
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            try:
+                await self.check_channels()
+            except Exception:  # noqa: BLE001 - keep checking
+                log.exception("the channel health check failed")
+
+    async def check_channels(self) -> list[Health]:
+        board, providers = self.board, self.catalog.providers
+        channels = [c for c in board.channels.values()
+                    if not c.disabled and c.provider in providers]
+        results = await asyncio.gather(*(check(self.registry, c, *providers[c.provider])
+                                         for c in channels))
+        now = self.clock()
+        for channel, health in zip(channels, results, strict=True):
+            if health.ok is False:
+                board.failed(channel, health.latency_ms, now)
+            elif health.ok and (not channel.opened or now >= channel.open_until_ms):
+                board.succeeded(channel, health.latency_ms)
+        return list(results)
 
     async def authenticate(self, scope: Scope) -> ApiKeyRecord:
         """The usable key of the request (revoked, expired and IP allowlist checked)."""
