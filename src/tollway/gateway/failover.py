@@ -18,16 +18,16 @@ import math
 import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tollway.errors import NoChannelAvailable, UpstreamError, UpstreamTimeout
-from tollway.gateway.state import Gateway
 from tollway.metrics import METRICS
 from tollway.upstreams.base import UpstreamRequest, UpstreamResponse
 from tollway.upstreams.channels import Channel
 
 if TYPE_CHECKING:
     from tollway.gateway.calls import Call
+    from tollway.gateway.state import Gateway
 
 Build = Callable[[Channel], UpstreamRequest]
 
@@ -35,10 +35,8 @@ Build = Callable[[Channel], UpstreamRequest]
 async def send(gw: Gateway, call: Call, family: str, build: Build) -> UpstreamResponse:
     """The answering attempt's response (its channel is ``call.channel``); raises the last
     UpstreamError when no attempt got an answer, NoChannelAvailable when none could start."""
-    board, policy = gw.board, gw.board.policy
+    board = gw.board
     item = call.item.id
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + gw.read_timeout_s
     now = gw.clock()
     channel = board.pick(item, family, now)
     if channel is None:
@@ -46,66 +44,73 @@ async def send(gw: Gateway, call: Call, family: str, build: Build) -> UpstreamRe
         raise NoChannelAvailable(
             f"no channel of {item!r} is available (disabled, or its circuit is open)",
             retry_after_s=None if wait is None else max(1, math.ceil(wait / 1000)))
+    policy, watchdog = board.policy, gw.watchdog
+    started = time.monotonic()
+    deadline = started + gw.read_timeout_s
     tried: list[Channel] = []
-    last: UpstreamError | None = None
-    while channel is not None:
+    while True:
         tried.append(channel)
         call.channel = channel
-        board.begin(channel, now)
-        started = time.monotonic()
-        timeout = max(min(gw.headers_timeout_s, deadline - loop.time()), 0.001)
+        if channel.opened:
+            board.begin(channel, now)
+        timeout = min(gw.headers_timeout_s, deadline - started)
+        ticket = watchdog.arm(started + timeout)
+        failure: UpstreamError | None = None
         try:
-            # in this task (not wait_for's own): aiohttp ties the response to its task
-            async with asyncio.timeout(timeout):
-                response = await gw.registry.get(channel.upstream).send(build(channel))
-        except (UpstreamError, TimeoutError) as exc:
-            last = exc if isinstance(exc, UpstreamError) else UpstreamTimeout(
-                f"the upstream sent no response headers within {timeout:g} s")
-            _outcome(gw, call, channel, started, None, last)
+            response = await gw.registry.get(channel.upstream).send(build(channel))
+        except UpstreamError as exc:
+            watchdog.disarm(ticket)
+            failure = exc
+        except asyncio.CancelledError:
+            if not watchdog.disarm(ticket):
+                board.released(channel)
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            failure = UpstreamTimeout(f"the upstream sent no response headers within "
+                                      f"{timeout:g} s")
         except BaseException:
+            watchdog.disarm(ticket)
             board.released(channel)
             raise
         else:
+            if watchdog.disarm(ticket):  # fired as the answer arrived: keep the answer
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+        ended = time.monotonic()
+        latency = int((ended - started) * 1000)
+        if failure is None:
             status = response.status
             if status not in policy.retry_statuses:
-                _outcome(gw, call, channel, started, status, None)
+                board.succeeded(channel, latency)
+                call.attempts.append({"channel": channel.id, "latency_ms": latency,
+                                      "status": status})
+                METRICS.channel_attempt(channel.id, "ok")
                 return response
             retry_ms = _retry_after_ms(response.retry_after) if status == 429 else None
-            _outcome(gw, call, channel, started, status, None, retry_ms=retry_ms)
-            following = _following(gw, item, family, tried, deadline, loop.time())
-            if following is None:
-                return response  # the route reports it as it did with one upstream
+            _failed(gw, call, channel, latency, {"status": status}, str(status), retry_ms)
+        else:
+            _failed(gw, call, channel, latency, {"error": failure.code}, "error", None)
+        now = gw.clock()
+        following = None
+        if len(tried) < policy.max_attempts and ended < deadline:
+            following = board.pick(item, family, now, tried)
+        if following is None:
+            if failure is not None:
+                raise failure
+            return response  # the route reports it as it did with one upstream
+        if failure is None:
             await response.close()
-            now, channel = gw.clock(), following
-            continue
-        now, channel = gw.clock(), _following(gw, item, family, tried, deadline, loop.time())
-    assert last is not None
-    raise last
+        channel, started = following, ended
 
 
-def _following(gw: Gateway, item: str, family: str, tried: list[Channel], deadline: float,
-               at: float) -> Channel | None:
-    if len(tried) >= gw.board.policy.max_attempts or at >= deadline:
-        return None
-    return gw.board.pick(item, family, gw.clock(), tried)
-
-
-def _outcome(gw: Gateway, call: Call, channel: Channel, started: float, status: int | None,
-             error: UpstreamError | None, *, retry_ms: int | None = None) -> None:
-    latency = int((time.monotonic() - started) * 1000)
-    failed = error is not None or status in gw.board.policy.retry_statuses
-    if failed:
-        gw.board.failed(channel, latency, gw.clock(), retry_after_ms=retry_ms)
-    else:
-        gw.board.succeeded(channel, latency)
-    attempt: dict[str, object] = {"channel": channel.id, "latency_ms": latency}
-    if status is not None:
-        attempt["status"] = status
-    if error is not None:
-        attempt["error"] = error.code
-    call.attempts.append(attempt)
-    METRICS.channel_attempt(channel.id, "error" if error is not None
-                            else str(status) if failed else "ok")
+def _failed(gw: Gateway, call: Call, channel: Channel, latency: int, outcome: dict[str, Any],
+            label: str, retry_ms: int | None) -> None:
+    gw.board.failed(channel, latency, gw.clock(), retry_after_ms=retry_ms)
+    call.attempts.append({"channel": channel.id, "latency_ms": latency, **outcome})
+    METRICS.channel_attempt(channel.id, label)
 
 
 def _retry_after_ms(value: str | None) -> int | None:

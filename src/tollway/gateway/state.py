@@ -28,6 +28,7 @@ from tollway.billing import limits as rate_limits
 from tollway.billing.limits import Limits
 from tollway.clock import now_ms
 from tollway.errors import InvalidApiKey, StorageUnavailable, UnknownEndpoint, UnknownModel
+from tollway.gateway.watchdog import Watchdog
 from tollway.metrics import METRICS
 from tollway.pricing.catalog import Tier
 from tollway.runtime.context import Context
@@ -153,6 +154,7 @@ class Gateway:
         self.read_timeout_s = read_timeout_s
         self.cost_tolerance = cost_tolerance
         self.health_interval_s = health_interval_s
+        self.watchdog = Watchdog()
         self._health: asyncio.Task[None] | None = None
         self.catalog = CatalogSnapshot({}, (), {}, {})
         self._keys: dict[str, tuple[float, ApiKeyRecord]] = {}
@@ -174,6 +176,7 @@ class Gateway:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.watchdog.stop()
         await self.registry.close()
 
     async def refresh(self) -> None:

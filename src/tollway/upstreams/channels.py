@@ -18,6 +18,7 @@ so tests move it. No I/O here: the gateway sends, then reports each attempt's ou
 from __future__ import annotations
 
 import random
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -113,9 +114,16 @@ class _Entry:
 
 
 @dataclass(slots=True)
+class _Level:
+    entries: list[_Entry]
+    cumulative: list[int]  # running sum of the entries' weights
+    total: int
+
+
+@dataclass(slots=True)
 class _Route:
     #: priorities ascending, each with its entries
-    levels: list[list[_Entry]]
+    levels: list[_Level]
     channels: list[Channel]
 
 
@@ -177,7 +185,7 @@ class Board:
                     members.extend(keys)
                 if members:
                     routes[(item_id, family)] = _Route(
-                        [levels[p] for p in sorted(levels)], members)
+                        [_level(levels[p]) for p in sorted(levels)], members)
         self.channels, self._routes = channels, routes
 
     # ------------------------------------------------------------------ selection
@@ -192,13 +200,20 @@ class Board:
         route = self._routes.get((item_id, family))
         if route is None:
             return None
-        for level in route.levels:
-            if len(level) == 1:  # the common case: no random draw
-                entry = level[0]
-                key = _next_key(entry, now_ms, tried)
+        for stage in route.levels:
+            level = stage.entries
+            if len(level) == 1:  # one channel at this priority: no random draw
+                key = _next_key(level[0], now_ms, tried)
                 if key is not None:
                     return key
                 continue
+            # Draw over every channel of the priority; only if the drawn one is unavailable,
+            # draw again over the available ones. The result is the same weighted draw among
+            # the available channels, and the common case costs one random number.
+            drawn = level[bisect_right(stage.cumulative, self.rng.random() * stage.total)]
+            key = _next_key(drawn, now_ms, tried)
+            if key is not None:
+                return key
             candidates = [(e, k) for e in level if (k := _peek_key(e, now_ms, tried))]
             if not candidates:
                 continue
@@ -254,6 +269,14 @@ class Board:
 
     def views(self, now_ms: int) -> list[dict[str, Any]]:
         return [c.view(now_ms) for c in sorted(self.channels.values(), key=lambda c: c.id)]
+
+
+def _level(entries: list[_Entry]) -> _Level:
+    cumulative, total = [], 0
+    for entry in entries:
+        total += entry.weight
+        cumulative.append(total)
+    return _Level(entries, cumulative, total)
 
 
 def _implicit(spec: ItemSpec, provider: str) -> tuple[ChannelSpec, ...]:
