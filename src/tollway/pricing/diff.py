@@ -121,8 +121,21 @@ def _text(value: Any) -> str:
     per-protocol providers, ``/v1/embeddings, /v1/chat/completions`` for its routes."""
     if value is None:
         return "—"
+    if isinstance(value, list) and value and all(
+            isinstance(v, Mapping) and "provider" in v for v in value):  # channels
+        return "; ".join(_channel_text(v) for v in value)
     if isinstance(value, Mapping):
         return ", ".join(f"{k}: {v}" for k, v in value.items())
     if isinstance(value, list | tuple):
         return ", ".join(str(v) for v in value)
     return str(value)
+
+
+def _channel_text(channel: Mapping[str, Any]) -> str:
+    """``openai-a (priority 0, weight 3, model gpt-x, cost input 2, output 8)``."""
+    parts = [f"priority {channel.get('priority', 0)}", f"weight {channel.get('weight', 1)}"]
+    if channel.get("upstream_model"):
+        parts.append(f"model {channel['upstream_model']}")
+    if channel.get("cost"):
+        parts.append("cost " + ", ".join(f"{k} {v}" for k, v in channel["cost"].items()))
+    return f"{channel['provider']} ({', '.join(parts)})"

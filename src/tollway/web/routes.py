@@ -6,6 +6,7 @@ from __future__ import annotations
 from starlette.routing import BaseRoute
 
 from tollway.web import pages
+from tollway.web.channels import channel_routes
 from tollway.web.console import console_routes
 from tollway.web.market import market_routes
 from tollway.web.operator import operator_routes
@@ -16,4 +17,5 @@ web_routes: list[BaseRoute] = [
     *console_routes,
     *market_routes,
     *operator_routes,
+    *channel_routes,
 ]
