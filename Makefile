@@ -42,7 +42,7 @@ stress-fuzz: $(STAMP)
 	@url=$$(scripts/pg-test-server start var/pg-test) || { echo "stress needs PostgreSQL" >&2; exit 1; }; \
 	TOLLWAY_TEST_POSTGRES_URL="$$url" TOLLWAY_STRESS_EXAMPLES=$(STRESS_EXAMPLES) \
 	  TOLLWAY_FUZZ_REPORT=var/stress/fuzz-api.jsonl $(BIN)/python -m pytest -m stress -q \
-	  tests/test_fuzz_api.py tests/test_fuzz_catalog.py tests/test_fuzz_usage.py $(PYTEST_ARGS); \
+	  tests/api/test_fuzz_api.py tests/pricing/test_fuzz_catalog.py tests/gateway/test_fuzz_usage.py $(PYTEST_ARGS); \
 	status=$$?; scripts/pg-test-server stop var/pg-test >/dev/null 2>&1 || true; \
 	$(BIN)/python scripts/fuzz-summary var/stress/fuzz-api.jsonl; exit $$status
 
@@ -54,8 +54,8 @@ stress-reliability: $(STAMP)
 	@mkdir -p var/stress && rm -f var/stress/results.jsonl var/stress/soak.jsonl
 	@url=$$(scripts/pg-test-server start var/pg-test) || { echo "stress needs PostgreSQL" >&2; exit 1; }; \
 	TOLLWAY_STRESS=1 TOLLWAY_STRESS_REPORT=var/stress/results.jsonl TOLLWAY_TEST_POSTGRES_URL="$$url" \
-	  $(BIN)/python -m pytest -q tests/test_reliability_cluster.py tests/test_reliability_crash.py \
-	  tests/test_operations.py; status=$$?; \
+	  $(BIN)/python -m pytest -q tests/reliability/test_reliability_cluster.py tests/reliability/test_reliability_crash.py \
+	  tests/reliability/test_operations.py; status=$$?; \
 	$(BIN)/python bench/soak.py --requests $(SOAK_REQUESTS) --json var/stress/soak.jsonl || status=1; \
 	scripts/pg-test-server stop var/pg-test >/dev/null 2>&1 || true; \
 	$(BIN)/python bench/stress_report.py var/stress/results.jsonl var/stress/soak.jsonl; exit $$status

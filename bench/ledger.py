@@ -53,6 +53,7 @@ from typing import Any
 import sqlalchemy as sa
 from hostinfo import cpu_model, git_commit, loadavg
 
+from tollway import clock
 from tollway.ledger.ledger import place_hold, settle_hold, topup
 from tollway.ledger.verify import verify
 from tollway.store.accounts import create_account
@@ -205,7 +206,8 @@ class Run:
 def _setup_account(db: Database, pairs: int, tag: str) -> int:
     with db.write() as conn:
         account = create_account(conn, f"bench-{tag}", "default", at_ms=int(time.time() * 1000))
-        topup(conn, account.id, HOLD_NANO * (pairs + 10) * 2, idempotency_key=f"fund-{tag}")
+        topup(conn, account.id, HOLD_NANO * (pairs + 10) * 2, idempotency_key=f"fund-{tag}",
+              at_ms=clock.now_ms())
     return account.id
 
 

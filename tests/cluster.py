@@ -225,7 +225,8 @@ def customers(db: Database, count: int, usd: int, *, poor: int = 1) -> list[tupl
             credit = usd * USD if i < count else USD // 1000
             account = create_account(conn, f"c{i}-{time.monotonic_ns()}", "default",
                                      at_ms=clock.now_ms()).id
-            ledger.topup(conn, account, credit, idempotency_key=f"seed-{account}")
+            ledger.topup(conn, account, credit, idempotency_key=f"seed-{account}",
+                         at_ms=clock.now_ms())
             made.append((account, create_key(conn, account, at_ms=clock.now_ms(),
                                              name="load").secret))
     return made

@@ -688,7 +688,8 @@ class Tollway:
             account_id = account_store.create_account(conn, name, group,
                                                       at_ms=clock.now_ms()).id
             if amount:
-                ledger.topup(conn, account_id, amount, idempotency_key=f"seed-{name}")
+                ledger.topup(conn, account_id, amount, idempotency_key=f"seed-{name}",
+                             at_ms=clock.now_ms())
         self.accounts.append(account_id)
         return account_id
 

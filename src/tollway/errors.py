@@ -160,9 +160,6 @@ class LimitExceeded(TollwayError):
     def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
-        #: The key's rate-limit window without this request, (start_ms, requests, tokens),
-        #: when the refusal came from the key's guarded statement.
-        self.window_state: tuple[int, int, int] | None = None
 
 
 class QuotaExceeded(LimitExceeded):

@@ -49,7 +49,7 @@ def ensure_demo(db: Database, data_dir: Path) -> str:
         except Exception:  # noqa: BLE001 - UnknownAccount: make it
             account = store.create_account(conn, DEMO_ACCOUNT, "default", at_ms=clock.now_ms())
         credits.topup(conn, account.id, DEMO_CREDIT_NANO, idempotency_key="demo:initial-credit",
-                      note="demo credit")
+                      note="demo credit", at_ms=clock.now_ms())
         if path.exists():
             secret = path.read_text().strip()
             try:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from e2e_support import ROOT, Server, publish
-
 from test_web_market import LIST_PRICES
 
 PASSWORD = "e2e operator-made password"

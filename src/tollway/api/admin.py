@@ -133,7 +133,8 @@ async def _credit(request: Request, ctx: Context, kind: str, amount: int,
     # write (see store/writer.py: writers lock accounts in one order, so never deadlock)
     account = await ctx.read(lambda conn: store.find_account(conn, request.path_params["account"]))
     _, result = await ctx.write(lambda conn: credits.credit(
-        conn, account.id, amount, kind=kind, idempotency_key=key, note=note),
+        conn, account.id, amount, kind=kind, idempotency_key=key, note=note,
+        at_ms=ctx.clock()),
         account_id=account.id)
     return JSONResponse(credit_view(result), status_code=201)
 

@@ -109,7 +109,8 @@ def redeem(conn: Connection, account_id: int, code: str, now_ms: int) -> Redempt
         raise CodeExpired(f"this code expired at {iso(row.expires_at_ms)}")
     code_id, amount = int(won[0]), int(won[1])
     topup = credits.topup(conn, account_id, amount, idempotency_key=f"redeem:{code_id}",
-                          note=f"redemption code …{canonical[-4:]}", source="redemption")
+                          note=f"redemption code …{canonical[-4:]}", source="redemption",
+                          at_ms=now_ms)
     store.set_entry(conn, code_id, topup.entry_id)
     return Redemption(code_id, account_id, amount, topup.entry_id, topup.balance_nano)
 

@@ -23,7 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tollway.errors import RateLimited, TollwayError
-from tollway.ledger.ledger import NO_ADMISSION, UNLIMITED, RateAdmission, RateCorrection
+from tollway.ledger.guards import (
+    NO_ADMISSION,
+    UNLIMITED,
+    KeyWindow,
+    RateAdmission,
+    RateCorrection,
+)
 from tollway.pricing.catalog import Tier
 from tollway.store.accounts import KeyLimits
 
@@ -111,19 +117,19 @@ def _or_unlimited(value: int | None) -> int:
     return UNLIMITED if value is None else value
 
 
-def window(limits: Limits, at_ms: int, state: tuple[int, int, int] | None) -> Window | None:
-    """The key's window as a request at ``at_ms`` sees it, from the stored (start, requests,
-    tokens); an older stored window is over: this minute's starts empty."""
+def window(limits: Limits, at_ms: int, state: KeyWindow | None) -> Window | None:
+    """The key's window as a request at ``at_ms`` sees it, from the stored one; an older
+    stored window is over: this minute's starts empty."""
     if not limits.windowed or state is None:
         return None
     start = window_start(at_ms)
-    if state[0] < start:
+    if state.start_ms < start:
         return Window(limits, start, at_ms, 0, 0)
-    return Window(limits, state[0], at_ms, state[1], state[2])
+    return Window(limits, state.start_ms, at_ms, state.requests, state.tokens)
 
 
 def explain(exc: TollwayError, limits: Limits, tokens: int, at_ms: int,
-            state: tuple[int, int, int]) -> None:
+            state: KeyWindow) -> None:
     """Give a refused request the key's rate-limit headers (``state``: its window without this
     request) and, when the window refused it, the limit it hit and its Retry-After."""
     seen = window(limits, at_ms, state)

@@ -13,17 +13,22 @@ that also writes the request's usage record and idempotency state in the same tr
 
 ``reserve`` also applies the key's limits (``billing.limits``): its RPM/TPM window, its
 concurrency and its spend caps, checked by the ledger in the hold's own statements.
+
+Every charge — a hold's worst case and a settlement's actual cost — is computed by
+:func:`rate` from usage, price and ratio (``pricing.rating``); the routes only convert their
+protocol's usage into its inputs. A settlement is booked with its :class:`Charge`, and its
+entry, the wallet's day and the usage record are stamped with one time, ``at_ms``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from tollway import clock
 from tollway.billing import limits as rate_limits
 from tollway.billing.limits import NO_LIMITS, Limits, Window
 from tollway.errors import (
@@ -32,12 +37,34 @@ from tollway.errors import (
     RequestInProgress,
     TollwayError,
 )
-from tollway.ledger import ledger
+from tollway.ledger import guards, ledger
 from tollway.ledger.ledger import Hold, Settlement
+from tollway.pricing.rating import (
+    AppliedRatio,
+    CallPrice,
+    CallUsage,
+    Charge,
+    Price,
+    TokenPrice,
+    TokenUsage,
+    rate_calls,
+    rate_tokens,
+)
 from tollway.store import accounts as account_store
 from tollway.store import usage as usage_store
 
 REPLAY_WINDOW_MS = 24 * 3600 * 1000
+
+
+def rate(usage: TokenUsage | CallUsage, price: Price, ratio: AppliedRatio, *,
+         unit_price: Decimal | None = None) -> Charge:
+    """The one function that computes a charge: tokens at a token price, or calls at a
+    per-call price (``unit_price``: an image size's), × the ratio, rounded once."""
+    if isinstance(usage, TokenUsage) and isinstance(price, TokenPrice):
+        return rate_tokens(usage, price, ratio)
+    if isinstance(usage, CallUsage) and isinstance(price, CallPrice):
+        return rate_calls(usage, price, ratio, unit_price=unit_price)
+    raise TypeError(f"cannot rate {type(usage).__name__} at a {type(price).__name__}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,19 +95,20 @@ class Reservation:
 def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
             amount_nano: int, ttl_ms: int, client_key: ClientKey | None = None,
             shrink: Callable[[int], tuple[int, Any] | None] | None = None,
-            limits: Limits = NO_LIMITS, tokens: int = 0, at_ms: int | None = None
+            limits: Limits = NO_LIMITS, tokens: int = 0, at_ms: int
             ) -> Reservation | Replay:
     """``tokens``: what the request counts against the key's TPM limit at admission."""
-    now = clock.now_ms() if at_ms is None else at_ms
+    now = at_ms
     if client_key is not None:
         row = usage_store.find_request_key(conn, client_key.key_id, client_key.value)
-        if row is not None and row[7] > now - REPLAY_WINDOW_MS:
-            request, fingerprint, state, status, content_type, body, cost = row[:7]
-            if fingerprint != client_key.fingerprint:
+        if row is not None and row.created_at_ms > now - REPLAY_WINDOW_MS:
+            request = row.request_id
+            if row.fingerprint != client_key.fingerprint:
                 raise IdempotencyConflict("this Idempotency-Key was used for a different "
                                           "request in the last 24 hours")
-            if state == "done":
-                return Replay(status, content_type, bytes(body or b""), cost, request)
+            if row.state == "done":
+                return Replay(row.status, row.content_type, bytes(row.body or b""),
+                              row.cost_nano, request)
             # Still "in progress" although its hold expired: the process serving it died, and
             # the reaper released the hold (a late settlement of an expired hold is refused).
             # Nothing was charged, so this retry takes the key over.
@@ -110,26 +138,28 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
                                rate_limits.window(limits, now, hold.window))
     except TollwayError as exc:  # refused (402, 429): nothing was counted
         if limits.windowed:
-            state = getattr(exc, "window_state", None) or ledger.key_window(conn, key_id)
+            state = (exc.window if isinstance(exc, guards.KeyQuotaExceeded | guards.KeyRateLimited)
+                     else guards.key_window(conn, key_id))
             rate_limits.explain(exc, limits, tokens, now, state)
         raise
 
 
-def settle(conn: Connection, *, hold_id: int, cost_nano: int, record: dict[str, Any],
-           client_key: ClientKey | None = None, response: tuple[int, str, bytes | None]
-           | None = None, at_ms: int | None = None, window: Window | None = None,
+def settle(conn: Connection, *, hold_id: int, charge: Charge, record: dict[str, Any],
+           at_ms: int, client_key: ClientKey | None = None,
+           response: tuple[int, str, bytes | None] | None = None, window: Window | None = None,
            counted_tokens: int = 0) -> Settlement:
-    """``window``/``counted_tokens``: the request's rate-limit window and what it counted
-    there at admission, replaced by the record's actual input + output tokens."""
-    # The charge's day in the wallet and its hour in the rollups come from one clock reading.
-    at = clock.now_ms() if at_ms is None else at_ms
+    """Book ``charge`` (from :func:`rate`) at ``at_ms``: the ledger's entry, the wallet's day
+    and the usage record carry that one time. ``window``/``counted_tokens``: the request's
+    rate-limit window and what it counted there at admission, replaced by the record's actual
+    input + output tokens."""
+    cost_nano = charge.cost_nano_usd
     correction = rate_limits.correction(
         window, counted=counted_tokens,
         actual=record["input_tokens"] + record["output_tokens"])
     settlement = ledger.settle_hold(conn, hold_id, cost_nano,
-                                    idempotency_key=record["request_id"], at_ms=at,
+                                    idempotency_key=record["request_id"], at_ms=at_ms,
                                     correction=correction)
-    usage_store.insert_usage(conn, {**record, "created_at_ms": at, "hold_id": hold_id,
+    usage_store.insert_usage(conn, {**record, "created_at_ms": at_ms, "hold_id": hold_id,
                                     "cost_nano": cost_nano})
     if client_key is not None and response is not None:
         status, content_type, body = response
@@ -140,10 +170,10 @@ def settle(conn: Connection, *, hold_id: int, cost_nano: int, record: dict[str, 
     return settlement
 
 
-def void(conn: Connection, *, hold_id: int, record: dict[str, Any],
+def void(conn: Connection, *, hold_id: int, record: dict[str, Any], at_ms: int,
          client_key: ClientKey | None = None, window: Window | None = None,
          counted_tokens: int = 0) -> None:
-    ledger.void_hold(conn, hold_id, idempotency_key=record["request_id"],
+    ledger.void_hold(conn, hold_id, idempotency_key=record["request_id"], at_ms=at_ms,
                      correction=rate_limits.correction(window, counted=counted_tokens,
                                                        actual=0))
     usage_store.insert_usage(conn, {**record, "hold_id": hold_id, "cost_nano": 0})

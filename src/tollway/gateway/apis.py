@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from starlette.types import Receive, Scope, Send
 
+from tollway.billing import metering
 from tollway.billing.metering import Replay
-from tollway.errors import TollwayError, UpstreamError
-from tollway.gateway.asgi import read_body, send_error
-from tollway.gateway.calls import begin, fail, fetch, reserve, send_replay, settle_answer
-from tollway.gateway.state import Gateway
-from tollway.pricing.rating import CallPrice, CallUsage, rate_calls
+from tollway.errors import UpstreamError
+from tollway.gateway.asgi import read_body
+from tollway.gateway.calls import Call, admit, begin, fail, fetch, reserve, settle_answer
+from tollway.gateway.state import Endpoint, Gateway
+from tollway.pricing.rating import CallUsage, Charge
 from tollway.upstreams.base import UpstreamRequest
 
 PREFIX = "/apis/v1"
@@ -29,24 +30,10 @@ FORWARDED_HEADERS = frozenset({b"content-type", b"accept", b"accept-language",
 class ApiRoute:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw: Gateway = scope["app"].state.gateway
-        try:
-            body = await read_body(receive, gw.max_body_bytes)
-            key = await gw.authenticate(scope)
-            path = scope["path"][len(PREFIX):] or "/"
-            endpoint, params = gw.catalog.endpoint(scope["method"], path)
-            item = endpoint.item
-            call = begin(gw, scope, key, item, PREFIX + path, body)
-            price = item.version.price
-            assert isinstance(price, CallPrice)
-            cost = rate_calls(CallUsage(1), price, call.ratio).cost_nano_usd
-            result = await reserve(gw, call, max(cost, 1))
-        except TollwayError as exc:
-            await send_error(scope, send, exc)
+        started = await admit(scope, send, self._prepare(gw, scope, receive))
+        if started is None:
             return
-        if isinstance(result, Replay):
-            await send_replay(send, result)
-            return
-        assert call.hold is not None
+        call, endpoint, params, body, charge = started
         query = [(k, v) for k, v in _query(scope)]
         headers = {name.decode("latin-1"): value.decode("latin-1")
                    for name, value in scope["headers"] if name in FORWARDED_HEADERS}
@@ -62,7 +49,22 @@ class ApiRoute:
             return
         record = call.record(type_="consume", status=answer.status, usage_source="upstream",
                              calls=1)
-        await settle_answer(gw, call, send, answer, cost=cost, record=record)
+        await settle_answer(gw, call, send, answer, charge=charge, record=record)
+
+    async def _prepare(self, gw: Gateway, scope: Scope, receive: Receive
+                       ) -> tuple[Call, Endpoint, dict[str, str], bytes, Charge] | Replay:
+        """The call, its endpoint, path parameters and body, and its charge: the hold is the
+        exact price of one call, and so is the charge of a 2xx answer."""
+        body = await read_body(receive, gw.max_body_bytes)
+        key = await gw.authenticate(scope)
+        path = scope["path"][len(PREFIX):] or "/"
+        endpoint, params = gw.catalog.endpoint(scope["method"], path)
+        call = begin(gw, scope, key, endpoint.item, PREFIX + path, body)
+        charge = metering.rate(CallUsage(1), endpoint.item.version.price, call.ratio)
+        result = await reserve(gw, call, max(charge.cost_nano_usd, 1))
+        if isinstance(result, Replay):
+            return result
+        return call, endpoint, params, body, charge
 
 
 def _query(scope: Scope) -> list[tuple[str, str]]:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.types import Scope, Send
 
@@ -18,12 +18,12 @@ from tollway.billing.limits import NO_LIMITS, Limits, Window
 from tollway.billing.metering import ClientKey, Replay, Reservation
 from tollway.errors import InvalidRequest, LimitExceeded, TollwayError, UpstreamError
 from tollway.gateway import failover
-from tollway.gateway.asgi import error_body, header, send_bytes
+from tollway.gateway.asgi import error_body, header, send_bytes, send_error
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import Hold
 from tollway.metrics import METRICS
 from tollway.money import format_usd, to_nano_usd
-from tollway.pricing.rating import AppliedRatio, TokenUsage, resolve_ratio
+from tollway.pricing.rating import AppliedRatio, Charge, TokenUsage, resolve_ratio
 from tollway.pricing.upstream_cost import upstream_cost_nano
 from tollway.runtime.observe import ACCOUNT, COST, ERROR_CODE, PRODUCT, REQUEST_ID
 from tollway.store.accounts import ApiKeyRecord
@@ -35,6 +35,7 @@ COST_HEADER = b"x-tollway-cost-usd"
 #: On an upstream's own non-2xx answer, passed through unchanged: tells a client that the body
 #: is the upstream's, not Tollway's error shape.
 UPSTREAM_ERROR_HEADER = (b"x-tollway-upstream-error", b"true")
+T = TypeVar("T")
 
 
 @dataclass
@@ -210,9 +211,9 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
         METRICS.upstream_error(call.item.id, exc.code, status or exc.status)
     if call.hold is not None:
         record = call.record(type_="error", status=status or exc.status, error=exc)
-        hold_id = call.hold.id
+        hold_id, at = call.hold.id, gw.clock()
         await gw.ctx.write(lambda conn: metering.void(
-            conn, hold_id=hold_id, record=record, client_key=call.client_key,
+            conn, hold_id=hold_id, record=record, at_ms=at, client_key=call.client_key,
             window=call.window, counted_tokens=call.counted_tokens),
             account_id=call.key.account_id)
     if send_response:
@@ -224,18 +225,19 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
                              headers=[UPSTREAM_ERROR_HEADER, *call.rate_headers()])
 
 
-async def settle(gw: Gateway, call: Call, *, cost: int, record: dict[str, Any],
+async def settle(gw: Gateway, call: Call, *, charge: Charge, record: dict[str, Any],
                  response: tuple[int, str, bytes | None] | None) -> None:
-    """Charge ``cost`` with its usage record at the gateway's time; the key's rate-limit
-    window gets the record's actual tokens in place of what admission counted."""
+    """Book ``charge`` (``metering.rate``) with its usage record at the gateway's time; the
+    key's rate-limit window gets the record's actual tokens in place of what admission
+    counted."""
     assert call.hold is not None
     hold_id, client_key, at = call.hold.id, call.client_key, gw.clock()
     window, counted = call.window, call.counted_tokens
     await gw.ctx.write(lambda conn: metering.settle(
-        conn, hold_id=hold_id, cost_nano=cost, record=record, client_key=client_key,
+        conn, hold_id=hold_id, charge=charge, record=record, client_key=client_key,
         response=response, at_ms=at, window=window, counted_tokens=counted),
         account_id=call.key.account_id)
-    call.charged(cost)
+    call.charged(charge.cost_nano_usd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,11 +271,42 @@ async def fetch(gw: Gateway, call: Call, send: Send, family: str,
     return Answer(response.status, response.content_type, body)
 
 
-async def settle_answer(gw: Gateway, call: Call, send: Send, answer: Answer, *, cost: int,
-                        record: dict[str, Any]) -> None:
-    """Charge ``cost`` with its usage record (kept for an Idempotency-Key replay) and pass the
-    upstream's answer on with the cost and rate-limit headers."""
-    await settle(gw, call, cost=cost, record=record,
+async def settle_answer(gw: Gateway, call: Call, send: Send, answer: Answer, *,
+                        charge: Charge, record: dict[str, Any]) -> None:
+    """Book ``charge`` with its usage record (the answer kept for an Idempotency-Key replay)
+    and pass the upstream's answer on with the cost and rate-limit headers."""
+    await settle(gw, call, charge=charge, record=record,
                  response=(answer.status, answer.content_type, answer.body))
     await send_bytes(send, answer.status, answer.body, answer.content_type.encode(),
-                     headers=[(COST_HEADER, format_usd(cost).encode()), *call.rate_headers()])
+                     headers=[(COST_HEADER, format_usd(charge.cost_nano_usd).encode()),
+                              *call.rate_headers()])
+
+
+async def admit(scope: Scope, send: Send, prepared: Awaitable[T | Replay], *,
+                render: Callable[[Scope, TollwayError], bytes] = error_body) -> T | None:
+    """The start every metered route shares: await its preparation (authenticate, check,
+    reserve); a refusal is answered in the route's error shape and a replayed
+    Idempotency-Key with the first response, and then there is nothing to forward (None)."""
+    try:
+        result = await prepared
+    except TollwayError as exc:
+        await send_error(scope, send, exc, render=render)
+        return None
+    if isinstance(result, Replay):
+        await send_replay(send, result)
+        return None
+    return result
+
+
+async def refuse_answer(gw: Gateway, call: Call, send: Send, status: int, body: bytes,
+                        content_type: str, *, passed_from: int = 400) -> None:
+    """An upstream's non-2xx answer to a model request: a 4xx (from ``passed_from``) is the
+    client's request, so the client sees the upstream's answer; anything else is a 502.
+    Nothing is charged."""
+    refused = UpstreamError(f"the upstream answered {status}: "
+                            f"{body[:300].decode('utf-8', 'replace')}")
+    if passed_from <= status < 500:
+        await fail(gw, call, send, refused, status=status, body=body,
+                   content_type=content_type.encode())
+    else:
+        await fail(gw, call, send, refused, status=502)

@@ -14,12 +14,22 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
+from tollway.billing import metering
 from tollway.billing.metering import Replay
-from tollway.errors import InvalidRequest, TollwayError, UpstreamError
-from tollway.gateway.asgi import json_object, read_body, send_error, stream_flag
-from tollway.gateway.calls import Call, begin, fail, fetch, reserve, send_replay, settle_answer
+from tollway.errors import InvalidRequest, UpstreamError
+from tollway.gateway.asgi import json_object, read_body, stream_flag
+from tollway.gateway.calls import (
+    Call,
+    admit,
+    begin,
+    fail,
+    fetch,
+    refuse_answer,
+    reserve,
+    settle_answer,
+)
 from tollway.gateway.state import Gateway
-from tollway.pricing.rating import CallPrice, CallUsage, rate_calls
+from tollway.pricing.rating import CallPrice, CallUsage
 from tollway.upstreams.base import UpstreamRequest
 from tollway.upstreams.channels import Channel
 
@@ -30,13 +40,8 @@ MAX_IMAGES = 128
 class ImagesRoute:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw: Gateway = scope["app"].state.gateway
-        try:
-            prepared = await self._prepare(gw, scope, receive)
-        except TollwayError as exc:
-            await send_error(scope, send, exc)
-            return
-        if isinstance(prepared, Replay):
-            await send_replay(send, prepared)
+        prepared = await admit(scope, send, self._prepare(gw, scope, receive))
+        if prepared is None:
             return
         call, provider, payload, price, unit, n = prepared
         call.size = payload.get("size")
@@ -51,13 +56,8 @@ class ImagesRoute:
         if answer is None:
             return
         if not answer.ok:
-            refused = UpstreamError(f"the upstream answered {answer.status}: "
-                                    f"{answer.body[:300].decode('utf-8', 'replace')}")
-            if answer.status < 500:  # the client's request: show them the upstream's answer
-                await fail(gw, call, send, refused, status=answer.status, body=answer.body,
-                           content_type=answer.content_type.encode())
-            else:
-                await fail(gw, call, send, refused, status=502)
+            await refuse_answer(gw, call, send, answer.status, answer.body,
+                                answer.content_type, passed_from=0)
             return
         returned = _images_returned(answer.body)
         if returned is None:
@@ -69,10 +69,10 @@ class ImagesRoute:
         if returned != n:
             note = f"{returned} of {n} images returned" + (
                 f"; billed for the {n} requested" if returned > n else "")
-        cost = rate_calls(CallUsage(billed), price, call.ratio, unit_price=unit).cost_nano_usd
+        charge = metering.rate(CallUsage(billed), price, call.ratio, unit_price=unit)
         record = call.record(type_="consume", status=answer.status, usage_source="upstream",
                              calls=billed, unit_price=unit, note=note)
-        await settle_answer(gw, call, send, answer, cost=cost, record=record)
+        await settle_answer(gw, call, send, answer, charge=charge, record=record)
 
     async def _prepare(self, gw: Gateway, scope: Scope, receive: Receive
                        ) -> tuple[Call, str, dict[str, Any], CallPrice, Decimal, int] | Replay:
@@ -95,8 +95,8 @@ class ImagesRoute:
             raise InvalidRequest(f"size {size!r} is not offered for {item.id}; sizes: "
                                  + ", ".join(sorted(price.per_size)))
         call = begin(gw, scope, key, item, ROUTE, body)
-        amount = max(rate_calls(CallUsage(n), price, call.ratio, unit_price=unit).cost_nano_usd,
-                     1)
+        amount = max(metering.rate(CallUsage(n), price, call.ratio,
+                                   unit_price=unit).cost_nano_usd, 1)
         # an image request counts against RPM, concurrency and spend caps; it has no tokens,
         # so it counts 0 against TPM
         result = await reserve(gw, call, amount)

@@ -25,23 +25,26 @@ from typing import Any
 from starlette.types import Receive, Scope, Send
 
 from tollway import tokens
+from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import InvalidRequest, StorageUnavailable, TollwayError, UpstreamError
 from tollway.gateway import failover
-from tollway.gateway.asgi import (
-    error_body,
-    json_object,
-    read_body,
-    send_bytes,
-    send_error,
-    stream_flag,
+from tollway.gateway.asgi import error_body, json_object, read_body, send_bytes, stream_flag
+from tollway.gateway.calls import (
+    COST_HEADER,
+    Call,
+    admit,
+    begin,
+    fail,
+    refuse_answer,
+    reserve,
+    settle,
 )
-from tollway.gateway.calls import COST_HEADER, Call, begin, fail, reserve, send_replay, settle
 from tollway.gateway.sse import EventSplitter
 from tollway.gateway.state import Gateway
 from tollway.gateway.usage import MeteredUsage, bounded
 from tollway.money import MAX_NANO_USD, format_usd
-from tollway.pricing.rating import InvalidUsage, TokenPrice, TokenUsage, rate_tokens
+from tollway.pricing.rating import Charge, InvalidUsage, TokenPrice, TokenUsage
 from tollway.pricing.upstream_cost import reported_cost
 from tollway.runtime.observe import ERROR_CODE
 from tollway.upstreams.base import UpstreamRequest, UpstreamResponse
@@ -79,7 +82,7 @@ class LLMCall:
                                self.price.effective_cache_write_per_1m,
                                self.price.effective_cache_write_1h_per_1m),
                            self.price.output_per_1m)
-        cost = rate_tokens(TokenUsage(prompt, output), worst, self.call.ratio).cost_nano_usd
+        cost = metering.rate(TokenUsage(prompt, output), worst, self.call.ratio).cost_nano_usd
         # an absurd max_tokens (10^30) asks for more than any balance holds: the ledger's
         # columns stop at MAX_NANO_USD, and the hold is then lowered to what the balance affords
         return min(max(cost, 1), MAX_NANO_USD)
@@ -151,15 +154,10 @@ class TokenRoute:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw: Gateway = scope["app"].state.gateway
-        try:
-            prepared = await self._prepare(gw, scope, receive)
-        except TollwayError as exc:
-            await send_error(scope, send, exc, render=self.render_error)
-            return
-        if isinstance(prepared, Replay):
-            await send_replay(send, prepared)
-            return
-        await self._forward(gw, prepared, receive, send)
+        prepared = await admit(scope, send, self._prepare(gw, scope, receive),
+                               render=self.render_error)
+        if prepared is not None:
+            await self._forward(gw, prepared, receive, send)
 
     # ------------------------------------------------------------------ protocol hooks
 
@@ -282,14 +280,8 @@ class TokenRoute:
             body = (await response.read())[:ERROR_BODY_LIMIT]
         except UpstreamError:
             body = b""
-        status = response.status
-        exc = UpstreamError(f"the upstream answered {status}: "
-                            f"{body[:300].decode('utf-8', 'replace')}")
-        if 400 <= status < 500:  # the client's request: show them the upstream's answer
-            await fail(llm.gw, llm.call, send, exc, status=status, body=body,
-                       content_type=response.content_type.encode())
-        else:
-            await fail(llm.gw, llm.call, send, exc, status=502)
+        await refuse_answer(llm.gw, llm.call, send, response.status, body,
+                            response.content_type)
 
     async def _complete(self, llm: LLMCall, original: dict[str, Any],
                         response: UpstreamResponse, send: Send) -> None:
@@ -311,10 +303,11 @@ class TokenRoute:
         call.reported_cost = reported_cost(raw)
         self.collect(obj, llm.delivered)
         metered = self.meter(llm, original, self.answer_usage(obj))
-        cost = await self._settle(llm, metered, status=200,
-                                  response=(200, response.content_type, raw))
+        charge = metering.rate(metered.usage, llm.price, call.ratio)
+        await self._settle(llm, metered, charge, status=200,
+                           response=(200, response.content_type, raw))
         await send_bytes(send, 200, raw, response.content_type.encode(),
-                         headers=[(COST_HEADER, format_usd(cost).encode()),
+                         headers=[(COST_HEADER, format_usd(charge.cost_nano_usd).encode()),
                                   *llm.extra_headers(), *call.rate_headers()])
 
     def meter(self, llm: LLMCall, original: dict[str, Any], raw_usage: Any) -> MeteredUsage:
@@ -338,20 +331,19 @@ class TokenRoute:
             return MeteredUsage(TokenUsage(prompt, output), 0, "estimated",
                                 f"usage estimated locally: {exc}")
 
-    async def _settle(self, llm: LLMCall, metered: MeteredUsage, *, status: int,
-                      response: tuple[int, str, bytes | None] | None,
-                      note: str | None = None) -> int:
+    async def _settle(self, llm: LLMCall, metered: MeteredUsage, charge: Charge, *,
+                      status: int, response: tuple[int, str, bytes | None] | None,
+                      note: str | None = None) -> None:
+        """Book ``charge`` (``metering.rate`` of ``metered``) with the usage record."""
         call = llm.call
         usage = metered.usage
-        cost = rate_tokens(usage, llm.price, call.ratio).cost_nano_usd
         record = call.record(type_="consume", status=status, usage_source=metered.source,
                              input_tokens=usage.prompt_tokens, cached=usage.cached_tokens,
                              cache_write=usage.cache_write_tokens,
                              cache_write_1h=usage.cache_write_1h_tokens,
                              output=usage.completion_tokens, reasoning=metered.reasoning_tokens,
                              note="; ".join(n for n in (metered.note, note) if n) or None)
-        await settle(llm.gw, call, cost=cost, record=record, response=response)
-        return cost
+        await settle(llm.gw, call, charge=charge, record=record, response=response)
 
     # ------------------------------------------------------------------ streaming
 
@@ -403,8 +395,8 @@ class TokenRoute:
             note = "the client disconnected mid-stream"
         elif state.cut:
             note = state.failure.message if state.failure else "the upstream stream broke off"
-        cost = rate_tokens(metered.usage, llm.price, call.ratio).cost_nano_usd
-        tail = self.stream_tail(llm, state, metered, cost)
+        charge = metering.rate(metered.usage, llm.price, call.ratio)
+        tail = self.stream_tail(llm, state, metered, charge.cost_nano_usd)
         done = self.done_marker if state.done else b""
         # A retry with the same Idempotency-Key gets this stream back (without it the key
         # stayed "in progress" for 24 hours).
@@ -412,7 +404,7 @@ class TokenRoute:
         if call.client_key is not None and state.sent is not None:
             replay = (200, "text/event-stream", b"".join(state.sent) + tail + done)
         try:
-            await self._settle(llm, metered, status=200, response=replay, note=note)
+            await self._settle(llm, metered, charge, status=200, response=replay, note=note)
         except StorageUnavailable as exc:
             # The upstream answered but the charge cannot be recorded. The client is told so,
             # never a cost that is not in the books; the hold stays open until the reaper

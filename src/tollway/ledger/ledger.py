@@ -7,12 +7,6 @@ stores ``available_nano`` and ``held_nano`` so the guard below is one statement;
 account balances are derived from their postings (they would be hot rows that every request
 updates). :func:`verify` recomputes everything from postings.
 
-A key's own limits are guarded the same way, in the one statement that also books the hold on
-the key: its total quota, its requests in flight (open holds) and its current one-minute
-rate-limit window (requests and tokens, restarted when a later minute begins), so admission
-costs no extra round trip; spend caps per calendar period are one guarded upsert more, for
-capped keys only (``key_spend``).
-
 The overdraft guard is one conditional statement,
 ``UPDATE accounts SET available = available - :x WHERE id = :id AND available >= :x``;
 zero rows changed means "refuse", and nothing has been written yet. It is atomic on SQLite
@@ -21,16 +15,15 @@ clause after the first commits).
 
 Every operation takes an idempotency key, stored with a unique index in the same transaction
 as the money it moves: a repeat returns the first result and moves nothing; a repeat with
-different parameters raises :class:`IdempotencyConflict`.
+different parameters raises :class:`IdempotencyConflict`. Every operation that books money
+takes its time, ``at_ms``: the entry, the wallet's day and the hold are stamped by one clock.
 
-A wallet with a low-balance threshold is watched by the same statements: those that change its
-available balance return it with the threshold, and a crossing queues a ``balance.low`` event
-in the same transaction (:func:`_watch`; the transactional outbox).
+Beside the money, in the same transactions: a key's own limits (:mod:`guards`), the wallet's
+daily rollups (:mod:`wallet_days`) and the low-balance outbox (:mod:`low_balance`).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -43,26 +36,15 @@ from tollway.errors import (
     IdempotencyConflict,
     InsufficientBalance,
     InvalidRequest,
-    LimitExceeded,
-    QuotaExceeded,
-    RateLimited,
     UnknownAccount,
-    UnknownApiKey,
     UnknownHold,
 )
-from tollway.ledger import periods
+from tollway.ledger import guards, wallet_days
+from tollway.ledger.guards import NO_ADMISSION, KeyWindow, RateAdmission, RateCorrection
+from tollway.ledger.low_balance import WATCHED, watch
 from tollway.money import format_usd
-from tollway.store import notifications
-from tollway.store.prepared import Prepared, upsert
-from tollway.store.tables import (
-    accounts,
-    api_keys,
-    entries,
-    holds,
-    key_spend,
-    postings,
-    wallet_days,
-)
+from tollway.store.prepared import Prepared
+from tollway.store.tables import accounts, entries, holds, postings
 
 FUNDING = 1
 REVENUE = 2
@@ -75,8 +57,6 @@ AVAILABLE = "available"
 HELD = "held"
 
 HoldStatus = Literal["open", "settled", "voided", "expired"]
-#: No limit: larger than any count of requests, tokens or open holds.
-UNLIMITED = 2**62
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,32 +84,8 @@ class Hold:
     expires_at_ms: int
     status: HoldStatus
     created_at_ms: int = 0
-    #: The key's rate-limit window after this hold: (start_ms, requests, tokens).
-    window: tuple[int, int, int] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RateAdmission:
-    """What a request counts in its key's window: the minute it starts in (ms), its tokens,
-    and the limits the window may not pass (:data:`UNLIMITED` for none)."""
-
-    window_start_ms: int = 0
-    tokens: int = 0
-    rpm: int = UNLIMITED
-    tpm: int = UNLIMITED
-    max_open: int = UNLIMITED
-
-
-NO_ADMISSION = RateAdmission()
-
-
-@dataclass(frozen=True, slots=True)
-class RateCorrection:
-    """At settlement or void: the tokens to add to the window the request was admitted in
-    (nothing if that window has ended)."""
-
-    window_start_ms: int
-    tokens: int
+    #: The key's rate-limit window after this hold (a hold placed with a key).
+    window: KeyWindow | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +103,17 @@ class Release:
     hold_id: int
     released_nano: int
     status: HoldStatus
+
+
+@dataclass(frozen=True, slots=True)
+class _Closed:
+    """An open hold just closed (what :data:`_CLOSE_HOLD` returns)."""
+
+    account_id: int
+    key_id: int | None
+    amount_nano: int
+    created_at_ms: int
+    cap_periods: int
 
 
 # --------------------------------------------------------------------------- statements
@@ -172,53 +139,20 @@ _AVAILABLE = Prepared(sa.select(accounts.c.available_nano)
 _AVAILABLE_FOR_UPDATE = Prepared(sa.select(accounts.c.available_nano)
                                  .where(accounts.c.id == _b("account_id")).with_for_update())
 #: Statements that change a wallet's available balance return it with the low-balance
-#: threshold and its armed flag (see :func:`_watch`): no extra query for the alert.
-_WATCHED = (accounts.c.available_nano, accounts.c.low_balance_nano,
-            accounts.c.low_balance_armed)
+#: threshold and its armed flag (see :func:`low_balance.watch`): no extra query for the alert.
 _CREDIT = Prepared(
     accounts.update()
     .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
            accounts.c.available_nano + _b("amount") >= 0)
     .values(available_nano=accounts.c.available_nano + _b("amount"))
-    .returning(*_WATCHED))
+    .returning(*WATCHED))
 _RESERVE = Prepared(
     accounts.update()
     .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
            accounts.c.available_nano >= _b("amount"))
     .values(available_nano=accounts.c.available_nano - _b("amount"),
             held_nano=accounts.c.held_nano + _b("amount"))
-    .returning(*_WATCHED))
-_k = api_keys.c
-#: The window restarts when a later minute begins (an instance whose clock lags counts in the
-#: current window rather than restart an older one).
-_NEW_WINDOW = _k.window_start_ms < _b("window")
-#: The key's total quota, its concurrency limit (open holds) and its rate-limit window in one
-#: guarded statement, which also returns the key's period caps (checked next) and the window.
-_KEY_RESERVE = Prepared(
-    api_keys.update()
-    .where(_k.id == _b("key_id"),
-           sa.or_(_k.quota_nano.is_(None),
-                  _k.used_nano + _k.held_nano + _b("amount") <= _k.quota_nano),
-           _k.open_holds < _b("max_open"),
-           sa.or_(_NEW_WINDOW, sa.and_(_k.window_requests + 1 <= _b("rpm"),
-                                       _k.window_tokens + _b("tokens") <= _b("tpm"))))
-    .values(held_nano=_k.held_nano + _b("amount"), open_holds=_k.open_holds + 1,
-            window_requests=sa.case((_NEW_WINDOW, 1), else_=_k.window_requests + 1),
-            window_tokens=sa.case((_NEW_WINDOW, _b("tokens")),
-                                  else_=_k.window_tokens + _b("tokens")),
-            window_start_ms=sa.case((_NEW_WINDOW, _b("window")), else_=_k.window_start_ms))
-    .returning(_k.daily_cap_nano, _k.weekly_cap_nano, _k.monthly_cap_nano,
-               _k.window_start_ms, _k.window_requests, _k.window_tokens))
-_KEY_STATE = Prepared(
-    sa.select(_k.quota_nano, _k.used_nano, _k.held_nano, _k.open_holds, _k.window_start_ms,
-              _k.window_requests, _k.window_tokens).where(_k.id == _b("key_id")))
-_SPEND_CLOSE = Prepared(
-    key_spend.update()
-    .where(key_spend.c.key_id == _b("key_id"),
-           sa.or_(*(sa.and_(key_spend.c.period == p, key_spend.c.period_start_ms == _b(p))
-                    for p in periods.PERIODS)))
-    .values(held_nano=key_spend.c.held_nano - _b("held"),
-            spent_nano=key_spend.c.spent_nano + _b("charged")))
+    .returning(*WATCHED))
 _INSERT_HOLD = Prepared(holds.insert().values(
     account_id=_b("account_id"), key_id=_b("key_id"), amount_nano=_b("amount"), status="open",
     created_at_ms=_b("at"), expires_at_ms=_b("expires"), cap_periods=_b("cap_periods"))
@@ -243,52 +177,19 @@ _SETTLE_ACCOUNT = Prepared(
             available_nano=accounts.c.available_nano + _b("delta"),
             used_nano=accounts.c.used_nano + _b("charged"),
             requests=accounts.c.requests + _b("requests"))
-    .returning(*_WATCHED))
-_SETTLE_KEY = Prepared(
-    api_keys.update().where(_k.id == _b("key_id"))
-    .values(held_nano=_k.held_nano - _b("held"), used_nano=_k.used_nano + _b("charged"),
-            open_holds=_k.open_holds - 1,
-            window_tokens=_k.window_tokens + sa.case(
-                (_k.window_start_ms == _b("window"), _b("tokens")), else_=0)))
-
-_WALLET_DAY = upsert(wallet_days, ("account_id", "day_ms"),
-                     add=("topups_nano", "adjustments_nano", "charges_nano", "written_off_nano"))
-DAY_MS = 86_400_000
+    .returning(*WATCHED))
 _EXPIRED = Prepared(
     sa.select(holds.c.id).where(holds.c.status == "open", holds.c.expires_at_ms <= _b("at"))
     .order_by(holds.c.expires_at_ms).limit(_b("limit")))
-
-
-
-
-def _spend_hold(dialect: str, rows: int) -> sa.ClauseElement:
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-    stmt = insert(key_spend).values([
-        {"key_id": _b("key_id"), "period": _b(f"p{i}"), "period_start_ms": _b(f"s{i}"),
-         "spent_nano": 0, "held_nano": _b(f"a{i}")} for i in range(rows)])
-    cap = sa.case(*((key_spend.c.period == p, _b(f"cap_{p}")) for p in periods.PERIODS))
-    return stmt.on_conflict_do_update(
-        index_elements=["key_id", "period", "period_start_ms"],
-        set_={"held_nano": key_spend.c.held_nano + stmt.excluded.held_nano},
-        where=(key_spend.c.spent_nano + key_spend.c.held_nano + stmt.excluded.held_nano
-               <= cap),
-    ).returning(key_spend.c.period)
-
-
-#: The key's period caps, guarded like the balance: held + spent + this hold may not pass a
-#: cap. One multi-row upsert for the capped periods; a period whose guard fails returns no row.
-#: The insert (first hold of a period) is guarded by the caller (amount <= cap).
-_SPEND_HOLD = {n: Prepared(functools.partial(_spend_hold, rows=n)) for n in (1, 2, 3)}
 
 
 # --------------------------------------------------------------------------- helpers
 
 
 def _existing_entry(conn: Connection, key: str) -> Any:
-    """(id, account_id, amount_nano, hold_id, balance_after_nano) of a used key, or None."""
-    return _FIND_ENTRY.one(conn, key=key)
+    """The entry of a used idempotency key (id, account_id, amount_nano, hold_id,
+    balance_after_nano, by name), or None."""
+    return _FIND_ENTRY.row(conn, key=key)
 
 
 def _conflict(key: str, what: str) -> IdempotencyConflict:
@@ -296,15 +197,14 @@ def _conflict(key: str, what: str) -> IdempotencyConflict:
 
 
 def _post(conn: Connection, *, kind: str, account_id: int, amount_nano: int, key: str,
-          lines: list[tuple[int, str, int]], hold_id: int | None = None,
-          balance_after_nano: int | None = None, note: str | None = None,
-          at_ms: int | None = None) -> int:
+          lines: list[tuple[int, str, int]], at_ms: int, hold_id: int | None = None,
+          balance_after_nano: int | None = None, note: str | None = None) -> int:
     """Write one entry and its postings; the postings must sum to zero."""
     assert sum(amount for _, _, amount in lines) == 0, lines
     entry_id = int(_INSERT_ENTRY.one(
         conn, kind=kind, account_id=account_id, amount_nano=amount_nano, hold_id=hold_id,
         idempotency_key=key, balance_after_nano=balance_after_nano, note=note,
-        created_at_ms=clock.now_ms() if at_ms is None else at_ms)[0])
+        created_at_ms=at_ms)[0])
     params: dict[str, Any] = {"entry_id": entry_id}
     moving = [line for line in lines if line[2]]
     for i, (acct, bucket, amount) in enumerate(moving):
@@ -314,43 +214,14 @@ def _post(conn: Connection, *, kind: str, account_id: int, amount_nano: int, key
     return entry_id
 
 
-def _wallet_day(conn: Connection, account_id: int, *, topups: int = 0, adjustments: int = 0,
-                charges: int = 0, written_off: int = 0, at_ms: int | None = None) -> None:
-    """Count a movement of the wallet's total (available + held) in its UTC day."""
-    at = clock.now_ms() if at_ms is None else at_ms
-    _WALLET_DAY.execute(conn, {"account_id": account_id, "day_ms": at - at % DAY_MS,
-                               "topups_nano": topups, "adjustments_nano": adjustments,
-                               "charges_nano": charges, "written_off_nano": written_off})
-
-
-def _watch(conn: Connection, account_id: int, delta_nano: int, row: Any) -> None:
-    """Low-balance alert, checked on every change of a wallet's available balance ``row``
-    (available after, threshold, armed) by ``delta_nano``.
-
-    A debit that takes an armed wallet from >= threshold to below it queues one
-    ``balance.low`` event (in this transaction: the outbox) and disarms; money coming in
-    (a top-up, a redemption, a positive adjustment) that brings it back to >= threshold
-    re-arms. Released holds do not re-arm, so a wallet hovering at the threshold with large
-    worst-case holds is not alerted once per request. Without a threshold this is one test.
-    """
-    after, threshold, armed = int(row[0]), row[1], row[2]
-    if threshold is None:
-        return
-    if delta_nano < 0 and armed and after < threshold <= after - delta_nano:
-        notifications.balance_low(conn, account_id, at_ms=clock.now_ms(), data={
-            "available_usd": format_usd(after), "threshold_usd": format_usd(int(threshold))})
-    elif delta_nano > 0 and not armed and after >= threshold:
-        notifications.set_armed(conn, account_id, True)
-
-
 def _require_customer(conn: Connection, account_id: int) -> None:
-    row = _ACCOUNT_KIND.one(conn, account_id=account_id)
-    if row is None or row[0] != "customer":
+    row = _ACCOUNT_KIND.row(conn, account_id=account_id)
+    if row is None or row.kind != "customer":
         raise UnknownAccount(f"no customer account with id {account_id}")
 
 
 def _available(conn: Connection, account_id: int) -> int:
-    return int(_AVAILABLE.one(conn, account_id=account_id)[0])
+    return int(_AVAILABLE.row(conn, account_id=account_id).available_nano)
 
 
 def _amount(value: object, what: str, *, minimum: int = 1) -> int:
@@ -363,51 +234,51 @@ def _amount(value: object, what: str, *, minimum: int = 1) -> int:
 
 
 def topup(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
-          note: str | None = None) -> Topup:
+          at_ms: int, note: str | None = None) -> Topup:
     """Credit a wallet from the funding account."""
     _amount(amount_nano, "a top-up")
     key = f"topup:{idempotency_key}"
     if (row := _existing_entry(conn, key)) is not None:
-        if (row[1], row[2]) != (account_id, amount_nano):
-            raise _conflict(idempotency_key, f"a top-up of {format_usd(row[2])} USD to account "
-                            f"{row[1]}")
-        return Topup(row[0], row[1], row[2], row[4])
-    credited = _CREDIT.one(conn, account_id=account_id, amount=amount_nano)
+        if (row.account_id, row.amount_nano) != (account_id, amount_nano):
+            raise _conflict(idempotency_key, f"a top-up of {format_usd(row.amount_nano)} USD "
+                            f"to account {row.account_id}")
+        return Topup(row.id, row.account_id, row.amount_nano, row.balance_after_nano)
+    credited = _CREDIT.row(conn, account_id=account_id, amount=amount_nano)
     if credited is None:
         raise UnknownAccount(f"no customer account with id {account_id}")
-    balance = int(credited[0])
-    _watch(conn, account_id, amount_nano, credited)
-    _wallet_day(conn, account_id, topups=amount_nano)
+    balance = int(credited.available_nano)
+    watch(conn, account_id, amount_nano, credited, at_ms=at_ms)
+    wallet_days.count(conn, account_id, at_ms=at_ms, topups=amount_nano)
     entry_id = _post(conn, kind="topup", account_id=account_id, amount_nano=amount_nano, key=key,
-                     balance_after_nano=balance, note=note,
+                     balance_after_nano=balance, note=note, at_ms=at_ms,
                      lines=[(FUNDING, AVAILABLE, -amount_nano),
                             (account_id, AVAILABLE, amount_nano)])
     return Topup(entry_id, account_id, amount_nano, balance)
 
 
 def adjust(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
-           note: str | None = None) -> Adjustment:
+           at_ms: int, note: str | None = None) -> Adjustment:
     """An operator correction: positive credits the wallet, negative debits it (never below
     zero: a debit larger than the available balance is refused)."""
     if not isinstance(amount_nano, int) or isinstance(amount_nano, bool) or amount_nano == 0:
         raise InvalidRequest(f"an adjustment must be a non-zero amount, got {amount_nano!r}")
     key = f"adjust:{idempotency_key}"
     if (row := _existing_entry(conn, key)) is not None:
-        if (row[1], row[2]) != (account_id, amount_nano):
-            raise _conflict(idempotency_key, f"an adjustment of {format_usd(row[2])} USD to "
-                            f"account {row[1]}")
-        return Adjustment(row[0], row[1], row[2], row[4])
-    credited = _CREDIT.one(conn, account_id=account_id, amount=amount_nano)
+        if (row.account_id, row.amount_nano) != (account_id, amount_nano):
+            raise _conflict(idempotency_key, f"an adjustment of {format_usd(row.amount_nano)} "
+                            f"USD to account {row.account_id}")
+        return Adjustment(row.id, row.account_id, row.amount_nano, row.balance_after_nano)
+    credited = _CREDIT.row(conn, account_id=account_id, amount=amount_nano)
     if credited is None:
         _require_customer(conn, account_id)
         raise InsufficientBalance(f"cannot debit {format_usd(-amount_nano)} USD: account "
                                   f"{account_id} has {format_usd(_available(conn, account_id))}"
                                   " USD available")
-    balance = int(credited[0])
-    _watch(conn, account_id, amount_nano, credited)
-    _wallet_day(conn, account_id, adjustments=amount_nano)
+    balance = int(credited.available_nano)
+    watch(conn, account_id, amount_nano, credited, at_ms=at_ms)
+    wallet_days.count(conn, account_id, at_ms=at_ms, adjustments=amount_nano)
     entry_id = _post(conn, kind="adjust", account_id=account_id, amount_nano=amount_nano, key=key,
-                     balance_after_nano=balance, note=note,
+                     balance_after_nano=balance, note=note, at_ms=at_ms,
                      lines=[(ADJUSTMENTS, AVAILABLE, -amount_nano),
                             (account_id, AVAILABLE, amount_nano)])
     return Adjustment(entry_id, account_id, amount_nano, balance)
@@ -417,170 +288,106 @@ def adjust(conn: Connection, account_id: int, amount_nano: int, *, idempotency_k
 
 
 def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
-               ttl_ms: int, key_id: int | None = None,
-               rate: RateAdmission = NO_ADMISSION, at_ms: int | None = None) -> Hold:
-    """Reserve ``amount_nano`` of the available balance, or raise.
+               ttl_ms: int, at_ms: int, key_id: int | None = None,
+               rate: RateAdmission = NO_ADMISSION) -> Hold:
+    """Reserve ``amount_nano`` of the available balance at ``at_ms``, or raise.
 
-    With ``key_id`` the key's own limits are checked in the same transaction: its used plus
-    held amount may not exceed its quota (:class:`QuotaExceeded`); ``rate``: its open holds
-    may not reach ``max_open`` and its window may not pass ``rpm`` requests or ``tpm`` tokens
-    (:class:`RateLimited` with ``window_state``, the key's window without this request); in
-    each period it has a cap for (day, week, month in the billing time zone) the held plus
-    spent amount may not exceed the cap (:class:`QuotaExceeded` with ``retry_after_s``). Like
-    every ledger function it must run in a transaction (or savepoint) that is rolled back
-    when it raises.
+    With ``key_id`` the key's own limits are checked in the same transaction
+    (:func:`guards.reserve`): its used plus held amount may not exceed its quota
+    (:class:`QuotaExceeded`); ``rate``: its open holds may not reach ``max_open`` and its
+    window may not pass ``rpm`` requests or ``tpm`` tokens (:class:`RateLimited`); in each
+    period it has a cap for (day, week, month in the billing time zone) the held plus spent
+    amount may not exceed the cap (:class:`QuotaExceeded` with ``retry_after_s``). A key's
+    refusal carries its window without this request (:data:`guards.KeyRefusal`). Like every
+    ledger function it must run in a transaction (or savepoint) that is rolled back when it
+    raises.
     """
     _amount(amount_nano, "a hold")
     key = f"hold:{idempotency_key}"
     if (row := _existing_entry(conn, key)) is not None:
-        hold = _hold(conn, row[3])
+        hold = _hold(conn, row.hold_id)
         if (hold.account_id, hold.amount_nano, hold.key_id) != (account_id, amount_nano, key_id):
             raise _conflict(idempotency_key, f"hold {hold.id}")
         return hold
-    reserved = _RESERVE.one(conn, account_id=account_id, amount=amount_nano)
+    reserved = _RESERVE.row(conn, account_id=account_id, amount=amount_nano)
     if reserved is None:
         _require_customer(conn, account_id)
         raise InsufficientBalance(
             f"this request may cost up to {format_usd(amount_nano)} USD but the account has "
             f"{format_usd(_available(conn, account_id))} USD available")
-    at = clock.now_ms() if at_ms is None else at_ms
     cap_periods, window = 0, None
     if key_id is not None:
-        cap_periods, window = _reserve_key(conn, key_id, amount_nano, at, rate)
-    _watch(conn, account_id, -amount_nano, reserved)
+        share = guards.reserve(conn, key_id, amount_nano, at_ms, rate)
+        cap_periods, window = share.cap_periods, share.window
+    watch(conn, account_id, -amount_nano, reserved, at_ms=at_ms)
     hold_id = int(_INSERT_HOLD.one(conn, account_id=account_id, key_id=key_id,
-                                   amount=amount_nano, at=at, expires=at + ttl_ms,
+                                   amount=amount_nano, at=at_ms, expires=at_ms + ttl_ms,
                                    cap_periods=cap_periods)[0])
     _post(conn, kind="hold", account_id=account_id, amount_nano=amount_nano, key=key,
-          hold_id=hold_id, at_ms=at,
+          hold_id=hold_id, at_ms=at_ms,
           lines=[(account_id, AVAILABLE, -amount_nano), (account_id, HELD, amount_nano)])
-    return Hold(hold_id, account_id, key_id, amount_nano, at + ttl_ms, "open", at, window)
-
-
-def key_window(conn: Connection, key_id: int) -> tuple[int, int, int]:
-    """The key's rate-limit window as stored: (start_ms, requests, tokens)."""
-    row = _KEY_STATE.one(conn, key_id=key_id)
-    return (0, 0, 0) if row is None else (int(row[4]), int(row[5]), int(row[6]))
-
-
-def _reserve_key(conn: Connection, key_id: int, amount_nano: int, at_ms: int,
-                 rate: RateAdmission) -> tuple[int, tuple[int, int, int]]:
-    """The key's share of a hold; returns the bits of the cap periods that counted it and
-    the key's window after it."""
-    row = _KEY_RESERVE.one(conn, key_id=key_id, amount=amount_nano, max_open=rate.max_open,
-                           window=rate.window_start_ms, tokens=rate.tokens, rpm=rate.rpm,
-                           tpm=rate.tpm)
-    if row is None:
-        _refuse_key(conn, key_id, amount_nano, rate)
-    window = (int(row[3]), int(row[4]), int(row[5]))
-    capped = [(p, cap) for p, cap in zip(periods.PERIODS, row[:3], strict=True)
-              if cap is not None]
-    if not capped:
-        return 0, window
-    params: dict[str, Any] = {"key_id": key_id, **{f"cap_{p}": 0 for p in periods.PERIODS}}
-    for i, (period, cap) in enumerate(capped):
-        params.update({f"p{i}": period, f"s{i}": periods.bounds(at_ms, period)[0],
-                       f"a{i}": amount_nano, f"cap_{period}": cap})
-    counted = {r[0] for r in _SPEND_HOLD[len(capped)].execute(conn, params).fetchall()}
-    for period, cap in capped:
-        if amount_nano > cap or period not in counted:
-            exc = QuotaExceeded(
-                f"API key {key_id} has reached its {periods.ADJECTIVE[period]} spending cap "
-                f"of {format_usd(cap)} USD",
-                retry_after_s=-(-(periods.bounds(at_ms, period)[1] - at_ms) // 1000))
-            exc.window_state = (window[0], window[1] - 1, window[2] - rate.tokens)
-            raise exc
-    return sum(periods.PERIOD_BITS[p] for p, _ in capped), window
-
-
-def _refuse_key(conn: Connection, key_id: int, amount_nano: int, rate: RateAdmission) -> None:
-    """Why the key's guarded statement changed nothing; always raises."""
-    row = _KEY_STATE.one(conn, key_id=key_id)
-    if row is None:
-        raise UnknownApiKey(f"no API key with id {key_id}")
-    quota, used, held, in_flight = row[0], int(row[1]), int(row[2]), int(row[3])
-    state = (int(row[4]), int(row[5]), int(row[6]))
-    if quota is not None and used + held + amount_nano > quota:
-        exc: LimitExceeded = QuotaExceeded(f"API key {key_id} has reached its spending quota")
-    elif in_flight >= rate.max_open:
-        exc = RateLimited(f"API key {key_id} already has {rate.max_open} requests in flight, "
-                          "its concurrency limit", retry_after_s=1)
-    else:
-        exc = RateLimited(f"API key {key_id} has reached its rate limit for this minute")
-    exc.window_state = state
-    raise exc
-
-
-def _close_key(conn: Connection, key_id: int, held: int, charged: int, created_at_ms: int,
-               cap_periods: int, correction: RateCorrection | None) -> None:
-    """A closed hold leaves the key's held amount, in-flight count and cap periods, and its
-    window gets the correction of the tokens it counted."""
-    _SETTLE_KEY.execute(conn, {"key_id": key_id, "held": held, "charged": charged,
-                               "window": correction.window_start_ms if correction else -1,
-                               "tokens": correction.tokens if correction else 0})
-    if cap_periods:
-        _SPEND_CLOSE.execute(conn, {"key_id": key_id, "held": held, "charged": charged, **{
-            p: periods.bounds(created_at_ms, p)[0] if cap_periods & periods.PERIOD_BITS[p]
-            else -1 for p in periods.PERIODS}})
+    return Hold(hold_id, account_id, key_id, amount_nano, at_ms + ttl_ms, "open", at_ms, window)
 
 
 def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
-                idempotency_key: str, at_ms: int | None = None,
+                idempotency_key: str, at_ms: int,
                 correction: RateCorrection | None = None) -> Settlement:
     """Charge the actual cost: from the hold first, then from the available balance; what
     neither covers is written off (the wallet never goes below zero). Releases the rest.
-    ``at_ms`` is the time the charge is booked under (its usage record's time);
-    ``correction``, the tokens to add to the key's rate-limit window."""
+    ``at_ms`` is the time the charge is booked under: its entry, the wallet's day and its
+    usage record's time; ``correction``, the tokens to add to the key's rate-limit window."""
     _amount(actual_nano, "a charge", minimum=0)
     key = f"settle:{idempotency_key}"
-    closed = _close(conn, hold_id, "settled", actual_nano)
+    closed = _close(conn, hold_id, "settled", actual_nano, at_ms)
     if closed is None:  # already closed: a repeat of this settlement, or too late
         if (row := _existing_entry(conn, key)) is not None:
-            if (row[3], row[2]) != (hold_id, actual_nano):
-                raise _conflict(idempotency_key, f"settling hold {row[3]}")
+            if (row.hold_id, row.amount_nano) != (hold_id, actual_nano):
+                raise _conflict(idempotency_key, f"settling hold {row.hold_id}")
             return _settlement(conn, hold_id)
         raise HoldClosed(f"hold {hold_id} is already {_hold(conn, hold_id).status}")
-    account_id, key_id, held, created_at, cap_periods = closed
+    account_id, held = closed.account_id, closed.amount_nano
     from_hold = min(actual_nano, held)
     released = held - from_hold
     wanted = actual_nano - from_hold
     from_available = shortfall = 0
     if wanted:  # the request cost more than its hold: take the rest from the balance
-        balance = int(_AVAILABLE_FOR_UPDATE.one(conn, account_id=account_id)[0])
+        balance = int(_AVAILABLE_FOR_UPDATE.row(conn, account_id=account_id).available_nano)
         from_available = min(wanted, balance)
         shortfall = wanted - from_available
         _SET_HOLD_OUTCOME.execute(conn, {"hold_id": hold_id, "from_available": from_available,
                                          "shortfall": shortfall})
-    settled = _SETTLE_ACCOUNT.one(conn, account_id=account_id, held=held,
+    settled = _SETTLE_ACCOUNT.row(conn, account_id=account_id, held=held,
                                   delta=released - from_available, charged=actual_nano,
                                   requests=1)
-    _watch(conn, account_id, min(0, released - from_available), settled)  # a release: no
-    _wallet_day(conn, account_id, charges=actual_nano - shortfall,
-                written_off=shortfall, at_ms=at_ms)
-    if key_id is not None:
-        _close_key(conn, key_id, held, actual_nano, created_at, cap_periods, correction)
+    # a release does not re-arm the alert: only the debit beyond the hold is watched
+    watch(conn, account_id, min(0, released - from_available), settled, at_ms=at_ms)
+    wallet_days.count(conn, account_id, at_ms=at_ms, charges=actual_nano - shortfall,
+                      written_off=shortfall)
+    if closed.key_id is not None:
+        guards.close(conn, closed.key_id, held, actual_nano, closed.created_at_ms,
+                     closed.cap_periods, correction)
     _post(conn, kind="settle", account_id=account_id, amount_nano=actual_nano, key=key,
-          hold_id=hold_id,
+          hold_id=hold_id, at_ms=at_ms,
           lines=[(account_id, HELD, -held), (account_id, AVAILABLE, released - from_available),
                  (REVENUE, AVAILABLE, actual_nano), (WRITEOFF, AVAILABLE, -shortfall)])
     return Settlement(hold_id, actual_nano, from_hold, from_available, shortfall, released)
 
 
-def void_hold(conn: Connection, hold_id: int, *, idempotency_key: str,
+def void_hold(conn: Connection, hold_id: int, *, idempotency_key: str, at_ms: int,
               correction: RateCorrection | None = None) -> Release:
     """Release a hold whole: the request was refused or failed upstream; nothing is charged."""
-    return _release(conn, hold_id, "voided", f"void:{idempotency_key}", correction)
+    return _release(conn, hold_id, "voided", f"void:{idempotency_key}", at_ms, correction)
 
 
 def expire_holds(conn: Connection, now: int | None = None, *, limit: int = 1000) -> list[Release]:
-    """Release holds nobody settled before their deadline (the reaper). Returns what it
-    released; call again while it returns ``limit`` items."""
+    """Release holds nobody settled before their deadline (the reaper; ``now`` defaults to
+    the wall clock). Returns what it released; call again while it returns ``limit`` items."""
     at = clock.now_ms() if now is None else now
     ids = [int(r[0]) for r in _EXPIRED.execute(conn, {"at": at, "limit": limit}).fetchall()]
     released: list[Release] = []
     for hid in ids:
         try:
-            released.append(_release(conn, hid, "expired", f"expire:{hid}"))
+            released.append(_release(conn, hid, "expired", f"expire:{hid}", at))
         except HoldClosed:  # settled or voided concurrently since the SELECT: nothing written
             continue
     return released
@@ -590,60 +397,65 @@ def hold_status(conn: Connection, idempotency_key: str) -> str | None:
     """The status of the hold placed with ``idempotency_key`` (see :func:`place_hold`), or
     None if there is none."""
     row = _existing_entry(conn, f"hold:{idempotency_key}")
-    return None if row is None else _hold(conn, row[3]).status
+    return None if row is None else _hold(conn, row.hold_id).status
 
 
 def open_holds(conn: Connection) -> tuple[int, int | None]:
     """(how many holds are open, when the oldest was placed in ms) — for monitoring. Open
     holds are the requests in flight, so this reads few rows (index on status)."""
-    row = conn.execute(sa.select(sa.func.count(), sa.func.min(holds.c.created_at_ms))
+    row = conn.execute(sa.select(sa.func.count().label("n"),
+                                 sa.func.min(holds.c.created_at_ms).label("oldest"))
                        .where(holds.c.status == "open")).one()
-    return int(row[0]), None if row[1] is None else int(row[1])
+    return int(row.n), None if row.oldest is None else int(row.oldest)
 
 
-def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str,
+def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str, at_ms: int,
              correction: RateCorrection | None = None) -> Release:
-    closed = _close(conn, hold_id, status, None)
+    closed = _close(conn, hold_id, status, None, at_ms)
     if closed is None:  # already closed: a repeat of this release, or too late
         if (row := _existing_entry(conn, key)) is not None:
-            if row[3] != hold_id:
-                raise _conflict(key, f"releasing hold {row[3]}")
-            return Release(hold_id, int(row[2]), status)
+            if row.hold_id != hold_id:
+                raise _conflict(key, f"releasing hold {row.hold_id}")
+            return Release(hold_id, int(row.amount_nano), status)
         raise HoldClosed(f"hold {hold_id} is already {_hold(conn, hold_id).status}")
-    account_id, key_id, held, created_at, cap_periods = closed
+    account_id, held = closed.account_id, closed.amount_nano
     _SETTLE_ACCOUNT.execute(conn, {"account_id": account_id, "held": held, "delta": held,
                                    "charged": 0, "requests": 0}).fetchone()
-    if key_id is not None:
-        _close_key(conn, key_id, held, 0, created_at, cap_periods, correction)
+    if closed.key_id is not None:
+        guards.close(conn, closed.key_id, held, 0, closed.created_at_ms, closed.cap_periods,
+                     correction)
     _post(conn, kind="void" if status == "voided" else "expire", account_id=account_id,
-          amount_nano=held, key=key, hold_id=hold_id,
+          amount_nano=held, key=key, hold_id=hold_id, at_ms=at_ms,
           lines=[(account_id, HELD, -held), (account_id, AVAILABLE, held)])
     return Release(hold_id, held, status)
 
 
-def _close(conn: Connection, hold_id: int, status: HoldStatus,
-           charged: int | None) -> tuple[int, int | None, int, int, int] | None:
-    """Move an open hold to its final status; exactly one closer can win. Returns
-    (account_id, key_id, amount_nano, created_at_ms, cap_periods) of the hold, or None if it
-    was not open. Closing first
-    and looking for an earlier identical operation only when that fails keeps the common path
-    one statement shorter."""
-    row = _CLOSE_HOLD.one(conn, hold_id=hold_id, status=status, at=clock.now_ms(), charged=charged,
+def _close(conn: Connection, hold_id: int, status: HoldStatus, charged: int | None,
+           at_ms: int) -> _Closed | None:
+    """Move an open hold to its final status at ``at_ms``; exactly one closer can win.
+    Returns the hold, or None if it was not open. Closing first and looking for an earlier
+    identical operation only when that fails keeps the common path one statement shorter."""
+    row = _CLOSE_HOLD.row(conn, hold_id=hold_id, status=status, at=at_ms, charged=charged,
                           from_available=0 if charged is not None else None,
                           shortfall=0 if charged is not None else None)
-    return None if row is None else (int(row[0]), row[1], int(row[2]), int(row[3]),
-                                     int(row[4]))
+    if row is None:
+        return None
+    return _Closed(int(row.account_id), row.key_id, int(row.amount_nano),
+                   int(row.created_at_ms), int(row.cap_periods))
 
 
 def _hold(conn: Connection, hold_id: int) -> Hold:
-    row = _GET_HOLD.one(conn, hold_id=hold_id)
+    row = _GET_HOLD.row(conn, hold_id=hold_id)
     if row is None:
         raise UnknownHold(f"no hold with id {hold_id}")
-    return Hold(row[0], row[1], row[2], row[3], row[4], row[5], row[9])
+    return Hold(row.id, row.account_id, row.key_id, row.amount_nano, row.expires_at_ms,
+                row.status, row.created_at_ms)
 
 
 def _settlement(conn: Connection, hold_id: int) -> Settlement:
-    row = _GET_HOLD.one(conn, hold_id=hold_id)
-    charged, from_available, shortfall = row[6], row[7], row[8]
+    row = _GET_HOLD.row(conn, hold_id=hold_id)
+    charged, from_available, shortfall = row.charged_nano, row.from_available_nano, \
+        row.shortfall_nano
     from_hold = charged - from_available - shortfall
-    return Settlement(hold_id, charged, from_hold, from_available, shortfall, row[3] - from_hold)
+    return Settlement(hold_id, charged, from_hold, from_available, shortfall,
+                      row.amount_nano - from_hold)

@@ -9,6 +9,7 @@ strings, which need no type processing, so skipping that layer changes nothing b
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ class Prepared:
     def __init__(self, statement: ClauseElement | Callable[[str], ClauseElement]) -> None:
         self.statement = statement
         self._compiled: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._row_type: Any = None
 
     def _for(self, dialect: str) -> tuple[str, dict[str, Any]]:
         """The SQL text and the constants the statement binds (``status = 'open'``)."""
@@ -50,6 +52,17 @@ class Prepared:
     def one(self, conn: Connection, **params: Any) -> Any:
         """The first row, or None."""
         return self.execute(conn, params).fetchone()
+
+    def row(self, conn: Connection, **params: Any) -> Any:
+        """The first row as a named tuple (columns read by name: ``row.available_nano``), or
+        None. The tuple type is built once, from the cursor's column names."""
+        cursor = self.execute(conn, params)
+        raw = cursor.fetchone()
+        if raw is None:
+            return None
+        if self._row_type is None:
+            self._row_type = namedtuple("Row", [d[0] for d in cursor.description])  # type: ignore[misc]  # noqa: PYI024
+        return self._row_type._make(raw)
 
     def rowcount(self, conn: Connection, **params: Any) -> int:
         return int(self.execute(conn, params).rowcount)

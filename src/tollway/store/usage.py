@@ -72,9 +72,9 @@ def insert_event(conn: Connection, *, event_id: str, account_id: int, type_: str
 
 
 def find_request_key(conn: Connection, key_id: int, idempotency_key: str) -> Any:
-    """(request_id, fingerprint, state, status, content_type, body, cost_nano, created_at_ms)
-    or None."""
-    return _FIND_REQUEST_KEY.one(conn, key_id=key_id, idempotency_key=idempotency_key)
+    """The key's row, read by name (request_id, fingerprint, state, status, content_type,
+    body, cost_nano, created_at_ms), or None."""
+    return _FIND_REQUEST_KEY.row(conn, key_id=key_id, idempotency_key=idempotency_key)
 
 
 def claim_request_key(conn: Connection, *, key_id: int, idempotency_key: str, request_id: str,

@@ -144,6 +144,9 @@ class Board:
         without ``channels``); a channel that stays keeps its circuit state."""
         off = set(disabled)
         old, channels, routes = self.channels, {}, {}
+        # a key pool's turn carries over, like the circuit state
+        turns = {entry.keys[0].id: entry.turn for route in self._routes.values()
+                 for level in route.levels for entry in level.entries if entry.keys}
         for item_id, spec, provider in items:
             specs = spec.channels if spec.channels is not None else _implicit(spec, provider)
             made: list[tuple[ChannelSpec, list[Channel]]] = []
@@ -157,16 +160,19 @@ class Board:
                        else [(f"{item_id}/{cs.provider}", cs.provider)])
                 keys = []
                 for cid, upstream in ids:
-                    channel = Channel(cid, item_id, spec.is_endpoint, cs.provider, upstream,
-                                      cs.upstream_model or spec.upstream_model,
-                                      cs.weight, cs.priority,
-                                      cs.cost if cs.cost is not None else spec.cost,
-                                      KIND_PROTOCOLS.get(kind, ()))
-                    previous = old.get(cid)
-                    if previous is not None:
-                        for name in ("failures", "open_until_ms", "opened", "probing",
-                                     "recent"):
-                            setattr(channel, name, getattr(previous, name))
+                    fresh = Channel(cid, item_id, spec.is_endpoint, cs.provider, upstream,
+                                    cs.upstream_model or spec.upstream_model,
+                                    cs.weight, cs.priority,
+                                    cs.cost if cs.cost is not None else spec.cost,
+                                    KIND_PROTOCOLS.get(kind, ()))
+                    # A channel that stays is the same object, updated: requests in flight
+                    # report their outcome to it, and its circuit state carries over.
+                    channel = old.get(cid) or fresh
+                    if channel is not fresh:
+                        for name in ("item", "endpoint", "provider", "upstream",
+                                     "upstream_model", "weight", "priority", "cost",
+                                     "families"):
+                            setattr(channel, name, getattr(fresh, name))
                     channel.disabled = cid in off
                     channels[cid] = channel
                     keys.append(channel)
@@ -181,7 +187,8 @@ class Board:
                     if spec.channels is None and family and spec.providers is not None \
                             and spec.providers.get(family) != cs.provider:
                         continue
-                    levels.setdefault(cs.priority, []).append(_Entry(cs.weight, keys))
+                    levels.setdefault(cs.priority, []).append(
+                        _Entry(cs.weight, keys, turns.get(keys[0].id, 0) if keys else 0))
                     members.extend(keys)
                 if members:
                     routes[(item_id, family)] = _Route(

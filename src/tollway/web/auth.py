@@ -164,7 +164,7 @@ async def signup(request: Request) -> Response:
         if credit_nano:  # once per account, whatever the number of submits
             await ctx.write(lambda conn: credits.topup(
                 conn, account_id, credit_nano, idempotency_key=f"signup-credit-{account_id}",
-                note="sign-up credit"), account_id=account_id)
+                note="sign-up credit", at_ms=ctx.clock()), account_id=account_id)
     except InvalidRequest as exc:
         return await render(request, "auth/signup.html",
                             {"error": exc.message, "name": name, "email": email}, status=400)

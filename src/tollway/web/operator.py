@@ -186,7 +186,7 @@ async def _credit(ctx: Context, account_id: int, action: str, form: Any,
     kind = "topup" if action == "topup" else "adjustment"
     await ctx.write(lambda conn: credits.credit(
         conn, account_id, amount, kind=kind, idempotency_key=f"console-{action}-{nonce}",
-        note=values["note"] or None), account_id=account_id)
+        note=values["note"] or None, at_ms=ctx.clock()), account_id=account_id)
 
 
 # --------------------------------------------------------------------------- catalog

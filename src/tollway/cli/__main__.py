@@ -1,0 +1,5 @@
+"""``python -m tollway.cli``."""
+
+from tollway.cli import main
+
+raise SystemExit(main())
