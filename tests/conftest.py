@@ -14,7 +14,14 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from fakes import FakeUpstream, Tollway, fake_catalog, fresh_database, running_tollway
+from fakes import (
+    FakeUpstream,
+    Serving,
+    Tollway,
+    fake_catalog,
+    fresh_database,
+    running_tollway,
+)
 from tollway.store.db import Database, normalize_url
 from tollway.store.migrate import upgrade
 
@@ -99,10 +106,18 @@ def upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
+@pytest.fixture(scope="module")
+def serving() -> Serving:
+    """Override in a module (it may take other module fixtures) to say what differs."""
+    return Serving()
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[Tollway]:
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream),
-                                                        upstream) as tollway:
+def served(request: pytest.FixtureRequest, upstream: FakeUpstream,
+           serving: Serving) -> Iterator[Tollway]:
+    catalog = fake_catalog(upstream) if serving.catalog is None else serving.catalog
+    with fresh_database(request) as db, running_tollway(db, catalog, upstream, env=serving.env,
+                                                        clock=serving.clock) as tollway:
         yield tollway
 
 

@@ -787,6 +787,17 @@ def _usd(text: str) -> int:
     return parse_usd(text)
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What a module's served Tollway differs in. ``catalog``: the catalog text (default: the
+    fake catalog on the module's fake upstream); ``env``: the environment while it runs
+    (default ``GATEWAY_ENV``); ``clock``: a clock the module moves."""
+
+    catalog: str | None = None
+    env: dict[str, str] | None = None
+    clock: FakeClock | None = None
+
+
 @contextlib.contextmanager
 def running_tollway(db: Database, catalog: str, fake: FakeUpstream | None = None,
                     env: dict[str, str] | None = None,

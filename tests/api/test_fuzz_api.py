@@ -24,7 +24,6 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +45,8 @@ from fakes import (
     ADMIN_TOKEN,
     GATEWAY_ENV,
     IGNORE_TOKENIZER_WARNING,
+    Serving,
     Tollway,
-    fresh_database,
-    running_tollway,
 )
 from tollway.api.openapi import SPEC
 
@@ -120,14 +118,11 @@ def steer(case: schemathesis.Case, choice: int, targets: Targets) -> None:
         params["code_id"] = targets.code_id
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest) -> Iterator[Tollway]:
+@pytest.fixture(scope="module")
+def serving() -> Serving:
     # the sandbox catalog; a 64 KiB body limit (fuzzed bodies stay well within it)
-    env = {name: value for name, value in GATEWAY_ENV.items()
-           if not name.startswith("TOLLWAY_TEST_")}
-    with fresh_database(request) as db, running_tollway(db, CATALOG.read_text(),
-                                                        env=env) as tollway:
-        yield tollway
+    return Serving(catalog=CATALOG.read_text(), env={
+        name: value for name, value in GATEWAY_ENV.items() if not name.startswith("TOLLWAY_TEST_")})
 
 
 def check_error_shape(response: Any) -> None:

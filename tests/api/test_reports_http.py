@@ -44,7 +44,7 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest) -> Iterator[tuple[Books, TestClient]]:
+def app_client(request: pytest.FixtureRequest) -> Iterator[tuple[Books, TestClient]]:
     with fresh_database(request) as db:
         books = standard_books(db)
         with TestClient(create_app(database_url=db.url, admin_token=ADMIN_TOKEN)) as client:
@@ -83,8 +83,8 @@ def error(response: Any, status: int, code: str) -> str:
 
 
 def test_a_key_pages_through_its_own_log_with_every_filter(
-        served: tuple[Books, TestClient]) -> None:
-    books, client = served
+        app_client: tuple[Books, TestClient]) -> None:
+    books, client = app_client
     alice = books.accounts["alice"]
     headers = auth(books, "a-main")
     cases: list[tuple[dict[str, Any], LogFilter]] = [
@@ -114,8 +114,8 @@ def test_a_key_pages_through_its_own_log_with_every_filter(
 
 
 def test_another_accounts_records_keys_and_cursors_find_nothing(
-        served: tuple[Books, TestClient]) -> None:
-    books, client = served
+        app_client: tuple[Books, TestClient]) -> None:
+    books, client = app_client
     alice, bob = books.accounts["alice"], books.accounts["bob"]
     headers = auth(books, "a-main")
     bobs = books.expect(LogFilter(account_id=bob))
@@ -174,8 +174,8 @@ def test_another_accounts_records_keys_and_cursors_find_nothing(
     assert statement["account"]["name"] == "alice"
 
 
-def test_exports_stream_the_whole_range_once(served: tuple[Books, TestClient]) -> None:
-    books, client = served
+def test_exports_stream_the_whole_range_once(app_client: tuple[Books, TestClient]) -> None:
+    books, client = app_client
     alice = books.accounts["alice"]
     expected = books.expect(LogFilter(account_id=alice))
     response = client.get("/v1/billing/usage/export", headers=auth(books, "a-main"))
@@ -195,8 +195,8 @@ def test_exports_stream_the_whole_range_once(served: tuple[Books, TestClient]) -
         LogFilter(account_id=alice, product="chat-a"))
 
 
-def test_summary_over_http_equals_the_raw_records(served: tuple[Books, TestClient]) -> None:
-    books, client = served
+def test_summary_over_http_equals_the_raw_records(app_client: tuple[Books, TestClient]) -> None:
+    books, client = app_client
     bob = books.accounts["bob"]
     with books.db.read() as conn:
         raw = conn.execute(sa.select(usage_records)
@@ -219,10 +219,10 @@ def test_summary_over_http_equals_the_raw_records(served: tuple[Books, TestClien
     assert {product for product, _ in got} == {"search-c", "quote-d"}
 
 
-def test_statements_over_http_reconcile(served: tuple[Books, TestClient]) -> None:
+def test_statements_over_http_reconcile(app_client: tuple[Books, TestClient]) -> None:
     """Alice's October and November from the books: top-ups, adjustments and charges by
     month, added up here."""
-    books, client = served
+    books, client = app_client
     alice = books.accounts["alice"]
     headers = auth(books, "a-main")
     november_start = ms("2025-11-01T00:00:00Z")
@@ -261,8 +261,8 @@ def test_statements_over_http_reconcile(served: tuple[Books, TestClient]) -> Non
     assert format_usd(opening) in as_html.text
 
 
-def test_bad_requests_are_400_and_bad_keys_401(served: tuple[Books, TestClient]) -> None:
-    books, client = served
+def test_bad_requests_are_400_and_bad_keys_401(app_client: tuple[Books, TestClient]) -> None:
+    books, client = app_client
     headers = auth(books, "a-main")
     for path, params in (
             ("/v1/billing/usage", {"cursor": "not-a-cursor"}),
@@ -301,8 +301,8 @@ def test_bad_requests_are_400_and_bad_keys_401(served: tuple[Books, TestClient])
 
 
 def test_admin_routes_see_any_account_and_need_the_token(
-        served: tuple[Books, TestClient]) -> None:
-    books, client = served
+        app_client: tuple[Books, TestClient]) -> None:
+    books, client = app_client
     bob = books.accounts["bob"]
     for path in ("/admin/v1/usage", "/admin/v1/usage/export", "/admin/v1/summary",
                  f"/admin/v1/usage/{books.tags['h4'].request_id}",

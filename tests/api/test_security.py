@@ -35,13 +35,10 @@ from fakes import (
     UPSTREAM_KEY,
     AnthropicScript,
     DataReply,
-    FakeUpstream,
     LLMScript,
+    Serving,
     Tollway,
     error_of,
-    fake_catalog,
-    fresh_database,
-    running_tollway,
 )
 from tollway.api import admin
 from tollway.store import tables
@@ -77,12 +74,10 @@ def logs() -> Iterator[Captured]:
         root.setLevel(saved)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest, upstream: FakeUpstream, logs: Captured
-           ) -> Iterator[Tollway]:
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream),
-                                                        upstream) as tollway:
-        yield tollway
+@pytest.fixture(scope="module")
+def serving(logs: Captured) -> Serving:
+    """The default gateway, started once ``logs`` captures every record."""
+    return Serving()
 
 
 @dataclass

@@ -8,7 +8,6 @@ import csv
 import hashlib
 import io
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pytest
 import sqlalchemy as sa
 from test_notifications import ENV
 
-from fakes import USD, Tollway, fresh_database, running_tollway
+from fakes import USD, Serving, Tollway
 from tollway import cli, clock
 from tollway.billing import codes
 from tollway.billing import notifications as notify
@@ -150,11 +149,9 @@ def test_batch_creation_prints_csv_and_every_code_redeems(
 # --------------------------------------------------------------------------- over HTTP
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest) -> Iterator[Tollway]:
-    with fresh_database(request) as db, \
-            running_tollway(db, CATALOG.read_text(), env=ENV) as tollway:
-        yield tollway
+@pytest.fixture(scope="module")
+def serving() -> Serving:
+    return Serving(catalog=CATALOG.read_text(), env=ENV)
 
 
 def test_fifty_concurrent_http_redemptions_credit_once(tw: Tollway) -> None:

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tollway.clock
-from fakes import GATEWAY_ENV, USD, Tollway, fresh_database, running_tollway
+from fakes import GATEWAY_ENV, USD, Serving, Tollway, running_tollway
 from tollway import cli, clock
 from tollway.billing import credits
 from tollway.billing import notifications as notify
@@ -137,11 +137,9 @@ def deliver(db: Database, policy: Policy = NOW_POLICY,
 # --------------------------------------------------------------------------- served gateway
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest) -> Iterator[Tollway]:
-    with fresh_database(request) as db, \
-            running_tollway(db, CATALOG.read_text(), env=ENV) as tollway:
-        yield tollway
+@pytest.fixture(scope="module")
+def serving() -> Serving:
+    return Serving(catalog=CATALOG.read_text(), env=ENV)
 
 
 def test_one_signed_low_balance_event_per_crossing(tw: Tollway, receiver: Receiver) -> None:

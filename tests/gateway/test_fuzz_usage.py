@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -32,11 +32,7 @@ from test_hostile_upstream import DONE, PIECES, answer, chunk, delta, replying, 
 from fakes import (
     IGNORE_TOKENIZER_WARNING,
     USD,
-    FakeUpstream,
     Tollway,
-    fake_catalog,
-    fresh_database,
-    running_tollway,
 )
 from tollway.gateway.usage import (
     bounded,
@@ -156,13 +152,6 @@ def test_anthropic_and_responses_usage_is_refused_or_bounded_the_same_way(long: 
 
 
 # --------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[Tollway]:
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream),
-                                                        upstream) as tollway:
-        yield tollway
 
 
 def check_one_request(tw: Tollway, raw: Any, *, stream: bool, where: int) -> None:

@@ -14,7 +14,6 @@ scholar-search 0.02 USD.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from decimal import ROUND_HALF_UP
 from decimal import Decimal as D
 from pathlib import Path
@@ -24,13 +23,7 @@ import anthropic
 import openai
 import pytest
 
-from fakes import (
-    IGNORE_TOKENIZER_WARNING,
-    USD,
-    Tollway,
-    fresh_database,
-    running_tollway,
-)
+from fakes import IGNORE_TOKENIZER_WARNING, USD, Serving, Tollway
 from tollway import tokens
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
@@ -40,10 +33,9 @@ CATALOG = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 TEN_USD = 10 * USD
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest) -> Iterator[Tollway]:
-    with fresh_database(request) as db, running_tollway(db, CATALOG.read_text()) as tollway:
-        yield tollway
+@pytest.fixture(scope="module")
+def serving() -> Serving:
+    return Serving(catalog=CATALOG.read_text())
 
 
 def test_the_token_counts_these_tests_rely_on() -> None:

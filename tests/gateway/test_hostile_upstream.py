@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from typing import Any
 
@@ -32,12 +32,9 @@ from fakes import (
     GATEWAY_ENV,
     IGNORE_TOKENIZER_WARNING,
     USD,
-    FakeUpstream,
+    Serving,
     Tollway,
     error_of,
-    fake_catalog,
-    fresh_database,
-    running_tollway,
     sse_events,
 )
 from tollway.cli import main
@@ -58,12 +55,9 @@ PIECES = ["Hello", " there", ",", " friend", "!"]  # 5 tokens together
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[Tollway]:
-    env = {**GATEWAY_ENV, "TOLLWAY_MAX_UPSTREAM_BODY_BYTES": str(UPSTREAM_LIMIT)}
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream), upstream,
-                                                        env=env) as tollway:
-        yield tollway
+@pytest.fixture(scope="module")
+def serving() -> Serving:
+    return Serving(env={**GATEWAY_ENV, "TOLLWAY_MAX_UPSTREAM_BODY_BYTES": str(UPSTREAM_LIMIT)})
 
 
 # --------------------------------------------------------------------------- helpers

@@ -26,11 +26,10 @@ from fakes import (
     FakeClock,
     FakeUpstream,
     GatewayThread,
+    Serving,
     Tollway,
     error_of,
     fake_catalog,
-    fresh_database,
-    running_tollway,
 )
 from tollway import tokens
 from tollway.billing import tiers
@@ -55,24 +54,14 @@ START_MS = (int(time.time()) // 60 + 24 * 60) * 60_000 + 12_300
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module")
 def clock() -> FakeClock:
     return FakeClock(START_MS)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest, upstream: FakeUpstream,
-           clock: FakeClock) -> Iterator[Tollway]:
-    env = {**GATEWAY_ENV, "TOLLWAY_TRUSTED_PROXIES": "127.0.0.0/8"}
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream) + TIERS,
-                                                        upstream, env=env,
-                                                        clock=clock) as tollway:
-        yield tollway
+@pytest.fixture(scope="module")
+def serving(upstream: FakeUpstream, clock: FakeClock) -> Serving:
+    return Serving(catalog=fake_catalog(upstream) + TIERS, clock=clock,
+                   env={**GATEWAY_ENV, "TOLLWAY_TRUSTED_PROXIES": "127.0.0.0/8"})
 
 
 @pytest.fixture

@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from test_ledger import balances, new_account
 
 from tollway import clock
 from tollway.errors import InsufficientBalance
 from tollway.ledger import ledger
 from tollway.ledger.ledger import Release, Settlement, Topup
 from tollway.ledger.verify import verify
-from tollway.store.accounts import create_account, get_account
 from tollway.store.db import Database
 from tollway.store.tables import entries, postings
 from tollway.store.writer import Writer
@@ -40,21 +40,6 @@ postgresql_only = pytest.mark.parametrize("db_url", ["postgresql"], indirect=Tru
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def new_account(db: Database, name: str = "alice", topup_nano: int = 0) -> int:
-    with db.write() as conn:
-        account_id = create_account(conn, name, "default", at_ms=0).id
-        if topup_nano:
-            ledger.topup(conn, account_id, topup_nano, idempotency_key=f"seed-{name}",
-                         at_ms=clock.now_ms())
-    return account_id
-
-
-def balances(db: Database, account_id: int) -> tuple[int, int]:
-    with db.read() as conn:
-        account = get_account(conn, account_id)
-    return account.available_nano, account.held_nano
 
 
 def assert_verified(db: Database) -> None:

@@ -13,7 +13,6 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +26,9 @@ from fakes import (
     IGNORE_TOKENIZER_WARNING,
     DataReply,
     FakeUpstream,
+    Serving,
     Tollway,
     error_of,
-    fake_catalog,
-    fresh_database,
-    running_tollway,
 )
 from tollway import clock
 from tollway.billing import metering
@@ -55,18 +52,9 @@ LINE = re.compile(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$')
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[FakeUpstream]:
-    with FakeUpstream() as fake:
-        yield fake
-
-
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest, upstream: FakeUpstream) -> Iterator[Tollway]:
-    env = {**GATEWAY_ENV, "TOLLWAY_MAX_INFLIGHT_REQUESTS": str(MAX_INFLIGHT),
-           "TOLLWAY_METRICS_TOKEN": METRICS_TOKEN, "TOLLWAY_LOG_REQUESTS": "all"}
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream), upstream,
-                                                        env=env) as tollway:
-        yield tollway
+def serving() -> Serving:
+    return Serving(env={**GATEWAY_ENV, "TOLLWAY_MAX_INFLIGHT_REQUESTS": str(MAX_INFLIGHT),
+                        "TOLLWAY_METRICS_TOKEN": METRICS_TOKEN, "TOLLWAY_LOG_REQUESTS": "all"})
 
 
 def scrape(tw: Tollway, token: str = ADMIN_TOKEN) -> dict[str, float]:

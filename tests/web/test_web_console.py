@@ -32,7 +32,7 @@ _IDS = re.compile(r'data-request-id="([^"]+)"')
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest) -> Iterator[tuple[Books, TestClient]]:
+def console(request: pytest.FixtureRequest) -> Iterator[tuple[Books, TestClient]]:
     with fresh_database(request) as db:
         books = standard_books(db)
         password_hash = logins.hash_password(PASSWORD)
@@ -45,8 +45,8 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[Books, TestClient]]
 
 
 @pytest.fixture
-def as_alice(served: tuple[Books, TestClient]) -> Iterator[tuple[Books, TestClient]]:
-    books, client = served
+def as_alice(console: tuple[Books, TestClient]) -> Iterator[tuple[Books, TestClient]]:
+    books, client = console
     assert login(client, "alice", PASSWORD).status_code == 303
     yield books, client
     client.cookies.clear()
@@ -186,8 +186,8 @@ def test_keys_are_created_shown_once_and_revoked(as_alice: tuple[Books, TestClie
 
 
 def test_a_customer_never_reaches_another_accounts_data(
-        served: tuple[Books, TestClient]) -> None:
-    books, client = served
+        console: tuple[Books, TestClient]) -> None:
+    books, client = console
     alice, bob = books.accounts["alice"], books.accounts["bob"]
     alice_key = books.keys["a-main"]
     bob_ids = {r["request_id"] for r in api_log(client, books, "b-main")}
@@ -255,8 +255,8 @@ def _admin_paths(app: Any, account_id: int) -> list[tuple[str, str]]:
 
 
 def test_a_customer_reaches_no_operator_page_or_route(
-        served: tuple[Books, TestClient]) -> None:
-    books, client = served
+        console: tuple[Books, TestClient]) -> None:
+    books, client = console
     bob = books.accounts["bob"]
     paths = _admin_paths(client.app, bob)
     assert ("GET", "/admin/v1/accounts") in paths and len(paths) > 15

@@ -28,7 +28,7 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest) -> Iterator[tuple[Database, TestClient]]:
+def console(request: pytest.FixtureRequest) -> Iterator[tuple[Database, TestClient]]:
     with fresh_database(request) as db:
         with db.write() as conn:
             for name in ("alice", "bob"):
@@ -40,8 +40,8 @@ def served(request: pytest.FixtureRequest) -> Iterator[tuple[Database, TestClien
 
 
 @pytest.fixture
-def client(served: tuple[Database, TestClient]) -> Iterator[TestClient]:
-    _, client = served
+def client(console: tuple[Database, TestClient]) -> Iterator[TestClient]:
+    _, client = console
     client.cookies.clear()
     yield client
     client.cookies.clear()
@@ -80,8 +80,8 @@ def test_pages_need_a_session_and_redirect_to_sign_in(client: TestClient) -> Non
 
 @pytest.mark.parametrize("name", ["alice", "alice@example.com", " ALICE@example.COM "])
 def test_a_customer_signs_in_by_name_or_email_and_out_again(
-        served: tuple[Database, TestClient], client: TestClient, name: str) -> None:
-    db, _ = served
+        console: tuple[Database, TestClient], client: TestClient, name: str) -> None:
+    db, _ = console
     response = login(client, name, PASSWORD)
     assert response.status_code == 303 and response.headers["location"] == "/console"
     cookie = response.headers["set-cookie"]
@@ -117,8 +117,8 @@ def test_wrong_logins_are_refused_alike(client: TestClient, name: str, password:
 
 
 def test_forms_without_this_browsers_csrf_token_are_refused(
-        served: tuple[Database, TestClient], client: TestClient) -> None:
-    db, _ = served
+        console: tuple[Database, TestClient], client: TestClient) -> None:
+    db, _ = console
     csrf(client)  # the anonymous CSRF cookie is set
     for data in ({}, {"csrf_token": ""}, {"csrf_token": "forged"}):
         response = client.post("/login", data={**data, "login": "alice", "password": PASSWORD},
@@ -139,8 +139,8 @@ def test_forms_without_this_browsers_csrf_token_are_refused(
 
 
 def test_a_disabled_account_cannot_sign_in_and_its_sessions_end(
-        served: tuple[Database, TestClient], client: TestClient) -> None:
-    db, _ = served
+        console: tuple[Database, TestClient], client: TestClient) -> None:
+    db, _ = console
     bob = account_id(db, "bob")
     assert login(client, "bob", PASSWORD).status_code == 303
     with db.write() as conn:
@@ -153,8 +153,8 @@ def test_a_disabled_account_cannot_sign_in_and_its_sessions_end(
 
 
 def test_a_disabled_accounts_keys_are_refused(
-        served: tuple[Database, TestClient], client: TestClient) -> None:
-    db, _ = served
+        console: tuple[Database, TestClient], client: TestClient) -> None:
+    db, _ = console
     bob = account_id(db, "bob")
     admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     created = client.post(f"/admin/v1/accounts/{bob}/keys", headers=admin, json={"name": "k"})
@@ -171,9 +171,9 @@ def test_a_disabled_accounts_keys_are_refused(
     assert client.get("/v1/billing/balance", headers=key).status_code == 200
 
 
-def test_an_expired_session_is_refused(served: tuple[Database, TestClient],
+def test_an_expired_session_is_refused(console: tuple[Database, TestClient],
                                        client: TestClient) -> None:
-    db, _ = served
+    db, _ = console
     assert login(client, "alice", PASSWORD).status_code == 303
     digest = hashlib.sha256(client.cookies["tollway_session"].encode()).hexdigest()
     with db.read() as conn:
@@ -188,8 +188,8 @@ def test_an_expired_session_is_refused(served: tuple[Database, TestClient],
 
 
 def test_a_new_password_ends_the_accounts_sessions(
-        served: tuple[Database, TestClient], client: TestClient) -> None:
-    db, _ = served
+        console: tuple[Database, TestClient], client: TestClient) -> None:
+    db, _ = console
     assert login(client, "alice", PASSWORD).status_code == 303
     with db.write() as conn:
         logins.set_password_hash(conn, account_id(db, "alice"), logins.hash_password("n3w pass"))
@@ -247,9 +247,9 @@ def test_sign_up_is_off_unless_enabled(client: TestClient) -> None:
 
 
 def test_sign_up_credits_once_even_when_submitted_twice(
-        served: tuple[Database, TestClient], client: TestClient,
+        console: tuple[Database, TestClient], client: TestClient,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    db, _ = served
+    db, _ = console
     monkeypatch.setenv("TOLLWAY_SIGNUP_ENABLED", "true")
     monkeypatch.setenv("TOLLWAY_SIGNUP_CREDIT_USD", "1.25")
     token = csrf(client, "/signup")

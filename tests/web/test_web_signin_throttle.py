@@ -34,7 +34,7 @@ class Clock:
 
 
 @contextmanager
-def served(db: Database, clock: Clock, *ips: str) -> Iterator[list[TestClient]]:
+def serving_clients(db: Database, clock: Clock, *ips: str) -> Iterator[list[TestClient]]:
     """One app on ``db``, with one client per address."""
     app = create_app(database_url=db.url, admin_token=ADMIN_TOKEN, clock=clock)
     clients = [TestClient(app, client=(ip, 50000)) for ip in ips]
@@ -67,7 +67,7 @@ def test_the_sixth_attempt_is_refused_until_the_oldest_failure_leaves_the_window
     make_accounts(db, "alice")
     clock = Clock()
     start = clock.ms
-    with served(db, clock, "198.51.100.7", "198.51.100.8") as (client, other):
+    with serving_clients(db, clock, "198.51.100.7", "198.51.100.8") as (client, other):
         for i in range(5):
             clock.ms = start + i * 1000
             assert login(client, "alice", WRONG).status_code == 401
@@ -98,7 +98,7 @@ def test_the_sixth_attempt_is_refused_until_the_oldest_failure_leaves_the_window
 def test_an_address_over_the_limit_is_refused_for_every_login(db: Database) -> None:
     make_accounts(db, "alice")
     clock = Clock()
-    with served(db, clock, "203.0.113.9", "203.0.113.10") as (client, other):
+    with serving_clients(db, clock, "203.0.113.9", "203.0.113.10") as (client, other):
         for name in ("bob", "carol", "alice@example.com", "nobody", "101"):
             assert login(client, name, WRONG).status_code == 401
         clock.ms += 60_000
@@ -111,7 +111,7 @@ def test_an_address_over_the_limit_is_refused_for_every_login(db: Database) -> N
 
 def test_the_operator_form_is_limited_by_address(db: Database) -> None:
     clock = Clock()
-    with served(db, clock, "192.0.2.1", "192.0.2.2") as (client, other):
+    with serving_clients(db, clock, "192.0.2.1", "192.0.2.2") as (client, other):
         for i in range(5):
             clock.ms += 1000
             assert operator_login(client, f"guess-{i}").status_code == 401
@@ -123,8 +123,8 @@ def test_the_operator_form_is_limited_by_address(db: Database) -> None:
 def test_two_instances_on_one_database_share_the_counts(db: Database) -> None:
     make_accounts(db, "alice")
     clock = Clock()
-    with served(db, clock, "198.51.100.20") as (one,), \
-            served(db, clock, "198.51.100.21") as (two,):
+    with serving_clients(db, clock, "198.51.100.20") as (one,), \
+            serving_clients(db, clock, "198.51.100.21") as (two,):
         for client in (one, two, one, two, one):
             assert login(client, "alice", WRONG).status_code == 401
         assert_throttled(login(two, "alice", PASSWORD), 900)
@@ -138,7 +138,7 @@ def test_failures_older_than_the_window_are_forgotten(db: Database) -> None:
             {"scope": "login:old", "at_ms": clock.ms - WINDOW_MS - 1},
             {"scope": "login:old", "at_ms": clock.ms - WINDOW_MS},
             {"scope": "login:recent", "at_ms": clock.ms - WINDOW_MS + 1}])
-    with served(db, clock, "198.51.100.30") as (client,):
+    with serving_clients(db, clock, "198.51.100.30") as (client,):
         assert login(client, "someone", WRONG).status_code == 401
     assert failures(db, "login:old") == []
     assert failures(db, "login:recent") == [clock.ms - WINDOW_MS + 1]
