@@ -33,6 +33,7 @@ from fakes import (
     ImagesScript,
     LLMScript,
     ResponsesScript,
+    Serving,
     Tollway,
     closed_port,
     fresh_database,
@@ -103,18 +104,20 @@ ENV = {**GATEWAY_ENV, "TOLLWAY_UPSTREAM_HEADERS_TIMEOUT_SECONDS": "0.5",
 
 
 @pytest.fixture(scope="module")
-def fakes() -> Iterator[tuple[FakeUpstream, FakeUpstream]]:
-    with FakeUpstream() as a, FakeUpstream() as b:
-        yield a, b
+def second() -> Iterator[FakeUpstream]:
+    with FakeUpstream() as b:
+        yield b
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def served(request: pytest.FixtureRequest,
-           fakes: tuple[FakeUpstream, FakeUpstream]) -> Iterator[Tollway]:
-    a, b = fakes
-    with fresh_database(request) as db, running_tollway(db, catalog(a, b, closed_port()), a,
-                                                        env=ENV) as tollway:
-        yield tollway
+@pytest.fixture(scope="module")
+def fakes(upstream: FakeUpstream, second: FakeUpstream) -> tuple[FakeUpstream, FakeUpstream]:
+    """``a`` (the module's upstream, conftest's) and ``b``."""
+    return upstream, second
+
+
+@pytest.fixture(scope="module")
+def serving(fakes: tuple[FakeUpstream, FakeUpstream]) -> Serving:
+    return Serving(catalog=catalog(*fakes, closed_port()), env=ENV)
 
 
 @pytest.fixture
