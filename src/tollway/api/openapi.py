@@ -520,4 +520,8 @@ SPEC["paths"].update({
     "/admin/groups": html_pages("Groups, ratios and item overrides", security="session"),
     "/admin/usage": html_pages("Usage and revenue of every account, by account and product",
                                security="session"),
+    "/admin/channels": html_pages("Upstream channels with this worker's circuit state; the "
+                                  "last 30 days' margin per channel", security="session"),
+    "/admin/channels/toggle": html_pages("Disable or enable a channel (stored)", ("post",),
+                                         security="session"),
 })
