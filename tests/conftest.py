@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from fake_stripe import FakeStripe
 from fakes import (
     FakeUpstream,
     Serving,
@@ -119,6 +120,13 @@ def served(request: pytest.FixtureRequest, upstream: FakeUpstream,
     with fresh_database(request) as db, running_tollway(db, catalog, upstream, env=serving.env,
                                                         clock=serving.clock) as tollway:
         yield tollway
+
+
+@pytest.fixture(scope="module")
+def stripe_fake() -> Iterator[FakeStripe]:
+    """A fake Stripe Checkout API on 127.0.0.1 (``fake_stripe``), one per module."""
+    with FakeStripe() as fake:
+        yield fake
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from tollway import settings
+from tollway.api.payments import payment_routes
+from tollway.api.reports import customer_scope
 from tollway.api.routes import api_routes
 from tollway.billing import keys
 from tollway.clock import Clock, now_ms
@@ -30,8 +32,17 @@ from tollway.upstreams.channels import Board, Policy, parse_statuses
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
 from tollway.web import pages
+from tollway.web.billing_pages import csrf_session_scope, has_session
 from tollway.web.routes import web_routes
 from tollway.web.session import LoginRequired, login_required
+
+
+async def key_or_session(request: Request, ctx: Context) -> int:
+    """Card top-ups (``api/payments.py``) are for an API key's account or, from the console,
+    a signed-in session's (with its CSRF token); a request with a key is the key's."""
+    if request.headers.get("authorization") or not await has_session(request):
+        return await customer_scope(request, ctx)
+    return await csrf_session_scope(request, ctx)
 
 
 async def error(request: Request, exc: Exception) -> Response:
@@ -110,7 +121,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
             await gw.stop()
             await ctx.stop()
 
-    routes = [*api_routes, *gateway_routes, *web_routes]
+    routes = [*api_routes, *payment_routes(key_or_session), *gateway_routes, *web_routes]
     return Starlette(
         routes=routes,
         lifespan=lifespan,

@@ -2,6 +2,8 @@
 
     TollwayError
     ├── InvalidRequest (400 invalid_request_error)
+    │   ├── InvalidSignature   — a payment webhook whose signature is forged or stale
+    │   ├── PaymentMismatch    — a paid session that does not match its order (not credited)
     │   ├── CatalogError       — the catalog file cannot be used as written
     │   └── IdempotencyConflict — a key reused with different parameters (409)
     ├── AuthenticationError (401)
@@ -23,8 +25,10 @@
     ├── CodeExpired (410) — a redemption code past its expiry, or revoked (CodeRevoked)
     ├── PayloadTooLarge (413)
     ├── UpstreamError (502) — the upstream failed, answered garbage or could not be reached
-    │   └── UpstreamTimeout (504)
+    │   ├── UpstreamTimeout (504)
+    │   └── PaymentProviderError — the payment provider refused or could not be reached
     ├── StorageUnavailable (503) — the database cannot be reached
+    ├── PaymentsUnavailable (503) — card top-ups are not configured on this server
     └── Overloaded (503) — this worker has too many requests in flight; shed before any work
 
 The 503s carry ``retry_after_s`` (sent as ``Retry-After``): both go away by themselves.
@@ -246,3 +250,20 @@ class NoChannelAvailable(UpstreamError):
     def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+class InvalidSignature(InvalidRequest):
+    code = "invalid_signature"
+
+
+class PaymentMismatch(InvalidRequest):
+    code = "payment_mismatch"
+
+
+class PaymentProviderError(UpstreamError):
+    code = "payment_provider_error"
+
+
+class PaymentsUnavailable(TollwayError):
+    status = 503
+    type = "api_error"
+    code = "payments_unavailable"

@@ -103,6 +103,23 @@ SETTINGS = (
     Setting("smtp_url", "",
             "smtp://USER:PASS@HOST:PORT (STARTTLS when offered) or smtps://…; empty: no email"),
     Setting("notify_email_from", "tollway@localhost", "From: address of notification email"),
+    Setting("public_url", "http://127.0.0.1:8080",
+            "the address customers reach this server at (the payment provider sends them back "
+            "to pages under it)"),
+    Setting("stripe_secret_key", "",
+            "Stripe secret API key (sk_live_… or sk_test_…); empty: card top-ups are off"),
+    Setting("stripe_webhook_secret", "",
+            "signing secret of the Stripe webhook endpoint /webhooks/stripe (whsec_…)"),
+    Setting("stripe_api_base", "https://api.stripe.com",
+            "Stripe API address (tests point it at a local fake)"),
+    Setting("topup_min_usd", "5", "smallest card top-up, USD (at most 2 decimals)"),
+    Setting("topup_max_usd", "1000", "largest card top-up, USD (at most 2 decimals)"),
+    Setting("receipt_business_name", "Tollway", "the seller's name printed on receipts"),
+    Setting("receipt_business_address", "",
+            "the seller's address and tax id printed on receipts (\\n separates lines)"),
+    Setting("topup_presets_usd", "10,20,50,100",
+            "comma-separated top-up amounts the console offers as buttons (each within the "
+            "bounds)"),
 )
 
 

@@ -41,6 +41,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from fake_stripe import FakeStripe, stripe_env
 from fakes import (
     ADMIN_TOKEN,
     GATEWAY_ENV,
@@ -119,10 +120,12 @@ def steer(case: schemathesis.Case, choice: int, targets: Targets) -> None:
 
 
 @pytest.fixture(scope="module")
-def serving() -> Serving:
+def serving(stripe_fake: FakeStripe) -> Serving:
     # the sandbox catalog; a 64 KiB body limit (fuzzed bodies stay well within it)
+    # and card top-ups against the fake Checkout API (webhooks: fuzzed bodies are unsigned)
     return Serving(catalog=CATALOG.read_text(), env={
-        name: value for name, value in GATEWAY_ENV.items() if not name.startswith("TOLLWAY_TEST_")})
+        name: value for name, value in GATEWAY_ENV.items() if not name.startswith("TOLLWAY_TEST_")
+    } | stripe_env(stripe_fake))
 
 
 def check_error_shape(response: Any) -> None:

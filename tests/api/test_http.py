@@ -258,6 +258,7 @@ def test_balance_with_a_valid_key(client: TestClient, prepared: dict[str, Any]) 
     assert body == {"object": "balance", "account_id": prepared["alice"].id,
                     "balance_usd": "4.876543211", "held_usd": "1.250000000",
                     "available_usd": "3.626543211", "used_usd": "0.123456789",
+                    "paid_usd": "3.626543211", "promotional_usd": "0.000000000",
                     "requests": 1}
     assert response.headers["x-request-id"].startswith("req_")
     # the scheme is case-insensitive

@@ -285,6 +285,12 @@ def test_a_key_reaches_only_its_own_account_on_every_customer_route(tw: Tollway)
     assert again.status_code == 409 and error_of(again)["code"] == "code_redeemed"
     assert admin_get(http, f"/admin/v1/accounts/{bob.account}").json()["balance_usd"] == (
         bob_balance)
+    # card top-ups: the payer is the key's account (tests/test_payments.py covers them with
+    # Stripe configured; here it is not, so a checkout is refused before anything is written)
+    assert get("/v1/billing/payments", account=bob.account).json()["data"] == []
+    started = send("POST", "/v1/billing/checkout", json={"amount_usd": "10",
+                                                         "account_id": bob.account})
+    assert started.status_code == 503 and error_of(started)["code"] == "payments_unavailable"
     # every customer report route of the application was tried above
     billing = {p for m, p in every_route(tw.gateway.app) if p.startswith("/v1/billing/")}
     assert billing == covered

@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from tollway import clock
 from tollway.api import channels, notifications, reports
-from tollway.billing import codes, credits, logins, tiers
+from tollway.billing import codes, credits, grants, logins, tiers
 from tollway.billing import keys as key_ops
 from tollway.billing.views import (
     LIMIT_FIELDS,
@@ -232,6 +232,27 @@ async def revoke_code(request: Request, ctx: Context) -> Response:
                                                                   at_ms=clock.now_ms())))
 
 
+async def add_grant(request: Request, ctx: Context) -> Response:
+    """``{"amount_usd", "reason", "expires_at"?}``: promotional credit, spent first."""
+    body = await json_body(request)
+    amount = parse_amount(body.get("amount_usd"))
+    expires = optional_str(body, "expires_at")
+    expires_ms = None if expires is None else parse_iso_ms(expires, what="expires_at")
+    reason = optional_str(body, "reason") or ""
+    key = _idempotency_key(request)
+    account = await ctx.read(lambda conn: store.find_account(conn, request.path_params["account"]))
+    return JSONResponse(await ctx.write(lambda conn: grants.add(
+        conn, account.id, amount, reason=reason, expires_at_ms=expires_ms,
+        at_ms=ctx.clock(), idempotency_key=key), account_id=account.id), status_code=201)
+
+
+async def list_grants(request: Request, ctx: Context) -> Response:
+    ref = request.path_params["account"]
+    account = await ctx.read(lambda conn: store.find_account(conn, ref))
+    return JSONResponse(await ctx.write(lambda conn: grants.listing(
+        conn, account.id, at_ms=ctx.clock()), account_id=account.id))
+
+
 async def verify_ledger(request: Request, ctx: Context) -> Response:
     problems = await ctx.read(verify)
     return JSONResponse({"ok": not problems, "problems": problems},
@@ -270,6 +291,8 @@ admin_routes = [
           methods=["PUT"]),
     Route("/accounts/{account}/notifications/settings/rotate-secret",
           notifications.rotate_secret(admin_scope), methods=["POST"]),
+    Route("/accounts/{account}/grants", _admin(add_grant), methods=["POST"]),
+    Route("/accounts/{account}/grants", _admin(list_grants), methods=["GET"]),
     Route("/codes", _admin(create_codes), methods=["POST"]),
     Route("/codes", _admin(list_codes), methods=["GET"]),
     Route("/codes/{code_id}/revoke", _admin(revoke_code), methods=["POST"]),

@@ -280,6 +280,17 @@ SPEC: dict[str, Any] = {
         "/admin/v1/accounts/{account}/notifications/settings/rotate-secret": {"post": _op(
             "Replace an account's webhook secret", _json(_ref("NotificationSettings")),
             security="adminToken", params=["account"])},
+        "/admin/v1/accounts/{account}/grants": {
+            "post": _op("Grant promotional credit (spent first; expires_at optional); "
+                        "Idempotency-Key makes a retry grant once",
+                        _json(OBJECT), security="adminToken", params=["account"], status="201",
+                        body={"type": "object", "required": ["amount_usd", "reason"],
+                              "properties": {"amount_usd": USD_IN,
+                                             "reason": {"type": "string"},
+                                             "expires_at": {"type": "string",
+                                                            "format": "date-time"}}}),
+            "get": _op("The account's grants with what each has left", _json(OBJECT),
+                       security="adminToken", params=["account"])},
         "/admin/v1/codes": {
             "get": _op("Redemption codes, newest first (?status=unused|redeemed|expired|"
                        "revoked)", _json(OBJECT), security="adminToken",
@@ -358,6 +369,7 @@ SPEC: dict[str, Any] = {
                                "request_id": {"type": ["string", "null"]}}}}},
             "Balance": {"type": "object", "properties": {
                 "balance_usd": USD, "held_usd": USD, "available_usd": USD, "used_usd": USD,
+                "paid_usd": USD, "promotional_usd": USD,
                 "requests": {"type": "integer"}}},
             "Account": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "name": {"type": "string"},
@@ -449,7 +461,8 @@ SPEC: dict[str, Any] = {
             "NotificationPage": {"type": "object", "properties": {
                 "data": {"type": "array", "items": {"type": "object", "properties": {
                     "id": {"type": "string"}, "type": {"enum": ["balance.low",
-                                                                "balance.topup"]},
+                                                                "balance.topup",
+                                                                "payment.reversed"]},
                     "body": {"type": "string"},
                     "deliveries": {"type": "array", "items": OBJECT}}}},
                 "next_cursor": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}}},
@@ -524,4 +537,51 @@ SPEC["paths"].update({
                                   "last 30 days' margin per channel", security="session"),
     "/admin/channels/toggle": html_pages("Disable or enable a channel (stored)", ("post",),
                                          security="session"),
+})
+
+#: Card top-ups (``api/payments.py``): an API key, or a console session with X-CSRF-Token.
+SPEC["components"]["schemas"].update({
+    "CheckoutRequest": {"type": "object", "required": ["amount_usd"], "properties": {
+        "amount_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,2})?$",
+                       "description": "within TOLLWAY_TOPUP_MIN_USD..TOLLWAY_TOPUP_MAX_USD"}}},
+    "Checkout": {"type": "object", "properties": {
+        "id": {"type": "string", "description": "the Checkout Session's id"},
+        "url": {"type": "string", "description": "send the customer here to pay"},
+        "order_id": {"type": "integer"}, "amount_usd": USD, "currency": {"type": "string"}}},
+    "PaymentOrderPage": {"type": "object", "properties": {
+        "data": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "integer"}, "status": {"enum": ["open", "paid", "expired",
+                                                           "failed"]},
+            "amount_usd": USD, "refunded_usd": USD, "disputed_usd": USD,
+            "reversed_usd": USD, "written_off_usd": USD}}},
+        "next_cursor": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}}},
+    "WebhookReceipt": {"type": "object", "properties": {
+        "received": {"type": "boolean"}, "outcome": {"type": "string"},
+        "replay": {"type": "boolean"}, "order_id": {"type": ["integer", "null"]},
+        "credited_usd": USD}},
+})
+SPEC["paths"].update({
+    "/v1/billing/checkout": {"post": _op(
+        "Start a card top-up: an order row and a Stripe Checkout Session for it; send the "
+        "customer to url (400 invalid_request outside the bounds or with more than 2 "
+        "decimals, 503 payments_unavailable when not configured, 502 payment_provider_error)",
+        _json(_ref("Checkout")), body=_ref("CheckoutRequest"), status="201")},
+    "/v1/billing/payments": {"get": _op(
+        "The account's card top-up orders, newest first", _json(_ref("PaymentOrderPage")),
+        params=["limit", "cursor"])},
+    "/webhooks/stripe": {"post": _op(
+        "Stripe's events (signed: Stripe-Signature). checkout.session.completed / "
+        "async_payment_succeeded credit the order's own amount once; charge.refunded and "
+        "charge.dispute.created take money back (400 invalid_signature for a forged or stale "
+        "signature, 400 payment_mismatch for a session that contradicts its order)",
+        _json(_ref("WebhookReceipt")), security=None, body=OBJECT)},
+})
+SPEC["paths"].update({
+    "/console/billing": html_pages("Add funds by card (presets or an amount; redirects to "
+                                   "Stripe Checkout) and payment history", ("get", "post"),
+                                   security="session"),
+    "/console/billing/return": html_pages("Where Stripe sends the customer back: the order's "
+                                          "state and the new balance", security="session"),
+    "/console/billing/receipts/{order_id}": html_pages("A paid order's printable receipt",
+                                                       security="session"),
 })

@@ -98,9 +98,13 @@ def account_view(account: Account) -> dict[str, Any]:
 
 
 def balance_view(account: Account) -> dict[str, Any]:
+    promotional = max(min(account.promo_nano, account.available_nano), 0)
     return {"balance_usd": format_usd(account.balance_nano),
             "held_usd": format_usd(account.held_nano),
             "available_usd": format_usd(account.available_nano),
+            # the available balance in two parts: promotional credit (spent first) and paid
+            "paid_usd": format_usd(account.available_nano - promotional),
+            "promotional_usd": format_usd(promotional),
             "used_usd": format_usd(account.used_nano),
             "requests": account.requests}
 

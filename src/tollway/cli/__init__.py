@@ -16,7 +16,18 @@ from collections.abc import Sequence
 from sqlalchemy import exc as sa_exc
 
 from tollway import settings
-from tollway.cli import accounts, catalog, channels, codes, keys, ledger, notify, reports, serve
+from tollway.cli import (
+    accounts,
+    catalog,
+    channels,
+    codes,
+    grants,
+    keys,
+    ledger,
+    notify,
+    reports,
+    serve,
+)
 from tollway.cli.common import Commands, Output, emit, fail, open_db
 from tollway.cli.reports import route_usage_prune
 from tollway.errors import TollwayError
@@ -36,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = Commands(parser.add_subparsers(dest="command", required=True,
                                               metavar="COMMAND"), common)
     # the order of `tollway --help`
-    for group in (serve, catalog, channels, accounts, keys, reports, ledger, notify, codes):
+    for group in (serve, catalog, channels, accounts, keys, reports, ledger, notify, codes,
+                  grants):
         group.register(commands)
     return parser
 

@@ -10,7 +10,8 @@ from urllib.parse import unquote, urlsplit
 SMTPError = smtplib.SMTPException
 
 _SUBJECTS = {"balance.low": "Your Tollway balance is low",
-             "balance.topup": "Your Tollway balance was topped up"}
+             "balance.topup": "Your Tollway balance was topped up",
+             "payment.reversed": "A card payment to Tollway was refunded or disputed"}
 
 
 def message(sender: str, to: str, event_type: str, body: str) -> EmailMessage:
@@ -22,6 +23,11 @@ def message(sender: str, to: str, event_type: str, body: str) -> EmailMessage:
         text = (f"The available balance of account {event['account_id']} is "
                 f"{data['available_usd']} USD, below your alert threshold of "
                 f"{data['threshold_usd']} USD.")
+    elif event_type == "payment.reversed":
+        text = (f"Order {data['order_id']} ({data['reason']}): {data['amount_usd']} USD was "
+                f"taken back; {data['taken_usd']} USD from account {event['account_id']}, "
+                f"{data['written_off_usd']} USD written off. {data['available_usd']} USD is "
+                "now available.")
     else:
         text = (f"{data['amount_usd']} USD was added to account {event['account_id']}; "
                 f"{data['available_usd']} USD is now available.")

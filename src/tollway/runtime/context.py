@@ -12,10 +12,12 @@ from typing import TypeVar
 from sqlalchemy.engine import Connection
 from starlette.concurrency import run_in_threadpool
 
+from tollway.billing import grants
 from tollway.billing.keys import Network
 from tollway.clock import Clock, now_ms
 from tollway.errors import StorageUnavailable
 from tollway.ledger import ledger
+from tollway.money import format_usd
 from tollway.notify.deliverer import Deliverer
 from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
@@ -96,4 +98,12 @@ class Context:
                 continue
             if released:
                 log.info("released %d expired holds", len(released))
+            try:  # promotional credit whose expiry has come (billing/grants.py)
+                taken = await self.write(lambda conn: grants.expire_due(
+                    conn, at_ms=self.clock()))
+            except Exception:  # noqa: BLE001 - the next round retries
+                log.exception("expiring promotional credit failed")
+                continue
+            if taken:
+                log.info("took back %s USD of expired promotional credit", format_usd(taken))
 

@@ -35,6 +35,7 @@ class Account:
     email: str | None = None
     disabled_at_ms: int | None = None
     has_password: bool = False
+    promo_nano: int = 0  # the promotional part of the balance (billing/grants.py)
 
     @property
     def balance_nano(self) -> int:
@@ -85,7 +86,7 @@ class ApiKeyRecord:
 def _account(row: sa.Row[tuple[object, ...]]) -> Account:
     return Account(row.id, row.name, row.group_name, row.available_nano, row.held_nano,
                    row.used_nano, row.requests, row.created_at_ms, row.tier, row.email,
-                   row.disabled_at_ms, row.password_hash is not None)
+                   row.disabled_at_ms, row.password_hash is not None, row.promo_nano)
 
 
 def create_account(conn: Connection, name: str, group: str, *, at_ms: int,

@@ -31,7 +31,7 @@ from tollway.store.tables import (
 
 _ev, _dl, _at, _st = (notification_events, notification_deliveries, notification_attempts,
                       notification_settings)
-EVENT_TYPES = ("balance.low", "balance.topup")
+EVENT_TYPES = ("balance.low", "balance.topup", "payment.reversed")
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,8 @@ accounts = sa.Table(
     # ledger reads both in the RETURNING of the statement that moves the money
     sa.Column("low_balance_nano", Nano),
     sa.Column("low_balance_armed", sa.Boolean, nullable=False, server_default=sa.false()),
+    # the promotional part of the wallet (available + held), spent first (0009_grants)
+    sa.Column("promo_nano", Nano, nullable=False, server_default="0"),
     sa.CheckConstraint("available_nano >= 0", name="ck_accounts_available_nonnegative"),
     sa.CheckConstraint("held_nano >= 0", name="ck_accounts_held_nonnegative"),
 )
@@ -426,4 +428,60 @@ channel_states = sa.Table(
     sa.Column("id", sa.String(300), primary_key=True),
     sa.Column("enabled", sa.Boolean, nullable=False),
     sa.Column("updated_at_ms", Ms, nullable=False),
+)
+
+# money in through a payment provider (migration 0008_payments): one row per checkout order,
+# created by Tollway before the customer is sent to the provider; the webhook credits the
+# row's own amount (never the webhook's), and each provider event id is recorded once
+payment_orders = sa.Table(
+    "payment_orders",
+    metadata,
+    _id(),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("provider", sa.String(16), nullable=False),  # stripe
+    sa.Column("amount_nano", Nano, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),  # usd
+    sa.Column("status", sa.String(16), nullable=False),  # open | paid | expired | failed
+    sa.Column("session_id", sa.String(255), unique=True),  # the Checkout Session, once made
+    sa.Column("payment_intent", sa.String(255)),  # set when paid: refunds name it
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("paid_at_ms", Ms),
+    sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),  # the top-up that credited it
+    sa.Column("refunded_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("disputed_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("reversed_nano", Nano, nullable=False, server_default="0"),  # debited + written off
+    sa.Column("written_off_nano", Nano, nullable=False, server_default="0"),
+    sa.CheckConstraint("amount_nano > 0", name="ck_payment_orders_amount_positive"),
+    sa.Index("ix_payment_orders_account", "account_id", "id"),
+    sa.Index("ix_payment_orders_payment_intent", "payment_intent"),
+)
+payment_events = sa.Table(
+    "payment_events",
+    metadata,
+    sa.Column("event_id", sa.String(255), primary_key=True),  # the provider's, e.g. evt_…
+    sa.Column("type", sa.String(64), nullable=False),
+    sa.Column("order_id", Id, sa.ForeignKey("payment_orders.id")),
+    sa.Column("outcome", sa.String(32), nullable=False),
+    sa.Column("received_at_ms", Ms, nullable=False),
+)
+
+# promotional credit (migration 0009_grants): what each grant has left is derived from the
+# account's promo_nano, soonest expiry first (billing/grants.py)
+promo_grants = sa.Table(
+    "promo_grants",
+    metadata,
+    _id(),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("amount_nano", Nano, nullable=False),
+    sa.Column("remaining_nano", Nano, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("expires_at_ms", Ms),  # NULL: never
+    sa.Column("closed_at_ms", Ms),  # spent in full, or expired and taken out
+    sa.Column("expired_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),
+    sa.CheckConstraint("amount_nano > 0", name="ck_promo_grants_amount_positive"),
+    sa.CheckConstraint("remaining_nano >= 0", name="ck_promo_grants_remaining_nonnegative"),
+    sa.Index("ix_promo_grants_account", "account_id", "closed_at_ms"),
+    sa.Index("ix_promo_grants_due", "closed_at_ms", "expires_at_ms"),
 )

@@ -35,8 +35,8 @@ templates = jinja2.Environment(
 static_mount = Mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
 #: Paths answered with JSON (APIs); everything else is a page.
-_API_PREFIXES = ("/v1/", "/admin/v1/", "/apis/", "/healthz", "/metrics", "/openapi.json",
-                 "/static/")
+_API_PREFIXES = ("/v1/", "/admin/v1/", "/apis/", "/webhooks/", "/healthz", "/metrics",
+                 "/openapi.json", "/static/")
 
 
 def is_page(request: Request) -> bool:

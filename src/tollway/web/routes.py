@@ -6,6 +6,7 @@ from __future__ import annotations
 from starlette.routing import BaseRoute
 
 from tollway.web import pages
+from tollway.web.billing_pages import billing_routes
 from tollway.web.channels import channel_routes
 from tollway.web.console import console_routes
 from tollway.web.market import market_routes
@@ -15,6 +16,7 @@ web_routes: list[BaseRoute] = [
     pages.static_mount,
     # console pages (sign-in included) before any Mount("/admin") so /admin/login matches
     *console_routes,
+    *billing_routes,
     *market_routes,
     *operator_routes,
     *channel_routes,

@@ -1,8 +1,8 @@
 """upstream channels: stored enable/disable, and the channel, attempts and upstream cost of
 each usage record
 
-Revision ID: 0008_channels
-Revises: 0007
+Revision ID: 0010_channels
+Revises: 0009_grants
 
 Additive only. ``channel_states`` holds the operator's enable/disable per channel id
 (``ITEM/PROVIDER[#N]``); usage records gain ``channel``, ``attempts`` (JSON),
@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = '0008_channels'
-down_revision: str | Sequence[str] | None = '0007'
+revision: str = '0010_channels'
+down_revision: str | Sequence[str] | None = '0009_grants'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -1,0 +1,88 @@
+"""Card top-ups over HTTP: ``POST /v1/billing/checkout`` and ``GET /v1/billing/payments``
+for the account the caller's ``Scope`` names (``app.py`` gives them an API key's account, or
+a console session's with its CSRF token in ``X-CSRF-Token``), and ``POST /webhooks/stripe``
+(Stripe's events, verified by signature).
+
+The webhook reads the order the event names first, only to learn its account: the write then
+goes to the writer ordered by that account like every money movement (``Writer``), and
+``billing.payments.handle_event`` looks everything up again inside the transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from tollway.billing import payments, stripe_checkout
+from tollway.errors import PaymentMismatch, TollwayError
+from tollway.money import format_usd
+from tollway.runtime.context import Context
+from tollway.runtime.http import json_body, limited_body
+from tollway.runtime.queries import Scope, query_int
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+log = logging.getLogger("tollway.payments")
+
+
+def checkout(scope: Scope) -> Endpoint:
+    async def endpoint(request: Request) -> Response:
+        ctx: Context = request.app.state.ctx
+        account_id = await _account(scope, request, ctx)
+        body = await json_body(request)
+        return JSONResponse(await payments.start_checkout(
+            ctx.write, account_id, body.get("amount_usd"), at_ms=ctx.clock()), status_code=201)
+    return endpoint
+
+
+def payment_list(scope: Scope) -> Endpoint:
+    async def endpoint(request: Request) -> Response:
+        ctx: Context = request.app.state.ctx
+        account_id = await _account(scope, request, ctx)
+        limit = query_int(request, "limit", default=50, high=500) or 50
+        cursor = query_int(request, "cursor")
+        return JSONResponse(await ctx.read(lambda conn: payments.orders_page(
+            conn, account_id, limit=limit, cursor=cursor)))
+    return endpoint
+
+
+async def _account(scope: Scope, request: Request, ctx: Context) -> int:
+    account_id = await scope(request, ctx)
+    assert account_id is not None
+    return account_id
+
+
+async def stripe_webhook(request: Request) -> Response:
+    ctx: Context = request.app.state.ctx
+    payload = await limited_body(request)
+    try:
+        event = stripe_checkout.verify(payload, request.headers.get("stripe-signature"))
+    except TollwayError as exc:
+        log.warning("stripe webhook refused: %s", exc.message)
+        raise
+    if not payments.handles(event):
+        return JSONResponse({"received": True, "outcome": "ignored"})
+    account_id = await ctx.read(lambda conn: payments.order_account(conn, event))
+    result = await ctx.write(lambda conn: payments.handle_event(conn, event, at_ms=ctx.clock()),
+                             account_id=account_id)
+    level = logging.WARNING if result.refused or result.outcome.startswith("unknown") else (
+        logging.INFO)
+    log.log(level, "stripe event %s (%s): %s%s, order %s", result.event_id, result.type,
+            result.outcome, " (replay)" if result.replay else "", result.order_id)
+    if result.refused:
+        raise PaymentMismatch(f"event {result.event_id} does not match order "
+                              f"{result.order_id} ({result.outcome}); nothing was credited")
+    return JSONResponse({"received": True, "outcome": result.outcome, "replay": result.replay,
+                         "order_id": result.order_id,
+                         "credited_usd": format_usd(result.credited_nano)})
+
+
+def payment_routes(scope: Scope) -> list[BaseRoute]:
+    """The routes, the customer ones for the account ``scope`` resolves."""
+    return [Route("/v1/billing/checkout", checkout(scope), methods=["POST"]),
+            Route("/v1/billing/payments", payment_list(scope), methods=["GET"]),
+            Route("/webhooks/stripe", stripe_webhook, methods=["POST"])]

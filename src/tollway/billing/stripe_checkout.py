@@ -1,0 +1,98 @@
+"""The network edge to Stripe: Checkout Sessions made with the official ``stripe`` library,
+and webhook payloads verified with it.
+
+Only two calls are made: creating a Checkout Session for an order (mode ``payment``, one line
+item of the order's amount, ``client_reference_id`` and metadata naming the order and its
+account, the order id as Stripe's idempotency key so a retried call makes no second session)
+and verifying a webhook signature (``Stripe-Signature``: HMAC-SHA256 of the timestamp and the
+raw body under the endpoint's secret; the timestamp must be within 5 minutes). The API
+address comes from ``stripe_api_base`` so tests run against a fake on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import stripe
+
+from tollway import settings
+from tollway.errors import (
+    InvalidRequest,
+    InvalidSignature,
+    PaymentProviderError,
+    PaymentsUnavailable,
+)
+
+#: Seconds a webhook signature's timestamp may be old (Stripe's own default).
+SIGNATURE_TOLERANCE_S = 300
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutSession:
+    id: str
+    url: str
+
+
+def configured() -> bool:
+    return bool(settings.get("stripe_secret_key") and settings.get("stripe_webhook_secret"))
+
+
+def _client() -> stripe.StripeClient:
+    key = settings.get("stripe_secret_key")
+    if not key:
+        raise PaymentsUnavailable("card top-ups are not configured on this server "
+                                  "(TOLLWAY_STRIPE_SECRET_KEY)")
+    return stripe.StripeClient(key, base_addresses={"api": settings.get("stripe_api_base")},
+                               max_network_retries=2)
+
+
+def create_session(*, order_id: int, account_id: int, amount_cents: int, currency: str,
+                   reference: str, success_url: str, cancel_url: str) -> CheckoutSession:
+    """A Checkout Session for one order (blocking: run it off the event loop)."""
+    client = _client()
+    try:
+        session = client.v1.checkout.sessions.create(params={
+            "mode": "payment",
+            "client_reference_id": reference,
+            "metadata": {"order_id": str(order_id), "account_id": str(account_id)},
+            "payment_intent_data": {"metadata": {"order_id": str(order_id),
+                                                 "account_id": str(account_id)}},
+            "line_items": [{"quantity": 1, "price_data": {
+                "currency": currency, "unit_amount": amount_cents,
+                "product_data": {"name": "Tollway prepaid credit"}}}],
+            "success_url": success_url,
+            "cancel_url": cancel_url,
+        }, options={"idempotency_key": f"tollway-order-{order_id}"})
+    except stripe.StripeError as exc:
+        raise PaymentProviderError(f"Stripe refused the checkout: {exc.user_message or exc}"
+                                   ) from None
+    if not session.id or not session.url:
+        raise PaymentProviderError("Stripe answered a checkout session without id or url")
+    return CheckoutSession(session.id, session.url)
+
+
+def verify(payload: bytes, signature: str | None) -> dict[str, Any]:
+    """The event a webhook delivered, after its signature is checked; InvalidSignature if the
+    signature is missing, forged or older than the tolerance."""
+    secret = settings.get("stripe_webhook_secret")
+    if not secret:
+        raise PaymentsUnavailable("the Stripe webhook is not configured on this server "
+                                  "(TOLLWAY_STRIPE_WEBHOOK_SECRET)")
+    if not signature:
+        raise InvalidSignature("the Stripe-Signature header is missing")
+    try:
+        stripe.Webhook.construct_event(payload, signature, secret,
+                                       tolerance=SIGNATURE_TOLERANCE_S)
+    except stripe.SignatureVerificationError:
+        raise InvalidSignature("the Stripe-Signature does not match this payload, or is too "
+                               "old") from None
+    except ValueError:
+        raise InvalidSignature("the webhook payload is not valid JSON") from None
+    event = json.loads(payload, parse_float=Decimal)  # amounts are integer cents; no floats
+    if not isinstance(event, dict) or not isinstance(event.get("id"), str) or not isinstance(
+            event.get("type"), str):
+        raise InvalidRequest("the webhook payload is not a Stripe event")
+    return event

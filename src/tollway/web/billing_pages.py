@@ -1,0 +1,138 @@
+"""The console's money-in pages: "Add funds" (presets and a custom amount, then off to
+Stripe Checkout), the page Stripe sends the customer back to, payment history and printable
+receipts. Like every console page they take the account from the session; a receipt is shown
+only for a paid order of that account (another account's order is a 404, as a missing one).
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from sqlalchemy.engine import Connection
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Route
+
+from tollway import settings
+from tollway.billing import payments
+from tollway.billing.views import balance_view
+from tollway.errors import CsrfFailed, NotFound, TollwayError
+from tollway.runtime.context import Context
+from tollway.runtime.http import form_data, path_int
+from tollway.runtime.queries import query_int
+from tollway.store import accounts as account_store
+from tollway.store import payments as store
+from tollway.web.console import console_scope
+from tollway.web.pages import render
+from tollway.web.session import check_csrf, current_session, require_customer
+
+
+async def has_session(request: Request) -> bool:
+    return await current_session(request) is not None
+
+
+async def csrf_session_scope(request: Request, ctx: Context) -> int:
+    """The signed-in customer's account for a JSON call from the console, which must carry
+    the session's CSRF token in ``X-CSRF-Token`` (as its forms carry it in a field)."""
+    session = await require_customer(request)
+    given = request.headers.get("x-csrf-token", "")
+    if not hmac.compare_digest(given.encode(), session.csrf_token.encode()):
+        raise CsrfFailed("a console session's request needs its CSRF token in X-CSRF-Token")
+    assert session.account_id is not None
+    return session.account_id
+
+
+def _ctx(request: Request) -> Context:
+    ctx: Context = request.app.state.ctx
+    return ctx
+
+
+def _usd2(view_usd: str) -> str:
+    """A 9-decimal amount as dollars and cents (orders are whole cents)."""
+    whole, _, frac = view_usd.partition(".")
+    return f"{whole}.{frac[:2]}"
+
+
+async def billing_page(request: Request) -> Response:
+    ctx = _ctx(request)
+    account_id = await console_scope(request, ctx)
+    error = None
+    if request.method == "POST":
+        form = await form_data(request)
+        await check_csrf(request, form)
+        amount = form.get("custom") or form.get("amount")
+        try:
+            started = await payments.start_checkout(ctx.write, account_id, amount,
+                                                    at_ms=ctx.clock())
+        except TollwayError as exc:
+            error = exc.message
+        else:
+            return RedirectResponse(started["url"], status_code=303)
+    return await _billing(request, account_id, error=error)
+
+
+async def _billing(request: Request, account_id: int, *, error: str | None) -> Response:
+    limits = payments.bounds()
+
+    def load(conn: Connection) -> dict[str, Any]:
+        account = account_store.get_account(conn, account_id)
+        return {"account": account, "balance": balance_view(account),
+                "orders": payments.orders_page(conn, account_id, limit=50, cursor=None)["data"]}
+
+    data = await _ctx(request).read(load)
+    return await render(request, "console/billing.html", {
+        **data, "error": error, "enabled": _enabled(),
+        "presets": [payments.usd_cents(p) for p in limits.presets_nano],
+        "min_usd": payments.usd_cents(limits.min_nano),
+        "max_usd": payments.usd_cents(limits.max_nano),
+        "usd2": _usd2}, status=400 if error else 200)
+
+
+def _enabled() -> bool:
+    return bool(settings.get("stripe_secret_key") and settings.get("stripe_webhook_secret"))
+
+
+async def return_page(request: Request) -> Response:
+    """Where Stripe sends the customer back. The order's state is read from Tollway's own
+    row (the webhook credits it); the query string only says which order to show."""
+    ctx = _ctx(request)
+    account_id = await console_scope(request, ctx)
+    order_id = query_int(request, "order")
+    canceled = request.query_params.get("canceled") == "1"
+
+    def load(conn: Connection) -> dict[str, Any]:
+        row = store.get(conn, order_id) if order_id else None
+        if row is None or row.account_id != account_id:
+            raise NotFound("no such payment")
+        return {"order": payments.order_view(row),
+                "balance": balance_view(account_store.get_account(conn, account_id))}
+
+    data = await ctx.read(load)
+    return await render(request, "console/billing_return.html",
+                        {**data, "canceled": canceled, "usd2": _usd2})
+
+
+async def receipt(request: Request) -> Response:
+    ctx = _ctx(request)
+    account_id = await console_scope(request, ctx)
+    order_id = path_int(request, "order_id")
+
+    def load(conn: Connection) -> dict[str, Any]:
+        row = store.get(conn, order_id)
+        if row is None or row.account_id != account_id or row.status != "paid":
+            raise NotFound("no receipt for this payment")
+        return {"order": payments.order_view(row),
+                "account": account_store.get_account(conn, account_id)}
+
+    data = await ctx.read(load)
+    return await render(request, "console/receipt.html", {
+        **data, "usd2": _usd2, "business_name": settings.get("receipt_business_name"),
+        "business_address": settings.get("receipt_business_address").replace("\\n", "\n")})
+
+
+billing_routes = [
+    Route("/console/billing", billing_page, methods=["GET", "POST"]),
+    Route("/console/billing/return", return_page),
+    Route("/console/billing/receipts/{order_id}", receipt),
+]
