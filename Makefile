@@ -1,4 +1,5 @@
 # Tollway: `make serve` and `make test` work on a fresh machine with Python 3.11+, make and pip.
+# Every dependency comes from requirements/lock.txt, hash-pinned (`make lock` regenerates it).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -6,16 +7,34 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 8080
 PYTEST_ARGS ?=
+LOCK := requirements/lock.txt
+LOCK_TOOLS := .venv-lock
+LOCK_ARGS ?=
 
-.PHONY: serve test lint typecheck bench clean install stress stress-reliability stress-fuzz
+.PHONY: serve test lint typecheck bench clean install lock stress stress-reliability stress-fuzz
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Dependencies come only from the lock, with hash checking (pip refuses any file whose sha256
+# is not recorded there), then the project itself without dependencies. Fails, saying so, when
+# pyproject.toml's dependencies changed and the lock was not regenerated.
+$(STAMP): pyproject.toml $(LOCK) requirements/build.in
+	@$(PYTHON) scripts/lockfile.py check $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Regenerate the lock from pyproject.toml (runtime and dev dependencies; dev includes the otel
+# extra) and requirements/build.in: every platform, Python >= 3.11, every file's sha256. Pins
+# already in the lock are kept unless needed otherwise; LOCK_ARGS=--upgrade (or
+# --upgrade-package NAME) moves them. uv itself comes hash-checked from requirements/tools.txt.
+lock:
+	@test -x $(LOCK_TOOLS)/bin/uv || { $(PYTHON) -m venv $(LOCK_TOOLS) && \
+	  $(LOCK_TOOLS)/bin/pip install --quiet --require-hashes -r requirements/tools.txt; }
+	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml requirements/build.in --extra dev \
+	  --universal --python-version 3.11 --generate-hashes --quiet -o $(LOCK) $(LOCK_ARGS)
+	$(PYTHON) scripts/lockfile.py stamp $(LOCK)
 
 serve: $(STAMP)
 	$(BIN)/tollway db upgrade
@@ -70,4 +89,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/ledger.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LOCK_TOOLS) var .pytest_cache .hypothesis

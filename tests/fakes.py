@@ -878,12 +878,14 @@ def sse_events(raw: bytes) -> list[bytes]:
 
 def error_of(response: Any) -> dict[str, Any]:
     """The error object of a gateway error response, checked for the one exact shape:
-    ``{"error": {"type", "code", "message", "request_id"}}`` with ``request_id`` equal to the
-    ``X-Request-Id`` header. ``response`` is an httpx response (openai's errors carry one)."""
+    ``{"error": {"type", "code", "message", "param", "request_id"}}`` with ``request_id``
+    equal to the ``X-Request-Id`` header (``param``: a field name or null). ``response`` is an
+    httpx response (openai's errors carry one)."""
     body = response.json()
     assert set(body) == {"error"}, body
     error = body["error"]
-    assert set(error) == {"type", "code", "message", "request_id"}, error
-    assert all(isinstance(error[k], str) and error[k] for k in error), error
+    assert set(error) == {"type", "code", "message", "param", "request_id"}, error
+    assert all(isinstance(error[k], str) and error[k] for k in error if k != "param"), error
+    assert error["param"] is None or isinstance(error["param"], str), error
     assert error["request_id"] == response.headers["x-request-id"], (error, response.headers)
     return dict(error)

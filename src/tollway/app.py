@@ -3,6 +3,8 @@ HTML console (``web/``) side by side, over the runtime (``runtime/``) that serve
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
@@ -13,7 +15,7 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 
-from tollway import settings
+from tollway import settings, tracing
 from tollway.api.payments import payment_routes
 from tollway.api.reports import customer_scope
 from tollway.api.routes import api_routes
@@ -22,9 +24,12 @@ from tollway.clock import Clock, now_ms
 from tollway.errors import TollwayError
 from tollway.gateway.routes import gateway_routes
 from tollway.gateway.state import Gateway
+from tollway.metrics import METRICS, register_worker
 from tollway.notify.deliverer import Deliverer
+from tollway.runtime import cors
 from tollway.runtime.context import Context
-from tollway.runtime.errors import http_error, tollway_error, unexpected_error
+from tollway.runtime.direct import TollwayApp
+from tollway.runtime.errors import http_error, missing_v1, tollway_error, unexpected_error
 from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, ObserveMiddleware
 from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
@@ -56,7 +61,7 @@ async def error(request: Request, exc: Exception) -> Response:
             return response
         return await tollway_error(request, exc)
     assert isinstance(exc, HTTPException)
-    if pages.is_page(request):
+    if pages.is_page(request) and not missing_v1(request.url.path):
         return await pages.error_page(request, exc.status_code, str(exc.detail))
     return await http_error(request, exc)
 
@@ -113,6 +118,9 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
                      health_interval_s=float(settings.get("channel_health_interval_seconds")))
         app.state.ctx = ctx
         app.state.gateway = gw
+        register_worker()
+        tracing.configure()
+        publisher = asyncio.create_task(METRICS.publish_every())
         ctx.start()
         await gw.start()
         try:
@@ -120,14 +128,26 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         finally:
             await gw.stop()
             await ctx.stop()
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+            tracing.shutdown()
 
     routes = [*api_routes, *payment_routes(key_or_session), *gateway_routes, *web_routes]
-    return Starlette(
+    max_inflight = int(settings.get("max_inflight_requests"))
+    log_requests = settings.get("log_requests").lower()
+    middleware = [Middleware(ObserveMiddleware, max_inflight=max_inflight,
+                             log_requests=log_requests)]
+    origins = [o.strip() for o in settings.get("cors_origins").split(",") if o.strip()]
+    if origins:  # off by default: no middleware at all, nothing on the request path
+        middleware.insert(0, cors.middleware(origins))
+    return TollwayApp(
+        # with CORS on, every request takes Starlette's way, so CORS wraps the gateway too
+        direct_routes=() if origins else gateway_routes, max_inflight=max_inflight,
+        log_requests=log_requests,
         routes=routes,
         lifespan=lifespan,
-        middleware=[Middleware(ObserveMiddleware,
-                               max_inflight=int(settings.get("max_inflight_requests")),
-                               log_requests=settings.get("log_requests").lower())],
+        middleware=middleware,
         exception_handlers={TollwayError: error, HTTPException: error,
                             LoginRequired: login_required, Exception: unexpected},
     )

@@ -34,7 +34,8 @@
 The 503s carry ``retry_after_s`` (sent as ``Retry-After``): both go away by themselves.
 
 Callers catch by meaning; the HTTP layer renders any of them as
-``{"error": {"type", "code", "message", "request_id"}}`` and the CLI prints the message and
+``{"error": {"type", "code", "message", "param", "request_id"}}`` (Anthropic's shape on
+``/v1/messages``) and the CLI prints the message and
 exits non-zero.
 """
 
@@ -46,6 +47,8 @@ class TollwayError(Exception):
     type = "api_error"
     code = "internal_error"
     retry_after_s: int | None = None
+    #: The request field the error is about (OpenAI's ``param``), when there is one.
+    param: str | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -65,6 +68,10 @@ class InvalidRequest(TollwayError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class CatalogError(InvalidRequest):

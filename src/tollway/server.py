@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from tollway.billing import credits
 from tollway.billing import keys as key_ops
 from tollway.errors import AuthenticationError, InvalidRequest
 from tollway.logs import log_config
+from tollway.metrics_files import MULTIPROC_ENV, prepare_directory
 from tollway.pricing.catalog import load_catalog
 from tollway.store import accounts as store
 from tollway.store.catalog import apply_catalog
@@ -64,6 +66,20 @@ def ensure_demo(db: Database, data_dir: Path) -> str:
     return new.secret
 
 
+def share_metrics(port: int, data_dir: Path) -> None:
+    """Give the workers one emptied metrics directory (prometheus_client's multiprocess mode,
+    chosen when it is imported: the app, and so the metrics, are imported after this) and an
+    ``instance`` label."""
+    directory = Path(settings.get("metrics_dir") or data_dir / "metrics" / str(port)).resolve()
+    prepare_directory(directory)
+    os.environ[MULTIPROC_ENV] = str(directory)
+    from tollway.metrics import multiprocess  # only now: see above
+
+    assert multiprocess(), "prometheus_client was imported before its directory was set"
+    instance = settings.Setting("instance", "", "").env
+    os.environ[instance] = os.environ.get(instance) or f"{socket.gethostname()}:{port}"
+
+
 def serve(args: argparse.Namespace) -> None:
     config = log_config(settings.get("log_format"))  # refuse a bad format before anything
     db = Database(args.database_url)
@@ -88,6 +104,7 @@ def serve(args: argparse.Namespace) -> None:
     print("\n".join(lines), flush=True)
     os.environ[settings.Setting("database_url", "", "").env] = args.database_url
     os.environ[settings.Setting("admin_token", "", "").env] = token
+    share_metrics(args.port, data_dir)
     uvicorn.run("tollway.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level="info", access_log=False,
                 log_config=config)

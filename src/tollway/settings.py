@@ -56,7 +56,8 @@ SETTINGS = (
             "not deliver"),
     Setting("key_cache_seconds", "5",
             "how long a worker trusts a looked-up API key (revocations made through another "
-            "process take effect within this time)"),
+            "process take effect within this time; a key in use is refreshed in the background "
+            "during the last quarter of it)"),
     Setting("usage_retention_days", "400",
             "raw usage records older than this are deleted by `tollway usage prune` (rollups, "
             "statements and the ledger are kept)"),
@@ -78,14 +79,31 @@ SETTINGS = (
             "access log: all (one line per request: request id, route, status, duration, "
             "account, product, cost; never keys or headers), errors (only answers >= 400: no "
             "logging cost on the successful hot path) or none"),
+    Setting("cors_origins", "",
+            "comma-separated origins (https://app.example.com, or *) whose browser pages may "
+            "call the API; empty = CORS off (no headers, preflights not answered)"),
     Setting("metrics_token", "",
             "bearer token for GET /metrics; empty: the admin token (either is accepted)"),
+    Setting("instance", "",
+            "the `instance` label on every /metrics series (and the traces' service instance): "
+            "what tells this server from the others; empty: HOSTNAME:PORT under `tollway serve`"),
+    Setting("metrics_dir", "",
+            "where `tollway serve` keeps its workers' shared metric files (emptied at start); "
+            "empty: DATA_DIR/metrics/PORT"),
+    Setting("otlp_traces_endpoint", "",
+            "OTLP/HTTP endpoint for OpenTelemetry traces of gateway requests, e.g. "
+            "http://collector:4318/v1/traces (needs `pip install 'tollway[otel]'`); empty: "
+            "no tracing, and OpenTelemetry is never imported"),
     Setting("session_hours", "12", "how long a web console sign-in lasts"),
     Setting("signin_max_failures", "5",
             "failed console sign-ins per login or client address within the window before "
             "further attempts are refused (HTTP 429) without checking the password"),
     Setting("signin_window_seconds", "900",
             "how long a failed console sign-in counts against its login and address"),
+    Setting("signup_max_per_address", "5",
+            "sign-ups (every POST to /signup) one client address may make per window; more "
+            "are refused with 429 and Retry-After"),
+    Setting("signup_window_seconds", "3600", "the window of signup_max_per_address"),
     Setting("signup_enabled", "false",
             "true: anyone may create a customer account with a console login at /signup"),
     Setting("signup_credit_usd", "0",
@@ -100,6 +118,12 @@ SETTINGS = (
     Setting("notify_allow_private_targets", "false",
             "deliver webhooks to loopback, private and link-local addresses (off: a customer "
             "cannot make the server call into the operator's network)"),
+    Setting("notify_retention_days", "90",
+            "notification events (with their deliveries and attempts) older than this are "
+            "deleted by the server's deliverer and `tollway notify prune`; pending ones stay"),
+    Setting("pg_bin_dir", "",
+            "where `tollway backup`/`restore` find pg_dump and pg_restore for PostgreSQL "
+            "(empty: the PATH, then Debian's /usr/lib/postgresql/<newest>/bin)"),
     Setting("smtp_url", "",
             "smtp://USER:PASS@HOST:PORT (STARTTLS when offered) or smtps://…; empty: no email"),
     Setting("notify_email_from", "tollway@localhost", "From: address of notification email"),

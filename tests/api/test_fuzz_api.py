@@ -6,7 +6,8 @@ authentication.
 Both valid requests (positive) and requests that break the document (negative) are
 generated. Checks for every one: no 5xx; the status is one the document declares; the body
 matches the declared schema and content type; every error is exactly
-``{"error": {"type", "code", "message", "request_id"}}`` with the ``X-Request-Id`` header's id;
+``{"error": {"type", "code", "message", "param", "request_id"}}`` with the ``X-Request-Id``
+header's id (Anthropic's shape on /v1/messages);
 and, once fuzzing is over, the ledger verifies and no hold is left open.
 
 Some cases are steered to things that exist (a catalog model or API path, the fuzzing
@@ -137,15 +138,16 @@ def check_error_shape(response: Any) -> None:
         assert response.request.url.split("/")[3] in ("v1", "apis"), response.request.url
         return
     body = response.json()
-    if response.request.url.split("?")[0].endswith("/v1/messages"):
+    if "/v1/messages" in response.request.url.split("?")[0]:
         # Anthropic's shape (its client library raises its own types), Tollway's code and id
         assert body["type"] == "error" and [body["request_id"]] == response.headers[
             "x-request-id"], body
-        body = {"error": {k: v for k, v in body["error"].items()}}
+        body = {"error": {"param": None, **body["error"]}}
     assert set(body) == {"error"}, body
     error = body["error"]
-    assert set(error) == {"type", "code", "message", "request_id"}, error
-    assert all(isinstance(error[k], str) and error[k] for k in error), error
+    assert set(error) == {"type", "code", "message", "param", "request_id"}, error
+    assert all(isinstance(error[k], str) and error[k] for k in error if k != "param"), error
+    assert error["param"] is None or isinstance(error["param"], str), error
     assert [error["request_id"]] == response.headers["x-request-id"], error
 
 

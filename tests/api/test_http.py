@@ -101,7 +101,7 @@ def assert_error(response: Any, status: int, code: str, type_: str | None = None
     body = response.json()
     assert body.keys() == {"error"}
     error = body["error"]
-    assert error.keys() == {"type", "code", "message", "request_id"}
+    assert error.keys() == {"type", "code", "message", "param", "request_id"}
     assert error["code"] == code, error
     if type_ is not None:
         assert error["type"] == type_

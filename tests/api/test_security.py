@@ -76,8 +76,10 @@ def logs() -> Iterator[Captured]:
 
 @pytest.fixture(scope="module")
 def serving(logs: Captured) -> Serving:
-    """The default gateway, started once ``logs`` captures every record."""
-    return Serving()
+    """The default gateway, started once ``logs`` captures every record; no background
+    deliverer (its attempts would race the tests that compare every row before and after)."""
+    from fakes import GATEWAY_ENV
+    return Serving(env={**GATEWAY_ENV, "TOLLWAY_NOTIFY_INTERVAL_SECONDS": "0"})
 
 
 @dataclass

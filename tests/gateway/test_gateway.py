@@ -572,6 +572,8 @@ def test_idempotent_retry_returns_the_first_answer_and_charges_once(tw: Tollway)
 
     assert second.http_response.content == first.http_response.content
     assert second.headers["x-tollway-replayed-request-id"] == first.headers["x-request-id"]
+    assert second.headers["x-tollway-replayed"] == "true"  # not charged again
+    assert "x-tollway-replayed" not in first.headers
     # (40 × 0.15 + 5 × 0.60) / 1e6 = 9_000 nano-USD, once.
     assert first.headers["x-tollway-cost-usd"] == second.headers["x-tollway-cost-usd"] == (
         "0.000009000")
@@ -603,8 +605,13 @@ def test_idempotent_retry_of_a_stream_replays_it(tw: Tollway) -> None:
     again = http.post("/v1/chat/completions", json=body, headers=headers)
     assert first.status_code == again.status_code == 200
     assert again.headers["content-type"].startswith("text/event-stream")
-    assert again.content == first.content  # the same stream, byte for byte
+    # the same stream, its cost object marked as a replay (not charged again)
+    assert b'"tollway": {"replayed"' not in first.content
+    assert again.content == first.content.replace(
+        b'"tollway": {', b'"tollway": {"replayed": true, ').replace(
+        b": tollway cost_usd=0.000009000", b": tollway cost_usd=0.000009000 replayed=true")
     assert again.headers["x-tollway-replayed-request-id"] == first.headers["x-request-id"]
+    assert again.headers["x-tollway-replayed"] == "true"
     # (40 × 0.15 + 5 × 0.60) / 1e6 = 9_000 nano-USD, once; the upstream asked once.
     assert again.headers["x-tollway-cost-usd"] == "0.000009000"
     assert len(tw.fake.llm_requests()) == 1 and len(tw.records()) == 1
@@ -613,8 +620,12 @@ def test_idempotent_retry_of_a_stream_replays_it(tw: Tollway) -> None:
     streams = [list(client.chat.completions.create(
         model="gpt-test", messages=HELLO, stream=True, stream_options={"include_usage": True},
         extra_headers={"Idempotency-Key": "stream-8"})) for _ in range(2)]
-    assert streams[0] == streams[1]
-    assert (streams[1][-1].model_extra or {})["tollway"]["cost_usd"] == "0.000009000"
+    assert streams[0][:-1] == streams[1][:-1]
+    assert (streams[0][-1].model_extra or {})["tollway"] == {
+        "cost_usd": "0.000009000", "request_id": streams[0][-1].model_extra["tollway"][
+            "request_id"], "usage_source": "upstream"}
+    assert (streams[1][-1].model_extra or {})["tollway"] == {
+        **streams[0][-1].model_extra["tollway"], "replayed": True}  # not charged again
     assert len(tw.fake.llm_requests()) == 2 and len(tw.records()) == 2
     assert tw.available(account) == TEN_USD - 2 * 9_000
     assert_books_clean(tw)

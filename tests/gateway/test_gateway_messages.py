@@ -347,8 +347,12 @@ def test_a_retried_stream_with_an_idempotency_key_is_replayed_not_recharged(
     first = tw.http().post("/v1/messages", headers=headers, json=body)
     again = tw.http().post("/v1/messages", headers=headers, json=body)
     assert first.status_code == again.status_code == 200
-    assert again.content == first.content
+    # the same events; the cost comment says it is a replay, not charged again
+    assert first.content.endswith(b": tollway cost_usd=0.000120000\n\n")
+    assert again.content == first.content.replace(b"cost_usd=0.000120000",
+                                                  b"cost_usd=0.000120000 replayed=true")
     assert again.headers["x-tollway-replayed-request-id"] == first.headers["x-request-id"]
+    assert again.headers["x-tollway-replayed"] == "true"
     # one charge: 20 × 3 + 4 × 15 = 120 per 1M = 120_000 nano
     assert [r["cost_nano"] for r in tw.records()] == [120_000]
     assert len(tw.fake.llm_requests()) == 1

@@ -11,7 +11,8 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
+import os
+import socket
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from fakes import (
     Tollway,
     error_of,
 )
+from promtext import Samples, delta, parse
 from tollway import clock
 from tollway.billing import metering
 from tollway.billing.metering import ClientKey
@@ -48,7 +50,6 @@ MAX_INFLIGHT = 4
 METRICS_TOKEN = "metrics-scraper-token"
 HELLO = [{"role": "user", "content": "hello"}]
 CHAT_COST = 6_000  # 20 prompt × $0.15 + 5 output × $0.60, per 1M tokens
-LINE = re.compile(r'^([a-z_]+)(?:\{(.*)\})? (\S+)$')
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +58,12 @@ def serving() -> Serving:
                         "TOLLWAY_METRICS_TOKEN": METRICS_TOKEN, "TOLLWAY_LOG_REQUESTS": "all"})
 
 
-def scrape(tw: Tollway, token: str = ADMIN_TOKEN) -> dict[str, float]:
-    """``{'name{labels}': value}`` of every sample, checking each line's syntax."""
+def scrape(tw: Tollway, token: str = ADMIN_TOKEN) -> Samples:
+    """Every sample (see ``promtext``); the test's server is labelled with the host name."""
     response = httpx.get(tw.url + "/metrics", headers={"Authorization": f"Bearer {token}"})
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    samples = {}
-    for line in response.text.splitlines():
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            continue
-        match = LINE.match(line)
-        assert match, line
-        name, labels, value = match.groups()
-        samples[f"{name}{{{labels or ''}}}"] = float(value)
-    return samples
-
-
-def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
-    return after.get(name, 0) - before.get(name, 0)
+    return parse(response.text, socket.gethostname())
 
 
 def test_metrics_count_requests_charges_and_upstream_errors(tw: Tollway,
@@ -111,7 +100,11 @@ def test_metrics_count_requests_charges_and_upstream_errors(tw: Tollway,
     assert after["tollway_writer_commit_seconds_count{}"] == after[
         "tollway_writer_commit_seconds_bucket{le=\"+Inf\"}"]
     assert after["tollway_open_holds{}"] == 0
-    assert after["tollway_process_peak_resident_memory_bytes{}"] > 0
+    worker = f'worker="{os.getpid()}"'  # the test's server runs in this process
+    assert after[f"tollway_process_peak_resident_memory_bytes{{{worker}}}"] > 0
+    assert after[f"process_resident_memory_bytes{{{worker}}}"] > 0
+    assert after[f"process_open_fds{{{worker}}}"] > 0
+    assert after[f"process_cpu_seconds_total{{{worker}}}"] > 0
 
 
 def test_metrics_label_every_protocol_route_and_limit_refusals(tw: Tollway) -> None:
@@ -275,7 +268,7 @@ def test_a_retry_after_its_first_attempt_died_takes_the_idempotency_key_over(
     key = tw.key(account)
     key_id = tw.key_record(key).id
     body = json.dumps({"model": "gpt-test", "messages": HELLO}).encode()
-    fingerprint = hashlib.sha256(b"POST /v1/chat/completions\n" + body).hexdigest()
+    fingerprint = hashlib.sha256(b"POST /v1/chat/completions?\n" + body).hexdigest()
     with tw.db.write() as conn:  # what a process killed mid-request leaves behind
         metering.reserve(conn, request_id="req_died", account_id=account, key_id=key_id,
                          amount_nano=1_000, ttl_ms=60_000,
@@ -371,3 +364,34 @@ def test_pages_and_static_files_pass_the_observing_middleware(tw: Tollway) -> No
     assert signin.status_code == 200
     assert delta(before, after, 'tollway_http_requests_total{route="/login",product="",'
                  'status="200"}') == 1
+
+
+def test_shedding_answers_html_on_page_paths() -> None:
+    """A shed page request gets a small HTML page (503, Retry-After, the request id); an API
+    path keeps the JSON error."""
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("a shed request never reaches the app")
+
+    shedding = ObserveMiddleware(app, max_inflight=0, log_requests="none")
+
+    async def call(path: str) -> tuple[int, dict[str, str], bytes]:
+        sent: list[Any] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await shedding({"type": "http", "method": "GET", "path": path, "headers": []},
+                       None, send)  # type: ignore[arg-type]
+        headers = {k.decode(): v.decode() for k, v in sent[0]["headers"]}
+        return sent[0]["status"], headers, sent[1]["body"]
+
+    for page in ("/console", "/login", "/admin/accounts", "/market"):
+        status, headers, body = asyncio.run(call(page))
+        assert (status, headers["content-type"], headers["retry-after"]) == (
+            503, "text/html; charset=utf-8", "1"), page
+        assert b"<h1>503" in body and headers["x-request-id"].encode() in body
+    for api in ("/v1/billing/balance", "/admin/v1/accounts", "/apis/v1/x", "/healthz"):
+        status, headers, body = asyncio.run(call(api))
+        assert (status, headers["content-type"]) == (503, "application/json"), api
+        error = json.loads(body)["error"]
+        assert (error["code"], error["request_id"]) == ("overloaded", headers["x-request-id"])

@@ -160,7 +160,7 @@ def test_overview_and_statement_show_the_apis_figures(
 def test_keys_are_created_shown_once_and_revoked(as_alice: tuple[Books, TestClient]) -> None:
     books, client = as_alice
     created = post_form(client, "/console/keys", {
-        "name": "from the console", "group": "vip", "models": ["chat-a"],
+        "name": "from the console", "models": ["chat-a"],
         "quota_usd": "2.5", "expires_at": "2099-01-31"})
     assert created.status_code == 201, created.text
     secret = re.search(r'data-testid="new-secret">(tw-[\w-]+)<', created.text).group(1)
@@ -170,7 +170,8 @@ def test_keys_are_created_shown_once_and_revoked(as_alice: tuple[Books, TestClie
     with books.db.read() as conn:
         (key,) = [k for k in account_store.list_keys(conn, books.accounts["alice"])
                   if k.prefix == prefix]
-    assert (key.name, key.group, key.models) == ("from the console", "vip", ("chat-a",))
+    # no group: only the operator pins one (tests/test_security_review.py)
+    assert (key.name, key.group, key.models) == ("from the console", None, ("chat-a",))
     assert key.quota_nano == 2_500_000_000
     assert key.expires_at_ms == 4073500800000  # 2099-01-31T00:00Z
     refused = post_form(client, "/console/keys", {"name": "x", "quota_usd": "-1"},

@@ -20,7 +20,7 @@ from tollway.errors import InvalidRequest
 from tollway.money import format_usd
 from tollway.store import accounts as account_store
 from tollway.store.db import Database
-from tollway.store.tables import web_sessions
+from tollway.store.tables import signin_failures, web_sessions
 from webclient import TestClient, csrf, login, operator_login, post_form
 
 ADMIN_TOKEN = "adm-sessions"
@@ -41,8 +41,10 @@ def console(request: pytest.FixtureRequest) -> Iterator[tuple[Database, TestClie
 
 @pytest.fixture
 def client(console: tuple[Database, TestClient]) -> Iterator[TestClient]:
-    _, client = console
+    db, client = console
     client.cookies.clear()
+    with db.write() as conn:  # the TestClient has no IP address: every test's wrong sign-ins
+        conn.execute(signin_failures.delete())  # count together (tests/test_web_signin_...)
     yield client
     client.cookies.clear()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 import sqlalchemy as sa
 
 from tollway.app import create_app
@@ -87,9 +88,10 @@ def test_the_sixth_attempt_is_refused_until_the_oldest_failure_leaves_the_window
         response = login(client, "alice", PASSWORD)
         assert response.status_code == 303
         assert "tollway_session" in client.cookies
-        # a success clears the login's count (not the address's: 4 remain there)
+        # a success clears the login's count (not the address's: 4 remain there; the
+        # expired one was deleted by the attempt)
         assert failures(db, "login:alice") == []
-        assert len(failures(db, "ip:198.51.100.7")) == 5
+        assert len(failures(db, "ip:198.51.100.7")) == 4
         for _ in range(5):
             assert login(other, "alice", WRONG).status_code == 401
         assert_throttled(login(other, "alice", PASSWORD), 900)
@@ -170,3 +172,103 @@ def test_migration_0007_matches_the_table_and_downgrades(db: Database) -> None:
         assert not sa.inspect(conn).has_table("signin_failures")
     upgrade(db)
     assert current_revision(db) == head_revision() and drift() == []
+
+
+# ----------------------------------------------------------------------------- issue 15
+
+
+def test_concurrent_wrong_guesses_never_exceed_the_limit(db: Database) -> None:
+    """Check and count are one write (``signin.claim``): 12 wrong guesses racing at three
+    served Tollways on one database get exactly 5 password checks (401) and 7 refusals
+    (429), on both backends."""
+    import threading
+
+    import httpx
+
+    from fakes import GatewayThread
+    from webclient import _CSRF
+
+    make_accounts(db, "alice")
+    # three instances: each serialises its own writes, so the race is between instances
+    gateways = [GatewayThread(db.url, admin_token=ADMIN_TOKEN) for _ in range(3)]
+    for gateway in gateways:
+        gateway.start()
+    try:
+        clients = [httpx.Client(base_url=gateways[i % 3].url, timeout=60) for i in range(12)]
+        tokens = []
+        for client in clients:
+            found = _CSRF.search(client.get("/login").text)
+            assert found
+            tokens.append(found.group(1))
+        barrier = threading.Barrier(len(clients))
+        statuses: list[int] = []
+
+        def guess(client: httpx.Client, token: str) -> None:
+            barrier.wait()
+            statuses.append(client.post("/login", data={
+                "csrf_token": token, "login": "alice", "password": WRONG}).status_code)
+
+        threads = [threading.Thread(target=guess, args=pair) for pair in zip(clients, tokens,
+                                                                              strict=True)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        for client in clients:
+            client.close()
+    finally:
+        for gateway in gateways:
+            gateway.stop()
+    assert sorted(statuses) == [401] * 5 + [429] * 7
+    assert len(failures(db, "login:alice")) == 5
+    assert len(failures(db, "ip:127.0.0.1")) == 5
+
+
+def test_clients_without_an_address_are_counted_together(db: Database) -> None:
+    """A peer with no IP address (TestClient's ``testclient``, a Unix socket) is not let off:
+    all such clients share one count, on the customer and the operator form."""
+    make_accounts(db, "alice", "bob")
+    clock = Clock()
+    app = create_app(database_url=db.url, admin_token=ADMIN_TOKEN, clock=clock)
+    with TestClient(app) as client:  # its peer is "testclient": no IP address
+        for name in ("alice", "bob", "carol", "dave", "erin"):
+            assert login(client, name, WRONG).status_code == 401
+        assert len(failures(db, "ip:unknown")) == 5
+        assert_throttled(login(client, "frank", WRONG), 900)
+        refused = operator_login(client, ADMIN_TOKEN)
+        assert refused.status_code == 429
+
+
+def test_signup_is_throttled_per_address(db: Database,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every POST to /signup counts against its address: the 6th within the hour is 429 with
+    Retry-After, before any account is made; another address is not affected."""
+    from webclient import post_form
+
+    monkeypatch.setenv("TOLLWAY_SIGNUP_ENABLED", "true")
+    clock = Clock()
+    start = clock.ms
+    with serving_clients(db, clock, "198.51.100.40", "198.51.100.41") as (client, other):
+        for i in range(5):
+            clock.ms = start + i * 1000
+            client.cookies.clear()
+            made = post_form(client, "/signup", {"name": f"new{i}", "email": f"n{i}@example.com",
+                                                 "password": PASSWORD})
+            assert made.status_code == 303, made.text[:300]
+        client.cookies.clear()
+        refused = post_form(client, "/signup", {"name": "new5", "email": "n5@example.com",
+                                                "password": PASSWORD})
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == str(3600 - 4)
+        assert "Too many sign-ups" in refused.text
+        with db.read() as conn:
+            assert logins.authenticate(conn, "new5", PASSWORD) is None
+        made = post_form(other, "/signup", {"name": "new6", "email": "n6@example.com",
+                                            "password": PASSWORD})
+        assert made.status_code == 303
+        clock.ms = start + 3_600_000  # the first sign-up has left the window
+        client.cookies.clear()
+        again = post_form(client, "/signup", {"name": "new7", "email": "n7@example.com",
+                                              "password": PASSWORD})
+        assert again.status_code == 303
+    assert len(failures(db, "signup:198.51.100.40")) == 5

@@ -173,16 +173,25 @@ async def create_key(request: Request, ctx: Context) -> Response:
 
 
 async def update_key(request: Request, ctx: Context) -> Response:
-    """Change a key's limits: the fields given replace the key's, null clears one."""
+    """Change a key's limits: the fields given replace the key's, null clears one.
+    ``group`` pins the key to a price group (null: the account's group)."""
     key_id = path_int(request, "key_id")
     body = await json_body(request)
-    if unknown := sorted(set(body) - set(LIMIT_FIELDS)):
+    if unknown := sorted(set(body) - {*LIMIT_FIELDS, "group"}):
         raise InvalidRequest(f"unknown fields {', '.join(unknown)} (a key's limits are "
-                             f"{', '.join(LIMIT_FIELDS)})")
+                             f"{', '.join(LIMIT_FIELDS)}; its price group is group)")
+    pin = "group" in body
+    group = optional_str(body, "group") if pin else None
+    limit_values = {k: v for k, v in body.items() if k != "group"}
 
     def op(conn: Connection) -> dict[str, Any]:
-        limits = parse_key_limits(body, store.get_key(conn, key_id).limits)
-        return key_view(key_ops.set_limits(conn, key_id, limits))
+        record = store.get_key(conn, key_id)
+        if pin:
+            record = key_ops.pin_group(conn, key_id, group, at_ms=clock.now_ms())
+        if limit_values or not pin:
+            record = key_ops.set_limits(conn, key_id,
+                                        parse_key_limits(limit_values, record.limits))
+        return key_view(record)
 
     return JSONResponse(await ctx.write(op))
 

@@ -12,6 +12,7 @@ from tollway.billing import codes
 from tollway.billing import notifications as notify
 from tollway.clock import now_ms
 from tollway.errors import InvalidRequest
+from tollway.notify import targets
 from tollway.runtime.context import Context
 from tollway.runtime.http import json_body
 from tollway.runtime.queries import Scope, query_int
@@ -53,6 +54,7 @@ def put_settings(scope: Scope) -> Endpoint:
         account_id = await _account(scope, request, ctx)
         body = await json_body(request)
         notify.parse_changes(body)  # refuse bad input before queueing a write
+        await targets.check_saved(body)
         return JSONResponse(await ctx.write(lambda conn: notify.update(
             conn, account_id, body, at_ms=now_ms())))
     return endpoint

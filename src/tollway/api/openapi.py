@@ -118,7 +118,7 @@ SPEC: dict[str, Any] = {
         "/healthz": {"get": _op("Liveness and database check", _json(OBJECT), security=None)},
         "/openapi.json": {"get": _op("This document", _json(OBJECT), security=None)},
         "/metrics": {"get": _op(
-            "This worker's counters in Prometheus text format (admin or metrics token)",
+            "Every worker's counters, merged, in Prometheus text format (admin or metrics token)",
             {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}},
             security="adminToken")},
         "/v1/marketplace": {"get": _op("Every listing with billing type and prices per group",
@@ -183,7 +183,21 @@ SPEC: dict[str, Any] = {
             "(n × the size's price × ratio)",
             _json(OBJECT, "The upstream's answer; X-Tollway-Cost-USD carries the cost"),
             body=_ref("ImagesRequest"), errors=GATEWAY_ERRORS)},
-        "/v1/models": {"get": _op("Models this key may use", _json(OBJECT))},
+        "/v1/messages/count_tokens": {"post": _op(
+            "Anthropic's token counter, answered locally and free (never forwarded, held or "
+            "charged): {input_tokens}; errors in Anthropic's shape",
+            _json({"type": "object", "required": ["input_tokens"],
+                   "properties": {"input_tokens": {"type": "integer"}}}),
+            security="anthropicKey", body={"type": "object", "required": ["model", "messages"],
+                                           "properties": {"model": {"type": "string"},
+                                                          "messages": {"type": "array"}}})},
+        "/v1/models": {"get": _op(
+            "Models this key may use (Anthropic's list shape when the request carries "
+            "anthropic-version)", _json(OBJECT))},
+        "/v1/models/{model_id}": {"get": _op(
+            "One model this key may use, in OpenAI's shape ({id, object: model, created, "
+            "owned_by}), or Anthropic's ({type: model, id, display_name, created_at}) when the "
+            "request carries anthropic-version", _json(OBJECT), params=["model_id"])},
         "/apis/v1/{path}": {method: _op(
             "A catalog data API: charged per successful (2xx) call",
             {"description": "The upstream's answer, unchanged"}, params=["api_path"],
@@ -222,9 +236,11 @@ SPEC: dict[str, Any] = {
             body={"type": "object", "required": ["tier"],
                   "properties": {"tier": {"type": ["string", "null"]}}})},
         "/admin/v1/keys/{key_id}": {"patch": _op(
-            "Change a key's limits (given fields replace, null clears)", _json(_ref("Key")),
-            security="adminToken", params=["key_id"],
-            body={"type": "object", "properties": KEY_LIMITS, "additionalProperties": False})},
+            "Change a key's limits or pin its price group (given fields replace, null "
+            "clears)", _json(_ref("Key")), security="adminToken", params=["key_id"],
+            body={"type": "object", "properties": {
+                **KEY_LIMITS, "group": {"type": ["string", "null"]}},
+                "additionalProperties": False})},
         "/admin/v1/keys/{key_id}/revoke": {"post": _op("Revoke a key", _json(_ref("Key")),
                                                        security="adminToken",
                                                        params=["key_id"])},
@@ -346,6 +362,7 @@ SPEC: dict[str, Any] = {
             "margin_group_by": _query("group_by", {"enum": ["model", "channel", "day"]},
                                       "default model"),
             "api_path": _path("path"),
+            "model_id": _path("model_id"),
             "idempotency_key": {"name": "Idempotency-Key", "in": "header", "required": False,
                                 "schema": {"type": "string", "maxLength": 200}},
         },
@@ -366,6 +383,7 @@ SPEC: dict[str, Any] = {
                 "type": "object", "required": ["type", "code", "message", "request_id"],
                 "properties": {"type": {"type": "string"}, "code": {"type": "string"},
                                "message": {"type": "string"},
+                               "param": {"type": ["string", "null"]},
                                "request_id": {"type": ["string", "null"]}}}}},
             "Balance": {"type": "object", "properties": {
                 "balance_usd": USD, "held_usd": USD, "available_usd": USD, "used_usd": USD,

@@ -19,7 +19,7 @@ from tollway.billing.views import balance_view
 from tollway.clock import now_ms
 from tollway.errors import InvalidAdminToken
 from tollway.ledger.ledger import open_holds
-from tollway.metrics import METRICS
+from tollway.metrics import CONTENT_TYPE, METRICS
 from tollway.runtime.context import Context
 from tollway.runtime.http import bearer
 from tollway.runtime.queries import usage_export
@@ -33,7 +33,7 @@ async def healthz(request: Request) -> JSONResponse:
 
 
 async def metrics(request: Request) -> Response:
-    """Prometheus text exposition of this worker's counters (see ``tollway.metrics``)."""
+    """Prometheus text exposition of every worker's counters (see ``tollway.metrics``)."""
     ctx: Context = request.app.state.ctx
     token = bearer(request) or ""
     allowed = [t for t in (ctx.admin_token, settings.get("metrics_token")) if t]
@@ -43,7 +43,7 @@ async def metrics(request: Request) -> Response:
     count, oldest_ms = await ctx.read(open_holds)
     age_s = max(now_ms() - oldest_ms, 0) / 1000 if oldest_ms is not None else 0.0
     return PlainTextResponse(METRICS.exposition(open_holds=count, oldest_hold_age_s=age_s),
-                             media_type="text/plain; version=0.0.4; charset=utf-8")
+                             media_type=CONTENT_TYPE)
 
 
 async def openapi(request: Request) -> JSONResponse:

@@ -49,7 +49,12 @@ def hash_key(secret: str) -> str:
 def create_key(conn: Connection, account_id: int, *, at_ms: int, name: str | None = None,
                group: str | None = None, models: list[str] | None = None,
                quota_nano: int | None = None, expires_at_ms: int | None = None,
-               limits: KeyLimits | None = None) -> NewKey:
+               limits: KeyLimits | None = None, by_customer: bool = False) -> NewKey:
+    """A new key. ``by_customer`` (the console): pinning a price group is the operator's
+    decision only, so a customer's key always takes its account's group."""
+    if by_customer and group is not None:
+        raise InvalidRequest("only the operator can pin a key to a price group; keys made "
+                             "here use the account's group")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     if limits is not None:
         check_limits(conn, account_id, limits)
@@ -67,6 +72,18 @@ def set_limits(conn: Connection, key_id: int, limits: KeyLimits) -> ApiKeyRecord
     """Replace a key's own limits (workers see it within ``key_cache_seconds``)."""
     check_limits(conn, store.get_key(conn, key_id).account_id, limits)
     return store.set_key_limits(conn, key_id, limits)
+
+
+def pin_group(conn: Connection, key_id: int, group: str | None, *,
+              at_ms: int) -> ApiKeyRecord:
+    """The operator pins a key to a price group (None: back to the account's group)."""
+    record = store.set_key_group(conn, key_id, group)
+    usage_store.insert_event(
+        conn, event_id=f"key-{record.id}-group-{at_ms}", account_id=record.account_id,
+        type_="system", at_ms=at_ms, key_id=record.id, key_name=record.name,
+        note=f"API key {record.prefix}… " + (f"pinned to group {group}" if group else
+                                            "uses the account's group"))
+    return record
 
 
 def check_limits(conn: Connection, account_id: int, limits: KeyLimits) -> None:

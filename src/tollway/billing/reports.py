@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+from tollway.billing.csv_cells import row as csv_row
 from tollway.billing.views import iso
 from tollway.errors import InvalidRequest
 from tollway.money import format_usd, nano_to_decimal
@@ -156,7 +157,7 @@ def export_csv(rows: Iterable[Any]) -> Iterator[bytes]:
     writer.writerow(CSV_COLUMNS)
     for count, row in enumerate(rows, 1):
         view = record_view(row, explain=False)
-        writer.writerow(["" if view.get(c) is None else view[c] for c in CSV_COLUMNS])
+        writer.writerow(csv_row("" if view.get(c) is None else view[c] for c in CSV_COLUMNS))
         if count % 500 == 0:
             yield buffer.getvalue().encode()
             buffer.seek(0)
@@ -237,7 +238,7 @@ def statement_view(account: Any, month: str, st: Statement) -> dict[str, Any]:
 
 def statement_csv(view: dict[str, Any]) -> str:
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = _SafeWriter(csv.writer(buffer))
     writer.writerow(["line", "product", "requests", "amount_usd"])
     writer.writerow(["opening balance", "", "", view["opening_balance_usd"]])
     writer.writerow(["top-ups", "", "", view["topups_usd"]])
@@ -248,3 +249,13 @@ def statement_csv(view: dict[str, Any]) -> str:
     writer.writerow(["charges paid", "", "", view["charges_usd"]])
     writer.writerow(["closing balance", "", "", view["closing_balance_usd"]])
     return buffer.getvalue()
+
+
+class _SafeWriter:
+    """A ``csv.writer`` whose cells are neutralised (``billing.csv_cells``)."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def writerow(self, values: Iterable[Any]) -> None:
+        self.writer.writerow(csv_row(values))

@@ -18,6 +18,7 @@ from sqlalchemy import exc as sa_exc
 from tollway import settings
 from tollway.cli import (
     accounts,
+    backup,
     catalog,
     channels,
     codes,
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = Commands(parser.add_subparsers(dest="command", required=True,
                                               metavar="COMMAND"), common)
     # the order of `tollway --help`
-    for group in (serve, catalog, channels, accounts, keys, reports, ledger, notify, codes,
+    for group in (serve, catalog, channels, accounts, keys, reports, ledger, backup, notify,
+                  codes,
                   grants):
         group.register(commands)
     return parser

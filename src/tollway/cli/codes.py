@@ -11,6 +11,7 @@ from sqlalchemy.engine import Connection
 
 from tollway import clock
 from tollway.billing import codes
+from tollway.billing.csv_cells import cell as csv_cell
 from tollway.billing.views import parse_amount, parse_iso_ms
 from tollway.cli.common import Commands, Output, open_db
 from tollway.store import accounts as store
@@ -28,7 +29,7 @@ def cmd_codes_create(args: argparse.Namespace) -> Output:
     writer = csv.DictWriter(out, fieldnames=["code", "id", "amount_usd", "expires_at", "note"],
                             lineterminator="\n")
     writer.writeheader()
-    writer.writerows(views)
+    writer.writerows({k: csv_cell(v) for k, v in view.items()} for view in views)
     return Output(views, out.getvalue().rstrip("\n"))
 
 

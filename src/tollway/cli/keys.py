@@ -53,16 +53,24 @@ def _limit_values(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_keys_update(args: argparse.Namespace) -> Output:
     values = _limit_values(args)
-    if not values:
-        raise InvalidRequest("nothing to change: give at least one of --rpm, --tpm, "
+    group = getattr(args, "group", None)
+    if not values and group is None:
+        raise InvalidRequest("nothing to change: give at least one of --group, --rpm, --tpm, "
                              "--concurrency, --daily-cap, --weekly-cap, --monthly-cap, --ips")
     db = open_db(args)
     with db.write() as conn:
-        limits = parse_key_limits(values, store.get_key(conn, args.key_id).limits)
-        record = key_ops.set_limits(conn, args.key_id, limits)
+        record = store.get_key(conn, args.key_id)
+        if group is not None:  # the operator's pin ('none': the account's group)
+            record = key_ops.pin_group(conn, args.key_id,
+                                       None if group.lower() == "none" else group,
+                                       at_ms=clock.now_ms())
+        if values:
+            record = key_ops.set_limits(conn, args.key_id,
+                                        parse_key_limits(values, record.limits))
     view = key_view(record)
     shown = ", ".join(f"{f}={view[f]}" for f in LIMIT_FIELDS if view[f] is not None)
-    return Output(view, f"key {record.id} ({record.prefix}…) limits: {shown or 'none'}")
+    return Output(view, f"key {record.id} ({record.prefix}…) group {view['effective_group']}, "
+                  f"limits: {shown or 'none'}")
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> Output:
@@ -106,8 +114,10 @@ def register(c: Commands) -> None:
     p.add_argument("--quota", metavar="USD", help="the key's own spending limit")
     p.add_argument("--expires", metavar="ISO", help="expiry time, e.g. 2027-01-01T00:00:00Z")
     _limit_flags(p)
-    p = c.add(keys, "update", cmd_keys_update, "change an API key's limits (none clears one)")
+    p = c.add(keys, "update", cmd_keys_update, "change an API key's price group or limits "
+              "(none clears one)")
     p.add_argument("key_id", metavar="KEY_ID", type=int)
+    p.add_argument("--group", help="pin the key to a price group (none: the account's group)")
     _limit_flags(p)
     p = c.add(keys, "revoke", cmd_keys_revoke, "revoke an API key")
     p.add_argument("key_id", metavar="KEY_ID", type=int)

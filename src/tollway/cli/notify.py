@@ -9,9 +9,10 @@ from typing import Any
 
 from sqlalchemy.engine import Connection
 
-from tollway import clock
+from tollway import clock, settings
 from tollway.billing import notifications as notify
 from tollway.cli.common import Commands, Output, open_db
+from tollway.notify import targets
 from tollway.notify.deliverer import Deliverer
 from tollway.store import accounts as store
 from tollway.store.db import Database
@@ -27,6 +28,7 @@ def cmd_notify_settings(args: argparse.Namespace) -> Output:
         if value is not None:
             body[field] = None if value.lower() == _CLEAR else value
     notify.parse_changes(body)
+    targets.check_saved_sync(body)
     db = open_db(args)
 
     def op(conn: Connection) -> dict[str, Any]:
@@ -61,6 +63,21 @@ def cmd_notify_deliver(args: argparse.Namespace) -> Output:
     return Output({"attempted": attempted}, f"attempted {attempted} deliveries")
 
 
+def cmd_notify_prune(args: argparse.Namespace) -> Output:
+    """Delete notification events older than the retention, with deliveries and attempts."""
+    db = open_db(args)
+
+    async def run() -> int:
+        deliverer = Deliverer(_threaded(db))
+        try:
+            return await deliverer.prune(older_than_days=args.older_than_days)
+        finally:
+            await deliverer.close()
+
+    pruned = asyncio.run(run())
+    return Output({"pruned_events": pruned}, f"pruned {pruned} notification events")
+
+
 def _threaded(db: Database) -> Callable[[Callable[[Connection], Any]], Any]:
     async def write(fn: Callable[[Connection], Any]) -> Any:
         return await asyncio.to_thread(db.run_write, fn)
@@ -93,6 +110,11 @@ def register(c: Commands) -> None:
     p.add_argument("--email", metavar="ADDRESS", help="email address (needs smtp_url)")
     p.add_argument("--rotate-secret", action="store_true", help="replace the signing secret")
     c.add(ntf, "deliver", cmd_notify_deliver, "deliver every notification that is due, once")
+    p = c.add(ntf, "prune", cmd_notify_prune, "delete notification events (with deliveries "
+              "and attempts) older than the retention; pending ones stay")
+    p.add_argument("--older-than-days", metavar="N", type=int,
+                   default=int(settings.get("notify_retention_days")),
+                   help="default: $TOLLWAY_NOTIFY_RETENTION_DAYS (90)")
     p = c.add(ntf, "list", cmd_notify_list, "an account's notifications and delivery attempts")
     p.add_argument("account", metavar="ACCOUNT")
     p.add_argument("--limit", type=int, default=20)

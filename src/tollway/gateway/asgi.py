@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
 from tollway.errors import InvalidRequest, PayloadTooLarge, TollwayError
-from tollway.runtime.observe import ERROR_CODE, REQUEST_ID
+from tollway.gateway import jsonio
+from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, error_json
 
 JSON = b"application/json"
 
@@ -39,7 +39,7 @@ async def read_body(receive: Receive, limit: int) -> bytes:
 
 def json_object(body: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(body)
+        value = jsonio.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise InvalidRequest("the request body is not valid JSON") from None
     if not isinstance(value, dict):
@@ -69,8 +69,8 @@ async def send_bytes(send: Send, status: int, body: bytes, content_type: bytes =
 
 def error_body(scope: Scope, exc: TollwayError) -> bytes:
     scope[ERROR_CODE] = exc.code
-    return json.dumps({"error": {"type": exc.type, "code": exc.code, "message": exc.message,
-                                 "request_id": scope.get(REQUEST_ID)}}).encode()
+    return error_json(scope["path"], scope.get(REQUEST_ID), exc.status, exc.type, exc.code,
+                      exc.message, exc.param)
 
 
 async def send_error(scope: Scope, send: Send, exc: TollwayError,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from typing import Any, TypeVar
 
 from starlette.types import Scope, Send
 
-from tollway import clock
+from tollway import clock, tracing
 from tollway.billing import keys, metering
 from tollway.billing.limits import NO_LIMITS, Limits, Window
 from tollway.billing.metering import ClientKey, Replay, Reservation
@@ -56,6 +57,7 @@ class Call:
     limits: Limits = NO_LIMITS
     window: Window | None = None  # the key's rate-limit window once admitted
     counted_tokens: int = 0  # what this request counted against TPM at admission
+    trace: tracing.CallTrace | None = None  # its spans, when tracing is on
     #: how this route's own error answers read (Anthropic's shape on /v1/messages)
     render_error: Callable[[Scope, TollwayError], bytes] = error_body
     #: the channel of the last attempt (the one that answered) and every attempt made
@@ -163,11 +165,20 @@ def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
                 cost_tolerance=gw.cost_tolerance)
     scope[PRODUCT] = item.id
     scope[ACCOUNT] = key.account_id
+    if tracing.enabled():
+        call.trace = tracing.start(
+            scope, route=route, endpoint_path=item.spec.path, item_id=item.id,
+            billing_type=item.billing_type, system=gw.registry.kind(item.provider),
+            account_id=key.account_id, key_id=key.id, group=group, ratio=str(ratio.value),
+            request_id=call.request_id)
     idem = header(scope, b"idempotency-key")
     if idem:
         if len(idem) > 200:
             raise InvalidRequest("Idempotency-Key must be at most 200 characters")
-        digest = hashlib.sha256(scope["method"].encode() + b" " + route.encode() + b"\n" + body)
+        # method, path, query string and body: the same key with another ``?q=`` is another
+        # request (409 idempotency_key_reused), never a replay of the first answer
+        digest = hashlib.sha256(scope["method"].encode() + b" " + scope["path"].encode()
+                                + b"?" + scope.get("query_string", b"") + b"\n" + body)
         call.client_key = ClientKey(key.id, idem, digest.hexdigest())
     return call
 
@@ -195,10 +206,24 @@ async def reserve(gw: Gateway, call: Call, amount_nano: int, *, tokens: int = 0,
     return result
 
 
+REPLAYED_HEADER = (b"x-tollway-replayed", b"true")
+
+
 async def send_replay(send: Send, replay: Replay) -> None:
-    await send_bytes(send, replay.status, replay.body, replay.content_type.encode(),
+    """The first answer again, saying it is a replay (``X-Tollway-Replayed: true``; in a
+    stream, ``"replayed": true`` in the cost object and ``replayed=true`` in the cost comment):
+    the cost shown is what the first request was charged, not charged again."""
+    body = replay.body
+    if replay.content_type.startswith("text/event-stream"):
+        body = body.replace(b'"tollway": {', b'"tollway": {"replayed": true, ')
+        body = _COST_COMMENT.sub(rb"\g<0> replayed=true", body)
+    await send_bytes(send, replay.status, body, replay.content_type.encode(),
                      headers=[(COST_HEADER, format_usd(replay.cost_nano).encode()),
+                              REPLAYED_HEADER,
                               (b"x-tollway-replayed-request-id", replay.request_id.encode())])
+
+
+_COST_COMMENT = re.compile(rb"^: tollway cost_usd=[0-9.]+", re.MULTILINE)
 
 
 async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status: int | None = None,
@@ -207,6 +232,8 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
     """The request failed before anything billable happened: void the hold, record the error
     (cost 0), and answer the client."""
     call.scope[ERROR_CODE] = exc.code
+    if call.trace is not None:
+        call.trace.failed(exc.code)
     if isinstance(exc, UpstreamError):
         METRICS.upstream_error(call.item.id, exc.code, status or exc.status)
     if call.hold is not None:
@@ -233,10 +260,11 @@ async def settle(gw: Gateway, call: Call, *, charge: Charge, record: dict[str, A
     assert call.hold is not None
     hold_id, client_key, at = call.hold.id, call.client_key, gw.clock()
     window, counted = call.window, call.counted_tokens
-    await gw.ctx.write(lambda conn: metering.settle(
-        conn, hold_id=hold_id, charge=charge, record=record, client_key=client_key,
-        response=response, at_ms=at, window=window, counted_tokens=counted),
-        account_id=call.key.account_id)
+    with tracing.settling(call.trace, cost_nano=charge.cost_nano_usd, record=record):
+        await gw.ctx.write(lambda conn: metering.settle(
+            conn, hold_id=hold_id, charge=charge, record=record, client_key=client_key,
+            response=response, at_ms=at, window=window, counted_tokens=counted),
+            account_id=call.key.account_id)
     call.charged(charge.cost_nano_usd)
 
 
@@ -258,6 +286,8 @@ async def fetch(gw: Gateway, call: Call, send: Send, family: str,
     """Send the request through the item's channels (``failover``) and read the whole answer;
     if no upstream can be reached or the answer breaks off, void the hold, answer the client,
     and return None."""
+    if call.trace is not None:
+        call.trace.upstream_started(call.item.provider)
     try:
         response = await failover.send(gw, call, family, build)
         try:

@@ -8,7 +8,6 @@ than ``n``) × that price × the ratio, rounded once. A failed request is charge
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import InvalidRequest, UpstreamError
+from tollway.gateway import jsonio
 from tollway.gateway.asgi import json_object, read_body, stream_flag
 from tollway.gateway.calls import (
     Call,
@@ -48,7 +48,7 @@ class ImagesRoute:
 
         def build(channel: Channel) -> UpstreamRequest:
             payload["model"] = channel.upstream_model or call.item.id
-            return UpstreamRequest("POST", "/images/generations", json.dumps(payload).encode(),
+            return UpstreamRequest("POST", "/images/generations", jsonio.dumps(payload),
                                    headers={"Content-Type": "application/json",
                                             "Accept": "application/json"})
 
@@ -79,6 +79,8 @@ class ImagesRoute:
         body = await read_body(receive, gw.max_body_bytes)
         key = await gw.authenticate(scope)
         payload = json_object(body)
+        if payload.get("prompt") is None:
+            raise InvalidRequest("prompt is required", param="prompt")
         item, provider = gw.catalog.model(payload.get("model"), ROUTE)
         price = item.version.price
         assert isinstance(price, CallPrice)  # the images route serves image models only
@@ -86,7 +88,7 @@ class ImagesRoute:
             raise InvalidRequest("stream is not supported on /v1/images/generations")
         n = payload.get("n", 1)
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_IMAGES:
-            raise InvalidRequest(f"n must be an integer from 1 to {MAX_IMAGES}")
+            raise InvalidRequest(f"n must be an integer from 1 to {MAX_IMAGES}", param="n")
         size = payload.get("size")
         if size is not None and not isinstance(size, str):
             raise InvalidRequest("size must be a string such as \"1024x1024\"")
@@ -107,7 +109,7 @@ class ImagesRoute:
 
 def _images_returned(raw: bytes) -> int | None:
     try:
-        obj = json.loads(raw)
+        obj = jsonio.loads(raw)
     except ValueError:
         return None
     data = obj.get("data") if isinstance(obj, dict) else None

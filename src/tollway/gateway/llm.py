@@ -8,19 +8,17 @@ is kept back, settled, and sent with the cost under ``tollway``, then ``[DONE]``
 
 from __future__ import annotations
 
-import json
+import re
 from typing import Any
 
-from starlette.types import Send
-
 from tollway.errors import InvalidRequest
+from tollway.gateway import jsonio
 from tollway.gateway.asgi import stream_flag
 from tollway.gateway.metered import (
     LLMCall,
     StreamState,
     TokenRoute,
     positive_int,
-    send_chunk,
 )
 from tollway.gateway.sse import event_data
 from tollway.gateway.usage import MeteredUsage, parse_openai_usage
@@ -28,8 +26,17 @@ from tollway.money import format_usd
 from tollway.pricing.rating import TokenUsage
 from tollway.pricing.upstream_cost import reported_cost
 
+#: A chunk that may carry usage: a ``"usage"`` member that is not ``null`` (OpenAI sends
+#: ``"usage": null`` on every other chunk of a stream that asked for usage). Inside a JSON
+#: string the quotes would be escaped, so text that merely mentions usage does not match; a
+#: false match only costs a parse.
+_USAGE = re.compile(rb'"usage"\s*:\s*[^\sn]')
+#: How much unread stream data a request keeps before reading it for its text.
+UNPARSED_LIMIT = 256 * 1024
+
 ROUTES = {"chat": "/chat/completions", "completions": "/completions",
           "embeddings": "/embeddings"}
+REQUIRED = {"chat": ("messages",), "completions": ("prompt",), "embeddings": ("input",)}
 
 
 class LLMRoute(TokenRoute):
@@ -41,6 +48,7 @@ class LLMRoute(TokenRoute):
         self.kind = kind
         self.upstream_path = ROUTES[kind]
         self.route = "/v1" + self.upstream_path
+        self.required = REQUIRED[kind]
 
     def choices(self, payload: dict[str, Any]) -> int:
         if self.kind == "embeddings":
@@ -93,16 +101,26 @@ class LLMRoute(TokenRoute):
                                usage.cache_write_tokens, usage.cache_write_1h_tokens)
         return usage, reasoning
 
-    async def relay(self, llm: LLMCall, event: bytes, send: Send, state: StreamState) -> bool:
+    def relay(self, llm: LLMCall, event: bytes, state: StreamState) -> bool:
         data = event_data(event)
         if data is None:
-            await send_chunk(send, event, state)
+            state.emit(event)
             return True
         if data.strip() == b"[DONE]":
             state.done = True
             return False
+        if _USAGE.search(data) is None:
+            # A content chunk (most of a stream: `"usage": null` or none): passed on unread.
+            # Its text is needed only if the stream ends without usage (``drain``).
+            llm.call.mark_first_byte()
+            llm.unparsed.append(data)
+            llm.unparsed_bytes += len(data)
+            if llm.unparsed_bytes > UNPARSED_LIMIT:  # bound what a long stream keeps
+                self.drain(llm)
+            state.emit(event)
+            return True
         try:
-            obj = json.loads(data)
+            obj = jsonio.loads(data)
         except ValueError:
             obj = None
         if isinstance(obj, dict) and obj.get("usage") and b'"cost"' in data:
@@ -113,25 +131,41 @@ class LLMRoute(TokenRoute):
         if isinstance(obj, dict):
             if obj.get("usage"):
                 state.usage = obj["usage"]
-            for choice in obj.get("choices") or []:
-                if isinstance(choice, dict):
-                    _collect(choice.get("delta") or {}, llm.delivered)
-                    if isinstance(choice.get("text"), str):
-                        llm.delivered.append(choice["text"])
+            _collect_chunk(obj, llm.delivered)
         llm.call.mark_first_byte()
-        await send_chunk(send, event, state)
+        state.emit(event)
         return True
+
+    def drain(self, llm: LLMCall) -> None:
+        for data in llm.unparsed:
+            try:
+                obj = jsonio.loads(data)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                _collect_chunk(obj, llm.delivered)
+        llm.unparsed.clear()
+        llm.unparsed_bytes = 0
 
     def stream_tail(self, llm: LLMCall, state: StreamState, metered: MeteredUsage,
                     cost: int) -> bytes:
         tail = b""
         if state.usage_event is not None and llm.client_wants_usage:
             usage_event = dict(state.usage_event)
-            usage_event["tollway"] = {"cost_usd": format_usd(cost),
+            usage_event["tollway"] = {"cost_usd": format_usd(cost),  # a string, never a float
                                       "request_id": llm.call.request_id,
                                       "usage_source": metered.source}
-            tail += b"data: " + json.dumps(usage_event).encode() + b"\n\n"
+            tail += b"data: " + jsonio.dumps(usage_event) + b"\n\n"
         return tail + super().stream_tail(llm, state, metered, cost)
+
+
+def _collect_chunk(obj: dict[str, Any], out: list[str]) -> None:
+    """The generated text of one stream chunk."""
+    for choice in obj.get("choices") or []:
+        if isinstance(choice, dict):
+            _collect(choice.get("delta") or {}, out)
+            if isinstance(choice.get("text"), str):
+                out.append(choice["text"])
 
 
 def _collect(message: dict[str, Any], out: list[str]) -> None:

@@ -23,30 +23,25 @@ import json
 from dataclasses import replace
 from typing import Any
 
-from starlette.types import Scope, Send
+from starlette.types import Scope
 
 from tollway import tokens
 from tollway.errors import InvalidRequest, TollwayError
 from tollway.gateway.asgi import header
-from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int, send_chunk
+from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int
 from tollway.gateway.sse import event_json
 from tollway.gateway.usage import MeteredUsage, parse_anthropic_usage
 from tollway.pricing.rating import TokenUsage
-from tollway.runtime.errors import REQUEST_ID
+from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, error_json
 
 DEFAULT_VERSION = "2023-06-01"
-#: Tollway's error types (OpenAI's vocabulary) as Anthropic names them.
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                402: "billing_error", 403: "permission_error", 404: "not_found_error",
-                409: "invalid_request_error", 413: "request_too_large",
-                429: "rate_limit_error", 504: "timeout_error"}
 
 
 def anthropic_error(scope: Scope, exc: TollwayError) -> bytes:
-    request_id = scope.get(REQUEST_ID)
-    return json.dumps({"type": "error", "error": {
-        "type": _ERROR_TYPES.get(exc.status, "api_error"), "message": exc.message,
-        "code": exc.code, "request_id": request_id}, "request_id": request_id}).encode()
+    """Anthropic's error shape, whatever the path (``observe.error_json``)."""
+    scope[ERROR_CODE] = exc.code
+    return error_json("/v1/messages", scope.get(REQUEST_ID), exc.status, exc.type, exc.code,
+                      exc.message, exc.param)
 
 
 class MessagesRoute(TokenRoute):
@@ -54,6 +49,7 @@ class MessagesRoute(TokenRoute):
     upstream_path = "/messages"
     render_error = staticmethod(anthropic_error)
     reports_cut = True
+    required = ("messages",)
 
     def output_bound(self, payload: dict[str, Any], model_max: int) -> tuple[str | None,
                                                                              int | None]:
@@ -77,7 +73,7 @@ class MessagesRoute(TokenRoute):
     def parse_usage(self, raw: Any) -> tuple[TokenUsage, int]:
         return parse_anthropic_usage(raw), 0
 
-    async def relay(self, llm: LLMCall, event: bytes, send: Send, state: StreamState) -> bool:
+    def relay(self, llm: LLMCall, event: bytes, state: StreamState) -> bool:
         obj = event_json(event)
         if isinstance(obj, dict):
             kind = obj.get("type")
@@ -104,7 +100,7 @@ class MessagesRoute(TokenRoute):
             elif kind == "message_stop":
                 state.done = True
         llm.call.mark_first_byte()
-        await send_chunk(send, event, state)
+        state.emit(event)
         return True
 
     def stream_metered(self, llm: LLMCall, original: dict[str, Any],
@@ -132,4 +128,4 @@ def _collect_block(block: dict[str, Any], out: list[str]) -> None:
             out.append(value)
     if block.get("type") == "tool_use" and isinstance(block.get("input"), dict) \
             and block["input"]:
-        out.append(json.dumps(block["input"]))
+        out.append(json.dumps(block["input"]))  # counted: keep the spelling

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from tollway import tokens
 from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import InvalidRequest, StorageUnavailable, TollwayError, UpstreamError
-from tollway.gateway import failover
+from tollway.gateway import failover, jsonio
 from tollway.gateway.asgi import error_body, json_object, read_body, send_bytes, stream_flag
 from tollway.gateway.calls import (
     COST_HEADER,
@@ -44,6 +43,7 @@ from tollway.gateway.sse import EventSplitter
 from tollway.gateway.state import Gateway
 from tollway.gateway.usage import MeteredUsage, bounded
 from tollway.money import MAX_NANO_USD, format_usd
+from tollway.pricing.nano import TokenRater
 from tollway.pricing.rating import Charge, InvalidUsage, TokenPrice, TokenUsage
 from tollway.pricing.upstream_cost import reported_cost
 from tollway.runtime.observe import ERROR_CODE
@@ -76,13 +76,19 @@ class LLMCall:
     client_wants_usage: bool = True
     lowered_to: int | None = None
     delivered: list[str] = field(default_factory=list)
+    #: stream events relayed without parsing (they carry no usage): read for their text only
+    #: if the stream ends without usage (``TokenRoute.drain``)
+    unparsed: list[bytes] = field(default_factory=list)
+    unparsed_bytes: int = 0
 
     def hold_cost(self, prompt: int, output: int) -> int:
-        worst = TokenPrice(max(self.price.input_per_1m, self.price.effective_cache_read_per_1m,
-                               self.price.effective_cache_write_per_1m,
-                               self.price.effective_cache_write_1h_per_1m),
-                           self.price.output_per_1m)
-        cost = metering.rate(TokenUsage(prompt, output), worst, self.call.ratio).cost_nano_usd
+        """The hold for ``prompt`` tokens at the dearest input-side price (however the
+        upstream bills them) plus ``output`` tokens, in integer nano-USD: the same amount as
+        ``metering.rate`` at that price (``pricing/nano.py``, proven equal by
+        ``tests/test_rating_nano.py``), without a ``Decimal`` context per try when the hold
+        is lowered to what the balance affords. A hold is not a charge: the settlement's
+        charge is ``metering.rate``'s."""
+        cost = TokenRater.of(self.price, self.call.ratio.value).worst_case_nano(prompt, output)
         # an absurd max_tokens (10^30) asks for more than any balance holds: the ledger's
         # columns stop at MAX_NANO_USD, and the hold is then lowered to what the balance affords
         return min(max(cost, 1), MAX_NANO_USD)
@@ -124,6 +130,11 @@ class StreamState:
     #: What the client was sent, for an Idempotency-Key replay; None past REPLAY_BODY_LIMIT.
     sent: list[bytes] | None = field(default_factory=list)
     sent_bytes: int = 0
+    #: Events relayed from the current upstream read, sent to the client as one message.
+    out: list[bytes] = field(default_factory=list)
+
+    def emit(self, event: bytes) -> None:
+        self.out.append(event)
 
 
 ErrorRenderer = Callable[[Scope, TollwayError], bytes]
@@ -151,6 +162,9 @@ class TokenRoute:
     done_marker: bytes = b""
     #: tell the client, with :meth:`stream_error`, that a stream cut short is incomplete
     reports_cut: bool = False
+    #: fields a request must carry (a request without one is refused with 400 naming it,
+    #: before anything is held: an upstream may answer it 200 with a billed "empty" reply)
+    required: tuple[str, ...] = ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw: Gateway = scope["app"].state.gateway
@@ -169,6 +183,11 @@ class TokenRoute:
 
     def choices(self, payload: dict[str, Any]) -> int:
         return 1
+
+    def check_required(self, payload: dict[str, Any]) -> None:
+        for name in self.required:
+            if payload.get(name) is None:
+                raise InvalidRequest(f"{name} is required", param=name)
 
     def streams(self, payload: dict[str, Any]) -> bool:
         return stream_flag(payload)
@@ -189,9 +208,15 @@ class TokenRoute:
     def answer_usage(self, obj: dict[str, Any]) -> Any:
         return obj.get("usage")
 
-    async def relay(self, llm: LLMCall, event: bytes, send: Send, state: StreamState) -> bool:
-        """Forward one stream event (reading what it says); False once the stream is over."""
+    def relay(self, llm: LLMCall, event: bytes, state: StreamState) -> bool:
+        """Pass one stream event on (``state.emit``), reading what it says; False once the
+        stream is over. What the events of one upstream read emit goes to the client as one
+        message."""
         raise NotImplementedError
+
+    def drain(self, llm: LLMCall) -> None:
+        """Read the text of the events relayed unparsed into ``llm.delivered`` (needed only
+        for a local count)."""
 
     def stream_metered(self, llm: LLMCall, original: dict[str, Any],
                        state: StreamState) -> MeteredUsage:
@@ -217,9 +242,10 @@ class TokenRoute:
         body = await read_body(receive, gw.max_body_bytes)
         key = await gw.authenticate(scope)
         payload = json_object(body)
+        self.check_required(payload)
         model = payload.get("model")
         if not isinstance(model, str) or not model:
-            raise InvalidRequest("model is required")
+            raise InvalidRequest("model is required", param="model")
         item, provider = gw.catalog.model(model, self.route)
         call = begin(gw, scope, key, item, self.route, body)
         call.render_error = self.render_error
@@ -255,10 +281,12 @@ class TokenRoute:
 
         def build(channel: Channel) -> UpstreamRequest:
             payload["model"] = channel.upstream_model or call.item.id
-            return UpstreamRequest("POST", self.upstream_path, json.dumps(payload).encode(),
+            return UpstreamRequest("POST", self.upstream_path, jsonio.dumps(payload),
                                    headers=headers, stream=call.stream)
 
         family = "anthropic" if self.route == "/v1/messages" else "openai"
+        if call.trace is not None:
+            call.trace.upstream_started(llm.provider)
         try:
             response = await failover.send(gw, call, family, build)
         except UpstreamError as exc:
@@ -288,7 +316,7 @@ class TokenRoute:
         call = llm.call
         try:
             raw = await response.read()
-            obj = json.loads(raw)
+            obj = jsonio.loads(raw)
             if not isinstance(obj, dict):
                 raise ValueError
         except UpstreamError as exc:
@@ -322,6 +350,7 @@ class TokenRoute:
                                             llm.prompt_estimate + PROMPT_SLACK_TOKENS),
                            completion_bound=bound)
         except InvalidUsage as exc:
+            self.drain(llm)
             prompt = tokens.count_prompt(original)
             # The delivered text as a whole: counting each chunk on its own would bill the
             # upstream's chunking ("Hello " + "there " is 4 tokens apart, 2 together).
@@ -373,9 +402,17 @@ class TokenRoute:
         splitter = EventSplitter()
         try:
             async for chunk in response.chunks():
+                more = True
                 for event in splitter.feed(chunk):
-                    if not await self.relay(llm, event, send, state):
-                        return
+                    if not self.relay(llm, event, state):
+                        more = False
+                        break
+                if state.out:
+                    body = b"".join(state.out)
+                    state.out.clear()
+                    await send_chunk(send, body, state)
+                if not more:
+                    return
             state.cut = splitter.rest() != b"" or not state.done
         except UpstreamError as exc:
             state.failure = exc
@@ -384,6 +421,8 @@ class TokenRoute:
     async def _finish_stream(self, llm: LLMCall, original: dict[str, Any], state: StreamState,
                              send: Send) -> None:
         call = llm.call
+        if state.usage is None:
+            self.drain(llm)
         if not any(llm.delivered) and state.usage is None:
             exc = state.failure or UpstreamError("the upstream stream ended before any output")
             await fail(llm.gw, call, send, exc, status=exc.status, send_response=False)

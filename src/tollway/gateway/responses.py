@@ -10,14 +10,12 @@ pass through unchanged and in order; the cost follows as an SSE comment.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from starlette.types import Send
-
-from tollway.errors import TollwayError
+from tollway.errors import InvalidRequest, TollwayError
+from tollway.gateway import jsonio
 from tollway.gateway.asgi import error_body
-from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int, send_chunk
+from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int
 from tollway.gateway.sse import event_json
 from tollway.gateway.usage import parse_responses_usage
 from tollway.pricing.rating import TokenUsage
@@ -35,13 +33,20 @@ class ResponsesRoute(TokenRoute):
     upstream_path = "/responses"
     reports_cut = True
 
+    def check_required(self, payload: dict[str, Any]) -> None:
+        """``input``, unless the conversation lives upstream (``previous_response_id``,
+        ``conversation``) or a stored ``prompt`` supplies it."""
+        if payload.get("input") is None and not any(
+                payload.get(k) for k in ("previous_response_id", "conversation", "prompt")):
+            raise InvalidRequest("input is required", param="input")
+
     def stream_error(self, llm: LLMCall, exc: TollwayError) -> bytes:
         """The Responses API's ``error`` event, with Tollway's error object beside (which is
         what makes the openai package raise)."""
-        body = json.loads(error_body(llm.call.scope, exc))
+        body = jsonio.loads(error_body(llm.call.scope, exc))
         event = {"type": "error", "code": exc.code, "message": exc.message, "param": None,
                  **body}
-        return b"event: error\ndata: " + json.dumps(event).encode() + b"\n\n"
+        return b"event: error\ndata: " + jsonio.dumps(event) + b"\n\n"
 
     def output_bound(self, payload: dict[str, Any], model_max: int) -> tuple[str | None,
                                                                              int | None]:
@@ -64,7 +69,7 @@ class ResponsesRoute(TokenRoute):
     def parse_usage(self, raw: Any) -> tuple[TokenUsage, int]:
         return parse_responses_usage(raw)
 
-    async def relay(self, llm: LLMCall, event: bytes, send: Send, state: StreamState) -> bool:
+    def relay(self, llm: LLMCall, event: bytes, state: StreamState) -> bool:
         obj = event_json(event)
         if isinstance(obj, dict):
             kind = obj.get("type")
@@ -76,5 +81,5 @@ class ResponsesRoute(TokenRoute):
                     state.usage = response["usage"]
                 state.done = True
         llm.call.mark_first_byte()
-        await send_chunk(send, event, state)
+        state.emit(event)
         return True

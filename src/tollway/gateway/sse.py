@@ -6,11 +6,11 @@ otherwise make the gateway buffer, and rescan, everything it sends."""
 
 from __future__ import annotations
 
-import json
 import re
 from typing import Any
 
 from tollway.errors import UpstreamError
+from tollway.gateway import jsonio
 
 _BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 #: The longest single event the gateway accepts (an LLM chunk is a few hundred bytes).
@@ -54,6 +54,6 @@ def event_json(event: bytes) -> Any:
     if data is None:
         return None
     try:
-        return json.loads(data)
+        return jsonio.loads(data)
     except ValueError:
         return None

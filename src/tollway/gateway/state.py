@@ -2,8 +2,9 @@
 
 The catalog is re-read from the database every ``catalog_refresh_seconds`` (an applied price
 change takes effect within that time, and each usage record names the price version it used);
-a key is cached for ``key_cache_seconds`` after its lookup, so a revocation made through another
-process takes effect within that time (one made through this process, at once).
+a key is cached for ``key_cache_seconds`` after its lookup (:mod:`.keycache`: single-flight,
+refreshed ahead while in use), so a revocation made through another process takes effect within
+that time (one made through this process, at once).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -28,6 +28,7 @@ from tollway.billing import limits as rate_limits
 from tollway.billing.limits import Limits
 from tollway.clock import now_ms
 from tollway.errors import InvalidApiKey, StorageUnavailable, UnknownEndpoint, UnknownModel
+from tollway.gateway.keycache import KeyCache
 from tollway.gateway.watchdog import Watchdog
 from tollway.metrics import METRICS
 from tollway.pricing.catalog import Tier
@@ -157,15 +158,17 @@ class Gateway:
         self.watchdog = Watchdog()
         self._health: asyncio.Task[None] | None = None
         self.catalog = CatalogSnapshot({}, (), {}, {})
-        self._keys: dict[str, tuple[float, ApiKeyRecord]] = {}
-        self._lookups: dict[str, asyncio.Future[ApiKeyRecord]] = {}
+        self.keys: KeyCache[ApiKeyRecord] = KeyCache(self._lookup_key, ttl_s=key_cache_s)
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.refresh()
         METRICS.channel_states = lambda: [(c.id, c.state(self.clock()))
                                           for c in self.board.channels.values()]
-        await run_in_threadpool(tokens.warm_up)
+        if any(kind == "sandbox" for kind, _ in self.catalog.providers.values()):
+            # the sandbox counts every request with the tokenizer; real upstreams report usage
+            # and the vocabulary (~135 MiB) is loaded only when a stream ends without it
+            await run_in_threadpool(tokens.warm_up)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
         if self.health_interval_s > 0:
             self._health = asyncio.get_running_loop().create_task(self._health_loop())
@@ -229,29 +232,17 @@ class Gateway:
         if not secret:
             raise InvalidApiKey("missing API key: send 'Authorization: Bearer <key>' or "
                                 "'x-api-key: <key>'")
-        digest = keys.hash_key(secret)
-        cached = self._keys.get(digest)
-        now = time.monotonic()
-        if cached is not None and cached[0] > now:
-            record = cached[1]
-        else:
-            # One lookup per key at a time: requests that arrive while it runs wait for it
-            # instead of each querying the database when the cached entry expires.
-            pending = self._lookups.get(digest)
-            if pending is None:
-                pending = asyncio.ensure_future(self.ctx.read(lambda conn: _lookup(conn, digest)))
-                self._lookups[digest] = pending
-                pending.add_done_callback(lambda _: self._lookups.pop(digest, None))
-            record = await asyncio.shield(pending)
-            self._keys[digest] = (now + self.key_cache_s, record)
-            if len(self._keys) > 100_000:
-                self._keys.clear()
+        record = await self.keys.get(keys.hash_key(secret))
         keys.check_usable(record, now_ms=self.clock())
-        keys.check_ip(record, client_address(scope, self.ctx.trusted_proxies))
+        if record.limits.allowed_ips is not None:  # the address is parsed only when needed
+            keys.check_ip(record, client_address(scope, self.ctx.trusted_proxies))
         return record
 
     def forget_keys(self) -> None:
-        self._keys.clear()
+        self.keys.clear()
+
+    async def _lookup_key(self, digest: str) -> ApiKeyRecord:
+        return await self.ctx.read(lambda conn: _lookup(conn, digest))
 
 
 def _lookup(conn: Connection, digest: str) -> ApiKeyRecord:

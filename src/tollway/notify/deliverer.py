@@ -12,20 +12,18 @@ a crash): the event id in ``X-Tollway-Event-Id`` is what it deduplicates on.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import aiohttp
 from sqlalchemy.engine import Connection
 
 from tollway import clock, settings
 from tollway.errors import StorageUnavailable
-from tollway.notify import mail, signing
+from tollway.notify import mail, signing, targets
 from tollway.store import notifications as store
 from tollway.store.notifications import Claimed
 
@@ -33,6 +31,8 @@ T = TypeVar("T")
 #: Runs a function in a write transaction: the server's writer, or ``Database.run_write``.
 Write = Callable[[Callable[[Connection], Any]], Awaitable[Any]]
 log = logging.getLogger("tollway.notify")
+#: how often a serving deliverer prunes old notifications
+PRUNE_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -44,6 +44,7 @@ class Policy:
     allow_private_targets: bool = False
     smtp_url: str = ""
     email_from: str = "tollway@localhost"
+    retention_days: int = 90  # older events, deliveries and attempts are pruned
 
     @property
     def lease_ms(self) -> int:
@@ -63,7 +64,8 @@ class Policy:
                    allow_private_targets=settings.get("notify_allow_private_targets").lower()
                    in ("1", "true", "yes"),
                    smtp_url=settings.get("smtp_url"),
-                   email_from=settings.get("notify_email_from"))
+                   email_from=settings.get("notify_email_from"),
+                   retention_days=int(settings.get("notify_retention_days")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +113,26 @@ class Deliverer:
             total += n
         return total
 
+    async def prune(self, *, older_than_days: int | None = None, batch: int = 1000) -> int:
+        """Delete events older than the retention (with their deliveries and attempts), in
+        batches of ``batch`` per transaction; events with a pending delivery stay."""
+        days = self.policy.retention_days if older_than_days is None else older_than_days
+        before = self.clock_ms() - days * 86_400_000
+        total = 0
+        while n := await self.write(lambda conn: store.prune(conn, before_ms=before,
+                                                             limit=batch)):
+            total += n
+        return total
+
     async def run_forever(self, interval_s: float) -> None:
+        pruned_at = 0.0
         while True:
             try:
+                if time.monotonic() - pruned_at >= PRUNE_EVERY_S or not pruned_at:
+                    pruned_at = time.monotonic()
+                    if n := await self.prune():
+                        log.info("pruned %d notification events older than %d days", n,
+                                 self.policy.retention_days)
                 while await self.run_once() == self.policy.batch:
                     pass
             except StorageUnavailable:  # the next round retries; a traceback says nothing
@@ -140,40 +159,28 @@ class Deliverer:
         url = c.webhook_url
         if not url or not c.webhook_secret:
             return Outcome(None, None, "no webhook URL is configured", final=True)
-        if (refused := await self._refuse(url)) is not None:
+        if (refused := targets.literal_refusal(
+                url, allow_private=self.policy.allow_private_targets)) is not None:
             return Outcome(url, None, refused)
         body = c.body.encode()
         headers = signing.headers(c.webhook_secret, c.event_id, self.clock_ms() // 1000, body)
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            # the connect-time check: every address a name resolves to is judged, and the
+            # connection goes only to addresses that passed (no DNS rebinding)
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                resolver=None if self.policy.allow_private_targets
+                else targets.PublicResolver()))
         try:
             async with self._session.post(
                     url, data=body, headers=headers, allow_redirects=False,
                     timeout=aiohttp.ClientTimeout(total=self.policy.timeout_s)) as response:
                 status = response.status  # the body is never read: only the status counts
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return Outcome(url, None, f"{type(exc).__name__}: {exc}".rstrip(": ")[:500])
+            reason = short_reason(exc)
+            log.warning("webhook delivery %s to %s failed: %s (%r)", c.event_id, url, reason,
+                        exc)
+            return Outcome(url, None, reason)
         return Outcome(url, status, None if 200 <= status < 300 else f"HTTP {status}")
-
-    async def _refuse(self, url: str) -> str | None:
-        """Why this URL may not be called, or None. Webhook URLs come from customers: unless
-        the operator allows it, none may resolve to a loopback, private or link-local
-        address (the check is at resolution time; see the README on DNS rebinding)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            return f"not an http(s) URL: {url}"
-        if self.policy.allow_private_targets:
-            return None
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-        except OSError as exc:
-            return f"cannot resolve {parts.hostname}: {exc}"
-        for info in infos:
-            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-            if not address.is_global:
-                return f"{parts.hostname} resolves to a non-public address ({address})"
-        return None
 
     async def _email(self, c: Claimed) -> Outcome:
         if not c.email:
@@ -186,5 +193,27 @@ class Deliverer:
                                     c.email, c.event_type, c.body,
                                     timeout_s=self.policy.timeout_s)
         except (OSError, mail.SMTPError) as exc:
-            return Outcome(c.email, None, f"{type(exc).__name__}: {exc}"[:500])
+            log.warning("email delivery %s failed: %r", c.event_id, exc)
+            reason = ("the mail server refused the message" if isinstance(exc, mail.SMTPError)
+                      else "could not reach the mail server")
+            return Outcome(c.email, None, reason)
         return Outcome(c.email, None, None)
+
+
+def short_reason(exc: BaseException) -> str:
+    """What the customer's attempt log says about a failed connection: a short reason, never
+    the exception's text (which names internal addresses, resolvers and library details; the
+    server log has it)."""
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(getattr(exc, "os_error", None), targets.TargetRefused):
+        return targets.REFUSED
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "the host name could not be resolved"
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return "the TLS handshake failed"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "the connection was refused or failed"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the receiver closed the connection"
+    return "the delivery failed"

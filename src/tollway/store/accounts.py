@@ -203,7 +203,9 @@ def _key(row: sa.Row[tuple[object, ...]]) -> ApiKeyRecord:
     ips = tuple(json.loads(row.allowed_ips)) if row.allowed_ips is not None else None
     limits = KeyLimits(row.rpm, row.tpm, row.concurrency, row.daily_cap_nano,
                        row.weekly_cap_nano, row.monthly_cap_nano, ips)
-    return ApiKeyRecord(row.id, row.account_id, row.prefix, row.name, row.group_name, models,
+    # only the operator's pin counts (a customer's, made before migration 0010, is ignored)
+    group = row.group_name if row.group_pinned_by == "operator" else None
+    return ApiKeyRecord(row.id, row.account_id, row.prefix, row.name, group, models,
                         row.quota_nano, row.used_nano, row.held_nano, row.expires_at_ms,
                         row.revoked_at_ms, row.created_at_ms, row.account_group, limits,
                         row.account_tier, row.account_disabled_at_ms)
@@ -224,10 +226,21 @@ def insert_key(conn: Connection, *, account_id: int, prefix: str, key_hash: str,
                                  f"{', '.join(unknown)}")
     key_id = conn.execute(api_keys.insert().values(
         account_id=account_id, prefix=prefix, key_hash=key_hash, name=name, group_name=group,
+        group_pinned_by=None if group is None else "operator",
         models=json.dumps(models) if models is not None else None, quota_nano=quota_nano,
         expires_at_ms=expires_at_ms, created_at_ms=at_ms, **(limits or KeyLimits()).columns(),
     ).returning(api_keys.c.id)).scalar_one()
     return get_key(conn, int(key_id))
+
+
+def set_key_group(conn: Connection, key_id: int, group: str | None) -> ApiKeyRecord:
+    """Pin a key to a price group as the operator (None: the account's group again)."""
+    get_key(conn, key_id)
+    if group is not None:
+        require_group(conn, group)
+    conn.execute(api_keys.update().where(api_keys.c.id == key_id).values(
+        group_name=group, group_pinned_by=None if group is None else "operator"))
+    return get_key(conn, key_id)
 
 
 def _key_query() -> sa.Select[tuple[object, ...]]:

@@ -7,6 +7,7 @@ explainable.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -71,14 +72,22 @@ def price_columns(price: Price, *, unit_price: Decimal | None = None) -> dict[st
     """A price as a usage record's nano-USD columns, with the prices actually applied: a
     missing cache price is its fallback's (see rating), and a per-call item's unit price is
     ``unit_price`` when given (an image size's)."""
+    if isinstance(price, TokenPrice):
+        return dict(_token_price_columns(price))  # every request's record: computed once
     columns: dict[str, int | None] = {k: v for k, v in _price_columns(price).items()
                                       if k != "per_size_nano" and not isinstance(v, str)}
-    if isinstance(price, TokenPrice):
-        columns["cache_read_nano_per_1m"] = parse_usd(price.effective_cache_read_per_1m)
-        columns["cache_write_nano_per_1m"] = parse_usd(price.effective_cache_write_per_1m)
-        columns["cache_write_1h_nano_per_1m"] = parse_usd(price.effective_cache_write_1h_per_1m)
-    elif unit_price is not None:
+    if unit_price is not None:
         columns["per_call_nano"] = parse_usd(unit_price)
+    return columns
+
+
+@functools.lru_cache(maxsize=4096)
+def _token_price_columns(price: TokenPrice) -> dict[str, int | None]:
+    columns: dict[str, int | None] = {k: v for k, v in _price_columns(price).items()
+                                      if k != "per_size_nano" and not isinstance(v, str)}
+    columns["cache_read_nano_per_1m"] = parse_usd(price.effective_cache_read_per_1m)
+    columns["cache_write_nano_per_1m"] = parse_usd(price.effective_cache_write_per_1m)
+    columns["cache_write_1h_nano_per_1m"] = parse_usd(price.effective_cache_write_1h_per_1m)
     return columns
 
 

@@ -213,3 +213,19 @@ def list_events(conn: Connection, account_id: int, *, limit: int,
             {"row": d, "attempts": [a for a in attempts if a.delivery_id == d.id]}
             for d in deliveries if d.event_id == e.id]})
     return out
+
+
+def prune(conn: Connection, *, before_ms: int, limit: int) -> int:
+    """Delete up to ``limit`` events created before ``before_ms`` with their deliveries and
+    attempts (oldest first), except events with a delivery still pending. Returns how many."""
+    pending = sa.exists().where(_dl.c.event_id == _ev.c.id, _dl.c.status == "pending")
+    ids = list(conn.execute(sa.select(_ev.c.id).where(_ev.c.created_at_ms < before_ms,
+                                                      sa.not_(pending))
+                            .order_by(_ev.c.created_at_ms).limit(limit)).scalars())
+    if not ids:
+        return 0
+    deliveries = sa.select(_dl.c.id).where(_dl.c.event_id.in_(ids)).scalar_subquery()
+    conn.execute(_at.delete().where(_at.c.delivery_id.in_(deliveries)))
+    conn.execute(_dl.delete().where(_dl.c.event_id.in_(ids)))
+    conn.execute(_ev.delete().where(_ev.c.id.in_(ids)))
+    return len(ids)

@@ -23,15 +23,39 @@ def recent_failures(conn: Connection, scopes: Iterable[str], *, since_ms: int,
     return found
 
 
-def add_failures(conn: Connection, scopes: Iterable[str], *, at_ms: int,
-                 forget_before_ms: int) -> None:
-    """Record a failure for each scope, and forget failures older than ``forget_before_ms``
-    (an indexed range delete: only what expired since the last failure)."""
-    conn.execute(signin_failures.delete().where(signin_failures.c.at_ms <= forget_before_ms))
-    rows = [{"scope": scope, "at_ms": at_ms} for scope in scopes]
-    if rows:
-        conn.execute(signin_failures.insert(), rows)
-
-
 def clear_failures(conn: Connection, scope: str) -> None:
     conn.execute(signin_failures.delete().where(signin_failures.c.scope == scope))
+
+
+def lock_scopes(conn: Connection, scopes: Iterable[str]) -> None:
+    """Serialise attempts on the same scopes until this transaction ends. SQLite's write
+    transactions are already serial (``BEGIN IMMEDIATE``); PostgreSQL takes a transaction
+    advisory lock per scope, in sorted order (no deadlock between two scope sets)."""
+    if conn.dialect.name != "postgresql":
+        return
+    for scope in sorted(set(scopes)):
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:s, 15))"),
+                     {"s": scope})
+
+
+def add_attempt(conn: Connection, scopes: Iterable[str], *, at_ms: int) -> list[int]:
+    """One row per scope for an attempt in progress (a failure until it is withdrawn)."""
+    return [int(conn.execute(signin_failures.insert().values(scope=scope, at_ms=at_ms)
+                             .returning(signin_failures.c.id)).scalar_one())
+            for scope in scopes]
+
+
+def withdraw(conn: Connection, ids: Iterable[int]) -> None:
+    ids = list(ids)
+    if ids:
+        conn.execute(signin_failures.delete().where(signin_failures.c.id.in_(ids)))
+
+
+def forget(conn: Connection, *, before_ms: int, signup_before_ms: int) -> None:
+    """Delete sign-in failures at or before ``before_ms`` and sign-up attempts (scopes
+    ``signup:…``) at or before ``signup_before_ms``: they count for nothing any more."""
+    f = signin_failures.c
+    signup = f.scope.startswith("signup:")
+    conn.execute(signin_failures.delete().where(sa.or_(
+        sa.and_(f.at_ms <= before_ms, sa.not_(signup)),
+        sa.and_(f.at_ms <= signup_before_ms, signup))))

@@ -55,6 +55,9 @@ api_keys = sa.Table(
     sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
     sa.Column("name", sa.String(200)),
     sa.Column("group_name", sa.String(64)),
+    # who pinned group_name (migration 0010): only an ``operator`` pin is charged; a
+    # ``customer`` pin (made through the console before 0010) is ignored
+    sa.Column("group_pinned_by", sa.String(16)),
     sa.Column("models", sa.Text),  # JSON list of allowed catalog ids, NULL = all
     sa.Column("quota_nano", Nano),  # NULL = no own quota
     sa.Column("used_nano", Nano, nullable=False, server_default="0"),
@@ -368,6 +371,7 @@ notification_events = sa.Table(
     sa.Column("body", sa.Text, nullable=False),  # the JSON document delivered, byte for byte
     sa.Column("created_at_ms", Ms, nullable=False),
     sa.Index("ix_notification_events_account", "account_id", "id"),
+    sa.Index("ix_notification_events_created", "created_at_ms"),
 )
 
 notification_deliveries = sa.Table(
@@ -430,7 +434,7 @@ channel_states = sa.Table(
     sa.Column("updated_at_ms", Ms, nullable=False),
 )
 
-# money in through a payment provider (migration 0008_payments): one row per checkout order,
+# money in through a payment provider (migration 0010_payments): one row per checkout order,
 # created by Tollway before the customer is sent to the provider; the webhook credits the
 # row's own amount (never the webhook's), and each provider event id is recorded once
 payment_orders = sa.Table(

@@ -64,6 +64,11 @@ class Registry:
             del self._upstreams[pid]
             del self._configs[pid]
 
+    def kind(self, pid: str) -> str:
+        """The provider's kind (``openai``, ``anthropic``, ``http``, ``sandbox``)."""
+        found = self._configs.get(pid)
+        return found[0] if found else ""
+
     def _build(self, kind: str, config: Mapping[str, Any]) -> Upstream:
         if kind == "sandbox":
             return SandboxUpstream()

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from tollway import tokens
-from tollway.upstreams import sandbox_protocols
+from tollway.upstreams import sandbox_agent, sandbox_protocols
 from tollway.upstreams.base import BufferedResponse, UpstreamRequest
 
 REASONING_TOKENS = 16
@@ -32,7 +32,8 @@ def _json(status: int, body: Any) -> BufferedResponse:
 
 
 def _error(status: int, message: str) -> BufferedResponse:
-    return _json(status, {"error": {"message": message, "type": "invalid_request_error"}})
+    return _json(status, {"error": {"message": message, "type": "invalid_request_error",
+                                    "param": None, "code": None}})
 
 
 class SandboxUpstream:
@@ -69,6 +70,34 @@ def _last_user_text(payload: dict[str, Any]) -> str:
     return ""
 
 
+def _chat_tools(payload: dict[str, Any]) -> tuple[list[sandbox_agent.Tool], str, str | None,
+                                                  bool, set[str]]:
+    """The arguments of :func:`sandbox_agent.choose` for a chat request (text aside)."""
+    tools = [sandbox_agent.Tool(str(f.get("name", "tool")), f.get("parameters") or {})
+             for t in payload.get("tools") or []
+             if isinstance(t, dict) and isinstance(f := t.get("function"), dict)]
+    choice = payload.get("tool_choice")
+    mode, forced = "auto", None
+    if choice in ("none", "auto", "required"):
+        mode = str(choice)
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        mode, forced = "tool", str(choice["function"].get("name"))
+    messages = [m for m in payload.get("messages") or [] if isinstance(m, dict)]
+    after = bool(messages) and messages[-1].get("role") in ("tool", "function")
+    called = {str((c.get("function") or {}).get("name")) for m in messages
+              if m.get("role") == "assistant" for c in m.get("tool_calls") or []
+              if isinstance(c, dict)}
+    return tools, mode, forced, after, called
+
+
+def _plain_answer(payload: dict[str, Any], said: str) -> str:
+    """"You said: …", or after a tool's result, "Tool result: …"."""
+    messages = [m for m in payload.get("messages") or [] if isinstance(m, dict)]
+    if messages and messages[-1].get("role") in ("tool", "function"):
+        return "Tool result: " + sandbox_agent.tool_result_text(messages[-1].get("content"))
+    return "You said: " + said
+
+
 def _limit(payload: dict[str, Any]) -> int | None:
     for key in ("max_completion_tokens", "max_tokens"):
         value = payload.get(key)
@@ -84,19 +113,20 @@ def _complete(payload: dict[str, Any], *, chat: bool) -> BufferedResponse:
     if limit is not None:
         reasoning = min(reasoning, limit // 2)
     budget = None if limit is None else limit - reasoning
-    tools = payload.get("tools") if chat and payload.get("tool_choice") != "none" else None
     encoding = tokens._encoding()
-    text = "You said: " + _last_user_text(payload)
+    said = _last_user_text(payload)
+    call = sandbox_agent.choose(*_chat_tools(payload), text=said[:200]) if chat else None
     tool_call = None
-    if isinstance(tools, list) and tools and isinstance(tools[0], dict):
-        name = str((tools[0].get("function") or {}).get("name", "tool"))
-        arguments = json.dumps({"input": _last_user_text(payload)[:200]})
+    if call is not None:
+        arguments = call.arguments_json
         tool_call = {"id": "call_" + hashlib.sha256(arguments.encode()).hexdigest()[:12],
-                     "type": "function", "function": {"name": name, "arguments": arguments}}
+                     "type": "function", "function": {"name": call.name, "arguments": arguments}}
         text = ""
-        visible = tokens.count(name) + tokens.count(arguments)
+        visible = tokens.count(call.name) + tokens.count(arguments)
         finish = "tool_calls"
     else:
+        text = (sandbox_agent.structured(payload.get("response_format"), said) if chat
+                else None) or _plain_answer(payload, said)
         ids = encoding.encode_ordinary(text)
         finish = "stop"
         if budget is not None and len(ids) > budget:
@@ -117,7 +147,8 @@ def _complete(payload: dict[str, Any], *, chat: bool) -> BufferedResponse:
         chunks = _stream(rid, created, model, chat, text, tool_call, finish, usage, include)
         return BufferedResponse(200, chunks, "text/event-stream")
     if chat:
-        message: dict[str, Any] = {"role": "assistant", "content": text or None}
+        message: dict[str, Any] = {"role": "assistant", "content": text or None,
+                                   "refusal": None}
         if tool_call:
             message["tool_calls"] = [tool_call]
         choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": finish,

@@ -40,13 +40,15 @@ async def _throttled(request: Request, page: str, retry_after_s: int,
     return response
 
 
-async def _locked(request: Request, scopes: list[str],
-                  policy: signin.Policy) -> tuple[int, int | None]:
-    """The gateway's time and, when ``scopes`` are throttled, the seconds to wait."""
+async def _claim(request: Request, scopes: list[str],
+                 policy: signin.Policy) -> signin.Claim | int:
+    """Check and count this attempt in one write (``signin.claim``): the attempt, or the
+    seconds to wait when one of ``scopes`` is throttled."""
     ctx: Context = request.app.state.ctx
     at = ctx.clock()
-    wait = await ctx.read(lambda conn: signin.retry_after_s(conn, scopes, policy, now_ms=at))
-    return at, wait
+    result: signin.Claim | int = await ctx.write(
+        lambda conn: signin.claim(conn, scopes, policy, now_ms=at))
+    return result
 
 
 def _client_scopes(request: Request) -> list[str]:
@@ -79,17 +81,16 @@ async def login(request: Request) -> Response:
     ctx: Context = request.app.state.ctx
     policy = signin.Policy.from_settings()
     scopes = [signin.login_scope(login_name), *_client_scopes(request)]
-    at, wait = await _locked(request, scopes, policy)
-    if wait is not None:  # refused before scrypt: a guesser gets no password check
-        return await _throttled(request, "auth/login.html", wait,
+    claim = await _claim(request, scopes, policy)
+    if isinstance(claim, int):  # refused before scrypt: a guesser gets no password check
+        return await _throttled(request, "auth/login.html", claim,
                                 {"next": nxt, "login": login_name, "signup": signup_enabled()})
     account = await ctx.read(lambda conn: logins.authenticate(conn, login_name, password))
-    if account is None:
-        await ctx.write(lambda conn: signin.record_failure(conn, scopes, policy, now_ms=at))
+    if account is None:  # the claimed attempt stays counted: a failure
         return await render(request, "auth/login.html",
                             {"next": nxt, "error": REFUSED, "login": login_name,
                              "signup": signup_enabled()}, status=401)
-    await ctx.write(lambda conn: signin.record_success(conn, login_name))
+    await ctx.write(lambda conn: signin.succeeded(conn, claim, login_name))
     response = RedirectResponse(nxt, status_code=303)
     await start_session(request, response, account_id=account.id, operator=False)
     return response
@@ -116,15 +117,15 @@ async def admin_login(request: Request) -> Response:
     ctx: Context = request.app.state.ctx
     policy = signin.Policy.from_settings()
     scopes = _client_scopes(request)  # one operator: its form counts by client address only
-    at, wait = await _locked(request, scopes, policy)
-    if wait is not None:
-        return await _throttled(request, "auth/admin_login.html", wait, {"next": nxt})
+    claim = await _claim(request, scopes, policy)
+    if isinstance(claim, int):
+        return await _throttled(request, "auth/admin_login.html", claim, {"next": nxt})
     token = _text(form, "token")
     if not token or not ctx.admin_token or not hmac.compare_digest(
             token.encode(), ctx.admin_token.encode()):
-        await ctx.write(lambda conn: signin.record_failure(conn, scopes, policy, now_ms=at))
         return await render(request, "auth/admin_login.html",
                             {"next": nxt, "error": "That is not the admin token."}, status=401)
+    await ctx.write(lambda conn: signin.succeeded(conn, claim, None))
     response = RedirectResponse(nxt, status_code=303)
     await start_session(request, response, account_id=None, operator=True)
     return response
@@ -143,6 +144,17 @@ async def signup(request: Request) -> Response:
     name, email = _text(form, "name", 200).strip(), _text(form, "email", 320).strip()
     password = _text(form, "password")
     ctx: Context = request.app.state.ctx
+    # every sign-up attempt counts against its address (before scrypt or any account)
+    scope = signin.signup_scope(client_address(request.scope, ctx.trusted_proxies))
+    claim = await _claim(request, scope, signin.Policy.signup_from_settings())
+    if isinstance(claim, int):
+        minutes = -(-claim // 60)
+        refused = await render(request, "auth/signup.html", {
+            "error": f"Too many sign-ups from this address. Try again in {minutes} minute"
+                     f"{'' if minutes == 1 else 's'}.", "name": name, "email": email},
+            status=429)
+        refused.headers["retry-after"] = str(claim)
+        return refused
     try:
         if not email:
             raise InvalidRequest("an email address is needed to sign in")

@@ -40,6 +40,7 @@ from tollway.errors import (
     UnknownCode,
 )
 from tollway.money import format_usd
+from tollway.notify import targets
 from tollway.runtime import queries
 from tollway.runtime.context import Context
 from tollway.runtime.http import form_data, path_int
@@ -172,6 +173,7 @@ async def notifications_page(request: Request) -> Response:
     body = {name: _form_text(form, name) for name in notify.FIELDS}
     try:
         notify.parse_changes(body)  # refuse bad input before queueing a write
+        await targets.check_saved(body)
         await _ctx(request).write(lambda conn: notify.update(conn, account_id, body,
                                                              at_ms=now_ms()))
     except InvalidRequest as exc:
@@ -211,7 +213,6 @@ async def _keys(request: Request, account_id: int, *, created: dict[str, Any] | 
         account = account_store.get_account(conn, account_id)
         return {"account": account,
                 "keys": [key_view(k) for k in account_store.list_keys(conn, account_id)],
-                "groups": sorted(set(group_ratios(conn)) | {"default"}),
                 "items": [item.id for item in current_items(conn, now_ms=now_ms())]}
 
     data = await _ctx(request).read(load)
@@ -239,7 +240,7 @@ async def _create_key(request: Request, account_id: int) -> Response:
             raise InvalidRequest("a key name must be at most 200 characters")
         new = await _ctx(request).write(lambda conn: key_ops.create_key(
             conn, account_id, at_ms=now_ms(), name=name, group=group, models=models,
-            quota_nano=quota_nano, expires_at_ms=expires_ms))
+            quota_nano=quota_nano, expires_at_ms=expires_ms, by_customer=True))
     except InvalidRequest as exc:
         return await _keys(request, account_id, error=exc.message, form=form, status=400)
     return await _keys(request, account_id, created=key_view(new.record, secret=new.secret),

@@ -22,6 +22,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from tollway.runtime.observe import REQUEST_ID
+from tollway.runtime.paths import is_page_path
 from tollway.web.session import CSRF_COOKIE, anonymous_csrf, current_session, set_cookie
 
 HERE = Path(__file__).parent
@@ -34,14 +35,8 @@ templates = jinja2.Environment(
 )
 static_mount = Mount("/static", StaticFiles(directory=HERE / "static"), name="static")
 
-#: Paths answered with JSON (APIs); everything else is a page.
-_API_PREFIXES = ("/v1/", "/admin/v1/", "/apis/", "/webhooks/", "/healthz", "/metrics",
-                 "/openapi.json", "/static/")
-
-
 def is_page(request: Request) -> bool:
-    path = request.url.path
-    return not (path.startswith(_API_PREFIXES) or path in ("/v1", "/admin/v1"))
+    return is_page_path(request.url.path)
 
 
 async def render(request: Request, name: str, context: dict[str, Any] | None = None,

@@ -1,8 +1,8 @@
 """upstream channels: stored enable/disable, and the channel, attempts and upstream cost of
 each usage record
 
-Revision ID: 0010_channels
-Revises: 0009_grants
+Revision ID: 0011_channels
+Revises: 0010_security
 
 Additive only. ``channel_states`` holds the operator's enable/disable per channel id
 (``ITEM/PROVIDER[#N]``); usage records gain ``channel``, ``attempts`` (JSON),
@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = '0010_channels'
-down_revision: str | Sequence[str] | None = '0009_grants'
+revision: str = '0011_channels'
+down_revision: str | Sequence[str] | None = '0010_security'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
