@@ -207,6 +207,8 @@ async def reserve(gw: Gateway, call: Call, amount_nano: int, *, tokens: int = 0,
 
 
 REPLAYED_HEADER = (b"x-tollway-replayed", b"true")
+#: the opening of a stream's cost object, however the chunk was serialised
+_COST_OBJECT = re.compile(rb'"tollway":\s*\{')
 
 
 async def send_replay(send: Send, replay: Replay) -> None:
@@ -215,7 +217,7 @@ async def send_replay(send: Send, replay: Replay) -> None:
     the cost shown is what the first request was charged, not charged again."""
     body = replay.body
     if replay.content_type.startswith("text/event-stream"):
-        body = body.replace(b'"tollway": {', b'"tollway": {"replayed": true, ')
+        body = _COST_OBJECT.sub(rb'\g<0>"replayed":true,', body)
         body = _COST_COMMENT.sub(rb"\g<0> replayed=true", body)
     await send_bytes(send, replay.status, body, replay.content_type.encode(),
                      headers=[(COST_HEADER, format_usd(replay.cost_nano).encode()),
