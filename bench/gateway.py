@@ -459,16 +459,26 @@ LIMITS_KEY_FLAGS = ["--daily-cap", "1000000", "--weekly-cap", "1000000", "--mont
                     "1000000", "--ips", "127.0.0.0/8,::1"]
 
 
+#: ``--channels N``: the bench model is sold through N channels (providers fake, fake2, ...,
+#: all on the fake upstream, equal weights at priority 0), so selection runs on every request.
+CHANNELS = 1
+
+
 def _catalog(upstream_base: str, limits: bool = False) -> str:
+    extra = "".join(
+        f"""  fake{n}: {{kind: openai, base_url: "{upstream_base}/v1", """
+        f"""api_key_env: TOLLWAY_BENCH_UPSTREAM_KEY}}\n""" for n in range(2, CHANNELS + 1))
+    route = ("    provider: fake\n" if CHANNELS == 1 else "    channels: [" + ", ".join(
+        ["{provider: fake}"] + [f"{{provider: fake{n}}}" for n in range(2, CHANNELS + 1)])
+        + "]\n")
     return (LIMITS_TIERS if limits else "") + f"""# written by bench/gateway.py
 providers:
   fake: {{kind: openai, base_url: "{upstream_base}/v1", api_key_env: TOLLWAY_BENCH_UPSTREAM_KEY}}
-groups:
+{extra}groups:
   default: {{ratio: "1"}}
 models:
   - id: {MODEL}
-    provider: fake
-    upstream_model: {UPSTREAM_MODEL}
+{route}    upstream_model: {UPSTREAM_MODEL}
     price: {{input: "0.15", output: "0.60", cache_read: "0.075"}}
     max_output_tokens: 4096
 """
@@ -1215,6 +1225,59 @@ def args_top(results: dict[str, Any]) -> int:
     return int(results["params"].get("profile_top", 20)) + 10
 
 
+def routing_bench(n: int) -> dict[str, Any]:
+    """CPU per request of the channel routing, in process (no network, no database): the
+    old path (``registry.get(provider).send``) against ``gateway.failover.send`` with a model
+    sold through two channels, each over an adapter that answers at once."""
+    import asyncio
+    import random
+    from types import SimpleNamespace
+
+    from tollway.gateway import failover
+    from tollway.gateway.watchdog import Watchdog
+    from tollway.pricing.catalog import ChannelSpec, ItemSpec
+    from tollway.upstreams.base import BufferedResponse, UpstreamRequest
+    from tollway.upstreams.channels import Board
+
+    answer = BufferedResponse(200, b"{}")
+
+    class Instant:
+        async def send(self, request: UpstreamRequest) -> BufferedResponse:
+            return answer
+
+    adapters = {"a": Instant(), "b": Instant()}
+    registry = SimpleNamespace(get=adapters.__getitem__)
+    board = Board(rng=random.Random(1))
+    board.configure([("m", ItemSpec(upstream_model="m", channels=(
+        ChannelSpec("a", weight=3), ChannelSpec("b", weight=1))), "a")],
+        {"a": ("openai", {}), "b": ("openai", {})})
+    gw = SimpleNamespace(board=board, registry=registry, clock=lambda: 0, watchdog=Watchdog(),
+                         read_timeout_s=600.0, headers_timeout_s=30.0)
+    request = UpstreamRequest("POST", "/chat/completions", b"{}")
+
+    async def direct() -> float:
+        start = time.process_time()
+        for _ in range(n):
+            await registry.get("a").send(request)
+        return time.process_time() - start
+
+    async def routed() -> float:
+        start = time.process_time()
+        for _ in range(n):
+            call = SimpleNamespace(item=SimpleNamespace(id="m"), channel=None, attempts=[])
+            await failover.send(gw, call, "openai", lambda _c: request)  # type: ignore[arg-type]
+        return time.process_time() - start
+
+    async def run() -> tuple[float, float]:
+        await direct()
+        await routed()  # warm both
+        return min([await direct() for _ in range(3)]), min([await routed() for _ in range(3)])
+
+    before, after = asyncio.run(run())
+    return {"requests": n, "direct_us": 1e6 * before / n, "failover_us": 1e6 * after / n,
+            "routing_us": 1e6 * (after - before) / n}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1251,9 +1314,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-requests", type=int, default=3000)
     ap.add_argument("--profile-top", type=int, default=20)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--channels", type=int, default=1, metavar="N",
+                    help="sell the bench model through N channels (selection on every request)")
+    ap.add_argument("--routing", type=int, nargs="?", const=200_000, metavar="N",
+                    help="only measure the CPU the channel routing adds per request, in "
+                         "process: N sends through gateway.failover (two channels) against N "
+                         "direct sends to one adapter (the path before channels), then exit")
     if argv is None and len(sys.argv) > 2 and sys.argv[1:3] == ["--role", "tollway-cprofile"]:
         return run_profiled_tollway(sys.argv[3:])
     args = ap.parse_args(argv)
+    global CHANNELS
+    CHANNELS = args.channels
+    if args.routing:
+        result = routing_bench(args.routing)
+        print(json.dumps(result, indent=2) if args.json else
+              f"routing: {result['direct_us']:.2f} µs/req direct (one adapter, before "
+              f"channels), {result['failover_us']:.2f} µs/req through gateway.failover (two "
+              f"channels, weighted 3:1): +{result['routing_us']:.2f} µs CPU per request "
+              f"(target ≤ 20 µs) over {result['requests']} requests")
+        return 0
     if args.role == "upstream":
         run_upstream(args.port)
         return 0

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from decimal import Decimal
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -32,6 +33,7 @@ from tollway.runtime.errors import http_error, missing_v1, tollway_error, unexpe
 from tollway.runtime.observe import ERROR_CODE, REQUEST_ID, ObserveMiddleware
 from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
+from tollway.upstreams.channels import Board, Policy, parse_statuses
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
 from tollway.web import pages
@@ -96,7 +98,12 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
                       max_body_bytes=int(settings.get("max_body_bytes")),
                       deliverer=Deliverer(writer.run),
                       notify_interval_s=float(settings.get("notify_interval_seconds")),
-                      clock=clock or now_ms, trusted_proxies=trusted)
+                      clock=clock or now_ms, trusted_proxies=trusted,
+                      channels=Board(Policy(
+                          failures=int(settings.get("channel_failures")),
+                          cooldown_ms=int(float(settings.get("channel_cooldown_seconds")) * 1000),
+                          max_attempts=int(settings.get("channel_max_attempts")),
+                          retry_statuses=parse_statuses(settings.get("channel_retry_statuses")))))
         registry = Registry(timeouts=Timeouts(
             connect_s=float(settings.get("upstream_connect_timeout_seconds")),
             read_s=float(settings.get("upstream_read_timeout_seconds"))),
@@ -104,7 +111,11 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
         gw = Gateway(ctx, registry,
                      catalog_refresh_s=int(settings.get("catalog_refresh_seconds")),
                      key_cache_s=int(settings.get("key_cache_seconds")),
-                     max_body_bytes=ctx.max_body_bytes)
+                     max_body_bytes=ctx.max_body_bytes,
+                     headers_timeout_s=float(settings.get("upstream_headers_timeout_seconds")),
+                     read_timeout_s=float(settings.get("upstream_read_timeout_seconds")),
+                     cost_tolerance=Decimal(settings.get("upstream_cost_tolerance")),
+                     health_interval_s=float(settings.get("channel_health_interval_seconds")))
         app.state.ctx = ctx
         app.state.gateway = gw
         register_worker()

@@ -247,6 +247,17 @@ class CodeRevoked(CodeExpired):
     code = "code_revoked"
 
 
+class NoChannelAvailable(UpstreamError):
+    """Every channel of the item is disabled or its circuit is open: nothing was forwarded.
+    ``retry_after_s``: when the first open circuit lets a probe through."""
+
+    status = 503
+    code = "no_channel_available"
+
+    def __init__(self, message: str, *, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
 class InvalidSignature(InvalidRequest):
     code = "invalid_signature"
 

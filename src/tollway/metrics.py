@@ -112,6 +112,14 @@ class Metrics:
         self.writer_commit = Tally(COMMIT_BUCKETS_S)
         self._published = _Published(self.registry)
         self._done: dict[tuple[str, ...], Any] = {}  # what was published, by series
+        #: (channel, outcome: ok | error | the failing status) → upstream attempts (this worker)
+        self.channel_attempts: dict[tuple[str, str], int] = {}
+        #: the channels and their circuit states now, set by the gateway: () → [(id, state)]
+        self.channel_states: Callable[[], list[tuple[str, str]]] | None = None
+
+    def channel_attempt(self, channel: str, outcome: str) -> None:
+        key = (channel, outcome)
+        self.channel_attempts[key] = self.channel_attempts.get(key, 0) + 1
 
     def request(self, route: str, product: str, status: int, seconds: float) -> None:
         key = (route, product, str(status))
@@ -202,11 +210,28 @@ class Metrics:
                                       "age of the oldest open hold (0 when none); one older "
                                       "than the hold TTL means a dead process left it and the "
                                       "reaper has not run", value=oldest_hold_age_s),
-                    *worker_families(workers)]
+                    *worker_families(workers), *self._channel_families()]
         label = instance()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_Fixed([_labelled(f, "instance", label) for f in families]))
         return generate_latest(registry).decode()
+
+
+    def _channel_families(self) -> list[Metric]:
+        """Per channel, this worker's attempts by outcome and its circuit state (the circuit
+        is per process: a scrape shows the answering worker's)."""
+        attempts = GaugeMetricFamily(
+            "tollway_channel_attempts_total",
+            "upstream attempts of this worker by channel and outcome (ok, error, or the "
+            "failing status)", labels=["channel", "outcome"])
+        for (channel, outcome), count in sorted(self.channel_attempts.items()):
+            attempts.add_metric([channel, outcome], count)
+        states = GaugeMetricFamily(
+            "tollway_channel_state", "1 for each channel's circuit state in this worker "
+            "(closed, open, half_open, disabled)", labels=["channel", "state"])
+        for channel, state in (self.channel_states() if self.channel_states else []):
+            states.add_metric([channel, state], 1)
+        return [attempts, states]
 
 
 class _Published:

@@ -32,6 +32,24 @@ SETTINGS = (
     Setting("max_body_bytes", "10485760",
             "largest request body the gateway accepts (413 payload_too_large beyond it), on "
             "every route that reads one"),
+    Setting("upstream_headers_timeout_seconds", "30",
+            "longest wait for an upstream's response headers; past it the request fails over "
+            "to the next channel (the read timeout still bounds the whole answer)"),
+    Setting("channel_max_attempts", "3",
+            "channels one request may try (failover), within the upstream read timeout"),
+    Setting("channel_retry_statuses", "408,429,5xx",
+            "upstream statuses that fail over to the next channel (comma-separated; 5xx = "
+            "500-599); other answers go to the client"),
+    Setting("channel_failures", "5",
+            "consecutive failures that open a channel's circuit (this worker stops using it)"),
+    Setting("channel_cooldown_seconds", "30",
+            "how long an open circuit waits before one probe request is let through"),
+    Setting("channel_health_interval_seconds", "0",
+            "how often each worker checks every channel with a free request (GET /models or "
+            "the provider's health_path); 0: never (run `tollway channels test`)"),
+    Setting("upstream_cost_tolerance", "0.05",
+            "relative difference between an upstream's reported cost (usage.cost) and the "
+            "cost computed from the channel's `cost` beyond which a record is flagged"),
     Setting("max_upstream_body_bytes", "33554432",
             "largest upstream answer (a whole body, or a whole stream) the gateway reads; "
             "beyond it the request fails with 502 upstream_error and charges nothing it did "

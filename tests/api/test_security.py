@@ -160,7 +160,8 @@ def test_every_admin_route_needs_the_admin_token(tw: Tollway) -> None:
     http = tw.http()
     alice = customer(tw, http)
     values = {"account": alice.account, "key_id": alice.key_id,
-              "request_id": alice.request_ids[0], "code_id": mint_code(http)["id"]}
+              "request_id": alice.request_ids[0], "code_id": mint_code(http)["id"],
+              "channel_id": "scholar-search/sandbox"}
     routes = [(m, p) for m, p in every_route(tw.gateway.app) if p.startswith("/admin/v1/")]
     assert len(routes) == len(admin.admin_routes) >= 22
     # main's notification and redemption-code routes are among them
@@ -436,7 +437,8 @@ def test_every_route_that_reads_a_body_refuses_one_too_large(tw: Tollway) -> Non
     http = tw.http()
     alice = customer(tw, http)
     values = {"account": alice.account, "key_id": alice.key_id, "path": "scholar/search",
-              "account_id": alice.account, "action": "topup", "item_id": "gpt-test"}
+              "account_id": alice.account, "action": "topup", "item_id": "gpt-test",
+              "channel_id": "gpt-test/fakeai"}
     big = b"{" + b" " * MAX_BODY_BYTES + b"}"
     # the JSON API (the web console's HTML forms are not covered here yet: see SECURITY.md)
     routes = [(m, filled(p, values)) for m, p in every_route(tw.gateway.app)

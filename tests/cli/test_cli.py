@@ -476,3 +476,28 @@ def test_installed_script_exit_codes_and_stderr(tmp_path: Path) -> None:
     code, out, err = finish(good)
     assert (code, err) == (0, "")
     assert json.loads(out)["available_usd"] == "2.500000000"
+
+
+def test_channels_list_disable_enable_test_and_margin(
+        db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    ok(capsys, db_url, "catalog", "apply", str(CATALOG))
+    listed = ok(capsys, db_url, "channels", "list")["data"]
+    chat = [c for c in listed if c.get("model") == "sandbox-chat"]
+    assert chat == [
+        {"id": "sandbox-chat/sandbox", "model": "sandbox-chat", "provider": "sandbox",
+         "priority": 0, "weight": 1, "enabled": True},
+        {"id": "sandbox-chat/sandbox-backup", "model": "sandbox-chat",
+         "provider": "sandbox-backup", "priority": 1, "weight": 1, "enabled": True}]
+    assert ok(capsys, db_url, "channels", "disable", "sandbox-chat/sandbox") == {
+        "id": "sandbox-chat/sandbox", "enabled": False}
+    listed = ok(capsys, db_url, "channels", "list")["data"]
+    assert [c["enabled"] for c in listed if c["id"] == "sandbox-chat/sandbox"] == [False]
+    ok(capsys, db_url, "channels", "enable", "sandbox-chat/sandbox")
+    listed = ok(capsys, db_url, "channels", "list")["data"]
+    assert all(c["enabled"] for c in listed)
+    code, _, err = run(capsys, db_url, "channels", "disable", "nope/none")
+    assert code == 1 and "no channel 'nope/none'" in err
+    tested = ok(capsys, db_url, "channels", "test", "web-search/sandbox")["data"]
+    assert [(t["id"], t["ok"]) for t in tested] == [("web-search/sandbox", True)]
+    report = ok(capsys, db_url, "margin", "--group-by", "channel")
+    assert report["total"]["requests"] == 0 and report["group_by"] == "channel"

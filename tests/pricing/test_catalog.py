@@ -188,7 +188,7 @@ def test_a_model_lists_a_provider_per_protocol_at_one_price() -> None:
     assert both.providers == {"openai": "router", "anthropic": "claude"}
     assert isinstance(both.price, TokenPrice)
     assert both.price.cache_write_1h_per_1m == Decimal("6")
-    assert both.spec()["providers"] == {"openai": "router", "anthropic": "claude"}
+    assert both.spec.as_dict()["providers"] == {"openai": "router", "anthropic": "claude"}
     # no `provider`: the first of `providers` is the item's provider
     assert (direct.provider, direct.providers) == ("claude", {"anthropic": "claude"})
     # an image model: in `models`, priced per image, a sandbox speaks both protocols
@@ -235,7 +235,7 @@ def test_routes_narrow_a_model_to_routes_its_providers_serve() -> None:
     narrowed = parse_catalog(PROTOCOLS.replace(
         "  - id: claude-direct\n", "  - id: claude-direct\n    routes: [/v1/messages]\n"))
     assert narrowed.listings[1].routes == ("/v1/messages",)
-    assert narrowed.listings[1].spec()["routes"] == ["/v1/messages"]
+    assert narrowed.listings[1].spec.as_dict()["routes"] == ["/v1/messages"]
     assert narrowed.listings[0].routes is None  # every route of its protocols
     found = problems(PROTOCOLS.replace(
         "  - id: claude-direct\n",

@@ -15,7 +15,7 @@ from tollway.pricing.rating import CallPrice, TokenPrice
 def state_of(listing: Listing) -> ItemState:
     """What the store would hold after applying ``listing``."""
     return ItemState(listing.id, listing.billing_type, listing.provider, listing.price,
-                     dict(listing.group_ratios), listing.spec())
+                     dict(listing.group_ratios), listing.spec)
 
 
 BASE = parse_catalog("""
@@ -104,6 +104,6 @@ def test_every_item_is_added_removed_changed_or_unchanged(old: list[Listing],
     for item_id in old_ids & new_ids:
         was = next(x for x in before.listings if x.id == item_id)
         now = next(x for x in after.listings if x.id == item_id)
-        assert (item_id in changed) == (was.price != now.price or was.spec() != now.spec())
+        assert (item_id in changed) == (was.price != now.price or was.spec != now.spec)
     # applied, the new file has no changes left
     assert diff_catalog([state_of(x) for x in after.listings], after.groups, after).empty

@@ -5,6 +5,7 @@ Times are passed explicitly (``now_ms``), so "now", "later" and "in the future" 
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -14,12 +15,12 @@ import pytest
 import sqlalchemy as sa
 
 from tollway.errors import CatalogError
-from tollway.pricing.catalog import load_catalog, parse_catalog
+from tollway.pricing.catalog import ItemSpec, load_catalog, parse_catalog
 from tollway.pricing.rating import CallPrice, TokenPrice
 from tollway.store import accounts as store
 from tollway.store.catalog import ApplyReport, apply_catalog, current_items, price_history
 from tollway.store.db import Database
-from tollway.store.tables import groups, price_versions
+from tollway.store.tables import catalog_items, groups, price_versions
 
 CATALOG = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 ITEMS = {"sandbox-chat", "sandbox-reasoner", "sandbox-embed", "sandbox-claude",
@@ -103,7 +104,7 @@ def test_first_apply_stores_one_version_per_item_and_reapply_adds_none(db: Datab
                                             None)
     assert chat.version.group_ratios == {"vip": Decimal("0.7")}
     assert chat.version.effective_from_ms == T0
-    assert chat.spec["max_output_tokens"] == 4096
+    assert chat.spec.max_output_tokens == 4096
     reasoner = items["sandbox-reasoner"].version.price
     assert isinstance(reasoner, TokenPrice)
     assert reasoner.cache_write_per_1m == Decimal("3.125")
@@ -112,7 +113,7 @@ def test_first_apply_stores_one_version_per_item_and_reapply_adds_none(db: Datab
                                                               None, None)
     assert items["stock-quote"].version.price == CallPrice(Decimal("0.0005"))
     assert items["stock-quote"].billing_type == "per_call"
-    assert items["stock-quote"].spec["path"] == "/finance/quote/{symbol}"
+    assert items["stock-quote"].spec.path == "/finance/quote/{symbol}"
 
     with db.write() as conn:
         again = apply_catalog(conn, load_catalog(CATALOG), now_ms=T0 + HOUR)
@@ -284,3 +285,34 @@ def test_a_group_ratio_override_change_is_a_new_version(db: Database) -> None:
     report = apply(db, catalog(chat_extra="", groups_yaml='vip: {ratio: "0.85"}'),
                    T0 + 4 * HOUR)
     assert report.new_versions == [] and report.groups["vip"] == "0.85"
+
+
+#: The item specs as stored before ItemSpec existed (issue 16): rows already in a database
+#: must read back, and applying the same file must write the very same text.
+STORED_SPECS = {
+    "sandbox-embed": '{"max_output_tokens": 1, "providers": {"anthropic": "sandbox", "openai": '
+                     '"sandbox"}, "routes": ["/v1/embeddings"], "upstream_model": '
+                     '"sandbox-embed"}',
+    "sandbox-image": '{"providers": {"anthropic": "sandbox", "openai": "sandbox"}, '
+                     '"upstream_model": "sandbox-image"}',
+    "stock-quote": '{"method": "GET", "name": "Stock quote", "path": "/finance/quote/{symbol}", '
+                   '"upstream_path": "/finance/quote/{symbol}"}',
+}
+
+
+def test_item_spec_is_stored_byte_compatible(db: Database) -> None:
+    with db.write() as conn:
+        apply_catalog(conn, load_catalog(CATALOG), now_ms=T0)
+        stored = {r.id: r.spec for r in conn.execute(sa.select(catalog_items))}
+    for item_id, text in STORED_SPECS.items():
+        assert stored[item_id] == text
+    items = current(db, T0)
+    embed = items["sandbox-embed"].spec
+    assert embed == ItemSpec(upstream_model="sandbox-embed", max_output_tokens=1,
+                             providers={"anthropic": "sandbox", "openai": "sandbox"},
+                             routes=("/v1/embeddings",))
+    quote = items["stock-quote"].spec
+    assert (quote.method, quote.path, quote.is_endpoint) == ("GET", "/finance/quote/{symbol}",
+                                                             True)
+    for item in items.values():
+        assert json.dumps(item.spec.as_dict(), sort_keys=True) == stored[item.id]

@@ -39,7 +39,7 @@ TOKEN = "adm-operator-pages"
 NANO = 1_000_000_000
 PASSWORD = "correct horse battery"
 PAGES = ["/admin", "/admin/accounts", "/admin/accounts/1", "/admin/catalog", "/admin/groups",
-         "/admin/usage"]
+         "/admin/usage", "/admin/channels"]
 
 
 @pytest.fixture
@@ -325,13 +325,17 @@ def test_unknown_accounts_are_an_html_404(client: TestClient) -> None:
 NEW_CATALOG = """
 providers:
   sandbox: {kind: sandbox}
+  sandbox-backup: {kind: sandbox}
 groups:
   default: {ratio: "1"}
   vip: {ratio: "0.75"}
   gold: {ratio: "0.5"}
 models:
   - id: sandbox-chat
-    provider: sandbox
+    channels:
+      - {provider: sandbox}
+      - {provider: sandbox-backup, priority: 1, cost: {input: "0.12", output: "0.50"}}
+    cost: {input: "0.10", output: "0.40"}
     price: {input: "0.15", output: "0.60", cache_read: "0.075"}
     max_output_tokens: 4096
     group_ratios: {vip: "0.65"}
@@ -552,3 +556,30 @@ def test_usage_and_revenue_by_account_and_by_product(client: TestClient,
     assert errors(bad.text) == ["dates are YYYY-MM-DD, got 'yesterday'"]
     reversed_period = client.get("/admin/usage?start=2020-02-01&end=2020-01-01")
     assert errors(reversed_period.text) == ["the end date is before the start date"]
+
+
+def test_channels_page_shows_states_and_disables_and_enables(client: TestClient,
+                                                             db: Database) -> None:
+    from tollway.store.channels import disabled_channels
+
+    token = sign_in_operator(client)
+    text = client.get("/admin/channels").text
+    rows = dict(re.findall(r'<tr data-channel="([^"]+)">.*?data-state="([^"]+)"', text, re.S))
+    assert rows["sandbox-chat/sandbox"] == "closed"
+    assert rows["sandbox-chat/sandbox-backup"] == "closed"
+    assert rows["web-search/sandbox"] == "closed"
+    post(client, "/admin/channels/toggle", {"csrf_token": token,
+                                            "id": "sandbox-chat/sandbox", "enabled": "false"})
+    with db.read() as conn:
+        assert disabled_channels(conn) == {"sandbox-chat/sandbox"}
+    text = client.get("/admin/channels?done=disabled").text
+    rows = dict(re.findall(r'<tr data-channel="([^"]+)">.*?data-state="([^"]+)"', text, re.S))
+    assert rows["sandbox-chat/sandbox"] == "disabled"
+    post(client, "/admin/channels/toggle", {"csrf_token": token,
+                                            "id": "sandbox-chat/sandbox", "enabled": "true"})
+    with db.read() as conn:
+        assert disabled_channels(conn) == set()
+    post(client, "/admin/channels/toggle", {"id": "sandbox-chat/sandbox", "enabled": "false",
+                                            "csrf_token": "forged"}, status=403)
+    with db.read() as conn:
+        assert disabled_channels(conn) == set()

@@ -18,7 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tollway import clock
-from tollway.api import notifications, reports
+from tollway.api import channels, notifications, reports
 from tollway.billing import codes, credits, grants, logins, tiers
 from tollway.billing import keys as key_ops
 from tollway.billing.views import (
@@ -282,9 +282,13 @@ admin_routes = [
     Route("/keys/{key_id}", _admin(update_key), methods=["PATCH"]),
     Route("/keys/{key_id}/revoke", _admin(revoke_key), methods=["POST"]),
     Route("/ledger/verify", _admin(verify_ledger), methods=["GET"]),
-    Route("/usage", reports.usage_list(admin_scope), methods=["GET"]),
+    Route("/channels", _admin(channels.list_channels), methods=["GET"]),
+    Route("/channels/{channel_id:path}", _admin(channels.put_channel), methods=["PUT"]),
+    Route("/margin", _admin(channels.margin), methods=["GET"]),
+    Route("/usage", reports.usage_list(admin_scope, operator=True), methods=["GET"]),
     Route("/usage/export", queries.usage_export(admin_scope), methods=["GET"]),
-    Route("/usage/{request_id}", reports.usage_one(admin_scope), methods=["GET"]),
+    Route("/usage/{request_id}", reports.usage_one(admin_scope, operator=True),
+          methods=["GET"]),
     Route("/summary", reports.summary(admin_scope), methods=["GET"]),
     Route("/accounts/{account}/summary", reports.summary(admin_scope), methods=["GET"]),
     Route("/accounts/{account}/statement", reports.statement(admin_scope), methods=["GET"]),

@@ -244,6 +244,19 @@ SPEC: dict[str, Any] = {
         "/admin/v1/keys/{key_id}/revoke": {"post": _op("Revoke a key", _json(_ref("Key")),
                                                        security="adminToken",
                                                        params=["key_id"])},
+        "/admin/v1/channels": {"get": _op(
+            "Every upstream channel with this worker's circuit state (closed, open, half_open, "
+            "disabled), recent error rate and latency", _json(OBJECT), security="adminToken")},
+        "/admin/v1/channels/{channel_id}": {"put": _op(
+            "Disable or enable a channel (stored; every worker within the catalog refresh)",
+            _json(OBJECT), security="adminToken", params=["channel_id"],
+            body={"type": "object", "required": ["enabled"],
+                  "properties": {"enabled": {"type": "boolean"}},
+                  "additionalProperties": False})},
+        "/admin/v1/margin": {"get": _op(
+            "Revenue, upstream cost and margin by model, channel or day; records whose "
+            "upstream-reported cost disagrees", _json(OBJECT), security="adminToken",
+            params=["margin_from", "margin_to", "margin_group_by"])},
         "/admin/v1/ledger/verify": {"get": _op("Recompute balances from postings",
                                                _json(OBJECT), security="adminToken")},
         "/admin/v1/usage": {"get": _op("Any account's usage log (?account=)",
@@ -341,6 +354,13 @@ SPEC: dict[str, Any] = {
             "request_id": _path("request_id"),
             "key_id": _path("key_id", {"type": "integer", "minimum": 1}),
             "code_id": _path("code_id", {"type": "integer", "minimum": 1}),
+            "channel_id": _path("channel_id", {"type": "string"}),
+            "margin_from": _query("from", {"type": "string", "format": "date-time"},
+                                  "default: 30 days before to"),
+            "margin_to": _query("to", {"type": "string", "format": "date-time"},
+                                "default: now"),
+            "margin_group_by": _query("group_by", {"enum": ["model", "channel", "day"]},
+                                      "default model"),
             "api_path": _path("path"),
             "model_id": _path("model_id"),
             "idempotency_key": {"name": "Idempotency-Key", "in": "header", "required": False,
@@ -531,6 +551,10 @@ SPEC["paths"].update({
     "/admin/groups": html_pages("Groups, ratios and item overrides", security="session"),
     "/admin/usage": html_pages("Usage and revenue of every account, by account and product",
                                security="session"),
+    "/admin/channels": html_pages("Upstream channels with this worker's circuit state; the "
+                                  "last 30 days' margin per channel", security="session"),
+    "/admin/channels/toggle": html_pages("Disable or enable a channel (stored)", ("post",),
+                                         security="session"),
 })
 
 #: Card top-ups (``api/payments.py``): an API key, or a console session with X-CSRF-Token.

@@ -15,6 +15,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from tollway.billing import keys
 from tollway.billing.reports import (
     month_bounds,
+    operator_view,
     record_view,
     statement_csv,
     statement_view,
@@ -37,7 +38,10 @@ async def customer_scope(request: Request, ctx: Context) -> int:
     return record.account_id
 
 
-def usage_list(scope: Scope) -> Callable[[Request], Awaitable[Response]]:
+def usage_list(scope: Scope, *, operator: bool = False
+               ) -> Callable[[Request], Awaitable[Response]]:
+    view = operator_view if operator else record_view
+
     async def endpoint(request: Request) -> Response:
         ctx: Context = request.app.state.ctx
         account_id = await scope(request, ctx)
@@ -46,12 +50,15 @@ def usage_list(scope: Scope) -> Callable[[Request], Awaitable[Response]]:
         cursor = request.query_params.get("cursor") or None
         rows, next_cursor = await ctx.read(
             lambda conn: store.usage_page(conn, where, limit=limit, cursor=cursor))
-        return JSONResponse({"object": "list", "data": [record_view(r) for r in rows],
+        return JSONResponse({"object": "list", "data": [view(r) for r in rows],
                              "next_cursor": next_cursor, "has_more": next_cursor is not None})
     return endpoint
 
 
-def usage_one(scope: Scope) -> Callable[[Request], Awaitable[Response]]:
+def usage_one(scope: Scope, *, operator: bool = False
+              ) -> Callable[[Request], Awaitable[Response]]:
+    view = operator_view if operator else record_view
+
     async def endpoint(request: Request) -> Response:
         ctx: Context = request.app.state.ctx
         account_id = await scope(request, ctx)
@@ -60,7 +67,7 @@ def usage_one(scope: Scope) -> Callable[[Request], Awaitable[Response]]:
                                                            account_id=account_id))
         if row is None:  # another account's record reads exactly like a missing one
             raise NotFound(f"no usage record {request_id!r}")
-        return JSONResponse(record_view(row))
+        return JSONResponse(view(row))
     return endpoint
 
 

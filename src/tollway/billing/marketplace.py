@@ -23,7 +23,7 @@ from tollway.store.catalog import (
 
 def item_unit(item: Item) -> str:
     """What a per-call price buys: an image (image models) or a call (data APIs)."""
-    return "call" if "path" in item.spec else "image"
+    return "call" if item.spec.is_endpoint else "image"
 
 
 def listing(conn: Connection, *, now_ms: int, item_id: str | None = None,
@@ -63,14 +63,14 @@ def _item(item: Item, ratios: dict[str, Any], kinds: dict[str, str]) -> dict[str
         applied = resolve_ratio(group, ratios, version.group_ratios)
         body["group_prices"][group] = {"ratio": str(applied.value), "ratio_source": applied.source,
                                        **price_fields(version.price, applied.value)}
-    if "path" not in item.spec:  # a model: token-priced, or an image model per image
+    if not item.spec.is_endpoint:  # a model: token-priced, or an image model per image
         if item.billing_type == "token":
-            body["max_output_tokens"] = item.spec.get("max_output_tokens")
+            body["max_output_tokens"] = item.spec.max_output_tokens
         protocols = item_protocols(item, kinds)
         body["routes"] = item_routes(item, protocols)
         body["providers"] = protocols
     else:
-        body["name"] = item.spec.get("name")
-        body["method"] = item.spec.get("method")
-        body["path"] = "/apis/v1" + str(item.spec.get("path"))
+        body["name"] = item.spec.name
+        body["method"] = item.spec.method
+        body["path"] = "/apis/v1" + str(item.spec.path)
     return body

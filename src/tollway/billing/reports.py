@@ -138,6 +138,19 @@ def record_view(row: Any, *, explain: bool = True) -> dict[str, Any]:
     return view
 
 
+def operator_view(row: Any) -> dict[str, Any]:
+    """A record as the operator reads it: the customer's view plus the channel that answered,
+    every attempt, and the upstream cost (computed, reported, flagged)."""
+    view = record_view(row)
+    view.update({
+        "channel": row.channel,
+        "attempts": json.loads(row.attempts) if row.attempts else [],
+        "upstream_cost_usd": _usd(row.upstream_cost_nano),
+        "upstream_reported_cost_usd": _usd(row.upstream_reported_cost_nano),
+        "upstream_cost_mismatch": row.upstream_cost_mismatch})
+    return view
+
+
 def export_csv(rows: Iterable[Any]) -> Iterator[bytes]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -20,6 +20,7 @@ from tollway.cli import (
     accounts,
     backup,
     catalog,
+    channels,
     codes,
     grants,
     keys,
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = Commands(parser.add_subparsers(dest="command", required=True,
                                               metavar="COMMAND"), common)
     # the order of `tollway --help`
-    for group in (serve, catalog, accounts, keys, reports, ledger, backup, notify, codes,
+    for group in (serve, catalog, channels, accounts, keys, reports, ledger, backup, notify,
+                  codes,
                   grants):
         group.register(commands)
     return parser

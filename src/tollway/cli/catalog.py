@@ -45,8 +45,8 @@ def cmd_catalog_show(args: argparse.Namespace) -> Output:
     lines = ["groups: " + ", ".join(f"{g} ×{r}" for g, r in data["groups"].items())]
     width = max((len(i.id) for i in items), default=10)
     for item in items:
-        where = (f" {item.spec.get('method')} /apis/v1{item.spec.get('path')}"
-                 if "path" in item.spec else "")
+        where = (f" {item.spec.method} /apis/v1{item.spec.path}"
+                 if item.spec.is_endpoint else "")
         lines.append(f"{item.id:<{width}}  {item.billing_type:<8}  {item.provider}{where}")
         lines += [f"{'':<{width}}    {line}"
                   for line in price_lines(item.version.price, per=item_unit(item))]

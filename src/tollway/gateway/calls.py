@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -17,16 +18,19 @@ from tollway.billing import keys, metering
 from tollway.billing.limits import NO_LIMITS, Limits, Window
 from tollway.billing.metering import ClientKey, Replay, Reservation
 from tollway.errors import InvalidRequest, LimitExceeded, TollwayError, UpstreamError
+from tollway.gateway import failover
 from tollway.gateway.asgi import error_body, header, send_bytes, send_error
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import Hold
 from tollway.metrics import METRICS
-from tollway.money import format_usd
-from tollway.pricing.rating import AppliedRatio, Charge, resolve_ratio
+from tollway.money import format_usd, to_nano_usd
+from tollway.pricing.rating import AppliedRatio, Charge, TokenUsage, resolve_ratio
+from tollway.pricing.upstream_cost import upstream_cost_nano
 from tollway.runtime.observe import ACCOUNT, COST, ERROR_CODE, PRODUCT, REQUEST_ID
 from tollway.store.accounts import ApiKeyRecord
 from tollway.store.catalog import Item, price_columns
 from tollway.upstreams.base import UpstreamRequest
+from tollway.upstreams.channels import Channel
 
 COST_HEADER = b"x-tollway-cost-usd"
 #: On an upstream's own non-2xx answer, passed through unchanged: tells a client that the body
@@ -56,6 +60,14 @@ class Call:
     trace: tracing.CallTrace | None = None  # its spans, when tracing is on
     #: how this route's own error answers read (Anthropic's shape on /v1/messages)
     render_error: Callable[[Scope, TollwayError], bytes] = error_body
+    #: the channel of the last attempt (the one that answered) and every attempt made
+    channel: Channel | None = None
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    #: what the upstream said it charged (OpenRouter's ``usage.cost``), and the tolerance
+    #: beyond which it is flagged against the cost computed from the channel's ``cost``
+    reported_cost: Decimal | None = None
+    cost_tolerance: Decimal = Decimal("0.05")
+    size: str | None = None  # an image request's size (its upstream cost per size)
 
     def rate_headers(self) -> list[tuple[bytes, bytes]]:
         return [] if self.window is None else self.window.headers()
@@ -105,7 +117,33 @@ class Call:
             "usage_source": usage_source,
             "error_code": error.code if error else None,
             "note": _text(error.message if error else note),
+            **upstream_cost_columns(self, type_, input_tokens, cached, cache_write,
+                                    cache_write_1h, output, calls),
         }
+
+
+def upstream_cost_columns(call: Call, type_: str, input_tokens: int, cached: int,
+                          cache_write: int, cache_write_1h: int, output: int,
+                          calls: int) -> dict[str, Any]:
+    """The record's channel columns: which channel answered, the attempts, and the upstream
+    cost (the channel's ``cost`` applied to the billed usage, exactly, rounded once)."""
+    channel = call.channel
+    computed = reported = mismatch = None
+    if type_ == "consume":
+        cost = channel.cost if channel is not None else None
+        if cost is not None:
+            computed = upstream_cost_nano(cost, TokenUsage(input_tokens, output, cached,
+                                                           cache_write, cache_write_1h),
+                                          calls, call.size)
+        if call.reported_cost is not None:
+            reported = to_nano_usd(call.reported_cost)
+            if computed is not None:
+                mismatch = (abs(Decimal(reported - computed))
+                            > call.cost_tolerance * Decimal(computed))
+    return {"channel": channel.id if channel is not None else None,
+            "attempts": json.dumps(call.attempts) if call.attempts else None,
+            "upstream_cost_nano": computed, "upstream_reported_cost_nano": reported,
+            "upstream_cost_mismatch": mismatch}
 
 
 def _text(note: str | None) -> str | None:
@@ -123,12 +161,13 @@ def begin(gw: Gateway, scope: Scope, key: ApiKeyRecord, item: Item, route: str,
     if group not in gw.catalog.ratios:
         raise InvalidRequest(f"the key's group {group!r} is not in the catalog")
     ratio = resolve_ratio(group, gw.catalog.ratios, item.version.group_ratios)
-    call = Call(scope, key, item, ratio, route, clock=gw.clock, limits=gw.catalog.limits(key))
+    call = Call(scope, key, item, ratio, route, clock=gw.clock, limits=gw.catalog.limits(key),
+                cost_tolerance=gw.cost_tolerance)
     scope[PRODUCT] = item.id
     scope[ACCOUNT] = key.account_id
     if tracing.enabled():
         call.trace = tracing.start(
-            scope, route=route, endpoint_path=item.spec.get("path"), item_id=item.id,
+            scope, route=route, endpoint_path=item.spec.path, item_id=item.id,
             billing_type=item.billing_type, system=gw.registry.kind(item.provider),
             account_id=key.account_id, key_id=key.id, group=group, ratio=str(ratio.value),
             request_id=call.request_id)
@@ -209,7 +248,7 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
     if send_response:
         if body is None:
             await send_bytes(send, exc.status, call.render_error(call.scope, exc),
-                             headers=call.rate_headers())
+                             headers=[*exc.response_headers(), *call.rate_headers()])
         else:
             await send_bytes(send, status or exc.status, body, content_type,
                              headers=[UPSTREAM_ERROR_HEADER, *call.rate_headers()])
@@ -244,14 +283,15 @@ class Answer:
         return 200 <= self.status < 300
 
 
-async def fetch(gw: Gateway, call: Call, send: Send, provider: str,
-                request: UpstreamRequest) -> Answer | None:
-    """Send ``request`` and read the whole answer; if the upstream cannot be reached or
-    breaks off, void the hold, answer the client, and return None."""
+async def fetch(gw: Gateway, call: Call, send: Send, family: str,
+                build: Callable[[Channel], UpstreamRequest]) -> Answer | None:
+    """Send the request through the item's channels (``failover``) and read the whole answer;
+    if no upstream can be reached or the answer breaks off, void the hold, answer the client,
+    and return None."""
     if call.trace is not None:
-        call.trace.upstream_started(provider)
+        call.trace.upstream_started(call.item.provider)
     try:
-        response = await gw.registry.get(provider).send(request)
+        response = await failover.send(gw, call, family, build)
         try:
             body = await response.read()
         finally:

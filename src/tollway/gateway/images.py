@@ -31,6 +31,7 @@ from tollway.gateway.calls import (
 from tollway.gateway.state import Gateway
 from tollway.pricing.rating import CallPrice, CallUsage
 from tollway.upstreams.base import UpstreamRequest
+from tollway.upstreams.channels import Channel
 
 ROUTE = "/v1/images/generations"
 MAX_IMAGES = 128
@@ -43,11 +44,15 @@ class ImagesRoute:
         if prepared is None:
             return
         call, provider, payload, price, unit, n = prepared
-        payload["model"] = call.item.spec.get("upstream_model") or call.item.id
-        request = UpstreamRequest("POST", "/images/generations", jsonio.dumps(payload),
-                                  headers={"Content-Type": "application/json",
-                                           "Accept": "application/json"})
-        answer = await fetch(gw, call, send, provider, request)
+        call.size = payload.get("size")
+
+        def build(channel: Channel) -> UpstreamRequest:
+            payload["model"] = channel.upstream_model or call.item.id
+            return UpstreamRequest("POST", "/images/generations", jsonio.dumps(payload),
+                                   headers={"Content-Type": "application/json",
+                                            "Accept": "application/json"})
+
+        answer = await fetch(gw, call, send, "openai", build)
         if answer is None:
             return
         if not answer.ok:

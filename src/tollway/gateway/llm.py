@@ -24,6 +24,7 @@ from tollway.gateway.sse import event_data
 from tollway.gateway.usage import MeteredUsage, parse_openai_usage
 from tollway.money import format_usd
 from tollway.pricing.rating import TokenUsage
+from tollway.pricing.upstream_cost import reported_cost
 
 #: A chunk that may carry usage: a ``"usage"`` member that is not ``null`` (OpenAI sends
 #: ``"usage": null`` on every other chunk of a stream that asked for usage). Inside a JSON
@@ -122,6 +123,8 @@ class LLMRoute(TokenRoute):
             obj = jsonio.loads(data)
         except ValueError:
             obj = None
+        if isinstance(obj, dict) and obj.get("usage") and b'"cost"' in data:
+            llm.call.reported_cost = reported_cost(data)
         if isinstance(obj, dict) and obj.get("usage") and not obj.get("choices"):
             state.usage, state.usage_event = obj["usage"], obj  # settled first, then sent
             return True

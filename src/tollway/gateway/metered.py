@@ -27,7 +27,7 @@ from tollway import tokens
 from tollway.billing import metering
 from tollway.billing.metering import Replay
 from tollway.errors import InvalidRequest, StorageUnavailable, TollwayError, UpstreamError
-from tollway.gateway import jsonio
+from tollway.gateway import failover, jsonio
 from tollway.gateway.asgi import error_body, json_object, read_body, send_bytes, stream_flag
 from tollway.gateway.calls import (
     COST_HEADER,
@@ -45,8 +45,10 @@ from tollway.gateway.usage import MeteredUsage, bounded
 from tollway.money import MAX_NANO_USD, format_usd
 from tollway.pricing.nano import TokenRater
 from tollway.pricing.rating import Charge, InvalidUsage, TokenPrice, TokenUsage
+from tollway.pricing.upstream_cost import reported_cost
 from tollway.runtime.observe import ERROR_CODE
 from tollway.upstreams.base import UpstreamRequest, UpstreamResponse
+from tollway.upstreams.channels import Channel
 
 log = logging.getLogger("tollway")
 
@@ -249,8 +251,8 @@ class TokenRoute:
         call.render_error = self.render_error
         price = item.version.price
         assert isinstance(price, TokenPrice)  # token routes serve token-priced models only
-        max_field, bound = self.output_bound(payload, int(item.spec.get("max_output_tokens")
-                                                          or 4096))
+        max_field, bound = self.output_bound(payload, item.spec.max_output_tokens
+                                                          or 4096)
         llm = LLMCall(gw, call, payload, price, tokens.estimate_prompt(payload), bound, max_field,
                       provider, choices=self.choices(payload))
         call.stream = self.streams(payload)
@@ -272,18 +274,21 @@ class TokenRoute:
         call = llm.call
         original = dict(llm.payload)
         payload = llm.payload
-        payload["model"] = call.item.spec.get("upstream_model") or call.item.id
         self.prepare_upstream(llm, payload)
-        request = UpstreamRequest(
-            "POST", self.upstream_path, jsonio.dumps(payload),
-            headers={"Content-Type": "application/json",
-                     "Accept": "text/event-stream" if call.stream else "application/json",
-                     **self.upstream_headers(call.scope)},
-            stream=call.stream)
+        headers = {"Content-Type": "application/json",
+                   "Accept": "text/event-stream" if call.stream else "application/json",
+                   **self.upstream_headers(call.scope)}
+
+        def build(channel: Channel) -> UpstreamRequest:
+            payload["model"] = channel.upstream_model or call.item.id
+            return UpstreamRequest("POST", self.upstream_path, jsonio.dumps(payload),
+                                   headers=headers, stream=call.stream)
+
+        family = "anthropic" if self.route == "/v1/messages" else "openai"
         if call.trace is not None:
             call.trace.upstream_started(llm.provider)
         try:
-            response = await gw.registry.get(llm.provider).send(request)
+            response = await failover.send(gw, call, family, build)
         except UpstreamError as exc:
             await fail(gw, call, send, exc)
             return
@@ -323,6 +328,7 @@ class TokenRoute:
                                      "object"))
             return
         call.mark_first_byte()
+        call.reported_cost = reported_cost(raw)
         self.collect(obj, llm.delivered)
         metered = self.meter(llm, original, self.answer_usage(obj))
         charge = metering.rate(metered.usage, llm.price, call.ratio)

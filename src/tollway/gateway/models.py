@@ -25,9 +25,9 @@ def _openai(item: Item) -> dict[str, Any]:
 def _anthropic(item: Item) -> dict[str, Any]:
     created = datetime.fromtimestamp(item.version.effective_from_ms / 1000, UTC)
     return {"type": "model", "id": item.id,
-            "display_name": str(item.spec.get("name") or item.id),
+            "display_name": str(item.spec.name or item.id),
             "created_at": created.isoformat().replace("+00:00", "Z"), "lifecycle": "active",
-            "max_tokens": item.spec.get("max_output_tokens")}
+            "max_tokens": item.spec.max_output_tokens}
 
 
 def _anthropic_error(scope: Scope, exc: TollwayError) -> bytes:

@@ -29,12 +29,17 @@ from tollway.billing.limits import Limits
 from tollway.clock import now_ms
 from tollway.errors import InvalidApiKey, StorageUnavailable, UnknownEndpoint, UnknownModel
 from tollway.gateway.keycache import KeyCache
+from tollway.gateway.watchdog import Watchdog
+from tollway.metrics import METRICS
 from tollway.pricing.catalog import Tier
 from tollway.runtime.context import Context
 from tollway.runtime.http import client_address
 from tollway.store import catalog as catalog_store
 from tollway.store.accounts import ApiKeyRecord, key_by_hash
 from tollway.store.catalog import Item
+from tollway.store.channels import disabled_channels
+from tollway.upstreams.channels import Board
+from tollway.upstreams.health import Health, check
 from tollway.upstreams.registry import Registry
 
 log = logging.getLogger("tollway")
@@ -69,6 +74,8 @@ class CatalogSnapshot:
     providers: dict[str, tuple[str, dict[str, Any]]]
     tiers: dict[str, Tier] = field(default_factory=dict)
     default_tier: str | None = None
+    #: channel ids the operator disabled
+    disabled: frozenset[str] = frozenset()
 
     def limits(self, key: ApiKeyRecord) -> Limits:
         """The key's limits: its account's tier (a tier no longer in the catalog counts as
@@ -109,21 +116,31 @@ class CatalogSnapshot:
 def load_snapshot(conn: Connection) -> CatalogSnapshot:
     items = catalog_store.current_items(conn, now_ms=now_ms())
     endpoints = tuple(
-        Endpoint(item, str(item.spec["method"]), _pattern(str(item.spec["path"])),
-                 str(item.spec.get("upstream_path") or item.spec["path"]))
-        for item in items if "path" in item.spec)
+        Endpoint(item, str(item.spec.method), _pattern(item.spec.path),
+                 item.spec.upstream_path or item.spec.path)
+        for item in items if item.spec.path is not None)
     tiers, default_tier = catalog_store.list_tiers(conn)
     return CatalogSnapshot(
-        models={item.id: item for item in items if "path" not in item.spec},
+        models={item.id: item for item in items if not item.spec.is_endpoint},
         endpoints=endpoints, ratios=catalog_store.group_ratios(conn),
         providers=catalog_store.list_providers(conn),
-        tiers={tier.name: tier for tier in tiers}, default_tier=default_tier)
+        tiers={tier.name: tier for tier in tiers}, default_tier=default_tier,
+        disabled=frozenset(disabled_channels(conn)))
+
+
+def configure_board(board: Board, catalog: CatalogSnapshot) -> None:
+    """The snapshot's channels (every model and endpoint) with the stored disabled ones."""
+    board.configure(
+        [*((i.id, i.spec, i.provider) for i in catalog.models.values()),
+         *((e.item.id, e.item.spec, e.item.provider) for e in catalog.endpoints)],
+        catalog.providers, catalog.disabled)
 
 
 class Gateway:
     def __init__(self, ctx: Context, registry: Registry, *, catalog_refresh_s: float,
-                 key_cache_s: float, max_body_bytes: int,
-                 ) -> None:
+                 key_cache_s: float, max_body_bytes: int, headers_timeout_s: float = 30,
+                 read_timeout_s: float = 600, cost_tolerance: Decimal = Decimal("0.05"),
+                 health_interval_s: float = 0) -> None:
         self.ctx = ctx
         #: Milliseconds since the epoch: limit windows, holds and records take their time
         #: from the server's one clock (tests pass a clock they move).
@@ -132,28 +149,47 @@ class Gateway:
         self.catalog_refresh_s = catalog_refresh_s
         self.key_cache_s = key_cache_s
         self.max_body_bytes = max_body_bytes
+        #: failover (gateway.failover): the wait for response headers, the whole answer's
+        #: bound, and the upstream-cost tolerance of the margin reconciliation
+        self.headers_timeout_s = headers_timeout_s
+        self.read_timeout_s = read_timeout_s
+        self.cost_tolerance = cost_tolerance
+        self.health_interval_s = health_interval_s
+        self.watchdog = Watchdog()
+        self._health: asyncio.Task[None] | None = None
         self.catalog = CatalogSnapshot({}, (), {}, {})
         self.keys: KeyCache[ApiKeyRecord] = KeyCache(self._lookup_key, ttl_s=key_cache_s)
         self._refresher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.refresh()
+        METRICS.channel_states = lambda: [(c.id, c.state(self.clock()))
+                                          for c in self.board.channels.values()]
         if any(kind == "sandbox" for kind, _ in self.catalog.providers.values()):
             # the sandbox counts every request with the tokenizer; real upstreams report usage
             # and the vocabulary (~135 MiB) is loaded only when a stream ends without it
             await run_in_threadpool(tokens.warm_up)
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+        if self.health_interval_s > 0:
+            self._health = asyncio.get_running_loop().create_task(self._health_loop())
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+        for task in (self._refresher, self._health):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.watchdog.stop()
         await self.registry.close()
 
     async def refresh(self) -> None:
         self.catalog = await self.ctx.read(load_snapshot)
         self.registry.configure(self.catalog.providers)
+        configure_board(self.board, self.catalog)
+
+    @property
+    def board(self) -> Board:
+        return self.ctx.channels
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -164,6 +200,31 @@ class Gateway:
                 log.warning("refreshing the catalog failed: the database is unavailable")
             except Exception:  # noqa: BLE001 - keep serving the last good catalog
                 log.exception("refreshing the catalog failed")
+
+    async def _health_loop(self) -> None:
+        """Every channel gets a free request (``upstreams.health``) each interval: a failure
+        counts toward its circuit, a success closes a circuit whose cooldown is over (the
+        half-open probe, without a customer's request)."""
+        while True:
+            await asyncio.sleep(self.health_interval_s)
+            try:
+                await self.check_channels()
+            except Exception:  # noqa: BLE001 - keep checking
+                log.exception("the channel health check failed")
+
+    async def check_channels(self) -> list[Health]:
+        board, providers = self.board, self.catalog.providers
+        channels = [c for c in board.channels.values()
+                    if not c.disabled and c.provider in providers]
+        results = await asyncio.gather(*(check(self.registry, c, *providers[c.provider])
+                                         for c in channels))
+        now = self.clock()
+        for channel, health in zip(channels, results, strict=True):
+            if health.ok is False:
+                board.failed(channel, health.latency_ms, now)
+            elif health.ok and (not channel.opened or now >= channel.open_until_ms):
+                board.succeeded(channel, health.latency_ms)
+        return list(results)
 
     async def authenticate(self, scope: Scope) -> ApiKeyRecord:
         """The usable key of the request (revoked, expired and IP allowlist checked)."""

@@ -46,6 +46,131 @@ class Provider:
     base_url: str | None = None
     api_key_env: str | None = None
     auth: Mapping[str, str] = field(default_factory=dict)
+    #: a key pool: each key is its own channel (``ITEM/PROVIDER#N``, N from 1), used in turn
+    api_key_envs: tuple[str, ...] = ()
+    #: what a free health check requests (default: GET /models for LLM providers)
+    health_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelSpec:
+    """One upstream of an item (``channels:`` in the catalog): lowest ``priority`` first,
+    ``weight`` shares traffic among the channels of one priority."""
+
+    provider: str
+    upstream_model: str | None = None
+    weight: int = 1
+    priority: int = 0
+    #: what the operator pays this upstream (same fields as a price); None: the item's cost
+    cost: Price | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"provider": self.provider, "weight": self.weight,
+                                "priority": self.priority}
+        if self.upstream_model is not None:
+            spec["upstream_model"] = self.upstream_model
+        if self.cost is not None:
+            spec["cost"] = price_dict(self.cost)
+        return spec
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ChannelSpec:
+        model = raw.get("upstream_model")
+        cost = raw.get("cost")
+        return cls(str(raw["provider"]), None if model is None else str(model),
+                   int(raw.get("weight", 1)), int(raw.get("priority", 0)),
+                   None if cost is None else price_from_dict(cost))
+
+
+def price_dict(price: Price) -> dict[str, Any]:
+    """A price (or cost) as stored JSON: decimal strings, only the fields that are set."""
+    if isinstance(price, CallPrice):
+        out: dict[str, Any] = {"per_call": str(price.per_call)}
+        if price.per_size:
+            out["per_size"] = {k: str(v) for k, v in sorted(price.per_size.items())}
+        return out
+    fields = {"input": price.input_per_1m, "output": price.output_per_1m,
+              "cache_read": price.cache_read_per_1m, "cache_write": price.cache_write_per_1m,
+              "cache_write_1h": price.cache_write_1h_per_1m}
+    return {k: str(v) for k, v in fields.items() if v is not None}
+
+
+def price_from_dict(raw: Mapping[str, Any]) -> Price:
+    def dec(key: str) -> Decimal | None:
+        value = raw.get(key)
+        return None if value is None else Decimal(str(value))
+
+    if "per_call" in raw:
+        sizes = raw.get("per_size") or {}
+        return CallPrice(Decimal(str(raw["per_call"])),
+                         {str(k): Decimal(str(v)) for k, v in sizes.items()})
+    return TokenPrice(Decimal(str(raw["input"])), Decimal(str(raw["output"])),
+                      dec("cache_read"), dec("cache_write"), dec("cache_write_1h"))
+
+
+@dataclass(frozen=True, slots=True)
+class ItemSpec:
+    """An item's non-price attributes: what the gateway needs to route and bound a call.
+    Stored beside the item as JSON (:meth:`as_dict`: only the attributes that are set, so the
+    stored text of an item is the same as before this type existed)."""
+
+    # models
+    upstream_model: str | None = None
+    max_output_tokens: int | None = None
+    #: protocol family → provider serving the model through it (see KIND_PROTOCOLS)
+    providers: Mapping[str, str] | None = None
+    #: the gateway routes it is sold on, when narrower than every route of its protocols
+    routes: tuple[str, ...] | None = None
+    # endpoints
+    name: str | None = None
+    method: str | None = None
+    path: str | None = None
+    upstream_path: str | None = None
+    #: the catalog's ``channels:``; None: one channel per provider (``provider``/``providers``)
+    channels: tuple[ChannelSpec, ...] | None = None
+    #: what the operator pays upstream for the item (channels may override it)
+    cost: Price | None = None
+
+    @property
+    def is_endpoint(self) -> bool:
+        return self.path is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        keys = ("upstream_model", "max_output_tokens", "name", "method", "path", "upstream_path")
+        spec: dict[str, Any] = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.providers is not None:
+            spec["providers"] = dict(self.providers)
+        if self.routes is not None:
+            spec["routes"] = list(self.routes)
+        if self.channels is not None:
+            spec["channels"] = [channel.as_dict() for channel in self.channels]
+        if self.cost is not None:
+            spec["cost"] = price_dict(self.cost)
+        return spec
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ItemSpec:
+        """The stored JSON back (unknown keys are ignored)."""
+        def text(key: str) -> str | None:
+            value = raw.get(key)
+            return None if value is None else str(value)
+
+        providers = raw.get("providers")
+        routes = raw.get("routes")
+        max_out = raw.get("max_output_tokens")
+        channels = raw.get("channels")
+        cost = raw.get("cost")
+        return cls(upstream_model=text("upstream_model"),
+                   max_output_tokens=None if max_out is None else int(max_out),
+                   providers=({str(k): str(v) for k, v in providers.items()}
+                              if isinstance(providers, dict) else None),
+                   routes=(tuple(str(r) for r in routes) if isinstance(routes, list)
+                           else None),
+                   name=text("name"), method=text("method"), path=text("path"),
+                   upstream_path=text("upstream_path"),
+                   channels=(tuple(ChannelSpec.from_dict(c) for c in channels)
+                             if isinstance(channels, list) else None),
+                   cost=None if cost is None else price_from_dict(cost))
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +194,8 @@ class Listing:
     method: str | None = None
     path: str | None = None
     upstream_path: str | None = None
+    channels: tuple[ChannelSpec, ...] | None = None
+    cost: Price | None = None
 
     @property
     def billing_type(self) -> str:
@@ -78,15 +205,15 @@ class Listing:
     def kind(self) -> str:
         return "endpoint" if self.path is not None else "model"
 
-    def spec(self) -> dict[str, Any]:
-        """The non-price attributes, as stored beside the item."""
-        keys = ("upstream_model", "max_output_tokens", "name", "method", "path", "upstream_path")
-        spec = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        if self.providers is not None:
-            spec["providers"] = dict(self.providers)
-        if self.routes is not None:
-            spec["routes"] = list(self.routes)
-        return spec
+    @property
+    def spec(self) -> ItemSpec:
+        """The non-price attributes, as carried beside the item to the gateway."""
+        return ItemSpec(upstream_model=self.upstream_model,
+                        max_output_tokens=self.max_output_tokens,
+                        providers=None if self.providers is None else dict(self.providers),
+                        routes=self.routes, name=self.name, method=self.method,
+                        path=self.path, upstream_path=self.upstream_path,
+                        channels=self.channels, cost=self.cost)
 
 
 def model_routes(billing_type: str, protocols: Mapping[str, str]) -> list[str]:
@@ -302,8 +429,25 @@ class _Validator:
             if env is not None and not isinstance(env, str):
                 self.problem(f"{where}.api_key_env", "must be an environment variable name")
                 env = None
+            envs = spec.get("api_key_envs")
+            pool: tuple[str, ...] = ()
+            if envs is not None:
+                if not isinstance(envs, list) or not envs or not all(
+                        isinstance(e, str) and e for e in envs):
+                    self.problem(f"{where}.api_key_envs", "must be a list of environment "
+                                 "variable names")
+                elif env is not None:
+                    self.problem(f"{where}.api_key_envs", "give api_key_env or api_key_envs, "
+                                 "not both")
+                else:
+                    pool = tuple(envs)
+            health = spec.get("health_path")
+            if health is not None and not (isinstance(health, str) and health.startswith("/")):
+                self.problem(f"{where}.health_path", "must be a path starting with '/'")
+                health = None
             result[str(pid)] = Provider(str(pid), kind, base_url, env,
-                                        {str(k): str(v) for k, v in auth.items()})
+                                        {str(k): str(v) for k, v in auth.items()}, pool,
+                                        health)
         return result
 
     def groups(self, raw: Any) -> dict[str, Decimal]:
@@ -366,14 +510,30 @@ class _Validator:
             return None
         where = f"{section}[{item_id}]"
         before = len(self.problems)
-        allowed = {"id", "provider", "price", "group_ratios", "effective_from"} | (
+        allowed = {"id", "provider", "price", "group_ratios", "effective_from", "channels",
+                   "cost"} | (
             {"upstream_model", "max_output_tokens", "providers", "routes"} if section == "models"
             else {"name", "method", "path", "upstream_path"})
         for key in sorted(set(item) - allowed, key=str):
             self.problem(f"{where}.{_field(key)}", "unknown field")
         provider = item.get("provider")
         protocols: dict[str, str] = {}
-        if section == "models":
+        channels = None
+        if item.get("channels") is not None:
+            if provider is not None or item.get("providers") is not None:
+                self.problem(f"{where}.channels", "give channels, or provider/providers, "
+                             "not both")
+            channels = self.channels(where, item["channels"], providers, section)
+            if channels:
+                provider = channels[0].provider
+        if section == "models" and channels:
+            for channel in channels:
+                for family in KIND_PROTOCOLS[providers[channel.provider].kind]:
+                    protocols.setdefault(family, channel.provider)
+            if not protocols:
+                self.problem(f"{where}.channels", "no channel's provider serves a model "
+                             "protocol: use openai, anthropic or sandbox providers")
+        elif section == "models":
             protocols = self.protocols(where, item, providers)
             if provider is None and protocols:
                 provider = next(iter(protocols.values()))
@@ -411,7 +571,98 @@ class _Validator:
                                                      protocols))
         else:
             listing = self.endpoint(where, item, price_raw, overrides, effective_from)
+        cost = None
+        if item.get("cost") is not None and listing is not None:
+            cost = self.cost(f"{where}.cost", item["cost"], listing.price)
+        if listing is not None and channels is not None:
+            for channel in channels:
+                if channel.cost is not None and not isinstance(channel.cost,
+                                                               type(listing.price)):
+                    self.problem(f"{where}.channels[{channel.provider}].cost",
+                                 "must have the same fields as the price")
+        if listing is not None:
+            listing = replace(listing, channels=channels, cost=cost, provider=str(provider))
         return listing if len(self.problems) == before else None
+
+    def channels(self, where: str, raw: Any, providers: Mapping[str, Provider],
+                 section: str) -> tuple[ChannelSpec, ...] | None:
+        """``channels: [{provider, upstream_model, weight, priority, cost}]``."""
+        if not isinstance(raw, list) or not raw:
+            self.problem(f"{where}.channels", "must be a list of {provider, weight, priority}")
+            return None
+        result: list[ChannelSpec] = []
+        seen: set[str] = set()
+        for index, spec in enumerate(raw):
+            at = f"{where}.channels[{index}]"
+            if not isinstance(spec, dict):
+                self.problem(at, "must be a mapping with at least 'provider'")
+                continue
+            allowed = {"provider", "weight", "priority", "cost"} | (
+                {"upstream_model"} if section == "models" else set())
+            for key in sorted(set(spec) - allowed, key=str):
+                self.problem(f"{at}.{_field(key)}", "unknown field")
+            pid = spec.get("provider")
+            if not isinstance(pid, str) or pid not in providers:
+                known = ", ".join(sorted(providers)) or "none defined"
+                self.problem(f"{at}.provider", f"unknown provider {pid!r} (known: {known})")
+                continue
+            if pid in seen:
+                self.problem(f"{at}.provider", f"provider {pid!r} is already a channel")
+                continue
+            seen.add(pid)
+            weight = spec.get("weight", 1)
+            if not isinstance(weight, int) or isinstance(weight, bool) or weight < 1:
+                self.problem(f"{at}.weight", f"must be a positive integer, got {weight!r}")
+                weight = 1
+            priority = spec.get("priority", 0)
+            if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
+                self.problem(f"{at}.priority", f"must be an integer >= 0, got {priority!r}")
+                priority = 0
+            model = spec.get("upstream_model")
+            if model is not None and (not isinstance(model, str) or not model):
+                self.problem(f"{at}.upstream_model", "must be a model name")
+                model = None
+            cost = None
+            if spec.get("cost") is not None:
+                cost = self.cost(f"{at}.cost", spec["cost"], None)
+            result.append(ChannelSpec(pid, model, weight, priority, cost))
+        return tuple(result)
+
+    def cost(self, where: str, raw: Any, like: Price | None) -> Price | None:
+        """An upstream cost: the fields of a price (token or per-call)."""
+        if not isinstance(raw, dict) or not raw:
+            self.problem(where, "must be a mapping with the fields of a price")
+            return None
+        per_call = "per_call" in raw if like is None else isinstance(like, CallPrice)
+        fields = ({"per_call", "per_size"} if per_call else
+                  {"input", "output", "cache_read", "cache_write", "cache_write_1h"})
+        for key in sorted(set(raw) - fields, key=str):
+            self.problem(f"{where}.{_field(key)}", "unknown cost field (the fields of the "
+                         "price: " + ", ".join(sorted(fields)) + ")")
+        values: dict[str, Decimal | None] = {}
+        for key in sorted(fields - {"per_size"}):
+            if raw.get(key) is None:
+                if key in ("input", "output", "per_call"):
+                    self.problem(f"{where}.{key}", "missing")
+                values[key] = None
+            else:
+                values[key] = self.usd(f"{where}.{key}", raw[key])
+        sizes: dict[str, Decimal] = {}
+        per_size = raw.get("per_size") or {}
+        if not isinstance(per_size, dict):
+            self.problem(f"{where}.per_size", "must be a mapping of size to USD")
+            per_size = {}
+        for size, value in per_size.items():
+            usd = self.usd(f"{where}.per_size.{size}", value)
+            if usd is not None:
+                sizes[str(size)] = usd
+        if per_call:
+            unit = values.get("per_call")
+            return None if unit is None else CallPrice(unit, sizes)
+        if values.get("input") is None or values.get("output") is None:
+            return None
+        return TokenPrice(values["input"], values["output"],  # type: ignore[arg-type]
+                          values["cache_read"], values["cache_write"], values["cache_write_1h"])
 
     def protocols(self, where: str, item: dict[str, Any],
                   providers: Mapping[str, Provider]) -> dict[str, str]:

@@ -14,7 +14,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from tollway.pricing.catalog import Catalog, Listing
+from tollway.pricing.catalog import Catalog, ItemSpec, Listing
 from tollway.pricing.display import price_lines
 from tollway.pricing.rating import Price
 
@@ -28,7 +28,7 @@ class ItemState:
     provider: str
     price: Price
     group_ratios: Mapping[str, Decimal]
-    spec: Mapping[str, Any]
+    spec: ItemSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +108,10 @@ def _item_changes(old: ItemState, new: Listing) -> list[Change]:
                             _ratios(new.group_ratios)))
     if old.provider != new.provider:
         found.append(Change(old.id, "provider", old.provider, new.provider))
-    spec = new.spec()
-    for key in sorted(set(old.spec) | set(spec)):
-        if old.spec.get(key) != spec.get(key):
-            found.append(Change(old.id, key.replace("_", " "), _text(old.spec.get(key)),
+    was, spec = old.spec.as_dict(), new.spec.as_dict()
+    for key in sorted(set(was) | set(spec)):
+        if was.get(key) != spec.get(key):
+            found.append(Change(old.id, key.replace("_", " "), _text(was.get(key)),
                                 _text(spec.get(key))))
     return found
 
@@ -121,8 +121,21 @@ def _text(value: Any) -> str:
     per-protocol providers, ``/v1/embeddings, /v1/chat/completions`` for its routes."""
     if value is None:
         return "—"
+    if isinstance(value, list) and value and all(
+            isinstance(v, Mapping) and "provider" in v for v in value):  # channels
+        return "; ".join(_channel_text(v) for v in value)
     if isinstance(value, Mapping):
         return ", ".join(f"{k}: {v}" for k, v in value.items())
     if isinstance(value, list | tuple):
         return ", ".join(str(v) for v in value)
     return str(value)
+
+
+def _channel_text(channel: Mapping[str, Any]) -> str:
+    """``openai-a (priority 0, weight 3, model gpt-x, cost input 2, output 8)``."""
+    parts = [f"priority {channel.get('priority', 0)}", f"weight {channel.get('weight', 1)}"]
+    if channel.get("upstream_model"):
+        parts.append(f"model {channel['upstream_model']}")
+    if channel.get("cost"):
+        parts.append("cost " + ", ".join(f"{k} {v}" for k, v in channel["cost"].items()))
+    return f"{channel['provider']} ({', '.join(parts)})"

@@ -21,6 +21,7 @@ from tollway.money import format_usd
 from tollway.notify.deliverer import Deliverer
 from tollway.store.db import Database, storage_error
 from tollway.store.writer import Writer
+from tollway.upstreams.channels import Board
 
 T = TypeVar("T")
 log = logging.getLogger("tollway")
@@ -41,6 +42,8 @@ class Context:
     clock: Clock = now_ms
     #: proxies whose ``X-Forwarded-For`` is believed (``runtime.http.client_address``)
     trusted_proxies: tuple[Network, ...] = ()
+    #: every channel of the catalog with this process's circuit state (gateway and admin API)
+    channels: Board = field(default_factory=Board)
     _reaper: asyncio.Task[None] | None = field(default=None, repr=False)
     _notifier: asyncio.Task[None] | None = field(default=None, repr=False)
 

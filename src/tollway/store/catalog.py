@@ -22,6 +22,7 @@ from tollway.money import nano_to_decimal, parse_usd
 from tollway.pricing.catalog import (
     KIND_PROTOCOLS,
     Catalog,
+    ItemSpec,
     Listing,
     Provider,
     Tier,
@@ -55,7 +56,7 @@ class Item:
     id: str
     billing_type: str
     provider: str
-    spec: dict[str, Any]
+    spec: ItemSpec
     version: PriceVersion
 
 
@@ -154,7 +155,7 @@ def apply_catalog(conn: Connection, catalog: Catalog, *, now_ms: int) -> ApplyRe
     existing = {r.id: r for r in conn.execute(sa.select(catalog_items))}
     for listing in catalog.listings:
         values = {"billing_type": listing.billing_type, "provider": listing.provider,
-                  "spec": json.dumps(listing.spec(), sort_keys=True), "active": True,
+                  "spec": json.dumps(listing.spec.as_dict(), sort_keys=True), "active": True,
                   "updated_at_ms": now_ms}
         if listing.id in existing:
             conn.execute(catalog_items.update().where(catalog_items.c.id == listing.id)
@@ -172,8 +173,13 @@ def apply_catalog(conn: Connection, catalog: Catalog, *, now_ms: int) -> ApplyRe
 
 
 def _provider_config(provider: Provider) -> dict[str, Any]:
-    return {"base_url": provider.base_url, "api_key_env": provider.api_key_env,
-            "auth": dict(provider.auth)}
+    config: dict[str, Any] = {"base_url": provider.base_url, "api_key_env": provider.api_key_env,
+              "auth": dict(provider.auth)}
+    if provider.api_key_envs:
+        config["api_key_envs"] = list(provider.api_key_envs)
+    if provider.health_path:
+        config["health_path"] = provider.health_path
+    return config
 
 
 def _apply_groups(conn: Connection, catalog: Catalog, report: ApplyReport) -> None:
@@ -255,7 +261,7 @@ def current_items(conn: Connection, *, now_ms: int, item_id: str | None = None) 
     items: dict[str, Item] = {}
     for row in conn.execute(query):  # the last row wins when two versions share a time
         items[row.item_id] = Item(row.item_id, row.billing_type, row.provider,
-                                  json.loads(row.spec), _version(row))
+                                  ItemSpec.from_dict(json.loads(row.spec)), _version(row))
     return list(items.values())
 
 
@@ -274,9 +280,9 @@ def group_ratios(conn: Connection) -> dict[str, Decimal]:
 def item_protocols(item: Item, kinds: dict[str, str]) -> dict[str, str]:
     """A model's ``{protocol family: provider id}``; items applied before protocols were
     stored serve every protocol of their provider's kind (``kinds``: provider id → kind)."""
-    stored = item.spec.get("providers")
-    if isinstance(stored, dict):
-        return {str(k): str(v) for k, v in stored.items()}
+    stored = item.spec.providers
+    if stored is not None:
+        return dict(stored)
     return {family: item.provider for family in KIND_PROTOCOLS.get(kinds.get(item.provider, ""),
                                                                    ())}
 
@@ -284,9 +290,9 @@ def item_protocols(item: Item, kinds: dict[str, str]) -> dict[str, str]:
 def item_routes(item: Item, protocols: dict[str, str]) -> list[str]:
     """The gateway routes a model is sold on: its ``routes`` if the catalog narrows them, else
     every route of its protocols."""
-    narrowed = item.spec.get("routes")
-    if isinstance(narrowed, list):
-        return [str(route) for route in narrowed]
+    narrowed = item.spec.routes
+    if narrowed is not None:
+        return list(narrowed)
     return model_routes(item.billing_type, protocols)
 
 

@@ -227,6 +227,14 @@ usage_records = sa.Table(
     # 0006: 1-hour cache writes (``cache_write_tokens`` are the 5-minute ones) and their price
     sa.Column("cache_write_1h_tokens", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("cache_write_1h_nano_per_1m", Nano),
+    # 0008: the channel that answered, every attempt (JSON: channel, status or error,
+    # latency_ms), and what the operator pays upstream: computed from the channel's ``cost``,
+    # reported by the upstream (OpenRouter's usage.cost), and whether the two disagree
+    sa.Column("channel", sa.String(300)),
+    sa.Column("attempts", sa.Text),
+    sa.Column("upstream_cost_nano", Nano),
+    sa.Column("upstream_reported_cost_nano", Nano),
+    sa.Column("upstream_cost_mismatch", sa.Boolean),
 )
 
 #: Requests per account x key x product x hour, maintained in the same transaction as each
@@ -414,6 +422,16 @@ redemption_codes = sa.Table(
     sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),
     sa.CheckConstraint("amount_nano > 0", name="ck_redemption_codes_amount_positive"),
     sa.Index("ix_redemption_codes_created", "created_at_ms", "id"),
+)
+
+#: The operator's choice per channel (``ITEM/PROVIDER[#N]``): a row with ``enabled`` false
+#: takes the channel out of every worker's selection at its next catalog refresh.
+channel_states = sa.Table(
+    "channel_states",
+    metadata,
+    sa.Column("id", sa.String(300), primary_key=True),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("updated_at_ms", Ms, nullable=False),
 )
 
 # money in through a payment provider (migration 0010_payments): one row per checkout order,

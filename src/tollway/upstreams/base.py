@@ -26,6 +26,8 @@ class UpstreamRequest:
 class UpstreamResponse(Protocol):
     status: int
     content_type: str
+    #: the upstream's ``Retry-After`` header, if any (a 429 opens the channel's circuit for it)
+    retry_after: str | None
 
     async def read(self) -> bytes:
         """The whole body (raises UpstreamError/UpstreamTimeout if it cannot be read)."""
@@ -51,9 +53,10 @@ class BufferedResponse:
     """A response already in memory (the sandbox, tests)."""
 
     def __init__(self, status: int, body: bytes | AsyncIterator[bytes],
-                 content_type: str = "application/json") -> None:
+                 content_type: str = "application/json", retry_after: str | None = None) -> None:
         self.status = status
         self.content_type = content_type
+        self.retry_after = retry_after
         self._body = body
 
     async def read(self) -> bytes:

@@ -51,6 +51,7 @@ class AiohttpResponse:
         self._redactor = redactor
         self.status = response.status
         self.content_type = response.headers.get("Content-Type", "application/octet-stream")
+        self.retry_after = response.headers.get("Retry-After")
 
     def _too_large(self) -> UpstreamError:
         return UpstreamError(f"the upstream answer is larger than {self._limit} bytes")

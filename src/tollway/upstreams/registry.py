@@ -46,7 +46,14 @@ class Registry:
         self._configs: dict[str, tuple[str, str]] = {}
 
     def configure(self, providers: Mapping[str, tuple[str, Mapping[str, Any]]]) -> None:
-        """(Re)build adapters for ``{provider id: (kind, config)}``; unchanged ones are kept."""
+        """(Re)build adapters for ``{provider id: (kind, config)}``; unchanged ones are kept.
+        A provider with a key pool (``api_key_envs``) also gets one adapter per key,
+        ``PROVIDER#N`` (N from 1), each with its own credential."""
+        providers = dict(providers)
+        for pid, (kind, config) in list(providers.items()):
+            for n, env in enumerate(config.get("api_key_envs") or (), start=1):
+                providers[f"{pid}#{n}"] = (kind, {**config, "api_key_env": env,
+                                                  "api_key_envs": None})
         for pid, (kind, config) in providers.items():
             fingerprint = (kind, repr(sorted(config.items())) + str(credential(config)))
             if self._configs.get(pid) == fingerprint:

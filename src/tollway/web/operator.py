@@ -211,7 +211,7 @@ def _priced(priced: catalog_changes.PricedItem, at: int) -> dict[str, Any]:
     per = item_unit(item)
     return {
         "id": item.id, "billing_type": item.billing_type, "provider": item.provider,
-        "spec": item.spec, "version": item.version.id, "endpoint": "path" in item.spec,
+        "spec": item.spec, "version": item.version.id, "endpoint": item.spec.is_endpoint,
         "unit": "per token" if item.billing_type == "token" else f"per {per}",
         "price_display": price_lines(item.version.price, per=per),
         "overrides": _overrides(item.version.group_ratios),

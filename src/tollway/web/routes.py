@@ -7,6 +7,7 @@ from starlette.routing import BaseRoute
 
 from tollway.web import pages
 from tollway.web.billing_pages import billing_routes
+from tollway.web.channels import channel_routes
 from tollway.web.console import console_routes
 from tollway.web.market import market_routes
 from tollway.web.operator import operator_routes
@@ -18,4 +19,5 @@ web_routes: list[BaseRoute] = [
     *billing_routes,
     *market_routes,
     *operator_routes,
+    *channel_routes,
 ]
