@@ -501,3 +501,14 @@ def test_channels_list_disable_enable_test_and_margin(
     assert [(t["id"], t["ok"]) for t in tested] == [("web-search/sandbox", True)]
     report = ok(capsys, db_url, "margin", "--group-by", "channel")
     assert report["total"]["requests"] == 0 and report["group_by"] == "channel"
+
+
+def test_the_cli_imports_no_metrics_before_serve_chooses_their_directory() -> None:
+    """`tollway serve` sets prometheus_client's multiprocess directory before the app (and so
+    the metrics) is imported; a command module that imports the gateway at the top would
+    import them first and every `tollway serve` would exit 1."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, tollway.cli\n"
+         "print(sorted(m for m in sys.modules if m.startswith(('prometheus_client', "
+         "'tollway.metrics'))))"], capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "[]", probe.stdout

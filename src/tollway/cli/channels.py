@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tollway import clock, settings
 from tollway.billing.margin import margin_report
 from tollway.billing.views import parse_iso_ms
 from tollway.cli.common import Commands, Output, open_db
 from tollway.errors import NotFound
-from tollway.gateway.state import CatalogSnapshot, configure_board, load_snapshot
 from tollway.store.channels import set_enabled
 from tollway.store.reports import DAY_MS
 from tollway.upstreams.channels import Board
@@ -25,8 +24,15 @@ from tollway.upstreams.health import check
 from tollway.upstreams.http import Timeouts
 from tollway.upstreams.registry import Registry
 
+if TYPE_CHECKING:
+    from tollway.gateway.state import CatalogSnapshot
+
 
 def _board(args: argparse.Namespace) -> tuple[Board, CatalogSnapshot]:
+    # imported here, not at the top: the gateway imports the metrics, and `tollway serve`
+    # must choose prometheus_client's multiprocess directory before anything imports them
+    from tollway.gateway.state import configure_board, load_snapshot
+
     db = open_db(args)
     with db.read() as conn:
         snapshot = load_snapshot(conn)
