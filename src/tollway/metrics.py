@@ -152,6 +152,9 @@ class Metrics:
             self._counter(("revenue", product), nano, out.revenue.labels(product))
         for key, count in list(self.upstream_errors.items()):
             self._counter(("upstream", *key), count, out.upstream_errors.labels(*key))
+        for (channel, outcome), count in list(self.channel_attempts.items()):
+            self._counter(("channel", channel, outcome), count,
+                          out.channel_attempts.labels(channel, outcome))
         self._counter(("shed",), self.shed, out.shed)
         self._counter(("unavailable",), self.storage_unavailable, out.storage_unavailable)
         out.inflight.set(self.inflight)
@@ -218,20 +221,16 @@ class Metrics:
 
 
     def _channel_families(self) -> list[Metric]:
-        """Per channel, this worker's attempts by outcome and its circuit state (the circuit
-        is per process: a scrape shows the answering worker's)."""
-        attempts = GaugeMetricFamily(
-            "tollway_channel_attempts_total",
-            "upstream attempts of this worker by channel and outcome (ok, error, or the "
-            "failing status)", labels=["channel", "outcome"])
-        for (channel, outcome), count in sorted(self.channel_attempts.items()):
-            attempts.add_metric([channel, outcome], count)
+        """Each channel's circuit state in this worker (a circuit is per process), labelled
+        with the worker, so two workers' states are two series, never one mixed one. Attempts
+        are counters, merged over the workers like the others (``publish``)."""
         states = GaugeMetricFamily(
-            "tollway_channel_state", "1 for each channel's circuit state in this worker "
-            "(closed, open, half_open, disabled)", labels=["channel", "state"])
+            "tollway_channel_state", "1 for each channel's circuit state in the answering "
+            "worker (closed, open, half_open, disabled)", labels=["channel", "state", "worker"])
+        worker = str(os.getpid())
         for channel, state in (self.channel_states() if self.channel_states else []):
-            states.add_metric([channel, state], 1)
-        return [attempts, states]
+            states.add_metric([channel, state, worker], 1)
+        return [states]
 
 
 class _Published:
@@ -251,6 +250,10 @@ class _Published:
             "tollway_upstream_errors",
             "upstream failures (code upstream_error or upstream_timeout; status as answered to "
             "the client), by product", ("product", "code", "status"), registry=reg)
+        self.channel_attempts = Counter(
+            "tollway_channel_attempts",
+            "upstream attempts by channel and outcome (ok, error, or the failing status)",
+            ("channel", "outcome"), registry=reg)
         self.inflight = Gauge("tollway_inflight_requests",
                               "requests the server's live workers are serving now",
                               multiprocess_mode="livesum", registry=reg)
