@@ -508,7 +508,8 @@ def test_the_cli_imports_no_metrics_before_serve_chooses_their_directory() -> No
     the metrics) is imported; a command module that imports the gateway at the top would
     import them first and every `tollway serve` would exit 1."""
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, tollway.cli\n"
-         "print(sorted(m for m in sys.modules if m.startswith(('prometheus_client', "
-         "'tollway.metrics'))))"], capture_output=True, text=True, check=True)
+        [sys.executable, "-c", ("import sys, tollway.cli\n"
+                                "print(sorted(m for m in sys.modules if m.startswith(("
+                                "'prometheus_client', 'tollway.metrics'))))")],
+        capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "[]", probe.stdout
