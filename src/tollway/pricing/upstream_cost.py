@@ -36,7 +36,7 @@ def upstream_cost_nano(cost: Price, usage: TokenUsage, calls: int,
 
 def reported_cost(raw: bytes) -> Decimal | None:
     """The cost an upstream reports with its usage (OpenRouter: ``usage.cost``, USD), read
-    from the JSON text exactly (never through a binary float); None when absent or invalid."""
+    from the JSON text exactly, as a Decimal of its digits; None when absent or invalid."""
     if b'"cost"' not in raw:
         return None
     try:
