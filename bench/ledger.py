@@ -10,7 +10,7 @@ after) it measures, interleaved A B A B for R rounds, each round in a fresh migr
 A. **ledger** - N requests, each a ``place_hold`` submitted on its own to ONE ``Writer`` and,
    once that future resolves, a ``settle_hold``; C concurrent clients keep requests in flight so
    the writer forms batches, as the gateway will.
-B. **plain inserts** - the same rows a pair leaves behind (1 hold, 2 entries, 5 postings) into
+B. **plain inserts** - the same rows a pair leaves behind (1 hold, 1 entry, 2 postings) into
    the same tables, written with ``executemany`` in transactions of exactly the sizes the writer
    formed in round A (same number of commits, same rows per commit), through the same
    ``Database`` (same pragmas: WAL, synchronous=FULL on SQLite). No reads, no updates, no
@@ -65,8 +65,7 @@ from tollway.store.writer import Writer, _run_op
 HOLD_NANO = 2_000_000  # what each request reserves ($0.002)
 CHARGE_NANO = 1_234_567  # what it is charged: less than the hold, so the rest is released
 TTL_MS = 3_600_000
-POSTINGS_PER_HOLD = 2  # available -> held
-POSTINGS_PER_SETTLE = 3  # held out; released back to available; revenue in (no write-off)
+POSTINGS_PER_SETTLE = 2  # the charge: wallet out, revenue in (no write-off; a hold books none)
 
 
 # --------------------------------------------------------------------------- backends
@@ -342,8 +341,8 @@ def run_inserts(url: str, batches: list[tuple[int, int]], pairs: int, tag: str) 
     account_id = _setup_account(db, pairs, tag)
     p = "?" if db.dialect == "sqlite" else "%s"
     sql_hold = (f"INSERT INTO holds (id, account_id, key_id, amount_nano, status, created_at_ms,"
-                f" expires_at_ms, closed_at_ms, charged_nano, from_available_nano, shortfall_nano)"
-                f" VALUES ({', '.join([p] * 11)})")
+                f" expires_at_ms, closed_at_ms, charged_nano, from_available_nano, shortfall_nano,"
+                f" idempotency_key) VALUES ({', '.join([p] * 12)})")
     sql_entry = (f"INSERT INTO entries (id, kind, account_id, amount_nano, hold_id,"
                  f" idempotency_key, balance_after_nano, note, created_at_ms)"
                  f" VALUES ({', '.join([p] * 9)})")
@@ -354,7 +353,6 @@ def run_inserts(url: str, batches: list[tuple[int, int]], pairs: int, tag: str) 
                          .scalar_one()) + 1
         next_hold = int(conn.exec_driver_sql("SELECT coalesce(max(id), 100) FROM holds")
                         .scalar_one()) + 1
-    released = HOLD_NANO - CHARGE_NANO
     # Build every row first: the timed part is the database's work, not Python's.
     plan = []
     pending: list[int] = []  # holds placed but not yet settled, in order
@@ -364,19 +362,14 @@ def run_inserts(url: str, batches: list[tuple[int, int]], pairs: int, tag: str) 
         now = int(time.time() * 1000)
         for _ in range(n_hold):
             hold_rows.append((hold_id, account_id, None, HOLD_NANO, "settled", now, now + TTL_MS,
-                              now, CHARGE_NANO, 0, 0))
-            entry_rows.append((entry_id, "hold", account_id, HOLD_NANO, hold_id,
-                               f"hold:{tag}-{i}", None, None, now))
-            posting_rows += [(entry_id, account_id, "available", -HOLD_NANO),
-                             (entry_id, account_id, "held", HOLD_NANO)]
+                              now, CHARGE_NANO, 0, 0, f"{tag}-{i}"))
             pending.append(hold_id)
-            hold_id, entry_id, i = hold_id + 1, entry_id + 1, i + 1
+            hold_id, i = hold_id + 1, i + 1
         for _ in range(n_settle):
             hid = pending.pop(0) if pending else next_hold
             entry_rows.append((entry_id, "settle", account_id, CHARGE_NANO, hid,
                                f"settle:{tag}-{entry_id}", None, None, now))
-            posting_rows += [(entry_id, account_id, "held", -HOLD_NANO),
-                             (entry_id, account_id, "available", released),
+            posting_rows += [(entry_id, account_id, "available", -CHARGE_NANO),
                              (entry_id, 2, "available", CHARGE_NANO)]
             entry_id += 1
         plan.append((hold_rows, entry_rows, posting_rows))
@@ -387,8 +380,9 @@ def run_inserts(url: str, batches: list[tuple[int, int]], pairs: int, tag: str) 
             cur = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
             if hold_rows:
                 cur.executemany(sql_hold, hold_rows)
-            cur.executemany(sql_entry, entry_rows)
-            cur.executemany(sql_posting, posting_rows)
+            if entry_rows:
+                cur.executemany(sql_entry, entry_rows)
+                cur.executemany(sql_posting, posting_rows)
     seconds = time.perf_counter() - t0
     run = Run(pairs, seconds, time.process_time() - cpu0, len(batches))
     db.dispose()
@@ -595,8 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"machine": machine(), "params": {
         "pairs": args.pairs, "rounds": args.rounds, "clients": args.clients,
         "driver": args.driver, "hold_nano": HOLD_NANO, "charge_nano": CHARGE_NANO,
-        "rows_per_pair": {"holds": 1, "entries": 2,
-                          "postings": POSTINGS_PER_HOLD + POSTINGS_PER_SETTLE}}}
+        "rows_per_pair": {"holds": 1, "entries": 1, "postings": POSTINGS_PER_SETTLE}}}
     with _backends(args) as backends:
         results["backends"] = [bench_backend(b, args, log) for b in backends]
     results["machine"]["loadavg_end"] = loadavg()

@@ -364,8 +364,7 @@ def test_events_are_written_with_the_money_or_not_at_all(db: Database) -> None:
     with db.write() as conn:
         hold = ledger.place_hold(conn, account, 6 * USD, idempotency_key="h2", ttl_ms=60_000,
                                  at_ms=clock.now_ms())
-        ledger.void_hold(conn, hold.id, idempotency_key="h2",
-                         at_ms=clock.now_ms())  # back to 10: not re-armed
+        ledger.void_hold(conn, hold.id, at_ms=clock.now_ms())  # back to 10: not re-armed
         ledger.place_hold(conn, account, 6 * USD, idempotency_key="h3", ttl_ms=60_000,
                           at_ms=clock.now_ms())
     for _ in range(2):
@@ -558,8 +557,7 @@ def test_low_balance_events_follow_the_arming_rule(db: Database) -> None:
                         ledger.settle_hold(conn, hold.id, hold.amount_nano * value // 100,
                                            idempotency_key=key, at_ms=clock.now_ms())
                     elif kind == "void" and holds:
-                        ledger.void_hold(conn, holds.pop().id, idempotency_key=key,
-                                         at_ms=clock.now_ms())
+                        ledger.void_hold(conn, holds.pop().id, at_ms=clock.now_ms())
                     elif kind == "adjust":
                         ledger.adjust(conn, account, value, idempotency_key=key, note="p",
                                       at_ms=clock.now_ms())

@@ -178,14 +178,18 @@ def test_topup_of_unknown_or_system_account_is_refused(db: Database) -> None:
 
 def test_place_hold_moves_available_to_held(db: Database) -> None:
     alice = new_account(db, topup_nano=10 * USD)
+    entries_before = rows(db, entries)
     with db.write() as conn:
         hold = ledger.place_hold(conn, alice, 2_750_000_000, idempotency_key="h1",
                                  ttl_ms=HOUR_MS, at_ms=clock.now_ms())
     assert (hold.account_id, hold.amount_nano, hold.status, hold.key_id) == (
         alice, 2_750_000_000, "open", None)
     assert balances(db, alice) == (7_250_000_000, 2_750_000_000)
-    assert posted(db, alice, "available") == 7_250_000_000
-    assert posted(db, alice, "held") == 2_750_000_000
+    # a reservation, not a movement: nothing is booked in the ledger until the settlement
+    assert rows(db, entries) == entries_before
+    assert posted(db, alice, "available") == 10 * USD
+    assert posted(db, alice, "held") == 0
+    assert hold_row(db, hold.id).idempotency_key == "h1"
     row = hold_row(db, hold.id)
     assert row.expires_at_ms - row.created_at_ms == HOUR_MS
     assert row.expires_at_ms == hold.expires_at_ms
@@ -242,20 +246,21 @@ def test_place_hold_refuses_bad_amounts_and_unknown_accounts(db: Database) -> No
 
 # --------------------------------------------------------------------------- settlement
 
-# balance 10 USD, one hold of 4 USD, then settle with `actual`:
+# balance 10 USD, one hold of 4 USD, then settle with `actual`: the settlement's one entry
+# has the charge's postings only (the hold itself was never booked)
 # (actual, charged, from_hold, from_available, shortfall, released, available after, postings)
 SETTLE_CASES = {
     "under": (1_250_000_000, 1_250_000_000, 1_250_000_000, 0, 0, 2_750_000_000,
-              8_750_000_000, 3),  # held -4, available +2.75, revenue +1.25
+              8_750_000_000, 2),  # wallet -1.25, revenue +1.25
     "exact": (4_000_000_000, 4_000_000_000, 4_000_000_000, 0, 0, 0,
-              6_000_000_000, 2),  # held -4, revenue +4
+              6_000_000_000, 2),  # wallet -4, revenue +4
     "over": (5_500_000_000, 5_500_000_000, 4_000_000_000, 1_500_000_000, 0, 0,
-             4_500_000_000, 3),  # held -4, available -1.5, revenue +5.5
+             4_500_000_000, 2),  # wallet -5.5, revenue +5.5
     "zero": (0, 0, 0, 0, 0, 4_000_000_000,
-             10_000_000_000, 2),  # held -4, available +4
+             10_000_000_000, 0),  # nothing moves: an entry with no postings
     "shortfall": (12_300_000_000, 12_300_000_000, 4_000_000_000, 6_000_000_000, 2_300_000_000,
-                  0, 0, 4),  # held -4, available -6, revenue +12.3, write-off -2.3
-    "all_of_it": (10_000_000_000, 10_000_000_000, 4_000_000_000, 6_000_000_000, 0, 0, 0, 3),
+                  0, 0, 3),  # wallet -10, revenue +12.3, write-off -2.3
+    "all_of_it": (10_000_000_000, 10_000_000_000, 4_000_000_000, 6_000_000_000, 0, 0, 0, 2),
 }
 
 
@@ -278,7 +283,7 @@ def check_settle_case(db: Database, case: str) -> None:
         hold = ledger.place_hold(conn, alice, 4 * USD, idempotency_key=f"{case}-h",
                                  ttl_ms=HOUR_MS, at_ms=clock.now_ms())
     assert balances(db, alice) == (6_000_000_000, 4_000_000_000)
-    postings_before = rows(db, postings)
+    postings_before, entries_before = rows(db, postings), rows(db, entries)
     revenue_before, writeoff_before = posted(db, REVENUE), posted(db, WRITEOFF)
 
     with db.write() as conn:
@@ -287,9 +292,10 @@ def check_settle_case(db: Database, case: str) -> None:
     assert settlement == Settlement(hold.id, charged, from_hold, from_avail, shortfall, released)
     assert balances(db, alice) == (available, 0)
     assert rows(db, postings) - postings_before == n_postings
+    assert rows(db, entries) - entries_before == 1
     assert posted(db, REVENUE) - revenue_before == charged
     assert posted(db, WRITEOFF) - writeoff_before == -shortfall
-    # the wallet's postings: 10 USD in, `charged - shortfall` out, nothing left held
+    # the wallet's postings: 10 USD in, `charged - shortfall` out, nothing ever held
     assert posted(db, alice, "available") == 10 * USD - (charged - shortfall) == available
     assert posted(db, alice, "held") == 0
     account = get_account_row(db, alice)
@@ -313,7 +319,7 @@ def check_settle_case(db: Database, case: str) -> None:
                            at_ms=clock.now_ms())
     assert "settled" in err.value.message
     with pytest.raises(HoldClosed), db.write() as conn:
-        ledger.void_hold(conn, hold.id, idempotency_key=f"{case}-v", at_ms=clock.now_ms())
+        ledger.void_hold(conn, hold.id, at_ms=clock.now_ms())
     assert snapshot(db) == before
     assert_verified(db)
 
@@ -355,7 +361,7 @@ def test_settle_of_voided_or_unknown_hold(db: Database) -> None:
     with db.write() as conn:
         hold = ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h", ttl_ms=HOUR_MS,
                                  at_ms=clock.now_ms())
-        ledger.void_hold(conn, hold.id, idempotency_key="v", at_ms=clock.now_ms())
+        ledger.void_hold(conn, hold.id, at_ms=clock.now_ms())
     before = snapshot(db)
     with pytest.raises(HoldClosed) as err, db.write() as conn:
         ledger.settle_hold(conn, hold.id, 1, idempotency_key="s", at_ms=clock.now_ms())
@@ -380,7 +386,7 @@ def test_void_returns_everything_and_repeat_is_idempotent(db: Database) -> None:
                                  ttl_ms=HOUR_MS, at_ms=clock.now_ms())
     assert balances(db, alice) == (1_666_666_667, 3_333_333_333)
     with db.write() as conn:
-        release = ledger.void_hold(conn, hold.id, idempotency_key="v", at_ms=clock.now_ms())
+        release = ledger.void_hold(conn, hold.id, at_ms=clock.now_ms())
     assert release == Release(hold.id, 3_333_333_333, "voided")
     assert balances(db, alice) == (5_000_000_000, 0)
     assert posted(db, REVENUE) == 0
@@ -390,12 +396,12 @@ def test_void_returns_everything_and_repeat_is_idempotent(db: Database) -> None:
 
     before = snapshot(db)
     with db.write() as conn:
-        assert ledger.void_hold(conn, hold.id, idempotency_key="v", at_ms=clock.now_ms()) == release
+        assert ledger.void_hold(conn, hold.id, at_ms=clock.now_ms()) == release
     assert snapshot(db) == before
-    with pytest.raises(HoldClosed), db.write() as conn:  # a void under another key
-        ledger.void_hold(conn, hold.id, idempotency_key="v2", at_ms=clock.now_ms())
+    # a void books nothing: the hold is its own key, so voiding it again is a repeat too
+    assert rows(db, entries) == 1  # the seed top-up only
     with pytest.raises(UnknownHold), db.write() as conn:
-        ledger.void_hold(conn, 424_242, idempotency_key="v3", at_ms=clock.now_ms())
+        ledger.void_hold(conn, 424_242, at_ms=clock.now_ms())
     assert snapshot(db) == before
     assert_verified(db)
 
@@ -440,8 +446,8 @@ def test_key_quota_refuses_holds_beyond_it_and_writes_nothing(db: Database) -> N
                           at_ms=clock.now_ms())
     # voiding gives quota back
     with db.write() as conn:
-        ledger.void_hold(conn, h2.id, idempotency_key="v2", at_ms=clock.now_ms())
-        ledger.void_hold(conn, h3.id, idempotency_key="v3", at_ms=clock.now_ms())
+        ledger.void_hold(conn, h2.id, at_ms=clock.now_ms())
+        ledger.void_hold(conn, h3.id, at_ms=clock.now_ms())
         record = get_key(conn, key.id)
     assert (record.used_nano, record.held_nano) == (3_000_000_000, 0)
     hold(7 * USD, "k6")  # 3 + 0 + 7 = 10
@@ -562,7 +568,7 @@ def busy_ledger(db: Database) -> tuple[int, int]:
         ledger.settle_hold(conn, h1.id, 1 * USD, idempotency_key="s1", at_ms=clock.now_ms())
         h2 = ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h2", ttl_ms=HOUR_MS,
                                at_ms=clock.now_ms())
-        ledger.void_hold(conn, h2.id, idempotency_key="v2", at_ms=clock.now_ms())
+        ledger.void_hold(conn, h2.id, at_ms=clock.now_ms())
         ledger.place_hold(conn, alice, 1 * USD, idempotency_key="h3", ttl_ms=HOUR_MS,
                           key_id=key.id, at_ms=clock.now_ms())  # stays open
         h4 = ledger.place_hold(conn, bob, 1 * USD, idempotency_key="h4", ttl_ms=0,
@@ -603,8 +609,8 @@ def test_verify_names_each_kind_of_corruption(db: Database) -> None:
     found = corrupted("UPDATE accounts SET available_nano = available_nano + 5 WHERE id = :id",
                       "UPDATE accounts SET available_nano = available_nano - 5 WHERE id = :id",
                       id=alice)
-    assert found == [(f"account {alice} (alice): stored available balance 8.000000004 USD but "
-                      "its postings sum to 7.999999999 USD"),
+    assert found == [(f"account {alice} (alice): stored balance 9.000000004 USD (available "
+                      "8.000000004 + held 1.000000000) but its postings sum to 8.999999999 USD"),
                      (f"account {alice} (alice): its daily movements add up to 8.999999999 USD "
                       "but its balance is 9.000000004 USD")]
 
@@ -627,7 +633,26 @@ def test_verify_names_each_kind_of_corruption(db: Database) -> None:
                       "UPDATE holds SET status = 'open' WHERE id = :id", id=open_id)
     assert (f"account {alice} (alice): held 1.000000000 USD but its open holds total "
             "0.000000000 USD") in found
-    assert f"hold {open_id} is voided but has 0 closing entries" in found
+    assert not any(p.startswith(f"hold {open_id} ") for p in found)  # a void books nothing
+
+    # a hold booked in the ledger the old way: available -> held
+    found = corrupted("INSERT INTO postings (entry_id, account_id, bucket, amount_nano) "
+                      "VALUES (:entry, :id, 'held', 5), (:entry, :id, 'available', -5)",
+                      "DELETE FROM postings WHERE entry_id = :entry AND account_id = :id "
+                      "AND amount_nano IN (5, -5)", entry=entry_id, id=alice)
+    assert found == [(f"account {alice} (alice): stored balance 8.999999999 USD (available "
+                      "7.999999999 + held 1.000000000) but its postings sum to 8.999999994 USD"),
+                     (f"account {alice} (alice): 0.000000005 USD booked as held in the ledger "
+                      "(holds are not booked there)")]
+
+    # a settled hold whose settlement entry is gone (with its postings: still balanced)
+    with db.read() as conn:
+        settle = conn.execute(sa.select(entries.c.id, entries.c.hold_id)
+                              .where(entries.c.idempotency_key == "settle:s1")).one()
+    found = corrupted("UPDATE entries SET kind = 'adjust' WHERE id = :id",
+                      "UPDATE entries SET kind = 'settle' WHERE id = :id", id=settle.id)
+    assert found == [(f"hold {settle.hold_id} is settled but has 0 closing entries "
+                     "(0 of them settlements)")]
 
     # an API key whose usage disagrees with its settled holds
     found = corrupted("UPDATE api_keys SET used_nano = used_nano - 1",
@@ -720,7 +745,7 @@ def test_writer_commits_in_batches_and_isolates_a_failing_operation(
     # one's effect is committed exactly once (the balances and rows below).
     assert len(seen) > 10
     assert balances(db, alice) == (12_500_000_001, 3_000_000_000)
-    assert (rows(db, entries), rows(db, holds)) == (8, 1)
+    assert (rows(db, entries), rows(db, holds)) == (7, 1)  # 7 top-ups; the hold books none
     assert_verified(db)
 
 

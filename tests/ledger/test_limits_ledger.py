@@ -117,7 +117,7 @@ def test_caps_are_never_exceeded_and_counters_match_the_holds(db: Database) -> N
                                            idempotency_key=f"c{n}-{step}", at_ms=clock.now_ms())
                     elif op[0] == "void" and placed:
                         ledger.void_hold(conn, placed[op[1] % len(placed)],
-                                         idempotency_key=f"c{n}-{step}", at_ms=clock.now_ms())
+                                         at_ms=clock.now_ms())
                     elif op[0] == "expire":
                         now += op[1]
                         ledger.expire_holds(conn, now)
@@ -228,7 +228,7 @@ def test_the_window_is_counted_in_the_holds_statement(db: Database) -> None:
         reserve("huge", 1000, 101, T0 + 60_000)
     # a late correction for the previous minute does not touch this one
     with db.write() as conn:
-        ledger.void_hold(conn, second.hold.id, idempotency_key="three",
+        ledger.void_hold(conn, second.hold.id,
                          correction=limits.correction(second.window, counted=35, actual=0),
                          at_ms=clock.now_ms())
         assert guards.key_window(conn, key_id) == KeyWindow(T0 - T0 % 60_000 + 60_000, 1, 0)

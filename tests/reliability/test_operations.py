@@ -150,7 +150,7 @@ def test_metrics_show_open_holds_and_their_age(tw: Tollway) -> None:
         assert samples["tollway_oldest_open_hold_age_seconds{}"] >= 0
     finally:
         with tw.db.write() as conn:
-            ledger.void_hold(conn, hold.id, idempotency_key="ops-open-hold", at_ms=clock.now_ms())
+            ledger.void_hold(conn, hold.id, at_ms=clock.now_ms())
 
 
 def test_metrics_need_a_token(tw: Tollway) -> None:

@@ -97,7 +97,10 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
             shrink: Callable[[int], tuple[int, Any] | None] | None = None,
             limits: Limits = NO_LIMITS, tokens: int = 0, at_ms: int
             ) -> Reservation | Replay:
-    """``tokens``: what the request counts against the key's TPM limit at admission."""
+    """``tokens``: what the request counts against the key's TPM limit at admission.
+    ``request_id`` is the one the gateway made for this request: fresh, so its hold is placed
+    without looking for an earlier one (a client's ``Idempotency-Key`` is what is looked up,
+    in ``request_keys``)."""
     now = at_ms
     if client_key is not None:
         row = usage_store.find_request_key(conn, client_key.key_id, client_key.value)
@@ -122,7 +125,8 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
         rate = rate_limits.admission(limits, tokens, now)
         try:
             hold = ledger.place_hold(conn, account_id, amount_nano, idempotency_key=request_id,
-                                     ttl_ms=ttl_ms, key_id=key_id, rate=rate, at_ms=now)
+                                     ttl_ms=ttl_ms, key_id=key_id, rate=rate, at_ms=now,
+                                     fresh_key=True)
             return Reservation(hold, window=rate_limits.window(limits, now, hold.window))
         except InsufficientBalance:
             if shrink is None:
@@ -133,7 +137,8 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
                 raise
             amount, granted = smaller
             hold = ledger.place_hold(conn, account_id, amount, idempotency_key=request_id,
-                                     ttl_ms=ttl_ms, key_id=key_id, rate=rate, at_ms=now)
+                                     ttl_ms=ttl_ms, key_id=key_id, rate=rate, at_ms=now,
+                                     fresh_key=True)
             return Reservation(hold, granted,
                                rate_limits.window(limits, now, hold.window))
     except TollwayError as exc:  # refused (402, 429): nothing was counted
@@ -173,7 +178,7 @@ def settle(conn: Connection, *, hold_id: int, charge: Charge, record: dict[str, 
 def void(conn: Connection, *, hold_id: int, record: dict[str, Any], at_ms: int,
          client_key: ClientKey | None = None, window: Window | None = None,
          counted_tokens: int = 0) -> None:
-    ledger.void_hold(conn, hold_id, idempotency_key=record["request_id"], at_ms=at_ms,
+    ledger.void_hold(conn, hold_id, at_ms=at_ms,
                      correction=rate_limits.correction(window, counted=counted_tokens,
                                                        actual=0))
     usage_store.insert_usage(conn, {**record, "hold_id": hold_id, "cost_nano": 0})

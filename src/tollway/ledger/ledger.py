@@ -1,11 +1,19 @@
 """Double-entry ledger with two-phase holds (TigerBeetle's pending / post / void / expire).
 
-Every movement is one *entry* whose *postings* sum to zero. Ledger accounts are
-(account, bucket) pairs: a customer wallet has an ``available`` and a ``held`` bucket; the
-system accounts (funding, revenue, write-off, adjustments) use ``available``. The wallet row
-stores ``available_nano`` and ``held_nano`` so the guard below is one statement; system
-account balances are derived from their postings (they would be hot rows that every request
-updates). :func:`verify` recomputes everything from postings.
+Every movement of money is one *entry* whose *postings* sum to zero, between ledger accounts
+(account, bucket): the customer wallets and the system accounts (funding, revenue, write-off,
+adjustments), all in the ``available`` bucket. The wallet row stores ``available_nano`` and
+``held_nano`` so the guard below is one statement; system account balances are derived from
+their postings (they would be hot rows that every request updates).
+
+A hold is a reservation, not a movement: it lives on its ``holds`` row and in the wallet's
+``held_nano`` only, and books nothing in the ledger. The settlement books ONE entry, the
+charge (wallet → revenue, the part neither the hold nor the balance covered from write-off);
+a void or an expiry releases ``held_nano`` and closes the hold, and books nothing. So a
+wallet's postings sum to its whole balance (available + held), and its held amount equals its
+open holds: :func:`verify` checks both. (Before migration 0012 a hold was booked available →
+held and reversed at its close; that migration moved the reservations still open off the
+ledger.)
 
 The overdraft guard is one conditional statement,
 ``UPDATE accounts SET available = available - :x WHERE id = :id AND available >= :x``;
@@ -14,9 +22,11 @@ zero rows changed means "refuse", and nothing has been written yet. It is atomic
 clause after the first commits).
 
 Every operation takes an idempotency key, stored with a unique index in the same transaction
-as the money it moves: a repeat returns the first result and moves nothing; a repeat with
-different parameters raises :class:`IdempotencyConflict`. Every operation that books money
-takes its time, ``at_ms``: the entry, the wallet's day and the hold are stamped by one clock.
+as the money it moves (an entry's, or the hold's own): a repeat returns the first result and
+moves nothing; a repeat with different parameters raises :class:`IdempotencyConflict`. A hold
+is its own key for its release: voiding a voided hold again returns the same release. Every
+operation that books money takes its time, ``at_ms``: the entry, the wallet's day and the
+hold are stamped by one clock.
 
 Beside the money, in the same transactions: a key's own limits (:mod:`guards`), the wallet's
 daily rollups (:mod:`wallet_days`) and the low-balance outbox (:mod:`low_balance`).
@@ -55,6 +65,7 @@ SYSTEM_ACCOUNTS = {FUNDING: "funding", REVENUE: "revenue", WRITEOFF: "write-off"
                    ADJUSTMENTS: "adjustments"}
 
 AVAILABLE = "available"
+#: The bucket holds were booked in before migration 0012; every wallet's now sums to zero.
 HELD = "held"
 
 HoldStatus = Literal["open", "settled", "voided", "expired"]
@@ -159,7 +170,8 @@ _RESERVE = Prepared(
     .returning(*WATCHED))
 _INSERT_HOLD = Prepared(holds.insert().values(
     account_id=_b("account_id"), key_id=_b("key_id"), amount_nano=_b("amount"), status="open",
-    created_at_ms=_b("at"), expires_at_ms=_b("expires"), cap_periods=_b("cap_periods"))
+    created_at_ms=_b("at"), expires_at_ms=_b("expires"), cap_periods=_b("cap_periods"),
+    idempotency_key=_b("key"))
     .returning(holds.c.id))
 _CLOSE_HOLD = Prepared(
     holds.update().where(holds.c.id == _b("hold_id"), holds.c.status == "open")
@@ -170,11 +182,11 @@ _CLOSE_HOLD = Prepared(
 _SET_HOLD_OUTCOME = Prepared(
     holds.update().where(holds.c.id == _b("hold_id"))
     .values(from_available_nano=_b("from_available"), shortfall_nano=_b("shortfall")))
-_GET_HOLD = Prepared(
-    sa.select(holds.c.id, holds.c.account_id, holds.c.key_id, holds.c.amount_nano,
-              holds.c.expires_at_ms, holds.c.status, holds.c.charged_nano,
-              holds.c.from_available_nano, holds.c.shortfall_nano, holds.c.created_at_ms)
-    .where(holds.c.id == _b("hold_id")))
+_HOLD_COLUMNS = (holds.c.id, holds.c.account_id, holds.c.key_id, holds.c.amount_nano,
+                 holds.c.expires_at_ms, holds.c.status, holds.c.charged_nano,
+                 holds.c.from_available_nano, holds.c.shortfall_nano, holds.c.created_at_ms)
+_GET_HOLD = Prepared(sa.select(*_HOLD_COLUMNS).where(holds.c.id == _b("hold_id")))
+_FIND_HOLD = Prepared(sa.select(*_HOLD_COLUMNS).where(holds.c.idempotency_key == _b("key")))
 #: What the wallet paid (held - delta: the charge less any shortfall) comes out of its
 #: promotional part first, down to zero: a column expression of this same statement, so
 #: promotional credit costs a settlement no extra statement (see ``ledger.grants``).
@@ -301,8 +313,13 @@ def adjust(conn: Connection, account_id: int, amount_nano: int, *, idempotency_k
 
 def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempotency_key: str,
                ttl_ms: int, at_ms: int, key_id: int | None = None,
-               rate: RateAdmission = NO_ADMISSION) -> Hold:
+               rate: RateAdmission = NO_ADMISSION, fresh_key: bool = False) -> Hold:
     """Reserve ``amount_nano`` of the available balance at ``at_ms``, or raise.
+
+    The reservation is the hold's row and the wallet's ``held_nano``: nothing is booked in
+    the ledger until the settlement. ``fresh_key``: the caller made ``idempotency_key`` itself
+    and it has never been used (the gateway's request ids), so the look-up for an earlier hold
+    under it is skipped; the unique index on ``holds.idempotency_key`` still refuses a repeat.
 
     With ``key_id`` the key's own limits are checked in the same transaction
     (:func:`guards.reserve`): its used plus held amount may not exceed its quota
@@ -315,9 +332,8 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
     raises.
     """
     _amount(amount_nano, "a hold")
-    key = f"hold:{idempotency_key}"
-    if (row := _existing_entry(conn, key)) is not None:
-        hold = _hold(conn, row.hold_id)
+    if not fresh_key and (row := _FIND_HOLD.row(conn, key=idempotency_key)) is not None:
+        hold = _as_hold(row)
         if (hold.account_id, hold.amount_nano, hold.key_id) != (account_id, amount_nano, key_id):
             raise _conflict(idempotency_key, f"hold {hold.id}")
         return hold
@@ -337,10 +353,7 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
     watch(conn, account_id, -amount_nano, reserved, at_ms=at_ms)
     hold_id = int(_INSERT_HOLD.one(conn, account_id=account_id, key_id=key_id,
                                    amount=amount_nano, at=at_ms, expires=at_ms + ttl_ms,
-                                   cap_periods=cap_periods)[0])
-    _post(conn, kind="hold", account_id=account_id, amount_nano=amount_nano, key=key,
-          hold_id=hold_id, at_ms=at_ms,
-          lines=[(account_id, AVAILABLE, -amount_nano), (account_id, HELD, amount_nano)])
+                                   cap_periods=cap_periods, key=idempotency_key)[0])
     return Hold(hold_id, account_id, key_id, amount_nano, at_ms + ttl_ms, "open", at_ms, window)
 
 
@@ -349,6 +362,8 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
                 correction: RateCorrection | None = None) -> Settlement:
     """Charge the actual cost: from the hold first, then from the available balance; what
     neither covers is written off (the wallet never goes below zero). Releases the rest.
+    Books one entry: the wallet pays what it covered, revenue gets the whole charge, the
+    write-off account the shortfall.
     ``at_ms`` is the time the charge is booked under: its entry, the wallet's day and its
     usage record's time; ``correction``, the tokens to add to the key's rate-limit window."""
     _amount(actual_nano, "a charge", minimum=0)
@@ -383,15 +398,22 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
                      closed.cap_periods, correction)
     _post(conn, kind="settle", account_id=account_id, amount_nano=actual_nano, key=key,
           hold_id=hold_id, at_ms=at_ms,
-          lines=[(account_id, HELD, -held), (account_id, AVAILABLE, released - from_available),
+          lines=[(account_id, AVAILABLE, shortfall - actual_nano),
                  (REVENUE, AVAILABLE, actual_nano), (WRITEOFF, AVAILABLE, -shortfall)])
     return Settlement(hold_id, actual_nano, from_hold, from_available, shortfall, released)
 
 
-def void_hold(conn: Connection, hold_id: int, *, idempotency_key: str, at_ms: int,
+def void_hold(conn: Connection, hold_id: int, *, at_ms: int,
               correction: RateCorrection | None = None) -> Release:
-    """Release a hold whole: the request was refused or failed upstream; nothing is charged."""
-    return _release(conn, hold_id, "voided", f"void:{idempotency_key}", at_ms, correction)
+    """Release a hold whole: the request was refused or failed upstream; nothing is charged
+    and nothing is booked. Voiding a voided hold again returns the same release."""
+    release = _release(conn, hold_id, "voided", at_ms, correction)
+    if release is not None:
+        return release
+    hold = _hold(conn, hold_id)
+    if hold.status != "voided":
+        raise HoldClosed(f"hold {hold_id} is already {hold.status}")
+    return Release(hold_id, hold.amount_nano, "voided")
 
 
 def expire_holds(conn: Connection, now: int | None = None, *, limit: int = 1000) -> list[Release]:
@@ -401,18 +423,17 @@ def expire_holds(conn: Connection, now: int | None = None, *, limit: int = 1000)
     ids = [int(r[0]) for r in _EXPIRED.execute(conn, {"at": at, "limit": limit}).fetchall()]
     released: list[Release] = []
     for hid in ids:
-        try:
-            released.append(_release(conn, hid, "expired", f"expire:{hid}", at))
-        except HoldClosed:  # settled or voided concurrently since the SELECT: nothing written
-            continue
+        # None: settled or voided concurrently since the SELECT, nothing written
+        if (release := _release(conn, hid, "expired", at)) is not None:
+            released.append(release)
     return released
 
 
 def hold_status(conn: Connection, idempotency_key: str) -> str | None:
     """The status of the hold placed with ``idempotency_key`` (see :func:`place_hold`), or
     None if there is none."""
-    row = _existing_entry(conn, f"hold:{idempotency_key}")
-    return None if row is None else _hold(conn, row.hold_id).status
+    row = _FIND_HOLD.row(conn, key=idempotency_key)
+    return None if row is None else str(row.status)
 
 
 def open_holds(conn: Connection) -> tuple[int, int | None]:
@@ -424,24 +445,19 @@ def open_holds(conn: Connection) -> tuple[int, int | None]:
     return int(row.n), None if row.oldest is None else int(row.oldest)
 
 
-def _release(conn: Connection, hold_id: int, status: HoldStatus, key: str, at_ms: int,
-             correction: RateCorrection | None = None) -> Release:
+def _release(conn: Connection, hold_id: int, status: HoldStatus, at_ms: int,
+             correction: RateCorrection | None = None) -> Release | None:
+    """Close an open hold as ``status`` and give its amount back to available; None if the
+    hold was not open (nothing written)."""
     closed = _close(conn, hold_id, status, None, at_ms)
-    if closed is None:  # already closed: a repeat of this release, or too late
-        if (row := _existing_entry(conn, key)) is not None:
-            if row.hold_id != hold_id:
-                raise _conflict(key, f"releasing hold {row.hold_id}")
-            return Release(hold_id, int(row.amount_nano), status)
-        raise HoldClosed(f"hold {hold_id} is already {_hold(conn, hold_id).status}")
+    if closed is None:
+        return None
     account_id, held = closed.account_id, closed.amount_nano
     _SETTLE_ACCOUNT.execute(conn, {"account_id": account_id, "held": held, "delta": held,
                                    "charged": 0, "requests": 0}).fetchone()
     if closed.key_id is not None:
         guards.close(conn, closed.key_id, held, 0, closed.created_at_ms, closed.cap_periods,
                      correction)
-    _post(conn, kind="void" if status == "voided" else "expire", account_id=account_id,
-          amount_nano=held, key=key, hold_id=hold_id, at_ms=at_ms,
-          lines=[(account_id, HELD, -held), (account_id, AVAILABLE, held)])
     return Release(hold_id, held, status)
 
 
@@ -463,6 +479,10 @@ def _hold(conn: Connection, hold_id: int) -> Hold:
     row = _GET_HOLD.row(conn, hold_id=hold_id)
     if row is None:
         raise UnknownHold(f"no hold with id {hold_id}")
+    return _as_hold(row)
+
+
+def _as_hold(row: Any) -> Hold:
     return Hold(row.id, row.account_id, row.key_id, row.amount_nano, row.expires_at_ms,
                 row.status, row.created_at_ms)
 

@@ -2,11 +2,14 @@
 
 Checks, each against the stored state:
 - all postings sum to zero, and so do the postings of every single entry;
-- each wallet's stored available and held balances equal the sums of its postings;
+- each wallet's postings sum to its whole stored balance (available + held: a hold is a
+  reservation on its row, not a movement), all in the ``available`` bucket (the ``held``
+  bucket of holds booked before migration 0012 sums to zero);
 - no available or held balance is negative;
 - each wallet's held balance equals its open holds, each key's held and used amounts equal its
   holds and settlements;
-- every hold is closed at most once (one settle, void or expire entry), and an open hold by none;
+- a settled hold has exactly one settle entry, any other none; no hold has more than one
+  closing entry (before migration 0012 voids and expiries booked one too), an open hold none;
 - the revenue account equals the sum of all settled charges;
 - each wallet's daily movements (what statements are made of) add up to its balance;
 - every gateway request's usage record agrees with its hold: a ``consume`` record's cost is
@@ -37,6 +40,7 @@ from tollway.store.tables import (
 )
 
 _CLOSING = ("settle", "void", "expire")
+_SETTLES = sa.func.sum(sa.case((entries.c.kind == "settle", 1), else_=0))
 
 
 def verify(conn: Connection) -> list[str]:
@@ -62,11 +66,16 @@ def verify(conn: Connection) -> list[str]:
             .where(holds.c.status == "open").group_by(holds.c.account_id))}
     for row in conn.execute(sa.select(accounts).where(accounts.c.kind == "customer")):
         name = f"account {row.id} ({row.name})"
+        balance = row.available_nano + row.held_nano
+        if (derived := sums.get((row.id, AVAILABLE), 0)) != balance:
+            problems.append(f"{name}: stored balance {format_usd(balance)} USD (available "
+                            f"{format_usd(row.available_nano)} + held "
+                            f"{format_usd(row.held_nano)}) but its postings sum to "
+                            f"{format_usd(derived)} USD")
+        if (booked := sums.get((row.id, HELD), 0)) != 0:
+            problems.append(f"{name}: {format_usd(booked)} USD booked as held in the ledger "
+                            "(holds are not booked there)")
         for bucket, stored in ((AVAILABLE, row.available_nano), (HELD, row.held_nano)):
-            derived = sums.get((row.id, bucket), 0)
-            if stored != derived:
-                problems.append(f"{name}: stored {bucket} balance {format_usd(stored)} USD but "
-                                f"its postings sum to {format_usd(derived)} USD")
             if stored < 0:
                 problems.append(f"{name}: negative {bucket} balance {format_usd(stored)} USD")
         if row.held_nano != open_holds.get(row.id, 0):
@@ -100,17 +109,20 @@ def verify(conn: Connection) -> list[str]:
                             f"{format_usd(key.used_nano)} USD but its holds give "
                             f"{format_usd(held)}/{format_usd(used)} USD")
 
-    closers = sa.select(entries.c.hold_id, sa.func.count().label("n")).where(
+    closers = sa.select(entries.c.hold_id, sa.func.count().label("n"),
+                        _SETTLES.label("settles")).where(
         entries.c.kind.in_(_CLOSING)).group_by(entries.c.hold_id).subquery()
+    n, settles = sa.func.coalesce(closers.c.n, 0), sa.func.coalesce(closers.c.settles, 0)
     bad_holds = conn.execute(
-        sa.select(holds.c.id, holds.c.status, sa.func.coalesce(closers.c.n, 0))
+        sa.select(holds.c.id, holds.c.status, n, settles)
         .select_from(holds.outerjoin(closers, closers.c.hold_id == holds.c.id))
-        .where(sa.or_(sa.func.coalesce(closers.c.n, 0) > 1,
-                      sa.and_(holds.c.status == "open", sa.func.coalesce(closers.c.n, 0) != 0),
-                      sa.and_(holds.c.status != "open", sa.func.coalesce(closers.c.n, 0) != 1)))
+        .where(sa.or_(n > 1, sa.and_(holds.c.status == "open", n != 0),
+                      sa.and_(holds.c.status == "settled", settles != 1),
+                      sa.and_(holds.c.status != "settled", settles != 0)))
         .limit(20)).all()
-    for hold_id, status, count in bad_holds:
-        problems.append(f"hold {hold_id} is {status} but has {count} closing entries")
+    for hold_id, status, count, settled in bad_holds:
+        problems.append(f"hold {hold_id} is {status} but has {count} closing entries "
+                        f"({settled} of them settlements)")
 
     charged = int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(holds.c.charged_nano), 0)))
                   .scalar_one())

@@ -87,7 +87,7 @@ entries = sa.Table(
     "entries",
     metadata,
     _id(),
-    sa.Column("kind", sa.String(16), nullable=False),  # topup hold settle void expire adjust
+    sa.Column("kind", sa.String(16), nullable=False),  # topup settle adjust grant ... (see ledger)
     sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
     sa.Column("amount_nano", Nano, nullable=False),
     sa.Column("hold_id", Id),
@@ -126,7 +126,11 @@ holds = sa.Table(
     sa.Column("shortfall_nano", Nano),
     # which of the key's spend-cap periods (1 day, 2 week, 4 month) count this hold
     sa.Column("cap_periods", sa.SmallInteger, nullable=False, server_default="0"),
+    # the key it was placed under (the gateway's request id); before migration 0012 it was
+    # the hold's ledger entry's, and holds then closed have none
+    sa.Column("idempotency_key", sa.String(255)),
     sa.Index("ix_holds_open_expiry", "status", "expires_at_ms"),
+    sa.Index("uq_holds_idempotency_key", "idempotency_key", unique=True),
     sa.Index("ix_holds_account", "account_id"),
     sa.Index("ix_holds_key_open", "key_id", "status"),
 )
