@@ -13,9 +13,8 @@ from pathlib import Path
 import uvicorn
 
 from tollway import clock, settings
-from tollway.billing import credits
+from tollway.billing import credits, logins
 from tollway.billing import keys as key_ops
-from tollway.billing import logins
 from tollway.errors import AuthenticationError, InvalidRequest
 from tollway.logs import log_config
 from tollway.metrics_files import MULTIPROC_ENV, prepare_directory

@@ -305,14 +305,14 @@ def test_yaml_syntax_error_names_file_line_and_column_on_one_line(
 
 
 @pytest.mark.parametrize(("text", "problem"), [
-    ("models: [1", "line 1, column 11: not valid YAML: expected ',' or ']', but got "
-                   "'<stream end>' (while parsing a flow sequence from line 1, column 9)"),
+    ("models: [1", ("line 1, column 11: not valid YAML: expected ',' or ']', but got "
+                    "'<stream end>' (while parsing a flow sequence from line 1, column 9)")),
     ("groups:\n  default: {ratio: 1}\n\tvip: {ratio: 2}\n",
-     "line 3, column 1: not valid YAML: found character '\\t' that cannot start any token "
-     "(while scanning for the next token)"),
+     ("line 3, column 1: not valid YAML: found character '\\t' that cannot start any token "
+      "(while scanning for the next token)")),
     ("groups: x: y", "line 1, column 10: not valid YAML: mapping values are not allowed here"),
-    ("groups:\n  default: {ratio: \x00}\n", "line 2, column 20: not valid YAML: special "
-                                            "characters are not allowed (#x0000)"),
+    ("groups:\n  default: {ratio: \x00}\n", ("line 2, column 20: not valid YAML: special "
+                                             "characters are not allowed (#x0000)")),
 ])
 def test_every_yaml_error_is_one_line_with_its_place(
         tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixture[str], text: str,
