@@ -1,8 +1,9 @@
 """The first run, as a new user meets it: a Python without its venv module is named with the
 exact package to install before anything is made; a second ``make serve`` on a busy port stops
-before printing keys; the demo customer's console password is printed with the demo key, kept
-in var/ (mode 600) and reused; a YAML syntax error names the file, line and column on one
-line.
+before printing keys; the demo customer's console password is replaced once it no longer
+signs in (tests/api/test_http.py's real ``make serve`` run signs in with the printed one, and
+checks it is kept in var/ with mode 600 and reused); a YAML syntax error names the file, line
+and column on one line.
 
 The interpreter without venv is a real one with ``ensurepip`` hidden, as on a stock Debian
 machine without python3-venv: a wrapper script that puts a package of that name, which fails
@@ -14,14 +15,10 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import stat
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from tollway import server
@@ -29,7 +26,6 @@ from tollway.billing import logins
 from tollway.cli import main
 from tollway.store import accounts as account_store
 from tollway.store.db import Database
-from webclient import login
 
 ROOT = Path(__file__).resolve().parents[2]
 CATALOG = ROOT / "examples" / "catalog.yaml"
@@ -172,83 +168,6 @@ def test_a_busy_port_fails_before_any_key_is_made_or_printed(
             assert account_store.list_accounts(conn) == []  # no demo account, no catalog
     finally:
         db.dispose()
-
-
-class DemoServer:
-    """``tollway serve --demo`` on a free port, started and stopped by the test (every
-    process it starts is stopped at the end)."""
-
-    def __init__(self, database_url: str, data: Path) -> None:
-        self.port, self.database_url, self.data = free_port(), database_url, data
-        self.procs: list[subprocess.Popen[str]] = []
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> list[str]:
-        """Its printed lines, once it answers."""
-        proc = subprocess.Popen(serve_command(self.port), stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True,
-                                env=clean_env(TOLLWAY_DATABASE_URL=self.database_url,
-                                              TOLLWAY_DATA_DIR=str(self.data)))
-        self.procs.append(proc)
-        assert proc.stdout is not None
-        lines: list[str] = []
-        while not lines or not lines[-1].startswith("  try"):
-            line = proc.stdout.readline()
-            assert line, f"tollway serve exited ({proc.poll()}) after {lines}"
-            lines.append(line.rstrip("\n"))
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{self.base}/login", timeout=2)
-                return lines
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=30)
-            if proc.stdout is not None:
-                proc.stdout.close()
-
-
-@pytest.fixture
-def demo_server(tmp_path: Path, sqlite_url: str) -> Iterator[DemoServer]:
-    demo = DemoServer(sqlite_url, tmp_path / "var")
-    try:
-        yield demo
-    finally:
-        demo.stop()
-
-
-def test_demo_console_password_is_printed_kept_reused_and_signs_in(
-        demo_server: DemoServer) -> None:
-    lines = demo_server.start()
-    base = demo_server.base
-    password_file = demo_server.data / "demo-password"
-    password = password_file.read_text().strip()
-    assert len(password) >= logins.MIN_PASSWORD
-    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
-    key = (demo_server.data / "demo-key").read_text().strip()
-    assert lines[2:4] == [f"  demo key    : {key}",
-                          f"  console     : {base}/login  (login: demo, password: {password})"]
-
-    with httpx.Client(base_url=base) as client:
-        assert login(client, "demo", password).status_code == 303
-        overview = client.get("/console")
-        assert overview.status_code == 200 and "10.000000000" in overview.text  # $10 credit
-        assert login(client, "demo", password + "x").status_code != 303
-
-    demo_server.stop()
-    again = demo_server.start()
-    assert again[2:4] == lines[2:4]  # the same key and password, still signing in
-    with httpx.Client(base_url=base) as client:
-        assert login(client, "demo", password).status_code == 303
 
 
 def test_demo_password_is_replaced_when_it_no_longer_signs_in(db: Database,
