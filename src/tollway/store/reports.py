@@ -150,11 +150,9 @@ def summary(conn: Connection, *, account_id: int | None, start_ms: int, end_ms: 
     totals = {c: int(totals_row._mapping[c]) for c in COUNTERS}
     if ("model" in group_by) != ("endpoint" in group_by):
         # the rollups know a product's billing type, not its kind: per call is an endpoint's
-        # and an image model's, so the catalog says which per-call products are endpoints
+        # and an image model's, so the catalog says which products are endpoints
         endpoints = r.product.in_(endpoint_ids(conn))
-        where.append(sa.and_(r.billing_type == "per_call", endpoints)
-                     if "endpoint" in group_by else
-                     sa.or_(r.billing_type == "token", sa.not_(endpoints)))
+        where.append(endpoints if "endpoint" in group_by else sa.not_(endpoints))
     query = sa.select(*unique, *sums).where(*where)
     if unique:
         query = query.group_by(*unique).order_by(*unique)
