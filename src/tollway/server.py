@@ -67,7 +67,6 @@ def admin_token(data_dir: Path) -> str:
     path = data_dir / "admin-token"
     if path.exists():
         return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
     token = "twadm-" + secrets.token_urlsafe(24)
     keep_secret(path, token)
     return token

@@ -288,9 +288,9 @@ def _at(line: int, column: int) -> str:
 
 def _yaml_problem(source: str, text: str, exc: yaml.YAMLError) -> str:
     """PyYAML's error as one line that names the source and where in it, e.g.
-    ``cat.yaml: line 2, column 11: not valid YAML: expected ',' or ']', but got '<stream
-    end>' (while parsing a flow sequence from line 2, column 9)``. Its own ``str`` spans
-    several lines with a snippet of the file."""
+    ``cat.yaml: line 1, column 11: not valid YAML: expected ',' or ']', but got '<stream
+    end>' (while parsing a flow sequence from line 1, column 9)`` for ``models: [1``. Its own
+    ``str`` spans several lines with a snippet of the file."""
     def flat(message: str) -> str:
         return " ".join(message.split())
 
