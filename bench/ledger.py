@@ -13,7 +13,8 @@ A. **ledger** - N requests, each a ``place_hold`` submitted on its own to ONE ``
 B. **plain inserts** - the same rows a pair leaves behind (1 hold, 1 entry, 2 postings) into
    the same tables, written with ``executemany`` in transactions of exactly the sizes the writer
    formed in round A (same number of commits, same rows per commit), through the same
-   ``Database`` (same pragmas: WAL, synchronous=FULL on SQLite). No reads, no updates, no
+   ``Database`` (same pragmas: WAL, synchronous=FULL on SQLite, or NORMAL with
+   ``TOLLWAY_SQLITE_SYNCHRONOUS=normal``). No reads, no updates, no
    savepoints, no Python per operation: the floor the database and its commits impose.
 
 ``--breakdown`` adds two rows that locate the time: the same ledger calls in the same commits
@@ -502,9 +503,11 @@ def render(results: dict[str, Any]) -> str:
     for b in results["backends"]:
         s = b["settings"]
         if b["backend"] == "sqlite":
+            fsynced = ("every commit fsynced before its futures resolve"
+                       if s["synchronous"] == "FULL" else "TOLLWAY_SQLITE_SYNCHRONOUS=normal: "
+                       "the WAL is fsynced at checkpoints, not per commit")
             lines.append(f"sqlite {s['sqlite_version']}: journal_mode={s['journal_mode']}, "
-                         f"synchronous={s['synchronous']} (every commit fsynced before its "
-                         "futures resolve)")
+                         f"synchronous={s['synchronous']} ({fsynced})")
         else:
             durable = s["fsync"] == "on" and s["synchronous_commit"] == "on"
             note = "durable commits" if durable else "NOT durable: commits are not fsynced"

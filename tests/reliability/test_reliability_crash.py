@@ -11,6 +11,10 @@ mid-stream, mid-settlement or mid-batch-commit. After the restarts:
   the client was told; every error it saw is charged nothing; no balance is negative;
 - SQLite's ``PRAGMA integrity_check`` is ``ok`` and ``tollway ledger verify`` passes.
 
+On SQLite this runs in both durability modes (``TOLLWAY_SQLITE_SYNCHRONOUS``): ``full`` and
+``normal``, whose promise is exactly this one (a killed process loses no acknowledged commit;
+only a power loss or OS crash may).
+
 While PostgreSQL is down the gateway answers 503 ``storage_unavailable`` (never 500), and it
 recovers by itself once the server is back.
 """
@@ -94,8 +98,18 @@ def wait_for_requests(load: BackgroundLoad, more: int, timeout_s: float = 120) -
 
 def test_sigkill_under_load(db_url: str, tmp_path: Path,
                             fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
+    sigkill_under_load(db_url, tmp_path, fakes, "full")
+
+
+def test_sigkill_under_load_sqlite_synchronous_normal(
+        tmp_path: Path, fakes: tuple[FakeUpstream, FakeUpstream]) -> None:
+    sigkill_under_load(f"sqlite:///{tmp_path / 'tollway.db'}", tmp_path, fakes, "normal")
+
+
+def sigkill_under_load(db_url: str, tmp_path: Path, fakes: tuple[FakeUpstream, FakeUpstream],
+                       synchronous: str) -> None:
     fast, slow = fakes
-    env = server_env(db_url, tmp_path / "data", **settings())
+    env = server_env(db_url, tmp_path / "data", **settings(), sqlite_synchronous=synchronous)
     prepare(env, tmp_path, catalog_text(fast, slow))
     db = Database(db_url)
     rng = random.Random(11)
@@ -124,7 +138,7 @@ def test_sigkill_under_load(db_url: str, tmp_path: Path,
                 assert conn.exec_driver_sql("PRAGMA integrity_check").scalar() == "ok"
         figures = check_books(db, env, outcomes, exact=False)
         assert figures["complete"] > 0
-        report(f"SIGKILL x{KILLS} under load ({db.dialect})",
+        report(f"SIGKILL x{KILLS} under load ({db.dialect}, synchronous={synchronous})",
                {**figures, "expired_holds": expired_holds(db)})
     finally:
         db.dispose()

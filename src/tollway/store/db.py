@@ -1,9 +1,12 @@
 """Engines for SQLite and PostgreSQL, and the transaction helpers every store module uses.
 
 SQLite is opened in WAL mode with ``synchronous=FULL`` (a commit is on disk before it is
-acknowledged). Python's sqlite3 module would open deferred transactions that fail at once with
-SQLITE_BUSY when they later write, so transaction control is taken over: writes begin with
-``BEGIN IMMEDIATE`` (waiting up to ``busy_timeout`` for the lock), reads with a plain ``BEGIN``.
+acknowledged), or ``NORMAL`` when ``TOLLWAY_SQLITE_SYNCHRONOUS=normal`` (WAL is then synced at
+checkpoints only: a commit survives a crash of the process, not a power loss or OS crash; see
+README "Durability"). Python's sqlite3 module would open deferred transactions that fail at
+once with SQLITE_BUSY when they later write, so transaction control is taken over: writes begin
+with ``BEGIN IMMEDIATE`` (waiting up to ``busy_timeout`` for the lock), reads with a plain
+``BEGIN``.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import NullPool
 
-from tollway.errors import StorageUnavailable
+from tollway import settings
+from tollway.errors import InvalidRequest, StorageUnavailable
 
 T = TypeVar("T")
+
+#: ``TOLLWAY_SQLITE_SYNCHRONOUS`` → SQLite's ``PRAGMA synchronous``.
+SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 
 #: Errors as raised through SQLAlchemy or straight from the drivers (see ``prepared.py``).
 INTEGRITY_ERRORS = (sa_exc.IntegrityError, sqlite3.IntegrityError, psycopg.IntegrityError)
@@ -53,17 +60,23 @@ class Database:
     """One database: a read engine and a write engine (the same engine on PostgreSQL)."""
 
     def __init__(self, url: str, *, busy_timeout_ms: int = 30_000, pool_size: int = 8,
-                 null_pool: bool = False) -> None:
-        """``null_pool`` opens a fresh connection for every use (concurrency tests)."""
+                 null_pool: bool = False, synchronous: str | None = None) -> None:
+        """``null_pool`` opens a fresh connection for every use (concurrency tests);
+        ``synchronous`` (SQLite): ``full`` or ``normal``, by default the setting's."""
         self.url = normalize_url(url)
         parsed = sa.engine.make_url(self.url)
         self.dialect = parsed.get_backend_name()
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            self.engine = _sqlite_engine(self.url, "BEGIN", busy_timeout_ms, null_pool)
+            mode = synchronous or settings.get("sqlite_synchronous")
+            if mode not in SYNCHRONOUS:
+                raise InvalidRequest(f"TOLLWAY_SQLITE_SYNCHRONOUS must be one of "
+                                     f"{', '.join(SYNCHRONOUS)}, got {mode!r}")
+            self.engine = _sqlite_engine(self.url, "BEGIN", busy_timeout_ms, null_pool,
+                                         SYNCHRONOUS[mode])
             self.write_engine = _sqlite_engine(self.url, "BEGIN IMMEDIATE", busy_timeout_ms,
-                                               null_pool)
+                                               null_pool, SYNCHRONOUS[mode])
         elif self.dialect == "postgresql":
             # pool_pre_ping: a connection that died with a server restart is replaced at
             # checkout, so the service recovers by itself once the server is back.
@@ -116,7 +129,8 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def _sqlite_engine(url: str, begin: str, busy_timeout_ms: int, null_pool: bool) -> Engine:
+def _sqlite_engine(url: str, begin: str, busy_timeout_ms: int, null_pool: bool,
+                   synchronous: str) -> Engine:
     memory = ":memory:" in url or url.rstrip("/") == "sqlite:"
     kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False}}
     if null_pool:
@@ -134,7 +148,7 @@ def _sqlite_engine(url: str, begin: str, busy_timeout_ms: int, null_pool: bool) 
         cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         if not memory:
             cursor.execute("PRAGMA journal_mode = WAL")
-        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute(f"PRAGMA synchronous = {synchronous}")
         cursor.execute("PRAGMA temp_store = MEMORY")  # statement journals stay off disk
         cursor.execute("PRAGMA foreign_keys = ON")
         cursor.close()
