@@ -493,8 +493,8 @@ def test_admin_ledger_verify(client: TestClient, db_url: str, prepared: dict[str
     assert response.status_code == 500
     body = response.json()
     assert body["ok"] is False
-    assert any(p.startswith(f"account {prepared['alice'].id} (alice): stored held balance "
-                            "1.250000005 USD") for p in body["problems"]), body
+    assert (f"account {prepared['alice'].id} (alice): held 1.250000005 USD but its open holds "
+            "total 1.250000000 USD") in body["problems"], body
 
 
 # --------------------------------------------------------------------------- errors

@@ -15,8 +15,8 @@ from tollway.errors import RateLimited
 from tollway.ledger import guards, ledger
 from tollway.ledger.guards import KeyWindow, RateAdmission
 from tollway.pricing.rating import AppliedRatio, CallPrice, CallUsage, TokenPrice, TokenUsage
-from tollway.store.accounts import create_account, insert_key
-from tollway.store.db import Database
+from tollway.store.accounts import create_account, get_account, insert_key
+from tollway.store.db import INTEGRITY_ERRORS, Database
 from tollway.store.tables import entries, holds, usage_records, wallet_days
 
 USD = 1_000_000_000
@@ -120,3 +120,29 @@ def test_a_key_refusal_carries_its_window_without_the_request(db: Database) -> N
     with db.read() as conn:
         assert guards.key_window(conn, key) == KeyWindow(minute, 2, 80)
     assert Limits(rpm=2).windowed
+
+
+def test_a_fresh_request_id_is_not_looked_up_but_a_run_again_finds_its_hold(
+        db: Database) -> None:
+    """The gateway's first run of a reserve skips the look-up of its (fresh) request id; the
+    unique key on the hold still refuses a second hold under it, and a run again (the writer
+    replaying a batch, or retrying one whose COMMIT went through unacknowledged) looks it up
+    and gets the hold that run committed, reserving nothing more."""
+    account, key = _account_and_key(db)
+
+    def reserve(fresh: bool) -> metering.Reservation | metering.Replay:
+        with db.write() as conn:
+            return metering.reserve(conn, request_id="req-9", account_id=account, key_id=key,
+                                    amount_nano=USD, ttl_ms=60_000, at_ms=T0,
+                                    fresh_request_id=fresh)
+
+    first = reserve(fresh=True)
+    assert isinstance(first, metering.Reservation)
+    again = reserve(fresh=False)
+    assert isinstance(again, metering.Reservation) and again.hold.id == first.hold.id
+    with pytest.raises(INTEGRITY_ERRORS):
+        reserve(fresh=True)
+    with db.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(holds)).scalar_one() == 1
+        assert get_account(conn, account).held_nano == USD  # 10 USD: 9 available, 1 held
+        assert get_account(conn, account).available_nano == 9 * USD

@@ -417,8 +417,8 @@ def test_ledger_verify_passes_then_names_the_violation(
     code, out, err = run(capsys, db_url, "ledger", "verify")
     assert code == 1 and out == ""
     assert err.startswith("tollway: error: ledger verification FAILED:")
-    assert (f"account {account_id} (alice): stored available balance 5.000000001 USD but its "
-            "postings sum to 5.000000000 USD") in err
+    assert (f"account {account_id} (alice): stored balance 5.000000001 USD (available "
+            "5.000000001 + held 0.000000000) but its postings sum to 5.000000000 USD") in err
 
     code, out, _ = run(capsys, db_url, "ledger", "verify", "--json")
     error = json.loads(out)["error"]

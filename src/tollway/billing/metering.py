@@ -95,12 +95,13 @@ class Reservation:
 def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
             amount_nano: int, ttl_ms: int, client_key: ClientKey | None = None,
             shrink: Callable[[int], tuple[int, Any] | None] | None = None,
-            limits: Limits = NO_LIMITS, tokens: int = 0, at_ms: int
-            ) -> Reservation | Replay:
+            limits: Limits = NO_LIMITS, tokens: int = 0, at_ms: int,
+            fresh_request_id: bool = False) -> Reservation | Replay:
     """``tokens``: what the request counts against the key's TPM limit at admission.
-    ``request_id`` is the one the gateway made for this request: fresh, so its hold is placed
-    without looking for an earlier one (a client's ``Idempotency-Key`` is what is looked up,
-    in ``request_keys``)."""
+    ``fresh_request_id``: ``request_id`` was made by the gateway for this request and this is
+    the first run of the operation, so its hold is placed without looking for an earlier one
+    (:func:`ledger.place_hold` ``fresh_key``). A client's ``Idempotency-Key`` is looked up
+    all the same, in ``request_keys``."""
     now = at_ms
     if client_key is not None:
         row = usage_store.find_request_key(conn, client_key.key_id, client_key.value)
@@ -126,7 +127,7 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
         try:
             hold = ledger.place_hold(conn, account_id, amount_nano, idempotency_key=request_id,
                                      ttl_ms=ttl_ms, key_id=key_id, rate=rate, at_ms=now,
-                                     fresh_key=True)
+                                     fresh_key=fresh_request_id)
             return Reservation(hold, window=rate_limits.window(limits, now, hold.window))
         except InsufficientBalance:
             if shrink is None:
@@ -138,7 +139,7 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
             amount, granted = smaller
             hold = ledger.place_hold(conn, account_id, amount, idempotency_key=request_id,
                                      ttl_ms=ttl_ms, key_id=key_id, rate=rate, at_ms=now,
-                                     fresh_key=True)
+                                     fresh_key=fresh_request_id)
             return Reservation(hold, granted,
                                rate_limits.window(limits, now, hold.window))
     except TollwayError as exc:  # refused (402, 429): nothing was counted

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import re
 import time
@@ -190,11 +191,17 @@ async def reserve(gw: Gateway, call: Call, amount_nano: int, *, tokens: int = 0,
     A request a limit refuses is recorded (an error record, cost 0) and the error re-raised;
     nothing was held or forwarded."""
     key, at = call.key, gw.clock()
+    # The request id is fresh, so the first run places the hold without looking it up. The
+    # writer may run the operation again (its batch replayed because another operation
+    # raised, or retried after the connection was lost at COMMIT): a run again looks, and finds
+    # a hold an earlier run committed instead of tripping over its unique key.
+    runs = itertools.count()
     try:
         result = await gw.ctx.write(lambda conn: metering.reserve(
             conn, request_id=call.request_id, account_id=key.account_id, key_id=key.id,
             amount_nano=amount_nano, ttl_ms=gw.ctx.hold_ttl_ms, client_key=call.client_key,
-            shrink=shrink, limits=call.limits, tokens=tokens, at_ms=at),
+            shrink=shrink, limits=call.limits, tokens=tokens, at_ms=at,
+            fresh_request_id=next(runs) == 0),
             account_id=key.account_id)
     except LimitExceeded as exc:
         record = call.record(type_="error", status=exc.status, error=exc)
