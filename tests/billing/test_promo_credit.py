@@ -152,8 +152,8 @@ def test_the_cli_statement_shows_the_promotional_lines(
     text = capsys.readouterr().out
     assert "grants spent" in text and "1.000000000 USD" in text
     assert "closing promotional" in text and "closing paid" in text
-    assert "promotional: 0.000000000 + 1.000000000 − 1.000000000 − 0.000000000 = " \
-           "0.000000000 USD" in text
+    assert ("promotional: 0.000000000 + 1.000000000 − 1.000000000 − 0.000000000 = "
+            "0.000000000 USD") in text
     assert main(["--database-url", db_url, "--json", "statement", str(account_id),
                  "--month", "2030-01"]) == 0
     view = json.loads(capsys.readouterr().out)
