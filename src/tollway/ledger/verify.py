@@ -4,12 +4,12 @@ Checks, each against the stored state:
 - all postings sum to zero, and so do the postings of every single entry;
 - each wallet's postings sum to its whole stored balance (available + held: a hold is a
   reservation on its row, not a movement), all in the ``available`` bucket (the ``held``
-  bucket of holds booked before migration 0012 sums to zero);
+  bucket of holds booked before migration 0013 sums to zero);
 - no available or held balance is negative;
 - each wallet's held balance equals its open holds, each key's held and used amounts equal its
   holds and settlements;
 - a settled hold has exactly one settle entry, any other none; no hold has more than one
-  closing entry (before migration 0012 voids and expiries booked one too), an open hold none;
+  closing entry (before migration 0013 voids and expiries booked one too), an open hold none;
 - the revenue account equals the sum of all settled charges;
 - each wallet's daily movements (what statements are made of) add up to its balance;
 - every gateway request's usage record agrees with its hold: a ``consume`` record's cost is
@@ -85,6 +85,7 @@ def verify(conn: Connection) -> list[str]:
     movements = {int(a): int(n) for a, n in conn.execute(
         sa.select(wallet_days.c.account_id,
                   sa.func.sum(wallet_days.c.topups_nano + wallet_days.c.adjustments_nano
+                              + wallet_days.c.grants_nano - wallet_days.c.grants_expired_nano
                               - wallet_days.c.charges_nano))
         .group_by(wallet_days.c.account_id))}
     for row in conn.execute(sa.select(accounts.c.id, accounts.c.name, accounts.c.available_nano,
