@@ -438,3 +438,85 @@ def test_credited_once_when_the_webhook_comes_first(tw: Tollway, localstripe: st
     answer = deliver(tw, event("payment_intent.succeeded", tampered))
     assert (answer.status_code, answer.json()["error"]["code"]) == (400, "payment_mismatch")
     assert recharge_topups(tw, account_id) == [1700 * CENT]
+
+
+# ----------------------------------------------------------------------------- console, CLI
+
+
+def test_the_console_form_saves_the_setting_and_shows_the_charges(
+        tw: Tollway, localstripe: str) -> None:
+    from tollway.billing import logins  # noqa: PLC0415
+    from webclient import csrf, login  # noqa: PLC0415
+
+    account_id = ready_account(tw, localstripe, "5.00")
+    with tw.db.write() as conn:
+        logins.set_password_hash(conn, account_id, logins.hash_password("correct horse"))
+        name = conn.execute(sa.select(accounts.c.name).where(accounts.c.id == account_id)
+                            ).scalar_one()
+    http = tw.http()
+    assert login(http, name, "correct horse").status_code == 303
+    token = csrf(http, "/console/billing")
+    refused = http.post("/console/billing/auto_recharge", data={
+        "csrf_token": token, "enabled": "on", "threshold_usd": "30", "target_usd": "20",
+        "monthly_cap_usd": "100"})
+    assert refused.status_code == 400
+    assert "target_usd must be greater than threshold_usd" in refused.text
+    saved = http.post("/console/billing/auto_recharge", data={
+        "csrf_token": token, "enabled": "on", "threshold_usd": "6", "target_usd": "30",
+        "monthly_cap_usd": "50"}, follow_redirects=False)
+    assert saved.status_code == 303, saved.text
+    spend(tw, account_id, 1 * USD)  # 4.00 < 6.00: charge 26.00
+    drain(tw)
+    page = http.get("/console/billing").text
+    assert "bring it to $30.00" in page and "$26.00 charged this month" in page
+    assert tw.available(account_id) == 30 * USD
+
+
+def test_the_cli_shows_sets_and_disables(tw: Tollway, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    from tollway.cli import main  # noqa: PLC0415
+
+    account_id = tw.account(usd="1")
+    url = ["--database-url", tw.db.url]
+    assert main(["auto-recharge", "set", str(account_id), "--threshold", "5", "--target", "25",
+                 "--monthly-cap", "60", *url]) == 0
+    assert "below 5.000000000 USD, charge to 25.000000000 USD" in capsys.readouterr().out
+    assert main(["auto-recharge", "set", str(account_id), "--target", "4", *url]) != 0
+    assert "target_usd must be greater" in capsys.readouterr().err
+    assert main(["auto-recharge", "disable", str(account_id), *url]) == 0
+    assert "auto-recharge: off" in capsys.readouterr().out
+    assert main(["auto-recharge", "show", str(account_id), "--json", *url]) == 0
+    shown = capsys.readouterr().out
+    assert '"enabled": false' in shown and '"target_usd": "25.000000000"' in shown
+
+
+def test_migration_0012_matches_the_tables_and_downgrades(db: Any) -> None:
+    from alembic import command  # noqa: PLC0415
+    from alembic.autogenerate import compare_metadata  # noqa: PLC0415
+    from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
+
+    from tollway.store.migrate import (  # noqa: PLC0415
+        alembic_config,
+        current_revision,
+        head_revision,
+        upgrade,
+    )
+    from tollway.store.tables import metadata  # noqa: PLC0415
+
+    def drift() -> list[object]:
+        with db.read() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+        return [d for d in diffs if "recharge" in repr(d)]
+
+    assert current_revision(db) == head_revision() and drift() == []
+    config = alembic_config()
+    with db.write() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0011_channels")
+    with db.read() as conn:
+        assert not sa.inspect(conn).has_table("auto_recharge")
+        assert not sa.inspect(conn).has_table("recharge_attempts")
+        assert "recharge_armed" not in {c["name"] for c in
+                                        sa.inspect(conn).get_columns("accounts")}
+    upgrade(db)
+    assert current_revision(db) == head_revision() and drift() == []

@@ -123,11 +123,11 @@ def payment_routes(scope: Scope) -> list[BaseRoute]:
     return [Route("/v1/billing/checkout", checkout(scope), methods=["POST"]),
             Route("/v1/billing/payments", payment_list(scope), methods=["GET"]),
             *recharge_routes("/v1/billing/auto_recharge", scope),
+            Route("/v1/billing/auto_recharge/card", recharge_card(scope), methods=["POST"]),
             Route("/webhooks/stripe", stripe_webhook, methods=["POST"])]
 
 
 def recharge_routes(path: str, scope: Scope) -> list[BaseRoute]:
     """Auto-recharge's routes under ``path`` (the customer's, or the operator's per account)."""
     return [Route(path, recharge_get(scope), methods=["GET"]),
-            Route(path, recharge_put(scope), methods=["PUT"]),
-            Route(path + "/card", recharge_card(scope), methods=["POST"])]
+            Route(path, recharge_put(scope), methods=["PUT"])]
