@@ -1,7 +1,8 @@
 """The console's money-in pages: "Add funds" (presets and a custom amount, then off to
 Stripe Checkout), auto-recharge (its form, and "save a card" off to Stripe's set-up page),
-the page Stripe sends the customer back to, payment history and printable receipts. Like every console page they take the account from the session; a receipt is shown
-only for a paid order of that account (another account's order is a 404, as a missing one).
+the page Stripe sends the customer back to, payment history and printable receipts. Like
+every console page they take the account from the session; a receipt is shown only for a
+paid order of that account (another account's order is a 404, as a missing one).
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ async def recharge_page(request: Request) -> Response:
     await check_csrf(request, form)
     body: dict[str, Any] = {"enabled": form.get("enabled") == "on"}
     for name in ("threshold_usd", "target_usd", "monthly_cap_usd"):
-        if value := (form.get(name) or "").strip():
+        if value := str(form.get(name) or "").strip():
             body[name] = value
     try:
         await ctx.write(lambda conn: auto_recharge.save(conn, account_id, body,
