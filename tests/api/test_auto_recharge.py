@@ -520,3 +520,45 @@ def test_migration_0012_matches_the_tables_and_downgrades(db: Any) -> None:
                                         sa.inspect(conn).get_columns("accounts")}
     upgrade(db)
     assert current_revision(db) == head_revision() and drift() == []
+
+
+def test_saving_a_card_starts_a_setup_session_for_tollways_customer(
+        tw: Tollway, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fake_stripe import FakeStripe  # noqa: PLC0415
+
+    account_id = tw.account(usd="1")
+    headers = {"Authorization": f"Bearer {tw.key(account_id)}"}
+    with FakeStripe() as fake:  # localstripe has no Checkout Sessions
+        monkeypatch.setenv("TOLLWAY_STRIPE_API_BASE", fake.base)
+        first = tw.http().post("/v1/billing/auto_recharge/card", headers=headers)
+        second = tw.http().post("/v1/billing/auto_recharge/card", headers=headers)
+    assert (first.status_code, second.status_code) == (201, 201), first.text
+    sessions = [fake.sessions[a.json()["id"]] for a in (first, second)]
+    assert first.json()["url"] == f"{fake.base}/pay/{first.json()['id']}"
+    # one customer, made once for the account, named by both set-up sessions
+    assert len(set(fake.customers.values())) == 1
+    customer = next(iter(fake.customers.values()))
+    assert [(s["mode"], s["customer"]) for s in sessions] == [("setup", customer)] * 2
+    assert sessions[0]["success_url"] == "https://tollway.example/console/billing?card=saved"
+    assert _customer(tw, account_id) == customer
+    # the card itself comes only from Stripe's event: nothing is saved yet
+    view = tw.http().get("/v1/billing/auto_recharge", headers=headers).json()
+    assert view["card_saved"] is False
+
+
+def test_a_top_up_made_to_save_the_card_saves_it(tw: Tollway, localstripe: str) -> None:
+    """A PaymentIntent with ``setup_future_usage: off_session`` for Tollway's customer (a
+    top-up that also saved the card) saves its payment method; without it, nothing."""
+    account_id = tw.account(usd="1")
+    customer = customer_of(tw, account_id)
+    intent = {"id": "pi_test_topup_saves", "object": "payment_intent", "amount": 2000,
+              "currency": "usd", "customer": customer, "payment_method": "pm_test_saved",
+              "status": "succeeded", "metadata": {}}
+    answer = deliver(tw, event("payment_intent.succeeded", intent))
+    assert answer.json()["outcome"] == "unknown_payment"
+    answer = deliver(tw, event("payment_intent.succeeded",
+                               {**intent, "setup_future_usage": "off_session"}))
+    assert answer.json()["outcome"] == "card_saved"
+    with tw.db.read() as conn:
+        assert auto_recharge.store.get(conn, account_id).payment_method == "pm_test_saved"
+    assert recharge_topups(tw, account_id) == []
