@@ -91,7 +91,7 @@ def parse(body: object, current: Any) -> dict[str, Any]:
                          ("monthly_cap_usd", "monthly_cap_nano")):
         if name in body:
             amounts[column] = _usd(body, name)
-        elif current is not None:
+        elif current is not None and getattr(current, column) is not None:
             amounts[column] = int(getattr(current, column))
         else:
             raise InvalidRequest(f"{name} is required", param=name)
@@ -120,8 +120,9 @@ def view(conn: Connection, account_id: int, *, at_ms: int) -> dict[str, Any]:
     spent = store.month_spent(conn, account_id, month_start)
 
     def usd(column: str) -> str | None:
-        return None if row is None else format_usd(int(getattr(row, column)))
-    cap = None if row is None else int(row.monthly_cap_nano)
+        value = None if row is None else getattr(row, column)
+        return None if value is None else format_usd(int(value))
+    cap = None if row is None or row.monthly_cap_nano is None else int(row.monthly_cap_nano)
     return {"object": "auto_recharge", "account_id": account_id,
             "enabled": bool(row is not None and row.enabled),
             "threshold_usd": usd("threshold_nano"), "target_usd": usd("target_nano"),
@@ -171,9 +172,7 @@ async def ensure_customer(write: Write, account_id: int, *, at_ms: int) -> str:
         found = store.get(conn, account_id)
         if found is not None and found.stripe_customer:
             return str(found.stripe_customer)
-        defaults = {} if found is not None else {
-            "enabled": False, "threshold_nano": 0, "target_nano": 1, "monthly_cap_nano": 0}
-        store.save(conn, account_id, {**defaults, "stripe_customer": customer}, at_ms=at_ms)
+        store.save(conn, account_id, {"stripe_customer": customer}, at_ms=at_ms)
         return customer
     return str(await write(keep, account_id=account_id))
 
@@ -208,7 +207,8 @@ def begin(conn: Connection, account_id: int, *, at_ms: int) -> Plan | str:
     """Claim the account's in-flight slot for a charge of what it needs, or say why not."""
     row = store.get(conn, account_id)
     if (row is None or not row.enabled or row.paused_at_ms is not None
-            or not row.payment_method or not row.stripe_customer):
+            or not row.payment_method or not row.stripe_customer
+            or row.threshold_nano is None):
         return "auto-recharge is not active"
     available = store.available(conn, account_id)
     if available >= row.threshold_nano:
@@ -246,7 +246,7 @@ def credit(conn: Connection, attempt_id: int, *, payment_intent: str, at_ms: int
 
 
 def finish(conn: Connection, plan: Plan, charge: stripe_checkout.Charge, *,
-           at_ms: int) -> str:
+           at_ms: int, pause_after: int | None = None) -> str:
     """Book Stripe's answer to a planned charge; what happened, for the delivery log."""
     if charge.succeeded and charge.payment_intent:
         credited = credit(conn, plan.attempt_id, payment_intent=charge.payment_intent,
@@ -261,7 +261,7 @@ def finish(conn: Connection, plan: Plan, charge: stripe_checkout.Charge, *,
         return "already settled"
     data = {"attempt_id": plan.attempt_id, "amount_usd": format_usd(
         plan.amount_cents * NANO_PER_CENT), "error": error, "consecutive_failures": failures}
-    if failures >= max_failures():
+    if failures >= (max_failures() if pause_after is None else pause_after):
         store.save(conn, plan.account_id, {"paused_at_ms": at_ms}, at_ms=at_ms)
         notifications.enqueue(conn, plan.account_id, "auto_recharge.paused", data, at_ms=at_ms)
         return f"failed ({error}); paused after {failures} consecutive failures"
@@ -277,6 +277,7 @@ async def run(write: Writer, account_id: int, *, clock_ms: Callable[[], int]) ->
     """Make the charge an ``auto_recharge.due`` event asks for (the deliverer's ``recharge``
     channel): plan it in one transaction, call Stripe outside any, book the answer in
     another. Returns what happened, for the delivery log."""
+    pause_after = max_failures()  # a bad setting refuses before any charge, not after
     plan = await write(lambda conn: begin(conn, account_id, at_ms=clock_ms()))
     if isinstance(plan, str):
         return f"no charge: {plan}"
@@ -284,7 +285,8 @@ async def run(write: Writer, account_id: int, *, clock_ms: Callable[[], int]) ->
         stripe_checkout.charge_saved_card, attempt_id=plan.attempt_id, account_id=account_id,
         customer=plan.customer, payment_method=plan.payment_method,
         amount_cents=plan.amount_cents, currency=CURRENCY)
-    outcome: str = await write(lambda conn: finish(conn, plan, charge, at_ms=clock_ms()))
+    outcome: str = await write(lambda conn: finish(conn, plan, charge, at_ms=clock_ms(),
+                                                   pause_after=pause_after))
     log.info("auto-recharge %s of account %s: %s", plan.attempt_id, account_id, outcome)
     return outcome
 

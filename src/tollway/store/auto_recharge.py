@@ -53,7 +53,7 @@ def sync_account(conn: Connection, account_id: int) -> None:
     does (also for a wallet already below it, or one the monthly cap stopped)."""
     row = get(conn, account_id)
     runs = (row is not None and row.enabled and row.paused_at_ms is None
-            and row.payment_method is not None)
+            and row.payment_method is not None and row.threshold_nano is not None)
     conn.execute(accounts.update().where(accounts.c.id == account_id).values(
         recharge_threshold_nano=row.threshold_nano if runs else None, recharge_armed=runs))
 

@@ -502,9 +502,10 @@ auto_recharge = sa.Table(
     metadata,
     sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), primary_key=True),
     sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.false()),
-    sa.Column("threshold_nano", Nano, nullable=False),
-    sa.Column("target_nano", Nano, nullable=False),
-    sa.Column("monthly_cap_nano", Nano, nullable=False),
+    # NULL until first saved (a card may be saved before the amounts)
+    sa.Column("threshold_nano", Nano),
+    sa.Column("target_nano", Nano),
+    sa.Column("monthly_cap_nano", Nano),
     sa.Column("stripe_customer", sa.String(255), unique=True),  # created by Tollway
     sa.Column("payment_method", sa.String(255)),  # from Stripe's event, never from a client
     sa.Column("card_saved_at_ms", Ms),
