@@ -440,6 +440,36 @@ def test_credited_once_when_the_webhook_comes_first(tw: Tollway, localstripe: st
     assert recharge_topups(tw, account_id) == [1700 * CENT]
 
 
+def test_a_charge_whose_answer_was_lost_is_credited_by_stripes_event(
+        tw: Tollway, localstripe: str) -> None:
+    """Stripe charged the card but its answer never reached Tollway (booked as a failure):
+    localstripe's own ``payment_intent.succeeded`` credits the attempt's amount, once."""
+    account_id = ready_account(tw, localstripe, "5.00")
+    spend(tw, account_id, 150 * CENT)  # 3.50: charge 16.50
+    plan = tw.db.run_write(lambda conn: auto_recharge.begin(conn, account_id,
+                                                            at_ms=clock.now_ms()))
+    assert isinstance(plan, auto_recharge.Plan) and plan.amount_cents == 1650
+    charge = auto_recharge.stripe_checkout.charge_saved_card(
+        attempt_id=plan.attempt_id, account_id=account_id, customer=plan.customer,
+        payment_method=plan.payment_method, amount_cents=1650, currency="usd")
+    assert charge.succeeded and charge.payment_intent
+    lost = auto_recharge.stripe_checkout.Charge(None, False, "Stripe did not charge the card: "
+                                                            "APIConnectionError")
+    outcome = tw.db.run_write(lambda conn: auto_recharge.finish(conn, plan, lost,
+                                                                at_ms=clock.now_ms()))
+    assert outcome.startswith("failed")
+    assert tw.available(account_id) == 350 * CENT
+    wait_for(lambda: _event_outcome(tw, charge.payment_intent) is not None)
+    assert _event_outcome(tw, charge.payment_intent) == "credited"
+    (attempt,) = attempts(tw, account_id)
+    assert (attempt.status, attempt.payment_intent) == ("succeeded", charge.payment_intent)
+    assert recharge_topups(tw, account_id) == [1650 * CENT]
+    assert tw.available(account_id) == 20 * USD
+    with tw.db.read() as conn:  # the failure it was booked as no longer counts
+        row = auto_recharge.store.get(conn, account_id)
+    assert (row.failures, row.in_flight_id) == (0, None)
+
+
 # ----------------------------------------------------------------------------- console, CLI
 
 

@@ -203,6 +203,14 @@ class Plan:
     payment_method: str
 
 
+def charge_cents(target_nano: int, available_nano: int, cap_left_nano: int) -> int:
+    """What a charge is, in cents: what brings the wallet to the target, rounded up to the
+    cent (the wallet ends at or just above it), but never more than the cap has left
+    (rounded down: the month's charges never pass the cap)."""
+    wanted = -(-(target_nano - available_nano) // NANO_PER_CENT)
+    return max(0, min(wanted, max(0, cap_left_nano) // NANO_PER_CENT))
+
+
 def begin(conn: Connection, account_id: int, *, at_ms: int) -> Plan | str:
     """Claim the account's in-flight slot for a charge of what it needs, or say why not."""
     row = store.get(conn, account_id)
@@ -216,8 +224,7 @@ def begin(conn: Connection, account_id: int, *, at_ms: int) -> Plan | str:
         return "the balance is no longer below the threshold"
     month_start, _ = periods.bounds(at_ms, "month")
     left = int(row.monthly_cap_nano) - store.month_spent(conn, account_id, month_start)
-    wanted = -(-(int(row.target_nano) - available) // NANO_PER_CENT)
-    cents = min(wanted, max(0, left) // NANO_PER_CENT)
+    cents = charge_cents(int(row.target_nano), available, left)
     if cents < MIN_CHARGE_CENTS:
         return "the monthly cap is reached"
     attempt_id = store.start_attempt(conn, account_id, cents * NANO_PER_CENT, currency=CURRENCY,
