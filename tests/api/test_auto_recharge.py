@@ -15,9 +15,7 @@ after each test.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,10 +23,9 @@ import httpx
 import pytest
 import sqlalchemy as sa
 import stripe
-from aiohttp import web
 
-from fake_stripe import SECRET_KEY, WEBHOOK_SECRET, event, signature
-from fakes import GATEWAY_ENV, USD, DataReply, FakeUpstream, Serving, Tollway
+from fake_stripe import SECRET_KEY, WEBHOOK_SECRET, FakeStripe, event, signature
+from fakes import ADMIN_TOKEN, GATEWAY_ENV, USD, DataReply, FakeUpstream, Serving, Tollway
 from tollway import clock
 from tollway.billing import auto_recharge
 from tollway.ledger import ledger, periods
@@ -45,38 +42,6 @@ from tollway.store.tables import (
 CENT = USD // 100
 VISA = "4242424242424242"
 DECLINED_ON_CHARGE = "4000000000000341"  # attaches, then every charge is declined
-
-
-@pytest.fixture(scope="module")
-def localstripe() -> Iterator[str]:
-    """localstripe's aiohttp app in a thread on 127.0.0.1 (an ephemeral port)."""
-    with warnings.catch_warnings():  # localstripe routes plain functions (aiohttp deprecates)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from localstripe import server  # noqa: PLC0415 - only this module needs it
-
-    server.store.clear()
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    port: list[int] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        runner = web.AppRunner(server.app, access_log=None)
-        loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        loop.run_until_complete(site.start())
-        port.append(int(runner.addresses[0][1]))
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
-
-    thread = threading.Thread(target=run, name="localstripe", daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    yield f"http://127.0.0.1:{port[0]}"
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -259,14 +224,8 @@ def test_the_setting_is_validated_and_shown(tw: Tollway) -> None:
         assert conn.execute(sa.select(accounts.c.recharge_threshold_nano).where(
             accounts.c.id == account_id)).scalar_one() is None
     admin = http.get(f"/admin/v1/accounts/{account_id}/auto_recharge",
-                     headers={"Authorization": "Bearer " + _admin_token()})
+                     headers={"Authorization": "Bearer " + ADMIN_TOKEN})
     assert admin.status_code == 200 and admin.json()["target_usd"] == "20.500000000"
-
-
-def _admin_token() -> str:
-    from fakes import ADMIN_TOKEN  # noqa: PLC0415
-
-    return ADMIN_TOKEN
 
 
 def test_the_card_is_saved_from_stripes_event_for_tollways_customer_only(
@@ -554,8 +513,6 @@ def test_migration_0012_matches_the_tables_and_downgrades(db: Any) -> None:
 
 def test_saving_a_card_starts_a_setup_session_for_tollways_customer(
         tw: Tollway, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fake_stripe import FakeStripe  # noqa: PLC0415
-
     account_id = tw.account(usd="1")
     headers = {"Authorization": f"Bearer {tw.key(account_id)}"}
     with FakeStripe() as fake:  # localstripe has no Checkout Sessions
