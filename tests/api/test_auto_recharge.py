@@ -429,6 +429,33 @@ def test_a_charge_whose_answer_was_lost_is_credited_by_stripes_event(
     assert (row.failures, row.in_flight_id) == (0, None)
 
 
+def test_a_charge_whose_process_died_frees_its_slot_after_a_while(
+        tw: Tollway, localstripe: str) -> None:
+    account_id = ready_account(tw, localstripe, "5.00")
+    spend(tw, account_id, 1 * USD)  # 4.00
+    now = clock.now_ms()
+    died = tw.db.run_write(lambda conn: auto_recharge.begin(conn, account_id, at_ms=now))
+    assert isinstance(died, auto_recharge.Plan)  # ... and its process died here
+    soon = now + auto_recharge.STALE_MS - 1
+    assert tw.db.run_write(lambda conn: auto_recharge.begin(
+        conn, account_id, at_ms=soon)) == "another recharge is in flight"
+    later = now + auto_recharge.STALE_MS + 1
+    plan = tw.db.run_write(lambda conn: auto_recharge.begin(conn, account_id, at_ms=later))
+    assert isinstance(plan, auto_recharge.Plan) and plan.attempt_id != died.attempt_id
+    first, second = attempts(tw, account_id)
+    abandoned = "abandoned: no answer from Stripe was booked"
+    assert (first.status, first.error) == ("failed", abandoned)
+    assert (second.status, second.amount_nano) == ("pending", 1600 * CENT)
+    charge = auto_recharge.stripe_checkout.charge_saved_card(
+        attempt_id=plan.attempt_id, account_id=account_id, customer=plan.customer,
+        payment_method=plan.payment_method, amount_cents=plan.amount_cents, currency="usd")
+    tw.db.run_write(lambda conn: auto_recharge.finish(conn, plan, charge, at_ms=later))
+    assert recharge_topups(tw, account_id) == [1600 * CENT]
+    with tw.db.read() as conn:  # an abandoned charge is not the card's failure
+        assert auto_recharge.store.get(conn, account_id).failures == 0
+    wait_for(lambda: _event_outcome(tw, str(charge.payment_intent)) is not None)
+
+
 # ----------------------------------------------------------------------------- console, CLI
 
 

@@ -18,11 +18,13 @@ cross costs no extra statement.
 :func:`run` charges ``target - available`` (rounded up to the cent), at most what is left of
 the month's cap (the billing time zone's calendar month; pending and succeeded charges
 count), and nothing under Stripe's 0.50 USD minimum. One charge is in flight per account
-(``store.auto_recharge.start_attempt``); the off-session PaymentIntent's answer credits the
-attempt's own amount, and so does ``payment_intent.succeeded`` — whichever comes second
-changes nothing. A failed charge is notified (``auto_recharge.failed``) and re-arms, so the
-next debit tries again; after ``TOLLWAY_AUTO_RECHARGE_MAX_FAILURES`` consecutive failures the
-setting is paused (``auto_recharge.paused``) until the customer saves it again.
+(``store.auto_recharge.start_attempt``; one whose process died is freed after
+:data:`STALE_MS` by the next due charge or save); the off-session PaymentIntent's answer
+credits the attempt's own amount, and so does ``payment_intent.succeeded`` — whichever
+comes second changes nothing. A failed charge is notified (``auto_recharge.failed``) and
+re-arms, so the next debit tries again; after ``TOLLWAY_AUTO_RECHARGE_MAX_FAILURES``
+consecutive failures the setting is paused (``auto_recharge.paused``) until the customer
+saves it again.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ MIN_CHARGE_CENTS = 50
 #: Provider events this module applies (``POST /webhooks/stripe``).
 EVENTS = ("payment_intent.succeeded", "setup_intent.succeeded")
 FIELDS = ("enabled", "threshold_usd", "target_usd", "monthly_cap_usd")
+#: A charge in flight longer than this lost its process (Stripe's calls time out well
+#: before): the next due charge or save frees its slot (``store.abandon_stale``).
+STALE_MS = 15 * 60_000
 
 
 def max_failures() -> int:
@@ -148,6 +153,7 @@ def attempt_view(row: Any) -> dict[str, Any]:
 def save(conn: Connection, account_id: int, body: object, *, at_ms: int) -> dict[str, Any]:
     """Validate and store a setting (a save resumes a paused one and clears its failures)."""
     values = parse(body, store.get(conn, account_id))
+    store.abandon_stale(conn, account_id, before_ms=at_ms - STALE_MS, at_ms=at_ms)
     store.save(conn, account_id, {**values, "paused_at_ms": None, "failures": 0}, at_ms=at_ms)
     return view(conn, account_id, at_ms=at_ms)
 
@@ -222,6 +228,7 @@ def begin(conn: Connection, account_id: int, *, at_ms: int) -> Plan | str:
     if available >= row.threshold_nano:
         store.set_armed(conn, account_id, True)
         return "the balance is no longer below the threshold"
+    store.abandon_stale(conn, account_id, before_ms=at_ms - STALE_MS, at_ms=at_ms)
     month_start, _ = periods.bounds(at_ms, "month")
     left = int(row.monthly_cap_nano) - store.month_spent(conn, account_id, month_start)
     cents = charge_cents(int(row.target_nano), available, left)
