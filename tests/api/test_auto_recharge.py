@@ -506,7 +506,7 @@ def test_the_cli_shows_sets_and_disables(tw: Tollway, capsys: pytest.CaptureFixt
     assert '"enabled": false' in shown and '"target_usd": "25.000000000"' in shown
 
 
-def test_migration_0012_matches_the_tables_and_downgrades(db: Any) -> None:
+def test_migration_0013_matches_the_tables_and_downgrades(db: Any) -> None:
     from alembic import command  # noqa: PLC0415
     from alembic.autogenerate import compare_metadata  # noqa: PLC0415
     from alembic.runtime.migration import MigrationContext  # noqa: PLC0415
@@ -528,7 +528,7 @@ def test_migration_0012_matches_the_tables_and_downgrades(db: Any) -> None:
     config = alembic_config()
     with db.write() as conn:
         config.attributes["connection"] = conn
-        command.downgrade(config, "0011_channels")
+        command.downgrade(config, "0012_promo_credit")
     with db.read() as conn:
         assert not sa.inspect(conn).has_table("auto_recharge")
         assert not sa.inspect(conn).has_table("recharge_attempts")

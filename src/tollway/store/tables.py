@@ -43,7 +43,7 @@ accounts = sa.Table(
     # the promotional part of the wallet (available + held), spent first (0009_grants)
     sa.Column("promo_nano", Nano, nullable=False, server_default="0"),
     # auto-recharge's threshold while it can run (enabled, not paused, a card saved; NULL
-    # otherwise) and whether the next debit below it queues a recharge (0012_auto_recharge):
+    # otherwise) and whether the next debit below it queues a recharge (0013_auto_recharge):
     # read in the same RETURNING as the low-balance pair
     sa.Column("recharge_threshold_nano", Nano),
     sa.Column("recharge_armed", sa.Boolean, nullable=False, server_default=sa.false()),
@@ -277,6 +277,11 @@ wallet_days = sa.Table(
     sa.Column("adjustments_nano", Nano, nullable=False),  # signed
     sa.Column("charges_nano", Nano, nullable=False),  # paid from the wallet
     sa.Column("written_off_nano", Nano, nullable=False),  # charged but not covered
+    # promotional credit (migration 0012_promo_credit): granted and expired this day (not in
+    # adjustments), and the wallet's promotional part after the day's last movement
+    sa.Column("grants_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("grants_expired_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("promo_end_nano", Nano, nullable=False, server_default="0"),
 )
 
 #: A client's Idempotency-Key for a gateway request (per API key): the first request's
@@ -425,6 +430,8 @@ redemption_codes = sa.Table(
     sa.Column("redeemed_by", Id, sa.ForeignKey("accounts.id")),
     sa.Column("redeemed_at_ms", Ms),
     sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),
+    # days the redeemed credit (a promotional grant) stays valid; NULL: it never expires
+    sa.Column("credit_days", sa.Integer),
     sa.CheckConstraint("amount_nano > 0", name="ck_redemption_codes_amount_positive"),
     sa.Index("ix_redemption_codes_created", "created_at_ms", "id"),
 )
@@ -495,7 +502,7 @@ promo_grants = sa.Table(
     sa.Index("ix_promo_grants_due", "closed_at_ms", "expires_at_ms"),
 )
 
-# auto-recharge (migration 0012_auto_recharge): an account's setting and saved card, and each
+# auto-recharge (migration 0013_auto_recharge): an account's setting and saved card, and each
 # charge of that card; ``in_flight_id`` is the guarded row that allows one charge at a time
 auto_recharge = sa.Table(
     "auto_recharge",

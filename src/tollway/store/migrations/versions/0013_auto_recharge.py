@@ -1,7 +1,7 @@
 """auto_recharge: a saved card charged when the balance falls below a threshold
 
-Revision ID: 0012_auto_recharge
-Revises: 0011_channels
+Revision ID: 0013_auto_recharge
+Revises: 0012_promo_credit
 
 Additive only. ``accounts.recharge_threshold_nano`` and ``recharge_armed`` are read in the
 RETURNING of the statements that move a wallet's money (no extra statement per request);
@@ -14,8 +14,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = '0012_auto_recharge'
-down_revision: str | Sequence[str] | None = '0011_channels'
+revision: str = '0013_auto_recharge'
+down_revision: str | Sequence[str] | None = '0012_promo_credit'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
