@@ -23,10 +23,12 @@ Id = sa.BigInteger().with_variant(sa.Integer(), 'sqlite')
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('accounts') as batch:
-        batch.add_column(sa.Column('recharge_threshold_nano', sa.BigInteger(), nullable=True))
-        batch.add_column(sa.Column('recharge_armed', sa.Boolean(), server_default=sa.false(),
-                                   nullable=False))
+    # plain ALTER TABLE ADD COLUMN: a batch copy of accounts (SQLite) would trip the foreign
+    # keys other tables hold on it once they have rows
+    op.add_column('accounts', sa.Column('recharge_threshold_nano', sa.BigInteger(),
+                                        nullable=True))
+    op.add_column('accounts', sa.Column('recharge_armed', sa.Boolean(),
+                                        server_default=sa.false(), nullable=False))
     op.create_table('auto_recharge',
     sa.Column('account_id', Id, nullable=False),
     sa.Column('enabled', sa.Boolean(), server_default=sa.false(), nullable=False),
