@@ -1,4 +1,4 @@
-"""Migration 0013 on a database whose holds were booked the old way (an entry available → held
+"""Migration 0014 on a database whose holds were booked the old way (an entry available → held
 when placed, its reverse when closed), on SQLite and PostgreSQL: the holds still open are moved
 off the ledger so that ``ledger verify`` stays clean, they settle and void the new way, their
 keys still find them; and the migration downgrades and upgrades again."""
@@ -30,7 +30,7 @@ def downgrade(db: Database, revision: str) -> None:
 
 
 def old_hold(conn: Connection, hold_id: int, account_id: int, amount: int, key: str) -> None:
-    """A hold as the code before 0013 placed it: its row, its entry and two postings."""
+    """A hold as the code before 0014 placed it: its row, its entry and two postings."""
     conn.execute(holds.insert().values(id=hold_id, account_id=account_id, amount_nano=amount,
                                        status="open", created_at_ms=T0,
                                        expires_at_ms=T0 + 3_600_000))
@@ -98,8 +98,8 @@ def kinds(db: Database) -> dict[str, int]:
 
 
 def test_open_holds_booked_the_old_way_move_off_the_ledger(db: Database) -> None:
-    downgrade(db, "0012_promo_credit")
-    assert current_revision(db) == "0012_promo_credit"
+    downgrade(db, "0013_auto_recharge")
+    assert current_revision(db) == "0013_auto_recharge"
     alice = book_the_old_way(db)
     # 10 - 3 - 2 + 0.5 - 1 + 1 - 0.5 available; 3 + 0.5 held (holds 901 and 904)
     assert balances(db, alice) == (5 * USD, 3_500_000_000)
@@ -145,7 +145,7 @@ def test_open_holds_booked_the_old_way_move_off_the_ledger(db: Database) -> None
     with db.write() as conn:
         ledger.place_hold(conn, alice, 250_000_000, idempotency_key="req_new",
                           ttl_ms=3_600_000, at_ms=clock.now_ms())
-    downgrade(db, "0012_promo_credit")
+    downgrade(db, "0013_auto_recharge")
     with db.read() as conn:
         held = conn.execute(sa.select(sa.func.sum(postings.c.amount_nano)).where(
             postings.c.account_id == alice, postings.c.bucket == "held")).scalar_one()
