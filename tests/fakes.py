@@ -589,6 +589,7 @@ models:
     upstream_model: upstream-gpt-4o-mini
     price: {{input: "0.15", output: "0.60", cache_read: "0.075"}}
     max_output_tokens: 1000
+    context_window: 128000
     group_ratios: {{vip: "0.7"}}
   - id: reasoner-test
     provider: fakeai

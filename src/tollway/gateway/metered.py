@@ -53,9 +53,6 @@ from tollway.upstreams.channels import Channel
 log = logging.getLogger("tollway")
 
 MAX_TOKENS_HEADER = b"x-tollway-max-tokens"
-#: How far a reported prompt may exceed the local estimate before it is capped for review.
-PROMPT_SLACK_FACTOR = 4
-PROMPT_SLACK_TOKENS = 4096
 ERROR_BODY_LIMIT = 64 * 1024
 REPLAY_BODY_LIMIT = 1024 * 1024
 
@@ -251,10 +248,14 @@ class TokenRoute:
         call.render_error = self.render_error
         price = item.version.price
         assert isinstance(price, TokenPrice)  # token routes serve token-priced models only
-        max_field, bound = self.output_bound(payload, item.spec.max_output_tokens
-                                                          or 4096)
+        model_max = item.spec.max_output_tokens or 4096
+        max_field, bound = self.output_bound(payload, model_max)
+        lowered = None
+        if max_field is not None and bound is not None and bound > model_max:
+            # the model never generates more: hold (and send upstream) its maximum
+            bound = lowered = payload[max_field] = model_max
         llm = LLMCall(gw, call, payload, price, tokens.estimate_prompt(payload), bound, max_field,
-                      provider, choices=self.choices(payload))
+                      provider, choices=self.choices(payload), lowered_to=lowered)
         call.stream = self.streams(payload)
         amount = llm.hold_cost(llm.prompt_estimate, (bound or 0) * llm.choices)
         # TPM counts the estimated prompt at admission; settlement corrects it to the
@@ -345,9 +346,10 @@ class TokenRoute:
             bound *= llm.choices
         try:
             usage, reasoning = self.parse_usage(raw_usage)
-            return bounded(usage, reasoning,
-                           prompt_bound=max(llm.prompt_estimate * PROMPT_SLACK_FACTOR,
-                                            llm.prompt_estimate + PROMPT_SLACK_TOKENS),
+            # Input as reported up to the model's context window, never a multiple of the
+            # visible prompt: stateful requests (previous_response_id) and server-side tools
+            # bill input Tollway never sees.
+            return bounded(usage, reasoning, prompt_bound=llm.call.item.spec.input_bound,
                            completion_bound=bound)
         except InvalidUsage as exc:
             self.drain(llm)

@@ -34,6 +34,9 @@ TOKEN_ROUTES: Mapping[str, tuple[str, ...]] = {
 IMAGE_ROUTES: Mapping[str, tuple[str, ...]] = {"openai": ("/v1/images/generations",),
                                                "anthropic": ()}
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+#: The input a token model is assumed to accept when the catalog gives no ``context_window``:
+#: reported input up to it is billed as reported, beyond it capped and flagged for review.
+DEFAULT_CONTEXT_WINDOW = 2_000_000
 DEFAULT_GROUP = "default"
 _PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
@@ -117,6 +120,8 @@ class ItemSpec:
     # models
     upstream_model: str | None = None
     max_output_tokens: int | None = None
+    #: the most input tokens the model takes (None: :data:`DEFAULT_CONTEXT_WINDOW`)
+    context_window: int | None = None
     #: protocol family → provider serving the model through it (see KIND_PROTOCOLS)
     providers: Mapping[str, str] | None = None
     #: the gateway routes it is sold on, when narrower than every route of its protocols
@@ -135,8 +140,14 @@ class ItemSpec:
     def is_endpoint(self) -> bool:
         return self.path is not None
 
+    @property
+    def input_bound(self) -> int:
+        """The reported input billed as reported; beyond it, capped and flagged."""
+        return self.context_window or DEFAULT_CONTEXT_WINDOW
+
     def as_dict(self) -> dict[str, Any]:
-        keys = ("upstream_model", "max_output_tokens", "name", "method", "path", "upstream_path")
+        keys = ("upstream_model", "max_output_tokens", "context_window", "name", "method",
+                "path", "upstream_path")
         spec: dict[str, Any] = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         if self.providers is not None:
             spec["providers"] = dict(self.providers)
@@ -158,10 +169,12 @@ class ItemSpec:
         providers = raw.get("providers")
         routes = raw.get("routes")
         max_out = raw.get("max_output_tokens")
+        window = raw.get("context_window")
         channels = raw.get("channels")
         cost = raw.get("cost")
         return cls(upstream_model=text("upstream_model"),
                    max_output_tokens=None if max_out is None else int(max_out),
+                   context_window=None if window is None else int(window),
                    providers=({str(k): str(v) for k, v in providers.items()}
                               if isinstance(providers, dict) else None),
                    routes=(tuple(str(r) for r in routes) if isinstance(routes, list)
@@ -185,6 +198,7 @@ class Listing:
     # models
     upstream_model: str | None = None
     max_output_tokens: int | None = None
+    context_window: int | None = None
     #: protocol family → provider serving the model through it (see KIND_PROTOCOLS)
     providers: Mapping[str, str] | None = None
     #: the gateway routes it is sold on, when narrower than every route of its protocols
@@ -210,6 +224,7 @@ class Listing:
         """The non-price attributes, as carried beside the item to the gateway."""
         return ItemSpec(upstream_model=self.upstream_model,
                         max_output_tokens=self.max_output_tokens,
+                        context_window=self.context_window,
                         providers=None if self.providers is None else dict(self.providers),
                         routes=self.routes, name=self.name, method=self.method,
                         path=self.path, upstream_path=self.upstream_path,
@@ -512,7 +527,8 @@ class _Validator:
         before = len(self.problems)
         allowed = {"id", "provider", "price", "group_ratios", "effective_from", "channels",
                    "cost"} | (
-            {"upstream_model", "max_output_tokens", "providers", "routes"} if section == "models"
+            {"upstream_model", "max_output_tokens", "context_window", "providers", "routes"}
+            if section == "models"
             else {"name", "method", "path", "upstream_path"})
         for key in sorted(set(item) - allowed, key=str):
             self.problem(f"{where}.{_field(key)}", "unknown field")
@@ -732,6 +748,11 @@ class _Validator:
         if not isinstance(max_out, int) or isinstance(max_out, bool) or max_out <= 0:
             self.problem(f"{where}.max_output_tokens", f"must be a positive integer, got "
                          f"{max_out!r}")
+        window = item.get("context_window")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                                   or window <= 0):
+            self.problem(f"{where}.context_window", f"must be a positive integer (input "
+                         f"tokens), got {window!r}")
         upstream_model = item.get("upstream_model", item["id"])
         if not isinstance(upstream_model, str) or not upstream_model:
             self.problem(f"{where}.upstream_model", "must be a model name")
@@ -740,7 +761,8 @@ class _Validator:
         price = TokenPrice(prices["input"], prices["output"], prices["cache_read"],
                            prices["cache_write"], prices["cache_write_1h"])
         return Listing(item["id"], str(item.get("provider")), price, overrides, effective_from,
-                       upstream_model=upstream_model, max_output_tokens=max_out)
+                       upstream_model=upstream_model, max_output_tokens=max_out,
+                       context_window=window)
 
     def image_model(self, where: str, item: dict[str, Any], raw: dict[str, Any],
                     overrides: dict[str, Decimal],
@@ -752,6 +774,8 @@ class _Validator:
                          "per_call and optional per_size, in USD per image)")
         if "max_output_tokens" in item:
             self.problem(f"{where}.max_output_tokens", "an image model has no output tokens")
+        if "context_window" in item:
+            self.problem(f"{where}.context_window", "an image model has no input tokens")
         per_call = self.usd(f"{where}.price.per_call", raw["per_call"])
         sizes: dict[str, Decimal] = {}
         per_size = raw.get("per_size") or {}
