@@ -739,10 +739,11 @@ def test_key_quota_is_enforced_and_never_overspent(tw: Tollway) -> None:
 
     assert asyncio.run(burst()) == [200, 200] + [429] * 6
     # The LLM route is refused too when its hold exceeds what is left of the quota (0.001 USD):
-    # (10 × 0.15 + 2000 × 0.60) / 1e6 = 1_201_500 nano-USD for max_tokens 2000.
+    # (10 × 0.15 + 2 × 1000 × 0.60) / 1e6 = 1_201_500 nano-USD for 2 choices of max_tokens
+    # 1000 (the model's maximum: a larger max_tokens is lowered to it before the hold).
     with pytest.raises(openai.RateLimitError) as caught:
         tw.client(key).chat.completions.create(model="gpt-test", messages=HELLO,
-                                               max_tokens=2000)
+                                               max_tokens=1000, n=2)
     assert error_of(caught.value.response)["code"] == "quota_exceeded"
     # The account's other keys are unaffected.
     assert tw.http().get("/apis/v1/twitter/user/x",

@@ -77,6 +77,9 @@ class LLMCall:
     #: if the stream ends without usage (``TokenRoute.drain``)
     unparsed: list[bytes] = field(default_factory=list)
     unparsed_bytes: int = 0
+    #: ids the answer created that a later request may continue (a Response's, its
+    #: conversation's): remembered with the settlement
+    created_ids: tuple[str, ...] = ()
 
     def hold_cost(self, prompt: int, output: int) -> int:
         """The hold for ``prompt`` tokens at the dearest input-side price (however the
@@ -195,6 +198,15 @@ class TokenRoute:
     def upstream_headers(self, scope: Scope) -> dict[str, str]:
         return {}
 
+    async def history(self, gw: Gateway, call: Call, payload: dict[str, Any]) -> int:
+        """Tokens of the history a request continues upstream (held for beside its visible
+        prompt); raises when it is not the caller's to continue. Stateless protocols: 0,
+        without a statement."""
+        return 0
+
+    def read_answer(self, llm: LLMCall, obj: dict[str, Any]) -> None:
+        """Note what a whole answer created (``llm.created_ids``)."""
+
     def collect(self, obj: dict[str, Any], out: list[str]) -> None:
         """The generated text of a whole (non-streamed) answer, for a local count."""
 
@@ -254,7 +266,8 @@ class TokenRoute:
         if max_field is not None and bound is not None and bound > model_max:
             # the model never generates more: hold (and send upstream) its maximum
             bound = lowered = payload[max_field] = model_max
-        llm = LLMCall(gw, call, payload, price, tokens.estimate_prompt(payload), bound, max_field,
+        prompt = tokens.estimate_prompt(payload) + await self.history(gw, call, payload)
+        llm = LLMCall(gw, call, payload, price, prompt, bound, max_field,
                       provider, choices=self.choices(payload), lowered_to=lowered)
         call.stream = self.streams(payload)
         amount = llm.hold_cost(llm.prompt_estimate, (bound or 0) * llm.choices)
@@ -331,6 +344,7 @@ class TokenRoute:
         call.mark_first_byte()
         call.reported_cost = reported_cost(raw)
         self.collect(obj, llm.delivered)
+        self.read_answer(llm, obj)
         metered = self.meter(llm, original, self.answer_usage(obj))
         charge = metering.rate(metered.usage, llm.price, call.ratio)
         await self._settle(llm, metered, charge, status=200,
@@ -373,8 +387,10 @@ class TokenRoute:
                              cache_write=usage.cache_write_tokens,
                              cache_write_1h=usage.cache_write_1h_tokens,
                              output=usage.completion_tokens, reasoning=metered.reasoning_tokens,
-                             note="; ".join(n for n in (metered.note, note) if n) or None)
-        await settle(llm.gw, call, charge=charge, record=record, response=response)
+                             note="; ".join(n for n in (metered.note, note) if n) or None,
+                             tool_calls=usage.tool_calls)
+        await settle(llm.gw, call, charge=charge, record=record, response=response,
+                     remember=llm.created_ids)
 
     # ------------------------------------------------------------------ streaming
 

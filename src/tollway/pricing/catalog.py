@@ -91,11 +91,16 @@ def price_dict(price: Price) -> dict[str, Any]:
         out: dict[str, Any] = {"per_call": str(price.per_call)}
         if price.per_size:
             out["per_size"] = {k: str(v) for k, v in sorted(price.per_size.items())}
+        if price.per_quality:
+            out["per_quality"] = {k: str(v) for k, v in sorted(price.per_quality.items())}
         return out
     fields = {"input": price.input_per_1m, "output": price.output_per_1m,
               "cache_read": price.cache_read_per_1m, "cache_write": price.cache_write_per_1m,
               "cache_write_1h": price.cache_write_1h_per_1m}
-    return {k: str(v) for k, v in fields.items() if v is not None}
+    token: dict[str, Any] = {k: str(v) for k, v in fields.items() if v is not None}
+    if price.tool_calls:
+        token["tool_calls"] = {k: str(v) for k, v in price.tool_calls}
+    return token
 
 
 def price_from_dict(raw: Mapping[str, Any]) -> Price:
@@ -105,10 +110,14 @@ def price_from_dict(raw: Mapping[str, Any]) -> Price:
 
     if "per_call" in raw:
         sizes = raw.get("per_size") or {}
+        qualities = raw.get("per_quality") or {}
         return CallPrice(Decimal(str(raw["per_call"])),
-                         {str(k): Decimal(str(v)) for k, v in sizes.items()})
+                         {str(k): Decimal(str(v)) for k, v in sizes.items()},
+                         {str(k): Decimal(str(v)) for k, v in qualities.items()})
+    tools = raw.get("tool_calls") or {}
     return TokenPrice(Decimal(str(raw["input"])), Decimal(str(raw["output"])),
-                      dec("cache_read"), dec("cache_write"), dec("cache_write_1h"))
+                      dec("cache_read"), dec("cache_write"), dec("cache_write_1h"),
+                      tuple(sorted((str(k), Decimal(str(v))) for k, v in tools.items())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -730,10 +739,11 @@ class _Validator:
         if "per_call" in raw:
             return self.image_model(where, item, raw, overrides, effective_from)
         for key in sorted(set(raw) - {"input", "output", "cache_read", "cache_write",
-                                      "cache_write_1h"}, key=str):
+                                      "cache_write_1h", "tool_calls"}, key=str):
             self.problem(f"{where}.price.{_field(key)}", "unknown price field (token prices "
                          "are input, output, cache_read, cache_write, cache_write_1h, in USD "
-                         "per 1M tokens; image models take per_call and per_size)")
+                         "per 1M tokens, and tool_calls in USD per call; image models take "
+                         "per_call, per_size and per_quality)")
         prices: dict[str, Decimal | None] = {}
         for key in ("input", "output"):
             if raw.get(key) is None:
@@ -758,8 +768,11 @@ class _Validator:
             self.problem(f"{where}.upstream_model", "must be a model name")
         if prices["input"] is None or prices["output"] is None:
             return None
+        tools = self.usd_map(f"{where}.price.tool_calls", raw.get("tool_calls"),
+                             "a mapping of server-side tool (web_search, ...) to USD per call")
         price = TokenPrice(prices["input"], prices["output"], prices["cache_read"],
-                           prices["cache_write"], prices["cache_write_1h"])
+                           prices["cache_write"], prices["cache_write_1h"],
+                           tuple(sorted(tools.items())))
         return Listing(item["id"], str(item.get("provider")), price, overrides, effective_from,
                        upstream_model=upstream_model, max_output_tokens=max_out,
                        context_window=window)
@@ -768,10 +781,10 @@ class _Validator:
                     overrides: dict[str, Decimal],
                     effective_from: datetime | None) -> Listing | None:
         """A model priced per image returned (``/v1/images/generations``)."""
-        for key in sorted(set(raw) - {"per_call", "per_size"}, key=str):
+        for key in sorted(set(raw) - {"per_call", "per_size", "per_quality"}, key=str):
             self.problem(f"{where}.price.{_field(key)}", "unknown price field (image models "
-                         "take "
-                         "per_call and optional per_size, in USD per image)")
+                         "take per_call and optional per_size and per_quality, in USD per "
+                         "image)")
         if "max_output_tokens" in item:
             self.problem(f"{where}.max_output_tokens", "an image model has no output tokens")
         if "context_window" in item:
@@ -790,13 +803,33 @@ class _Validator:
             usd = self.usd(f"{where}.price.per_size.{size}", value)
             if usd is not None:
                 sizes[size] = usd
+        qualities = self.usd_map(f"{where}.price.per_quality", raw.get("per_quality"),
+                                 "a mapping of quality (e.g. \"high\") to USD per image")
         upstream_model = item.get("upstream_model", item["id"])
         if not isinstance(upstream_model, str) or not upstream_model:
             self.problem(f"{where}.upstream_model", "must be a model name")
         if per_call is None:
             return None
-        return Listing(item["id"], str(item.get("provider")), CallPrice(per_call, sizes),
+        return Listing(item["id"], str(item.get("provider")),
+                       CallPrice(per_call, sizes, qualities),
                        overrides, effective_from, upstream_model=upstream_model)
+
+    def usd_map(self, where: str, raw: Any, what: str) -> dict[str, Decimal]:
+        """``{name: USD}`` (tool fees, per-quality prices); problems name each entry."""
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problem(where, f"must be {what}")
+            return {}
+        result: dict[str, Decimal] = {}
+        for name, value in raw.items():
+            if not isinstance(name, str) or not name:
+                self.problem(where, f"a name must be a string, got {name!r}")
+                continue
+            usd = self.usd(f"{where}.{_field(name)}", value)
+            if usd is not None:
+                result[name] = usd
+        return result
 
     def endpoint(self, where: str, item: dict[str, Any], raw: dict[str, Any],
                  overrides: dict[str, Decimal], effective_from: datetime | None) -> Listing | None:
