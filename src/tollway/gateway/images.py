@@ -2,9 +2,9 @@
 returned.
 
 The hold covers the ``n`` images asked for at the requested size's price (``per_size``), its
-quality's (``per_quality``; the higher of the two when both are priced; the dearest quality
-when the request names none, since the upstream then chooses) or the model's ``per_call``
-price; the charge is the images the upstream actually returned (never more than ``n``) × the
+quality's (``per_quality``, per size or one price for every size, the higher of it and the
+size's; the dearest quality when the request names none, since the upstream then chooses) or
+the model's ``per_call`` price; the charge is the images the upstream actually returned (never more than ``n``) × the
 price of what was asked (a request that named no quality: the quality the answer reports,
 else the dearest held) × the ratio, rounded once. A failed request is charged nothing.
 """
@@ -70,7 +70,7 @@ class ImagesRoute:
             return
         if quality is None and price.per_quality:  # billed by the quality the upstream chose
             chosen = _answer_quality(answer.body)
-            if chosen in price.per_quality:
+            if chosen in price.qualities:
                 unit = price.for_image(payload.get("size"), chosen) or unit
         billed = min(returned, n)
         note = None
@@ -109,7 +109,7 @@ class ImagesRoute:
         unit = price.for_image(size, quality)
         if unit is None:
             raise InvalidRequest(f"quality {quality!r} is not offered for {item.id}; "
-                                 "qualities: " + ", ".join(sorted(price.per_quality)),
+                                 "qualities: " + ", ".join(price.qualities),
                                  param="quality")
         call = begin(gw, scope, key, item, ROUTE, body)
         amount = max(metering.rate(CallUsage(n), price, call.ratio,

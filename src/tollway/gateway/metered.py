@@ -405,9 +405,13 @@ class TokenRoute:
         pump = asyncio.ensure_future(self._pump(llm, response, send, state))
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not pump.done():  # the client went away: stop reading, bill what was delivered
+        if not pump.done():  # the client went away
             state.client_gone = True
-            pump.cancel()
+            if llm.gw.stream_disconnect == "finish":
+                # read the upstream on to its usage (nothing more is sent), within the read
+                # timeout, and bill exactly what it reports
+                await asyncio.wait({pump}, timeout=llm.gw.read_timeout_s)
+            pump.cancel()  # cancel: stop reading, bill what was delivered
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pump
@@ -428,7 +432,8 @@ class TokenRoute:
                 if state.out:
                     body = b"".join(state.out)
                     state.out.clear()
-                    await send_chunk(send, body, state)
+                    if not state.client_gone:
+                        await send_chunk(send, body, state)
                 if not more:
                     return
             state.cut = splitter.rest() != b"" or not state.done
@@ -448,7 +453,10 @@ class TokenRoute:
             return
         metered = self.stream_metered(llm, original, state)
         note = None
-        if state.client_gone:
+        if state.client_gone and state.done:
+            note = ("the client disconnected mid-stream; the upstream was read to its end "
+                    "(TOLLWAY_STREAM_DISCONNECT=finish)")
+        elif state.client_gone:
             note = "the client disconnected mid-stream"
         elif state.cut:
             note = state.failure.message if state.failure else "the upstream stream broke off"

@@ -803,8 +803,7 @@ class _Validator:
             usd = self.usd(f"{where}.price.per_size.{size}", value)
             if usd is not None:
                 sizes[size] = usd
-        qualities = self.usd_map(f"{where}.price.per_quality", raw.get("per_quality"),
-                                 "a mapping of quality (e.g. \"high\") to USD per image")
+        qualities = self.qualities(f"{where}.price.per_quality", raw.get("per_quality"))
         upstream_model = item.get("upstream_model", item["id"])
         if not isinstance(upstream_model, str) or not upstream_model:
             self.problem(f"{where}.upstream_model", "must be a model name")
@@ -813,6 +812,23 @@ class _Validator:
         return Listing(item["id"], str(item.get("provider")),
                        CallPrice(per_call, sizes, qualities),
                        overrides, effective_from, upstream_model=upstream_model)
+
+    def qualities(self, where: str, raw: Any) -> dict[str, Decimal]:
+        """``per_quality: {high: "0.17", low: {"1024x1024": "0.011"}}``: a quality's price,
+        or its price per size (kept as ``low:1024x1024``)."""
+        what = "a mapping of quality (e.g. \"high\") to USD per image, or to sizes and USD"
+        flat = {k: v for k, v in (raw.items() if isinstance(raw, dict) else ())
+                if not isinstance(v, dict)}
+        result = self.usd_map(where, flat if isinstance(raw, dict) else raw, what)
+        for quality, sizes in (raw.items() if isinstance(raw, dict) else ()):
+            if isinstance(sizes, dict):
+                if not isinstance(quality, str) or not quality or ":" in quality:
+                    self.problem(where, f"a quality must be a name, got {quality!r}")
+                    continue
+                for size, usd in self.usd_map(f"{where}.{_field(quality)}", sizes,
+                                              what).items():
+                    result[f"{quality}:{size}"] = usd
+        return result
 
     def usd_map(self, where: str, raw: Any, what: str) -> dict[str, Decimal]:
         """``{name: USD}`` (tool fees, per-quality prices); problems name each entry."""

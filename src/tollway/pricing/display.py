@@ -26,8 +26,8 @@ def price_lines(price: Price, ratio: Decimal = Decimal(1), *, per: str = "call")
     if isinstance(price, CallPrice):
         return [f"{show(price.per_call)} / per {per}"] + [
             f"{show(value)} / per {per} ({size})" for size, value in price.per_size.items()] + [
-            f"{show(value)} / per {per} ({quality} quality)"
-            for quality, value in price.per_quality.items()]
+            f"{show(value)} / per {per} ({_quality_label(key)})"
+            for key, value in price.per_quality.items()]
     lines = [f"{show(price.input_per_1m)} / 1M input tokens",
              f"{show(price.output_per_1m)} / 1M output tokens"]
     if price.cache_read_per_1m is not None:
@@ -69,3 +69,9 @@ def price_fields(price: Price, ratio: Decimal = Decimal(1)) -> dict[str, Any]:
         token["tool_calls"] = {tool: {"per_call_usd": usd(value)}
                                for tool, value in price.tool_calls}
     return token
+
+
+def _quality_label(key: str) -> str:
+    """``high`` → ``high quality``; ``low:1024x1024`` → ``low quality, 1024x1024``."""
+    quality, _, size = key.partition(":")
+    return f"{quality} quality" + (f", {size}" if size else "")

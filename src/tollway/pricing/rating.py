@@ -72,7 +72,8 @@ class TokenPrice:
 class CallPrice:
     """USD per successful call (per image returned, for image models). ``per_size`` and
     ``per_quality`` price an image model's sizes and qualities apart (``{"1024x1024": 0.04}``,
-    ``{"high": 0.17}``); ``per_call`` is the price of a request that names neither."""
+    ``{"high": 0.17, "low:1024x1024": 0.011}``: a quality priced per size is keyed
+    ``quality:size``); ``per_call`` is the price of a request that names neither."""
 
     per_call: Decimal
     per_size: Mapping[str, Decimal] = field(default_factory=dict)
@@ -84,28 +85,34 @@ class CallPrice:
             return self.per_call
         return self.per_size.get(size)
 
-    def for_quality(self, quality: str | None) -> Decimal | None:
-        """The unit price of ``quality``: the dearest quality when none is named (the
-        upstream may choose it); None when the model prices qualities and this is not one."""
-        if not self.per_quality:
-            return self.per_call
-        if quality is None:
-            return max(self.per_quality.values())
-        return self.per_quality.get(quality)
+    def _quality(self, size: str | None, quality: str) -> Decimal | None:
+        """One quality's price: at ``size`` when the quality is priced per size (``high`` at
+        ``1024x1024`` is ``per_quality["high:1024x1024"]``; the dearest of its sizes when
+        none is named), else its one price and the size's, the higher."""
+        by_size = {key.partition(":")[2]: value for key, value in self.per_quality.items()
+                   if key.partition(":")[0] == quality and ":" in key}
+        if by_size:
+            return max(by_size.values()) if size is None else by_size.get(size)
+        flat = self.per_quality.get(quality)
+        sized = self.for_size(size)
+        if flat is None or sized is None:
+            return None
+        return flat if size is None or not self.per_size else max(flat, sized)
 
     def for_image(self, size: str | None, quality: str | None) -> Decimal | None:
-        """The unit price of an image: its quality's (the dearest when none is named), or
-        the higher of its size's and its quality's when both are priced; None when either is
-        not offered."""
-        by_size = self.for_size(size)
+        """The unit price of an image of ``size`` and ``quality``; when the model prices
+        qualities and the request names none, the dearest (the upstream chooses). None when
+        the size or quality is not offered."""
         if not self.per_quality:
-            return by_size
-        by_quality = self.for_quality(quality)
-        if by_size is None or by_quality is None:
-            return None
-        if size is None or not self.per_size:
-            return by_quality
-        return max(by_size, by_quality)
+            return self.for_size(size)
+        if quality is not None:
+            return self._quality(size, quality)
+        prices = [p for q in self.qualities if (p := self._quality(size, q)) is not None]
+        return max(prices) if prices else None
+
+    @property
+    def qualities(self) -> list[str]:
+        return sorted({key.partition(":")[0] for key in self.per_quality})
 
 
 Price = TokenPrice | CallPrice
