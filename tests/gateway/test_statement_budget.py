@@ -68,6 +68,15 @@ BUDGET: dict[tuple[str, str], Work] = {
     ("refused-402", "postgresql"): Work(statements=12, commits=1, rollbacks=1, rows=0),
     ("refused-429", "sqlite"): Work(statements=13, commits=2, rollbacks=1, rows=4),
     ("refused-429", "postgresql"): Work(statements=10, commits=2, rollbacks=1, rows=4),
+    # Responses (0012): the settlement also remembers the response id with its account and
+    # tokens (one upsert, one row); a request continuing one (previous_response_id) reads it
+    # first (one SELECT in a read transaction of its own, before the hold). Chat, streams and
+    # per-call requests above do none of this.
+    ("responses", "sqlite"): Work(statements=17, commits=2, rollbacks=0, rows=17),
+    ("responses", "postgresql"): Work(statements=15, commits=2, rollbacks=0, rows=17),
+    ("responses-continued", "sqlite"): Work(statements=19, commits=3, rollbacks=0, rows=17),
+    ("responses-continued", "postgresql"): Work(statements=16, commits=3, rollbacks=0,
+                                                rows=17),
 }
 
 #: A warm, quiet server: keys cached for the test's length, no background loop in the window.
@@ -166,6 +175,12 @@ def _chat(http: httpx.Client, key: str, **body: Any) -> httpx.Response:
                      json={"model": "gpt-test", "messages": HELLO, "max_tokens": 10, **body})
 
 
+def _respond(http: httpx.Client, key: str, **body: Any) -> httpx.Response:
+    return http.post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                     json={"model": "gpt-test", "input": "hello there",
+                           "max_output_tokens": 10, **body})
+
+
 def _measure(tw: Tollway, counter: Counter, request: Any, records: int) -> Work:
     """The work of ``request()`` until the gateway wrote its ``records``-th usage record."""
     counter.reset()
@@ -192,8 +207,9 @@ def test_database_work_per_request_type(counted: tuple[Tollway, Counter, str]) -
         _chat(http, secret)
     _chat(http, key, stream=True)
     http.get("/apis/v1/twitter/user/jack", headers={"Authorization": f"Bearer {key}"})
-    seen = len(tw.wait_records(4))
-    assert seen == 4  # the 402 writes no record
+    _respond(http, key, previous_response_id="resp_warm")
+    seen = len(tw.wait_records(5))
+    assert seen == 5  # the 402 writes no record
 
     def stream() -> None:
         with http.stream("POST", "/v1/chat/completions",
@@ -215,6 +231,9 @@ def test_database_work_per_request_type(counted: tuple[Tollway, Counter, str]) -
             "/apis/v1/twitter/user/jack", headers={"Authorization": f"Bearer {key}"})), 1),
         ("refused-402", status(402, lambda: _chat(http, poor_key)), 0),
         ("refused-429", status(429, lambda: _chat(http, limited)), 1),
+        ("responses", status(200, lambda: _respond(http, key)), 1),
+        ("responses-continued", status(200, lambda: _respond(
+            http, key, previous_response_id="resp_fake")), 1),
     ]
     measured = {}
     for name, run, records in cases:
