@@ -4,9 +4,10 @@ returned.
 The hold covers the ``n`` images asked for at the requested size's price (``per_size``), its
 quality's (``per_quality``, per size or one price for every size, the higher of it and the
 size's; the dearest quality when the request names none, since the upstream then chooses) or
-the model's ``per_call`` price; the charge is the images the upstream actually returned (never more than ``n``) × the
-price of what was asked (a request that named no quality: the quality the answer reports,
-else the dearest held) × the ratio, rounded once. A failed request is charged nothing.
+the model's ``per_call`` price. The charge is the images the upstream actually returned
+(never more than ``n``) × the price of what was asked (a request that named no quality: the
+quality the answer reports, else the dearest held) × the ratio, rounded once. A failed
+request is charged nothing.
 """
 
 from __future__ import annotations

@@ -18,11 +18,11 @@ from tollway.gateway import jsonio
 from tollway.gateway.asgi import error_body
 from tollway.gateway.calls import Call
 from tollway.gateway.metered import LLMCall, StreamState, TokenRoute, positive_int
-from tollway.gateway.state import Gateway
-from tollway.store import responses as response_store
 from tollway.gateway.sse import event_json
+from tollway.gateway.state import Gateway
 from tollway.gateway.usage import TOOL_CALLS_KEY, parse_responses_usage, responses_tool_calls
 from tollway.pricing.rating import TokenUsage
+from tollway.store import responses as response_store
 
 #: Events that end a response and carry its usage.
 FINAL_EVENTS = ("response.completed", "response.incomplete", "response.failed")
