@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 import openai
 import sqlalchemy as sa
@@ -876,6 +877,25 @@ def fresh_database(request: Any) -> Iterator[Database]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.dispose()
+
+
+async def read_then_leave(url: str, key: str, body: dict[str, Any],
+                          events: int = 2) -> list[bytes]:
+    """POST a streamed request to ``url``, read ``events`` SSE events and drop the
+    connection mid-stream (a client that went away); the events read."""
+    got: list[bytes] = []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, headers={"Authorization": f"Bearer {key}"},
+                                json=body) as response:
+            assert response.status == 200
+            buffer = b""
+            async for data in response.content.iter_any():
+                buffer += data
+                got = sse_events(buffer)
+                if len(got) >= events:
+                    response.close()  # drop the connection, mid-stream
+                    break
+    return got
 
 
 def sse_events(raw: bytes) -> list[bytes]:

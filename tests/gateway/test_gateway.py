@@ -17,7 +17,6 @@ import json
 import time
 from typing import Any
 
-import aiohttp
 import httpx
 import openai
 import pytest
@@ -30,6 +29,7 @@ from fakes import (
     LLMScript,
     Tollway,
     error_of,
+    read_then_leave,
     sse_events,
 )
 from tollway import tokens
@@ -339,23 +339,8 @@ def test_client_that_disconnects_mid_stream_pays_for_what_was_delivered(tw: Toll
     pieces = ["One", " two", " three", " four", " five", " six", " seven", " eight"]
     tw.fake.llm = LLMScript(content=pieces, chunk_delay=0.6)
 
-    async def read_two_chunks_then_leave() -> list[bytes]:
-        got: list[bytes] = []
-        async with aiohttp.ClientSession() as session:
-            async with session.post(
-                    tw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                    json={"model": "gpt-test", "messages": HELLO, "stream": True}) as response:
-                assert response.status == 200
-                buffer = b""
-                async for data in response.content.iter_any():
-                    buffer += data
-                    got = sse_events(buffer)
-                    if len(got) >= 2:
-                        response.close()  # drop the connection, mid-stream
-                        break
-        return got
-
-    events = asyncio.run(read_two_chunks_then_leave())
+    events = asyncio.run(read_then_leave(tw.url + "/v1/chat/completions", key, {
+        "model": "gpt-test", "messages": HELLO, "stream": True}))
     assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:2]] == [
         "One", " two"]
 

@@ -12,7 +12,6 @@ import asyncio
 import json
 import time
 
-import aiohttp
 import pytest
 
 from fakes import (
@@ -22,7 +21,7 @@ from fakes import (
     LLMScript,
     Serving,
     Tollway,
-    sse_events,
+    read_then_leave,
 )
 from tollway.gateway.state import Gateway
 
@@ -43,24 +42,8 @@ def test_finish_reads_the_upstream_to_its_usage_and_bills_exactly_that(tw: Tollw
     tw.fake.llm = LLMScript(content=pieces, chunk_delay=0.3, prompt_tokens=20,
                             completion_tokens=40)
 
-    async def read_two_chunks_then_leave() -> list[bytes]:
-        got: list[bytes] = []
-        async with aiohttp.ClientSession() as session:
-            async with session.post(
-                    tw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                    json={"model": "gpt-test", "stream": True,
-                          "messages": [{"role": "user", "content": "count"}]}) as response:
-                assert response.status == 200
-                buffer = b""
-                async for data in response.content.iter_any():
-                    buffer += data
-                    got = sse_events(buffer)
-                    if len(got) >= 2:
-                        response.close()  # drop the connection, mid-stream
-                        break
-        return got
-
-    events = asyncio.run(read_two_chunks_then_leave())
+    events = asyncio.run(read_then_leave(tw.url + "/v1/chat/completions", key, {
+        "model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "count"}]}))
     assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:2]] == [
         "One", " two"]
     (record,) = tw.wait_records(1)

@@ -123,20 +123,21 @@ class ImagesRoute:
         return call, provider, payload, price, unit, n
 
 
-def _answer_quality(raw: bytes) -> str | None:
-    """The quality an answer says it generated (``gpt-image-1`` reports it)."""
+def _answer_field(raw: bytes, name: str) -> Any:
+    """A member of the upstream's JSON answer (None if the answer is not a JSON object)."""
     try:
         obj = jsonio.loads(raw)
     except ValueError:
         return None
-    quality = obj.get("quality") if isinstance(obj, dict) else None
+    return obj.get(name) if isinstance(obj, dict) else None
+
+
+def _answer_quality(raw: bytes) -> str | None:
+    """The quality an answer says it generated (``gpt-image-1`` reports it)."""
+    quality = _answer_field(raw, "quality")
     return quality if isinstance(quality, str) else None
 
 
 def _images_returned(raw: bytes) -> int | None:
-    try:
-        obj = jsonio.loads(raw)
-    except ValueError:
-        return None
-    data = obj.get("data") if isinstance(obj, dict) else None
+    data = _answer_field(raw, "data")
     return len(data) if isinstance(data, list) else None
