@@ -27,7 +27,9 @@ from fakes import (
     error_of,
     fake_catalog,
 )
+from tollway.clock import now_ms
 from tollway.gateway.asgi import json_object
+from tollway.store import responses as response_store
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 
@@ -115,6 +117,13 @@ def test_stateful_usage_is_billed_in_full_and_tied_to_its_account(tw: Tollway) -
     assert tw.balance(bob) == (USD, 0)
     assert [r for r in tw.records() if r["account_id"] == bob] == []
     assert tw.open_holds() == 0 and tw.verify() == []
+    # remembered as long as their usage: `tollway usage prune` forgets them with it
+    with tw.db.read() as conn:
+        assert response_store.recall(conn, "resp_alice_3") == (alice, 20_003)
+    with tw.db.write() as conn:
+        assert response_store.forget_before(conn, before_ms=now_ms() + 1) >= 3
+    with tw.db.read() as conn:
+        assert response_store.recall(conn, "resp_alice_3") is None
 
 
 def test_the_hold_of_a_continued_response_covers_its_history(tw: Tollway) -> None:

@@ -36,6 +36,13 @@ def remember(conn: Connection, ids: tuple[str, ...], *, account_id: int, context
                                  "context_tokens": context_tokens, "created_at_ms": at_ms})
 
 
+def forget_before(conn: Connection, *, before_ms: int) -> int:
+    """Forget the ids remembered before ``before_ms`` (with the usage they belong to, by
+    ``tollway usage prune``): a request continuing one then holds for its own input only."""
+    return int(conn.execute(response_memory.delete().where(
+        response_memory.c.created_at_ms < before_ms)).rowcount)
+
+
 def recall(conn: Connection, response_id: str) -> Remembered | None:
     row = _RECALL.one(conn, response_id=response_id)
     return None if row is None else Remembered(int(row[0]), int(row[1]))
