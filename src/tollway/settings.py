@@ -112,7 +112,10 @@ SETTINGS = (
     Setting("signup_enabled", "false",
             "true: anyone may create a customer account with a console login at /signup"),
     Setting("signup_credit_usd", "0",
-            "a decimal USD amount credited once to each account created at /signup"),
+            "a decimal USD amount of promotional credit granted once to each account created "
+            "at /signup"),
+    Setting("signup_credit_days", "0",
+            "days the sign-up credit stays valid (0: it never expires)"),
     Setting("notify_interval_seconds", "5",
             "how often the server looks for notifications to deliver (0: never; then run "
             "`tollway notify deliver`)"),
