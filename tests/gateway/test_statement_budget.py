@@ -68,7 +68,7 @@ BUDGET: dict[tuple[str, str], Work] = {
     ("refused-402", "postgresql"): Work(statements=12, commits=1, rollbacks=1, rows=0),
     ("refused-429", "sqlite"): Work(statements=13, commits=2, rollbacks=1, rows=4),
     ("refused-429", "postgresql"): Work(statements=10, commits=2, rollbacks=1, rows=4),
-    # Responses (0012): the settlement also remembers the response id with its account and
+    # Responses (0013): the settlement also remembers the response id with its account and
     # tokens (one upsert, one row); a request continuing one (previous_response_id) reads it
     # first (one SELECT in a read transaction of its own, before the hold). Chat, streams and
     # per-call requests above do none of this.

@@ -176,7 +176,7 @@ price_versions = sa.Table(
     # 0006: 1-hour cache writes; an image model's per-size prices, JSON {size: nano-USD}
     sa.Column("cache_write_1h_nano_per_1m", Nano),
     sa.Column("per_size_nano", sa.Text),
-    # 0012: server-side tool fees, JSON {tool: nano-USD per call}; an image model's
+    # 0013: server-side tool fees, JSON {tool: nano-USD per call}; an image model's
     # per-quality prices, JSON {quality: nano-USD}
     sa.Column("tool_calls_nano", sa.Text),
     sa.Column("per_quality_nano", sa.Text),
@@ -239,7 +239,7 @@ usage_records = sa.Table(
     sa.Column("upstream_cost_nano", Nano),
     sa.Column("upstream_reported_cost_nano", Nano),
     sa.Column("upstream_cost_mismatch", sa.Boolean),
-    # 0012: server-side tool calls billed with the tokens, JSON
+    # 0013: server-side tool calls billed with the tokens, JSON
     # {tool: {"calls": n, "nano_per_call": p}} (NULL: none)
     sa.Column("tool_calls", sa.Text),
 )
@@ -504,7 +504,7 @@ promo_grants = sa.Table(
     sa.Index("ix_promo_grants_due", "closed_at_ms", "expires_at_ms"),
 )
 
-# stateful Responses (migration 0012_usage_bounds): each relayed response id with the input +
+# stateful Responses (migration 0013_usage_bounds): each relayed response id with the input +
 # output tokens it billed and its account, so a request continuing it
 # (``previous_response_id``) is refused from another account and holds for its history
 response_memory = sa.Table(
