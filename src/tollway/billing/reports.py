@@ -70,7 +70,7 @@ def recharge(row: Any) -> Charge | None:
 
 def tool_calls(row: Any) -> dict[str, Any]:
     """The record's server-side tool calls: {tool: {calls, nano_per_call}} (NULL before
-    migration 0013, and on records without any)."""
+    migration 0014, and on records without any)."""
     raw = getattr(row, "tool_calls", None)
     return dict(json.loads(raw)) if raw else {}
 

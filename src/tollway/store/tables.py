@@ -42,6 +42,11 @@ accounts = sa.Table(
     sa.Column("low_balance_armed", sa.Boolean, nullable=False, server_default=sa.false()),
     # the promotional part of the wallet (available + held), spent first (0009_grants)
     sa.Column("promo_nano", Nano, nullable=False, server_default="0"),
+    # auto-recharge's threshold while it can run (enabled, not paused, a card saved; NULL
+    # otherwise) and whether the next debit below it queues a recharge (0013_auto_recharge):
+    # read in the same RETURNING as the low-balance pair
+    sa.Column("recharge_threshold_nano", Nano),
+    sa.Column("recharge_armed", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("available_nano >= 0", name="ck_accounts_available_nonnegative"),
     sa.CheckConstraint("held_nano >= 0", name="ck_accounts_held_nonnegative"),
 )
@@ -176,7 +181,7 @@ price_versions = sa.Table(
     # 0006: 1-hour cache writes; an image model's per-size prices, JSON {size: nano-USD}
     sa.Column("cache_write_1h_nano_per_1m", Nano),
     sa.Column("per_size_nano", sa.Text),
-    # 0013: server-side tool fees, JSON {tool: nano-USD per call}; an image model's
+    # 0014: server-side tool fees, JSON {tool: nano-USD per call}; an image model's
     # per-quality prices, JSON {quality: nano-USD}
     sa.Column("tool_calls_nano", sa.Text),
     sa.Column("per_quality_nano", sa.Text),
@@ -239,7 +244,7 @@ usage_records = sa.Table(
     sa.Column("upstream_cost_nano", Nano),
     sa.Column("upstream_reported_cost_nano", Nano),
     sa.Column("upstream_cost_mismatch", sa.Boolean),
-    # 0013: server-side tool calls billed with the tokens, JSON
+    # 0014: server-side tool calls billed with the tokens, JSON
     # {tool: {"calls": n, "nano_per_call": p}} (NULL: none)
     sa.Column("tool_calls", sa.Text),
 )
@@ -504,7 +509,45 @@ promo_grants = sa.Table(
     sa.Index("ix_promo_grants_due", "closed_at_ms", "expires_at_ms"),
 )
 
-# stateful Responses (migration 0013_usage_bounds): each relayed response id with the input +
+# auto-recharge (migration 0013_auto_recharge): an account's setting and saved card, and each
+# charge of that card; ``in_flight_id`` is the guarded row that allows one charge at a time
+auto_recharge = sa.Table(
+    "auto_recharge",
+    metadata,
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), primary_key=True),
+    sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    # NULL until first saved (a card may be saved before the amounts)
+    sa.Column("threshold_nano", Nano),
+    sa.Column("target_nano", Nano),
+    sa.Column("monthly_cap_nano", Nano),
+    sa.Column("stripe_customer", sa.String(255), unique=True),  # created by Tollway
+    sa.Column("payment_method", sa.String(255)),  # from Stripe's event, never from a client
+    sa.Column("card_saved_at_ms", Ms),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),  # consecutive
+    sa.Column("paused_at_ms", Ms),  # set after too many failures; saving the setting resumes
+    sa.Column("in_flight_id", Id),  # the recharge_attempts row being charged, if any
+    sa.Column("updated_at_ms", Ms, nullable=False),
+    sa.CheckConstraint("target_nano > threshold_nano", name="ck_auto_recharge_target"),
+)
+recharge_attempts = sa.Table(
+    "recharge_attempts",
+    metadata,
+    _id(),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("amount_nano", Nano, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("month_start_ms", Ms, nullable=False),  # the cap's month (billing time zone)
+    sa.Column("status", sa.String(16), nullable=False),  # pending | succeeded | failed
+    sa.Column("payment_intent", sa.String(255), unique=True),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("completed_at_ms", Ms),
+    sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),  # the top-up that credited it
+    sa.CheckConstraint("amount_nano > 0", name="ck_recharge_attempts_amount_positive"),
+    sa.Index("ix_recharge_attempts_account", "account_id", "month_start_ms"),
+)
+
+# stateful Responses (migration 0014_usage_bounds): each relayed response id with the input +
 # output tokens it billed and its account, so a request continuing it
 # (``previous_response_id``) is refused from another account and holds for its history
 response_memory = sa.Table(

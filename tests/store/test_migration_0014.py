@@ -1,6 +1,6 @@
-"""Migration 0013_usage_bounds on SQLite and PostgreSQL: it matches the tables (tool fees and
+"""Migration 0014_usage_bounds on SQLite and PostgreSQL: it matches the tables (tool fees and
 per-quality prices on price versions, tool calls on usage records, the Responses memory), and
-it goes down to 0012 and back up."""
+it goes down to 0013 and back up."""
 
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ from tollway.store.tables import metadata
 TOUCHED = ("price_versions", "usage_records", "response_memory")
 
 
-def test_0013_matches_the_tables_and_downgrades(db: Database) -> None:
+def test_0014_matches_the_tables_and_downgrades(db: Database) -> None:
     with db.read() as conn:
-        assert current_revision(db) == head_revision() == "0013_usage_bounds"
+        assert current_revision(db) == head_revision() == "0014_usage_bounds"
         assert [d for d in compare_metadata(MigrationContext.configure(conn), metadata)
                 if any(name in repr(d) for name in TOUCHED)] == []
     config = alembic_config()
     with db.write() as conn:
         config.attributes["connection"] = conn
-        command.downgrade(config, "0012_promo_credit")
+        command.downgrade(config, "0013_auto_recharge")
     with db.read() as conn:
         inspector = sa.inspect(conn)
         assert "response_memory" not in inspector.get_table_names()

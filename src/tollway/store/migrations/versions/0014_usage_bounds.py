@@ -1,7 +1,7 @@
 """usage bounds: server-side tool fees, per-quality image prices, stateful Responses memory
 
-Revision ID: 0013_usage_bounds
-Revises: 0012_promo_credit
+Revision ID: 0014_usage_bounds
+Revises: 0013_auto_recharge
 
 Additive only. ``price_versions`` gains ``tool_calls_nano`` (JSON {tool: nano-USD per call})
 and ``per_quality_nano`` (JSON {quality: nano-USD per image}); ``usage_records`` gains
@@ -15,8 +15,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = '0013_usage_bounds'
-down_revision: str | Sequence[str] | None = '0012_promo_credit'
+revision: str = '0014_usage_bounds'
+down_revision: str | Sequence[str] | None = '0013_auto_recharge'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
