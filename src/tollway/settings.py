@@ -20,7 +20,8 @@ class Setting:
 SETTINGS = (
     Setting("database_url", "sqlite:///var/tollway.db",
             "SQLAlchemy URL: sqlite:///PATH (embedded) or postgresql://USER@HOST/DB"),
-    Setting("data_dir", "var", "where the generated admin token and demo key are kept"),
+    Setting("data_dir", "var",
+            "where the generated admin token, demo key and demo console password are kept"),
     Setting("admin_token", "", "token for /admin/v1 routes; generated into DATA_DIR if empty"),
     Setting("hold_ttl_seconds", "3600",
             "a hold nobody settles within this time is released by the reaper; keep it longer "

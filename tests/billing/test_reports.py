@@ -109,6 +109,9 @@ endpoints:
 """
 
 
+ENDPOINTS = ("search-c", "quote-d")  # the catalog's endpoints; the rest are models
+
+
 def ms(text: str) -> int:
     """Milliseconds of an ISO time written in UTC."""
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -593,9 +596,10 @@ def raw_summary(rows: Sequence[Any], group_by: list[str], start: int, end: int
         counts = Counter({"requests": int(r.type == "consume"), "errors": int(r.type == "error"),
                           **{c: getattr(r, c) for c in COUNTERS[2:]}})
         totals.update(counts)
-        if "model" in group_by and "endpoint" not in group_by and r.billing_type != "token":
+        # by model: every model (token-priced or per image); by endpoint: the data APIs
+        if "model" in group_by and "endpoint" not in group_by and r.product in ENDPOINTS:
             continue
-        if "endpoint" in group_by and "model" not in group_by and r.billing_type != "per_call":
+        if "endpoint" in group_by and "model" not in group_by and r.product not in ENDPOINTS:
             continue
         groups[tuple(f(r) for f in labels.values())].update(counts)
     return groups, totals

@@ -343,7 +343,9 @@ SPEC: dict[str, Any] = {
             "cursor": _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
             "group_by": _query("group_by", {"type": "string"},
                                "comma-separated: model, endpoint, product, key, day, hour, "
-                               "billing_type, account (revenue by account: operators)"),
+                               "billing_type, account (revenue by account: operators). model "
+                               "keeps every model (token-priced and image models), endpoint "
+                               "the data APIs, product (or both) everything"),
             "month": {"name": "month", "in": "query", "required": True,
                       "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"}},
             "format_export": _query("format", {"enum": ["csv", "jsonl"]}, "default csv"),

@@ -292,7 +292,8 @@ def register(c: Commands) -> None:
     p = c.add(c.sub, "summary", cmd_summary,
               "an account's usage by period, from the hourly rollups")
     p.add_argument("account", metavar="ACCOUNT", help="account id or name")
-    p.add_argument("--by", metavar="G,…", help="any of " + ", ".join(report_store.GROUP_BY))
+    p.add_argument("--by", metavar="G,…", help="any of " + ", ".join(report_store.GROUP_BY)
+                   + " (model: every model, image models too; endpoint: the data APIs)")
     p.add_argument("--start", metavar="ISO", help="default: 30 days before --end (rounded "
                    "down to the hour)")
     p.add_argument("--end", metavar="ISO", help="default: now (rounded up to the hour)")

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from tollway.errors import InvalidRequest
+from tollway.store.catalog import endpoint_ids
 from tollway.store.tables import api_keys, usage_records, usage_rollups, wallet_days
 
 HOUR_MS = 3_600_000
@@ -119,8 +120,9 @@ def get_record(conn: Connection, request_id: str, *, account_id: int | None) -> 
 def summary(conn: Connection, *, account_id: int | None, start_ms: int, end_ms: int,
             group_by: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Rows per group and the period's totals, from the hourly rollups (hours starting in
-    [start_ms, end_ms)). Grouping by model keeps token products only, by endpoint per-call
-    products only; the totals always cover everything."""
+    [start_ms, end_ms)). Grouping by model keeps models only (token-priced ones and image
+    models, which are billed per image), by endpoint data-API endpoints only, by both (or by
+    product) everything; the totals always cover everything."""
     r = usage_rollups.c
     keys: list[sa.ColumnElement[Any]] = []
     for name in group_by:
@@ -146,10 +148,11 @@ def summary(conn: Connection, *, account_id: int | None, start_ms: int, end_ms: 
     sums = [sa.func.coalesce(sa.func.sum(r[c]), 0).label(c) for c in COUNTERS]
     totals_row = conn.execute(sa.select(*sums).where(*where)).one()  # the whole period
     totals = {c: int(totals_row._mapping[c]) for c in COUNTERS}
-    if "model" in group_by and "endpoint" not in group_by:
-        where.append(r.billing_type == "token")
-    if "endpoint" in group_by and "model" not in group_by:
-        where.append(r.billing_type == "per_call")
+    if ("model" in group_by) != ("endpoint" in group_by):
+        # the rollups know a product's billing type, not its kind: per call is an endpoint's
+        # and an image model's, so the catalog says which products are endpoints
+        endpoints = r.product.in_(endpoint_ids(conn))
+        where.append(endpoints if "endpoint" in group_by else sa.not_(endpoints))
     query = sa.select(*unique, *sums).where(*where)
     if unique:
         query = query.group_by(*unique).order_by(*unique)

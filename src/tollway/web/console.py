@@ -95,14 +95,17 @@ async def _overview(request: Request, account_id: int, *,
                                               end_ms=end, group_by=["day"])
         by_product, _ = report_store.summary(conn, account_id=account_id, start_ms=start,
                                              end_ms=end, group_by=["product", "billing_type"])
+        by_model, _ = report_store.summary(conn, account_id=account_id, start_ms=start,
+                                           end_ms=end, group_by=["model"])  # images too
         return {"account": account, "balance": balance_view(account),
                 "summary": summary_view(by_day, totals, start_ms=start, end_ms=end),
-                "products": summary_view(by_product, totals, start_ms=start, end_ms=end)}
+                "products": summary_view(by_product, totals, start_ms=start, end_ms=end),
+                "models": summary_view(by_model, totals, start_ms=start, end_ms=end)}
 
     data = await _ctx(request).read(load)
     spend_by_day = _days(data["summary"]["data"], start, end)
     products = data["products"]["data"]
-    models = [p for p in products if p["billing_type"] == "token"]
+    models = data["models"]["data"]
     spend_by_model = [Bar(p["product"], Decimal(p["cost_usd"]), p["cost_usd"])
                       for p in sorted(models, key=lambda p: Decimal(p["cost_usd"]),
                                       reverse=True)]
