@@ -1305,9 +1305,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--litellm-requests", type=int, default=200,
                     help="requests per LiteLLM measurement (it serves ~20-60 req/s)")
     ap.add_argument("--baseline-src", metavar="DIR",
-                    help="also Tollway on SQLite imported from this source tree (a `git "
-                         "archive` of another commit's src/), interleaved with the others: a "
-                         "before/after comparison in one run (target tollway-sqlite@base)")
+                    help="also Tollway imported from this source tree (a `git archive` of "
+                         "another commit's src/) on each backend, interleaved with the others: "
+                         "a before/after comparison in one run (targets tollway-sqlite@base, "
+                         "tollway-pg@base)")
     ap.add_argument("--limits", action="store_true",
                     help="also run each Tollway with every limit on (limiter cost)")
     ap.add_argument("--layout", choices=("proxy", "servers", "none"), default="proxy")
@@ -1360,6 +1361,7 @@ def main(argv: list[str] | None = None) -> int:
     client: Client | None = None
     pg: PostgresDatabase | None = None
     pg_limits: PostgresDatabase | None = None
+    pg_base: PostgresDatabase | None = None
     results: dict[str, Any] = {"machine": machine(), "params": {
         "requests": args.requests, "concurrency": concs, "rounds": args.rounds,
         "modes": modes, "warm": args.warm, "layout": layout.describe(),
@@ -1428,6 +1430,16 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(t)
                 notes["tollway-pg+limits"] = (f"the same server, fresh database "
                                               f"{pg_limits.name}, every limit on (none reached)")
+            if args.baseline_src:
+                src = str(Path(args.baseline_src).resolve())
+                pg_base = PostgresDatabase(pg_url, "_base")
+                t = start_tollway("tollway-pg@base", pg_base.url, up_base, work, layout.proxy,
+                                  log, src=src)
+                t.db_root_pid = pg.postmaster
+                procs.append(t.proc)  # type: ignore[arg-type]
+                targets.append(t)
+                notes["tollway-pg@base"] = (f"the same server, fresh database {pg_base.name}, "
+                                            f"tollway imported from {src}")
             notes["tollway-pg"] = (
                 f"PostgreSQL {pg.version} (fsync={pg.settings['fsync']}, synchronous_commit="
                 f"{pg.settings['synchronous_commit']}), fresh database {pg.name}; server "
@@ -1528,6 +1540,8 @@ def main(argv: list[str] | None = None) -> int:
             pg.drop()
         if pg_limits is not None:
             pg_limits.drop()
+        if pg_base is not None:
+            pg_base.drop()
         if (results.get("ok") and not results.get("deaths")
                 and not os.environ.get("TOLLWAY_BENCH_KEEP")):
             shutil.rmtree(work, ignore_errors=True)
