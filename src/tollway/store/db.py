@@ -155,11 +155,12 @@ def _sqlite_engine(url: str, begin: str, busy_timeout_ms: int, null_pool: bool) 
 def execute_raw(conn: Connection, cursor: Any, sql: str, args: Any) -> None:
     """Run ``sql`` on a DBAPI cursor of ``conn``'s transaction, bypassing SQLAlchemy's
     execution layer; statement listeners (the statement-budget tests count statements that
-    way) are still told. Asked of the listeners themselves, not ``engine._has_events``: the
-    SQLite engines always have events (``connect``, ``begin``), and calling two empty listener
-    lists per statement cost more than this check."""
+    way) are still told. An engine with events is asked whether it has statement listeners:
+    the SQLite engines always have events (``connect``, ``begin``), and calling two empty
+    listener lists around every statement cost more than the question."""
     dispatch = conn.dispatch
-    if dispatch.before_cursor_execute or dispatch.after_cursor_execute:
+    if conn.engine._has_events and (dispatch.before_cursor_execute
+                                    or dispatch.after_cursor_execute):
         dispatch.before_cursor_execute(conn, cursor, sql, args, None, False)
         cursor.execute(sql, args)
         dispatch.after_cursor_execute(conn, cursor, sql, args, None, False)
