@@ -108,7 +108,10 @@ SETTINGS = (
     Setting("signup_enabled", "false",
             "true: anyone may create a customer account with a console login at /signup"),
     Setting("signup_credit_usd", "0",
-            "a decimal USD amount credited once to each account created at /signup"),
+            "a decimal USD amount of promotional credit granted once to each account created "
+            "at /signup"),
+    Setting("signup_credit_days", "0",
+            "days the sign-up credit stays valid (0: it never expires)"),
     Setting("notify_interval_seconds", "5",
             "how often the server looks for notifications to deliver (0: never; then run "
             "`tollway notify deliver`)"),
@@ -145,6 +148,9 @@ SETTINGS = (
     Setting("topup_presets_usd", "10,20,50,100",
             "comma-separated top-up amounts the console offers as buttons (each within the "
             "bounds)"),
+    Setting("auto_recharge_max_failures", "3",
+            "consecutive failed auto-recharge charges after which an account's auto-recharge "
+            "is paused (saving the setting again resumes it)"),
 )
 
 

@@ -740,7 +740,12 @@ def test_statements_reconcile_to_the_nano_dollar(db: Database) -> None:
     assert {k: v for k, v in october.items() if k.endswith("_usd")} == {
         "opening_balance_usd": "0.000000000", "topups_usd": "10.000000000",
         "adjustments_usd": "-1.000000000", "charges_usd": "0.002195975",
-        "written_off_usd": "0.000000000", "closing_balance_usd": "8.997804025"}
+        "written_off_usd": "0.000000000", "closing_balance_usd": "8.997804025",
+        # no promotional credit here: all of each balance is paid
+        "opening_paid_usd": "0.000000000", "opening_promotional_usd": "0.000000000",
+        "grants_added_usd": "0.000000000", "grants_spent_usd": "0.000000000",
+        "grants_expired_usd": "0.000000000", "closing_paid_usd": "8.997804025",
+        "closing_promotional_usd": "0.000000000"}
     assert october["reconciliation"] == "0.000000000 + 10.000000000 − 1.002195975 = 8.997804025"
     assert october["charges_by_product"] == [
         {"product": "chat-a", "billing_type": "token", "requests": 1, "calls": 0,
@@ -752,7 +757,11 @@ def test_statements_reconcile_to_the_nano_dollar(db: Database) -> None:
     assert {k: v for k, v in november.items() if k.endswith("_usd")} == {
         "opening_balance_usd": "8.997804025", "topups_usd": "2.500000000",
         "adjustments_usd": "0.250000000", "charges_usd": "9.747804025",
-        "written_off_usd": "0.277195975", "closing_balance_usd": "2.000000000"}
+        "written_off_usd": "0.277195975", "closing_balance_usd": "2.000000000",
+        "opening_paid_usd": "8.997804025", "opening_promotional_usd": "0.000000000",
+        "grants_added_usd": "0.000000000", "grants_spent_usd": "0.000000000",
+        "grants_expired_usd": "0.000000000", "closing_paid_usd": "2.000000000",
+        "closing_promotional_usd": "0.000000000"}
     assert november["reconciliation"] == "8.997804025 + 2.750000000 − 9.747804025 = 2.000000000"
     assert november["charges_by_product"] == [
         {"product": "reasoner-b", "billing_type": "token", "requests": 1, "calls": 0,

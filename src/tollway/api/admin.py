@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tollway import clock
-from tollway.api import channels, notifications, reports
-from tollway.billing import codes, credits, grants, logins, tiers
+from tollway.api import channels, notifications, payments, reports
+from tollway.billing import auto_recharge, codes, credits, grants, logins, tiers
 from tollway.billing import keys as key_ops
 from tollway.billing.views import (
     LIMIT_FIELDS,
@@ -212,7 +212,9 @@ async def revoke_key(request: Request, ctx: Context) -> Response:
 
 
 async def create_codes(request: Request, ctx: Context) -> Response:
-    """Mint ``count`` codes worth ``amount_usd``: the codes are in this answer only."""
+    """Mint ``count`` codes worth ``amount_usd`` (promotional credit, valid
+    ``credit_expires_days`` after each redemption if given): the codes are in this answer
+    only."""
     body = await json_body(request)
     amount = parse_amount(body.get("amount_usd"))
     count = body.get("count", 1)
@@ -221,8 +223,12 @@ async def create_codes(request: Request, ctx: Context) -> Response:
     expires = optional_str(body, "expires_at")
     expires_ms = None if expires is None else parse_iso_ms(expires, what="expires_at")
     note = optional_str(body, "note")
+    days = body.get("credit_expires_days")
+    if days is not None and (not isinstance(days, int) or isinstance(days, bool)):
+        raise InvalidRequest("credit_expires_days must be a whole number of days")
     minted = await ctx.write(lambda conn: codes.mint(
-        conn, amount, count=count, at_ms=clock.now_ms(), expires_at_ms=expires_ms, note=note))
+        conn, amount, count=count, at_ms=clock.now_ms(), expires_at_ms=expires_ms, note=note,
+        credit_days=days))
     return JSONResponse({"object": "list", "data": [codes.new_code_view(c) for c in minted]},
                         status_code=201)
 
@@ -260,6 +266,12 @@ async def list_grants(request: Request, ctx: Context) -> Response:
     account = await ctx.read(lambda conn: store.find_account(conn, ref))
     return JSONResponse(await ctx.write(lambda conn: grants.listing(
         conn, account.id, at_ms=ctx.clock()), account_id=account.id))
+
+
+async def recharge_overview(request: Request, ctx: Context) -> Response:
+    """Every account's auto-recharge: setting, saved card, failures, pause, last attempts."""
+    return JSONResponse({"object": "list", "data": await ctx.read(
+        lambda conn: auto_recharge.overview(conn, at_ms=ctx.clock()))})
 
 
 async def verify_ledger(request: Request, ctx: Context) -> Response:
@@ -300,6 +312,8 @@ admin_routes = [
           methods=["PUT"]),
     Route("/accounts/{account}/notifications/settings/rotate-secret",
           notifications.rotate_secret(admin_scope), methods=["POST"]),
+    *payments.recharge_routes("/accounts/{account}/auto_recharge", admin_scope),
+    Route("/auto_recharge", _admin(recharge_overview), methods=["GET"]),
     Route("/accounts/{account}/grants", _admin(add_grant), methods=["POST"]),
     Route("/accounts/{account}/grants", _admin(list_grants), methods=["GET"]),
     Route("/codes", _admin(create_codes), methods=["POST"]),

@@ -24,6 +24,7 @@ from tollway.billing import codes
 from tollway.billing import keys as key_ops
 from tollway.billing import notifications as notify
 from tollway.billing.reports import (
+    STATEMENT_LINES,
     month_bounds,
     record_view,
     statement_csv,
@@ -316,7 +317,7 @@ async def statements_page(request: Request) -> Response:
         return Response(statement_csv(view), media_type="text/csv", headers={
             "content-disposition": f'attachment; filename="statement-{month}.csv"'})
     return await render(request, "console/statements.html", {
-        "statement": view, "month": month,
+        "statement": view, "month": month, "lines": STATEMENT_LINES,
         "months": _months(account.created_at_ms, today)})
 
 
