@@ -74,9 +74,9 @@ class Call:
         if not calls:
             return None
         price = self.item.version.price
-        return json.dumps({tool: {"calls": count, "nano_per_call": (
+        return jsonio.dumps({tool: {"calls": count, "nano_per_call": (  # calls sorted by tool
             None if not isinstance(price, TokenPrice) or (unit := price.tool_price(tool)) is None
-            else to_nano_usd(unit))} for tool, count in calls}, sort_keys=True)
+            else to_nano_usd(unit))} for tool, count in calls}).decode()
 
     def rate_headers(self) -> list[tuple[bytes, bytes]]:
         return [] if self.window is None else self.window.headers()
