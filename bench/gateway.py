@@ -708,13 +708,26 @@ def run_profiled_tollway(argv: list[str]) -> int:
     import uvicorn.server
 
     from tollway.cli import main as tollway_main
-    from tollway.store.writer import Writer
 
     out = os.environ["TOLLWAY_BENCH_PROFILE_OUT"]
     serve = uvicorn.server.Server.serve
-    writer_run = Writer._run
 
     async def profiled_serve(self: Any, sockets: Any = None) -> None:
+        # imported here, not above: the store imports the metrics, which must see the
+        # multiprocess directory ``tollway serve`` chooses before it starts uvicorn
+        from tollway.store.writer import Writer
+        writer_run = Writer._run
+
+        def profiled_writer(writer: Any) -> None:
+            prof = cProfile.Profile()
+            prof.enable()
+            try:
+                writer_run(writer)
+            finally:
+                prof.disable()
+                prof.dump_stats(out + ".writer")
+
+        Writer._run = profiled_writer  # type: ignore[method-assign]
         prof = cProfile.Profile()
         prof.enable()
         try:
@@ -723,17 +736,7 @@ def run_profiled_tollway(argv: list[str]) -> int:
             prof.disable()
             prof.dump_stats(out + ".loop")
 
-    def profiled_writer(self: Any) -> None:
-        prof = cProfile.Profile()
-        prof.enable()
-        try:
-            writer_run(self)
-        finally:
-            prof.disable()
-            prof.dump_stats(out + ".writer")
-
     uvicorn.server.Server.serve = profiled_serve  # type: ignore[method-assign]
-    Writer._run = profiled_writer  # type: ignore[method-assign]
     return tollway_main(argv)
 
 
