@@ -76,6 +76,10 @@ class CatalogSnapshot:
     default_tier: str | None = None
     #: channel ids the operator disabled
     disabled: frozenset[str] = frozenset()
+    #: model id -> (its protocols, the routes it is sold on), worked out on first use: the
+    #: snapshot never changes, so neither do they (``model`` is on every request's path)
+    _served: dict[str, tuple[dict[str, str], list[str]]] = field(
+        default_factory=dict, init=False, compare=False, repr=False)
 
     def limits(self, key: ApiKeyRecord) -> Limits:
         """The key's limits: its account's tier (a tier no longer in the catalog counts as
@@ -90,13 +94,17 @@ class CatalogSnapshot:
         if item is None:
             raise UnknownModel(f"unknown model {model_id!r}: GET /v1/models lists the models "
                                "this key may use")
-        kinds = {pid: kind for pid, (kind, _) in self.providers.items()}
-        protocols = catalog_store.item_protocols(item, kinds)
-        routes = catalog_store.item_routes(item, protocols)
+        served = self._served.get(item.id)
+        if served is None:
+            kinds = {pid: kind for pid, (kind, _) in self.providers.items()}
+            protocols = catalog_store.item_protocols(item, kinds)
+            served = self._served[item.id] = (protocols,
+                                              catalog_store.item_routes(item, protocols))
+        protocols, routes = served
         if route not in routes:
-            served = ", ".join(routes) or "no route"
+            listed = ", ".join(routes) or "no route"
             raise UnknownModel(f"model {item.id!r} is not served on {route} (it is served on "
-                               f"{served}): GET /v1/marketplace lists each model's routes")
+                               f"{listed}): GET /v1/marketplace lists each model's routes")
         family = "anthropic" if route == "/v1/messages" else "openai"
         return item, protocols[family]
 
@@ -136,11 +144,17 @@ def configure_board(board: Board, catalog: CatalogSnapshot) -> None:
         catalog.providers, catalog.disabled)
 
 
+STREAM_DISCONNECT = ("cancel", "finish")
+
+
 class Gateway:
     def __init__(self, ctx: Context, registry: Registry, *, catalog_refresh_s: float,
                  key_cache_s: float, max_body_bytes: int, headers_timeout_s: float = 30,
                  read_timeout_s: float = 600, cost_tolerance: Decimal = Decimal("0.05"),
-                 health_interval_s: float = 0) -> None:
+                 health_interval_s: float = 0, stream_disconnect: str = "cancel") -> None:
+        if stream_disconnect not in STREAM_DISCONNECT:
+            raise ValueError("TOLLWAY_STREAM_DISCONNECT must be cancel or finish, got "
+                             f"{stream_disconnect!r}")
         self.ctx = ctx
         #: Milliseconds since the epoch: limit windows, holds and records take their time
         #: from the server's one clock (tests pass a clock they move).
@@ -154,6 +168,8 @@ class Gateway:
         self.headers_timeout_s = headers_timeout_s
         self.read_timeout_s = read_timeout_s
         self.cost_tolerance = cost_tolerance
+        #: a client leaving a stream: ``cancel`` the upstream, or ``finish`` reading it
+        self.stream_disconnect = stream_disconnect
         self.health_interval_s = health_interval_s
         self.watchdog = Watchdog()
         self._health: asyncio.Task[None] | None = None

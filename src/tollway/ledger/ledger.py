@@ -11,7 +11,7 @@ A hold is a reservation, not a movement: it lives on its ``holds`` row and in th
 charge (wallet → revenue, the part neither the hold nor the balance covered from write-off);
 a void or an expiry releases ``held_nano`` and closes the hold, and books nothing. So a
 wallet's postings sum to its whole balance (available + held), and its held amount equals its
-open holds: :func:`verify` checks both. (Before migration 0014 a hold was booked available →
+open holds: :func:`verify` checks both. (Before migration 0015 a hold was booked available →
 held and reversed at its close; that migration moved the reservations still open off the
 ledger.)
 
@@ -65,7 +65,7 @@ SYSTEM_ACCOUNTS = {FUNDING: "funding", REVENUE: "revenue", WRITEOFF: "write-off"
                    ADJUSTMENTS: "adjustments"}
 
 AVAILABLE = "available"
-#: The bucket holds were booked in before migration 0014; every wallet's now sums to zero.
+#: The bucket holds were booked in before migration 0015; every wallet's now sums to zero.
 HELD = "held"
 
 HoldStatus = Literal["open", "settled", "voided", "expired"]

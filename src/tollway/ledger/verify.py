@@ -4,12 +4,12 @@ Checks, each against the stored state:
 - all postings sum to zero, and so do the postings of every single entry;
 - each wallet's postings sum to its whole stored balance (available + held: a hold is a
   reservation on its row, not a movement), all in the ``available`` bucket (the ``held``
-  bucket of holds booked before migration 0014 sums to zero);
+  bucket of holds booked before migration 0015 sums to zero);
 - no available or held balance is negative;
 - each wallet's held balance equals its open holds, each key's held and used amounts equal its
   holds and settlements;
 - a settled hold has exactly one settle entry, any other none; no hold has more than one
-  closing entry (before migration 0014 voids and expiries booked one too), an open hold none;
+  closing entry (before migration 0015 voids and expiries booked one too), an open hold none;
 - the revenue account equals the sum of all settled charges;
 - each wallet's daily movements (what statements are made of) add up to its balance;
 - every gateway request's usage record agrees with its hold: a ``consume`` record's cost is

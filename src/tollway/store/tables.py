@@ -131,7 +131,7 @@ holds = sa.Table(
     sa.Column("shortfall_nano", Nano),
     # which of the key's spend-cap periods (1 day, 2 week, 4 month) count this hold
     sa.Column("cap_periods", sa.SmallInteger, nullable=False, server_default="0"),
-    # the key it was placed under (the gateway's request id); before migration 0014 it was
+    # the key it was placed under (the gateway's request id); before migration 0015 it was
     # the hold's ledger entry's, and holds then closed have none
     sa.Column("idempotency_key", sa.String(255)),
     sa.Index("ix_holds_open_expiry", "status", "expires_at_ms"),
@@ -185,6 +185,10 @@ price_versions = sa.Table(
     # 0006: 1-hour cache writes; an image model's per-size prices, JSON {size: nano-USD}
     sa.Column("cache_write_1h_nano_per_1m", Nano),
     sa.Column("per_size_nano", sa.Text),
+    # 0014: server-side tool fees, JSON {tool: nano-USD per call}; an image model's
+    # per-quality prices, JSON {quality: nano-USD}
+    sa.Column("tool_calls_nano", sa.Text),
+    sa.Column("per_quality_nano", sa.Text),
 )
 
 #: The account's log: one row per gateway request (written in the same transaction as its
@@ -244,6 +248,9 @@ usage_records = sa.Table(
     sa.Column("upstream_cost_nano", Nano),
     sa.Column("upstream_reported_cost_nano", Nano),
     sa.Column("upstream_cost_mismatch", sa.Boolean),
+    # 0014: server-side tool calls billed with the tokens, JSON
+    # {tool: {"calls": n, "nano_per_call": p}} (NULL: none)
+    sa.Column("tool_calls", sa.Text),
 )
 
 #: Requests per account x key x product x hour, maintained in the same transaction as each
@@ -281,7 +288,7 @@ wallet_days = sa.Table(
     sa.Column("adjustments_nano", Nano, nullable=False),  # signed
     sa.Column("charges_nano", Nano, nullable=False),  # paid from the wallet
     sa.Column("written_off_nano", Nano, nullable=False),  # charged but not covered
-    # promotional credit (migration 0014_promo_credit): granted and expired this day (not in
+    # promotional credit (migration 0015_promo_credit): granted and expired this day (not in
     # adjustments), and the wallet's promotional part after the day's last movement
     sa.Column("grants_nano", Nano, nullable=False, server_default="0"),
     sa.Column("grants_expired_nano", Nano, nullable=False, server_default="0"),
@@ -506,7 +513,7 @@ promo_grants = sa.Table(
     sa.Index("ix_promo_grants_due", "closed_at_ms", "expires_at_ms"),
 )
 
-# auto-recharge (migration 0014_auto_recharge): an account's setting and saved card, and each
+# auto-recharge (migration 0015_auto_recharge): an account's setting and saved card, and each
 # charge of that card; ``in_flight_id`` is the guarded row that allows one charge at a time
 auto_recharge = sa.Table(
     "auto_recharge",
@@ -542,4 +549,16 @@ recharge_attempts = sa.Table(
     sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),  # the top-up that credited it
     sa.CheckConstraint("amount_nano > 0", name="ck_recharge_attempts_amount_positive"),
     sa.Index("ix_recharge_attempts_account", "account_id", "month_start_ms"),
+)
+
+# stateful Responses (migration 0015_usage_bounds): each relayed response id with the input +
+# output tokens it billed and its account, so a request continuing it
+# (``previous_response_id``) is refused from another account and holds for its history
+response_memory = sa.Table(
+    "response_memory",
+    metadata,
+    sa.Column("response_id", sa.String(255), primary_key=True),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("context_tokens", sa.BigInteger, nullable=False),
+    sa.Column("created_at_ms", Ms, nullable=False),
 )

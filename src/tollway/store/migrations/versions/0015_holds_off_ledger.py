@@ -1,7 +1,7 @@
 """holds off the ledger: a hold is a reservation on its row, one ledger entry at settlement
 
-Revision ID: 0014_holds_off_ledger
-Revises: 0013_auto_recharge
+Revision ID: 0015_holds_off_ledger
+Revises: 0014_usage_bounds
 
 Before this revision a hold booked an entry (wallet available -> wallet held) and its close
 booked the reverse beside the charge. From here on a hold lives on ``holds`` and
@@ -27,8 +27,8 @@ import sqlalchemy as sa
 from alembic import op
 
 # revision identifiers, used by Alembic.
-revision: str = '0014_holds_off_ledger'
-down_revision: str | Sequence[str] | None = '0013_auto_recharge'
+revision: str = '0015_holds_off_ledger'
+down_revision: str | Sequence[str] | None = '0014_usage_bounds'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -56,7 +56,7 @@ def upgrade() -> None:
     op.execute(sa.text(
         "INSERT INTO entries (kind, account_id, amount_nano, hold_id, idempotency_key, note, "
         "created_at_ms) SELECT 'rebook', account_id, amount_nano, id, 'rebook:' || id, "
-        "'migration 0014: the open hold moved off the ledger', :now " + _OPEN_BOOKED)
+        "'migration 0015: the open hold moved off the ledger', :now " + _OPEN_BOOKED)
         .bindparams(now=now_ms))
     op.execute(_postings_of('rebook', 'held', 'available'))
 
