@@ -213,11 +213,11 @@ def _setup_account(db: Database, pairs: int, tag: str) -> int:
 
 def _ops(account_id: int, tag: str, i: int) -> tuple[Any, Callable[[int], Any]]:
     hold = partial(place_hold, account_id=account_id, amount_nano=HOLD_NANO,
-                   idempotency_key=f"{tag}-{i}", ttl_ms=TTL_MS)
+                   idempotency_key=f"{tag}-{i}", ttl_ms=TTL_MS, at_ms=clock.now_ms())
 
     def settle(hold_id: int) -> Any:
         return partial(settle_hold, hold_id=hold_id, actual_nano=CHARGE_NANO,
-                       idempotency_key=f"{tag}-{i}")
+                       idempotency_key=f"{tag}-{i}", at_ms=clock.now_ms())
     return hold, settle
 
 
@@ -324,7 +324,8 @@ def run_serial(url: str, batches: list[tuple[int, int]], pairs: int, tag: str,
             for hold_id in ready:
                 ok, value = run_op(conn, partial(settle_hold, hold_id=hold_id,
                                                  actual_nano=CHARGE_NANO,
-                                                 idempotency_key=f"{tag}-h{hold_id}"))
+                                                 idempotency_key=f"{tag}-h{hold_id}",
+                                                 at_ms=clock.now_ms()))
                 assert ok, value
     seconds = time.perf_counter() - t0
     run = Run(pairs, seconds, time.process_time() - cpu0, len(batches))

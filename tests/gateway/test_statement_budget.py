@@ -9,13 +9,24 @@ and the rows written (INSERT/UPDATE/DELETE: ``cursor.rowcount`` on PostgreSQL, t
 rows only once they are fetched). Savepoints the writer issues on the raw DBAPI cursor (only
 when an operation of a batch raised) are not SQLAlchemy statements and are not counted.
 
+On PostgreSQL the network round trips are counted too: what costs a PostgreSQL deployment its
+latency, since the writer's one thread waits for each. libpq's own protocol trace
+(``PQtrace``) of every connection the gateway checks out records each message the client
+sends and receives; a round trip is a run of messages sent followed by the server's answer
+(one per statement outside pipeline mode; in the writer's pipelined batches, one per result
+read before the next statement can be built, one for the batch's end and one for COMMIT),
+plus the ``SELECT``-less ping SQLAlchemy sends before each checkout (``pool_pre_ping``),
+which happens before the trace can start and is added as one.
+
 A change that adds database work must change this table on purpose; one that removes work
 lowers it. The numbers are exact, per backend.
 """
 
 from __future__ import annotations
 
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +34,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy as sa
+from psycopg import pq
 from sqlalchemy import event
 
 from fakes import (
@@ -51,23 +63,35 @@ class Work:
     commits: int
     rollbacks: int
     rows: int
+    round_trips: int | None = None  # PostgreSQL only: the server is in process on SQLite
 
 
 #: (request type, backend) → the database work of one request. Lower these as work is cut.
-#: SQLite counts its ``BEGIN IMMEDIATE`` as a statement; PostgreSQL's BEGIN is implicit.
+#: SQLite counts its ``BEGIN IMMEDIATE`` as a statement; PostgreSQL's BEGIN and COMMIT are
+#: sent on the raw connection, inside the writer's pipeline (``store/pipeline.py``).
 #: Two commits: the hold's batch and the settlement's (or the refusal record's) batch.
 #: A refused hold raises inside the writer's batch, which is rolled back and run again.
+#: PostgreSQL round trips (``store/pipeline.py``): a billed request was 20 before the writer
+#: pipelined its batches (14 statements, BEGIN and COMMIT twice, a pool ping per batch); now
+#: 12: per batch a ping, one wait per result read before the next statement (the hold: its
+#: idempotency lookup, the wallet's and the key's guarded UPDATEs, the hold's and the entry's
+#: ids; the settlement: the hold's close, the wallet's UPDATE, the entry's id) and one sync
+#: that carries the unread writes and the COMMIT. Refusals replay the batch unpipelined.
 BUDGET: dict[tuple[str, str], Work] = {
     ("chat", "sqlite"): Work(statements=16, commits=2, rollbacks=0, rows=16),
-    ("chat", "postgresql"): Work(statements=14, commits=2, rollbacks=0, rows=16),
+    ("chat", "postgresql"): Work(statements=14, commits=2, rollbacks=0, rows=16, round_trips=12),
     ("stream", "sqlite"): Work(statements=16, commits=2, rollbacks=0, rows=16),
-    ("stream", "postgresql"): Work(statements=14, commits=2, rollbacks=0, rows=16),
+    ("stream", "postgresql"): Work(statements=14, commits=2, rollbacks=0, rows=16,
+                                   round_trips=12),
     ("per-call", "sqlite"): Work(statements=16, commits=2, rollbacks=0, rows=15),
-    ("per-call", "postgresql"): Work(statements=14, commits=2, rollbacks=0, rows=15),
+    ("per-call", "postgresql"): Work(statements=14, commits=2, rollbacks=0, rows=15,
+                                     round_trips=12),
     ("refused-402", "sqlite"): Work(statements=14, commits=1, rollbacks=1, rows=0),
-    ("refused-402", "postgresql"): Work(statements=12, commits=1, rollbacks=1, rows=0),
+    ("refused-402", "postgresql"): Work(statements=12, commits=1, rollbacks=1, rows=0,
+                                        round_trips=22),
     ("refused-429", "sqlite"): Work(statements=13, commits=2, rollbacks=1, rows=4),
-    ("refused-429", "postgresql"): Work(statements=10, commits=2, rollbacks=1, rows=4),
+    ("refused-429", "postgresql"): Work(statements=10, commits=2, rollbacks=1, rows=4,
+                                        round_trips=19),
 }
 
 #: A warm, quiet server: keys cached for the test's length, no background loop in the window.
@@ -81,11 +105,16 @@ class Counter:
 
     def __init__(self, own: set[sa.Engine]) -> None:
         self.own = own
+        self.own_pools = {engine.pool for engine in own}
         self.lock = threading.Lock()
         self.on = False
-        self.statements = self.commits = self.rollbacks = self.rows = 0
+        self.statements = self.commits = self.rollbacks = self.rows = self.round_trips = 0
         self.sql: list[str] = []
         self._changes: dict[int, int] = {}
+        #: PostgreSQL: cursors of writes whose row counts are read when their transaction
+        #: ends (reading ``rowcount`` in a pipelined batch would wait for the result).
+        self._written: list[Any] = []
+        self._traces: dict[int, Any] = {}
 
     def _watched(self, conn: Any) -> bool:
         return self.on and conn.engine not in self.own
@@ -100,7 +129,12 @@ class Counter:
         if (self._watched(conn) and conn.dialect.name == "postgresql"
                 and statement.lstrip()[:6].upper() in ("INSERT", "UPDATE", "DELETE")):
             with self.lock:
-                self.rows += max(cursor.rowcount, 0)
+                self._written.append(cursor)
+
+    def _pg_rows(self) -> None:
+        with self.lock:
+            self.rows += sum(max(cursor.rowcount, 0) for cursor in self._written)
+            self._written = []
 
     def _sqlite_rows(self, conn: Any) -> None:
         if conn.dialect.name != "sqlite":
@@ -131,12 +165,60 @@ class Counter:
             with self.lock:
                 self.rollbacks += 1
 
+    def checkout(self, dbapi_conn: Any, record: Any, proxy: Any) -> None:
+        """A gateway's PostgreSQL connection leaves its pool: trace it until it is back."""
+        pool = getattr(proxy, "_pool", None)
+        if not self.on or pool in self.own_pools or not hasattr(dbapi_conn, "pgconn"):
+            return
+        trace = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed at checkin
+        dbapi_conn.pgconn.trace(trace.fileno())
+        dbapi_conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        with self.lock:
+            self._traces[id(dbapi_conn)] = trace
+            self.round_trips += int(bool(getattr(pool, "_pre_ping", False)))
+
+    def checkin(self, dbapi_conn: Any, record: Any) -> None:
+        with self.lock:
+            trace = self._traces.pop(id(dbapi_conn), None)
+        if trace is None:
+            return
+        dbapi_conn.pgconn.untrace()  # flushes libpq's buffered trace
+        trace.seek(0)
+        turns = _round_trips(trace.read())
+        trace.close()
+        with self.lock:
+            self.round_trips += turns
+
+    def settle(self) -> None:
+        """Wait until every traced connection is back in its pool (the writer returns its
+        connection just after the commit the test saw)."""
+        deadline = time.monotonic() + 5
+        while self._traces and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not self._traces, "a traced connection was not returned to its pool"
+
     def reset(self) -> None:
-        self.statements = self.commits = self.rollbacks = self.rows = 0
+        self.statements = self.commits = self.rollbacks = self.rows = self.round_trips = 0
         self.sql = []
 
-    def work(self) -> Work:
-        return Work(self.statements, self.commits, self.rollbacks, self.rows)
+    def work(self, backend: str) -> Work:
+        self._pg_rows()
+        return Work(self.statements, self.commits, self.rollbacks, self.rows,
+                    self.round_trips if backend == "postgresql" else None)
+
+
+def _round_trips(trace: str) -> int:
+    """Round trips in a libpq trace: runs of client messages ("F") answered by the server
+    ("B")."""
+    turns, sending = 0, False
+    for line in trace.splitlines():
+        direction = line.split("\t", 1)[0]
+        if direction == "F":
+            sending = True
+        elif direction == "B" and sending:
+            turns += 1
+            sending = False
+    return turns
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -151,14 +233,19 @@ def counted(request: pytest.FixtureRequest, upstream: FakeUpstream
                  ("after_cursor_execute", counter.after_execute),
                  ("begin", counter.begin), ("commit", counter.commit),
                  ("rollback", counter.rollback)]
+        pool_hooks = [("checkout", counter.checkout), ("checkin", counter.checkin)]
         for name, fn in hooks:
             event.listen(sa.engine.Engine, name, fn)
+        for name, fn in pool_hooks:
+            event.listen(sa.pool.Pool, name, fn)
         try:
             tw.begin_test()
             yield tw, counter, backend
         finally:
             for name, fn in hooks:
                 event.remove(sa.engine.Engine, name, fn)
+            for name, fn in pool_hooks:
+                event.remove(sa.pool.Pool, name, fn)
 
 
 def _chat(http: httpx.Client, key: str, **body: Any) -> httpx.Response:
@@ -166,7 +253,7 @@ def _chat(http: httpx.Client, key: str, **body: Any) -> httpx.Response:
                      json={"model": "gpt-test", "messages": HELLO, "max_tokens": 10, **body})
 
 
-def _measure(tw: Tollway, counter: Counter, request: Any, records: int) -> Work:
+def _measure(tw: Tollway, counter: Counter, request: Any, records: int, backend: str) -> Work:
     """The work of ``request()`` until the gateway wrote its ``records``-th usage record."""
     counter.reset()
     counter.on = True
@@ -175,7 +262,8 @@ def _measure(tw: Tollway, counter: Counter, request: Any, records: int) -> Work:
         tw.wait_records(records)
     finally:
         counter.on = False
-    return counter.work()
+    counter.settle()
+    return counter.work(backend)
 
 
 def test_database_work_per_request_type(counted: tuple[Tollway, Counter, str]) -> None:
@@ -219,7 +307,7 @@ def test_database_work_per_request_type(counted: tuple[Tollway, Counter, str]) -
     measured = {}
     for name, run, records in cases:
         seen += records
-        measured[name] = _measure(tw, counter, run, seen)
+        measured[name] = _measure(tw, counter, run, seen, backend)
         assert len(tw.records()) == seen
     assert measured == {name: BUDGET[(name, backend)] for name, _, _ in cases}
     assert tw.open_holds() == 0 and tw.verify() == []
