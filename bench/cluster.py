@@ -34,6 +34,7 @@ figures: on a shared 2-core machine they decide how much the absolute numbers me
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -112,15 +113,60 @@ def start_instances(n: int, db_url: str, upstream_base: str, work: Path,
     return procs
 
 
+class WaitSampler:
+    """What the database's client backends are doing, sampled from ``pg_stat_activity``
+    every 20 ms while a run lasts: the database side's profile. Per sample each backend of
+    the benchmark database is one of: ``lock`` (waiting for a lock another transaction holds:
+    the hot account's row), ``in-transaction`` (idle in transaction: the server waits for the
+    client's next statement, a round trip or the client's own work, locks held), ``active``
+    (executing, or waiting on I/O or the CPU) and ``idle`` (no transaction)."""
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        import psycopg
+
+        self.conn = psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://"),
+                                    autocommit=True)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.samples = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        sql = ("SELECT state, wait_event_type FROM pg_stat_activity WHERE datname = "
+               "current_database() AND pid <> pg_backend_pid() "
+               "AND backend_type = 'client backend'")
+        while not self.stop.wait(0.02):
+            rows = self.conn.execute(sql).fetchall()
+            self.samples += 1
+            for state, wait in rows:
+                kind = ("lock" if wait == "Lock" else "in-transaction"
+                        if state and state.startswith("idle in transaction") else
+                        "idle" if state == "idle" else "active")
+                self.counts[kind] += 1
+
+    def result(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join()
+        self.conn.close()
+        n = max(1, self.samples)
+        return {kind: self.counts[kind] / n for kind in ("lock", "in-transaction", "active",
+                                                         "idle")}
+
+
 def run_phase(client: gw.Client, urls: list[str], keys: list[str], body: str, stream: bool,
               concurrency: int, requests: int, warm: int, pids: list[int],
-              db_root: int | None) -> dict[str, Any]:
+              db_root: int | None, db_url: str) -> dict[str, Any]:
     opened = client.call(op="open", urls=urls, keys=keys, body=body, stream=stream,
                          concurrency=concurrency, warm=warm)
     cpu0 = gw.ours_cpu_seconds(pids, [])
     db0 = gw.tree_cpu_seconds(db_root) if db_root else 0.0
     sys0 = gw.system_busy_seconds()
+    sampler = WaitSampler(db_url)
     res = client.call(op="run", requests=requests)
+    res["backends"] = sampler.result()
     sys1 = gw.system_busy_seconds()
     cpu1 = gw.ours_cpu_seconds(pids, [])
     db1 = gw.tree_cpu_seconds(db_root) if db_root else 0.0
@@ -193,6 +239,14 @@ def render(r: dict[str, Any]) -> str:
             f" | {_median([x['instances_cpu_ms_per_req'] for x in rs]):.2f} | "
             f"{_median([x['db_cpu_ms_per_req'] for x in rs]):.2f} | "
             f"{_median([x['foreign_cores'] for x in rs]):.2f} |")
+    lines += ["", ("Database backends, mean count per sample (pg_stat_activity every 20 ms): "
+              "waiting for a lock / idle in transaction (waiting for the client) / active / "
+              "idle")]
+    for name in ("hot", "spread"):
+        b = [x["backends"] for x in r["runs"][name]]
+        lines.append(f"- {name}: " + " / ".join(
+            f"{_median([x[k] for x in b]):.2f}" for k in ("lock", "in-transaction", "active",
+                                                          "idle")))
     lines += ["", f"hot / spread: **{r['ratio']:.2f}** (rounds: "
               + ", ".join(f"{x:.2f}" for x in r["ratio_rounds"]) + "; target >= 0.8)"]
     if r.get("drain"):
@@ -282,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("hot", "spread"):
             res = run_phase(client, urls, accounts[name], body, stream, args.concurrency,
                             max(300, args.instances * len(accounts[name]) * 2),
-                            args.concurrency, pids, pg.postmaster)
+                            args.concurrency, pids, pg.postmaster, pg.url)
             ok[name] += res["ok"] + res["warm_ok"]
         log(f"[setup] warm-up done ({time.monotonic() - started:.0f}s)")
         runs: dict[str, list[dict[str, Any]]] = {"hot": [], "spread": []}
@@ -290,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             order = ("hot", "spread") if r % 2 == 0 else ("spread", "hot")
             for name in order:
                 res = run_phase(client, urls, accounts[name], body, stream, args.concurrency,
-                                args.requests, args.concurrency, pids, pg.postmaster)
+                                args.requests, args.concurrency, pids, pg.postmaster, pg.url)
                 ok[name] += res["ok"] + res["warm_ok"]
                 runs[name].append(res)
                 log(f"[round {r + 1}/{args.rounds}] {name}: {res['rps']:,.0f} req/s, p50 "
@@ -302,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         results["ratio"] = _median(results["ratio_rounds"])
         if args.drain:
             res = run_phase(client, urls, accounts["drain"], body, stream, args.concurrency,
-                            args.drain, 0, pids, pg.postmaster)
+                            args.drain, 0, pids, pg.postmaster, pg.url)
             ok["drain"] += res["ok"] + res["warm_ok"]
             results["drain"] = res
             log(f"[drain] {res['ok']} served, {res['errors']} refused")
