@@ -1,4 +1,6 @@
-# Tollway: `make serve` and `make test` work on a fresh machine with Python 3.11+, make and pip.
+# Tollway: `make serve` and `make test` work on a fresh machine with Python 3.11+ (with its venv
+# module: Debian's python3-venv) and make; scripts/check-python says what is missing, and how to
+# install it, before anything is made.
 # Every dependency comes from requirements/lock.txt, hash-pinned (`make lock` regenerates it).
 PYTHON ?= python3
 VENV := .venv
@@ -19,6 +21,7 @@ install: $(STAMP)
 # is not recorded there), then the project itself without dependencies. Fails, saying so, when
 # pyproject.toml's dependencies changed and the lock was not regenerated.
 $(STAMP): pyproject.toml $(LOCK) requirements/build.in
+	@sh scripts/check-python '$(PYTHON)'
 	@$(PYTHON) scripts/lockfile.py check $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
@@ -30,7 +33,8 @@ $(STAMP): pyproject.toml $(LOCK) requirements/build.in
 # already in the lock are kept unless needed otherwise; LOCK_ARGS=--upgrade (or
 # --upgrade-package NAME) moves them. uv itself comes hash-checked from requirements/tools.txt.
 lock:
-	@test -x $(LOCK_TOOLS)/bin/uv || { $(PYTHON) -m venv $(LOCK_TOOLS) && \
+	@test -x $(LOCK_TOOLS)/bin/uv || { sh scripts/check-python '$(PYTHON)' && \
+	  $(PYTHON) -m venv $(LOCK_TOOLS) && \
 	  $(LOCK_TOOLS)/bin/pip install --quiet --require-hashes -r requirements/tools.txt; }
 	$(LOCK_TOOLS)/bin/uv pip compile pyproject.toml requirements/build.in --extra dev \
 	  --universal --python-version 3.11 --generate-hashes --quiet -o $(LOCK) $(LOCK_ARGS)

@@ -906,9 +906,13 @@ def _small_tables(db: Database, gen: Generator, now: int) -> None:
     with db.write() as conn:
         conn.execute(groups.insert(), [{"name": n, "ratio": r} for n, r in GROUPS.items()])
         conn.execute(catalog_items.insert(), [
+            # as the catalog stores them: a data API (kind "call") has its path, a model
+            # (image models too) its upstream model; summaries by model and by endpoint
+            # tell the two apart by it
             {"id": pid, "billing_type": bt, "provider": "bench-upstream",
-             "spec": json.dumps({"path": route, "upstream_model": pid}), "active": True,
-             "updated_at_ms": now} for pid, bt, route, _pr, _pop, _k in PRODUCTS])
+             "spec": json.dumps({"path": route} if kind == "call" else {"upstream_model": pid}),
+             "active": True, "updated_at_ms": now}
+            for pid, bt, route, _pr, _pop, kind in PRODUCTS])
         conn.execute(price_versions.insert(), gen.versions)
         conn.execute(accounts.insert(), gen.account_rows())
         conn.execute(api_keys.insert(), gen.key_rows())

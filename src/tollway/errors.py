@@ -78,7 +78,9 @@ class CatalogError(InvalidRequest):
     code = "invalid_catalog"
 
     def __init__(self, problems: list[str]) -> None:
-        super().__init__("invalid catalog:\n  " + "\n  ".join(problems))
+        # one problem (a YAML syntax error, a missing file) reads on one line
+        super().__init__("invalid catalog: " + problems[0] if len(problems) == 1 else
+                         "invalid catalog:\n  " + "\n  ".join(problems))
         self.problems = problems
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import secrets
 import socket
@@ -12,7 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from tollway import clock, settings
-from tollway.billing import credits
+from tollway.billing import credits, logins
 from tollway.billing import keys as key_ops
 from tollway.errors import AuthenticationError, InvalidRequest
 from tollway.logs import log_config
@@ -27,6 +28,37 @@ DEMO_ACCOUNT = "demo"
 DEMO_CREDIT_NANO = 10 * 1_000_000_000
 
 
+def keep_secret(path: Path, secret: str) -> None:
+    """Write a generated secret for its owner's eyes only: mode 600, also when the file was
+    there before with a wider mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(secret + "\n")
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on before anything is set up or printed: uvicorn
+    finds out only after the keys are printed, and a second ``make serve`` would look as if it
+    were serving. Bound the way uvicorn binds (SO_REUSEADDR, so a port left in TIME_WAIT by a
+    server that just stopped is not refused), then released for uvicorn."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                other = port + 1 if port < 65535 else 8081
+                raise InvalidRequest(
+                    f"port {port} on {host} is already in use (another `make serve`?): stop "
+                    f"it, or serve on another port: make serve PORT={other} (tollway serve "
+                    f"--port {other})") from None
+            raise InvalidRequest(f"cannot serve on {host}:{port}: "
+                                 f"{exc.strerror or exc}") from None
+
+
 def admin_token(data_dir: Path) -> str:
     """``TOLLWAY_ADMIN_TOKEN``, else the token kept in DATA_DIR/admin-token (made once)."""
     token = settings.get("admin_token")
@@ -35,10 +67,8 @@ def admin_token(data_dir: Path) -> str:
     path = data_dir / "admin-token"
     if path.exists():
         return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
     token = "twadm-" + secrets.token_urlsafe(24)
-    path.touch(mode=0o600)
-    path.write_text(token + "\n")
+    keep_secret(path, token)
     return token
 
 
@@ -60,10 +90,27 @@ def ensure_demo(db: Database, data_dir: Path) -> str:
             except AuthenticationError:
                 pass
         new = key_ops.create_key(conn, account.id, at_ms=clock.now_ms(), name="demo")
-    data_dir.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(new.secret + "\n")
+    keep_secret(path, new.secret)
     return new.secret
+
+
+def ensure_demo_password(db: Database, data_dir: Path) -> str:
+    """The demo account's console password, kept in DATA_DIR/demo-password (mode 600): the one
+    there while it still signs in, else a new one (a new database, or the operator changed
+    it), set on the account. Call after :func:`ensure_demo` made the account."""
+    path = data_dir / "demo-password"
+    kept = path.read_text().strip() if path.exists() else None
+    with db.read() as conn:
+        found = store.login_row(conn, DEMO_ACCOUNT)
+    if kept and found is not None and logins.verify_password(kept, found[1]):
+        return kept
+    password = secrets.token_urlsafe(12)
+    password_hash = logins.hash_password(password)  # scrypt, outside the write transaction
+    with db.write() as conn:
+        logins.set_password_hash(conn, store.find_account(conn, DEMO_ACCOUNT).id,
+                                 password_hash)
+    keep_secret(path, password)
+    return password
 
 
 def share_metrics(port: int, data_dir: Path) -> None:
@@ -82,6 +129,7 @@ def share_metrics(port: int, data_dir: Path) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     config = log_config(settings.get("log_format"))  # refuse a bad format before anything
+    check_port_free(args.host, args.port)  # before the catalog, the demo and the keys
     db = Database(args.database_url)
     if current_revision(db) != head_revision():
         raise InvalidRequest("the database is not up to date: run `tollway db upgrade` first")
@@ -96,7 +144,10 @@ def serve(args: argparse.Namespace) -> None:
     lines = [f"Tollway on {base}", f"  admin token : {token}"]
     if args.demo:
         demo_key = ensure_demo(db, data_dir)
+        demo_password = ensure_demo_password(db, data_dir)
         lines += [f"  demo key    : {demo_key}",
+                  (f"  console     : {base}/login  (login: {DEMO_ACCOUNT}, "
+                   f"password: {demo_password})"),
                   f"  try         : curl {base}/v1/marketplace",
                   (f"                curl -H 'Authorization: Bearer {demo_key}' "
                    f"{base}/v1/billing/balance")]

@@ -20,7 +20,8 @@ class Setting:
 SETTINGS = (
     Setting("database_url", "sqlite:///var/tollway.db",
             "SQLAlchemy URL: sqlite:///PATH (embedded) or postgresql://USER@HOST/DB"),
-    Setting("data_dir", "var", "where the generated admin token and demo key are kept"),
+    Setting("data_dir", "var",
+            "where the generated admin token, demo key and demo console password are kept"),
     Setting("admin_token", "", "token for /admin/v1 routes; generated into DATA_DIR if empty"),
     Setting("hold_ttl_seconds", "3600",
             "a hold nobody settles within this time is released by the reaper; keep it longer "
@@ -107,7 +108,10 @@ SETTINGS = (
     Setting("signup_enabled", "false",
             "true: anyone may create a customer account with a console login at /signup"),
     Setting("signup_credit_usd", "0",
-            "a decimal USD amount credited once to each account created at /signup"),
+            "a decimal USD amount of promotional credit granted once to each account created "
+            "at /signup"),
+    Setting("signup_credit_days", "0",
+            "days the sign-up credit stays valid (0: it never expires)"),
     Setting("notify_interval_seconds", "5",
             "how often the server looks for notifications to deliver (0: never; then run "
             "`tollway notify deliver`)"),

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import sqlalchemy as sa
 
@@ -35,6 +36,7 @@ from tollway.pricing.catalog import load_catalog, parse_catalog
 from tollway.store import accounts as store
 from tollway.store.catalog import apply_catalog
 from tollway.store.db import Database
+from webclient import login
 
 with warnings.catch_warnings():
     # starlette 1.x prefers httpx2 for its test client; httpx works the same
@@ -574,8 +576,9 @@ def test_real_server_as_make_serve_starts_it(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=60)
     assert upgrade.returncode == 0, upgrade.stderr
 
-    def serve() -> tuple[str, str, int]:
-        """Start, check, stop: (admin token, demo key, available balance) as printed."""
+    def serve() -> tuple[str, str, str, str]:
+        """Start, check, stop: (admin token, demo key, demo console password, available
+        balance) as printed."""
         port = _free_port()
         base = f"http://127.0.0.1:{port}"
         proc = subprocess.Popen(
@@ -602,6 +605,16 @@ def test_real_server_as_make_serve_starts_it(tmp_path: Path) -> None:
             line = proc.stdout.readline()
             demo = re.fullmatch(r"  demo key    : (tw-\S+)\n", line)
             assert demo, line
+            line = proc.stdout.readline()
+            console = re.fullmatch(rf"  console     : {base}/login  \(login: demo, "
+                                   r"password: (\S+)\)\n", line)
+            assert console, line
+            # the quick start's console sign-in, with the printed password
+            with httpx.Client(base_url=base, trust_env=False) as web:
+                assert login(web, "demo", console[1]).status_code == 303
+                page = web.get("/console")
+                assert page.status_code == 200 and "10.000000000" in page.text
+                assert login(web, "demo", console[1] + "x").status_code == 401
 
             status, market = _get(f"{base}/v1/marketplace")
             assert status == 200
@@ -619,11 +632,14 @@ def test_real_server_as_make_serve_starts_it(tmp_path: Path) -> None:
         # uvicorn shuts down gracefully, then re-raises the signal it caught
         assert proc.returncode in (0, -signal.SIGTERM), err
         assert "Application shutdown complete." in err and "Traceback" not in err
-        return token[1], demo[1], balance["available_usd"]
+        return token[1], demo[1], console[1], balance["available_usd"]
 
-    token, demo_key, available = serve()
+    token, demo_key, password, available = serve()
     assert available == "10.000000000"
     assert (tmp_path / "var" / "admin-token").read_text().strip() == token
-    assert (tmp_path / "var" / "demo-key").stat().st_mode & 0o077 == 0
-    # a restart keeps the token and the key and does not credit the demo twice
-    assert serve() == (token, demo_key, "10.000000000")
+    assert (tmp_path / "var" / "demo-password").read_text().strip() == password
+    for secret in ("admin-token", "demo-key", "demo-password"):
+        assert (tmp_path / "var" / secret).stat().st_mode & 0o777 == 0o600, secret
+    # a restart keeps the token, the key and the password (still signing in: checked in
+    # serve()) and does not credit the demo twice
+    assert serve() == (token, demo_key, password, "10.000000000")

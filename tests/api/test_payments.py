@@ -45,7 +45,9 @@ def served(request: pytest.FixtureRequest, upstream: FakeUpstream,
            stripe_fake: FakeStripe) -> Iterator[Tollway]:
     env = {**GATEWAY_ENV, **stripe_env(stripe_fake), "TOLLWAY_PUBLIC_URL": "https://tollway.example",
            "TOLLWAY_TOPUP_MIN_USD": "5", "TOLLWAY_TOPUP_MAX_USD": "500",
-           "TOLLWAY_TOPUP_PRESETS_USD": "10,20,50"}
+           "TOLLWAY_TOPUP_PRESETS_USD": "10,20,50",
+           "TOLLWAY_RECEIPT_BUSINESS_NAME": "Acme Gateways GmbH",
+           "TOLLWAY_RECEIPT_BUSINESS_ADDRESS": "Hauptstraße 1\\n10115 Berlin\\nVAT DE123456789"}
     with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream), upstream,
                                                         env=env) as tollway:
         stripe_fake.webhook_url = tollway.url + "/webhooks/stripe"
@@ -567,3 +569,48 @@ def test_return_pages_and_receipts_show_only_the_accounts_own_paid_orders(
                  f"/console/billing/receipts/{bob_order}",
                  f"/console/billing/receipts/{open_order}"):
         assert http.get(path).status_code == 404, path
+
+
+def test_receipts_are_also_pdfs_for_the_console_and_the_key(
+        tw: Tollway, stripe_fake: FakeStripe) -> None:
+    """A paid order's receipt as a PDF that parses and says the amount, the order and the
+    seller; another account's, an unpaid or a missing order is a 404 on both routes."""
+    import io
+
+    from pypdf import PdfReader
+
+    alice, bob = tw.account(usd=None), tw.account(usd=None)
+    alice_order, _ = paid_order(tw, stripe_fake, alice, "12.34")
+    sid = order(tw, alice_order).session_id
+    assert deliver(tw, session_event(stripe_fake, sid)).status_code == 200
+    bob_order, _ = credited_order(tw, stripe_fake, bob)
+    open_order, _ = paid_order(tw, stripe_fake, alice, "10")
+    http = signed_in(tw, alice)
+    key = {"Authorization": f"Bearer {tw.key(alice)}"}
+
+    def text_of(answer: Any) -> str:
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"] == "application/pdf"
+        assert answer.content.startswith(b"%PDF-")
+        reader = PdfReader(io.BytesIO(answer.content))
+        assert len(reader.pages) == 1
+        return reader.pages[0].extract_text()
+
+    for answer in (http.get(f"/console/billing/receipts/{alice_order}.pdf"),
+                   tw.http().get(f"/v1/billing/payments/{alice_order}/receipt.pdf",
+                                 headers=key)):
+        assert f'filename="receipt-TW-{alice_order}.pdf"' in answer.headers[
+            "content-disposition"]
+        text = text_of(answer)
+        assert f"No. TW-{alice_order}" in text and f"Order {alice_order}," in text
+        assert "Acme Gateways GmbH" in text and "Hauptstraße 1" in text
+        assert "10115 Berlin" in text and "VAT DE123456789" in text
+        assert "12.34 USD" in text and sid in text
+    html = http.get(f"/console/billing/receipts/{alice_order}").text
+    assert "Acme Gateways GmbH" in html and "12.34" in html
+    for other in (bob_order, open_order, 999_999):
+        assert http.get(f"/console/billing/receipts/{other}.pdf").status_code == 404
+        missing = tw.http().get(f"/v1/billing/payments/{other}/receipt.pdf", headers=key)
+        assert missing.status_code == 404 and error_of(missing)["code"] == "not_found"
+    assert tw.http().get(f"/v1/billing/payments/{alice_order}/receipt.pdf").status_code == 401
+    assert tw.verify() == []

@@ -293,6 +293,18 @@ def test_a_key_reaches_only_its_own_account_on_every_customer_route(tw: Tollway)
     started = send("POST", "/v1/billing/checkout", json={"amount_usd": "10",
                                                          "account_id": bob.account})
     assert started.status_code == 503 and error_of(started)["code"] == "payments_unavailable"
+    # receipts: bob's paid order (written as its webhook would) is a 404 to alice's key
+    from tollway.store import payments as order_store
+
+    with tw.db.write() as conn:
+        bobs = order_store.insert_order(conn, account_id=bob.account, provider="stripe",
+                                        amount_nano=10**10, currency="usd", at_ms=1)
+        order_store.mark_paid(conn, bobs, payment_intent=None, at_ms=2)
+    covered.add("/v1/billing/payments/{order_id}/receipt.pdf")
+    receipt = http.get(f"/v1/billing/payments/{bobs}/receipt.pdf", headers=alice.auth)
+    assert receipt.status_code == 404 and error_of(receipt)["code"] == "not_found"
+    assert http.get(f"/v1/billing/payments/{bobs}/receipt.pdf",
+                    headers=bob.auth).status_code == 200
     # every customer report route of the application was tried above
     billing = {p for m, p in every_route(tw.gateway.app) if p.startswith("/v1/billing/")}
     assert billing == covered

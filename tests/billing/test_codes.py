@@ -25,7 +25,7 @@ from tollway.errors import CodeExpired, CodeRedeemed, CodeRevoked, UnknownCode
 from tollway.ledger.verify import verify
 from tollway.store import accounts as account_store
 from tollway.store.db import Database
-from tollway.store.tables import redemption_codes
+from tollway.store.tables import promo_grants, redemption_codes
 
 CATALOG = Path(__file__).resolve().parents[2] / "examples" / "catalog.yaml"
 ADMIN = {"Authorization": "Bearer test-admin-token"}
@@ -71,7 +71,11 @@ def test_a_code_redeemed_concurrently_50_times_credits_once(db_url: str) -> None
     with db.read() as conn:
         assert verify(conn) == []
         row = conn.execute(sa.select(redemption_codes)).one()
+        [grant] = conn.execute(sa.select(promo_grants)).all()
+        promo = account_store.get_account(conn, winner).promo_nano
     assert (row.redeemed_by, row.entry_id) == (winner, won[0].entry_id)
+    assert (grant.account_id, grant.amount_nano, grant.entry_id, promo) == (
+        winner, 5 * USD, won[0].entry_id, 5 * USD)
     assert cli.main(["--database-url", db_url, "ledger", "verify"]) == 0
     racers.dispose()
     db.dispose()
@@ -184,13 +188,16 @@ def test_fifty_concurrent_http_redemptions_credit_once(tw: Tollway) -> None:
     assert [tw.available(a) for a in accounts] == [7_250_000_000 if a == winner else 0
                                                   for a in accounts]
     auth = {"Authorization": f"Bearer {keys[accounts.index(winner)]}"}
-    [record] = http.get("/v1/billing/usage", params={"type": "topup"}, headers=auth).json()[
-        "data"]
+    # the credit is a promotional grant (spent before paid money), named by the code's end
+    [record] = http.get("/v1/billing/usage", params={"type": "adjustment"},
+                        headers=auth).json()["data"]
     assert record["credit_usd"] == "7.250000000"
-    assert record["note"] == f"redemption code …{code['code'][-4:]}"
+    assert record["note"] == f"promotional credit: redemption code …{code['code'][-4:]}"
+    balance = http.get("/v1/billing/balance", headers=auth).json()
+    assert (balance["paid_usd"], balance["promotional_usd"]) == ("0.000000000", "7.250000000")
     [event] = http.get("/v1/billing/notifications", headers=auth).json()["data"]
     assert event["type"] == "balance.topup"
-    assert '"source":"redemption"' in event["body"]
+    assert '"source":"redemption"' in event["body"] and '"promotional":true' in event["body"]
     assert tw.verify() == []
 
 

@@ -109,6 +109,9 @@ endpoints:
 """
 
 
+ENDPOINTS = ("search-c", "quote-d")  # the catalog's endpoints; the rest are models
+
+
 def ms(text: str) -> int:
     """Milliseconds of an ISO time written in UTC."""
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
@@ -593,9 +596,10 @@ def raw_summary(rows: Sequence[Any], group_by: list[str], start: int, end: int
         counts = Counter({"requests": int(r.type == "consume"), "errors": int(r.type == "error"),
                           **{c: getattr(r, c) for c in COUNTERS[2:]}})
         totals.update(counts)
-        if "model" in group_by and "endpoint" not in group_by and r.billing_type != "token":
+        # by model: every model (token-priced or per image); by endpoint: the data APIs
+        if "model" in group_by and "endpoint" not in group_by and r.product in ENDPOINTS:
             continue
-        if "endpoint" in group_by and "model" not in group_by and r.billing_type != "per_call":
+        if "endpoint" in group_by and "model" not in group_by and r.product not in ENDPOINTS:
             continue
         groups[tuple(f(r) for f in labels.values())].update(counts)
     return groups, totals
@@ -736,7 +740,12 @@ def test_statements_reconcile_to_the_nano_dollar(db: Database) -> None:
     assert {k: v for k, v in october.items() if k.endswith("_usd")} == {
         "opening_balance_usd": "0.000000000", "topups_usd": "10.000000000",
         "adjustments_usd": "-1.000000000", "charges_usd": "0.002195975",
-        "written_off_usd": "0.000000000", "closing_balance_usd": "8.997804025"}
+        "written_off_usd": "0.000000000", "closing_balance_usd": "8.997804025",
+        # no promotional credit here: all of each balance is paid
+        "opening_paid_usd": "0.000000000", "opening_promotional_usd": "0.000000000",
+        "grants_added_usd": "0.000000000", "grants_spent_usd": "0.000000000",
+        "grants_expired_usd": "0.000000000", "closing_paid_usd": "8.997804025",
+        "closing_promotional_usd": "0.000000000"}
     assert october["reconciliation"] == "0.000000000 + 10.000000000 − 1.002195975 = 8.997804025"
     assert october["charges_by_product"] == [
         {"product": "chat-a", "billing_type": "token", "requests": 1, "calls": 0,
@@ -748,7 +757,11 @@ def test_statements_reconcile_to_the_nano_dollar(db: Database) -> None:
     assert {k: v for k, v in november.items() if k.endswith("_usd")} == {
         "opening_balance_usd": "8.997804025", "topups_usd": "2.500000000",
         "adjustments_usd": "0.250000000", "charges_usd": "9.747804025",
-        "written_off_usd": "0.277195975", "closing_balance_usd": "2.000000000"}
+        "written_off_usd": "0.277195975", "closing_balance_usd": "2.000000000",
+        "opening_paid_usd": "8.997804025", "opening_promotional_usd": "0.000000000",
+        "grants_added_usd": "0.000000000", "grants_spent_usd": "0.000000000",
+        "grants_expired_usd": "0.000000000", "closing_paid_usd": "2.000000000",
+        "closing_promotional_usd": "0.000000000"}
     assert november["reconciliation"] == "8.997804025 + 2.750000000 − 9.747804025 = 2.000000000"
     assert november["charges_by_product"] == [
         {"product": "reasoner-b", "billing_type": "token", "requests": 1, "calls": 0,

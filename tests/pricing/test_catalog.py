@@ -126,7 +126,9 @@ models:
 
 
 def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
-    assert problems("models: [unclosed")[0].startswith("cat.yaml: not valid YAML")
+    assert problems("models: [unclosed") == [
+        ("cat.yaml: line 1, column 18: not valid YAML: expected ',' or ']', but got "
+         "'<stream end>' (while parsing a flow sequence from line 1, column 9)")]
     with pytest.raises(CatalogError) as info:
         load_catalog(tmp_path / "missing.yaml")
     assert "missing.yaml: cannot read file" in info.value.problems[0]

@@ -73,8 +73,10 @@ def test_redeeming_a_code_credits_exactly_its_amount_once(client: TestClient,
     assert available(db, "alice") == 0
     status, text = redeem(client, code.lower())  # typed in lower case: the same code
     assert status == 200
-    assert "Code redeemed: 12.340000000 USD credited." in text
+    assert "Code redeemed: 12.340000000 USD of promotional credit." in text
     assert 'data-testid="balance">12.340000000<' in text
+    assert 'data-testid="promotional">12.340000000<' in text  # a grant, spent first
+    assert 'data-testid="paid">0.000000000<' in text
     assert available(db, "alice") == 12_340_000_000
 
     status, text = redeem(client, code)

@@ -461,7 +461,9 @@ def test_catalog_file_upload(client: TestClient, db: Database) -> None:
 
 
 @pytest.mark.parametrize(("text", "problems"), [
-    ("models: [1", ["the catalog text: not valid YAML: while parsing a flow sequence"]),
+    ("models: [1", [("the catalog text: line 1, column 11: not valid YAML: expected ',' or "
+                    "']', but got '<stream end>' (while parsing a flow sequence from line 1, "
+                    "column 9)")]),
     ("providers: {}\nmodels:\n  - {id: m, provider: nowhere, price: {input: 1, output: 2}}",
      ["the catalog text: models[m].provider: unknown provider 'nowhere' (known: none defined)"]),
     ("groups: {vip: {ratio: \"-1\"}}",

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
 
-from fakes import USD, fresh_database
+from fakes import fresh_database
 from tollway.app import create_app
 from tollway.billing import logins
 from tollway.clock import now_ms
@@ -20,7 +19,7 @@ from tollway.errors import InvalidRequest
 from tollway.money import format_usd
 from tollway.store import accounts as account_store
 from tollway.store.db import Database
-from tollway.store.tables import signin_failures, web_sessions
+from tollway.store.tables import promo_grants, signin_failures, web_sessions
 from webclient import TestClient, csrf, login, operator_login, post_form
 
 ADMIN_TOKEN = "adm-sessions"
@@ -251,9 +250,11 @@ def test_sign_up_is_off_unless_enabled(client: TestClient) -> None:
 def test_sign_up_credits_once_even_when_submitted_twice(
         console: tuple[Database, TestClient], client: TestClient,
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sign-up credit is a promotional grant ("sign-up credit", valid 30 days here)."""
     db, _ = console
     monkeypatch.setenv("TOLLWAY_SIGNUP_ENABLED", "true")
     monkeypatch.setenv("TOLLWAY_SIGNUP_CREDIT_USD", "1.25")
+    monkeypatch.setenv("TOLLWAY_SIGNUP_CREDIT_DAYS", "30")
     token = csrf(client, "/signup")
     form = {"csrf_token": token, "name": "newco", "email": "ops@newco.example",
             "password": "s1gn up pass"}
@@ -264,10 +265,17 @@ def test_sign_up_credits_once_even_when_submitted_twice(
     assert second.status_code == 303
     with db.read() as conn:
         account = account_store.find_account(conn, "newco")
-    assert account.available_nano == int(Decimal("1.25") * USD)
+    assert account.available_nano == account.promo_nano == 1_250_000_000
     assert format_usd(account.balance_nano) == "1.250000000"
+    with db.read() as conn:
+        [grant] = conn.execute(sa.select(promo_grants).where(
+            promo_grants.c.account_id == account.id)).all()
+    assert (grant.amount_nano, grant.reason) == (1_250_000_000, "sign-up credit")
+    assert grant.expires_at_ms == grant.created_at_ms + 30 * 86_400_000
     page = client.get("/console")
     assert "newco" in page.text and "1.250000000" in page.text
+    assert 'data-testid="promotional">1.250000000<' in page.text
+    assert 'data-testid="paid">0.000000000<' in page.text
     # the name is taken now: another person gets an error, not the account
     client.cookies.clear()
     token = csrf(client, "/signup")

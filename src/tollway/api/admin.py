@@ -212,7 +212,9 @@ async def revoke_key(request: Request, ctx: Context) -> Response:
 
 
 async def create_codes(request: Request, ctx: Context) -> Response:
-    """Mint ``count`` codes worth ``amount_usd``: the codes are in this answer only."""
+    """Mint ``count`` codes worth ``amount_usd`` (promotional credit, valid
+    ``credit_expires_days`` after each redemption if given): the codes are in this answer
+    only."""
     body = await json_body(request)
     amount = parse_amount(body.get("amount_usd"))
     count = body.get("count", 1)
@@ -221,8 +223,12 @@ async def create_codes(request: Request, ctx: Context) -> Response:
     expires = optional_str(body, "expires_at")
     expires_ms = None if expires is None else parse_iso_ms(expires, what="expires_at")
     note = optional_str(body, "note")
+    days = body.get("credit_expires_days")
+    if days is not None and (not isinstance(days, int) or isinstance(days, bool)):
+        raise InvalidRequest("credit_expires_days must be a whole number of days")
     minted = await ctx.write(lambda conn: codes.mint(
-        conn, amount, count=count, at_ms=clock.now_ms(), expires_at_ms=expires_ms, note=note))
+        conn, amount, count=count, at_ms=clock.now_ms(), expires_at_ms=expires_ms, note=note,
+        credit_days=days))
     return JSONResponse({"object": "list", "data": [codes.new_code_view(c) for c in minted]},
                         status_code=201)
 

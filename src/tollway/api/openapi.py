@@ -343,7 +343,9 @@ SPEC: dict[str, Any] = {
             "cursor": _query("cursor", {"type": "string"}, "next_cursor of the previous page"),
             "group_by": _query("group_by", {"type": "string"},
                                "comma-separated: model, endpoint, product, key, day, hour, "
-                               "billing_type, account (revenue by account: operators)"),
+                               "billing_type, account (revenue by account: operators). model "
+                               "keeps every model (token-priced and image models), endpoint "
+                               "the data APIs, product (or both) everything"),
             "month": {"name": "month", "in": "query", "required": True,
                       "schema": {"type": "string", "pattern": r"^\d{4}-\d{2}$"}},
             "format_export": _query("format", {"enum": ["csv", "jsonl"]}, "default csv"),
@@ -354,6 +356,7 @@ SPEC: dict[str, Any] = {
             "request_id": _path("request_id"),
             "key_id": _path("key_id", {"type": "integer", "minimum": 1}),
             "code_id": _path("code_id", {"type": "integer", "minimum": 1}),
+            "order_id": _path("order_id", {"type": "integer", "minimum": 1}),
             "channel_id": _path("channel_id", {"type": "string"}),
             "margin_from": _query("from", {"type": "string", "format": "date-time"},
                                   "default: 30 days before to"),
@@ -488,15 +491,23 @@ SPEC: dict[str, Any] = {
                        "properties": {"code": {"type": "string"}}},
             "Redemption": {"type": "object", "properties": {
                 "code_id": {"type": "integer"}, "amount_usd": USD, "available_usd": USD,
-                "entry_id": {"type": "integer"}}},
+                "entry_id": {"type": "integer"}, "grant_id": {"type": "integer"},
+                "promotional": {"type": "boolean"},
+                "credit_expires_at": {"type": ["string", "null"], "format": "date-time"}}},
             "NewCodes": {"type": "object", "required": ["amount_usd"], "properties": {
                 "amount_usd": {"type": "string", "pattern": r"^\d+(\.\d{1,9})?$"},
                 "count": {"type": "integer", "minimum": 1, "maximum": 10000},
                 "expires_at": {"type": "string", "format": "date-time"},
+                "credit_expires_days": {"type": "integer", "minimum": 1, "maximum": 3650},
                 "note": {"type": "string"}}},
             "Statement": {"type": "object", "properties": {
-                "opening_balance_usd": USD, "topups_usd": USD, "adjustments_usd": USD,
-                "charges_usd": USD, "written_off_usd": USD, "closing_balance_usd": USD}},
+                "opening_balance_usd": USD, "opening_paid_usd": USD,
+                "opening_promotional_usd": USD, "topups_usd": USD, "adjustments_usd": USD,
+                "grants_added_usd": USD, "grants_spent_usd": USD, "grants_expired_usd": USD,
+                "charges_usd": USD, "written_off_usd": USD, "closing_balance_usd": USD,
+                "closing_paid_usd": USD, "closing_promotional_usd": USD,
+                "reconciliation": {"type": "string"},
+                "promotional_reconciliation": {"type": "string"}}},
         },
     },
 }
@@ -587,6 +598,10 @@ SPEC["paths"].update({
     "/v1/billing/payments": {"get": _op(
         "The account's card top-up orders, newest first", _json(_ref("PaymentOrderPage")),
         params=["limit", "cursor"])},
+    "/v1/billing/payments/{order_id}/receipt.pdf": {"get": _op(
+        "A paid order's receipt as a PDF (404 for an unpaid order or another account's)",
+        {"description": "OK", "content": {"application/pdf": {"schema": {
+            "type": "string", "format": "binary"}}}}, params=["order_id"])},
     "/webhooks/stripe": {"post": _op(
         "Stripe's events (signed: Stripe-Signature). checkout.session.completed / "
         "async_payment_succeeded credit the order's own amount once; charge.refunded and "
@@ -602,4 +617,6 @@ SPEC["paths"].update({
                                           "state and the new balance", security="session"),
     "/console/billing/receipts/{order_id}": html_pages("A paid order's printable receipt",
                                                        security="session"),
+    "/console/billing/receipts/{order_id}.pdf": html_pages(
+        "A paid order's receipt as a PDF download", security="session"),
 })

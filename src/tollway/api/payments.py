@@ -13,15 +13,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tollway.billing import payments, stripe_checkout
+from tollway.billing import payments, receipts, stripe_checkout
 from tollway.errors import PaymentMismatch, TollwayError
 from tollway.money import format_usd
 from tollway.runtime.context import Context
-from tollway.runtime.http import json_body, limited_body
+from tollway.runtime.http import json_body, limited_body, path_int
 from tollway.runtime.queries import Scope, query_int
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -47,6 +48,18 @@ def payment_list(scope: Scope) -> Endpoint:
         cursor = query_int(request, "cursor")
         return JSONResponse(await ctx.read(lambda conn: payments.orders_page(
             conn, account_id, limit=limit, cursor=cursor)))
+    return endpoint
+
+
+def receipt_pdf(scope: Scope) -> Endpoint:
+    """A paid order's receipt as a PDF (404 for another account's, unpaid or missing)."""
+    async def endpoint(request: Request) -> Response:
+        ctx: Context = request.app.state.ctx
+        account_id = await _account(scope, request, ctx)
+        order_id = path_int(request, "order_id")
+        data = await ctx.read(lambda conn: receipts.receipt_data(conn, account_id, order_id))
+        return Response(await run_in_threadpool(receipts.pdf, data),
+                        media_type="application/pdf", headers=receipts.pdf_headers(data))
     return endpoint
 
 
@@ -85,4 +98,6 @@ def payment_routes(scope: Scope) -> list[BaseRoute]:
     """The routes, the customer ones for the account ``scope`` resolves."""
     return [Route("/v1/billing/checkout", checkout(scope), methods=["POST"]),
             Route("/v1/billing/payments", payment_list(scope), methods=["GET"]),
+            Route("/v1/billing/payments/{order_id}/receipt.pdf", receipt_pdf(scope),
+                  methods=["GET"]),
             Route("/webhooks/stripe", stripe_webhook, methods=["POST"])]

@@ -14,6 +14,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from tollway.billing import keys
 from tollway.billing.reports import (
+    STATEMENT_LINES,
     month_bounds,
     operator_view,
     record_view,
@@ -135,6 +136,8 @@ def statement_html(view: dict[str, Any]) -> str:
         f"<tr><td>{e(p['product'])}</td><td>{e(p['billing_type'])}</td>"
         f"<td class=n>{p['requests']}</td><td class=n>{e(p['cost_usd'])}</td></tr>"
         for p in view["charges_by_product"])
+    lines = "\n".join(f"<tr><th>{e(label.capitalize())}</th><td class=n>{e(view[key])}</td></tr>"
+                      for label, key in STATEMENT_LINES)
     account = view["account"]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
@@ -147,14 +150,10 @@ tabular-nums}}@media print{{body{{margin:0}}}}</style></head><body>
 <h1>Statement for {e(view['month'])}</h1>
 <p>Account {account['id']} — {e(account['name'])} (group {e(account['group'])})</p>
 <table aria-label="balance"><tbody>
-<tr><th>Opening balance</th><td class=n>{e(view['opening_balance_usd'])}</td></tr>
-<tr><th>Top-ups</th><td class=n>{e(view['topups_usd'])}</td></tr>
-<tr><th>Adjustments</th><td class=n>{e(view['adjustments_usd'])}</td></tr>
-<tr><th>Charges paid</th><td class=n>{e(view['charges_usd'])}</td></tr>
-<tr><th>Written off</th><td class=n>{e(view['written_off_usd'])}</td></tr>
-<tr><th>Closing balance</th><td class=n>{e(view['closing_balance_usd'])}</td></tr>
+{lines}
 </tbody></table>
 <p>{e(view['reconciliation'])} USD</p>
+<p>Promotional credit: {e(view['promotional_reconciliation'])} USD</p>
 <h2>Charges by product</h2>
 <table><thead><tr><th>Product</th><th>Billing</th><th class=n>Requests</th>
 <th class=n>Cost (USD)</th></tr></thead><tbody>{rows}</tbody></table>

@@ -33,10 +33,12 @@ from tollway.errors import InvalidRequest
 from tollway.ledger import grants as ledger_grants
 from tollway.money import format_usd
 from tollway.store import grants as store
+from tollway.store import notifications
 from tollway.store import usage as usage_store
 from tollway.store.accounts import find_account
 
 MAX_REASON = 500
+DAY_MS = 86_400_000
 
 
 def reconcile(conn: Connection, account_id: int, *, at_ms: int) -> list[Any]:
@@ -65,23 +67,51 @@ def reconcile(conn: Connection, account_id: int, *, at_ms: int) -> list[Any]:
 
 def add(conn: Connection, account_ref: str | int, amount_nano: int, *, reason: str,
         expires_at_ms: int | None, at_ms: int, idempotency_key: str) -> dict[str, Any]:
+    """An operator's grant, as the API shows it."""
+    row, available_nano = give(conn, account_ref, amount_nano, reason=reason,
+                               expires_at_ms=expires_at_ms, at_ms=at_ms,
+                               idempotency_key=idempotency_key)
+    return _view(row, available_nano)
+
+
+def give(conn: Connection, account_ref: str | int, amount_nano: int, *, reason: str,
+         expires_at_ms: int | None, at_ms: int, idempotency_key: str,
+         source: str | None = None) -> tuple[Any, int]:
+    """Grant promotional credit (once per ``idempotency_key``): the grant's row and the
+    account's available balance right after. ``source`` (``signup``, ``redemption``) also
+    queues a ``balance.topup`` notification saying where it came from; operator grants queue
+    none."""
     if not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_REASON:
         raise InvalidRequest(f"a grant needs a reason of 1 to {MAX_REASON} characters")
     if expires_at_ms is not None and expires_at_ms <= at_ms:
         raise InvalidRequest("a grant's expiry must be in the future")
     account = find_account(conn, account_ref)
     reconcile(conn, account.id, at_ms=at_ms)  # earlier spending stays with earlier grants
+    note = f"promotional credit: {reason.strip()}"
     move = ledger_grants.grant(conn, account.id, amount_nano, idempotency_key=idempotency_key,
-                               at_ms=at_ms, note=f"promotional credit: {reason.strip()}")
+                               at_ms=at_ms, note=note)
     if (earlier := store.by_entry(conn, move.entry_id)) is not None:  # a repeated key
-        return _view(earlier, move.balance_nano)
-    store.insert(conn, account_id=account.id, amount_nano=amount_nano,
-                            reason=reason.strip(), at_ms=at_ms, expires_at_ms=expires_at_ms,
-                            entry_id=move.entry_id)
+        return earlier, move.balance_nano
+    store.insert(conn, account_id=account.id, amount_nano=amount_nano, reason=reason.strip(),
+                 at_ms=at_ms, expires_at_ms=expires_at_ms, entry_id=move.entry_id)
     usage_store.insert_event(conn, event_id=f"entry-{move.entry_id}", account_id=account.id,
                              type_="adjustment", at_ms=at_ms, credit_nano=amount_nano,
-                             note=f"promotional credit: {reason.strip()}")
-    return _view(store.by_entry(conn, move.entry_id), move.balance_nano)
+                             note=note)
+    if source is not None:
+        notifications.enqueue(conn, account.id, "balance.topup", {
+            "amount_usd": format_usd(amount_nano),
+            "available_usd": format_usd(move.balance_nano), "source": source,
+            "promotional": True, "expires_at": iso(expires_at_ms),
+            "entry_id": move.entry_id}, at_ms=at_ms, dedupe_key=f"topup:{move.entry_id}")
+    return store.by_entry(conn, move.entry_id), move.balance_nano
+
+
+def signup_credit(conn: Connection, account_id: int, amount_nano: int, *, days: int,
+                  at_ms: int) -> tuple[Any, int]:
+    """The credit an account created at /signup gets, once (``days``: 0 for ever)."""
+    return give(conn, account_id, amount_nano, reason="sign-up credit",
+                expires_at_ms=at_ms + days * DAY_MS if days else None, at_ms=at_ms,
+                idempotency_key=f"signup-credit-{account_id}", source="signup")
 
 
 def _view(row: Any, available_nano: int) -> dict[str, Any]:

@@ -215,19 +215,30 @@ def month_bounds(month: str) -> tuple[int, int]:
 
 
 def statement_view(account: Any, month: str, st: Statement) -> dict[str, Any]:
-    credits = st.topups_nano + max(st.adjustments_nano, 0)
-    debits = st.charges_nano + max(-st.adjustments_nano, 0)
+    credits = st.topups_nano + max(st.adjustments_nano, 0) + st.grants_nano
+    debits = st.charges_nano + max(-st.adjustments_nano, 0) + st.grants_expired_nano
     return {
         "account": {"id": account.id, "name": account.name, "group": account.group},
         "month": month,
         "opening_balance_usd": format_usd(st.opening_nano),
+        "opening_paid_usd": format_usd(st.opening_paid_nano),
+        "opening_promotional_usd": format_usd(st.opening_promo_nano),
         "topups_usd": format_usd(st.topups_nano),
         "adjustments_usd": format_usd(st.adjustments_nano),
+        "grants_added_usd": format_usd(st.grants_nano),
+        "grants_spent_usd": format_usd(st.grants_spent_nano),
+        "grants_expired_usd": format_usd(st.grants_expired_nano),
         "charges_usd": format_usd(st.charges_nano),
         "written_off_usd": format_usd(st.written_off_nano),
         "closing_balance_usd": format_usd(st.closing_nano),
+        "closing_paid_usd": format_usd(st.closing_paid_nano),
+        "closing_promotional_usd": format_usd(st.closing_promo_nano),
         "reconciliation": (f"{format_usd(st.opening_nano)} + {format_usd(credits)} − "
                            f"{format_usd(debits)} = {format_usd(st.closing_nano)}"),
+        "promotional_reconciliation": (
+            f"{format_usd(st.opening_promo_nano)} + {format_usd(st.grants_nano)} − "
+            f"{format_usd(st.grants_spent_nano)} − {format_usd(st.grants_expired_nano)} = "
+            f"{format_usd(st.closing_promo_nano)}"),
         "charges_by_product": [
             {"product": p["product"], "billing_type": p["billing_type"],
              "requests": int(p["requests"]), "calls": int(p["calls"]),
@@ -236,18 +247,27 @@ def statement_view(account: Any, month: str, st: Statement) -> dict[str, Any]:
     }
 
 
+#: A statement's balance lines, in the order every rendering shows them: (label, key).
+#: Grants are promotional credit (spent before paid money); "grants spent" is the part of
+#: "charges paid" that came out of them.
+STATEMENT_LINES = (
+    ("opening balance", "opening_balance_usd"), ("opening paid", "opening_paid_usd"),
+    ("opening promotional", "opening_promotional_usd"), ("top-ups", "topups_usd"),
+    ("adjustments", "adjustments_usd"), ("grants added", "grants_added_usd"),
+    ("charges paid", "charges_usd"), ("grants spent", "grants_spent_usd"),
+    ("grants expired", "grants_expired_usd"), ("written off", "written_off_usd"),
+    ("closing balance", "closing_balance_usd"), ("closing paid", "closing_paid_usd"),
+    ("closing promotional", "closing_promotional_usd"))
+
+
 def statement_csv(view: dict[str, Any]) -> str:
     buffer = io.StringIO()
     writer = _SafeWriter(csv.writer(buffer))
     writer.writerow(["line", "product", "requests", "amount_usd"])
-    writer.writerow(["opening balance", "", "", view["opening_balance_usd"]])
-    writer.writerow(["top-ups", "", "", view["topups_usd"]])
-    writer.writerow(["adjustments", "", "", view["adjustments_usd"]])
+    for line, key in STATEMENT_LINES:
+        writer.writerow([line, "", "", view[key]])
     for item in view["charges_by_product"]:
         writer.writerow(["charge", item["product"], item["requests"], item["cost_usd"]])
-    writer.writerow(["written off", "", "", view["written_off_usd"]])
-    writer.writerow(["charges paid", "", "", view["charges_usd"]])
-    writer.writerow(["closing balance", "", "", view["closing_balance_usd"]])
     return buffer.getvalue()
 
 

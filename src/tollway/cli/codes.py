@@ -23,10 +23,11 @@ def cmd_codes_create(args: argparse.Namespace) -> Output:
     db = open_db(args)
     minted = db.run_write(lambda conn: codes.mint(
         conn, amount, count=args.count, at_ms=clock.now_ms(), expires_at_ms=expires,
-        note=args.note))
+        note=args.note, credit_days=args.credit_expires_days))
     views = [codes.new_code_view(c) for c in minted]
     out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=["code", "id", "amount_usd", "expires_at", "note"],
+    writer = csv.DictWriter(out, fieldnames=["code", "id", "amount_usd", "expires_at",
+                                                 "credit_expires_days", "note"],
                             lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: csv_cell(v) for k, v in view.items()} for view in views)
@@ -67,11 +68,15 @@ def cmd_codes_redeem(args: argparse.Namespace) -> Output:
 
 def register(c: Commands) -> None:
     cds = c.group("codes", "redemption codes")
-    p = c.add(cds, "create", cmd_codes_create, "mint codes; prints CSV (code,id,amount_usd,"
-              "expires_at,note): the codes are shown only now")
+    p = c.add(cds, "create", cmd_codes_create, "mint codes of promotional credit; prints CSV "
+              "(code,id,amount_usd,expires_at,credit_expires_days,note): the codes are shown "
+              "only now")
     p.add_argument("--amount", metavar="USD", required=True)
     p.add_argument("--count", type=int, default=1)
-    p.add_argument("--expires", metavar="ISO", help="expiry time, e.g. 2027-01-01T00:00:00Z")
+    p.add_argument("--expires", metavar="ISO",
+                   help="last time the code can be redeemed, e.g. 2027-01-01T00:00:00Z")
+    p.add_argument("--credit-expires-days", metavar="N", type=int,
+                   help="the credit a redemption grants expires N days later (default: never)")
     p.add_argument("--note")
     p = c.add(cds, "list", cmd_codes_list, "codes, newest first")
     p.add_argument("--status", choices=["unused", "redeemed", "expired", "revoked"])

@@ -12,6 +12,7 @@ from typing import Any
 
 from tollway import clock, settings
 from tollway.billing.reports import (
+    STATEMENT_LINES,
     export_csv,
     export_jsonl,
     month_bounds,
@@ -220,11 +221,9 @@ def cmd_statement(args: argparse.Namespace) -> Output | None:
     if args.format == "json":
         return Output(view, json.dumps(view, indent=2))
     lines = [f"statement for account {account.id} ({account.name}), {args.month}"]
-    lines += [f"  {label:<16} {view[key]:>20} USD" for label, key in (
-        ("opening balance", "opening_balance_usd"), ("top-ups", "topups_usd"),
-        ("adjustments", "adjustments_usd"), ("charges paid", "charges_usd"),
-        ("written off", "written_off_usd"), ("closing balance", "closing_balance_usd"))]
+    lines += [f"  {label:<20} {view[key]:>20} USD" for label, key in STATEMENT_LINES]
     lines.append(f"  {view['reconciliation']} USD")
+    lines.append(f"  promotional: {view['promotional_reconciliation']} USD")
     if view["charges_by_product"]:
         lines.append("charges by product:")
         lines += [f"  {p['product']:<20} {p['billing_type']:<8} {p['requests']:>8} requests "
@@ -292,7 +291,8 @@ def register(c: Commands) -> None:
     p = c.add(c.sub, "summary", cmd_summary,
               "an account's usage by period, from the hourly rollups")
     p.add_argument("account", metavar="ACCOUNT", help="account id or name")
-    p.add_argument("--by", metavar="G,…", help="any of " + ", ".join(report_store.GROUP_BY))
+    p.add_argument("--by", metavar="G,…", help="any of " + ", ".join(report_store.GROUP_BY)
+                   + " (model: every model, image models too; endpoint: the data APIs)")
     p.add_argument("--start", metavar="ISO", help="default: 30 days before --end (rounded "
                    "down to the hour)")
     p.add_argument("--end", metavar="ISO", help="default: now (rounded up to the hour)")

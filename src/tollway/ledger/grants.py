@@ -67,7 +67,7 @@ def grant(conn: Connection, account_id: int, amount_nano: int, *, idempotency_ke
     balance = int(credited[0])
     watch(conn, account_id, amount_nano, credited, at_ms=at_ms)
     _promo(conn, account_id, amount_nano)
-    wallet_days.count(conn, account_id, at_ms=at_ms, adjustments=amount_nano)
+    wallet_days.count(conn, account_id, at_ms=at_ms, grants=amount_nano)
     entry_id = _post(conn, kind="grant", account_id=account_id, amount_nano=amount_nano,
                      key=key, balance_after_nano=balance, note=note, at_ms=at_ms,
                      lines=[(ADJUSTMENTS, AVAILABLE, -amount_nano),
@@ -95,7 +95,7 @@ def expire(conn: Connection, account_id: int, amount_nano: int, *, idempotency_k
     if taken:
         watch(conn, account_id, -taken, debited, at_ms=at_ms)
         _promo(conn, account_id, -taken)
-        wallet_days.count(conn, account_id, at_ms=at_ms, adjustments=-taken)
+        wallet_days.count(conn, account_id, at_ms=at_ms, grants_expired=taken)
     entry_id = _post(conn, kind="grant_expire", account_id=account_id, amount_nano=taken,
                      key=key, balance_after_nano=balance, note=note, at_ms=at_ms,
                      lines=[(account_id, AVAILABLE, -taken), (ADJUSTMENTS, AVAILABLE, taken)])

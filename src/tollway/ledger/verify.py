@@ -76,6 +76,7 @@ def verify(conn: Connection) -> list[str]:
     movements = {int(a): int(n) for a, n in conn.execute(
         sa.select(wallet_days.c.account_id,
                   sa.func.sum(wallet_days.c.topups_nano + wallet_days.c.adjustments_nano
+                              + wallet_days.c.grants_nano - wallet_days.c.grants_expired_nano
                               - wallet_days.c.charges_nano))
         .group_by(wallet_days.c.account_id))}
     for row in conn.execute(sa.select(accounts.c.id, accounts.c.name, accounts.c.available_nano,

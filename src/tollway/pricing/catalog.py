@@ -277,14 +277,44 @@ def load_catalog(path: str | Path) -> Catalog:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CatalogError([f"{path}: cannot read file: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise CatalogError([f"{path}: not UTF-8 text (byte {exc.start})"]) from None
     return parse_catalog(text, source=str(path))
+
+
+def _at(line: int, column: int) -> str:
+    return f"line {line + 1}, column {column + 1}"  # PyYAML counts from 0, editors from 1
+
+
+def _yaml_problem(source: str, text: str, exc: yaml.YAMLError) -> str:
+    """PyYAML's error as one line that names the source and where in it, e.g.
+    ``cat.yaml: line 1, column 11: not valid YAML: expected ',' or ']', but got '<stream
+    end>' (while parsing a flow sequence from line 1, column 9)`` for ``models: [1``. Its own
+    ``str`` spans several lines with a snippet of the file."""
+    def flat(message: str) -> str:
+        return " ".join(message.split())
+
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark, context = exc.problem_mark, exc.context_mark
+        message = flat(exc.problem or "")
+        if exc.context:
+            where = "" if context is None else f" from {_at(context.line, context.column)}"
+            message += f" ({flat(exc.context)}{where})"
+        return f"{source}: {_at(mark.line, mark.column)}: not valid YAML: {message}"
+    if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
+        line = text.count("\n", 0, exc.position)
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1)
+        character = f" (#x{exc.character:04x})" if isinstance(exc.character, int) else ""
+        return (f"{source}: {_at(line, column)}: not valid YAML: "
+                f"{flat(exc.reason)}{character}")
+    return f"{source}: not valid YAML: {flat(str(exc))}"
 
 
 def parse_catalog(text: str, *, source: str = "<catalog>") -> Catalog:
     try:
         data = yaml.load(text, Loader=_ExactLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise CatalogError([f"{source}: not valid YAML: {exc}"]) from None
+        raise CatalogError([_yaml_problem(source, text, exc)]) from None
     except (ValueError, TypeError, AttributeError, RecursionError) as exc:
         # PyYAML's constructors raise these on scalars that match a tag's pattern but not
         # its meaning: a month 13, a UTC offset of +99:00, a malformed !!timestamp.

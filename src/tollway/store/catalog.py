@@ -265,6 +265,15 @@ def current_items(conn: Connection, *, now_ms: int, item_id: str | None = None) 
     return list(items.values())
 
 
+def endpoint_ids(conn: Connection) -> list[str]:
+    """Every item ever listed as a data-API endpoint (sold now or not): what sets an
+    endpoint apart from an image model, both billed per call."""
+    rows = conn.execute(sa.select(catalog_items.c.id, catalog_items.c.spec)
+                        .where(catalog_items.c.billing_type == "per_call"))
+    return sorted(row.id for row in rows
+                  if ItemSpec.from_dict(json.loads(row.spec)).is_endpoint)
+
+
 def price_history(conn: Connection, item_id: str) -> list[PriceVersion]:
     rows = conn.execute(sa.select(price_versions).where(price_versions.c.item_id == item_id)
                         .order_by(price_versions.c.effective_from_ms, price_versions.c.id))

@@ -16,10 +16,12 @@ _MAX_ID = 2**63 - 1  # no id column holds more (a larger one is an unknown code,
 
 
 def insert(conn: Connection, *, code_hash: str, hint: str, amount_nano: int,
-           note: str | None, at_ms: int, expires_at_ms: int | None) -> int:
+           note: str | None, at_ms: int, expires_at_ms: int | None,
+           credit_days: int | None = None) -> int:
     return int(conn.execute(codes.insert().values(
         code_hash=code_hash, hint=hint, amount_nano=amount_nano, note=note, created_at_ms=at_ms,
-        expires_at_ms=expires_at_ms).returning(codes.c.id)).scalar_one())
+        expires_at_ms=expires_at_ms, credit_days=credit_days).returning(codes.c.id))
+        .scalar_one())
 
 
 def find(conn: Connection, code_hash: str) -> Any:
@@ -33,14 +35,15 @@ def get(conn: Connection, code_id: int) -> Any:
 
 
 def mark_redeemed(conn: Connection, code_hash: str, account_id: int, at_ms: int) -> Any:
-    """(id, amount_nano) if this call redeemed the code, None if it was not redeemable."""
+    """(id, amount_nano, credit_days) if this call redeemed the code, None if it was not
+    redeemable."""
     return conn.execute(
         codes.update()
         .where(codes.c.code_hash == code_hash, codes.c.redeemed_at_ms.is_(None),
                codes.c.revoked_at_ms.is_(None),
                sa.or_(codes.c.expires_at_ms.is_(None), codes.c.expires_at_ms > at_ms))
         .values(redeemed_by=account_id, redeemed_at_ms=at_ms)
-        .returning(codes.c.id, codes.c.amount_nano)).first()
+        .returning(codes.c.id, codes.c.amount_nano, codes.c.credit_days)).first()
 
 
 def set_entry(conn: Connection, code_id: int, entry_id: int) -> None:

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from tollway.errors import InvalidRequest
+from tollway.store.catalog import endpoint_ids
 from tollway.store.tables import api_keys, usage_records, usage_rollups, wallet_days
 
 HOUR_MS = 3_600_000
@@ -119,8 +120,9 @@ def get_record(conn: Connection, request_id: str, *, account_id: int | None) -> 
 def summary(conn: Connection, *, account_id: int | None, start_ms: int, end_ms: int,
             group_by: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Rows per group and the period's totals, from the hourly rollups (hours starting in
-    [start_ms, end_ms)). Grouping by model keeps token products only, by endpoint per-call
-    products only; the totals always cover everything."""
+    [start_ms, end_ms)). Grouping by model keeps models only (token-priced ones and image
+    models, which are billed per image), by endpoint data-API endpoints only, by both (or by
+    product) everything; the totals always cover everything."""
     r = usage_rollups.c
     keys: list[sa.ColumnElement[Any]] = []
     for name in group_by:
@@ -146,10 +148,11 @@ def summary(conn: Connection, *, account_id: int | None, start_ms: int, end_ms: 
     sums = [sa.func.coalesce(sa.func.sum(r[c]), 0).label(c) for c in COUNTERS]
     totals_row = conn.execute(sa.select(*sums).where(*where)).one()  # the whole period
     totals = {c: int(totals_row._mapping[c]) for c in COUNTERS}
-    if "model" in group_by and "endpoint" not in group_by:
-        where.append(r.billing_type == "token")
-    if "endpoint" in group_by and "model" not in group_by:
-        where.append(r.billing_type == "per_call")
+    if ("model" in group_by) != ("endpoint" in group_by):
+        # the rollups know a product's billing type, not its kind: per call is an endpoint's
+        # and an image model's, so the catalog says which products are endpoints
+        endpoints = r.product.in_(endpoint_ids(conn))
+        where.append(endpoints if "endpoint" in group_by else sa.not_(endpoints))
     query = sa.select(*unique, *sums).where(*where)
     if unique:
         query = query.group_by(*unique).order_by(*unique)
@@ -166,27 +169,56 @@ def summary(conn: Connection, *, account_id: int | None, start_ms: int, end_ms: 
 class Statement:
     opening_nano: int
     topups_nano: int
-    adjustments_nano: int
+    adjustments_nano: int  # signed, promotional grants and their expiry excluded
     charges_nano: int  # paid from the wallet
     written_off_nano: int
     closing_nano: int
     by_product: list[dict[str, Any]]
+    opening_promo_nano: int = 0  # the promotional part of the opening balance
+    grants_nano: int = 0  # promotional credit granted in the period
+    grants_spent_nano: int = 0  # ... spent (charges paid from it)
+    grants_expired_nano: int = 0  # ... expired and taken back
+    closing_promo_nano: int = 0
+
+    @property
+    def opening_paid_nano(self) -> int:
+        return self.opening_nano - self.opening_promo_nano
+
+    @property
+    def closing_paid_nano(self) -> int:
+        return self.closing_nano - self.closing_promo_nano
+
+
+def _promo_before(conn: Connection, account_id: int, before_ms: int) -> int:
+    """The wallet's promotional part at ``before_ms`` (a day boundary): the snapshot of the
+    last day with a movement before it."""
+    w = wallet_days.c
+    found = conn.execute(sa.select(w.promo_end_nano).where(
+        w.account_id == account_id, w.day_ms < before_ms).order_by(w.day_ms.desc())
+        .limit(1)).scalar()
+    return 0 if found is None else int(found)
 
 
 def statement(conn: Connection, account_id: int, *, start_ms: int, end_ms: int) -> Statement:
     """A month from the wallet's daily movements: the opening balance is every movement
     before it, so opening + movements = closing by construction (and ``ledger verify`` checks
-    that all movements add up to the balance)."""
+    that all movements add up to the balance). The promotional part opens and closes at the
+    day snapshots around the month; what grants, expiries and those snapshots leave is what
+    spending took from it."""
     w = wallet_days.c
-    net = w.topups_nano + w.adjustments_nano - w.charges_nano
+    net = (w.topups_nano + w.adjustments_nano + w.grants_nano - w.grants_expired_nano
+           - w.charges_nano)
     opening = int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(net), 0))
                                .where(w.account_id == account_id, w.day_ms < start_ms))
                   .scalar_one())
     month = conn.execute(sa.select(
         *[sa.func.coalesce(sa.func.sum(c), 0).label(c.name) for c in (
-            w.topups_nano, w.adjustments_nano, w.charges_nano, w.written_off_nano)])
+            w.topups_nano, w.adjustments_nano, w.charges_nano, w.written_off_nano,
+            w.grants_nano, w.grants_expired_nano)])
         .where(w.account_id == account_id, w.day_ms >= start_ms, w.day_ms < end_ms)).one()
-    topups, adjustments, charges, written_off = (int(v) for v in month)
+    topups, adjustments, charges, written_off, granted, expired = (int(v) for v in month)
+    opening_promo = _promo_before(conn, account_id, start_ms)
+    closing_promo = _promo_before(conn, account_id, end_ms)
     r = usage_rollups.c
     by_product = [dict(row._mapping) for row in conn.execute(
         sa.select(r.product, r.billing_type,
@@ -198,7 +230,9 @@ def statement(conn: Connection, account_id: int, *, start_ms: int, end_ms: int) 
         .where(r.account_id == account_id, r.hour_ms >= start_ms, r.hour_ms < end_ms)
         .group_by(r.product, r.billing_type).order_by(r.product))]
     return Statement(opening, topups, adjustments, charges, written_off,
-                     opening + topups + adjustments - charges, by_product)
+                     opening + topups + adjustments + granted - expired - charges, by_product,
+                     opening_promo, granted, opening_promo + granted - expired - closing_promo,
+                     expired, closing_promo)
 
 
 def prune_usage(conn: Connection, *, before_ms: int, limit: int) -> int:

@@ -272,6 +272,11 @@ wallet_days = sa.Table(
     sa.Column("adjustments_nano", Nano, nullable=False),  # signed
     sa.Column("charges_nano", Nano, nullable=False),  # paid from the wallet
     sa.Column("written_off_nano", Nano, nullable=False),  # charged but not covered
+    # promotional credit (migration 0012_promo_credit): granted and expired this day (not in
+    # adjustments), and the wallet's promotional part after the day's last movement
+    sa.Column("grants_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("grants_expired_nano", Nano, nullable=False, server_default="0"),
+    sa.Column("promo_end_nano", Nano, nullable=False, server_default="0"),
 )
 
 #: A client's Idempotency-Key for a gateway request (per API key): the first request's
@@ -420,6 +425,8 @@ redemption_codes = sa.Table(
     sa.Column("redeemed_by", Id, sa.ForeignKey("accounts.id")),
     sa.Column("redeemed_at_ms", Ms),
     sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),
+    # days the redeemed credit (a promotional grant) stays valid; NULL: it never expires
+    sa.Column("credit_days", sa.Integer),
     sa.CheckConstraint("amount_nano > 0", name="ck_redemption_codes_amount_positive"),
     sa.Index("ix_redemption_codes_created", "created_at_ms", "id"),
 )

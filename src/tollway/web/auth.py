@@ -12,7 +12,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
 from tollway import settings
-from tollway.billing import credits, logins, signin
+from tollway.billing import grants, logins, signin
 from tollway.billing.views import parse_amount
 from tollway.errors import InvalidRequest
 from tollway.runtime.context import Context
@@ -159,7 +159,7 @@ async def signup(request: Request) -> Response:
         if not email:
             raise InvalidRequest("an email address is needed to sign in")
         password_hash = logins.hash_password(password)  # scrypt runs here, not in the writer
-        credit_nano = _signup_credit()
+        credit_nano, credit_days = _signup_credit()
         for attempt in range(2):
             # the same form submitted twice finds the account the first submit made
             found = await ctx.read(lambda conn: logins.authenticate(conn, email, password))
@@ -174,9 +174,9 @@ async def signup(request: Request) -> Response:
                 if attempt:
                     raise
         if credit_nano:  # once per account, whatever the number of submits
-            await ctx.write(lambda conn: credits.topup(
-                conn, account_id, credit_nano, idempotency_key=f"signup-credit-{account_id}",
-                note="sign-up credit", at_ms=ctx.clock()), account_id=account_id)
+            await ctx.write(lambda conn: grants.signup_credit(
+                conn, account_id, credit_nano, days=credit_days, at_ms=ctx.clock()),
+                account_id=account_id)
     except InvalidRequest as exc:
         return await render(request, "auth/signup.html",
                             {"error": exc.message, "name": name, "email": email}, status=400)
@@ -185,11 +185,16 @@ async def signup(request: Request) -> Response:
     return response
 
 
-def _signup_credit() -> int:
+def _signup_credit() -> tuple[int, int]:
+    """(nano-USD, days valid; 0: for ever) of the promotional credit a sign-up gets."""
     value = settings.get("signup_credit_usd").strip()
     if value in ("", "0") or value.strip("0.") == "":
-        return 0
-    return parse_amount(value, what="TOLLWAY_SIGNUP_CREDIT_USD")
+        return 0, 0
+    days = settings.get("signup_credit_days").strip() or "0"
+    if not days.isdigit() or not 0 <= int(days) <= 36500:
+        raise InvalidRequest(f"TOLLWAY_SIGNUP_CREDIT_DAYS must be a whole number of days, "
+                             f"got {days!r}")
+    return parse_amount(value, what="TOLLWAY_SIGNUP_CREDIT_USD"), int(days)
 
 
 auth_routes: list[BaseRoute] = [

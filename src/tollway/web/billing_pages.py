@@ -10,12 +10,13 @@ import hmac
 from typing import Any
 
 from sqlalchemy.engine import Connection
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from tollway import settings
-from tollway.billing import payments
+from tollway.billing import payments, receipts
 from tollway.billing.views import balance_view
 from tollway.errors import CsrfFailed, NotFound, TollwayError
 from tollway.runtime.context import Context
@@ -46,12 +47,6 @@ async def csrf_session_scope(request: Request, ctx: Context) -> int:
 def _ctx(request: Request) -> Context:
     ctx: Context = request.app.state.ctx
     return ctx
-
-
-def _usd2(view_usd: str) -> str:
-    """A 9-decimal amount as dollars and cents (orders are whole cents)."""
-    whole, _, frac = view_usd.partition(".")
-    return f"{whole}.{frac[:2]}"
 
 
 async def billing_page(request: Request) -> Response:
@@ -86,7 +81,7 @@ async def _billing(request: Request, account_id: int, *, error: str | None) -> R
         "presets": [payments.usd_cents(p) for p in limits.presets_nano],
         "min_usd": payments.usd_cents(limits.min_nano),
         "max_usd": payments.usd_cents(limits.max_nano),
-        "usd2": _usd2}, status=400 if error else 200)
+        "usd2": receipts.cents}, status=400 if error else 200)
 
 
 def _enabled() -> bool:
@@ -110,29 +105,33 @@ async def return_page(request: Request) -> Response:
 
     data = await ctx.read(load)
     return await render(request, "console/billing_return.html",
-                        {**data, "canceled": canceled, "usd2": _usd2})
+                        {**data, "canceled": canceled, "usd2": receipts.cents})
 
 
 async def receipt(request: Request) -> Response:
     ctx = _ctx(request)
     account_id = await console_scope(request, ctx)
     order_id = path_int(request, "order_id")
-
-    def load(conn: Connection) -> dict[str, Any]:
-        row = store.get(conn, order_id)
-        if row is None or row.account_id != account_id or row.status != "paid":
-            raise NotFound("no receipt for this payment")
-        return {"order": payments.order_view(row),
-                "account": account_store.get_account(conn, account_id)}
-
-    data = await ctx.read(load)
+    data = await ctx.read(lambda conn: receipts.receipt_data(conn, account_id, order_id))
+    name, address = receipts.business()
     return await render(request, "console/receipt.html", {
-        **data, "usd2": _usd2, "business_name": settings.get("receipt_business_name"),
-        "business_address": settings.get("receipt_business_address").replace("\\n", "\n")})
+        **data, "usd2": receipts.cents, "business_name": name,
+        "business_address": "\n".join(address)})
+
+
+async def receipt_pdf(request: Request) -> Response:
+    """The same receipt as a PDF download."""
+    ctx = _ctx(request)
+    account_id = await console_scope(request, ctx)
+    order_id = path_int(request, "order_id")
+    data = await ctx.read(lambda conn: receipts.receipt_data(conn, account_id, order_id))
+    return Response(await run_in_threadpool(receipts.pdf, data),
+                    media_type="application/pdf", headers=receipts.pdf_headers(data))
 
 
 billing_routes = [
     Route("/console/billing", billing_page, methods=["GET", "POST"]),
     Route("/console/billing/return", return_page),
+    Route("/console/billing/receipts/{order_id}.pdf", receipt_pdf),
     Route("/console/billing/receipts/{order_id}", receipt),
 ]

@@ -24,6 +24,7 @@ from tollway.billing import codes
 from tollway.billing import keys as key_ops
 from tollway.billing import notifications as notify
 from tollway.billing.reports import (
+    STATEMENT_LINES,
     month_bounds,
     record_view,
     statement_csv,
@@ -95,14 +96,17 @@ async def _overview(request: Request, account_id: int, *,
                                               end_ms=end, group_by=["day"])
         by_product, _ = report_store.summary(conn, account_id=account_id, start_ms=start,
                                              end_ms=end, group_by=["product", "billing_type"])
+        by_model, _ = report_store.summary(conn, account_id=account_id, start_ms=start,
+                                           end_ms=end, group_by=["model"])  # images too
         return {"account": account, "balance": balance_view(account),
                 "summary": summary_view(by_day, totals, start_ms=start, end_ms=end),
-                "products": summary_view(by_product, totals, start_ms=start, end_ms=end)}
+                "products": summary_view(by_product, totals, start_ms=start, end_ms=end),
+                "models": summary_view(by_model, totals, start_ms=start, end_ms=end)}
 
     data = await _ctx(request).read(load)
     spend_by_day = _days(data["summary"]["data"], start, end)
     products = data["products"]["data"]
-    models = [p for p in products if p["billing_type"] == "token"]
+    models = data["models"]["data"]
     spend_by_model = [Bar(p["product"], Decimal(p["cost_usd"]), p["cost_usd"])
                       for p in sorted(models, key=lambda p: Decimal(p["cost_usd"]),
                                       reverse=True)]
@@ -313,7 +317,7 @@ async def statements_page(request: Request) -> Response:
         return Response(statement_csv(view), media_type="text/csv", headers={
             "content-disposition": f'attachment; filename="statement-{month}.csv"'})
     return await render(request, "console/statements.html", {
-        "statement": view, "month": month,
+        "statement": view, "month": month, "lines": STATEMENT_LINES,
         "months": _months(account.created_at_ms, today)})
 
 
