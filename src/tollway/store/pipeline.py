@@ -21,6 +21,7 @@ savepoint per operation, without the pipeline, where each error reaches its own 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +31,8 @@ from psycopg import pq
 from psycopg.errors import PipelineAborted
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
+
+_IDLE = pq.TransactionStatus.IDLE
 
 
 class Cursor(psycopg.Cursor[Any]):
@@ -78,14 +81,17 @@ def pipelined(conn: Connection) -> Iterator[None]:
             yield
             raw.cursor().execute("COMMIT")
     except Exception as exc:
-        if raw.pgconn.transaction_status != pq.TransactionStatus.IDLE and not raw.closed:
-            raw.rollback()
+        with contextlib.suppress(psycopg.Error):  # a broken connection is discarded below
+            if not raw.closed and raw.pgconn.transaction_status != _IDLE:
+                raw.rollback()
         if _statement_failed(exc):
             raise Failed from exc
         raise
     finally:
-        if not raw.closed and raw.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+        if not raw.closed and raw.pgconn.transaction_status == _IDLE:
             raw.autocommit = False
+        else:  # never back to the pool in autocommit mode or inside a transaction
+            conn.invalidate()
 
 
 def _statement_failed(exc: Exception) -> bool:
