@@ -15,8 +15,8 @@ latency, since the writer's one thread waits for each. libpq's own protocol trac
 sends and receives; a round trip is a run of messages sent followed by the server's answer
 (one per statement outside pipeline mode; in the writer's pipelined batches, one per result
 read before the next statement can be built, one for the batch's end and one for COMMIT),
-plus the ``SELECT``-less ping SQLAlchemy sends before each checkout (``pool_pre_ping``),
-which happens before the trace can start and is added as one.
+plus the empty-query ping SQLAlchemy sends before each checkout (``pool_pre_ping``), which
+happens before the trace can start and is added as one.
 
 A change that adds database work must change this table on purpose; one that removes work
 lowers it. The numbers are exact, per backend.
