@@ -7,12 +7,16 @@ missing server is an error: CI must never pass on SQLite alone.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
+import threading
+import warnings
 from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from aiohttp import web
 
 from fake_stripe import FakeStripe
 from fakes import (
@@ -127,6 +131,44 @@ def stripe_fake() -> Iterator[FakeStripe]:
     """A fake Stripe Checkout API on 127.0.0.1 (``fake_stripe``), one per module."""
     with FakeStripe() as fake:
         yield fake
+
+
+@pytest.fixture(scope="session")
+def localstripe() -> Iterator[str]:
+    """localstripe (a stateful fake Stripe from PyPI) in a thread on 127.0.0.1, one per
+    session (its aiohttp app is a module global, bound to one event loop): an ephemeral
+    port, its store emptied first."""
+    with warnings.catch_warnings():  # localstripe routes plain functions (aiohttp deprecates)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from localstripe import server  # noqa: PLC0415 - only this module needs it
+
+    server.store.clear()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port: list[int] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        runner = web.AppRunner(server.app, access_log=None)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        port.append(int(runner.addresses[0][1]))
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        pending = asyncio.all_tasks(loop)  # webhooks localstripe has yet to send
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
+
+    thread = threading.Thread(target=run, name="localstripe", daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield f"http://127.0.0.1:{port[0]}"
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
 
 
 @pytest.fixture

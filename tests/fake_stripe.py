@@ -7,6 +7,8 @@ signatures.
 - ``GET /pay/{id}`` is the hosted payment page (a "Pay" button); ``POST /pay/{id}`` marks the
   session paid, sends ``checkout.session.completed`` to ``webhook_url`` signed with the
   endpoint secret, and redirects to the session's ``success_url`` (as Stripe does).
+- ``POST /v1/customers`` makes a customer (auto-recharge's), once per Idempotency-Key; a
+  session in ``setup`` mode (saving a card) has no line items and names its customer.
 - ``fail_next`` makes the next API call answer a Stripe error.
 
 :func:`signature` computes a ``Stripe-Signature`` header exactly as Stripe does (HMAC-SHA256
@@ -66,6 +68,7 @@ def _unflatten(form: Any) -> dict[str, Any]:
 class FakeStripe:
     def __init__(self) -> None:
         self.sessions: dict[str, dict[str, Any]] = {}
+        self.customers: dict[str, str] = {}  # Idempotency-Key -> customer id
         self.requests: list[tuple[str, dict[str, Any], str | None]] = []
         self.webhook_url = ""
         self.fail_next = False
@@ -86,6 +89,7 @@ class FakeStripe:
             asyncio.set_event_loop(loop)
             app = web.Application()
             app.router.add_post("/v1/checkout/sessions", self._create)
+            app.router.add_post("/v1/customers", self._customer)
             app.router.add_get("/v1/checkout/sessions/{id}", self._get)
             app.router.add_get("/pay/{id}", self._page)
             app.router.add_post("/pay/{id}", self._pay)
@@ -127,12 +131,13 @@ class FakeStripe:
             if session["_idempotency_key"] == idem:
                 return web.json_response(_public(session))
         sid = f"cs_test_{next(_ids):06d}{int(time.time() * 1000) % 10**6:06d}"
-        item = params["line_items"]["0"]
+        item = params["line_items"]["0"] if params["mode"] == "payment" else {
+            "price_data": {"unit_amount": 0, "currency": params["currency"]}, "quantity": 1}
         session = {
             "id": sid, "object": "checkout.session", "mode": params["mode"],
             "url": f"{self.base}/pay/{sid}", "status": "open", "payment_status": "unpaid",
             "amount_total": int(item["price_data"]["unit_amount"]) * int(item["quantity"]),
-            "currency": item["price_data"]["currency"],
+            "currency": item["price_data"]["currency"], "customer": params.get("customer"),
             "client_reference_id": params.get("client_reference_id"),
             "metadata": params.get("metadata", {}), "payment_intent": None,
             "success_url": params["success_url"], "cancel_url": params["cancel_url"],
@@ -140,6 +145,14 @@ class FakeStripe:
         }
         self.sessions[sid] = session
         return web.json_response(_public(session))
+
+    async def _customer(self, request: web.Request) -> web.Response:
+        params = _unflatten(await request.post())
+        idem = request.headers.get("Idempotency-Key") or f"none-{next(_ids)}"
+        self.requests.append(("customer", params, idem))
+        customer = self.customers.setdefault(idem, f"cus_test_{next(_ids):06d}")
+        return web.json_response({"id": customer, "object": "customer",
+                                  "metadata": params.get("metadata", {})})
 
     async def _get(self, request: web.Request) -> web.Response:
         session = self.sessions.get(request.match_info["id"])

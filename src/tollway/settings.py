@@ -148,6 +148,9 @@ SETTINGS = (
     Setting("topup_presets_usd", "10,20,50,100",
             "comma-separated top-up amounts the console offers as buttons (each within the "
             "bounds)"),
+    Setting("auto_recharge_max_failures", "3",
+            "consecutive failed auto-recharge charges after which an account's auto-recharge "
+            "is paused (saving the setting again resumes it)"),
 )
 
 

@@ -293,6 +293,15 @@ def test_a_key_reaches_only_its_own_account_on_every_customer_route(tw: Tollway)
     started = send("POST", "/v1/billing/checkout", json={"amount_usd": "10",
                                                          "account_id": bob.account})
     assert started.status_code == 503 and error_of(started)["code"] == "payments_unavailable"
+    # auto-recharge: the key's account's setting, whatever the query or body names
+    saved = send("PUT", "/v1/billing/auto_recharge", json={
+        "enabled": True, "threshold_usd": "5", "target_usd": "20", "monthly_cap_usd": "50"})
+    assert saved.status_code == 200 and saved.json()["account_id"] == alice.account
+    assert get("/v1/billing/auto_recharge", account=bob.account).json()["account_id"] == (
+        alice.account)
+    assert http.get("/v1/billing/auto_recharge", headers=bob.auth).json()["enabled"] is False
+    card = send("POST", "/v1/billing/auto_recharge/card")
+    assert card.status_code == 503 and error_of(card)["code"] == "payments_unavailable"
     # receipts: bob's paid order (written as its webhook would) is a 404 to alice's key
     from tollway.store import payments as order_store
 
@@ -442,6 +451,7 @@ READ_NO_BODY = {("POST", "/admin/v1/keys/{key_id}/revoke"),
                 ("POST", "/admin/v1/accounts/{account}/disable"),
                 ("POST", "/admin/v1/accounts/{account}/enable"),
                 ("POST", "/v1/billing/notifications/settings/rotate-secret"),
+                ("POST", "/v1/billing/auto_recharge/card"),
                 ("POST", "/admin/v1/accounts/{account}/notifications/settings/rotate-secret")}
 
 

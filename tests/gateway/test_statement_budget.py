@@ -50,7 +50,9 @@ from fakes import (
     running_tollway,
 )
 from tollway.clock import now_ms
+from tollway.store import auto_recharge as recharge_store
 from tollway.store.accounts import KeyLimits
+from tollway.store.tables import notification_events
 
 pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 
@@ -92,6 +94,19 @@ BUDGET: dict[tuple[str, str], Work] = {
     ("refused-429", "sqlite"): Work(statements=13, commits=2, rollbacks=1, rows=4),
     ("refused-429", "postgresql"): Work(statements=10, commits=2, rollbacks=1, rows=4,
                                         round_trips=19),
+    # auto-recharge (issue 17): a watched wallet that stays above its threshold costs
+    # nothing more (the threshold comes back in the RETURNING of the hold's UPDATE); the one
+    # request that crosses it pays 3 statements and 3 rows more (disarm, the outbox event,
+    # its delivery); on PostgreSQL those 3 are SQLAlchemy statements, each waited for (+3
+    # round trips)
+    ("per-call-recharge-watched", "sqlite"): Work(statements=16, commits=2, rollbacks=0,
+                                                  rows=15),
+    ("per-call-recharge-watched", "postgresql"): Work(statements=14, commits=2, rollbacks=0,
+                                                      rows=15, round_trips=12),
+    ("per-call-recharge-crossing", "sqlite"): Work(statements=19, commits=2, rollbacks=0,
+                                                   rows=18),
+    ("per-call-recharge-crossing", "postgresql"): Work(statements=17, commits=2, rollbacks=0,
+                                                       rows=18, round_trips=15),
 }
 
 #: A warm, quiet server: keys cached for the test's length, no background loop in the window.
@@ -129,7 +144,10 @@ class Counter:
         if (self._watched(conn) and conn.dialect.name == "postgresql"
                 and statement.lstrip()[:6].upper() in ("INSERT", "UPDATE", "DELETE")):
             with self.lock:
-                self._written.append(cursor)
+                if args[1] is not None:  # SQLAlchemy's statement: it waits for the result
+                    self.rows += max(cursor.rowcount, 0)  # and closes the cursor: read now
+                else:  # a Prepared one, maybe pipelined: read when the transaction ends
+                    self._written.append(cursor)
 
     def _pg_rows(self) -> None:
         with self.lock:
@@ -275,13 +293,24 @@ def test_database_work_per_request_type(counted: tuple[Tollway, Counter, str]) -
     key = tw.key(rich)
     limited = tw.key(rich, name="limited", limits=KeyLimits(rpm=1))
     poor_key = tw.key(tw.account(usd=None))
+    # auto-recharge with a saved card: one wallet far above its threshold, one that the
+    # measured call (0.002 USD after a warm-up call) takes from 9.998 to 9.996, below 9.997
+    watched, crossing = tw.account(), tw.account()
+    with tw.db.write() as conn:
+        for account_id, threshold in ((watched, 1 * 10**9), (crossing, 9_997_000_000)):
+            recharge_store.save(conn, account_id, {
+                "enabled": True, "threshold_nano": threshold, "target_nano": 20 * 10**9,
+                "monthly_cap_nano": 100 * 10**9, "stripe_customer": f"cus_{account_id}",
+                "payment_method": f"pm_{account_id}"}, at_ms=now_ms())
+    watched_key, crossing_key = tw.key(watched), tw.key(crossing)
     # Warm up: every key cached, every prepared statement compiled, on every path.
     for secret in (key, limited, poor_key):
         _chat(http, secret)
     _chat(http, key, stream=True)
-    http.get("/apis/v1/twitter/user/jack", headers={"Authorization": f"Bearer {key}"})
-    seen = len(tw.wait_records(4))
-    assert seen == 4  # the 402 writes no record
+    for secret in (key, watched_key, crossing_key):
+        http.get("/apis/v1/twitter/user/jack", headers={"Authorization": f"Bearer {secret}"})
+    seen = len(tw.wait_records(6))
+    assert seen == 6  # the 402 writes no record
 
     def stream() -> None:
         with http.stream("POST", "/v1/chat/completions",
@@ -303,6 +332,12 @@ def test_database_work_per_request_type(counted: tuple[Tollway, Counter, str]) -
             "/apis/v1/twitter/user/jack", headers={"Authorization": f"Bearer {key}"})), 1),
         ("refused-402", status(402, lambda: _chat(http, poor_key)), 0),
         ("refused-429", status(429, lambda: _chat(http, limited)), 1),
+        ("per-call-recharge-watched", status(200, lambda: http.get(
+            "/apis/v1/twitter/user/jack", headers={"Authorization": f"Bearer {watched_key}"})),
+         1),
+        ("per-call-recharge-crossing", status(200, lambda: http.get(
+            "/apis/v1/twitter/user/jack", headers={"Authorization": f"Bearer {crossing_key}"})),
+         1),
     ]
     measured = {}
     for name, run, records in cases:
@@ -311,3 +346,7 @@ def test_database_work_per_request_type(counted: tuple[Tollway, Counter, str]) -
         assert len(tw.records()) == seen
     assert measured == {name: BUDGET[(name, backend)] for name, _, _ in cases}
     assert tw.open_holds() == 0 and tw.verify() == []
+    with tw.db.read() as conn:  # the crossing queued its one charge; the other none
+        due = conn.execute(sa.select(notification_events.c.account_id).where(
+            notification_events.c.type == "auto_recharge.due")).scalars().all()
+    assert due == [crossing]

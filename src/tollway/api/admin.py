@@ -18,8 +18,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tollway import clock
-from tollway.api import channels, notifications, reports
-from tollway.billing import codes, credits, grants, logins, tiers
+from tollway.api import channels, notifications, payments, reports
+from tollway.billing import auto_recharge, codes, credits, grants, logins, tiers
 from tollway.billing import keys as key_ops
 from tollway.billing.views import (
     LIMIT_FIELDS,
@@ -268,6 +268,12 @@ async def list_grants(request: Request, ctx: Context) -> Response:
         conn, account.id, at_ms=ctx.clock()), account_id=account.id))
 
 
+async def recharge_overview(request: Request, ctx: Context) -> Response:
+    """Every account's auto-recharge: setting, saved card, failures, pause, last attempts."""
+    return JSONResponse({"object": "list", "data": await ctx.read(
+        lambda conn: auto_recharge.overview(conn, at_ms=ctx.clock()))})
+
+
 async def verify_ledger(request: Request, ctx: Context) -> Response:
     problems = await ctx.read(verify)
     return JSONResponse({"ok": not problems, "problems": problems},
@@ -306,6 +312,8 @@ admin_routes = [
           methods=["PUT"]),
     Route("/accounts/{account}/notifications/settings/rotate-secret",
           notifications.rotate_secret(admin_scope), methods=["POST"]),
+    *payments.recharge_routes("/accounts/{account}/auto_recharge", admin_scope),
+    Route("/auto_recharge", _admin(recharge_overview), methods=["GET"]),
     Route("/accounts/{account}/grants", _admin(add_grant), methods=["POST"]),
     Route("/accounts/{account}/grants", _admin(list_grants), methods=["GET"]),
     Route("/codes", _admin(create_codes), methods=["POST"]),

@@ -604,15 +604,60 @@ SPEC["paths"].update({
             "type": "string", "format": "binary"}}}}, params=["order_id"])},
     "/webhooks/stripe": {"post": _op(
         "Stripe's events (signed: Stripe-Signature). checkout.session.completed / "
-        "async_payment_succeeded credit the order's own amount once; charge.refunded and "
+        "async_payment_succeeded credit the order's own amount once; "
+        "payment_intent.succeeded credits an auto-recharge charge's own amount once; "
+        "setup_intent.succeeded saves a card for Tollway's customer; charge.refunded and "
         "charge.dispute.created take money back (400 invalid_signature for a forged or stale "
         "signature, 400 payment_mismatch for a session that contradicts its order)",
         _json(_ref("WebhookReceipt")), security=None, body=OBJECT)},
+})
+#: Auto-recharge (``api/payments.py``): the customer's own, and the operator's per account.
+SPEC["components"]["schemas"].update({
+    "AutoRechargeRequest": {"type": "object", "required": ["enabled"], "properties": {
+        "enabled": {"type": "boolean"},
+        **{name: {"type": "string", "pattern": r"^\d+(\.\d{1,2})?$"}
+           for name in ("threshold_usd", "target_usd", "monthly_cap_usd")}},
+        "description": "amounts required on the first save, else kept; target > threshold, "
+                       "target <= TOLLWAY_TOPUP_MAX_USD, target - threshold and the cap >= "
+                       "TOLLWAY_TOPUP_MIN_USD"},
+    "AutoRecharge": {"type": "object", "properties": {
+        "enabled": {"type": "boolean"}, "threshold_usd": {"oneOf": [USD, {"type": "null"}]},
+        "target_usd": {"oneOf": [USD, {"type": "null"}]},
+        "monthly_cap_usd": {"oneOf": [USD, {"type": "null"}]},
+        "charged_this_month_usd": USD, "left_this_month_usd": {"oneOf": [USD, {"type": "null"}]},
+        "card_saved": {"type": "boolean"}, "paused": {"type": "boolean"},
+        "consecutive_failures": {"type": "integer"}, "in_flight": {"type": "boolean"},
+        "attempts": {"type": "array", "items": OBJECT}}},
+})
+SPEC["paths"].update({
+    "/v1/billing/auto_recharge": {
+        "get": _op("The account's auto-recharge: setting, saved card, this month's charges",
+                   _json(_ref("AutoRecharge"))),
+        "put": _op("Save auto-recharge (saving resumes a paused one; 400 invalid_request)",
+                   _json(_ref("AutoRecharge")), body=_ref("AutoRechargeRequest"))},
+    "/v1/billing/auto_recharge/card": {"post": _op(
+        "Save a card for auto-recharge: a Stripe Checkout Session in setup mode; send the "
+        "customer to url (the card is taken from Stripe's setup_intent.succeeded)",
+        _json(_ref("Checkout")), status="201")},
+    "/admin/v1/accounts/{account}/auto_recharge": {
+        "get": _op("An account's auto-recharge", _json(_ref("AutoRecharge")),
+                   security="adminToken", params=["account"]),
+        "put": _op("Save an account's auto-recharge", _json(_ref("AutoRecharge")),
+                   security="adminToken", params=["account"],
+                   body=_ref("AutoRechargeRequest"))},
+    "/admin/v1/auto_recharge": {"get": _op(
+        "Every account's auto-recharge (failures, pauses, recent charges)", _json(OBJECT),
+        security="adminToken")},
 })
 SPEC["paths"].update({
     "/console/billing": html_pages("Add funds by card (presets or an amount; redirects to "
                                    "Stripe Checkout) and payment history", ("get", "post"),
                                    security="session"),
+    "/console/billing/auto_recharge": html_pages("Save auto-recharge (the billing page's form)",
+                                                 ("post",), security="session"),
+    "/console/billing/auto_recharge/card": html_pages("Save a card for auto-recharge "
+                                                      "(redirects to Stripe's set-up page)",
+                                                      ("post",), security="session"),
     "/console/billing/return": html_pages("Where Stripe sends the customer back: the order's "
                                           "state and the new balance", security="session"),
     "/console/billing/receipts/{order_id}": html_pages("A paid order's printable receipt",

@@ -1,7 +1,9 @@
-"""Card top-ups over HTTP: ``POST /v1/billing/checkout`` and ``GET /v1/billing/payments``
-for the account the caller's ``Scope`` names (``app.py`` gives them an API key's account, or
-a console session's with its CSRF token in ``X-CSRF-Token``), and ``POST /webhooks/stripe``
-(Stripe's events, verified by signature).
+"""Card top-ups over HTTP: ``POST /v1/billing/checkout``, ``GET /v1/billing/payments`` and
+auto-recharge (``GET``/``PUT /v1/billing/auto_recharge``, ``POST
+/v1/billing/auto_recharge/card`` to save a card) for the account the caller's ``Scope``
+names (``app.py`` gives them an API key's account, or a console session's with its CSRF
+token in ``X-CSRF-Token``), and ``POST /webhooks/stripe`` (Stripe's events, verified by
+signature; auto-recharge's own events go to ``billing.auto_recharge``).
 
 The webhook reads the order the event names first, only to learn its account: the write then
 goes to the writer ordered by that account like every money movement (``Writer``), and
@@ -18,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tollway.billing import payments, receipts, stripe_checkout
+from tollway.billing import auto_recharge, payments, receipts, stripe_checkout
 from tollway.errors import PaymentMismatch, TollwayError
 from tollway.money import format_usd
 from tollway.runtime.context import Context
@@ -51,6 +53,36 @@ def payment_list(scope: Scope) -> Endpoint:
     return endpoint
 
 
+def recharge_get(scope: Scope) -> Endpoint:
+    async def endpoint(request: Request) -> Response:
+        ctx: Context = request.app.state.ctx
+        account_id = await _account(scope, request, ctx)
+        return JSONResponse(await ctx.read(lambda conn: auto_recharge.view(
+            conn, account_id, at_ms=ctx.clock())))
+    return endpoint
+
+
+def recharge_put(scope: Scope) -> Endpoint:
+    """Save the setting (400 invalid_request for a bad one; saving resumes a paused one)."""
+    async def endpoint(request: Request) -> Response:
+        ctx: Context = request.app.state.ctx
+        account_id = await _account(scope, request, ctx)
+        body = await json_body(request)
+        return JSONResponse(await ctx.write(lambda conn: auto_recharge.save(
+            conn, account_id, body, at_ms=ctx.clock()), account_id=account_id))
+    return endpoint
+
+
+def recharge_card(scope: Scope) -> Endpoint:
+    """A Checkout Session in setup mode where the customer saves the card to charge."""
+    async def endpoint(request: Request) -> Response:
+        ctx: Context = request.app.state.ctx
+        account_id = await _account(scope, request, ctx)
+        return JSONResponse(await auto_recharge.start_card_setup(
+            ctx.write, account_id, at_ms=ctx.clock()), status_code=201)
+    return endpoint
+
+
 def receipt_pdf(scope: Scope) -> Endpoint:
     """A paid order's receipt as a PDF (404 for another account's, unpaid or missing)."""
     async def endpoint(request: Request) -> Response:
@@ -77,11 +109,16 @@ async def stripe_webhook(request: Request) -> Response:
     except TollwayError as exc:
         log.warning("stripe webhook refused: %s", exc.message)
         raise
-    if not payments.handles(event):
+    if event["type"] in auto_recharge.EVENTS:
+        account_id = await ctx.read(lambda conn: auto_recharge.event_account(conn, event))
+        result = await ctx.write(lambda conn: auto_recharge.handle_event(
+            conn, event, at_ms=ctx.clock()), account_id=account_id)
+    elif payments.handles(event):
+        account_id = await ctx.read(lambda conn: payments.order_account(conn, event))
+        result = await ctx.write(lambda conn: payments.handle_event(
+            conn, event, at_ms=ctx.clock()), account_id=account_id)
+    else:
         return JSONResponse({"received": True, "outcome": "ignored"})
-    account_id = await ctx.read(lambda conn: payments.order_account(conn, event))
-    result = await ctx.write(lambda conn: payments.handle_event(conn, event, at_ms=ctx.clock()),
-                             account_id=account_id)
     level = logging.WARNING if result.refused or result.outcome.startswith("unknown") else (
         logging.INFO)
     log.log(level, "stripe event %s (%s): %s%s, order %s", result.event_id, result.type,
@@ -100,4 +137,12 @@ def payment_routes(scope: Scope) -> list[BaseRoute]:
             Route("/v1/billing/payments", payment_list(scope), methods=["GET"]),
             Route("/v1/billing/payments/{order_id}/receipt.pdf", receipt_pdf(scope),
                   methods=["GET"]),
+            *recharge_routes("/v1/billing/auto_recharge", scope),
+            Route("/v1/billing/auto_recharge/card", recharge_card(scope), methods=["POST"]),
             Route("/webhooks/stripe", stripe_webhook, methods=["POST"])]
+
+
+def recharge_routes(path: str, scope: Scope) -> list[BaseRoute]:
+    """Auto-recharge's routes under ``path`` (the customer's, or the operator's per account)."""
+    return [Route(path, recharge_get(scope), methods=["GET"]),
+            Route(path, recharge_put(scope), methods=["PUT"])]

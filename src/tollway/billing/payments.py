@@ -52,7 +52,7 @@ log = logging.getLogger("tollway.payments")
 T = TypeVar("T")
 
 CURRENCY = "usd"
-_PLAIN = re.compile(r"\d{1,9}(\.\d{1,2})?")
+PLAIN = re.compile(r"\d{1,9}(\.\d{1,2})?")
 NANO_PER_CENT = NANO_PER_USD // 100
 #: Outcome of each handled event; True: answered 400 (it contradicts Tollway's records).
 OUTCOMES = {
@@ -66,6 +66,8 @@ OUTCOMES = {
     "unknown_session": False,   # not a session of a Tollway order: ignored
     "unknown_payment": False,   # a charge Tollway did not sell: ignored
     "not_paid": False,          # a refund for an order never credited: nothing to take back
+    "card_saved": False,        # a card saved for auto-recharge (billing.auto_recharge)
+    "unknown_customer": False,  # a card set up for a customer Tollway did not create
     "account_mismatch": True,   # the session names another order or account
     "amount_mismatch": True,    # the session's amount or currency is not the order's
 }
@@ -98,23 +100,24 @@ class EventResult:
         return OUTCOMES.get(self.outcome, False)
 
 
-def _cents(value: object, what: str) -> int:
+def cents_nano(value: object, what: str, *, allow_zero: bool = False) -> int:
     """An amount in USD with at most 2 decimals, as nano-USD."""
     try:
         amount = parse_decimal(value, what=what)
     except MoneyFormatError as exc:
         raise InvalidRequest(str(exc)) from None
-    if amount != amount.quantize(Decimal("0.01")) or amount <= 0:
-        raise InvalidRequest(f"{what} must be a positive USD amount with at most 2 decimals, "
-                             f"got {value!r}")
+    if amount != amount.quantize(Decimal("0.01")) or amount < 0 or (
+            amount == 0 and not allow_zero):
+        raise InvalidRequest(f"{what} must be a {'non-negative' if allow_zero else 'positive'}"
+                             f" USD amount with at most 2 decimals, got {value!r}")
     return int(amount * 100) * NANO_PER_CENT
 
 
 def bounds() -> TopupBounds:
     """The operator's top-up bounds and presets (settings ``topup_*``)."""
-    low = _cents(settings.get("topup_min_usd"), "TOLLWAY_TOPUP_MIN_USD")
-    high = _cents(settings.get("topup_max_usd"), "TOLLWAY_TOPUP_MAX_USD")
-    presets = tuple(_cents(p.strip(), "TOLLWAY_TOPUP_PRESETS_USD")
+    low = cents_nano(settings.get("topup_min_usd"), "TOLLWAY_TOPUP_MIN_USD")
+    high = cents_nano(settings.get("topup_max_usd"), "TOLLWAY_TOPUP_MAX_USD")
+    presets = tuple(cents_nano(p.strip(), "TOLLWAY_TOPUP_PRESETS_USD")
                     for p in settings.get("topup_presets_usd").split(",") if p.strip())
     return TopupBounds(low, high, tuple(p for p in presets if low <= p <= high))
 
@@ -123,10 +126,10 @@ def parse_amount(value: object, limits: TopupBounds) -> int:
     """``amount_usd`` of a checkout request as nano-USD, or 400 invalid_request."""
     if not isinstance(value, str | int | Decimal) or isinstance(value, bool):
         raise InvalidRequest("amount_usd must be a decimal string such as \"20.00\"")
-    if isinstance(value, str) and not _PLAIN.fullmatch(value.strip()):
+    if isinstance(value, str) and not PLAIN.fullmatch(value.strip()):
         raise InvalidRequest(f"amount_usd must be written like \"20.00\" (at most 2 "
                              f"decimals), got {value!r}")
-    nano = _cents(value, "amount_usd")
+    nano = cents_nano(value, "amount_usd")
     if not limits.min_nano <= nano <= limits.max_nano:
         raise InvalidRequest(f"amount_usd must be from {usd_cents(limits.min_nano)} to "
                              f"{usd_cents(limits.max_nano)} USD, got {value!r}")
@@ -192,7 +195,7 @@ def order_account(conn: Connection, event: dict[str, Any]) -> int | None:
 
 
 def _order_of(conn: Connection, event: dict[str, Any]) -> Any:
-    obj = _object(event)
+    obj = event_object(event)
     kind = event.get("type")
     if kind in CHECKOUT_EVENTS and isinstance(obj.get("id"), str):
         return store.by_session(conn, obj["id"])
@@ -201,7 +204,8 @@ def _order_of(conn: Connection, event: dict[str, Any]) -> Any:
     return None
 
 
-def _object(event: dict[str, Any]) -> dict[str, Any]:
+def event_object(event: dict[str, Any]) -> dict[str, Any]:
+    """The event's ``data.object`` (empty if it has none)."""
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
     return obj if isinstance(obj, dict) else {}
@@ -213,19 +217,28 @@ def handles(event: dict[str, Any]) -> bool:
 
 def handle_event(conn: Connection, event: dict[str, Any], *, at_ms: int) -> EventResult:
     """Apply one verified provider event, at most once per event id (see the module doc)."""
+    def apply(event_id: str, kind: str) -> EventResult:
+        order = _order_of(conn, event)
+        if order is None:
+            return EventResult(event_id, kind, "unknown_session" if kind in CHECKOUT_EVENTS
+                               else "unknown_payment")
+        if kind in CHECKOUT_EVENTS:
+            return _checkout(conn, event_id, kind, event_object(event), order, at_ms)
+        return _reversal(conn, event_id, kind, event_object(event), order, at_ms)
+    return once(conn, event, apply, at_ms=at_ms)
+
+
+def once(conn: Connection, event: dict[str, Any],
+         apply: Callable[[str, str], EventResult], *, at_ms: int) -> EventResult:
+    """Run ``apply(event_id, type)`` for an event id never seen, in the caller's
+    transaction, and store its outcome; a replay returns the first outcome and changes
+    nothing (the event id's insert is the guard)."""
     event_id, kind = str(event["id"]), str(event["type"])
     if not store.record_event(conn, event_id=event_id, type_=kind, order_id=None,
                               outcome="pending", at_ms=at_ms):
         first = store.event(conn, event_id)
         return EventResult(event_id, kind, str(first.outcome), first.order_id, replay=True)
-    order = _order_of(conn, event)
-    if order is None:
-        result = EventResult(event_id, kind, "unknown_session" if kind in CHECKOUT_EVENTS
-                             else "unknown_payment")
-    elif kind in CHECKOUT_EVENTS:
-        result = _checkout(conn, event_id, kind, _object(event), order, at_ms)
-    else:
-        result = _reversal(conn, event_id, kind, _object(event), order, at_ms)
+    result = apply(event_id, kind)
     store.set_event_outcome(conn, event_id, result.outcome, result.order_id)
     return result
 

@@ -1,5 +1,7 @@
 """The network edge to Stripe: Checkout Sessions made with the official ``stripe`` library,
-and webhook payloads verified with it.
+webhook payloads verified with it, and auto-recharge's customers, card set-up sessions and
+off-session charges (:func:`create_customer`, :func:`create_setup_session`,
+:func:`charge_saved_card`).
 
 Only two calls are made: creating a Checkout Session for an order (mode ``payment``, one line
 item of the order's amount, ``client_reference_id`` and metadata naming the order and its
@@ -72,6 +74,74 @@ def create_session(*, order_id: int, account_id: int, amount_cents: int, currenc
     if not session.id or not session.url:
         raise PaymentProviderError("Stripe answered a checkout session without id or url")
     return CheckoutSession(session.id, session.url)
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """What Stripe answered an off-session charge: ``succeeded``, or not (``error`` says
+    why: a decline, a card that needs the customer, or no answer at all)."""
+
+    payment_intent: str | None
+    succeeded: bool
+    error: str | None = None
+
+
+def create_customer(*, account_id: int) -> str:
+    """A Stripe customer for an account's saved card (blocking)."""
+    try:
+        customer = _client().v1.customers.create(
+            params={"metadata": {"account_id": str(account_id)},
+                    "description": f"Tollway account {account_id}"},
+            options={"idempotency_key": f"tollway-customer-{account_id}"})
+    except stripe.StripeError as exc:
+        raise PaymentProviderError(f"Stripe refused the customer: {exc.user_message or exc}"
+                                   ) from None
+    return str(customer.id)
+
+
+def create_setup_session(*, customer: str, account_id: int, success_url: str,
+                         cancel_url: str) -> CheckoutSession:
+    """A Checkout Session in ``setup`` mode: the customer enters a card, Stripe saves it for
+    off-session use and reports ``setup_intent.succeeded`` (blocking)."""
+    metadata: dict[str, str] = {"account_id": str(account_id), "purpose": "auto_recharge"}
+    try:
+        session = _client().v1.checkout.sessions.create(params={  # type: ignore[arg-type]
+            "mode": "setup", "customer": customer, "currency": "usd",
+            "payment_method_types": ["card"], "metadata": metadata,
+            "setup_intent_data": {"metadata": metadata},
+            "success_url": success_url, "cancel_url": cancel_url})
+    except stripe.StripeError as exc:
+        raise PaymentProviderError(f"Stripe refused the card set-up: "
+                                   f"{exc.user_message or exc}") from None
+    if not session.id or not session.url:
+        raise PaymentProviderError("Stripe answered a checkout session without id or url")
+    return CheckoutSession(session.id, session.url)
+
+
+def charge_saved_card(*, attempt_id: int, account_id: int, customer: str, payment_method: str,
+                      amount_cents: int, currency: str) -> Charge:
+    """One off-session PaymentIntent (``confirm=true, off_session=true``) for an auto-recharge
+    attempt, with the attempt's id as Stripe's idempotency key (a retried call charges once)
+    and in its metadata (``payment_intent.succeeded`` names the attempt). Never raises for
+    Stripe's answers: a decline or an unreachable Stripe is a failed :class:`Charge`."""
+    try:
+        intent = _client().v1.payment_intents.create(params={
+            "amount": amount_cents, "currency": currency, "customer": customer,
+            "payment_method": payment_method, "confirm": True, "off_session": True,
+            "metadata": {"recharge_id": str(attempt_id), "account_id": str(account_id)},
+        }, options={"idempotency_key": f"tollway-recharge-{attempt_id}"})
+    except stripe.CardError as exc:
+        found = (exc.error.payment_intent if exc.error is not None else None)
+        pi = found.get("id") if isinstance(found, dict) else getattr(found, "id", None)
+        return Charge(pi if isinstance(pi, str) else None, False,
+                      f"the card was declined ({exc.code or 'card_error'})")
+    except stripe.StripeError as exc:
+        return Charge(None, False, f"Stripe did not charge the card: "
+                                   f"{exc.user_message or type(exc).__name__}")
+    if intent.status != "succeeded":
+        return Charge(intent.id, False, f"the payment is {intent.status} (the card needs the "
+                                        "customer's action)")
+    return Charge(intent.id, True)
 
 
 def verify(payload: bytes, signature: str | None) -> dict[str, Any]:

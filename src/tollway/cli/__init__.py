@@ -18,6 +18,7 @@ from sqlalchemy import exc as sa_exc
 from tollway import settings
 from tollway.cli import (
     accounts,
+    auto_recharge,
     backup,
     catalog,
     channels,
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the order of `tollway --help`
     for group in (serve, catalog, channels, accounts, keys, reports, ledger, backup, notify,
                   codes,
-                  grants):
+                  grants, auto_recharge):
         group.register(commands)
     return parser
 

@@ -7,6 +7,10 @@ retried after ``retry_base * 2**(attempt-1)`` until ``max_attempts``; a worker t
 a claim loses it when its lease (longer than the send timeout) runs out, and the next worker
 makes the next attempt. A receiver may still see an event twice (our record of its 2xx lost to
 a crash): the event id in ``X-Tollway-Event-Id`` is what it deduplicates on.
+
+The ``recharge`` channel is not a message: its delivery is the charge of a saved card
+(``billing.auto_recharge.run``), attempted once (the charge itself is guarded; a failure is
+counted there, and the next debit below the threshold queues the next try).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import aiohttp
 from sqlalchemy.engine import Connection
 
 from tollway import clock, settings
+from tollway.billing import auto_recharge
 from tollway.errors import StorageUnavailable
 from tollway.notify import mail, signing, targets
 from tollway.store import notifications as store
@@ -146,6 +151,8 @@ class Deliverer:
         t0 = time.monotonic()
         if claimed.channel == "webhook":
             outcome = await self._post(claimed)
+        elif claimed.channel == store.RECHARGE:
+            outcome = await self._recharge(claimed)
         else:
             outcome = await self._email(claimed)
         duration = int((time.monotonic() - t0) * 1000)
@@ -181,6 +188,16 @@ class Deliverer:
                         exc)
             return Outcome(url, None, reason)
         return Outcome(url, status, None if 200 <= status < 300 else f"HTTP {status}")
+
+    async def _recharge(self, c: Claimed) -> Outcome:
+        try:
+            done = await auto_recharge.run(self.write, c.account_id, clock_ms=self.clock_ms)
+        except StorageUnavailable:
+            raise
+        except Exception:  # noqa: BLE001 - recorded as a failed attempt; the log has why
+            log.exception("auto-recharge of account %s failed", c.account_id)
+            return Outcome("auto-recharge", None, "the recharge failed", final=True)
+        return Outcome(f"auto-recharge: {done}", None, None)
 
     async def _email(self, c: Claimed) -> Outcome:
         if not c.email:

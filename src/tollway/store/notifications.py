@@ -31,7 +31,10 @@ from tollway.store.tables import (
 
 _ev, _dl, _at, _st = (notification_events, notification_deliveries, notification_attempts,
                       notification_settings)
-EVENT_TYPES = ("balance.low", "balance.topup", "payment.reversed")
+EVENT_TYPES = ("balance.low", "balance.topup", "payment.reversed", "auto_recharge.succeeded",
+               "auto_recharge.failed", "auto_recharge.paused")
+#: The delivery channel of ``auto_recharge.due``: not a message, the charge of a saved card.
+RECHARGE = "recharge"
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,22 @@ def balance_low(conn: Connection, account_id: int, *, data: dict[str, Any],
     enqueue(conn, account_id, "balance.low", data, at_ms=at_ms)
 
 
+def set_recharge_armed(conn: Connection, account_id: int, armed: bool) -> None:
+    conn.execute(accounts.update().where(accounts.c.id == account_id)
+                 .values(recharge_armed=armed))
+
+
+def recharge_due(conn: Connection, account_id: int, *, data: dict[str, Any],
+                 at_ms: int) -> str:
+    """The wallet fell below its auto-recharge threshold: disarm and queue one
+    ``auto_recharge.due`` whose only delivery is the ``recharge`` channel (any worker's
+    deliverer claims it like a message and charges the card), whatever the account's
+    notification settings."""
+    set_recharge_armed(conn, account_id, False)
+    return _insert_event(conn, account_id, "auto_recharge.due", data, at_ms=at_ms,
+                         dedupe_key=None, channels=[RECHARGE])
+
+
 def enqueue(conn: Connection, account_id: int, type_: str, data: dict[str, Any], *,
             at_ms: int, dedupe_key: str | None = None) -> str | None:
     """Insert an event and one pending delivery per configured channel; nothing for an
@@ -129,14 +148,20 @@ def enqueue(conn: Connection, account_id: int, type_: str, data: dict[str, Any],
     if target is None or dedupe_key is not None and conn.execute(
             sa.select(_ev.c.id).where(_ev.c.dedupe_key == dedupe_key)).first() is not None:
         return None
+    channels = [name for name, value in zip(("webhook", "email"), target, strict=True)
+                if value]
+    return _insert_event(conn, account_id, type_, data, at_ms=at_ms, dedupe_key=dedupe_key,
+                         channels=channels)
+
+
+def _insert_event(conn: Connection, account_id: int, type_: str, data: dict[str, Any], *,
+                  at_ms: int, dedupe_key: str | None, channels: list[str]) -> str:
     public_id = "evt_" + secrets.token_hex(12)
     body = json.dumps({"id": public_id, "type": type_, "created_at": _iso(at_ms),
                        "account_id": account_id, "data": data}, separators=(",", ":"))
     event_id = conn.execute(_ev.insert().values(
         public_id=public_id, dedupe_key=dedupe_key, account_id=account_id, type=type_,
         body=body, created_at_ms=at_ms).returning(_ev.c.id)).scalar_one()
-    channels = [name for name, value in zip(("webhook", "email"), target, strict=True)
-                if value]
     for channel in channels:
         conn.execute(_dl.insert().values(event_id=event_id, channel=channel, status="pending",
                                          attempts=0, next_attempt_at_ms=at_ms))

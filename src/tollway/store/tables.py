@@ -42,6 +42,11 @@ accounts = sa.Table(
     sa.Column("low_balance_armed", sa.Boolean, nullable=False, server_default=sa.false()),
     # the promotional part of the wallet (available + held), spent first (0009_grants)
     sa.Column("promo_nano", Nano, nullable=False, server_default="0"),
+    # auto-recharge's threshold while it can run (enabled, not paused, a card saved; NULL
+    # otherwise) and whether the next debit below it queues a recharge (0013_auto_recharge):
+    # read in the same RETURNING as the low-balance pair
+    sa.Column("recharge_threshold_nano", Nano),
+    sa.Column("recharge_armed", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("available_nano >= 0", name="ck_accounts_available_nonnegative"),
     sa.CheckConstraint("held_nano >= 0", name="ck_accounts_held_nonnegative"),
 )
@@ -495,4 +500,42 @@ promo_grants = sa.Table(
     sa.CheckConstraint("remaining_nano >= 0", name="ck_promo_grants_remaining_nonnegative"),
     sa.Index("ix_promo_grants_account", "account_id", "closed_at_ms"),
     sa.Index("ix_promo_grants_due", "closed_at_ms", "expires_at_ms"),
+)
+
+# auto-recharge (migration 0013_auto_recharge): an account's setting and saved card, and each
+# charge of that card; ``in_flight_id`` is the guarded row that allows one charge at a time
+auto_recharge = sa.Table(
+    "auto_recharge",
+    metadata,
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), primary_key=True),
+    sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.false()),
+    # NULL until first saved (a card may be saved before the amounts)
+    sa.Column("threshold_nano", Nano),
+    sa.Column("target_nano", Nano),
+    sa.Column("monthly_cap_nano", Nano),
+    sa.Column("stripe_customer", sa.String(255), unique=True),  # created by Tollway
+    sa.Column("payment_method", sa.String(255)),  # from Stripe's event, never from a client
+    sa.Column("card_saved_at_ms", Ms),
+    sa.Column("failures", sa.Integer, nullable=False, server_default="0"),  # consecutive
+    sa.Column("paused_at_ms", Ms),  # set after too many failures; saving the setting resumes
+    sa.Column("in_flight_id", Id),  # the recharge_attempts row being charged, if any
+    sa.Column("updated_at_ms", Ms, nullable=False),
+    sa.CheckConstraint("target_nano > threshold_nano", name="ck_auto_recharge_target"),
+)
+recharge_attempts = sa.Table(
+    "recharge_attempts",
+    metadata,
+    _id(),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("amount_nano", Nano, nullable=False),
+    sa.Column("currency", sa.String(3), nullable=False),
+    sa.Column("month_start_ms", Ms, nullable=False),  # the cap's month (billing time zone)
+    sa.Column("status", sa.String(16), nullable=False),  # pending | succeeded | failed
+    sa.Column("payment_intent", sa.String(255), unique=True),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at_ms", Ms, nullable=False),
+    sa.Column("completed_at_ms", Ms),
+    sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),  # the top-up that credited it
+    sa.CheckConstraint("amount_nano > 0", name="ck_recharge_attempts_amount_positive"),
+    sa.Index("ix_recharge_attempts_account", "account_id", "month_start_ms"),
 )

@@ -1,7 +1,8 @@
 """The console's money-in pages: "Add funds" (presets and a custom amount, then off to
-Stripe Checkout), the page Stripe sends the customer back to, payment history and printable
-receipts. Like every console page they take the account from the session; a receipt is shown
-only for a paid order of that account (another account's order is a 404, as a missing one).
+Stripe Checkout), auto-recharge (its form, and "save a card" off to Stripe's set-up page),
+the page Stripe sends the customer back to, payment history and printable receipts. Like
+every console page they take the account from the session; a receipt is shown only for a
+paid order of that account (another account's order is a 404, as a missing one).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from tollway import settings
-from tollway.billing import payments, receipts
+from tollway.billing import auto_recharge, payments, receipts
 from tollway.billing.views import balance_view
 from tollway.errors import CsrfFailed, NotFound, TollwayError
 from tollway.runtime.context import Context
@@ -67,21 +68,57 @@ async def billing_page(request: Request) -> Response:
     return await _billing(request, account_id, error=error)
 
 
-async def _billing(request: Request, account_id: int, *, error: str | None) -> Response:
+async def recharge_page(request: Request) -> Response:
+    """The auto-recharge form: saved like ``PUT /v1/billing/auto_recharge``."""
+    ctx = _ctx(request)
+    account_id = await console_scope(request, ctx)
+    form = await form_data(request)
+    await check_csrf(request, form)
+    body: dict[str, Any] = {"enabled": form.get("enabled") == "on"}
+    for name in ("threshold_usd", "target_usd", "monthly_cap_usd"):
+        if value := str(form.get(name) or "").strip():
+            body[name] = value
+    try:
+        await ctx.write(lambda conn: auto_recharge.save(conn, account_id, body,
+                                                        at_ms=ctx.clock()),
+                        account_id=account_id)
+    except TollwayError as exc:
+        return await _billing(request, account_id, error=None, recharge_error=exc.message)
+    return RedirectResponse("/console/billing?recharge=saved", status_code=303)
+
+
+async def card_page(request: Request) -> Response:
+    """Off to Stripe's set-up page to save the card auto-recharge charges."""
+    ctx = _ctx(request)
+    account_id = await console_scope(request, ctx)
+    await check_csrf(request, await form_data(request))
+    try:
+        started = await auto_recharge.start_card_setup(ctx.write, account_id,
+                                                       at_ms=ctx.clock())
+    except TollwayError as exc:
+        return await _billing(request, account_id, error=None, recharge_error=exc.message)
+    return RedirectResponse(started["url"], status_code=303)
+
+
+async def _billing(request: Request, account_id: int, *, error: str | None,
+                   recharge_error: str | None = None) -> Response:
     limits = payments.bounds()
+    ctx = _ctx(request)
 
     def load(conn: Connection) -> dict[str, Any]:
         account = account_store.get_account(conn, account_id)
         return {"account": account, "balance": balance_view(account),
-                "orders": payments.orders_page(conn, account_id, limit=50, cursor=None)["data"]}
+                "orders": payments.orders_page(conn, account_id, limit=50, cursor=None)["data"],
+                "recharge": auto_recharge.view(conn, account_id, at_ms=ctx.clock())}
 
-    data = await _ctx(request).read(load)
+    data = await ctx.read(load)
+    failed = error or recharge_error
     return await render(request, "console/billing.html", {
-        **data, "error": error, "enabled": _enabled(),
+        **data, "error": error, "recharge_error": recharge_error, "enabled": _enabled(),
         "presets": [payments.usd_cents(p) for p in limits.presets_nano],
         "min_usd": payments.usd_cents(limits.min_nano),
         "max_usd": payments.usd_cents(limits.max_nano),
-        "usd2": receipts.cents}, status=400 if error else 200)
+        "usd2": receipts.cents}, status=400 if failed else 200)
 
 
 def _enabled() -> bool:
@@ -131,6 +168,8 @@ async def receipt_pdf(request: Request) -> Response:
 
 billing_routes = [
     Route("/console/billing", billing_page, methods=["GET", "POST"]),
+    Route("/console/billing/auto_recharge", recharge_page, methods=["POST"]),
+    Route("/console/billing/auto_recharge/card", card_page, methods=["POST"]),
     Route("/console/billing/return", return_page),
     Route("/console/billing/receipts/{order_id}.pdf", receipt_pdf),
     Route("/console/billing/receipts/{order_id}", receipt),
