@@ -491,16 +491,19 @@ models:
 
 
 def start_tollway(name: str, db_url: str, upstream_base: str, work: Path, cpu: int | None,
-                  log: Any, limits: bool = False) -> Target:
+                  log: Any, limits: bool = False, src: str | None = None) -> Target:
     """Fresh database (upgrade, catalog, account, top-up, key), then ``tollway serve``; with
-    ``limits``, a tier and a key with every limit (none of which the run reaches)."""
+    ``limits``, a tier and a key with every limit (none of which the run reaches); with
+    ``src``, every command of this target imports tollway from that source tree
+    (``--baseline-src``)."""
     cli = _tollway_cli()
     data_dir = work / name
     data_dir.mkdir(parents=True, exist_ok=True)
     catalog = data_dir / "catalog.yaml"
     catalog.write_text(_catalog(upstream_base, limits))
-    env = {**os.environ, "TOLLWAY_DATA_DIR": str(data_dir),
-           "TOLLWAY_BENCH_UPSTREAM_KEY": "sk-fake-upstream"}
+    own = {"TOLLWAY_DATA_DIR": str(data_dir), "TOLLWAY_BENCH_UPSTREAM_KEY": "sk-fake-upstream",
+           **({"PYTHONPATH": src} if src else {})}
+    env = {**os.environ, **own}
     common = ["--database-url", db_url]
     _run(cli + ["db", "upgrade", *common], env=env)
     _run(cli + ["catalog", "apply", str(catalog), *common], env=env)
@@ -512,8 +515,7 @@ def start_tollway(name: str, db_url: str, upstream_base: str, work: Path, cpu: i
                           env=env))["key"]
     port = free_port()
     proc = Proc(name, cli + ["serve", "--host", "127.0.0.1", "--port", str(port), *common],
-                work, cpu=cpu, env={"TOLLWAY_DATA_DIR": str(data_dir),
-                                    "TOLLWAY_BENCH_UPSTREAM_KEY": "sk-fake-upstream"})
+                work, cpu=cpu, env=own)
     proc.wait_http(f"http://127.0.0.1:{port}/healthz")
     log(f"[setup] {name}: tollway serve on :{port} (pid {proc.pid}), {db_url}")
     return Target(name, f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -712,13 +714,26 @@ def run_profiled_tollway(argv: list[str]) -> int:
     import uvicorn.server
 
     from tollway.cli import main as tollway_main
-    from tollway.store.writer import Writer
 
     out = os.environ["TOLLWAY_BENCH_PROFILE_OUT"]
     serve = uvicorn.server.Server.serve
-    writer_run = Writer._run
 
     async def profiled_serve(self: Any, sockets: Any = None) -> None:
+        # imported here, not above: the store imports the metrics, which must see the
+        # multiprocess directory ``tollway serve`` chooses before it starts uvicorn
+        from tollway.store.writer import Writer
+        writer_run = Writer._run
+
+        def profiled_writer(writer: Any) -> None:
+            prof = cProfile.Profile()
+            prof.enable()
+            try:
+                writer_run(writer)
+            finally:
+                prof.disable()
+                prof.dump_stats(out + ".writer")
+
+        Writer._run = profiled_writer  # type: ignore[method-assign]
         prof = cProfile.Profile()
         prof.enable()
         try:
@@ -727,17 +742,7 @@ def run_profiled_tollway(argv: list[str]) -> int:
             prof.disable()
             prof.dump_stats(out + ".loop")
 
-    def profiled_writer(self: Any) -> None:
-        prof = cProfile.Profile()
-        prof.enable()
-        try:
-            writer_run(self)
-        finally:
-            prof.disable()
-            prof.dump_stats(out + ".writer")
-
     uvicorn.server.Server.serve = profiled_serve  # type: ignore[method-assign]
-    Writer._run = profiled_writer  # type: ignore[method-assign]
     return tollway_main(argv)
 
 
@@ -1051,12 +1056,13 @@ def machine() -> dict[str, Any]:
             "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
-def source_digest() -> str:
-    """A digest of Tollway's source files: the working tree is shared, and an edit landing
-    mid-run would mean the targets started at different times ran different code."""
+def source_digest(src: str | None = None) -> str:
+    """A digest of Tollway's source files (``src``: of the package in that source tree): the
+    working tree is shared, and an edit landing mid-run would mean the targets started at
+    different times ran different code."""
     import hashlib
 
-    package = tollway_source()
+    package = tollway_source() if src is None else Path(src) / "tollway"
     h = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         h.update(str(path.relative_to(package)).encode())
@@ -1307,6 +1313,11 @@ def main(argv: list[str] | None = None) -> int:
                          "var/litellm-venv)")
     ap.add_argument("--litellm-requests", type=int, default=200,
                     help="requests per LiteLLM measurement (it serves ~20-60 req/s)")
+    ap.add_argument("--baseline-src", metavar="DIR",
+                    help="also Tollway imported from this source tree (a `git archive` of "
+                         "another commit's src/) on each backend, interleaved with the others: "
+                         "a before/after comparison in one run (targets tollway-sqlite@base, "
+                         "tollway-pg@base)")
     ap.add_argument("--limits", action="store_true",
                     help="also run each Tollway with every limit on (limiter cost)")
     ap.add_argument("--layout", choices=("proxy", "servers", "none"), default="proxy")
@@ -1359,6 +1370,7 @@ def main(argv: list[str] | None = None) -> int:
     client: Client | None = None
     pg: PostgresDatabase | None = None
     pg_limits: PostgresDatabase | None = None
+    pg_base: PostgresDatabase | None = None
     results: dict[str, Any] = {"machine": machine(), "params": {
         "requests": args.requests, "concurrency": concs, "rounds": args.rounds,
         "modes": modes, "warm": args.warm, "layout": layout.describe(),
@@ -1402,6 +1414,14 @@ def main(argv: list[str] | None = None) -> int:
                 procs.append(t.proc)  # type: ignore[arg-type]
                 targets.append(t)
                 notes["tollway-sqlite+limits"] = "the same, every limit on (none reached)"
+        if args.baseline_src and not args.no_sqlite:
+            src = str(Path(args.baseline_src).resolve())
+            t = start_tollway("tollway-sqlite@base", f"sqlite:///{work / 'tollway-base.db'}",
+                              up_base, work, layout.proxy, log, src=src)
+            procs.append(t.proc)  # type: ignore[arg-type]
+            targets.append(t)
+            notes["tollway-sqlite@base"] = (f"the same, tollway imported from {src} "
+                                            f"(source digest {source_digest(src)})")
         pg_url = args.postgres or os.environ.get("TOLLWAY_BENCH_POSTGRES_URL")
         if pg_url:
             pg = PostgresDatabase(pg_url)
@@ -1419,6 +1439,16 @@ def main(argv: list[str] | None = None) -> int:
                 targets.append(t)
                 notes["tollway-pg+limits"] = (f"the same server, fresh database "
                                               f"{pg_limits.name}, every limit on (none reached)")
+            if args.baseline_src:
+                src = str(Path(args.baseline_src).resolve())
+                pg_base = PostgresDatabase(pg_url, "_base")
+                t = start_tollway("tollway-pg@base", pg_base.url, up_base, work, layout.proxy,
+                                  log, src=src)
+                t.db_root_pid = pg.postmaster
+                procs.append(t.proc)  # type: ignore[arg-type]
+                targets.append(t)
+                notes["tollway-pg@base"] = (f"the same server, fresh database {pg_base.name}, "
+                                            f"tollway imported from {src}")
             notes["tollway-pg"] = (
                 f"PostgreSQL {pg.version} (fsync={pg.settings['fsync']}, synchronous_commit="
                 f"{pg.settings['synchronous_commit']}), fresh database {pg.name}; server "
@@ -1519,6 +1549,8 @@ def main(argv: list[str] | None = None) -> int:
             pg.drop()
         if pg_limits is not None:
             pg_limits.drop()
+        if pg_base is not None:
+            pg_base.drop()
         if (results.get("ok") and not results.get("deaths")
                 and not os.environ.get("TOLLWAY_BENCH_KEEP")):
             shutil.rmtree(work, ignore_errors=True)

@@ -124,10 +124,11 @@ ERROR_RATE = 0.03
 ESTIMATED = "the stream ended without a usage block; tokens counted with the model's tokenizer"
 AVG_COST_GUESS_NANO = 3_000_000  # ~$0.003 per request, only to size the first top-up
 
-#: Migration 0006's columns (1-hour cache writes) are left to their defaults (0 and NULL): the
-#: generated traffic is the chat-completions mix, which has none.
-LATER_COLUMNS = ("cache_write_1h_tokens", "cache_write_1h_nano_per_1m")
-COLUMNS = [c.name for c in usage_records.c if c.name != "id" and c.name not in LATER_COLUMNS]
+#: The generator writes the columns up to ``note`` (migration 0005's record); later ones (1-hour
+#: cache writes, channels, upstream cost, ...) are left to their defaults (0 and NULL): the
+#: generated traffic is a chat-completions mix through one channel, which has none of them.
+_RECORD = [c.name for c in usage_records.c if c.name != "id"]
+COLUMNS = _RECORD[:_RECORD.index("note") + 1]
 ROLLUP_COLUMNS = ["account_id", "hour_ms", "key_id", "product", "billing_type", "requests",
                   "errors", "input_tokens", "cached_input_tokens", "cache_write_tokens",
                   "output_tokens", "reasoning_tokens", "calls", "cost_nano"]
@@ -135,7 +136,7 @@ ROLLUP_COLUMNS = ["account_id", "hour_ms", "key_id", "product", "billing_type", 
 #: (``closing_balance_nano`` existed in earlier revisions of migration 0002).
 WALLET_FIELDS = ("account_id", "day_ms", "topups_nano", "adjustments_nano", "charges_nano",
                  "written_off_nano", "closing_balance_nano")
-WALLET_COLUMNS = [c.name for c in wallet_days.c]
+WALLET_COLUMNS = [c.name for c in wallet_days.c if c.name in WALLET_FIELDS]  # grants: 0
 _WALLET_PICK = [WALLET_FIELDS.index(c) for c in WALLET_COLUMNS]
 _C = {name: i for i, name in enumerate(COLUMNS)}
 

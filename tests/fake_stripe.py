@@ -9,6 +9,10 @@ signatures.
   endpoint secret, and redirects to the session's ``success_url`` (as Stripe does).
 - ``POST /v1/customers`` makes a customer (auto-recharge's), once per Idempotency-Key; a
   session in ``setup`` mode (saving a card) has no line items and names its customer.
+- ``POST /v1/payment_intents`` charges a saved card (off-session): a PaymentIntent that
+  succeeded, kept with its Idempotency-Key, and a repeated key gets the first answer back
+  with no new charge, as Stripe does. ``lose_answers = N`` charges, then drops the
+  connection instead of answering, N times (the library's own retries count).
 - ``fail_next`` makes the next API call answer a Stripe error.
 
 :func:`signature` computes a ``Stripe-Signature`` header exactly as Stripe does (HMAC-SHA256
@@ -69,6 +73,8 @@ class FakeStripe:
     def __init__(self) -> None:
         self.sessions: dict[str, dict[str, Any]] = {}
         self.customers: dict[str, str] = {}  # Idempotency-Key -> customer id
+        self.intents: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> PaymentIntent
+        self.lose_answers = 0
         self.requests: list[tuple[str, dict[str, Any], str | None]] = []
         self.webhook_url = ""
         self.fail_next = False
@@ -90,6 +96,7 @@ class FakeStripe:
             app = web.Application()
             app.router.add_post("/v1/checkout/sessions", self._create)
             app.router.add_post("/v1/customers", self._customer)
+            app.router.add_post("/v1/payment_intents", self._intent)
             app.router.add_get("/v1/checkout/sessions/{id}", self._get)
             app.router.add_get("/pay/{id}", self._page)
             app.router.add_post("/pay/{id}", self._pay)
@@ -153,6 +160,23 @@ class FakeStripe:
         customer = self.customers.setdefault(idem, f"cus_test_{next(_ids):06d}")
         return web.json_response({"id": customer, "object": "customer",
                                   "metadata": params.get("metadata", {})})
+
+    async def _intent(self, request: web.Request) -> web.Response:
+        params = _unflatten(await request.post())
+        idem = request.headers.get("Idempotency-Key") or f"none-{next(_ids)}"
+        self.requests.append(("payment_intent", params, idem))
+        intent = self.intents.get(idem)
+        if intent is None:  # a new charge of the card
+            intent = self.intents[idem] = {
+                "id": f"pi_test_{next(_ids):06d}", "object": "payment_intent",
+                "amount": int(params["amount"]), "currency": params["currency"],
+                "customer": params["customer"], "payment_method": params["payment_method"],
+                "status": "succeeded", "metadata": params.get("metadata", {})}
+        if self.lose_answers:
+            self.lose_answers -= 1
+            assert request.transport is not None
+            request.transport.close()  # charged, but the answer never arrives
+        return web.json_response(intent)
 
     async def _get(self, request: web.Request) -> web.Response:
         session = self.sessions.get(request.match_info["id"])

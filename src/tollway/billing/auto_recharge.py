@@ -18,13 +18,16 @@ cross costs no extra statement.
 :func:`run` charges ``target - available`` (rounded up to the cent), at most what is left of
 the month's cap (the billing time zone's calendar month; pending and succeeded charges
 count), and nothing under Stripe's 0.50 USD minimum. One charge is in flight per account
-(``store.auto_recharge.start_attempt``; one whose process died is freed after
-:data:`STALE_MS` by the next due charge or save); the off-session PaymentIntent's answer
-credits the attempt's own amount, and so does ``payment_intent.succeeded`` — whichever
-comes second changes nothing. A failed charge is notified (``auto_recharge.failed``) and
-re-arms, so the next debit tries again; after ``TOLLWAY_AUTO_RECHARGE_MAX_FAILURES``
-consecutive failures the setting is paused (``auto_recharge.paused``) until the customer
-saves it again.
+(``store.auto_recharge.start_attempt``); the off-session PaymentIntent's answer credits
+the attempt's own amount, and so does ``payment_intent.succeeded`` — whichever comes second
+changes nothing. A charge whose answer was lost (network, Stripe's 5xx) keeps its slot and
+is charged again under the SAME idempotency key when the delivery is retried
+(:class:`AnswerLost`), as is one whose process died, after :data:`STALE_MS`: Stripe answers
+a repeated key with the first call's result, so the card is charged at most once and a
+second charge can never start while the first one's fate is unknown. A failed charge is
+notified (``auto_recharge.failed``) and re-arms, so the next debit tries again; after
+``TOLLWAY_AUTO_RECHARGE_MAX_FAILURES`` consecutive failures the setting is paused
+(``auto_recharge.paused``) until the customer saves it again.
 """
 
 from __future__ import annotations
@@ -56,8 +59,12 @@ MIN_CHARGE_CENTS = 50
 EVENTS = ("payment_intent.succeeded", "setup_intent.succeeded")
 FIELDS = ("enabled", "threshold_usd", "target_usd", "monthly_cap_usd")
 #: A charge in flight longer than this lost its process (Stripe's calls time out well
-#: before): the next due charge or save frees its slot (``store.abandon_stale``).
+#: before): the next due charge resumes it under its idempotency key (``store.resumable``).
 STALE_MS = 15 * 60_000
+
+
+class AnswerLost(Exception):
+    """Stripe's answer to a charge was lost: the delivery must be retried (same key)."""
 
 
 def max_failures() -> int:
@@ -153,7 +160,6 @@ def attempt_view(row: Any) -> dict[str, Any]:
 def save(conn: Connection, account_id: int, body: object, *, at_ms: int) -> dict[str, Any]:
     """Validate and store a setting (a save resumes a paused one and clears its failures)."""
     values = parse(body, store.get(conn, account_id))
-    store.abandon_stale(conn, account_id, before_ms=at_ms - STALE_MS, at_ms=at_ms)
     store.save(conn, account_id, {**values, "paused_at_ms": None, "failures": 0}, at_ms=at_ms)
     return view(conn, account_id, at_ms=at_ms)
 
@@ -224,11 +230,14 @@ def begin(conn: Connection, account_id: int, *, at_ms: int) -> Plan | str:
             or not row.payment_method or not row.stripe_customer
             or row.threshold_nano is None):
         return "auto-recharge is not active"
+    lost = store.resumable(conn, account_id, stale_before_ms=at_ms - STALE_MS)
+    if lost is not None:  # its fate decides what, if anything, is charged next
+        return Plan(int(lost.id), account_id, int(lost.amount_nano) // NANO_PER_CENT,
+                    str(row.stripe_customer), str(row.payment_method))
     available = store.available(conn, account_id)
     if available >= row.threshold_nano:
         store.set_armed(conn, account_id, True)
         return "the balance is no longer below the threshold"
-    store.abandon_stale(conn, account_id, before_ms=at_ms - STALE_MS, at_ms=at_ms)
     month_start, _ = periods.bounds(at_ms, "month")
     left = int(row.monthly_cap_nano) - store.month_spent(conn, account_id, month_start)
     cents = charge_cents(int(row.target_nano), available, left)
@@ -267,9 +276,12 @@ def finish(conn: Connection, plan: Plan, charge: stripe_checkout.Charge, *,
                           at_ms=at_ms)
         return (f"charged and credited {format_usd(credited)} USD" if credited
                 else "charged (already credited by Stripe's event)")
+    error = charge.error or "the charge failed"
+    if charge.lost:
+        store.mark_lost(conn, plan.attempt_id, error=error)
+        return f"{error}: charged again under the same idempotency key on the next try"
     if charge.payment_intent:
         store.set_payment_intent(conn, plan.attempt_id, charge.payment_intent)
-    error = charge.error or "the charge failed"
     failures = store.fail(conn, plan.attempt_id, error=error, at_ms=at_ms)
     if failures is None:
         return "already settled"
@@ -290,7 +302,8 @@ Writer = Callable[[Callable[[Connection], Any]], Awaitable[Any]]
 async def run(write: Writer, account_id: int, *, clock_ms: Callable[[], int]) -> str:
     """Make the charge an ``auto_recharge.due`` event asks for (the deliverer's ``recharge``
     channel): plan it in one transaction, call Stripe outside any, book the answer in
-    another. Returns what happened, for the delivery log."""
+    another. Returns what happened, for the delivery log; raises :class:`AnswerLost` when
+    Stripe's answer was lost (the deliverer retries, and the retry resumes the charge)."""
     pause_after = max_failures()  # a bad setting refuses before any charge, not after
     plan = await write(lambda conn: begin(conn, account_id, at_ms=clock_ms()))
     if isinstance(plan, str):
@@ -302,6 +315,8 @@ async def run(write: Writer, account_id: int, *, clock_ms: Callable[[], int]) ->
     outcome: str = await write(lambda conn: finish(conn, plan, charge, at_ms=clock_ms(),
                                                    pause_after=pause_after))
     log.info("auto-recharge %s of account %s: %s", plan.attempt_id, account_id, outcome)
+    if charge.lost:
+        raise AnswerLost(outcome)
     return outcome
 
 

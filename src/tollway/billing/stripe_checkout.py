@@ -84,6 +84,9 @@ class Charge:
     payment_intent: str | None
     succeeded: bool
     error: str | None = None
+    #: no answer (network, Stripe's 5xx or 429 after the library's retries): the card may or
+    #: may not have been charged; only a call with the same idempotency key may follow
+    lost: bool = False
 
 
 def create_customer(*, account_id: int) -> str:
@@ -123,7 +126,8 @@ def charge_saved_card(*, attempt_id: int, account_id: int, customer: str, paymen
     """One off-session PaymentIntent (``confirm=true, off_session=true``) for an auto-recharge
     attempt, with the attempt's id as Stripe's idempotency key (a retried call charges once)
     and in its metadata (``payment_intent.succeeded`` names the attempt). Never raises for
-    Stripe's answers: a decline or an unreachable Stripe is a failed :class:`Charge`."""
+    Stripe's answers: a decline is a failed :class:`Charge`, an unreachable Stripe a
+    ``lost`` one."""
     try:
         intent = _client().v1.payment_intents.create(params={
             "amount": amount_cents, "currency": currency, "customer": customer,
@@ -135,6 +139,8 @@ def charge_saved_card(*, attempt_id: int, account_id: int, customer: str, paymen
         pi = found.get("id") if isinstance(found, dict) else getattr(found, "id", None)
         return Charge(pi if isinstance(pi, str) else None, False,
                       f"the card was declined ({exc.code or 'card_error'})")
+    except (stripe.APIConnectionError, stripe.APIError, stripe.RateLimitError) as exc:
+        return Charge(None, False, f"no answer from Stripe ({type(exc).__name__})", lost=True)
     except stripe.StripeError as exc:
         return Charge(None, False, f"Stripe did not charge the card: "
                                    f"{exc.user_message or type(exc).__name__}")

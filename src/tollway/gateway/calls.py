@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +17,7 @@ from tollway.billing import keys, metering
 from tollway.billing.limits import NO_LIMITS, Limits, Window
 from tollway.billing.metering import ClientKey, Replay, Reservation
 from tollway.errors import InvalidRequest, LimitExceeded, TollwayError, UpstreamError
-from tollway.gateway import failover
+from tollway.gateway import failover, jsonio
 from tollway.gateway.asgi import error_body, header, send_bytes, send_error
 from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import Hold
@@ -141,7 +140,7 @@ def upstream_cost_columns(call: Call, type_: str, input_tokens: int, cached: int
                 mismatch = (abs(Decimal(reported - computed))
                             > call.cost_tolerance * Decimal(computed))
     return {"channel": channel.id if channel is not None else None,
-            "attempts": json.dumps(call.attempts) if call.attempts else None,
+            "attempts": jsonio.dumps(call.attempts).decode() if call.attempts else None,
             "upstream_cost_nano": computed, "upstream_reported_cost_nano": reported,
             "upstream_cost_mismatch": mismatch}
 

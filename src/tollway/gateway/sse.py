@@ -44,6 +44,10 @@ class EventSplitter:
 
 def event_data(event: bytes) -> bytes | None:
     """The joined ``data:`` lines of an event, or None if it has none (a comment)."""
+    if event.startswith(b"data:"):  # the common event, one data line: no split
+        data = event[5:].lstrip(b" ").rstrip(b"\r\n")
+        if b"\n" not in data and b"\r" not in data:
+            return data
     lines = [line[5:].lstrip(b" ") for line in event.splitlines() if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None
 

@@ -76,6 +76,10 @@ class CatalogSnapshot:
     default_tier: str | None = None
     #: channel ids the operator disabled
     disabled: frozenset[str] = frozenset()
+    #: model id -> (its protocols, the routes it is sold on), worked out on first use: the
+    #: snapshot never changes, so neither do they (``model`` is on every request's path)
+    _served: dict[str, tuple[dict[str, str], list[str]]] = field(
+        default_factory=dict, init=False, compare=False, repr=False)
 
     def limits(self, key: ApiKeyRecord) -> Limits:
         """The key's limits: its account's tier (a tier no longer in the catalog counts as
@@ -90,13 +94,17 @@ class CatalogSnapshot:
         if item is None:
             raise UnknownModel(f"unknown model {model_id!r}: GET /v1/models lists the models "
                                "this key may use")
-        kinds = {pid: kind for pid, (kind, _) in self.providers.items()}
-        protocols = catalog_store.item_protocols(item, kinds)
-        routes = catalog_store.item_routes(item, protocols)
+        served = self._served.get(item.id)
+        if served is None:
+            kinds = {pid: kind for pid, (kind, _) in self.providers.items()}
+            protocols = catalog_store.item_protocols(item, kinds)
+            served = self._served[item.id] = (protocols,
+                                              catalog_store.item_routes(item, protocols))
+        protocols, routes = served
         if route not in routes:
-            served = ", ".join(routes) or "no route"
+            listed = ", ".join(routes) or "no route"
             raise UnknownModel(f"model {item.id!r} is not served on {route} (it is served on "
-                               f"{served}): GET /v1/marketplace lists each model's routes")
+                               f"{listed}): GET /v1/marketplace lists each model's routes")
         family = "anthropic" if route == "/v1/messages" else "openai"
         return item, protocols[family]
 

@@ -10,7 +10,9 @@ a crash): the event id in ``X-Tollway-Event-Id`` is what it deduplicates on.
 
 The ``recharge`` channel is not a message: its delivery is the charge of a saved card
 (``billing.auto_recharge.run``), attempted once (the charge itself is guarded; a failure is
-counted there, and the next debit below the threshold queues the next try).
+counted there, and the next debit below the threshold queues the next try) — unless
+Stripe's answer was lost: that delivery is retried like a message, and resumes the same
+charge under the same idempotency key.
 """
 
 from __future__ import annotations
@@ -194,6 +196,8 @@ class Deliverer:
             done = await auto_recharge.run(self.write, c.account_id, clock_ms=self.clock_ms)
         except StorageUnavailable:
             raise
+        except auto_recharge.AnswerLost as lost:  # retried: the charge resumes, same key
+            return Outcome("auto-recharge", None, str(lost))
         except Exception:  # noqa: BLE001 - recorded as a failed attempt; the log has why
             log.exception("auto-recharge of account %s failed", c.account_id)
             return Outcome("auto-recharge", None, "the recharge failed", final=True)

@@ -93,24 +93,25 @@ def start_attempt(conn: Connection, account_id: int, amount_nano: int, *, curren
     return attempt_id
 
 
-def abandon_stale(conn: Connection, account_id: int, *, before_ms: int, at_ms: int) -> bool:
-    """Free the in-flight slot of a charge started before ``before_ms`` whose answer was
-    never booked (its process died): the attempt becomes ``failed`` (abandoned, not counted
-    as the card's failure). If Stripe did charge it, its ``payment_intent.succeeded`` still
-    credits it (:func:`succeed` accepts a failed attempt). True if one was freed."""
+def resumable(conn: Connection, account_id: int, *, stale_before_ms: int) -> Any:
+    """The in-flight attempt to charge again under its own idempotency key, or None: one
+    whose answer from Stripe was lost (:func:`mark_lost`), or one started before
+    ``stale_before_ms`` whose answer was never booked (its process died). Stripe answers a
+    repeated key with the first call's result, so a resumed charge charges the card at most
+    once, whatever happened to the first call."""
     row = get(conn, account_id)
     if row is None or row.in_flight_id is None:
-        return False
-    stale = conn.execute(_at.update().where(
+        return None
+    return conn.execute(sa.select(_at).where(
         _at.c.id == row.in_flight_id, _at.c.status == "pending",
-        _at.c.created_at_ms < before_ms).values(
-        status="failed", completed_at_ms=at_ms,
-        error="abandoned: no answer from Stripe was booked")).rowcount
-    if stale:
-        conn.execute(_ar.update().where(_ar.c.account_id == account_id,
-                                        _ar.c.in_flight_id == row.in_flight_id)
-                     .values(in_flight_id=None))
-    return bool(stale)
+        sa.or_(_at.c.error.is_not(None), _at.c.created_at_ms < stale_before_ms))).first()
+
+
+def mark_lost(conn: Connection, attempt_id: int, *, error: str) -> None:
+    """A pending attempt whose call got no answer: it keeps the in-flight slot (no other
+    charge may start) until :func:`resumable` hands it out again."""
+    conn.execute(_at.update().where(_at.c.id == attempt_id, _at.c.status == "pending")
+                 .values(error=error))
 
 
 def attempt(conn: Connection, attempt_id: int) -> Any:

@@ -20,6 +20,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql import ClauseElement
 
+from tollway.store.db import execute_raw
+
 _DIALECTS = {"sqlite": sqlite.dialect(paramstyle="named"),
              "postgresql": postgresql.psycopg.dialect()}  # type: ignore[no-untyped-call]
 
@@ -48,13 +50,7 @@ class Prepared:
         """Run on the connection's DBAPI cursor; returns the cursor (fetchone, rowcount)."""
         sql, constants = self._for(conn.dialect.name)
         cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-        args = {**constants, **params} if constants else params
-        if conn.engine._has_events:  # an engine listener (tests count statements): tell it
-            conn.dispatch.before_cursor_execute(conn, cursor, sql, args, None, False)
-            cursor.execute(sql, args)
-            conn.dispatch.after_cursor_execute(conn, cursor, sql, args, None, False)
-        else:
-            cursor.execute(sql, args)
+        execute_raw(conn, cursor, sql, {**constants, **params} if constants else params)
         return cursor
 
     def one(self, conn: Connection, **params: Any) -> Any:
