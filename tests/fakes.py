@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import httpx
 import openai
 import sqlalchemy as sa
@@ -130,6 +131,8 @@ class AnthropicScript:
     cut_after: int | None = None
     #: stream: an ``event: error`` after the content (an overloaded upstream, say)
     error_event: bool = False
+    #: ``usage.server_tool_use`` (``{"web_search_requests": 3}``), when the model ran tools
+    server_tool_use: dict[str, int] | None = None
 
     def usage(self, *, output: int | None = None) -> dict[str, Any]:
         usage: dict[str, Any] = {
@@ -137,6 +140,8 @@ class AnthropicScript:
             "cache_creation_input_tokens": self.cache_creation_input_tokens,
             "cache_read_input_tokens": self.cache_read_input_tokens,
             "output_tokens": self.output_tokens if output is None else output}
+        if self.server_tool_use is not None and output is None:
+            usage["server_tool_use"] = self.server_tool_use
         if self.cache_split is not None:
             usage["cache_creation"] = {"ephemeral_5m_input_tokens": self.cache_split[0],
                                        "ephemeral_1h_input_tokens": self.cache_split[1]}
@@ -154,6 +159,9 @@ class ResponsesScript:
     reasoning_tokens: int = 0
     status: int = 200
     cut_after: int | None = None  # stream: drop the connection after this many text deltas
+    response_id: str = "resp_fake"
+    #: output items before the message (hosted tool calls: ``{"type": "web_search_call"}``)
+    tool_items: list[dict[str, Any]] = field(default_factory=list)
 
     def usage(self) -> dict[str, Any]:
         return {"input_tokens": self.input_tokens,
@@ -169,6 +177,7 @@ class ImagesScript:
 
     returned: int | None = None  # images in the answer; None = as many as requested
     status: int = 200
+    quality: str | None = None  # the quality the answer says it generated (gpt-image-1)
 
 
 @dataclass
@@ -351,7 +360,9 @@ class FakeUpstream:
                 "type": "overloaded_error", "message": "Overloaded"}}))
         events.append(event("message_delta", {
             "type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-            "usage": {"output_tokens": script.output_tokens}}))
+            "usage": {"output_tokens": script.output_tokens,
+                      **({"server_tool_use": script.server_tool_use}
+                         if script.server_tool_use is not None else {})}}))
         events.append(event("message_stop", {"type": "message_stop"}))
         return await self._write_events(request, events, cut_at)
 
@@ -365,8 +376,9 @@ class FakeUpstream:
         message = {"type": "message", "id": "msg_fake", "status": "completed",
                    "role": "assistant",
                    "content": [{"type": "output_text", "text": text, "annotations": []}]}
-        done = {"id": "resp_fake", "object": "response", "created_at": 1_700_000_000,
-                "status": "completed", "model": payload.get("model"), "output": [message],
+        done = {"id": script.response_id, "object": "response", "created_at": 1_700_000_000,
+                "status": "completed", "model": payload.get("model"),
+                "output": [*script.tool_items, message],
                 "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
                 "usage": script.usage()}
         if not payload.get("stream"):
@@ -401,7 +413,8 @@ class FakeUpstream:
                                      status=script.status)
         count = (payload.get("n") or 1) if script.returned is None else script.returned
         return web.json_response({"created": 1_700_000_000, "data": [
-            {"url": f"https://images.example/{i}.png"} for i in range(count)]})
+            {"url": f"https://images.example/{i}.png"} for i in range(count)],
+            **({"quality": script.quality} if script.quality else {})})
 
     async def _llm(self, request: web.Request, body: bytes) -> web.StreamResponse:
         script = self.llm
@@ -589,6 +602,7 @@ models:
     upstream_model: upstream-gpt-4o-mini
     price: {{input: "0.15", output: "0.60", cache_read: "0.075"}}
     max_output_tokens: 1000
+    context_window: 128000
     group_ratios: {{vip: "0.7"}}
   - id: reasoner-test
     provider: fakeai
@@ -863,6 +877,25 @@ def fresh_database(request: Any) -> Iterator[Database]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.dispose()
+
+
+async def read_then_leave(url: str, key: str, body: dict[str, Any],
+                          events: int = 2) -> list[bytes]:
+    """POST a streamed request to ``url``, read ``events`` SSE events and drop the
+    connection mid-stream (a client that went away); the events read."""
+    got: list[bytes] = []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, headers={"Authorization": f"Bearer {key}"},
+                                json=body) as response:
+            assert response.status == 200
+            buffer = b""
+            async for data in response.content.iter_any():
+                buffer += data
+                got = sse_events(buffer)
+                if len(got) >= events:
+                    response.close()  # drop the connection, mid-stream
+                    break
+    return got
 
 
 def sse_events(raw: bytes) -> list[bytes]:

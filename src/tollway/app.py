@@ -115,6 +115,7 @@ def create_app(*, database_url: str | None = None, admin_token: str | None = Non
                      headers_timeout_s=float(settings.get("upstream_headers_timeout_seconds")),
                      read_timeout_s=float(settings.get("upstream_read_timeout_seconds")),
                      cost_tolerance=Decimal(settings.get("upstream_cost_tolerance")),
+                     stream_disconnect=settings.get("stream_disconnect"),
                      health_interval_s=float(settings.get("channel_health_interval_seconds")))
         app.state.ctx = ctx
         app.state.gateway = gw

@@ -160,6 +160,16 @@ class UnknownEndpoint(NotFound):
     code = "unknown_endpoint"
 
 
+class UnknownResponse(NotFound):
+    """A ``previous_response_id`` or ``conversation`` that is not the caller's."""
+
+    code = "unknown_response"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class UnknownCode(NotFound):
     code = "unknown_code"
 

@@ -51,6 +51,10 @@ SETTINGS = (
     Setting("upstream_cost_tolerance", "0.05",
             "relative difference between an upstream's reported cost (usage.cost) and the "
             "cost computed from the channel's `cost` beyond which a record is flagged"),
+    Setting("stream_disconnect", "cancel",
+            "when a client leaves a stream: cancel (stop the upstream, bill the prompt and what "
+            "was delivered, marked estimated) or finish (read the upstream on to its usage, "
+            "within the upstream read timeout, and bill exactly that)"),
     Setting("max_upstream_body_bytes", "33554432",
             "largest upstream answer (a whole body, or a whole stream) the gateway reads; "
             "beyond it the request fails with 502 upstream_error and charges nothing it did "

@@ -86,6 +86,7 @@ def test_metering_settle_books_the_charge_and_its_record_at_one_time(db: Databas
                   "error_code": None, "note": None, "per_call_nano": 100_000_000,
                   "channel": None, "attempts": None, "upstream_cost_nano": None,
                   "upstream_reported_cost_nano": None, "upstream_cost_mismatch": None,
+                  "tool_calls": None,
                   **{f"{p}_nano_per_1m": None for p in ("input", "output", "cache_read",
                                                          "cache_write", "cache_write_1h")}}
         settled = metering.settle(conn, hold_id=reserved.hold.id, charge=charge,

@@ -330,7 +330,8 @@ def test_usage_prune_deletes_old_records_only(
     code, out, err = run(capsys, url, "usage", "--json", "prune", "--older-than-days", "1",
                          "--batch", "20")
     assert code == 0
-    assert json.loads(out) == {"deleted": 51, "before": "2025-11-01T00:00:00Z"}
+    assert json.loads(out) == {"deleted": 51, "before": "2025-11-01T00:00:00Z",
+                               "responses_forgotten": 0}
     assert err.splitlines() == [f"deleted {n} records…" for n in (20, 40, 51)]
 
     with books.db.read() as conn:

@@ -47,7 +47,7 @@ pytestmark = pytest.mark.filterwarnings(IGNORE_TOKENIZER_WARNING)
 LONG_EXAMPLES = int(os.environ.get("TOLLWAY_STRESS_EXAMPLES", "300"))
 GPT = TokenPrice(Decimal("0.15"), Decimal("0.60"), Decimal("0.075"))
 ONE = AppliedRatio(Decimal(1), "group")
-PROMPT_BOUND, OUTPUT_BOUND = 4106, 50
+PROMPT_BOUND, OUTPUT_BOUND = 128_000, 50  # gpt-test's context_window, max_tokens
 HELLO = [{"role": "user", "content": "hello there"}]
 
 counts = st.one_of(st.integers(0, 5000), st.integers(-10**6, 10**20),

@@ -17,7 +17,6 @@ import json
 import time
 from typing import Any
 
-import aiohttp
 import httpx
 import openai
 import pytest
@@ -30,6 +29,7 @@ from fakes import (
     LLMScript,
     Tollway,
     error_of,
+    read_then_leave,
     sse_events,
 )
 from tollway import tokens
@@ -339,23 +339,8 @@ def test_client_that_disconnects_mid_stream_pays_for_what_was_delivered(tw: Toll
     pieces = ["One", " two", " three", " four", " five", " six", " seven", " eight"]
     tw.fake.llm = LLMScript(content=pieces, chunk_delay=0.6)
 
-    async def read_two_chunks_then_leave() -> list[bytes]:
-        got: list[bytes] = []
-        async with aiohttp.ClientSession() as session:
-            async with session.post(
-                    tw.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                    json={"model": "gpt-test", "messages": HELLO, "stream": True}) as response:
-                assert response.status == 200
-                buffer = b""
-                async for data in response.content.iter_any():
-                    buffer += data
-                    got = sse_events(buffer)
-                    if len(got) >= 2:
-                        response.close()  # drop the connection, mid-stream
-                        break
-        return got
-
-    events = asyncio.run(read_two_chunks_then_leave())
+    events = asyncio.run(read_then_leave(tw.url + "/v1/chat/completions", key, {
+        "model": "gpt-test", "messages": HELLO, "stream": True}))
     assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:2]] == [
         "One", " two"]
 
@@ -739,10 +724,11 @@ def test_key_quota_is_enforced_and_never_overspent(tw: Tollway) -> None:
 
     assert asyncio.run(burst()) == [200, 200] + [429] * 6
     # The LLM route is refused too when its hold exceeds what is left of the quota (0.001 USD):
-    # (10 × 0.15 + 2000 × 0.60) / 1e6 = 1_201_500 nano-USD for max_tokens 2000.
+    # (10 × 0.15 + 2 × 1000 × 0.60) / 1e6 = 1_201_500 nano-USD for 2 choices of max_tokens
+    # 1000 (the model's maximum: a larger max_tokens is lowered to it before the hold).
     with pytest.raises(openai.RateLimitError) as caught:
         tw.client(key).chat.completions.create(model="gpt-test", messages=HELLO,
-                                               max_tokens=2000)
+                                               max_tokens=1000, n=2)
     assert error_of(caught.value.response)["code"] == "quota_exceeded"
     # The account's other keys are unaffected.
     assert tw.http().get("/apis/v1/twitter/user/x",

@@ -9,10 +9,10 @@ listed by ``GET /admin/v1/usage?review=true``.
 
 Prices (USD per 1M tokens): ``gpt-test`` input 0.15, output 0.60, cache read 0.075;
 ``claude-test`` input 3, output 15, cache read 0.30, 5-minute write 3.75, 1-hour write 6;
-``image-test`` 0.04 USD per image. The local count of the ``HELLO`` prompt is 8 tokens; the
-hold's estimate of it is 10 (see ``test_gateway``), so a reported prompt is capped at
-max(10 × 4, 10 + 4096) = 4106. The Responses request's input "hello there" counts 2 tokens, its
-estimate is 4: capped at max(4 × 4, 4 + 4096) = 4100.
+``image-test`` 0.04 USD per image. The local count of the ``HELLO`` prompt is 8 tokens. A
+reported prompt is billed as reported up to the model's ``context_window`` (``gpt-test``:
+128,000; ``claude-test`` gives none: the default 2,000,000) and capped there, however short the
+visible prompt (history and tool results live upstream).
 """
 
 from __future__ import annotations
@@ -315,14 +315,14 @@ def test_absurd_usage_is_capped_or_estimated_and_flagged_for_review(
     # (20 × 0.15 + 5 × 0.60) / 1e6 = 6_000 nano-USD
     reply({"prompt_tokens": 20, "completion_tokens": 5})
     ids["plain"] = chat(tw, key, max_tokens=50).headers["x-request-id"]
-    # 10^18 and 10^30 tokens: capped at the bounds: prompt max(10 × 4, 10 + 4096) = 4106
-    # (10 is the hold's estimate of the prompt), output max_tokens 50:
-    # (4106 × 0.15 + 50 × 0.60) / 1e6 = 645.9e-6 USD = 645_900 nano-USD
+    # 10^18 and 10^30 tokens: capped at the bounds: prompt at the context window 128,000,
+    # output at max_tokens 50:
+    # (128000 × 0.15 + 50 × 0.60) / 1e6 = 0.01923 USD = 19_230_000 nano-USD
     for name, count in (("e18", 10**18), ("e30", 10**30)):
         reply({"prompt_tokens": count, "completion_tokens": count,
                "completion_tokens_details": {"reasoning_tokens": count}})
         response = chat(tw, key, max_tokens=50)
-        assert response.headers["x-tollway-cost-usd"] == "0.000645900"
+        assert response.headers["x-tollway-cost-usd"] == "0.019230000"
         ids[name] = response.headers["x-request-id"]
     # impossible usage: estimated from the local count, prompt 8, output 5:
     # (8 × 0.15 + 5 × 0.60) / 1e6 = 4_200 nano-USD
@@ -340,21 +340,23 @@ def test_absurd_usage_is_capped_or_estimated_and_flagged_for_review(
     tw.fake.hostile = streaming(*content_stream(DONE, usage={"prompt_tokens": 10**18,
                                                              "completion_tokens": 10**18}))
     response = chat(tw, key, stream=True, max_tokens=50)
-    assert response.content.endswith(b": tollway cost_usd=0.000645900\n\ndata: [DONE]\n\n")
+    assert response.content.endswith(b": tollway cost_usd=0.019230000\n\ndata: [DONE]\n\n")
     ids["stream"] = response.headers["x-request-id"]
 
     records = {r["request_id"]: r for r in books_hold(tw, account)}
     by_name = {name: records[rid] for name, rid in ids.items()}
     assert {n: (r["usage_source"], r["cost_nano"]) for n, r in by_name.items()} == {
         "plain": ("upstream", 6_000),
-        "e18": ("capped", 645_900), "e30": ("capped", 645_900), "stream": ("capped", 645_900),
+        "e18": ("capped", 19_230_000), "e30": ("capped", 19_230_000),
+        "stream": ("capped", 19_230_000),
         "negative": ("estimated", 4_200), "cached>prompt": ("estimated", 4_200),
         "float": ("estimated", 4_200), "string": ("estimated", 4_200),
         "not an object": ("estimated", 4_200)}
     capped = by_name["e18"]
     assert (capped["input_tokens"], capped["output_tokens"], capped["reasoning_tokens"]) == (
-        4106, 50, 50)
-    assert capped["note"] == (f"usage capped for review: prompt_tokens {10**18} capped at 4106; "
+        128_000, 50, 50)
+    assert capped["note"] == (f"usage capped for review: prompt_tokens {10**18} capped at "
+                              f"128000; "
                               f"completion_tokens {10**18} capped at 50")
     # the operator's review list: every capped or estimated record, and nothing else
     listed = tw.http().get("/admin/v1/usage", params={"review": "true", "account": account,
@@ -541,16 +543,17 @@ def test_absurd_anthropic_usage_is_capped_or_estimated_and_flagged(tw: Tollway) 
     # (20 × 3 + 50 × 15) / 1e6 = 810e-6 USD
     stream("delta e18", anthropic_stream({"input_tokens": 20, "output_tokens": 1},
                                          {"output_tokens": 10**18}), "0.000810000")
-    # message_delta re-reporting 10^18 input and cache reads too: the prompt is capped at 4106,
-    # all of it cache reads: (4106 × 0.30 + 50 × 15) / 1e6 = 1981.8e-6 USD
+    # message_delta re-reporting 10^18 input and cache reads too: the prompt is capped at the
+    # default context window 2,000,000, all of it cache reads:
+    # (2000000 × 0.30 + 50 × 15) / 1e6 = 0.60075 USD
     stream("delta all e18", anthropic_stream(
         {"input_tokens": 20, "output_tokens": 1},
         {"input_tokens": 10**18, "cache_read_input_tokens": 10**18,
-         "output_tokens": 10**18}), "0.001981800")
-    # a whole message with 10^18 cache writes and output: prompt 4106, all 5-minute writes:
-    # (4106 × 3.75 + 50 × 15) / 1e6 = 16147.5e-6 USD
+         "output_tokens": 10**18}), "0.600750000")
+    # a whole message with 10^18 cache writes and output: prompt 2,000,000, all 5-minute
+    # writes: (2000000 × 3.75 + 50 × 15) / 1e6 = 7.50075 USD
     whole("whole e18", {"input_tokens": 20, "output_tokens": 10**18,
-                        "cache_creation_input_tokens": 10**18}, "0.016147500")
+                        "cache_creation_input_tokens": 10**18}, "7.500750000")
     # negative cache tokens (message_start, the 1-hour split, a whole answer) are impossible:
     # estimated from the local count, prompt 8, output 4: (8 × 3 + 4 × 15) / 1e6 = 84e-6 USD
     stream("negative read", anthropic_stream(
@@ -569,16 +572,16 @@ def test_absurd_anthropic_usage_is_capped_or_estimated_and_flagged(tw: Tollway) 
     by_name = {name: records[rid] for name, rid in ids.items()}
     assert {n: (r["usage_source"], r["cost_nano"]) for n, r in by_name.items()} == {
         "plain": ("upstream", 120_000),
-        "delta e18": ("capped", 810_000), "delta all e18": ("capped", 1_981_800),
-        "whole e18": ("capped", 16_147_500),
+        "delta e18": ("capped", 810_000), "delta all e18": ("capped", 600_750_000),
+        "whole e18": ("capped", 7_500_750_000),
         "negative read": ("estimated", 84_000), "negative 1h": ("estimated", 84_000),
         "whole negative": ("estimated", 84_000), "whole float": ("estimated", 84_000)}
     capped = by_name["delta all e18"]
     assert (capped["input_tokens"], capped["cached_input_tokens"], capped["output_tokens"]) == (
-        4106, 4106, 50)
+        2_000_000, 2_000_000, 50)
     assert capped["note"].startswith("usage capped for review: prompt_tokens ")
     assert (by_name["whole e18"]["cache_write_tokens"],
-            by_name["whole e18"]["cache_write_1h_tokens"]) == (4106, 0)
+            by_name["whole e18"]["cache_write_1h_tokens"]) == (2_000_000, 0)
     listed = tw.http().get("/admin/v1/usage", params={"review": "true", "account": account},
                            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()["data"]
     assert {r["request_id"] for r in listed} == {
@@ -597,13 +600,13 @@ def test_absurd_responses_usage_is_capped_or_estimated_and_flagged(tw: Tollway) 
     response = responses(tw, key)
     assert response.headers["x-tollway-cost-usd"] == "0.000033000"
     ids["whole e18"] = response.headers["x-request-id"]
-    # 10^18 everything in response.completed: prompt capped at 4100, all cache reads:
-    # (4100 × 0.075 + 50 × 0.60) / 1e6 = 337.5e-6 USD
+    # 10^18 everything in response.completed: prompt capped at the context window 128,000,
+    # all cache reads: (128000 × 0.075 + 50 × 0.60) / 1e6 = 9630e-6 USD
     tw.fake.hostile = streaming(*responses_stream({
         "input_tokens": 10**18, "input_tokens_details": {"cached_tokens": 10**18},
         "output_tokens": 10**18}))
     response = responses(tw, key, stream=True)
-    assert response.content.endswith(b": tollway cost_usd=0.000337500\n\n")
+    assert response.content.endswith(b": tollway cost_usd=0.009630000\n\n")
     ids["stream e18"] = response.headers["x-request-id"]
     # negative cached tokens: estimated, prompt 2, output 3: (2 × 0.15 + 3 × 0.60) / 1e6
     # = 2.1e-6 USD, streamed or not
@@ -621,7 +624,7 @@ def test_absurd_responses_usage_is_capped_or_estimated_and_flagged(tw: Tollway) 
     records = {r["request_id"]: r for r in books_hold(tw, account)}
     assert {n: (records[rid]["usage_source"], records[rid]["cost_nano"])
             for n, rid in ids.items()} == {
-        "whole e18": ("capped", 33_000), "stream e18": ("capped", 337_500),
+        "whole e18": ("capped", 33_000), "stream e18": ("capped", 9_630_000),
         "negative": ("estimated", 2_100), "stream negative": ("estimated", 2_100)}
     assert records[ids["whole e18"]]["reasoning_tokens"] == 50
 

@@ -107,6 +107,18 @@ BUDGET: dict[tuple[str, str], Work] = {
                                                    rows=18),
     ("per-call-recharge-crossing", "postgresql"): Work(statements=17, commits=2, rollbacks=0,
                                                        rows=18, round_trips=15),
+    # Responses (0014): the settlement also remembers the response id with its account and
+    # tokens (one upsert, one row); a request continuing one (previous_response_id) reads it
+    # first (one SELECT in a read transaction of its own, before the hold). Chat, streams and
+    # per-call requests above do none of this. PostgreSQL round trips: the upsert rides in
+    # the settlement's pipeline (12); the continuation's read transaction is 4 more (its
+    # pool ping, BEGIN, the SELECT, COMMIT: reads are not pipelined).
+    ("responses", "sqlite"): Work(statements=17, commits=2, rollbacks=0, rows=17),
+    ("responses", "postgresql"): Work(statements=15, commits=2, rollbacks=0, rows=17,
+                                      round_trips=12),
+    ("responses-continued", "sqlite"): Work(statements=19, commits=3, rollbacks=0, rows=17),
+    ("responses-continued", "postgresql"): Work(statements=16, commits=3, rollbacks=0,
+                                                rows=17, round_trips=16),
 }
 
 #: A warm, quiet server: keys cached for the test's length, no background loop in the window.
@@ -271,6 +283,12 @@ def _chat(http: httpx.Client, key: str, **body: Any) -> httpx.Response:
                      json={"model": "gpt-test", "messages": HELLO, "max_tokens": 10, **body})
 
 
+def _respond(http: httpx.Client, key: str, **body: Any) -> httpx.Response:
+    return http.post("/v1/responses", headers={"Authorization": f"Bearer {key}"},
+                     json={"model": "gpt-test", "input": "hello there",
+                           "max_output_tokens": 10, **body})
+
+
 def _measure(tw: Tollway, counter: Counter, request: Any, records: int, backend: str) -> Work:
     """The work of ``request()`` until the gateway wrote its ``records``-th usage record."""
     counter.reset()
@@ -309,8 +327,9 @@ def test_database_work_per_request_type(counted: tuple[Tollway, Counter, str]) -
     _chat(http, key, stream=True)
     for secret in (key, watched_key, crossing_key):
         http.get("/apis/v1/twitter/user/jack", headers={"Authorization": f"Bearer {secret}"})
-    seen = len(tw.wait_records(6))
-    assert seen == 6  # the 402 writes no record
+    _respond(http, key, previous_response_id="resp_warm")
+    seen = len(tw.wait_records(7))
+    assert seen == 7  # the 402 writes no record
 
     def stream() -> None:
         with http.stream("POST", "/v1/chat/completions",
@@ -338,6 +357,9 @@ def test_database_work_per_request_type(counted: tuple[Tollway, Counter, str]) -
         ("per-call-recharge-crossing", status(200, lambda: http.get(
             "/apis/v1/twitter/user/jack", headers={"Authorization": f"Bearer {crossing_key}"})),
          1),
+        ("responses", status(200, lambda: _respond(http, key)), 1),
+        ("responses-continued", status(200, lambda: _respond(
+            http, key, previous_response_id="resp_fake")), 1),
     ]
     measured = {}
     for name, run, records in cases:

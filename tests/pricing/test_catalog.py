@@ -225,7 +225,7 @@ models:
         "cat.yaml: models[m].providers.openai: unknown provider 'nowhere'",
         found[3],
         ("cat.yaml: models[img].price.input: unknown price field (image models take per_call "
-        "and optional per_size, in USD per image)"),
+        "and optional per_size and per_quality, in USD per image)"),
         "cat.yaml: models[img].max_output_tokens: an image model has no output tokens",
         found[6],
     ]
@@ -244,3 +244,38 @@ def test_routes_narrow_a_model_to_routes_its_providers_serve() -> None:
         "  - id: claude-direct\n    routes: [/v1/messages, /v1/chat/completions]\n"))
     assert found == [("cat.yaml: models[claude-direct].routes: '/v1/chat/completions' is not "
                      "served by the model's providers (they serve /v1/messages)")]
+
+
+def test_context_window_tool_fees_and_qualities_are_validated() -> None:
+    """``context_window`` is a positive integer on token models only; ``tool_calls`` and
+    ``per_quality`` are USD (``per_quality`` per size too), each problem named."""
+    text = """
+providers: {p: {kind: openai, base_url: "http://x/v1"}}
+groups: {default: {ratio: "1"}}
+models:
+  - {id: a, provider: p, price: {input: "1", output: "2"}, context_window: 0}
+  - {id: b, provider: p, price: {input: "1", output: "2", tool_calls: {web_search: "-1"}},
+     context_window: "big"}
+  - {id: c, provider: p, price: {per_call: "0.04", per_quality: {high: "x",
+     low: {"1024x1024": "-0.1"}}}, context_window: 10}
+  - {id: d, provider: p, price: {input: "1", output: "2", tool_calls: {web_search: "0.01"}},
+     context_window: 128000}
+  - {id: e, provider: p, price: {per_call: "0.04", per_quality: {high: "0.17",
+     low: {"1024x1024": "0.011"}}}}
+"""
+    with pytest.raises(CatalogError) as caught:
+        parse_catalog(text, source="cat.yaml")
+    found = [p for p in caught.value.problems if "models[" in p]
+    for where in ("models[a].context_window: must be a positive integer",
+                  "models[b].context_window: must be a positive integer",
+                  "models[b].price.tool_calls.web_search:",
+                  "models[c].price.per_quality.high:",
+                  "models[c].price.per_quality.low.1024x1024:",
+                  "models[c].context_window: an image model has no input tokens"):
+        assert any(where in p for p in found), (where, found)
+    good = parse_catalog(text.split("  - {id: a")[0] + "  - {id: d" + text.split("  - {id: d")[1])
+    by_id = {item.id: item for item in good.listings}
+    assert by_id["d"].spec.input_bound == 128_000
+    assert by_id["d"].price.tool_price("web_search") == Decimal("0.01")  # type: ignore[union-attr]
+    assert dict(by_id["e"].price.per_quality) == {  # type: ignore[union-attr]
+        "high": Decimal("0.17"), "low:1024x1024": Decimal("0.011")}

@@ -318,3 +318,28 @@ def test_anthropic_converter_refuses_negative_counts() -> None:
     with pytest.raises(InvalidUsage):
         TokenUsage.from_anthropic(input_tokens=1, output_tokens=0,
                                   cache_creation_input_tokens=5, ephemeral_1h_input_tokens=-2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=st.integers(0, 10**7), completion=st.integers(0, 10**6),
+       searches=st.integers(0, 1000), fetches=st.integers(0, 1000),
+       fee_nano=st.integers(0, 10**9), ratio_milli=st.integers(1, 5000))
+def test_tool_fees_are_calls_times_price_added_before_the_ratio_rounded_once(
+        prompt: int, completion: int, searches: int, fetches: int, fee_nano: int,
+        ratio_milli: int) -> None:
+    """Server-side tool calls: exactly calls × price per call, for the tools the price names
+    (``web_fetch`` here has none: not billed), in the one sum × ratio, rounded once."""
+    fee = Decimal(fee_nano).scaleb(-9)
+    price = TokenPrice(Decimal("3"), Decimal("15"), tool_calls=(("web_search", fee),))
+    ratio = AppliedRatio(Decimal(ratio_milli).scaleb(-3), "group")
+    usage = TokenUsage(prompt, completion).with_tools({"web_search": searches,
+                                                       "web_fetch": fetches})
+    charge = rate_tokens(usage, price, ratio)
+    exact = (Fraction(prompt * 3 + completion * 15, 10**6) + searches * Fraction(fee_nano, 10**9)
+             ) * Fraction(ratio_milli, 1000)
+    assert Fraction(charge.exact_usd) == exact
+    nano = exact * 10**9
+    assert charge.cost_nano_usd == int(nano) + (1 if nano - int(nano) >= Fraction(1, 2) else 0)
+    tools = [c for c in charge.components if c.name.startswith("tool:")]
+    assert [(c.name, c.quantity, c.unit_price_usd) for c in tools] == [
+        ("tool:web_search", searches, fee)]

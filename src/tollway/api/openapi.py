@@ -447,11 +447,17 @@ SPEC: dict[str, Any] = {
                 "max_tokens": {"type": "integer"}, "stream": {"type": "boolean"}}},
             "ResponsesRequest": {"type": "object", "required": ["model"], "properties": {
                 "model": {"type": "string"}, "input": {}, "stream": {"type": "boolean"},
-                "max_output_tokens": {"type": "integer"}}},
+                "max_output_tokens": {"type": "integer"},
+                "previous_response_id": {
+                    "type": "string", "description": "a Response this account created through "
+                    "Tollway (another account's: 404 unknown_response); the hold covers its "
+                    "remembered input + output tokens"}}},
             "ImagesRequest": {"type": "object", "required": ["model", "prompt"], "properties": {
                 "model": {"type": "string"}, "prompt": {"type": "string"},
                 "n": {"type": "integer", "minimum": 1, "maximum": 128},
                 "size": {"type": "string"},
+                "quality": {"type": "string", "description": "priced by the model's "
+                            "per_quality when it has one (none named: held at the dearest)"},
                 "stream": {"type": "boolean", "enum": [False],
                            "description": "images are billed from a whole answer: no stream"}}},
             "UsageRecord": {"type": "object", "properties": {
@@ -459,6 +465,9 @@ SPEC: dict[str, Any] = {
                 "product": {"type": ["string", "null"]}, "cost_usd": USD, "credit_usd": USD,
                 "unit_prices_usd": {"type": "object", "additionalProperties": {
                     "oneOf": [USD, {"type": "null"}]}},
+                "tool_calls": {"type": "object", "description": "server-side tool calls: "
+                               "{tool: {calls, price_per_call_usd}}",
+                               "additionalProperties": {"type": "object"}},
                 "pricing": {"type": ["object", "null"]}}},
             "UsagePage": {"type": "object", "properties": {
                 "data": {"type": "array", "items": _ref("UsageRecord")},

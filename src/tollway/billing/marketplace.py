@@ -66,6 +66,7 @@ def _item(item: Item, ratios: dict[str, Any], kinds: dict[str, str]) -> dict[str
     if not item.spec.is_endpoint:  # a model: token-priced, or an image model per image
         if item.billing_type == "token":
             body["max_output_tokens"] = item.spec.max_output_tokens
+            body["context_window"] = item.spec.input_bound
         protocols = item_protocols(item, kinds)
         body["routes"] = item_routes(item, protocols)
         body["providers"] = protocols

@@ -51,6 +51,7 @@ from tollway.pricing.rating import (
     rate_tokens,
 )
 from tollway.store import accounts as account_store
+from tollway.store import responses as response_store
 from tollway.store import usage as usage_store
 
 REPLAY_WINDOW_MS = 24 * 3600 * 1000
@@ -147,11 +148,13 @@ def reserve(conn: Connection, *, request_id: str, account_id: int, key_id: int,
 def settle(conn: Connection, *, hold_id: int, charge: Charge, record: dict[str, Any],
            at_ms: int, client_key: ClientKey | None = None,
            response: tuple[int, str, bytes | None] | None = None, window: Window | None = None,
-           counted_tokens: int = 0) -> Settlement:
+           counted_tokens: int = 0, remember: tuple[str, ...] = ()) -> Settlement:
     """Book ``charge`` (from :func:`rate`) at ``at_ms``: the ledger's entry, the wallet's day
     and the usage record carry that one time. ``window``/``counted_tokens``: the request's
     rate-limit window and what it counted there at admission, replaced by the record's actual
-    input + output tokens."""
+    input + output tokens. ``remember``: the Responses (and conversation) ids this answer
+    created, kept with the account and the record's input + output tokens (the history a
+    request continuing them carries)."""
     cost_nano = charge.cost_nano_usd
     correction = rate_limits.correction(
         window, counted=counted_tokens,
@@ -161,6 +164,10 @@ def settle(conn: Connection, *, hold_id: int, charge: Charge, record: dict[str, 
                                     correction=correction)
     usage_store.insert_usage(conn, {**record, "created_at_ms": at_ms, "hold_id": hold_id,
                                     "cost_nano": cost_nano})
+    if remember:
+        response_store.remember(conn, remember, account_id=record["account_id"],
+                                context_tokens=record["input_tokens"] + record["output_tokens"],
+                                at_ms=at_ms)
     if client_key is not None and response is not None:
         status, content_type, body = response
         usage_store.complete_request_key(conn, key_id=client_key.key_id,

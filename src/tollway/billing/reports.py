@@ -53,15 +53,26 @@ def recharge(row: Any) -> Charge | None:
         return rate_calls(CallUsage(int(row.calls)), CallPrice(nano_to_decimal(row.per_call_nano)),
                           ratio)
     write_1h = row.cache_write_1h_nano_per_1m  # NULL on records older than migration 0006
+    tools = tool_calls(row)
     price = TokenPrice(nano_to_decimal(row.input_nano_per_1m),
                        nano_to_decimal(row.output_nano_per_1m),
                        nano_to_decimal(row.cache_read_nano_per_1m),
                        nano_to_decimal(row.cache_write_nano_per_1m),
-                       None if write_1h is None else nano_to_decimal(write_1h))
+                       None if write_1h is None else nano_to_decimal(write_1h),
+                       tuple((tool, nano_to_decimal(t["nano_per_call"]))
+                             for tool, t in tools.items() if t["nano_per_call"] is not None))
     usage = TokenUsage(int(row.input_tokens), int(row.output_tokens),
                        int(row.cached_input_tokens), int(row.cache_write_tokens),
-                       int(row.cache_write_1h_tokens))
+                       int(row.cache_write_1h_tokens),
+                       tuple((tool, int(t["calls"])) for tool, t in tools.items()))
     return rate_tokens(usage, price, ratio)
+
+
+def tool_calls(row: Any) -> dict[str, Any]:
+    """The record's server-side tool calls: {tool: {calls, nano_per_call}} (NULL before
+    migration 0014, and on records without any)."""
+    raw = getattr(row, "tool_calls", None)
+    return dict(json.loads(raw)) if raw else {}
 
 
 def _plain(value: Decimal) -> str:
@@ -93,15 +104,21 @@ def pricing(row: Any) -> dict[str, Any] | None:
     else:
         parts = {c.name: c for c in charge.components}
         body["unit"] = "per 1M tokens"
-        body["formula"] = (
+        tokens = (
             f"(({row.input_tokens} − {row.cached_input_tokens} − {row.cache_write_tokens} − "
             f"{row.cache_write_1h_tokens}) × "
             f"{_plain(parts['input'].unit_price_usd)} + {row.cached_input_tokens} × "
             f"{_plain(parts['cache_read'].unit_price_usd)} + {row.cache_write_tokens} × "
             f"{_plain(parts['cache_write'].unit_price_usd)} + {row.cache_write_1h_tokens} × "
             f"{_plain(parts['cache_write_1h'].unit_price_usd)} + {row.output_tokens} × "
-            f"{_plain(parts['output'].unit_price_usd)}) / 1000000 × {ratio} = "
-            f"{_plain(charge.exact_usd)} → {format_usd(charge.cost_nano_usd)} USD")
+            f"{_plain(parts['output'].unit_price_usd)}) / 1000000")
+        tools = [c for c in charge.components if c.name.startswith("tool:")]
+        if tools:  # server-side tool fees, per call, added before the ratio
+            tokens = "(" + tokens + "".join(
+                f" + {c.quantity} × {_plain(c.unit_price_usd)} [{c.name[5:]}]"
+                for c in tools) + ")"
+        body["formula"] = (f"{tokens} × {ratio} = {_plain(charge.exact_usd)} → "
+                           f"{format_usd(charge.cost_nano_usd)} USD")
     if row.type == "error":
         body["charged"] = False
         body["why_not_charged"] = row.note or "the request failed"
@@ -122,6 +139,8 @@ def record_view(row: Any, *, explain: bool = True) -> dict[str, Any]:
         "cache_write_tokens": row.cache_write_tokens,
         "cache_write_1h_tokens": row.cache_write_1h_tokens, "output_tokens": row.output_tokens,
         "reasoning_tokens": row.reasoning_tokens, "calls": row.calls,
+        "tool_calls": {tool: {"calls": t["calls"], "price_per_call_usd": _usd(
+            t["nano_per_call"])} for tool, t in tool_calls(row).items()},
         "unit_prices_usd": {
             "input_per_1m": _usd(row.input_nano_per_1m),
             "output_per_1m": _usd(row.output_nano_per_1m),

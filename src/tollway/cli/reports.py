@@ -31,6 +31,7 @@ from tollway.errors import InvalidRequest
 from tollway.money import format_usd
 from tollway.store import accounts as store
 from tollway.store import reports as report_store
+from tollway.store import responses as response_store
 from tollway.store.reports import DAY_MS, HOUR_MS, LOG_TYPES, LogFilter
 
 
@@ -142,7 +143,10 @@ def cmd_usage_prune(args: argparse.Namespace) -> Output:
             print(f"deleted {deleted} records…", file=sys.stderr, flush=True)
         if count < batch:
             break
-    return Output({"deleted": deleted, "before": iso(before)},
+    with db.write() as conn:  # the Responses ids remembered as long as their usage
+        forgotten = response_store.forget_before(conn, before_ms=before)
+    return Output({"deleted": deleted, "before": iso(before),
+                   "responses_forgotten": forgotten},
                   f"deleted {deleted} usage records older than {iso(before)}; ledger "
                   "postings, summaries and statements are unchanged")
 

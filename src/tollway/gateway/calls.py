@@ -23,7 +23,7 @@ from tollway.gateway.state import Gateway
 from tollway.ledger.ledger import Hold
 from tollway.metrics import METRICS
 from tollway.money import format_usd, to_nano_usd
-from tollway.pricing.rating import AppliedRatio, Charge, TokenUsage, resolve_ratio
+from tollway.pricing.rating import AppliedRatio, Charge, TokenPrice, TokenUsage, resolve_ratio
 from tollway.pricing.upstream_cost import upstream_cost_nano
 from tollway.runtime.observe import ACCOUNT, COST, ERROR_CODE, PRODUCT, REQUEST_ID
 from tollway.store.accounts import ApiKeyRecord
@@ -68,6 +68,16 @@ class Call:
     cost_tolerance: Decimal = Decimal("0.05")
     size: str | None = None  # an image request's size (its upstream cost per size)
 
+    def tool_calls_json(self, calls: tuple[tuple[str, int], ...]) -> str | None:
+        """The record's server-side tool calls with the price each was billed at (None: the
+        model's price names no fee for it, so it was not billed)."""
+        if not calls:
+            return None
+        price = self.item.version.price
+        return jsonio.dumps({tool: {"calls": count, "nano_per_call": (  # calls sorted by tool
+            None if not isinstance(price, TokenPrice) or (unit := price.tool_price(tool)) is None
+            else to_nano_usd(unit))} for tool, count in calls}).decode()
+
     def rate_headers(self) -> list[tuple[bytes, bytes]]:
         return [] if self.window is None else self.window.headers()
 
@@ -95,7 +105,8 @@ class Call:
                input_tokens: int = 0, cached: int = 0, cache_write: int = 0,
                cache_write_1h: int = 0, output: int = 0, reasoning: int = 0, calls: int = 0,
                unit_price: Decimal | None = None, error: TollwayError | None = None,
-               note: str | None = None) -> dict[str, Any]:
+               note: str | None = None, tool_calls: tuple[tuple[str, int], ...] = ()
+               ) -> dict[str, Any]:
         """The usage record's fields (the metering layer adds hold and cost)."""
         prices = price_columns(self.item.version.price, unit_price=unit_price)
         return {
@@ -116,6 +127,7 @@ class Call:
             "usage_source": usage_source,
             "error_code": error.code if error else None,
             "note": _text(error.message if error else note),
+            "tool_calls": self.tool_calls_json(tool_calls),
             **upstream_cost_columns(self, type_, input_tokens, cached, cache_write,
                                     cache_write_1h, output, calls),
         }
@@ -254,7 +266,8 @@ async def fail(gw: Gateway, call: Call, send: Send, exc: TollwayError, *, status
 
 
 async def settle(gw: Gateway, call: Call, *, charge: Charge, record: dict[str, Any],
-                 response: tuple[int, str, bytes | None] | None) -> None:
+                 response: tuple[int, str, bytes | None] | None,
+                 remember: tuple[str, ...] = ()) -> None:
     """Book ``charge`` (``metering.rate``) with its usage record at the gateway's time; the
     key's rate-limit window gets the record's actual tokens in place of what admission
     counted."""
@@ -264,7 +277,8 @@ async def settle(gw: Gateway, call: Call, *, charge: Charge, record: dict[str, A
     with tracing.settling(call.trace, cost_nano=charge.cost_nano_usd, record=record):
         await gw.ctx.write(lambda conn: metering.settle(
             conn, hold_id=hold_id, charge=charge, record=record, client_key=client_key,
-            response=response, at_ms=at, window=window, counted_tokens=counted),
+            response=response, at_ms=at, window=window, counted_tokens=counted,
+            remember=remember),
             account_id=call.key.account_id)
     call.charged(charge.cost_nano_usd)
 

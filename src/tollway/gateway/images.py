@@ -1,9 +1,13 @@
 """``POST /v1/images/generations``: image models priced ``per_call``, billed per image
 returned.
 
-The hold covers the ``n`` images asked for at the requested size's price (``per_size``) or the
-model's ``per_call`` price; the charge is the images the upstream actually returned (never more
-than ``n``) × that price × the ratio, rounded once. A failed request is charged nothing.
+The hold covers the ``n`` images asked for at the requested size's price (``per_size``), its
+quality's (``per_quality``, per size or one price for every size, the higher of it and the
+size's; the dearest quality when the request names none, since the upstream then chooses) or
+the model's ``per_call`` price. The charge is the images the upstream actually returned
+(never more than ``n``) × the price of what was asked (a request that named no quality: the
+quality the answer reports, else the dearest held) × the ratio, rounded once. A failed
+request is charged nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class ImagesRoute:
         if prepared is None:
             return
         call, provider, payload, price, unit, n = prepared
+        quality = payload.get("quality")
         call.size = payload.get("size")
 
         def build(channel: Channel) -> UpstreamRequest:
@@ -64,6 +69,10 @@ class ImagesRoute:
             await fail(gw, call, send, UpstreamError(
                 "the upstream answered 2xx without a list of images"))
             return
+        if quality is None and price.per_quality:  # billed by the quality the upstream chose
+            chosen = _answer_quality(answer.body)
+            if chosen in price.qualities:
+                unit = price.for_image(payload.get("size"), chosen) or unit
         billed = min(returned, n)
         note = None
         if returned != n:
@@ -92,10 +101,17 @@ class ImagesRoute:
         size = payload.get("size")
         if size is not None and not isinstance(size, str):
             raise InvalidRequest("size must be a string such as \"1024x1024\"")
-        unit = price.for_size(size)
-        if unit is None:
+        quality = payload.get("quality")
+        if quality is not None and not isinstance(quality, str):
+            raise InvalidRequest("quality must be a string such as \"high\"", param="quality")
+        if price.for_size(size) is None:
             raise InvalidRequest(f"size {size!r} is not offered for {item.id}; sizes: "
-                                 + ", ".join(sorted(price.per_size)))
+                                 + ", ".join(sorted(price.per_size)), param="size")
+        unit = price.for_image(size, quality)
+        if unit is None:
+            raise InvalidRequest(f"quality {quality!r} is not offered for {item.id}; "
+                                 "qualities: " + ", ".join(price.qualities),
+                                 param="quality")
         call = begin(gw, scope, key, item, ROUTE, body)
         amount = max(metering.rate(CallUsage(n), price, call.ratio,
                                    unit_price=unit).cost_nano_usd, 1)
@@ -107,10 +123,21 @@ class ImagesRoute:
         return call, provider, payload, price, unit, n
 
 
-def _images_returned(raw: bytes) -> int | None:
+def _answer_field(raw: bytes, name: str) -> Any:
+    """A member of the upstream's JSON answer (None if the answer is not a JSON object)."""
     try:
         obj = jsonio.loads(raw)
     except ValueError:
         return None
-    data = obj.get("data") if isinstance(obj, dict) else None
+    return obj.get(name) if isinstance(obj, dict) else None
+
+
+def _answer_quality(raw: bytes) -> str | None:
+    """The quality an answer says it generated (``gpt-image-1`` reports it)."""
+    quality = _answer_field(raw, "quality")
+    return quality if isinstance(quality, str) else None
+
+
+def _images_returned(raw: bytes) -> int | None:
+    data = _answer_field(raw, "data")
     return len(data) if isinstance(data, list) else None

@@ -61,6 +61,11 @@ class LLMRoute(TokenRoute):
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 128:
                 raise InvalidRequest(f"{name} must be an integer from 1 to 128")
             count = max(count, value)
+        prompt = payload.get("prompt")
+        if self.kind == "completions" and isinstance(prompt, list) and prompt and all(
+                isinstance(p, str | list) for p in prompt):
+            # a batch: the upstream completes every prompt (strings or token arrays), n each
+            count *= len(prompt)
         return count
 
     def streams(self, payload: dict[str, Any]) -> bool:

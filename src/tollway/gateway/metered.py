@@ -53,9 +53,6 @@ from tollway.upstreams.channels import Channel
 log = logging.getLogger("tollway")
 
 MAX_TOKENS_HEADER = b"x-tollway-max-tokens"
-#: How far a reported prompt may exceed the local estimate before it is capped for review.
-PROMPT_SLACK_FACTOR = 4
-PROMPT_SLACK_TOKENS = 4096
 ERROR_BODY_LIMIT = 64 * 1024
 REPLAY_BODY_LIMIT = 1024 * 1024
 
@@ -80,6 +77,9 @@ class LLMCall:
     #: if the stream ends without usage (``TokenRoute.drain``)
     unparsed: list[bytes] = field(default_factory=list)
     unparsed_bytes: int = 0
+    #: ids the answer created that a later request may continue (a Response's, its
+    #: conversation's): remembered with the settlement
+    created_ids: tuple[str, ...] = ()
 
     def hold_cost(self, prompt: int, output: int) -> int:
         """The hold for ``prompt`` tokens at the dearest input-side price (however the
@@ -198,6 +198,15 @@ class TokenRoute:
     def upstream_headers(self, scope: Scope) -> dict[str, str]:
         return {}
 
+    async def history(self, gw: Gateway, call: Call, payload: dict[str, Any]) -> int:
+        """Tokens of the history a request continues upstream (held for beside its visible
+        prompt); raises when it is not the caller's to continue. Stateless protocols: 0,
+        without a statement."""
+        return 0
+
+    def read_answer(self, llm: LLMCall, obj: dict[str, Any]) -> None:
+        """Note what a whole answer created (``llm.created_ids``)."""
+
     def collect(self, obj: dict[str, Any], out: list[str]) -> None:
         """The generated text of a whole (non-streamed) answer, for a local count."""
 
@@ -251,10 +260,15 @@ class TokenRoute:
         call.render_error = self.render_error
         price = item.version.price
         assert isinstance(price, TokenPrice)  # token routes serve token-priced models only
-        max_field, bound = self.output_bound(payload, item.spec.max_output_tokens
-                                                          or 4096)
-        llm = LLMCall(gw, call, payload, price, tokens.estimate_prompt(payload), bound, max_field,
-                      provider, choices=self.choices(payload))
+        model_max = item.spec.max_output_tokens or 4096
+        max_field, bound = self.output_bound(payload, model_max)
+        lowered = None
+        if max_field is not None and bound is not None and bound > model_max:
+            # the model never generates more: hold (and send upstream) its maximum
+            bound = lowered = payload[max_field] = model_max
+        prompt = tokens.estimate_prompt(payload) + await self.history(gw, call, payload)
+        llm = LLMCall(gw, call, payload, price, prompt, bound, max_field,
+                      provider, choices=self.choices(payload), lowered_to=lowered)
         call.stream = self.streams(payload)
         amount = llm.hold_cost(llm.prompt_estimate, (bound or 0) * llm.choices)
         # TPM counts the estimated prompt at admission; settlement corrects it to the
@@ -330,6 +344,7 @@ class TokenRoute:
         call.mark_first_byte()
         call.reported_cost = reported_cost(raw)
         self.collect(obj, llm.delivered)
+        self.read_answer(llm, obj)
         metered = self.meter(llm, original, self.answer_usage(obj))
         charge = metering.rate(metered.usage, llm.price, call.ratio)
         await self._settle(llm, metered, charge, status=200,
@@ -345,9 +360,10 @@ class TokenRoute:
             bound *= llm.choices
         try:
             usage, reasoning = self.parse_usage(raw_usage)
-            return bounded(usage, reasoning,
-                           prompt_bound=max(llm.prompt_estimate * PROMPT_SLACK_FACTOR,
-                                            llm.prompt_estimate + PROMPT_SLACK_TOKENS),
+            # Input as reported up to the model's context window, never a multiple of the
+            # visible prompt: stateful requests (previous_response_id) and server-side tools
+            # bill input Tollway never sees.
+            return bounded(usage, reasoning, prompt_bound=llm.call.item.spec.input_bound,
                            completion_bound=bound)
         except InvalidUsage as exc:
             self.drain(llm)
@@ -371,8 +387,10 @@ class TokenRoute:
                              cache_write=usage.cache_write_tokens,
                              cache_write_1h=usage.cache_write_1h_tokens,
                              output=usage.completion_tokens, reasoning=metered.reasoning_tokens,
-                             note="; ".join(n for n in (metered.note, note) if n) or None)
-        await settle(llm.gw, call, charge=charge, record=record, response=response)
+                             note="; ".join(n for n in (metered.note, note) if n) or None,
+                             tool_calls=usage.tool_calls)
+        await settle(llm.gw, call, charge=charge, record=record, response=response,
+                     remember=llm.created_ids)
 
     # ------------------------------------------------------------------ streaming
 
@@ -387,9 +405,13 @@ class TokenRoute:
         pump = asyncio.ensure_future(self._pump(llm, response, send, state))
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         await asyncio.wait({pump, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if not pump.done():  # the client went away: stop reading, bill what was delivered
+        if not pump.done():  # the client went away
             state.client_gone = True
-            pump.cancel()
+            if llm.gw.stream_disconnect == "finish":
+                # read the upstream on to its usage (nothing more is sent), within the read
+                # timeout, and bill exactly what it reports
+                await asyncio.wait({pump}, timeout=llm.gw.read_timeout_s)
+            pump.cancel()  # cancel: stop reading, bill what was delivered
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await pump
@@ -410,7 +432,8 @@ class TokenRoute:
                 if state.out:
                     body = b"".join(state.out)
                     state.out.clear()
-                    await send_chunk(send, body, state)
+                    if not state.client_gone:
+                        await send_chunk(send, body, state)
                 if not more:
                     return
             state.cut = splitter.rest() != b"" or not state.done
@@ -430,7 +453,10 @@ class TokenRoute:
             return
         metered = self.stream_metered(llm, original, state)
         note = None
-        if state.client_gone:
+        if state.client_gone and state.done:
+            note = ("the client disconnected mid-stream; the upstream was read to its end "
+                    "(TOLLWAY_STREAM_DISCONNECT=finish)")
+        elif state.client_gone:
             note = "the client disconnected mid-stream"
         elif state.cut:
             note = state.failure.message if state.failure else "the upstream stream broke off"

@@ -18,8 +18,13 @@ from tollway.store.catalog import Item
 
 
 def _openai(item: Item) -> dict[str, Any]:
-    return {"id": item.id, "object": "model",
-            "created": item.version.effective_from_ms // 1000, "owned_by": item.provider}
+    body: dict[str, Any] = {"id": item.id, "object": "model",
+                            "created": item.version.effective_from_ms // 1000,
+                            "owned_by": item.provider}
+    if item.billing_type == "token":  # its limits, beside OpenAI's fields
+        body["context_window"] = item.spec.input_bound
+        body["max_output_tokens"] = item.spec.max_output_tokens
+    return body
 
 
 def _anthropic(item: Item) -> dict[str, Any]:
@@ -27,7 +32,8 @@ def _anthropic(item: Item) -> dict[str, Any]:
     return {"type": "model", "id": item.id,
             "display_name": str(item.spec.name or item.id),
             "created_at": created.isoformat().replace("+00:00", "Z"), "lifecycle": "active",
-            "max_tokens": item.spec.max_output_tokens}
+            "max_tokens": item.spec.max_output_tokens,
+            "max_input_tokens": item.spec.input_bound if item.billing_type == "token" else None}
 
 
 def _anthropic_error(scope: Scope, exc: TollwayError) -> bytes:

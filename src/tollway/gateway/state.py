@@ -144,11 +144,17 @@ def configure_board(board: Board, catalog: CatalogSnapshot) -> None:
         catalog.providers, catalog.disabled)
 
 
+STREAM_DISCONNECT = ("cancel", "finish")
+
+
 class Gateway:
     def __init__(self, ctx: Context, registry: Registry, *, catalog_refresh_s: float,
                  key_cache_s: float, max_body_bytes: int, headers_timeout_s: float = 30,
                  read_timeout_s: float = 600, cost_tolerance: Decimal = Decimal("0.05"),
-                 health_interval_s: float = 0) -> None:
+                 health_interval_s: float = 0, stream_disconnect: str = "cancel") -> None:
+        if stream_disconnect not in STREAM_DISCONNECT:
+            raise ValueError("TOLLWAY_STREAM_DISCONNECT must be cancel or finish, got "
+                             f"{stream_disconnect!r}")
         self.ctx = ctx
         #: Milliseconds since the epoch: limit windows, holds and records take their time
         #: from the server's one clock (tests pass a clock they move).
@@ -162,6 +168,8 @@ class Gateway:
         self.headers_timeout_s = headers_timeout_s
         self.read_timeout_s = read_timeout_s
         self.cost_tolerance = cost_tolerance
+        #: a client leaving a stream: ``cancel`` the upstream, or ``finish`` reading it
+        self.stream_disconnect = stream_disconnect
         self.health_interval_s = health_interval_s
         self.watchdog = Watchdog()
         self._health: asyncio.Task[None] | None = None

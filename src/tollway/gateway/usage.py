@@ -14,7 +14,7 @@ Anthropic and Responses usage are read here and converted explicitly to the rati
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tollway.pricing.rating import InvalidUsage, TokenUsage
@@ -81,7 +81,37 @@ def parse_anthropic_usage(raw: Any) -> TokenUsage:
                                      "cache_read_input_tokens"),
         cache_creation_input_tokens=_int(raw.get("cache_creation_input_tokens"),
                                          "cache_creation_input_tokens"),
-        **split)
+        **split).with_tools(_anthropic_tools(raw))
+
+
+#: Anthropic's ``usage.server_tool_use`` counters → the catalog's tool names
+#: (``price.tool_calls``).
+ANTHROPIC_TOOLS = {"web_search_requests": "web_search", "web_fetch_requests": "web_fetch",
+                   "code_execution_requests": "code_execution"}
+#: OpenAI Responses output items of hosted tools (each one call) → the catalog's tool names.
+RESPONSES_TOOLS = {"web_search_call": "web_search", "file_search_call": "file_search",
+                   "code_interpreter_call": "code_interpreter",
+                   "image_generation_call": "image_generation", "computer_call": "computer_use",
+                   "mcp_call": "mcp"}
+#: Where :func:`parse_responses_usage` finds the hosted tool calls Tollway counted in the
+#: answer's ``output`` (put beside the upstream's usage by the Responses route).
+TOOL_CALLS_KEY = "tollway_tool_calls"
+
+
+def _anthropic_tools(raw: dict[str, Any]) -> dict[str, int]:
+    used = _details(raw, "server_tool_use")
+    return {tool: _int(used.get(counter), counter) for counter, tool in ANTHROPIC_TOOLS.items()
+            if used.get(counter)}
+
+
+def responses_tool_calls(output: Any) -> dict[str, int]:
+    """The hosted tool calls in a Response's ``output`` (one per item), by tool."""
+    calls: dict[str, int] = {}
+    for item in output if isinstance(output, list) else ():
+        tool = RESPONSES_TOOLS.get(str(item.get("type"))) if isinstance(item, dict) else None
+        if tool is not None:
+            calls[tool] = calls.get(tool, 0) + 1
+    return calls
 
 
 def parse_responses_usage(raw: Any) -> tuple[TokenUsage, int]:
@@ -93,7 +123,7 @@ def parse_responses_usage(raw: Any) -> tuple[TokenUsage, int]:
         input_tokens=_int(raw.get("input_tokens"), "input_tokens"),
         output_tokens=_int(raw.get("output_tokens"), "output_tokens"),
         cached_tokens=_int(_details(raw, "input_tokens_details").get("cached_tokens"),
-                           "cached_tokens"))
+                           "cached_tokens")).with_tools(_details(raw, TOOL_CALLS_KEY))
     reasoning = _int(_details(raw, "output_tokens_details").get("reasoning_tokens"),
                      "reasoning_tokens")
     return usage, min(reasoning, usage.completion_tokens)
@@ -116,6 +146,8 @@ def bounded(usage: TokenUsage, reasoning: int, *, prompt_bound: int,
     cached = min(usage.cached_tokens, prompt)
     write = min(usage.cache_write_tokens, prompt - cached)
     write_1h = min(usage.cache_write_1h_tokens, prompt - cached - write)
-    capped = TokenUsage(prompt, completion, cached, write, write_1h)
+    capped = replace(usage, prompt_tokens=prompt, completion_tokens=completion,
+                     cached_tokens=cached, cache_write_tokens=write,
+                     cache_write_1h_tokens=write_1h)
     return MeteredUsage(capped, min(reasoning, completion), "capped",
                         "usage capped for review: " + "; ".join(notes))

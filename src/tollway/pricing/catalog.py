@@ -34,6 +34,9 @@ TOKEN_ROUTES: Mapping[str, tuple[str, ...]] = {
 IMAGE_ROUTES: Mapping[str, tuple[str, ...]] = {"openai": ("/v1/images/generations",),
                                                "anthropic": ()}
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+#: The input a token model is assumed to accept when the catalog gives no ``context_window``:
+#: reported input up to it is billed as reported, beyond it capped and flagged for review.
+DEFAULT_CONTEXT_WINDOW = 2_000_000
 DEFAULT_GROUP = "default"
 _PARAM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$")
@@ -88,11 +91,16 @@ def price_dict(price: Price) -> dict[str, Any]:
         out: dict[str, Any] = {"per_call": str(price.per_call)}
         if price.per_size:
             out["per_size"] = {k: str(v) for k, v in sorted(price.per_size.items())}
+        if price.per_quality:
+            out["per_quality"] = {k: str(v) for k, v in sorted(price.per_quality.items())}
         return out
     fields = {"input": price.input_per_1m, "output": price.output_per_1m,
               "cache_read": price.cache_read_per_1m, "cache_write": price.cache_write_per_1m,
               "cache_write_1h": price.cache_write_1h_per_1m}
-    return {k: str(v) for k, v in fields.items() if v is not None}
+    token: dict[str, Any] = {k: str(v) for k, v in fields.items() if v is not None}
+    if price.tool_calls:
+        token["tool_calls"] = {k: str(v) for k, v in price.tool_calls}
+    return token
 
 
 def price_from_dict(raw: Mapping[str, Any]) -> Price:
@@ -102,10 +110,14 @@ def price_from_dict(raw: Mapping[str, Any]) -> Price:
 
     if "per_call" in raw:
         sizes = raw.get("per_size") or {}
+        qualities = raw.get("per_quality") or {}
         return CallPrice(Decimal(str(raw["per_call"])),
-                         {str(k): Decimal(str(v)) for k, v in sizes.items()})
+                         {str(k): Decimal(str(v)) for k, v in sizes.items()},
+                         {str(k): Decimal(str(v)) for k, v in qualities.items()})
+    tools = raw.get("tool_calls") or {}
     return TokenPrice(Decimal(str(raw["input"])), Decimal(str(raw["output"])),
-                      dec("cache_read"), dec("cache_write"), dec("cache_write_1h"))
+                      dec("cache_read"), dec("cache_write"), dec("cache_write_1h"),
+                      tuple(sorted((str(k), Decimal(str(v))) for k, v in tools.items())))
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +129,8 @@ class ItemSpec:
     # models
     upstream_model: str | None = None
     max_output_tokens: int | None = None
+    #: the most input tokens the model takes (None: :data:`DEFAULT_CONTEXT_WINDOW`)
+    context_window: int | None = None
     #: protocol family → provider serving the model through it (see KIND_PROTOCOLS)
     providers: Mapping[str, str] | None = None
     #: the gateway routes it is sold on, when narrower than every route of its protocols
@@ -135,8 +149,14 @@ class ItemSpec:
     def is_endpoint(self) -> bool:
         return self.path is not None
 
+    @property
+    def input_bound(self) -> int:
+        """The reported input billed as reported; beyond it, capped and flagged."""
+        return self.context_window or DEFAULT_CONTEXT_WINDOW
+
     def as_dict(self) -> dict[str, Any]:
-        keys = ("upstream_model", "max_output_tokens", "name", "method", "path", "upstream_path")
+        keys = ("upstream_model", "max_output_tokens", "context_window", "name", "method",
+                "path", "upstream_path")
         spec: dict[str, Any] = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         if self.providers is not None:
             spec["providers"] = dict(self.providers)
@@ -158,10 +178,12 @@ class ItemSpec:
         providers = raw.get("providers")
         routes = raw.get("routes")
         max_out = raw.get("max_output_tokens")
+        window = raw.get("context_window")
         channels = raw.get("channels")
         cost = raw.get("cost")
         return cls(upstream_model=text("upstream_model"),
                    max_output_tokens=None if max_out is None else int(max_out),
+                   context_window=None if window is None else int(window),
                    providers=({str(k): str(v) for k, v in providers.items()}
                               if isinstance(providers, dict) else None),
                    routes=(tuple(str(r) for r in routes) if isinstance(routes, list)
@@ -185,6 +207,7 @@ class Listing:
     # models
     upstream_model: str | None = None
     max_output_tokens: int | None = None
+    context_window: int | None = None
     #: protocol family → provider serving the model through it (see KIND_PROTOCOLS)
     providers: Mapping[str, str] | None = None
     #: the gateway routes it is sold on, when narrower than every route of its protocols
@@ -210,6 +233,7 @@ class Listing:
         """The non-price attributes, as carried beside the item to the gateway."""
         return ItemSpec(upstream_model=self.upstream_model,
                         max_output_tokens=self.max_output_tokens,
+                        context_window=self.context_window,
                         providers=None if self.providers is None else dict(self.providers),
                         routes=self.routes, name=self.name, method=self.method,
                         path=self.path, upstream_path=self.upstream_path,
@@ -542,7 +566,8 @@ class _Validator:
         before = len(self.problems)
         allowed = {"id", "provider", "price", "group_ratios", "effective_from", "channels",
                    "cost"} | (
-            {"upstream_model", "max_output_tokens", "providers", "routes"} if section == "models"
+            {"upstream_model", "max_output_tokens", "context_window", "providers", "routes"}
+            if section == "models"
             else {"name", "method", "path", "upstream_path"})
         for key in sorted(set(item) - allowed, key=str):
             self.problem(f"{where}.{_field(key)}", "unknown field")
@@ -744,10 +769,11 @@ class _Validator:
         if "per_call" in raw:
             return self.image_model(where, item, raw, overrides, effective_from)
         for key in sorted(set(raw) - {"input", "output", "cache_read", "cache_write",
-                                      "cache_write_1h"}, key=str):
+                                      "cache_write_1h", "tool_calls"}, key=str):
             self.problem(f"{where}.price.{_field(key)}", "unknown price field (token prices "
                          "are input, output, cache_read, cache_write, cache_write_1h, in USD "
-                         "per 1M tokens; image models take per_call and per_size)")
+                         "per 1M tokens, and tool_calls in USD per call; image models take "
+                         "per_call, per_size and per_quality)")
         prices: dict[str, Decimal | None] = {}
         for key in ("input", "output"):
             if raw.get(key) is None:
@@ -762,26 +788,37 @@ class _Validator:
         if not isinstance(max_out, int) or isinstance(max_out, bool) or max_out <= 0:
             self.problem(f"{where}.max_output_tokens", f"must be a positive integer, got "
                          f"{max_out!r}")
+        window = item.get("context_window")
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                                   or window <= 0):
+            self.problem(f"{where}.context_window", f"must be a positive integer (input "
+                         f"tokens), got {window!r}")
         upstream_model = item.get("upstream_model", item["id"])
         if not isinstance(upstream_model, str) or not upstream_model:
             self.problem(f"{where}.upstream_model", "must be a model name")
         if prices["input"] is None or prices["output"] is None:
             return None
+        tools = self.usd_map(f"{where}.price.tool_calls", raw.get("tool_calls"),
+                             "a mapping of server-side tool (web_search, ...) to USD per call")
         price = TokenPrice(prices["input"], prices["output"], prices["cache_read"],
-                           prices["cache_write"], prices["cache_write_1h"])
+                           prices["cache_write"], prices["cache_write_1h"],
+                           tuple(sorted(tools.items())))
         return Listing(item["id"], str(item.get("provider")), price, overrides, effective_from,
-                       upstream_model=upstream_model, max_output_tokens=max_out)
+                       upstream_model=upstream_model, max_output_tokens=max_out,
+                       context_window=window)
 
     def image_model(self, where: str, item: dict[str, Any], raw: dict[str, Any],
                     overrides: dict[str, Decimal],
                     effective_from: datetime | None) -> Listing | None:
         """A model priced per image returned (``/v1/images/generations``)."""
-        for key in sorted(set(raw) - {"per_call", "per_size"}, key=str):
+        for key in sorted(set(raw) - {"per_call", "per_size", "per_quality"}, key=str):
             self.problem(f"{where}.price.{_field(key)}", "unknown price field (image models "
-                         "take "
-                         "per_call and optional per_size, in USD per image)")
+                         "take per_call and optional per_size and per_quality, in USD per "
+                         "image)")
         if "max_output_tokens" in item:
             self.problem(f"{where}.max_output_tokens", "an image model has no output tokens")
+        if "context_window" in item:
+            self.problem(f"{where}.context_window", "an image model has no input tokens")
         per_call = self.usd(f"{where}.price.per_call", raw["per_call"])
         sizes: dict[str, Decimal] = {}
         per_size = raw.get("per_size") or {}
@@ -796,13 +833,49 @@ class _Validator:
             usd = self.usd(f"{where}.price.per_size.{size}", value)
             if usd is not None:
                 sizes[size] = usd
+        qualities = self.qualities(f"{where}.price.per_quality", raw.get("per_quality"))
         upstream_model = item.get("upstream_model", item["id"])
         if not isinstance(upstream_model, str) or not upstream_model:
             self.problem(f"{where}.upstream_model", "must be a model name")
         if per_call is None:
             return None
-        return Listing(item["id"], str(item.get("provider")), CallPrice(per_call, sizes),
+        return Listing(item["id"], str(item.get("provider")),
+                       CallPrice(per_call, sizes, qualities),
                        overrides, effective_from, upstream_model=upstream_model)
+
+    def qualities(self, where: str, raw: Any) -> dict[str, Decimal]:
+        """``per_quality: {high: "0.17", low: {"1024x1024": "0.011"}}``: a quality's price,
+        or its price per size (kept as ``low:1024x1024``)."""
+        what = "a mapping of quality (e.g. \"high\") to USD per image, or to sizes and USD"
+        flat = {k: v for k, v in (raw.items() if isinstance(raw, dict) else ())
+                if not isinstance(v, dict)}
+        result = self.usd_map(where, flat if isinstance(raw, dict) else raw, what)
+        for quality, sizes in (raw.items() if isinstance(raw, dict) else ()):
+            if isinstance(sizes, dict):
+                if not isinstance(quality, str) or not quality or ":" in quality:
+                    self.problem(where, f"a quality must be a name, got {quality!r}")
+                    continue
+                for size, usd in self.usd_map(f"{where}.{_field(quality)}", sizes,
+                                              what).items():
+                    result[f"{quality}:{size}"] = usd
+        return result
+
+    def usd_map(self, where: str, raw: Any, what: str) -> dict[str, Decimal]:
+        """``{name: USD}`` (tool fees, per-quality prices); problems name each entry."""
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            self.problem(where, f"must be {what}")
+            return {}
+        result: dict[str, Decimal] = {}
+        for name, value in raw.items():
+            if not isinstance(name, str) or not name:
+                self.problem(where, f"a name must be a string, got {name!r}")
+                continue
+            usd = self.usd(f"{where}.{_field(name)}", value)
+            if usd is not None:
+                result[name] = usd
+        return result
 
     def endpoint(self, where: str, item: dict[str, Any], raw: dict[str, Any],
                  overrides: dict[str, Decimal], effective_from: datetime | None) -> Listing | None:

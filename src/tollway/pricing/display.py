@@ -25,7 +25,9 @@ def price_lines(price: Price, ratio: Decimal = Decimal(1), *, per: str = "call")
 
     if isinstance(price, CallPrice):
         return [f"{show(price.per_call)} / per {per}"] + [
-            f"{show(value)} / per {per} ({size})" for size, value in price.per_size.items()]
+            f"{show(value)} / per {per} ({size})" for size, value in price.per_size.items()] + [
+            f"{show(value)} / per {per} ({_quality_label(key)})"
+            for key, value in price.per_quality.items()]
     lines = [f"{show(price.input_per_1m)} / 1M input tokens",
              f"{show(price.output_per_1m)} / 1M output tokens"]
     if price.cache_read_per_1m is not None:
@@ -34,6 +36,7 @@ def price_lines(price: Price, ratio: Decimal = Decimal(1), *, per: str = "call")
         lines.append(f"{show(price.cache_write_per_1m)} / 1M cache-write tokens")
     if price.cache_write_1h_per_1m is not None:
         lines.append(f"{show(price.cache_write_1h_per_1m)} / 1M cache-write (1h) tokens")
+    lines.extend(f"{show(value)} / {tool} call" for tool, value in price.tool_calls)
     return lines
 
 
@@ -51,10 +54,24 @@ def price_fields(price: Price, ratio: Decimal = Decimal(1)) -> dict[str, Any]:
         if price.per_size:
             fields["per_size"] = {size: {"per_call_usd": usd(value)}
                                   for size, value in price.per_size.items()}
+        if price.per_quality:
+            fields["per_quality"] = {quality: {"per_call_usd": usd(value)}
+                                     for quality, value in price.per_quality.items()}
         return fields
     assert isinstance(price, TokenPrice)
-    return {"input_per_1m_usd": usd(price.input_per_1m),
-            "output_per_1m_usd": usd(price.output_per_1m),
-            "cache_read_per_1m_usd": usd(price.effective_cache_read_per_1m),
-            "cache_write_per_1m_usd": usd(price.effective_cache_write_per_1m),
-            "cache_write_1h_per_1m_usd": usd(price.effective_cache_write_1h_per_1m)}
+    token: dict[str, Any] = {
+        "input_per_1m_usd": usd(price.input_per_1m),
+        "output_per_1m_usd": usd(price.output_per_1m),
+        "cache_read_per_1m_usd": usd(price.effective_cache_read_per_1m),
+        "cache_write_per_1m_usd": usd(price.effective_cache_write_per_1m),
+        "cache_write_1h_per_1m_usd": usd(price.effective_cache_write_1h_per_1m)}
+    if price.tool_calls:
+        token["tool_calls"] = {tool: {"per_call_usd": usd(value)}
+                               for tool, value in price.tool_calls}
+    return token
+
+
+def _quality_label(key: str) -> str:
+    """``high`` → ``high quality``; ``low:1024x1024`` → ``low quality, 1024x1024``."""
+    quality, _, size = key.partition(":")
+    return f"{quality} quality" + (f", {size}" if size else "")

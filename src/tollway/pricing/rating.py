@@ -15,8 +15,12 @@ cache_write_1h → cache_write → input.
 Other protocols report usage differently; :meth:`TokenUsage.from_anthropic` and
 :meth:`TokenUsage.from_responses` convert explicitly, so the formula above is the only one.
 
+Server-side tools an upstream runs and bills per call (Anthropic's ``web_search``, OpenAI's
+hosted tools) add ``calls × price_per_call`` for each tool the price names (``tool_calls``)
+to the token subtotal, before the ratio: still one rounding per request.
+
 Per-call formula: ``cost = price_per_call * ratio`` for each successful call (for image
-models, each image returned).
+models, each image returned, at its size's or quality's price).
 
 Every intermediate value is an exact ``Decimal`` (the context traps ``Inexact``, so a
 silent rounding would raise instead); the total is rounded once, in :func:`to_nano_usd`.
@@ -43,6 +47,11 @@ class TokenPrice:
     cache_read_per_1m: Decimal | None = None
     cache_write_per_1m: Decimal | None = None
     cache_write_1h_per_1m: Decimal | None = None
+    #: USD per server-side tool call, by tool (``(("web_search", Decimal("0.01")),)``)
+    tool_calls: tuple[tuple[str, Decimal], ...] = ()
+
+    def tool_price(self, tool: str) -> Decimal | None:
+        return dict(self.tool_calls).get(tool)
 
     @property
     def effective_cache_read_per_1m(self) -> Decimal:
@@ -61,18 +70,49 @@ class TokenPrice:
 
 @dataclass(frozen=True, slots=True)
 class CallPrice:
-    """USD per successful call (per image returned, for image models). ``per_size`` prices an
-    image model's sizes apart (``{"1024x1024": 0.04}``); ``per_call`` is the price of a request
-    that names no size."""
+    """USD per successful call (per image returned, for image models). ``per_size`` and
+    ``per_quality`` price an image model's sizes and qualities apart (``{"1024x1024": 0.04}``,
+    ``{"high": 0.17, "low:1024x1024": 0.011}``: a quality priced per size is keyed
+    ``quality:size``); ``per_call`` is the price of a request that names neither."""
 
     per_call: Decimal
     per_size: Mapping[str, Decimal] = field(default_factory=dict)
+    per_quality: Mapping[str, Decimal] = field(default_factory=dict)
 
     def for_size(self, size: str | None) -> Decimal | None:
         """The unit price of ``size``; None when the model prices sizes and this is not one."""
         if size is None or not self.per_size:
             return self.per_call
         return self.per_size.get(size)
+
+    def _quality(self, size: str | None, quality: str) -> Decimal | None:
+        """One quality's price: at ``size`` when the quality is priced per size (``high`` at
+        ``1024x1024`` is ``per_quality["high:1024x1024"]``; the dearest of its sizes when
+        none is named), else its one price and the size's, the higher."""
+        by_size = {key.partition(":")[2]: value for key, value in self.per_quality.items()
+                   if key.partition(":")[0] == quality and ":" in key}
+        if by_size:
+            return max(by_size.values()) if size is None else by_size.get(size)
+        flat = self.per_quality.get(quality)
+        sized = self.for_size(size)
+        if flat is None or sized is None:
+            return None
+        return flat if size is None or not self.per_size else max(flat, sized)
+
+    def for_image(self, size: str | None, quality: str | None) -> Decimal | None:
+        """The unit price of an image of ``size`` and ``quality``; when the model prices
+        qualities and the request names none, the dearest (the upstream chooses). None when
+        the size or quality is not offered."""
+        if not self.per_quality:
+            return self.for_size(size)
+        if quality is not None:
+            return self._quality(size, quality)
+        prices = [p for q in self.qualities if (p := self._quality(size, q)) is not None]
+        return max(prices) if prices else None
+
+    @property
+    def qualities(self) -> list[str]:
+        return sorted({key.partition(":")[0] for key in self.per_quality})
 
 
 Price = TokenPrice | CallPrice
@@ -98,8 +138,14 @@ class TokenUsage:
     cached_tokens: int = 0
     cache_write_tokens: int = 0
     cache_write_1h_tokens: int = 0
+    #: calls of server-side tools the upstream ran and bills apart, by tool
+    tool_calls: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
+        for tool, calls in self.tool_calls:
+            if not isinstance(calls, int) or isinstance(calls, bool) or calls < 0:
+                raise InvalidUsage(f"{tool} calls must be a non-negative integer, got "
+                                   f"{calls!r}")
         for name in _TOKEN_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -158,6 +204,14 @@ class TokenUsage:
         """
         return cls(prompt_tokens=input_tokens, completion_tokens=output_tokens,
                    cached_tokens=cached_tokens)
+
+    def with_tools(self, calls: Mapping[str, int]) -> TokenUsage:
+        """These counts with ``calls`` of server-side tools (sorted by tool)."""
+        if not calls:
+            return self
+        return TokenUsage(self.prompt_tokens, self.completion_tokens, self.cached_tokens,
+                          self.cache_write_tokens, self.cache_write_1h_tokens,
+                          tuple(sorted(calls.items())))
 
     @property
     def cache_writes(self) -> int:
@@ -229,7 +283,10 @@ def rate_tokens(usage: TokenUsage, price: TokenPrice, ratio: AppliedRatio) -> Ch
         )
         components = tuple(Component(name, qty, unit, (qty * unit).scaleb(_PER_1M_SCALE))
                            for name, qty, unit in lines)
-        return _total(components, ratio)
+        tools = tuple(Component(f"tool:{tool}", calls, unit, calls * unit)
+                      for tool, calls in usage.tool_calls
+                      if (unit := price.tool_price(tool)) is not None)
+        return _total(components + tools, ratio)
 
 
 def rate_calls(usage: CallUsage, price: CallPrice, ratio: AppliedRatio, *,

@@ -68,6 +68,10 @@ class ApplyReport:
     groups: dict[str, str] = field(default_factory=dict)
 
 
+#: A price version's JSON columns, not copied onto usage records.
+PRICE_JSON_COLUMNS = ("per_size_nano", "tool_calls_nano", "per_quality_nano")
+
+
 def price_columns(price: Price, *, unit_price: Decimal | None = None) -> dict[str, int | None]:
     """A price as a usage record's nano-USD columns, with the prices actually applied: a
     missing cache price is its fallback's (see rating), and a per-call item's unit price is
@@ -75,7 +79,7 @@ def price_columns(price: Price, *, unit_price: Decimal | None = None) -> dict[st
     if isinstance(price, TokenPrice):
         return dict(_token_price_columns(price))  # every request's record: computed once
     columns: dict[str, int | None] = {k: v for k, v in _price_columns(price).items()
-                                      if k != "per_size_nano" and not isinstance(v, str)}
+                                      if k not in PRICE_JSON_COLUMNS and not isinstance(v, str)}
     if unit_price is not None:
         columns["per_call_nano"] = parse_usd(unit_price)
     return columns
@@ -84,7 +88,7 @@ def price_columns(price: Price, *, unit_price: Decimal | None = None) -> dict[st
 @functools.lru_cache(maxsize=4096)
 def _token_price_columns(price: TokenPrice) -> dict[str, int | None]:
     columns: dict[str, int | None] = {k: v for k, v in _price_columns(price).items()
-                                      if k != "per_size_nano" and not isinstance(v, str)}
+                                      if k not in PRICE_JSON_COLUMNS and not isinstance(v, str)}
     columns["cache_read_nano_per_1m"] = parse_usd(price.effective_cache_read_per_1m)
     columns["cache_write_nano_per_1m"] = parse_usd(price.effective_cache_write_per_1m)
     columns["cache_write_1h_nano_per_1m"] = parse_usd(price.effective_cache_write_1h_per_1m)
@@ -99,18 +103,26 @@ def _price_columns(price: Price) -> dict[str, int | str | None]:
     columns: dict[str, int | str | None] = {
         "input_nano_per_1m": None, "output_nano_per_1m": None, "cache_read_nano_per_1m": None,
         "cache_write_nano_per_1m": None, "cache_write_1h_nano_per_1m": None,
-        "per_call_nano": None, "per_size_nano": None}
+        "per_call_nano": None, "per_size_nano": None, "tool_calls_nano": None,
+        "per_quality_nano": None}
     if isinstance(price, TokenPrice):
         columns.update({"input_nano_per_1m": nano(price.input_per_1m),
                         "output_nano_per_1m": nano(price.output_per_1m),
                         "cache_read_nano_per_1m": nano(price.cache_read_per_1m),
                         "cache_write_nano_per_1m": nano(price.cache_write_per_1m),
                         "cache_write_1h_nano_per_1m": nano(price.cache_write_1h_per_1m)})
+        if price.tool_calls:
+            columns["tool_calls_nano"] = json.dumps(
+                {tool: parse_usd(value) for tool, value in price.tool_calls}, sort_keys=True)
     else:
         columns["per_call_nano"] = nano(price.per_call)
         if price.per_size:
             columns["per_size_nano"] = json.dumps(
                 {size: parse_usd(value) for size, value in price.per_size.items()},
+                sort_keys=True)
+        if price.per_quality:
+            columns["per_quality_nano"] = json.dumps(
+                {quality: parse_usd(value) for quality, value in price.per_quality.items()},
                 sort_keys=True)
     return columns
 
@@ -125,14 +137,19 @@ def _version(row: sa.Row[tuple[object, ...]]) -> PriceVersion:
 
     price: Price
     if row.billing_type == "token":
+        tools = json.loads(row.tool_calls_nano) if row.tool_calls_nano else {}
         price = TokenPrice(nano_to_decimal(row.input_nano_per_1m),
                            nano_to_decimal(row.output_nano_per_1m),
                            usd(row.cache_read_nano_per_1m), usd(row.cache_write_nano_per_1m),
-                           usd(row.cache_write_1h_nano_per_1m))
+                           usd(row.cache_write_1h_nano_per_1m),
+                           tuple(sorted((tool, nano_to_decimal(nano))
+                                        for tool, nano in tools.items())))
     else:
         sizes = json.loads(row.per_size_nano) if row.per_size_nano else {}
+        qualities = json.loads(row.per_quality_nano) if row.per_quality_nano else {}
         price = CallPrice(nano_to_decimal(row.per_call_nano),
-                          {size: nano_to_decimal(nano) for size, nano in sizes.items()})
+                          {size: nano_to_decimal(nano) for size, nano in sizes.items()},
+                          {quality: nano_to_decimal(nano) for quality, nano in qualities.items()})
     return PriceVersion(row.id, row.item_id, price, _ratios(row.group_ratios),
                         row.effective_from_ms)
 

@@ -181,6 +181,10 @@ price_versions = sa.Table(
     # 0006: 1-hour cache writes; an image model's per-size prices, JSON {size: nano-USD}
     sa.Column("cache_write_1h_nano_per_1m", Nano),
     sa.Column("per_size_nano", sa.Text),
+    # 0014: server-side tool fees, JSON {tool: nano-USD per call}; an image model's
+    # per-quality prices, JSON {quality: nano-USD}
+    sa.Column("tool_calls_nano", sa.Text),
+    sa.Column("per_quality_nano", sa.Text),
 )
 
 #: The account's log: one row per gateway request (written in the same transaction as its
@@ -240,6 +244,9 @@ usage_records = sa.Table(
     sa.Column("upstream_cost_nano", Nano),
     sa.Column("upstream_reported_cost_nano", Nano),
     sa.Column("upstream_cost_mismatch", sa.Boolean),
+    # 0014: server-side tool calls billed with the tokens, JSON
+    # {tool: {"calls": n, "nano_per_call": p}} (NULL: none)
+    sa.Column("tool_calls", sa.Text),
 )
 
 #: Requests per account x key x product x hour, maintained in the same transaction as each
@@ -538,4 +545,16 @@ recharge_attempts = sa.Table(
     sa.Column("entry_id", Id, sa.ForeignKey("entries.id")),  # the top-up that credited it
     sa.CheckConstraint("amount_nano > 0", name="ck_recharge_attempts_amount_positive"),
     sa.Index("ix_recharge_attempts_account", "account_id", "month_start_ms"),
+)
+
+# stateful Responses (migration 0014_usage_bounds): each relayed response id with the input +
+# output tokens it billed and its account, so a request continuing it
+# (``previous_response_id``) is refused from another account and holds for its history
+response_memory = sa.Table(
+    "response_memory",
+    metadata,
+    sa.Column("response_id", sa.String(255), primary_key=True),
+    sa.Column("account_id", Id, sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("context_tokens", sa.BigInteger, nullable=False),
+    sa.Column("created_at_ms", Ms, nullable=False),
 )
