@@ -219,12 +219,18 @@ class LoadClient:
             self.session = None
         return {}
 
+    def _next(self) -> tuple[str, dict[str, str]]:
+        """Where the next request goes and with which headers (``bench/cluster.py`` rotates
+        them over instances and keys)."""
+        return self.url, self.headers
+
     async def _one(self) -> tuple[bool, float, float | None, bool, str | None]:
         """(ok, latency s, time to first chunk s, billed marker seen, error)."""
+        url, headers = self._next()
         t0 = time.perf_counter()
         first = None
         try:
-            async with self.session.post(self.url, data=self.body, headers=self.headers) as r:
+            async with self.session.post(url, data=self.body, headers=headers) as r:
                 if self.stream:
                     tail = b""
                     async for chunk in r.content.iter_any():
@@ -260,12 +266,12 @@ class LoadClient:
         }
 
 
-def run_client() -> None:
+def run_client(factory: type[LoadClient] = LoadClient) -> None:
     import uvloop
 
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
-    client = LoadClient()
+    client = factory()
     for line in sys.stdin:
         cmd = json.loads(line)
         try:
@@ -387,10 +393,10 @@ class Proc:
 class Client:
     """The load generator process."""
 
-    def __init__(self, cpu: int | None) -> None:
+    def __init__(self, cpu: int | None, script: Path | None = None) -> None:
         prefix = ["taskset", "-c", str(cpu)] if cpu is not None else []
-        self.popen = subprocess.Popen(prefix + [sys.executable, str(Path(__file__).resolve()),
-                                                "--role", "client"],
+        script = script or Path(__file__).resolve()
+        self.popen = subprocess.Popen(prefix + [sys.executable, str(script), "--role", "client"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                       cwd=str(ROOT))
 

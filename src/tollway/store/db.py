@@ -25,6 +25,7 @@ from sqlalchemy.pool import NullPool
 
 from tollway import settings
 from tollway.errors import InvalidRequest, StorageUnavailable
+from tollway.store import pipeline
 
 T = TypeVar("T")
 
@@ -83,8 +84,10 @@ class Database:
             pool: dict[str, Any] = ({"poolclass": NullPool} if null_pool else
                                     {"pool_size": pool_size, "max_overflow": pool_size * 4,
                                      "pool_pre_ping": True})
-            self.engine = sa.create_engine(self.url, connect_args={"connect_timeout": 5},
-                                           **pool)
+            # The pipeline-aware cursor (store/pipeline.py) is what lets the writer pipeline
+            # a batch; outside pipeline mode it is psycopg's own cursor.
+            self.engine = sa.create_engine(self.url, connect_args={
+                "connect_timeout": 5, "cursor_factory": pipeline.Cursor}, **pool)
             self.write_engine = self.engine
         else:
             raise ValueError(f"unsupported database {self.dialect!r}: use sqlite:/// or "

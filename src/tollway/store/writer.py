@@ -8,6 +8,10 @@ raises (say, insufficient balance) is rolled back alone and the rest of the batc
 their event loop per batch, not one per operation. On PostgreSQL a batch that loses a
 deadlock or a serialization race is retried whole, which is safe because every ledger
 operation is idempotent.
+
+On PostgreSQL the optimistic run of a batch is pipelined (:mod:`tollway.store.pipeline`):
+statements whose results are not read go out without a round trip each. The replay with
+savepoints is not: there every error must reach its own operation.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from sqlalchemy.engine import Connection
 
 from tollway.metrics import METRICS
 from tollway.store.db import INTEGRITY_ERRORS, OPERATIONAL_ERRORS, Database, storage_error
+from tollway.store.pipeline import Failed, pipelined
 
 T = TypeVar("T")
 Operation = Callable[[Connection], Any]
@@ -119,9 +124,9 @@ class Writer:
         for attempt in range(_RETRIES):
             try:
                 try:
-                    with self._transaction() as conn:
+                    with self._transaction() as conn, pipelined(conn):
                         return [(True, _run_optimistic(conn, op)) for op in ops]
-                except _Replay:  # one operation raised: run the batch again, isolated
+                except (_Replay, Failed):  # something raised: run the batch again, isolated
                     with self._transaction() as conn:
                         return [_run_op(conn, op) for op in ops]
             except OPERATIONAL_ERRORS as exc:
