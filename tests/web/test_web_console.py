@@ -150,7 +150,7 @@ def test_overview_and_statement_show_the_apis_figures(
     assert page.status_code == 200
     for field in ("opening_balance_usd", "topups_usd", "adjustments_usd", "charges_usd",
                   "written_off_usd", "closing_balance_usd"):
-        assert f'<td class="n">{statement[field]}</td>' in page.text, field
+        assert f'<td class="n" data-line="{field}">{statement[field]}</td>' in page.text, field
     assert statement["reconciliation"] in html.unescape(page.text)
     assert "@media print" in client.get("/static/tollway.css").text
     csv_page = client.get("/console/statements", params={"month": "2025-11", "format": "csv"})
