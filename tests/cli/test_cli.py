@@ -513,3 +513,15 @@ def test_the_cli_imports_no_metrics_before_serve_chooses_their_directory() -> No
                                 "'prometheus_client', 'tollway.metrics'))))")],
         capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "[]", probe.stdout
+
+
+def test_a_worker_loads_the_payment_libraries_only_when_payments_are_used() -> None:
+    """stripe (~12 MiB) and fpdf2 with Pillow (~20 MiB) are per-worker memory that a gateway
+    without card payments never needs: importing the app loads neither (issue 12's memory
+    target is per worker)."""
+    probe = subprocess.run(
+        [sys.executable, "-c", ("import sys, tollway.app\n"
+                                "print(sorted(m for m in sys.modules if m.split('.')[0] in ("
+                                "'stripe', 'fpdf', 'PIL')))")],
+        capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "[]", probe.stdout

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from fpdf import FPDF
 from sqlalchemy.engine import Connection
 
 from tollway import settings
@@ -59,6 +58,8 @@ def pdf(data: dict[str, Any]) -> bytes:
     name, address = business()
     currency = order["currency"].upper()
     amount = cents(order["amount_usd"])
+    from fpdf import FPDF  # noqa: PLC0415 - ~20 MiB per worker, loaded on the first receipt
+
     doc = FPDF(format="A4")
     doc.set_title(_text(f"Receipt TW-{order['id']} - {name}"))
     doc.set_author(_text(name))

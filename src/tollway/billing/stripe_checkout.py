@@ -16,9 +16,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
-
-import stripe
+from typing import TYPE_CHECKING, Any
 
 from tollway import settings
 from tollway.errors import (
@@ -27,6 +25,9 @@ from tollway.errors import (
     PaymentProviderError,
     PaymentsUnavailable,
 )
+
+if TYPE_CHECKING:
+    import stripe
 
 #: Seconds a webhook signature's timestamp may be old (Stripe's own default).
 SIGNATURE_TOLERANCE_S = 300
@@ -43,6 +44,8 @@ def configured() -> bool:
 
 
 def _client() -> stripe.StripeClient:
+    import stripe  # noqa: PLC0415 - 12 MiB per worker: loaded when payments are used
+
     key = settings.get("stripe_secret_key")
     if not key:
         raise PaymentsUnavailable("card top-ups are not configured on this server "
@@ -54,6 +57,8 @@ def _client() -> stripe.StripeClient:
 def create_session(*, order_id: int, account_id: int, amount_cents: int, currency: str,
                    reference: str, success_url: str, cancel_url: str) -> CheckoutSession:
     """A Checkout Session for one order (blocking: run it off the event loop)."""
+    import stripe  # noqa: PLC0415 - see _client
+
     client = _client()
     try:
         session = client.v1.checkout.sessions.create(params={
@@ -91,6 +96,8 @@ class Charge:
 
 def create_customer(*, account_id: int) -> str:
     """A Stripe customer for an account's saved card (blocking)."""
+    import stripe  # noqa: PLC0415 - see _client
+
     try:
         customer = _client().v1.customers.create(
             params={"metadata": {"account_id": str(account_id)},
@@ -106,6 +113,8 @@ def create_setup_session(*, customer: str, account_id: int, success_url: str,
                          cancel_url: str) -> CheckoutSession:
     """A Checkout Session in ``setup`` mode: the customer enters a card, Stripe saves it for
     off-session use and reports ``setup_intent.succeeded`` (blocking)."""
+    import stripe  # noqa: PLC0415 - see _client
+
     metadata: dict[str, str] = {"account_id": str(account_id), "purpose": "auto_recharge"}
     try:
         session = _client().v1.checkout.sessions.create(params={  # type: ignore[arg-type]
@@ -128,6 +137,8 @@ def charge_saved_card(*, attempt_id: int, account_id: int, customer: str, paymen
     and in its metadata (``payment_intent.succeeded`` names the attempt). Never raises for
     Stripe's answers: a decline is a failed :class:`Charge`, an unreachable Stripe a
     ``lost`` one."""
+    import stripe  # noqa: PLC0415 - see _client
+
     try:
         intent = _client().v1.payment_intents.create(params={
             "amount": amount_cents, "currency": currency, "customer": customer,
@@ -153,6 +164,8 @@ def charge_saved_card(*, attempt_id: int, account_id: int, customer: str, paymen
 def verify(payload: bytes, signature: str | None) -> dict[str, Any]:
     """The event a webhook delivered, after its signature is checked; InvalidSignature if the
     signature is missing, forged or older than the tolerance."""
+    import stripe  # noqa: PLC0415 - see _client
+
     secret = settings.get("stripe_webhook_secret")
     if not secret:
         raise PaymentsUnavailable("the Stripe webhook is not configured on this server "
