@@ -441,6 +441,7 @@ class Target:
     peak_rss_mib: float | None = None
     requests: int | None = None  # overrides --requests (LiteLLM is ~50x slower)
     died: str | None = None
+    src: str | None = None  # --baseline-src: the tree its commands import tollway from
 
 
 def _tollway_cli() -> list[str]:
@@ -520,7 +521,7 @@ def start_tollway(name: str, db_url: str, upstream_base: str, work: Path, cpu: i
     log(f"[setup] {name}: tollway serve on :{port} (pid {proc.pid}), {db_url}")
     return Target(name, f"http://127.0.0.1:{port}/v1/chat/completions",
                   {"Authorization": f"Bearer {key}", "Content-Type": "application/json"},
-                  proc, kind="tollway", db_url=db_url)
+                  proc, kind="tollway", db_url=db_url, src=src)
 
 
 class PostgresDatabase:
@@ -647,9 +648,11 @@ def check_tollway(target: Target) -> dict[str, Any]:
                                      ).scalar_one()
     finally:
         db.dispose()
+    # verified by the code that wrote it (a baseline's schema is its own)
     verify = subprocess.run(_tollway_cli() + ["ledger", "verify", "--database-url",
                                               target.db_url], capture_output=True, text=True,
-                            cwd=str(ROOT))
+                            cwd=str(ROOT), env={**os.environ, **(
+                                {"PYTHONPATH": target.src} if target.src else {})})
     consume = int(rows.get("consume", 0))
     errors = int(rows.get("error", 0))
     ok = (consume == target.served_ok and errors == 0 and verify.returncode == 0
