@@ -507,21 +507,21 @@ def test_the_cli_imports_no_metrics_before_serve_chooses_their_directory() -> No
     """`tollway serve` sets prometheus_client's multiprocess directory before the app (and so
     the metrics) is imported; a command module that imports the gateway at the top would
     import them first and every `tollway serve` would exit 1."""
-    probe = subprocess.run(
-        [sys.executable, "-c", ("import sys, tollway.cli\n"
-                                "print(sorted(m for m in sys.modules if m.startswith(("
-                                "'prometheus_client', 'tollway.metrics'))))")],
-        capture_output=True, text=True, check=True)
-    assert probe.stdout.strip() == "[]", probe.stdout
+    assert loaded_by("tollway.cli", ("prometheus_client", "tollway.metrics")) == []
 
 
 def test_a_worker_loads_the_payment_libraries_only_when_payments_are_used() -> None:
     """stripe (~12 MiB) and fpdf2 with Pillow (~20 MiB) are per-worker memory that a gateway
     without card payments never needs: importing the app loads neither (issue 12's memory
     target is per worker)."""
-    probe = subprocess.run(
-        [sys.executable, "-c", ("import sys, tollway.app\n"
-                                "print(sorted(m for m in sys.modules if m.split('.')[0] in ("
-                                "'stripe', 'fpdf', 'PIL')))")],
-        capture_output=True, text=True, check=True)
-    assert probe.stdout.strip() == "[]", probe.stdout
+    assert loaded_by("tollway.app", ("stripe", "fpdf", "PIL")) == []
+
+
+def loaded_by(module: str, packages: tuple[str, ...]) -> list[str]:
+    """The modules of ``packages`` that importing ``module`` loads, in a fresh interpreter."""
+    code = (f"import sys, {module}\n"
+            f"print('\\n'.join(sorted({{m for m in sys.modules for p in {packages!r} "
+            f"if m == p or m.startswith(p + '.')}})))")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True)
+    return probe.stdout.split()

@@ -230,7 +230,7 @@ def begin(conn: Connection, account_id: int, *, at_ms: int) -> Plan | str:
             or not row.payment_method or not row.stripe_customer
             or row.threshold_nano is None):
         return "auto-recharge is not active"
-    lost = store.resumable(conn, account_id, stale_before_ms=at_ms - STALE_MS)
+    lost = store.resumable(conn, row.in_flight_id, stale_before_ms=at_ms - STALE_MS)
     if lost is not None:  # its fate decides what, if anything, is charged next
         return Plan(int(lost.id), account_id, int(lost.amount_nano) // NANO_PER_CENT,
                     str(row.stripe_customer), str(row.payment_method))

@@ -93,17 +93,17 @@ def start_attempt(conn: Connection, account_id: int, amount_nano: int, *, curren
     return attempt_id
 
 
-def resumable(conn: Connection, account_id: int, *, stale_before_ms: int) -> Any:
+def resumable(conn: Connection, in_flight_id: int | None, *, stale_before_ms: int) -> Any:
     """The in-flight attempt to charge again under its own idempotency key, or None: one
     whose answer from Stripe was lost (:func:`mark_lost`), or one started before
     ``stale_before_ms`` whose answer was never booked (its process died). Stripe answers a
     repeated key with the first call's result, so a resumed charge charges the card at most
-    once, whatever happened to the first call."""
-    row = get(conn, account_id)
-    if row is None or row.in_flight_id is None:
+    once, whatever happened to the first call. ``in_flight_id``: the setting's slot, as
+    the caller read it."""
+    if in_flight_id is None:
         return None
     return conn.execute(sa.select(_at).where(
-        _at.c.id == row.in_flight_id, _at.c.status == "pending",
+        _at.c.id == in_flight_id, _at.c.status == "pending",
         sa.or_(_at.c.error.is_not(None), _at.c.created_at_ms < stale_before_ms))).first()
 
 
