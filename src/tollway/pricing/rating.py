@@ -28,9 +28,18 @@ silent rounding would raise instead); the total is rounded once, in :func:`to_na
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from decimal import Decimal, Inexact, localcontext
+from decimal import (
+    Context,
+    Decimal,
+    DivisionByZero,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+    localcontext,
+)
 from typing import Literal
 
 from tollway.money import to_nano_usd
@@ -248,13 +257,40 @@ class Component:
     amount_usd: Decimal
 
 
-@dataclass(frozen=True, slots=True)
 class Charge:
-    components: tuple[Component, ...]
-    subtotal_usd: Decimal
-    ratio: AppliedRatio
-    exact_usd: Decimal
-    cost_nano_usd: int
+    """A request's charge: ``cost_nano_usd``, the exact amount rounded once, and the ratio
+    applied. Its lines — ``components`` (each before the ratio), ``subtotal_usd`` and
+    ``exact_usd`` — are what an explanation or an invoice shows; they are worked out in exact
+    ``Decimal`` from ``lines`` when first read, so the request path, which books only the cost
+    (computed in integers by ``billing.metering.rate``), never builds them."""
+
+    __slots__ = ("cost_nano_usd", "ratio", "_lines", "_components")
+
+    def __init__(self, cost_nano_usd: int, ratio: AppliedRatio,
+                 lines: Callable[[], tuple[Component, ...]]) -> None:
+        self.cost_nano_usd = cost_nano_usd
+        self.ratio = ratio
+        self._lines = lines
+        self._components: tuple[Component, ...] | None = None
+
+    @property
+    def components(self) -> tuple[Component, ...]:
+        if self._components is None:
+            self._components = self._lines()
+        return self._components
+
+    @property
+    def subtotal_usd(self) -> Decimal:
+        with _exact():
+            return sum((c.amount_usd for c in self.components), Decimal(0))
+
+    @property
+    def exact_usd(self) -> Decimal:
+        with _exact():
+            return self.subtotal_usd * self.ratio.value
+
+    def __repr__(self) -> str:
+        return f"Charge(cost_nano_usd={self.cost_nano_usd}, ratio={self.ratio!r})"
 
 
 def resolve_ratio(
@@ -269,10 +305,19 @@ def resolve_ratio(
 _PER_1M_SCALE = -6
 
 
-def rate_tokens(usage: TokenUsage, price: TokenPrice, ratio: AppliedRatio) -> Charge:
-    with localcontext() as ctx:
-        ctx.prec = 80
-        ctx.traps[Inexact] = True
+#: Python's default traps, and ``Inexact``: a silent rounding raises instead.
+_EXACT = Context(prec=80, traps=[InvalidOperation, DivisionByZero, Overflow, Inexact])
+
+
+def _exact() -> AbstractContextManager[Context]:
+    """A context in which every operation is exact."""
+    return localcontext(_EXACT)
+
+
+def token_lines(usage: TokenUsage, price: TokenPrice) -> tuple[Component, ...]:
+    """The token formula's lines, exact, before the ratio; a server-side tool the price names
+    no fee for is not a line (it is not billed)."""
+    with _exact():
         lines = (
             ("input", usage.uncached_prompt_tokens, price.input_per_1m),
             ("cache_read", usage.cached_tokens, price.effective_cache_read_per_1m),
@@ -286,21 +331,30 @@ def rate_tokens(usage: TokenUsage, price: TokenPrice, ratio: AppliedRatio) -> Ch
         tools = tuple(Component(f"tool:{tool}", calls, unit, calls * unit)
                       for tool, calls in usage.tool_calls
                       if (unit := price.tool_price(tool)) is not None)
-        return _total(components + tools, ratio)
+        return components + tools
+
+
+def call_lines(usage: CallUsage, unit_price: Decimal) -> tuple[Component, ...]:
+    """The per-call formula's one line: ``calls`` × the unit price, before the ratio."""
+    with _exact():
+        return (Component("calls", usage.calls, unit_price, usage.calls * unit_price),)
+
+
+def rate_tokens(usage: TokenUsage, price: TokenPrice, ratio: AppliedRatio) -> Charge:
+    """The token formula in exact ``Decimal``, rounded once: the reference the request path's
+    integer rating (``billing.metering.rate``) is proven equal to, and the explanation of a
+    stored record (``billing.reports``)."""
+    return _total(token_lines(usage, price), ratio)
 
 
 def rate_calls(usage: CallUsage, price: CallPrice, ratio: AppliedRatio, *,
                unit_price: Decimal | None = None) -> Charge:
-    """``calls`` × the per-call price (or ``unit_price``: an image size's) × ratio."""
-    unit = price.per_call if unit_price is None else unit_price
-    with localcontext() as ctx:
-        ctx.prec = 80
-        ctx.traps[Inexact] = True
-        component = Component("calls", usage.calls, unit, usage.calls * unit)
-        return _total((component,), ratio)
+    """``calls`` × the per-call price (or ``unit_price``: an image size's) × ratio, in exact
+    ``Decimal``, rounded once."""
+    return _total(call_lines(usage, price.per_call if unit_price is None else unit_price), ratio)
 
 
 def _total(components: tuple[Component, ...], ratio: AppliedRatio) -> Charge:
-    subtotal = sum((c.amount_usd for c in components), Decimal(0))
-    exact = subtotal * ratio.value
-    return Charge(components, subtotal, ratio, exact, to_nano_usd(exact))
+    with _exact():
+        exact = sum((c.amount_usd for c in components), Decimal(0)) * ratio.value
+    return Charge(to_nano_usd(exact), ratio, lambda: components)
