@@ -1,12 +1,15 @@
 """``event_data`` reads the common event (one ``data:`` line) without splitting it into lines;
-whatever the event, it reads the same as the line-by-line rule of the SSE format it replaced."""
+whatever the event, it reads the same as the line-by-line rule of the SSE format it replaced.
+The splitter finds the events the boundary pattern finds, however the stream is cut."""
 
 from __future__ import annotations
+
+import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tollway.gateway.sse import event_data
+from tollway.gateway.sse import EventSplitter, event_data
 
 
 def line_by_line(event: bytes) -> bytes | None:
@@ -33,3 +36,23 @@ def test_event_data_examples() -> None:
     assert event_data(b"data: a\ndata: b\n\n") == b"a\nb"
     assert event_data(b"event: ping\ndata: x\n\n") == b"x"
     assert event_data(b": keep-alive\n\n") is None
+
+
+def split_by_pattern(chunks: list[bytes]) -> tuple[list[bytes], bytes]:
+    """The events of ``chunks`` as the boundary pattern alone finds them, and the rest."""
+    data = b"".join(chunks)
+    events, start = [], 0
+    for match in re.finditer(rb"\r\n\r\n|\n\n|\r\r", data):
+        events.append(data[start:match.end()])
+        start = match.end()
+    return events, data[start:]
+
+
+@settings(max_examples=1000)
+@given(st.lists(st.lists(PIECES, max_size=8).map(b"".join), max_size=6))
+def test_the_splitter_finds_the_events_the_boundary_pattern_finds(chunks: list[bytes]) -> None:
+    """Fed in any pieces, with CR or without (LF-only data takes ``bytes.split``), the
+    splitter gives the same events, in order, and keeps the same unfinished rest."""
+    splitter = EventSplitter()
+    events = [event for chunk in chunks for event in splitter.feed(chunk)]
+    assert (events, splitter.rest()) == split_by_pattern(chunks)

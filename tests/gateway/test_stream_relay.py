@@ -1,13 +1,17 @@
 """How the OpenAI stream relay reads chunks (``LLMRoute.relay``): only a chunk that can carry
 usage is parsed; content chunks pass unread and their text is read (``drain``) only when the
 stream ends without usage, to count it locally. The bytes relayed are the upstream's, in
-order; the usage chunk is kept back to be sent after settlement."""
+order; the usage chunk is kept back to be sent after settlement. A read's leading content
+chunks go on as a block (``relay_events``), as if relayed one by one."""
 
 from __future__ import annotations
 
 import json
 from types import SimpleNamespace
 from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tollway.gateway.llm import LLMRoute
 from tollway.gateway.metered import LLMCall, StreamState
@@ -59,3 +63,37 @@ def test_a_long_stream_without_usage_keeps_a_bounded_backlog() -> None:
     assert llm.unparsed_bytes <= 256 * 1024
     route.drain(llm)
     assert "".join(llm.delivered) == "word " * 5000
+
+
+EVENTS = st.sampled_from([
+    _chunk("Hello"), _chunk(" world", usage=None), _chunk(' "usage": {"x": 1} '),
+    _chunk("[DONE] is just text"), b": keep-alive\n\n", b"event: ping\ndata: {}\n\n",
+    b"data: not json\n\n", _chunk("hi", usage={"prompt_tokens": 2, "completion_tokens": 1}),
+    _event({"id": "c", "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3}}),
+    b"data: [DONE]\n\n", b"data:[DONE]\n\n"])
+
+
+def _relayed(events: list[bytes], *, one_by_one: bool) -> tuple[Any, ...]:
+    route, llm, state = LLMRoute("chat"), _llm(), StreamState()
+    firsts: list[int] = []
+    llm.call.mark_first_byte = lambda: firsts.append(len(state.out))  # type: ignore[attr-defined]
+    if one_by_one:
+        more = True
+        for event in events:
+            if not route.relay(llm, event, state):
+                more = False
+                break
+    else:
+        more = route.relay_events(llm, events, state)
+    route.drain(llm)
+    return (more, state.out, state.usage, state.usage_event, state.done, llm.delivered,
+            bool(firsts))
+
+
+@settings(max_examples=500)
+@given(st.lists(EVENTS, max_size=12))
+def test_a_read_is_relayed_as_its_events_one_by_one(events: list[bytes]) -> None:
+    """``relay_events`` passes the content chunks that lead a read on as a block: the bytes
+    sent, the usage kept back, the end of the stream, the text read for a local count and
+    the first byte's mark are what relaying each event on its own gives."""
+    assert _relayed(events, one_by_one=False) == _relayed(events, one_by_one=True)

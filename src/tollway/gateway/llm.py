@@ -106,6 +106,25 @@ class LLMRoute(TokenRoute):
                                usage.cache_write_tokens, usage.cache_write_1h_tokens)
         return usage, reasoning
 
+    def relay_events(self, llm: LLMCall, events: list[bytes], state: StreamState) -> bool:
+        """The content chunks that lead a read (most of a stream) go on as one block, each
+        checked with substring tests only: a data event without ``"usage"`` (so its data
+        cannot match :data:`_USAGE`) and without ``[DONE]`` is passed on unread, as
+        :meth:`relay` would pass it. From the first event that might be either, each goes
+        through :meth:`relay`."""
+        plain = 0
+        for event in events:
+            if not event.startswith(b"data:") or b'"usage"' in event or b"[DONE]" in event:
+                break
+            plain += 1
+        if plain == 0:
+            return super().relay_events(llm, events, state)
+        llm.call.mark_first_byte()
+        block = events if plain == len(events) else events[:plain]
+        self._unread(llm, block)
+        state.out.extend(block)
+        return plain == len(events) or super().relay_events(llm, events[plain:], state)
+
     def relay(self, llm: LLMCall, event: bytes, state: StreamState) -> bool:
         data = event_data(event)
         if data is None:
@@ -118,10 +137,7 @@ class LLMRoute(TokenRoute):
             # A content chunk (most of a stream: `"usage": null` or none): passed on unread.
             # Its text is needed only if the stream ends without usage (``drain``).
             llm.call.mark_first_byte()
-            llm.unparsed.append(data)
-            llm.unparsed_bytes += len(data)
-            if llm.unparsed_bytes > UNPARSED_LIMIT:  # bound what a long stream keeps
-                self.drain(llm)
+            self._unread(llm, [event])
             state.emit(event)
             return True
         try:
@@ -141,8 +157,19 @@ class LLMRoute(TokenRoute):
         state.emit(event)
         return True
 
+    def _unread(self, llm: LLMCall, events: list[bytes]) -> None:
+        """Keep content events passed on unread, for :meth:`drain`; past
+        :data:`UNPARSED_LIMIT` they are read at once (a long stream's backlog stays bounded)."""
+        llm.unparsed.extend(events)
+        llm.unparsed_bytes += sum(map(len, events))
+        if llm.unparsed_bytes > UNPARSED_LIMIT:
+            self.drain(llm)
+
     def drain(self, llm: LLMCall) -> None:
-        for data in llm.unparsed:
+        for event in llm.unparsed:
+            data = event_data(event)
+            if data is None:
+                continue
             try:
                 obj = jsonio.loads(data)
             except ValueError:

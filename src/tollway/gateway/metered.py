@@ -73,8 +73,8 @@ class LLMCall:
     client_wants_usage: bool = True
     lowered_to: int | None = None
     delivered: list[str] = field(default_factory=list)
-    #: stream events relayed without parsing (they carry no usage): read for their text only
-    #: if the stream ends without usage (``TokenRoute.drain``)
+    #: stream events relayed without parsing (they carry no usage), as received: read for
+    #: their text only if the stream ends without usage (``TokenRoute.drain``)
     unparsed: list[bytes] = field(default_factory=list)
     unparsed_bytes: int = 0
     #: ids the answer created that a later request may continue (a Response's, its
@@ -222,6 +222,14 @@ class TokenRoute:
         stream is over. What the events of one upstream read emit goes to the client as one
         message."""
         raise NotImplementedError
+
+    def relay_events(self, llm: LLMCall, events: list[bytes], state: StreamState) -> bool:
+        """Pass on the events of one upstream read (:meth:`relay` each); False once the
+        stream is over."""
+        for event in events:
+            if not self.relay(llm, event, state):
+                return False
+        return True
 
     def drain(self, llm: LLMCall) -> None:
         """Read the text of the events relayed unparsed into ``llm.delivered`` (needed only
@@ -424,11 +432,7 @@ class TokenRoute:
         splitter = EventSplitter()
         try:
             async for chunk in response.chunks():
-                more = True
-                for event in splitter.feed(chunk):
-                    if not self.relay(llm, event, state):
-                        more = False
-                        break
+                more = self.relay_events(llm, splitter.feed(chunk), state)
                 if state.out:
                     body = b"".join(state.out)
                     state.out.clear()

@@ -25,13 +25,20 @@ class EventSplitter:
     def feed(self, chunk: bytes) -> list[bytes]:
         """Whole events (each with its blank-line terminator) completed by ``chunk``."""
         data = self._tail + chunk if self._tail else chunk
-        events: list[bytes] = []
-        start = 0
-        for match in _BOUNDARY.finditer(data):
-            events.append(data[start:match.end()])
-            start = match.end()
-        self._tail = data[start:]
-        if len(self._tail) > self._max:
+        if b"\r" not in data:
+            # The common stream (LF only): ``bytes.split`` finds the same boundaries as the
+            # regular expression (leftmost, not overlapping) at a fraction of its cost.
+            *parts, tail = data.split(b"\n\n")
+            events = [part + b"\n\n" for part in parts]
+        else:
+            events = []
+            start = 0
+            for match in _BOUNDARY.finditer(data):
+                events.append(data[start:match.end()])
+                start = match.end()
+            tail = data[start:]
+        self._tail = tail
+        if len(tail) > self._max:
             self._tail = b""
             raise UpstreamError(f"the upstream sent an event longer than {self._max} bytes")
         return events
