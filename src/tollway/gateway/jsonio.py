@@ -14,17 +14,25 @@ string. The admin API keeps ``json.loads(parse_float=Decimal)`` (``runtime/http.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import orjson
 
-_LONG_NUMBER = re.compile(rb"[0-9]{20}")
+#: Every byte to ``0`` if it is an ASCII digit, else to a space: a run of 20 digits is then a
+#: substring search (the regular expression ``[0-9]{20}`` costs ten times as much: it tries a
+#: match at every digit; ``tests/gateway/test_jsonio.py`` proves the two agree).
+_DIGITS = bytes(0x30 if 0x30 <= i <= 0x39 else 0x20 for i in range(256))
+_RUN = b"0" * 20
+
+
+def has_long_number(data: bytes) -> bool:
+    """Whether ``data`` holds a run of 20 or more ASCII digits (``[0-9]{20}``)."""
+    return _RUN in data.translate(_DIGITS)
 
 
 def loads(data: bytes) -> Any:
     """Parse JSON; raises ``ValueError`` (as ``json.loads`` does) when it is not JSON."""
-    if _LONG_NUMBER.search(data) is None:
+    if not has_long_number(data):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:

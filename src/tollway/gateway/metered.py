@@ -351,9 +351,8 @@ class TokenRoute:
             return
         call.mark_first_byte()
         call.reported_cost = reported_cost(raw)
-        self.collect(obj, llm.delivered)
         self.read_answer(llm, obj)
-        metered = self.meter(llm, original, self.answer_usage(obj))
+        metered = self.meter(llm, original, self.answer_usage(obj), answer=obj)
         charge = metering.rate(metered.usage, llm.price, call.ratio)
         await self._settle(llm, metered, charge, status=200,
                            response=(200, response.content_type, raw))
@@ -361,8 +360,10 @@ class TokenRoute:
                          headers=[(COST_HEADER, format_usd(charge.cost_nano_usd).encode()),
                                   *llm.extra_headers(), *call.rate_headers()])
 
-    def meter(self, llm: LLMCall, original: dict[str, Any], raw_usage: Any) -> MeteredUsage:
-        """The usage to bill: the upstream's, checked and bounded; else a local count."""
+    def meter(self, llm: LLMCall, original: dict[str, Any], raw_usage: Any, *,
+              answer: dict[str, Any] | None = None) -> MeteredUsage:
+        """The usage to bill: the upstream's, checked and bounded; else a local count (of a
+        stream's delivered text, or of the whole ``answer``'s, read only then)."""
         bound = llm.lowered_to or llm.output_bound
         if bound is not None:
             bound *= llm.choices
@@ -375,6 +376,8 @@ class TokenRoute:
                            completion_bound=bound)
         except InvalidUsage as exc:
             self.drain(llm)
+            if answer is not None:
+                self.collect(answer, llm.delivered)
             prompt = tokens.count_prompt(original)
             # The delivered text as a whole: counting each chunk on its own would bill the
             # upstream's chunking ("Hello " + "there " is 4 tokens apart, 2 together).
