@@ -67,9 +67,8 @@ class AiohttpResponse:
             self._response.release()
         return body if 200 <= self.status < 300 else self._redactor.bytes(body)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._chunks():
-            yield chunk
+    def chunks(self) -> AsyncIterator[bytes]:
+        return self._chunks()  # not wrapped in another generator: one resumption per read
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         size = 0
