@@ -355,6 +355,6 @@ def rate_calls(usage: CallUsage, price: CallPrice, ratio: AppliedRatio, *,
 
 
 def _total(components: tuple[Component, ...], ratio: AppliedRatio) -> Charge:
-    with _exact():
+    with _exact():  # the one rounding too: to_nano_usd rounds on purpose, never silently
         exact = sum((c.amount_usd for c in components), Decimal(0)) * ratio.value
-    return Charge(to_nano_usd(exact), ratio, lambda: components)
+        return Charge(to_nano_usd(exact), ratio, lambda: components)
