@@ -146,9 +146,6 @@ class Counter:
         self.statements = self.commits = self.rollbacks = self.rows = self.round_trips = 0
         self.sql: list[str] = []
         self._changes: dict[int, int] = {}
-        #: PostgreSQL: cursors of writes whose row counts are read when their transaction
-        #: ends (reading ``rowcount`` in a pipelined batch would wait for the result).
-        self._written: list[Any] = []
         self._traces: dict[int, Any] = {}
 
     def _watched(self, conn: Any) -> bool:
@@ -160,19 +157,6 @@ class Counter:
                 self.statements += 1
                 self.sql.append(" ".join(statement.split())[:70])
 
-    def after_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if (self._watched(conn) and conn.dialect.name == "postgresql"
-                and statement.lstrip()[:6].upper() in ("INSERT", "UPDATE", "DELETE")):
-            with self.lock:
-                if args[1] is not None:  # SQLAlchemy's statement: it waits for the result
-                    self.rows += max(cursor.rowcount, 0)  # and closes the cursor: read now
-                else:  # a Prepared one, maybe pipelined: read when the transaction ends
-                    self._written.append(cursor)
-
-    def _pg_rows(self) -> None:
-        with self.lock:
-            self.rows += sum(max(cursor.rowcount, 0) for cursor in self._written)
-            self._written = []
 
     def _sqlite_rows(self, conn: Any) -> None:
         if conn.dialect.name != "sqlite":
@@ -256,9 +240,8 @@ class Counter:
         self.statements = self.commits = self.rollbacks = self.rows = self.round_trips = 0
         self.sql = []
 
-    def work(self, backend: str) -> Work:
-        self._pg_rows()
-        return Work(self.statements, self.commits, self.rollbacks, self.rows,
+    def work(self, backend: str, pg_rows: int = 0) -> Work:
+        return Work(self.statements, self.commits, self.rollbacks, self.rows + pg_rows,
                     self.round_trips if backend == "postgresql" else None)
 
 
@@ -281,26 +264,33 @@ def counted(request: pytest.FixtureRequest, upstream: FakeUpstream
             ) -> Iterator[tuple[Tollway, Counter, str]]:
     backend = request.param
     clock = FakeClock(now_ms())  # one rate-limit minute for the whole test
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream), upstream,
-                                                        env=QUIET_ENV, clock=clock) as tw:
-        counter = Counter({db.engine, db.write_engine})
-        hooks = [("before_cursor_execute", counter.before_execute),
-                 ("after_cursor_execute", counter.after_execute),
-                 ("begin", counter.begin), ("commit", counter.commit),
-                 ("rollback", counter.rollback)]
-        pool_hooks = [("checkout", counter.checkout), ("checkin", counter.checkin)]
+    with fresh_database(request) as db:
+        if backend == "postgresql":
+            with db.write() as conn:  # no parameters: psycopg sends the text as is
+                conn.connection.dbapi_connection.cursor().execute(_COUNT_ROWS)
+        with running_tollway(db, fake_catalog(upstream), upstream, env=QUIET_ENV,
+                             clock=clock) as tw:
+            yield from _counting(tw, db, backend)
+
+
+def _counting(tw: Tollway, db: Any, backend: str) -> Iterator[tuple[Tollway, Counter, str]]:
+    counter = Counter({db.engine, db.write_engine})
+    hooks = [("before_cursor_execute", counter.before_execute),
+             ("begin", counter.begin), ("commit", counter.commit),
+             ("rollback", counter.rollback)]
+    pool_hooks = [("checkout", counter.checkout), ("checkin", counter.checkin)]
+    for name, fn in hooks:
+        event.listen(sa.engine.Engine, name, fn)
+    for name, fn in pool_hooks:
+        event.listen(sa.pool.Pool, name, fn)
+    try:
+        tw.begin_test()
+        yield tw, counter, backend
+    finally:
         for name, fn in hooks:
-            event.listen(sa.engine.Engine, name, fn)
+            event.remove(sa.engine.Engine, name, fn)
         for name, fn in pool_hooks:
-            event.listen(sa.pool.Pool, name, fn)
-        try:
-            tw.begin_test()
-            yield tw, counter, backend
-        finally:
-            for name, fn in hooks:
-                event.remove(sa.engine.Engine, name, fn)
-            for name, fn in pool_hooks:
-                event.remove(sa.pool.Pool, name, fn)
+            event.remove(sa.pool.Pool, name, fn)
 
 
 def _chat(http: httpx.Client, key: str, **body: Any) -> httpx.Response:
@@ -314,8 +304,33 @@ def _respond(http: httpx.Client, key: str, **body: Any) -> httpx.Response:
                            "max_output_tokens": 10, **body})
 
 
+#: PostgreSQL: every row a statement inserts, updates or deletes, counted by a row trigger on
+#: every table, on a sequence (not transactional: rows of a rolled-back attempt count, as on
+#: SQLite). One statement may write several tables (data-modifying CTEs), which its cursor's
+#: ``rowcount`` would not tell.
+_COUNT_ROWS = """
+CREATE SEQUENCE test_rows_written;
+CREATE FUNCTION test_count_row() RETURNS trigger LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM nextval('test_rows_written'); RETURN NULL; END $$;
+DO $$ DECLARE t text; BEGIN
+    FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
+        EXECUTE format('CREATE TRIGGER test_count_row AFTER INSERT OR UPDATE OR DELETE ON %I '
+                       'FOR EACH ROW EXECUTE FUNCTION test_count_row()', t);
+    END LOOP;
+END $$;
+"""
+
+
+def _rows_written(tw: Tollway) -> int:
+    with tw.db.engine.connect() as conn:
+        last, called = conn.exec_driver_sql(
+            "SELECT last_value, is_called FROM test_rows_written").one()
+    return int(last) if called else 0
+
+
 def _measure(tw: Tollway, counter: Counter, request: Any, records: int, backend: str) -> Work:
     """The work of ``request()`` until the gateway wrote its ``records``-th usage record."""
+    rows_before = _rows_written(tw) if backend == "postgresql" else 0
     counter.reset()
     counter.on = True
     try:
@@ -324,6 +339,8 @@ def _measure(tw: Tollway, counter: Counter, request: Any, records: int, backend:
     finally:
         counter.on = False
     counter.settle()
+    if backend == "postgresql":
+        return counter.work(backend, _rows_written(tw) - rows_before)
     return counter.work(backend)
 
 

@@ -269,6 +269,12 @@ def close(conn: Connection, key_id: int, held: int, charged: int, created_at_ms:
                                "window": correction.window_start_ms if correction else -1,
                                "tokens": correction.tokens if correction else 0})
     if cap_periods:
-        _SPEND_CLOSE.execute(conn, {"key_id": key_id, "held": held, "charged": charged, **{
-            p: periods.bounds(created_at_ms, p)[0] if cap_periods & periods.PERIOD_BITS[p]
-            else -1 for p in periods.PERIODS}})
+        close_periods(conn, key_id, held, charged, created_at_ms, cap_periods)
+
+
+def close_periods(conn: Connection, key_id: int, held: int, charged: int, created_at_ms: int,
+                  cap_periods: int) -> None:
+    """A closed hold leaves the cap periods that counted it (``cap_periods``, not 0)."""
+    _SPEND_CLOSE.execute(conn, {"key_id": key_id, "held": held, "charged": charged, **{
+        p: periods.bounds(created_at_ms, p)[0] if cap_periods & periods.PERIOD_BITS[p]
+        else -1 for p in periods.PERIODS}})
