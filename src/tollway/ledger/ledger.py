@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql import ClauseElement
 
 from tollway import clock
 from tollway.errors import (
@@ -161,18 +162,50 @@ _CREDIT = Prepared(
     .returning(*WATCHED))
 #: A hold: the balance covers it and the account is not disabled (checked here, in the hold's
 #: own statement, so disabling an account refuses its next request everywhere at once).
-_RESERVE = Prepared(
+_RESERVE_WALLET = (
     accounts.update()
     .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
            accounts.c.disabled_at_ms.is_(None), accounts.c.available_nano >= _b("amount"))
     .values(available_nano=accounts.c.available_nano - _b("amount"),
             held_nano=accounts.c.held_nano + _b("amount"))
     .returning(*WATCHED))
+_RESERVE = Prepared(_RESERVE_WALLET)
 _INSERT_HOLD = Prepared(holds.insert().values(
     account_id=_b("account_id"), key_id=_b("key_id"), amount_nano=_b("amount"), status="open",
     created_at_ms=_b("at"), expires_at_ms=_b("expires"), cap_periods=_b("cap_periods"),
     idempotency_key=_b("key"))
     .returning(holds.c.id))
+
+
+def _reserve_all(dialect: str) -> ClauseElement:
+    """PostgreSQL: a hold in ONE statement (data-modifying CTEs) instead of three, each a
+    wait for its result: the wallet's guarded UPDATE (:data:`_RESERVE_WALLET`), then the
+    key's (:data:`guards.KEY_RESERVE`, only once the wallet's changed a row: the wallet is
+    locked first, as everywhere), then the hold's row, if both admitted it and the key has no
+    spend cap (a capped key's caps are held first, in Python: the hold is inserted after).
+    Returns one row: the wallet's :data:`WATCHED` columns, the key's (NULL: it refused, or no
+    key) and ``hold_id`` (NULL: not inserted); no row when the wallet refused. Whatever was
+    written before a refusal is rolled back with the operation, as on the long path."""
+    wallet = _RESERVE_WALLET.cte("wallet")
+    key = guards.KEY_RESERVE.where(sa.exists(wallet.select())).cte("key")
+    uncapped = sa.select(key.c.window_start_ms).where(
+        key.c.daily_cap_nano.is_(None), key.c.weekly_cap_nano.is_(None),
+        key.c.monthly_cap_nano.is_(None))
+    hold = holds.insert().from_select(
+        ["account_id", "key_id", "amount_nano", "status", "created_at_ms", "expires_at_ms",
+         "cap_periods", "idempotency_key"],
+        sa.select(_b("account_id", type_=sa.BigInteger), _b("key_id", type_=sa.BigInteger),
+                  _b("amount", type_=sa.BigInteger), sa.literal_column("'open'"),
+                  _b("at", type_=sa.BigInteger), _b("expires", type_=sa.BigInteger),
+                  sa.literal_column("0"), _b("key", type_=sa.String))
+        .where(sa.exists(wallet.select()),
+               sa.or_(_b("key_id", type_=sa.BigInteger).is_(None), sa.exists(uncapped))),
+    ).returning(holds.c.id.label("hold_id")).cte("hold")
+    return (sa.select(*wallet.c, *key.c, hold.c.hold_id)
+            .select_from(wallet.outerjoin(key, sa.true()).outerjoin(hold, sa.true())))
+
+
+_RESERVE_ALL = Prepared(_reserve_all)
 _CLOSE_HOLD = Prepared(
     holds.update().where(holds.c.id == _b("hold_id"), holds.c.status == "open")
     .values(status=_b("status"), closed_at_ms=_b("at"), charged_nano=_b("charged"),
@@ -387,7 +420,14 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
         if (hold.account_id, hold.amount_nano, hold.key_id) != (account_id, amount_nano, key_id):
             raise _conflict(idempotency_key, f"hold {hold.id}")
         return hold
-    reserved = _RESERVE.row(conn, account_id=account_id, amount=amount_nano)
+    expires = at_ms + ttl_ms
+    one = conn.dialect.name == "postgresql"
+    if one:  # the wallet's, the key's and (mostly) the hold's statements in one
+        reserved = _RESERVE_ALL.row(
+            conn, **guards.reserve_params(key_id, amount_nano, at_ms, rate),
+            account_id=account_id, expires=expires, key=idempotency_key)
+    else:
+        reserved = _RESERVE.row(conn, account_id=account_id, amount=amount_nano)
     if reserved is None:  # say why, the key's own refusal (401) first
         if key_id is not None:
             guards.check_usable(conn, key_id, at_ms)
@@ -398,13 +438,18 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
             f"{format_usd(_available(conn, account_id))} USD available")
     cap_periods, window = 0, None
     if key_id is not None:
-        share = guards.reserve(conn, key_id, amount_nano, at_ms, rate)
+        share = (guards.admitted(conn, None if reserved.window_start_ms is None else reserved,
+                                 key_id, amount_nano, at_ms, rate) if one
+                 else guards.reserve(conn, key_id, amount_nano, at_ms, rate))
         cap_periods, window = share.cap_periods, share.window
     watch(conn, account_id, -amount_nano, reserved, at_ms=at_ms)
-    hold_id = int(_INSERT_HOLD.one(conn, account_id=account_id, key_id=key_id,
-                                   amount=amount_nano, at=at_ms, expires=at_ms + ttl_ms,
-                                   cap_periods=cap_periods, key=idempotency_key)[0])
-    return Hold(hold_id, account_id, key_id, amount_nano, at_ms + ttl_ms, "open", at_ms, window)
+    if one and reserved.hold_id is not None:
+        hold_id = int(reserved.hold_id)
+    else:
+        hold_id = int(_INSERT_HOLD.one(conn, account_id=account_id, key_id=key_id,
+                                       amount=amount_nano, at=at_ms, expires=expires,
+                                       cap_periods=cap_periods, key=idempotency_key)[0])
+    return Hold(hold_id, account_id, key_id, amount_nano, expires, "open", at_ms, window)
 
 
 def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
