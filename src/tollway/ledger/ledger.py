@@ -131,6 +131,10 @@ class _Closed:
 
 # --------------------------------------------------------------------------- statements
 
+#: Where a hold, and a settlement its hold covers, are one statement each (data-modifying
+#: CTEs: :func:`_reserve_all`, :data:`_SETTLE_COVERED`); elsewhere, one statement a step.
+ONE_STATEMENT = frozenset({"postgresql"})
+
 _b = sa.bindparam
 _FIND_ENTRY = Prepared(
     sa.select(entries.c.id, entries.c.account_id, entries.c.amount_nano, entries.c.hold_id,
@@ -421,7 +425,7 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
             raise _conflict(idempotency_key, f"hold {hold.id}")
         return hold
     expires = at_ms + ttl_ms
-    one = conn.dialect.name == "postgresql"
+    one = conn.dialect.name in ONE_STATEMENT
     if one:  # the wallet's, the key's and (mostly) the hold's statements in one
         reserved = _RESERVE_ALL.row(
             conn, **guards.reserve_params(key_id, amount_nano, at_ms, rate),
@@ -463,7 +467,7 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
     usage record's time; ``correction``, the tokens to add to the key's rate-limit window."""
     _amount(actual_nano, "a charge", minimum=0)
     key = f"settle:{idempotency_key}"
-    if conn.dialect.name == "postgresql" and (covered := _settle_covered(
+    if conn.dialect.name in ONE_STATEMENT and (covered := _settle_covered(
             conn, hold_id, actual_nano, key, at_ms, correction)) is not None:
         return covered
     closed = _close(conn, hold_id, "settled", actual_nano, at_ms)
