@@ -20,9 +20,12 @@ class MoneyFormatError(ValueError):
 
 
 def to_nano_usd(amount_usd: Decimal) -> int:
-    """Round an exact USD amount half-up to whole nano-dollars (the one rounding)."""
+    """Round an exact USD amount half-up to whole nano-dollars (the one rounding).
+
+    The product with 10^9 is exact at any size: the precision covers the amount's digits and
+    the ten of 10^9 (a caller's context may trap ``Inexact``)."""
     with localcontext() as ctx:
-        ctx.prec = 60
+        ctx.prec = max(60, len(amount_usd.as_tuple().digits) + 10)
         return int((amount_usd * NANO_PER_USD).to_integral_value(rounding=ROUND_HALF_UP))
 
 

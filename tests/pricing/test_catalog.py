@@ -52,9 +52,9 @@ def test_yaml_numbers_are_read_exactly_as_written() -> None:
     assert model.price.cache_read_per_1m == Decimal("0.075")
     assert model.price.cache_write_per_1m is None
     assert model.group_ratios == {"vip": Decimal("0.7")}
-    assert model.upstream_model == "gpt-4o-mini" and model.max_output_tokens == 16384
+    assert model.spec.upstream_model == "gpt-4o-mini" and model.spec.max_output_tokens == 16384
     assert isinstance(endpoint.price, CallPrice) and endpoint.price.per_call == Decimal("0.002")
-    assert (endpoint.method, endpoint.path, endpoint.upstream_path) == (
+    assert (endpoint.spec.method, endpoint.spec.path, endpoint.spec.upstream_path) == (
         "GET", "/search/web", "/v2/search")
     assert catalog.groups == {"default": Decimal(1), "vip": Decimal("0.8")}
 
@@ -187,12 +187,12 @@ models:
 def test_a_model_lists_a_provider_per_protocol_at_one_price() -> None:
     both, direct, painter = parse_catalog(PROTOCOLS).listings
     assert both.provider == "router"
-    assert both.providers == {"openai": "router", "anthropic": "claude"}
+    assert both.spec.providers == {"openai": "router", "anthropic": "claude"}
     assert isinstance(both.price, TokenPrice)
     assert both.price.cache_write_1h_per_1m == Decimal("6")
     assert both.spec.as_dict()["providers"] == {"openai": "router", "anthropic": "claude"}
     # no `provider`: the first of `providers` is the item's provider
-    assert (direct.provider, direct.providers) == ("claude", {"anthropic": "claude"})
+    assert (direct.provider, direct.spec.providers) == ("claude", {"anthropic": "claude"})
     # an image model: in `models`, priced per image, a sandbox speaks both protocols
     assert painter.kind == "model" and painter.billing_type == "per_call"
     assert isinstance(painter.price, CallPrice)
@@ -236,9 +236,9 @@ models:
 def test_routes_narrow_a_model_to_routes_its_providers_serve() -> None:
     narrowed = parse_catalog(PROTOCOLS.replace(
         "  - id: claude-direct\n", "  - id: claude-direct\n    routes: [/v1/messages]\n"))
-    assert narrowed.listings[1].routes == ("/v1/messages",)
+    assert narrowed.listings[1].spec.routes == ("/v1/messages",)
     assert narrowed.listings[1].spec.as_dict()["routes"] == ["/v1/messages"]
-    assert narrowed.listings[0].routes is None  # every route of its protocols
+    assert narrowed.listings[0].spec.routes is None  # every route of its protocols
     found = problems(PROTOCOLS.replace(
         "  - id: claude-direct\n",
         "  - id: claude-direct\n    routes: [/v1/messages, /v1/chat/completions]\n"))

@@ -7,7 +7,7 @@ from decimal import Decimal
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tollway.pricing.catalog import Catalog, Listing, parse_catalog
+from tollway.pricing.catalog import Catalog, ItemSpec, Listing, parse_catalog
 from tollway.pricing.diff import Change, ItemState, diff_catalog
 from tollway.pricing.rating import CallPrice, TokenPrice
 
@@ -79,9 +79,9 @@ def listings(draw: st.DrawFn) -> Listing:
     item_id = draw(st.sampled_from(["a", "b", "c", "d", "e"]))
     if draw(st.booleans()):
         return Listing(item_id, "p", TokenPrice(draw(prices), draw(prices)), {}, None,
-                       upstream_model=item_id, max_output_tokens=16)
-    return Listing(item_id, "p", CallPrice(draw(prices)), {}, None, name=item_id,
-                   method="GET", path=f"/{item_id}", upstream_path=f"/{item_id}")
+                       ItemSpec(upstream_model=item_id, max_output_tokens=16))
+    return Listing(item_id, "p", CallPrice(draw(prices)), {}, None, ItemSpec(
+        name=item_id, method="GET", path=f"/{item_id}", upstream_path=f"/{item_id}"))
 
 
 def catalog(items: list[Listing]) -> Catalog:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
+from decimal import Decimal, Inexact, localcontext
 
 import pytest
 from hypothesis import given
@@ -15,6 +15,18 @@ from tollway.money import (
     parse_usd,
     to_nano_usd,
 )
+
+
+def test_rounding_to_nano_is_exact_for_amounts_of_many_digits() -> None:
+    # 20 digits before the point and 41 after: the product with 10^9 has 70 digits, more
+    # than a 60-digit context holds; under a context that traps Inexact (as rating's does)
+    # it used to raise instead of rounding (found by test_rating_nano's hypothesis search)
+    amount = Decimal("10000000000000000000.00000000000811137280173515470033954765175")
+    with localcontext() as ctx:
+        ctx.traps[Inexact] = True
+        assert to_nano_usd(amount) == 10**28  # + 0.0081... nano, rounded half-up: down
+        half = Decimal("10000000000000000000.00000000050000000000000000000000000000000")
+        assert to_nano_usd(half) == 10**28 + 1  # exactly half a nano: up
 
 
 def test_format_has_exactly_nine_places() -> None:

@@ -197,28 +197,15 @@ class ItemSpec:
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """One sellable item: a token-priced model or a per-call endpoint."""
+    """One sellable item: a token-priced model or a per-call endpoint, its price and what the
+    gateway needs to route and bound it (``spec``, stored beside the item)."""
 
     id: str
     provider: str
     price: Price
     group_ratios: Mapping[str, Decimal]
     effective_from: datetime | None
-    # models
-    upstream_model: str | None = None
-    max_output_tokens: int | None = None
-    context_window: int | None = None
-    #: protocol family → provider serving the model through it (see KIND_PROTOCOLS)
-    providers: Mapping[str, str] | None = None
-    #: the gateway routes it is sold on, when narrower than every route of its protocols
-    routes: tuple[str, ...] | None = None
-    # endpoints
-    name: str | None = None
-    method: str | None = None
-    path: str | None = None
-    upstream_path: str | None = None
-    channels: tuple[ChannelSpec, ...] | None = None
-    cost: Price | None = None
+    spec: ItemSpec = ItemSpec()
 
     @property
     def billing_type(self) -> str:
@@ -226,18 +213,7 @@ class Listing:
 
     @property
     def kind(self) -> str:
-        return "endpoint" if self.path is not None else "model"
-
-    @property
-    def spec(self) -> ItemSpec:
-        """The non-price attributes, as carried beside the item to the gateway."""
-        return ItemSpec(upstream_model=self.upstream_model,
-                        max_output_tokens=self.max_output_tokens,
-                        context_window=self.context_window,
-                        providers=None if self.providers is None else dict(self.providers),
-                        routes=self.routes, name=self.name, method=self.method,
-                        path=self.path, upstream_path=self.upstream_path,
-                        channels=self.channels, cost=self.cost)
+        return "endpoint" if self.spec.is_endpoint else "model"
 
 
 def model_routes(billing_type: str, protocols: Mapping[str, str]) -> list[str]:
@@ -384,10 +360,11 @@ class _Validator:
                     self.problem(f"{where}.id", f"duplicate id (also in {seen[listing.id]})")
                     continue
                 seen[listing.id] = section
-                if listing.method and listing.path:
-                    route = (listing.method, _route_shape(listing.path))
+                spec = listing.spec
+                if spec.method and spec.path:
+                    route = (spec.method, _route_shape(spec.path))
                     if route in routes:
-                        self.problem(f"{where}.path", f"{listing.method} {listing.path} is "
+                        self.problem(f"{where}.path", f"{spec.method} {spec.path} is "
                                      f"already served by endpoint {routes[route]}")
                     routes[route] = listing.id
                 listings.append(listing)
@@ -621,9 +598,9 @@ class _Validator:
         if section == "models":
             listing = self.model(where, item, price_raw, overrides, effective_from)
             if listing is not None:
-                listing = replace(listing, provider=str(provider), providers=protocols,
-                                  routes=self.routes(where, item, listing.billing_type,
-                                                     protocols))
+                routes = self.routes(where, item, listing.billing_type, protocols)
+                listing = replace(listing, provider=str(provider), spec=replace(
+                    listing.spec, providers=dict(protocols), routes=routes))
         else:
             listing = self.endpoint(where, item, price_raw, overrides, effective_from)
         cost = None
@@ -636,7 +613,8 @@ class _Validator:
                     self.problem(f"{where}.channels[{channel.provider}].cost",
                                  "must have the same fields as the price")
         if listing is not None:
-            listing = replace(listing, channels=channels, cost=cost, provider=str(provider))
+            listing = replace(listing, provider=str(provider),
+                              spec=replace(listing.spec, channels=channels, cost=cost))
         return listing if len(self.problems) == before else None
 
     def channels(self, where: str, raw: Any, providers: Mapping[str, Provider],
@@ -804,8 +782,8 @@ class _Validator:
                            prices["cache_write"], prices["cache_write_1h"],
                            tuple(sorted(tools.items())))
         return Listing(item["id"], str(item.get("provider")), price, overrides, effective_from,
-                       upstream_model=upstream_model, max_output_tokens=max_out,
-                       context_window=window)
+                       ItemSpec(upstream_model=upstream_model, max_output_tokens=max_out,
+                                context_window=window))
 
     def image_model(self, where: str, item: dict[str, Any], raw: dict[str, Any],
                     overrides: dict[str, Decimal],
@@ -841,7 +819,7 @@ class _Validator:
             return None
         return Listing(item["id"], str(item.get("provider")),
                        CallPrice(per_call, sizes, qualities),
-                       overrides, effective_from, upstream_model=upstream_model)
+                       overrides, effective_from, ItemSpec(upstream_model=upstream_model))
 
     def qualities(self, where: str, raw: Any) -> dict[str, Decimal]:
         """``per_quality: {high: "0.17", low: {"1024x1024": "0.011"}}``: a quality's price,
@@ -913,8 +891,8 @@ class _Validator:
         if per_call is None or path is None:
             return None
         return Listing(item["id"], str(item.get("provider")), CallPrice(per_call), overrides,
-                       effective_from, name=str(name), method=method, path=path,
-                       upstream_path=upstream_path)
+                       effective_from, ItemSpec(name=str(name), method=method, path=path,
+                                                upstream_path=upstream_path))
 
 
 def _field(key: Any) -> str:
