@@ -4,19 +4,21 @@ Timing stays in ``bench/``; this guards the hot path without it. For each reques
 gateway's own engines are watched (SQLAlchemy's ``before_cursor_execute``, ``commit`` and
 ``rollback`` events) while one request runs on a warm server (key cached, catalog loaded,
 background loops idle): the SQL statements sent, the transactions committed and rolled back,
-and the rows written (INSERT/UPDATE/DELETE: ``cursor.rowcount`` on PostgreSQL, the change of
-``sqlite3.Connection.total_changes`` on SQLite, where a statement with RETURNING reports its
-rows only once they are fetched). Savepoints the writer issues on the raw DBAPI cursor (only
-when an operation of a batch raised) are not SQLAlchemy statements and are not counted.
+and the rows written (inserted, updated or deleted: on PostgreSQL by a row trigger on every
+table, see :data:`_COUNT_ROWS`; on SQLite the change of ``sqlite3.Connection.total_changes``).
+Savepoints the writer issues on the raw DBAPI cursor (only when an operation of a batch
+raised) are not SQLAlchemy statements and are not counted.
 
 On PostgreSQL the network round trips are counted too: what costs a PostgreSQL deployment its
 latency, since the writer's one thread waits for each. libpq's own protocol trace
-(``PQtrace``) of every connection the gateway checks out records each message the client
-sends and receives; a round trip is a run of messages sent followed by the server's answer
-(one per statement outside pipeline mode; in the writer's pipelined batches, one per result
-read before the next statement can be built, one for the batch's end and one for COMMIT),
-plus the empty-query ping SQLAlchemy sends before each checkout (``pool_pre_ping``), which
-happens before the trace can start and is added as one.
+(``PQtrace``) of every connection the gateway uses records each message the client sends and
+receives; a round trip is a run of messages sent followed by the server's answer (one per
+statement outside pipeline mode; in the writer's pipelined batches, one per result read before
+the next statement can be built and one for the batch's end and its COMMIT). A pooled
+connection (a read) is traced from its checkout to its check-in, plus the empty-query ping
+SQLAlchemy sends before each checkout (``pool_pre_ping``), which happens before the trace can
+start and is added as one; the writer's own connection, which it keeps, from its first
+transaction while counting until it is idle again.
 
 A change that adds database work must change this table on purpose; one that removes work
 lowers it. The numbers are exact, per backend.
@@ -76,57 +78,59 @@ class Work:
 #: sent on the raw connection, inside the writer's pipeline (``store/pipeline.py``).
 #: Two commits: the hold's batch and the settlement's (or the refusal record's) batch.
 #: A refused hold raises inside the writer's batch, which is rolled back and run again.
-#: PostgreSQL round trips (``store/pipeline.py``, an upper bound: see ``Work``): a billed
-#: request was 20 before the writer pipelined its batches (14 statements, BEGIN and COMMIT
-#: twice, a pool ping per batch); 10 measured on a quiet machine now (12 allowed): per batch
-#: a ping, one wait per result read before the next statement (the hold: the wallet's and the
-#: key's guarded UPDATEs, the hold's id; the settlement: the hold's close, the wallet's
-#: UPDATE, the entry's id) and one sync that carries the unread writes and the COMMIT.
-#: Refusals replay the batch unpipelined (402: 21 measured, 429: 18).
 #: A billed request writes 12 rows: the hold's batch 3 (the wallet's and the key's guarded
 #: UPDATEs, the hold), the settlement's 9 (the hold closed, wallet, key, the wallet's day, ONE
 #: ledger entry with the charge's 2 postings, the usage record and its rollup). The hold books
-#: nothing in the ledger and its request id is not looked up (it is fresh): 16 → 12 rows and
-#: 3 statements fewer than before (the hold's entry, its postings and the look-up; the
-#: settlement's 3 postings became 2, a per-call request's 2 stayed 2). A refusal runs its
+#: nothing in the ledger and its request id is not looked up (it is fresh). A refusal runs its
 #: hold twice (the batch is replayed); the second run looks the request id up (it may have
-#: been committed by a run before): 1 statement fewer than before, not 2.
+#: been committed by a run before).
+#: PostgreSQL writes the same rows in fewer statements (data-modifying CTEs, ``pgfast``): the
+#: hold is ONE statement (wallet, key, hold: ``ledger._reserve_all``; a key with spend caps
+#: adds its caps' upsert and the hold's INSERT), a settlement the hold covers ONE
+#: (``ledger._SETTLE_COVERED``: hold, wallet, day, key, entry, postings) and the usage record
+#: with its rollup ONE (``store.usage``): 11 → 3 statements a billed request. Its rows are
+#: counted by row triggers (a CTE's cursor reports only its last part's rows).
+#: PostgreSQL round trips (``store/pipeline.py``, an upper bound: see ``Work``): 20 before the
+#: writer pipelined its batches, 10 after; now 4: per batch one wait for the one result read
+#: (the hold's id; the settlement's closed hold) and one sync that carries the unread writes
+#: and the COMMIT. The writer keeps its connection between batches: no pool pre-ping (one
+#: round trip a batch before). Refusals replay the batch unpipelined.
 BUDGET: dict[tuple[str, str], Work] = {
     ("chat", "sqlite"): Work(statements=13, commits=2, rollbacks=0, rows=12),
-    ("chat", "postgresql"): Work(statements=11, commits=2, rollbacks=0, rows=12, round_trips=12),
+    ("chat", "postgresql"): Work(statements=3, commits=2, rollbacks=0, rows=12, round_trips=4),
     ("stream", "sqlite"): Work(statements=13, commits=2, rollbacks=0, rows=12),
-    ("stream", "postgresql"): Work(statements=11, commits=2, rollbacks=0, rows=12, round_trips=12),
+    ("stream", "postgresql"): Work(statements=3, commits=2, rollbacks=0, rows=12, round_trips=4),
     ("per-call", "sqlite"): Work(statements=13, commits=2, rollbacks=0, rows=12),
-    ("per-call", "postgresql"): Work(statements=11, commits=2, rollbacks=0, rows=12,
-                                     round_trips=12),
+    ("per-call", "postgresql"): Work(statements=3, commits=2, rollbacks=0, rows=12,
+                                     round_trips=4),
     ("refused-402", "sqlite"): Work(statements=13, commits=1, rollbacks=1, rows=0),
     ("refused-402", "postgresql"): Work(statements=11, commits=1, rollbacks=1, rows=0,
-                                        round_trips=22),
-    ("refused-429", "sqlite"): Work(statements=12, commits=2, rollbacks=1, rows=4),
-    ("refused-429", "postgresql"): Work(statements=9, commits=2, rollbacks=1, rows=4,
                                         round_trips=19),
+    ("refused-429", "sqlite"): Work(statements=12, commits=2, rollbacks=1, rows=4),
+    ("refused-429", "postgresql"): Work(statements=6, commits=2, rollbacks=1, rows=4,
+                                        round_trips=13),
     # auto-recharge (issue 17): a watched wallet that stays above its threshold costs
     # nothing more (the threshold comes back in the RETURNING of the hold's UPDATE); the one
     # request that crosses it pays 3 statements and 3 rows more (disarm, the outbox event,
     # its delivery)
     ("per-call-recharge-watched", "sqlite"): Work(statements=13, commits=2, rollbacks=0,
                                                   rows=12),
-    ("per-call-recharge-watched", "postgresql"): Work(statements=11, commits=2, rollbacks=0,
-                                                      rows=12, round_trips=12),
+    ("per-call-recharge-watched", "postgresql"): Work(statements=3, commits=2, rollbacks=0,
+                                                      rows=12, round_trips=4),
     ("per-call-recharge-crossing", "sqlite"): Work(statements=16, commits=2, rollbacks=0,
                                                    rows=15),
-    ("per-call-recharge-crossing", "postgresql"): Work(statements=14, commits=2, rollbacks=0,
-                                                       rows=15, round_trips=15),
+    ("per-call-recharge-crossing", "postgresql"): Work(statements=6, commits=2, rollbacks=0,
+                                                       rows=15, round_trips=7),
     # Responses (0014): the settlement also remembers the response id with its account and
     # tokens (one upsert, one row); a request continuing one (previous_response_id) reads it
     # first (one SELECT in a read transaction of its own, before the hold). Chat, streams and
     # per-call requests above do none of this.
     ("responses", "sqlite"): Work(statements=14, commits=2, rollbacks=0, rows=13),
-    ("responses", "postgresql"): Work(statements=12, commits=2, rollbacks=0, rows=13,
-                                      round_trips=12),
+    ("responses", "postgresql"): Work(statements=4, commits=2, rollbacks=0, rows=13,
+                                      round_trips=4),
     ("responses-continued", "sqlite"): Work(statements=16, commits=3, rollbacks=0, rows=13),
-    ("responses-continued", "postgresql"): Work(statements=13, commits=3, rollbacks=0,
-                                                rows=13, round_trips=16),
+    ("responses-continued", "postgresql"): Work(statements=5, commits=3, rollbacks=0,
+                                                rows=13, round_trips=8),
 }
 
 #: A warm, quiet server: keys cached for the test's length, no background loop in the window.
@@ -146,9 +150,6 @@ class Counter:
         self.statements = self.commits = self.rollbacks = self.rows = self.round_trips = 0
         self.sql: list[str] = []
         self._changes: dict[int, int] = {}
-        #: PostgreSQL: cursors of writes whose row counts are read when their transaction
-        #: ends (reading ``rowcount`` in a pipelined batch would wait for the result).
-        self._written: list[Any] = []
         self._traces: dict[int, Any] = {}
 
     def _watched(self, conn: Any) -> bool:
@@ -160,19 +161,6 @@ class Counter:
                 self.statements += 1
                 self.sql.append(" ".join(statement.split())[:70])
 
-    def after_execute(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if (self._watched(conn) and conn.dialect.name == "postgresql"
-                and statement.lstrip()[:6].upper() in ("INSERT", "UPDATE", "DELETE")):
-            with self.lock:
-                if args[1] is not None:  # SQLAlchemy's statement: it waits for the result
-                    self.rows += max(cursor.rowcount, 0)  # and closes the cursor: read now
-                else:  # a Prepared one, maybe pipelined: read when the transaction ends
-                    self._written.append(cursor)
-
-    def _pg_rows(self) -> None:
-        with self.lock:
-            self.rows += sum(max(cursor.rowcount, 0) for cursor in self._written)
-            self._written = []
 
     def _sqlite_rows(self, conn: Any) -> None:
         if conn.dialect.name != "sqlite":
@@ -186,10 +174,12 @@ class Counter:
                 self.rows += total - before
 
     def begin(self, conn: Any) -> None:
+        raw = conn.connection.dbapi_connection
         if conn.dialect.name == "sqlite":
-            raw = conn.connection.dbapi_connection
             with self.lock:
                 self._changes[id(raw)] = raw.total_changes
+        elif self._watched(conn) and id(raw) not in self._traces:
+            self._trace(raw, kept=True)  # the writer's kept connection: never checked out
 
     def commit(self, conn: Any) -> None:
         self._sqlite_rows(conn)
@@ -208,18 +198,24 @@ class Counter:
         pool = getattr(proxy, "_pool", None)
         if not self.on or pool in self.own_pools or not hasattr(dbapi_conn, "pgconn"):
             return
-        trace = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed at checkin
+        self._trace(dbapi_conn, kept=False)
+        with self.lock:
+            self.round_trips += int(bool(getattr(pool, "_pre_ping", False)))
+
+    def _trace(self, dbapi_conn: Any, *, kept: bool) -> None:
+        trace = tempfile.TemporaryFile("w+")  # noqa: SIM115 - closed at checkin or settle
         dbapi_conn.pgconn.trace(trace.fileno())
         dbapi_conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
         with self.lock:
-            self._traces[id(dbapi_conn)] = trace
-            self.round_trips += int(bool(getattr(pool, "_pre_ping", False)))
+            self._traces[id(dbapi_conn)] = (dbapi_conn, trace, kept)
 
     def checkin(self, dbapi_conn: Any, record: Any) -> None:
         with self.lock:
-            trace = self._traces.pop(id(dbapi_conn), None)
-        if trace is None:
-            return
+            found = self._traces.pop(id(dbapi_conn), None)
+        if found is not None:
+            self._count(dbapi_conn, found[1])
+
+    def _count(self, dbapi_conn: Any, trace: Any) -> None:
         dbapi_conn.pgconn.untrace()  # flushes libpq's buffered trace
         trace.seek(0)
         turns = _round_trips(trace.read())
@@ -228,20 +224,28 @@ class Counter:
             self.round_trips += turns
 
     def settle(self) -> None:
-        """Wait until every traced connection is back in its pool (the writer returns its
-        connection just after the commit the test saw)."""
+        """Wait until every connection checked out while counting is back in its pool (the
+        gateway returns a read's connection just after it), then count the writer's kept
+        connection once it is idle (its batch committed when the test saw its records; the
+        writer may still be reading the server's answer)."""
         deadline = time.monotonic() + 5
-        while self._traces and time.monotonic() < deadline:
+        while (any(not kept or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
+                   for conn, _, kept in self._traces.values())
+               and time.monotonic() < deadline):
             time.sleep(0.01)
-        assert not self._traces, "a traced connection was not returned to its pool"
+        with self.lock:
+            left, self._traces = self._traces, {}
+        assert all(kept for _, _, kept in left.values()), (
+            "a traced connection was not returned to its pool")
+        for dbapi_conn, trace, _ in left.values():
+            self._count(dbapi_conn, trace)
 
     def reset(self) -> None:
         self.statements = self.commits = self.rollbacks = self.rows = self.round_trips = 0
         self.sql = []
 
-    def work(self, backend: str) -> Work:
-        self._pg_rows()
-        return Work(self.statements, self.commits, self.rollbacks, self.rows,
+    def work(self, backend: str, pg_rows: int = 0) -> Work:
+        return Work(self.statements, self.commits, self.rollbacks, self.rows + pg_rows,
                     self.round_trips if backend == "postgresql" else None)
 
 
@@ -264,26 +268,33 @@ def counted(request: pytest.FixtureRequest, upstream: FakeUpstream
             ) -> Iterator[tuple[Tollway, Counter, str]]:
     backend = request.param
     clock = FakeClock(now_ms())  # one rate-limit minute for the whole test
-    with fresh_database(request) as db, running_tollway(db, fake_catalog(upstream), upstream,
-                                                        env=QUIET_ENV, clock=clock) as tw:
-        counter = Counter({db.engine, db.write_engine})
-        hooks = [("before_cursor_execute", counter.before_execute),
-                 ("after_cursor_execute", counter.after_execute),
-                 ("begin", counter.begin), ("commit", counter.commit),
-                 ("rollback", counter.rollback)]
-        pool_hooks = [("checkout", counter.checkout), ("checkin", counter.checkin)]
+    with fresh_database(request) as db:
+        if backend == "postgresql":
+            with db.write() as conn:  # no parameters: psycopg sends the text as is
+                conn.connection.dbapi_connection.cursor().execute(_COUNT_ROWS)
+        with running_tollway(db, fake_catalog(upstream), upstream, env=QUIET_ENV,
+                             clock=clock) as tw:
+            yield from _counting(tw, db, backend)
+
+
+def _counting(tw: Tollway, db: Any, backend: str) -> Iterator[tuple[Tollway, Counter, str]]:
+    counter = Counter({db.engine, db.write_engine})
+    hooks = [("before_cursor_execute", counter.before_execute),
+             ("begin", counter.begin), ("commit", counter.commit),
+             ("rollback", counter.rollback)]
+    pool_hooks = [("checkout", counter.checkout), ("checkin", counter.checkin)]
+    for name, fn in hooks:
+        event.listen(sa.engine.Engine, name, fn)
+    for name, fn in pool_hooks:
+        event.listen(sa.pool.Pool, name, fn)
+    try:
+        tw.begin_test()
+        yield tw, counter, backend
+    finally:
         for name, fn in hooks:
-            event.listen(sa.engine.Engine, name, fn)
+            event.remove(sa.engine.Engine, name, fn)
         for name, fn in pool_hooks:
-            event.listen(sa.pool.Pool, name, fn)
-        try:
-            tw.begin_test()
-            yield tw, counter, backend
-        finally:
-            for name, fn in hooks:
-                event.remove(sa.engine.Engine, name, fn)
-            for name, fn in pool_hooks:
-                event.remove(sa.pool.Pool, name, fn)
+            event.remove(sa.pool.Pool, name, fn)
 
 
 def _chat(http: httpx.Client, key: str, **body: Any) -> httpx.Response:
@@ -297,8 +308,33 @@ def _respond(http: httpx.Client, key: str, **body: Any) -> httpx.Response:
                            "max_output_tokens": 10, **body})
 
 
+#: PostgreSQL: every row a statement inserts, updates or deletes, counted by a row trigger on
+#: every table, on a sequence (not transactional: rows of a rolled-back attempt count, as on
+#: SQLite). One statement may write several tables (data-modifying CTEs), which its cursor's
+#: ``rowcount`` would not tell.
+_COUNT_ROWS = """
+CREATE SEQUENCE test_rows_written;
+CREATE FUNCTION test_count_row() RETURNS trigger LANGUAGE plpgsql AS
+    $$ BEGIN PERFORM nextval('test_rows_written'); RETURN NULL; END $$;
+DO $$ DECLARE t text; BEGIN
+    FOR t IN SELECT tablename FROM pg_tables WHERE schemaname = 'public' LOOP
+        EXECUTE format('CREATE TRIGGER test_count_row AFTER INSERT OR UPDATE OR DELETE ON %I '
+                       'FOR EACH ROW EXECUTE FUNCTION test_count_row()', t);
+    END LOOP;
+END $$;
+"""
+
+
+def _rows_written(tw: Tollway) -> int:
+    with tw.db.engine.connect() as conn:
+        last, called = conn.exec_driver_sql(
+            "SELECT last_value, is_called FROM test_rows_written").one()
+    return int(last) if called else 0
+
+
 def _measure(tw: Tollway, counter: Counter, request: Any, records: int, backend: str) -> Work:
     """The work of ``request()`` until the gateway wrote its ``records``-th usage record."""
+    rows_before = _rows_written(tw) if backend == "postgresql" else 0
     counter.reset()
     counter.on = True
     try:
@@ -307,6 +343,8 @@ def _measure(tw: Tollway, counter: Counter, request: Any, records: int, backend:
     finally:
         counter.on = False
     counter.settle()
+    if backend == "postgresql":
+        return counter.work(backend, _rows_written(tw) - rows_before)
     return counter.work(backend)
 
 

@@ -24,12 +24,13 @@ from tollway.errors import (
     UnknownAccount,
     UnknownHold,
 )
-from tollway.ledger import ledger
-from tollway.ledger.ledger import Adjustment, Hold, Release, Settlement, Topup
+from tollway.ledger import grants, ledger
+from tollway.ledger.guards import RateAdmission, RateCorrection
+from tollway.ledger.ledger import ONE_STATEMENT, Adjustment, Hold, Release, Settlement, Topup
 from tollway.ledger.verify import verify
 from tollway.store.accounts import create_account, get_account, get_key, insert_key
 from tollway.store.db import Database
-from tollway.store.tables import accounts, api_keys, entries, holds, postings
+from tollway.store.tables import accounts, api_keys, entries, holds, postings, wallet_days
 from tollway.store.writer import Writer
 
 USD = 1_000_000_000
@@ -327,6 +328,78 @@ def check_settle_case(db: Database, case: str) -> None:
 def get_account_row(db: Database, account_id: int) -> Any:
     with db.read() as conn:
         return get_account(conn, account_id)
+
+
+def test_a_hold_and_its_settlement_book_the_same_whichever_path_they_take(
+        db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL a hold and a settlement its hold covers are one statement each
+    (``ledger.ONE_STATEMENT``); they must leave every row as the statement-by-statement path
+    does: the hold, the wallet (its promotional part too), the key (its window, with the
+    settlement's correction), the wallet's day, the entry and its postings. Each case runs
+    twice, on twin wallets and keys: the second time with the one-statement path switched
+    off. (On SQLite both runs take the long path.)"""
+    at = 1_800_000_000_000  # one fixed instant: both runs book in the same day and window
+    cases = {  # name: (promotional credit, hold, charge)
+        "part": (0, 4 * USD, 1_250_000_000),
+        "all": (0, 4 * USD, 4 * USD),
+        "zero": (0, 4 * USD, 0),
+        "promo-left": (3 * USD, 4 * USD, 1 * USD),
+        "promo-used-up": (1 * USD, 4 * USD, 2_500_000_000),
+    }
+
+    def run(case: str, promo: int, hold_nano: int, charge: int, *, long: bool
+            ) -> dict[str, Any]:
+        monkeypatch.setattr(ledger, "ONE_STATEMENT", frozenset() if long else ONE_STATEMENT)
+        alice = new_account(db, case, topup_nano=10 * USD)
+        with db.write() as conn:
+            if promo:
+                grants.grant(conn, alice, promo, idempotency_key=f"{case}-g", at_ms=at)
+            key = insert_key(conn, account_id=alice, prefix=f"tw-{case}", key_hash=case,
+                             name=None, group=None, models=None, quota_nano=20 * USD,
+                             expires_at_ms=None, at_ms=0)
+            hold = ledger.place_hold(conn, alice, hold_nano, idempotency_key=f"{case}-h",
+                                     ttl_ms=HOUR_MS, at_ms=at, key_id=key.id,
+                                     rate=RateAdmission(window_start_ms=at, tokens=30))
+        with db.write() as conn:
+            settlement = ledger.settle_hold(
+                conn, hold.id, charge, idempotency_key=f"{case}-s", at_ms=at + 5,
+                correction=RateCorrection(window_start_ms=at, tokens=12))
+        with db.read() as conn:
+            def one(table: sa.Table, *where: Any, skip: tuple[str, ...] = ()) -> Any:
+                found = conn.execute(sa.select(table).where(*where)).mappings().all()
+                return [{k: v for k, v in r.items() if k not in ("id", *skip)}
+                        for r in found]
+            entry = one(entries, entries.c.hold_id == hold.id,
+                        skip=("account_id", "hold_id", "idempotency_key"))
+            entry_id = conn.execute(sa.select(entries.c.id)
+                                    .where(entries.c.hold_id == hold.id)).scalar_one()
+            return {
+                "placed": (hold.amount_nano, hold.expires_at_ms, hold.status, hold.window),
+                "settlement": (settlement.charged_nano, settlement.from_hold_nano,
+                               settlement.from_available_nano, settlement.shortfall_nano,
+                               settlement.released_nano),
+                "hold": one(holds, holds.c.id == hold.id,
+                            skip=("account_id", "key_id", "idempotency_key")),
+                "wallet": one(accounts, accounts.c.id == alice,
+                              skip=("name", "created_at_ms")),
+                "key": one(api_keys, api_keys.c.id == key.id,
+                           skip=("account_id", "prefix", "key_hash")),
+                "day": one(wallet_days, wallet_days.c.account_id == alice,
+                           skip=("account_id",)),
+                "entry": entry,
+                "postings": sorted(  # the wallet by name: the twins' ids differ
+                    ("wallet" if account == alice else str(account), bucket, amount)
+                    for account, bucket, amount in conn.execute(
+                        sa.select(postings.c.account_id, postings.c.bucket,
+                                  postings.c.amount_nano)
+                        .where(postings.c.entry_id == entry_id))),
+            }
+
+    for case, (promo, hold_nano, charge) in cases.items():
+        one_statement = run(case, promo, hold_nano, charge, long=False)
+        statement_by_statement = run(f"{case}-long", promo, hold_nano, charge, long=True)
+        assert one_statement == statement_by_statement, case
+    assert_verified(db)
 
 
 def test_shortfall_never_takes_a_balance_below_zero_across_several_holds(db: Database) -> None:

@@ -126,7 +126,8 @@ def _lowest(column: sa.ColumnElement[Any], name: str) -> sa.ColumnElement[Any]:
 #: key revoked or expired a moment ago is refused by every worker and instance at once.
 _USABLE = (_k.revoked_at_ms.is_(None),
            sa.or_(_k.expires_at_ms.is_(None), _k.expires_at_ms > _b("at")))
-_KEY_RESERVE = Prepared(
+#: (Also a part of the hold's one statement on PostgreSQL: ``ledger._RESERVE_ALL``.)
+KEY_RESERVE = (
     api_keys.update()
     .where(_k.id == _b("key_id"), *_USABLE,
            sa.or_(_k.quota_nano.is_(None),
@@ -142,6 +143,7 @@ _KEY_RESERVE = Prepared(
             window_start_ms=sa.case((_NEW_WINDOW, _b("window")), else_=_k.window_start_ms))
     .returning(_k.daily_cap_nano, _k.weekly_cap_nano, _k.monthly_cap_nano,
                _k.window_start_ms, _k.window_requests, _k.window_tokens))
+_KEY_RESERVE = Prepared(KEY_RESERVE)
 _KEY_STATE = Prepared(
     sa.select(_k.quota_nano, _k.used_nano, _k.held_nano, _k.open_holds, _k.window_start_ms,
               _k.window_requests, _k.window_tokens, _k.prefix, _k.revoked_at_ms,
@@ -199,9 +201,22 @@ def _window(row: Any) -> KeyWindow:
 def reserve(conn: Connection, key_id: int, amount_nano: int, at_ms: int,
             rate: RateAdmission) -> KeyShare:
     """The key's share of a hold placed at ``at_ms``, or raise (:func:`refuse`)."""
-    row = _KEY_RESERVE.row(conn, key_id=key_id, amount=amount_nano, max_open=rate.max_open,
-                           window=rate.window_start_ms, tokens=rate.tokens, rpm=rate.rpm,
-                           tpm=rate.tpm, at=at_ms)
+    row = _KEY_RESERVE.row(conn, **reserve_params(key_id, amount_nano, at_ms, rate))
+    return admitted(conn, row, key_id, amount_nano, at_ms, rate)
+
+
+def reserve_params(key_id: int | None, amount_nano: int, at_ms: int, rate: RateAdmission
+                   ) -> dict[str, Any]:
+    """The bind parameters of :data:`KEY_RESERVE`."""
+    return {"key_id": key_id, "amount": amount_nano, "max_open": rate.max_open,
+            "window": rate.window_start_ms, "tokens": rate.tokens, "rpm": rate.rpm,
+            "tpm": rate.tpm, "at": at_ms}
+
+
+def admitted(conn: Connection, row: Any, key_id: int, amount_nano: int, at_ms: int,
+             rate: RateAdmission) -> KeyShare:
+    """The key's share after :data:`KEY_RESERVE` returned ``row`` (None: it refused, and
+    this raises): its spend caps are held next, if it has any."""
     if row is None:
         refuse(conn, key_id, amount_nano, rate, at_ms)
     window = _window(row)
@@ -269,6 +284,12 @@ def close(conn: Connection, key_id: int, held: int, charged: int, created_at_ms:
                                "window": correction.window_start_ms if correction else -1,
                                "tokens": correction.tokens if correction else 0})
     if cap_periods:
-        _SPEND_CLOSE.execute(conn, {"key_id": key_id, "held": held, "charged": charged, **{
-            p: periods.bounds(created_at_ms, p)[0] if cap_periods & periods.PERIOD_BITS[p]
-            else -1 for p in periods.PERIODS}})
+        close_periods(conn, key_id, held, charged, created_at_ms, cap_periods)
+
+
+def close_periods(conn: Connection, key_id: int, held: int, charged: int, created_at_ms: int,
+                  cap_periods: int) -> None:
+    """A closed hold leaves the cap periods that counted it (``cap_periods``, not 0)."""
+    _SPEND_CLOSE.execute(conn, {"key_id": key_id, "held": held, "charged": charged, **{
+        p: periods.bounds(created_at_ms, p)[0] if cap_periods & periods.PERIOD_BITS[p]
+        else -1 for p in periods.PERIODS}})

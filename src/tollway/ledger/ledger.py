@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
+from sqlalchemy.sql import ClauseElement
 
 from tollway import clock
 from tollway.errors import (
@@ -130,6 +131,10 @@ class _Closed:
 
 # --------------------------------------------------------------------------- statements
 
+#: Where a hold, and a settlement its hold covers, are one statement each (data-modifying
+#: CTEs: :func:`_reserve_all`, :data:`_SETTLE_COVERED`); elsewhere, one statement a step.
+ONE_STATEMENT = frozenset({"postgresql"})
+
 _b = sa.bindparam
 _FIND_ENTRY = Prepared(
     sa.select(entries.c.id, entries.c.account_id, entries.c.amount_nano, entries.c.hold_id,
@@ -161,18 +166,50 @@ _CREDIT = Prepared(
     .returning(*WATCHED))
 #: A hold: the balance covers it and the account is not disabled (checked here, in the hold's
 #: own statement, so disabling an account refuses its next request everywhere at once).
-_RESERVE = Prepared(
+_RESERVE_WALLET = (
     accounts.update()
     .where(accounts.c.id == _b("account_id"), accounts.c.kind == "customer",
            accounts.c.disabled_at_ms.is_(None), accounts.c.available_nano >= _b("amount"))
     .values(available_nano=accounts.c.available_nano - _b("amount"),
             held_nano=accounts.c.held_nano + _b("amount"))
     .returning(*WATCHED))
+_RESERVE = Prepared(_RESERVE_WALLET)
 _INSERT_HOLD = Prepared(holds.insert().values(
     account_id=_b("account_id"), key_id=_b("key_id"), amount_nano=_b("amount"), status="open",
     created_at_ms=_b("at"), expires_at_ms=_b("expires"), cap_periods=_b("cap_periods"),
     idempotency_key=_b("key"))
     .returning(holds.c.id))
+
+
+def _reserve_all(dialect: str) -> ClauseElement:
+    """PostgreSQL: a hold in ONE statement (data-modifying CTEs) instead of three, each a
+    wait for its result: the wallet's guarded UPDATE (:data:`_RESERVE_WALLET`), then the
+    key's (:data:`guards.KEY_RESERVE`, only once the wallet's changed a row: the wallet is
+    locked first, as everywhere), then the hold's row, if both admitted it and the key has no
+    spend cap (a capped key's caps are held first, in Python: the hold is inserted after).
+    Returns one row: the wallet's :data:`WATCHED` columns, the key's (NULL: it refused, or no
+    key) and ``hold_id`` (NULL: not inserted); no row when the wallet refused. Whatever was
+    written before a refusal is rolled back with the operation, as on the long path."""
+    wallet = _RESERVE_WALLET.cte("wallet")
+    key = guards.KEY_RESERVE.where(sa.exists(wallet.select())).cte("key")
+    uncapped = sa.select(key.c.window_start_ms).where(
+        key.c.daily_cap_nano.is_(None), key.c.weekly_cap_nano.is_(None),
+        key.c.monthly_cap_nano.is_(None))
+    hold = holds.insert().from_select(
+        ["account_id", "key_id", "amount_nano", "status", "created_at_ms", "expires_at_ms",
+         "cap_periods", "idempotency_key"],
+        sa.select(_b("account_id", type_=sa.BigInteger), _b("key_id", type_=sa.BigInteger),
+                  _b("amount", type_=sa.BigInteger), sa.literal_column("'open'"),
+                  _b("at", type_=sa.BigInteger), _b("expires", type_=sa.BigInteger),
+                  sa.literal_column("0"), _b("key", type_=sa.String))
+        .where(sa.exists(wallet.select()),
+               sa.or_(_b("key_id", type_=sa.BigInteger).is_(None), sa.exists(uncapped))),
+    ).returning(holds.c.id.label("hold_id")).cte("hold")
+    return (sa.select(*wallet.c, *key.c, hold.c.hold_id)
+            .select_from(wallet.outerjoin(key, sa.true()).outerjoin(hold, sa.true())))
+
+
+_RESERVE_ALL = Prepared(_reserve_all)
 _CLOSE_HOLD = Prepared(
     holds.update().where(holds.c.id == _b("hold_id"), holds.c.status == "open")
     .values(status=_b("status"), closed_at_ms=_b("at"), charged_nano=_b("charged"),
@@ -200,6 +237,56 @@ _SETTLE_ACCOUNT = Prepared(
             promo_nano=sa.case((_PROMO + _b("delta") > _b("held"),
                                 _PROMO + _b("delta") - _b("held")), else_=0))
     .returning(*WATCHED))
+#: PostgreSQL: a settlement the hold covers, in ONE statement (data-modifying CTEs): the hold
+#: closed, the wallet's and the key's UPDATEs, the wallet's day, the entry and its postings —
+#: what :func:`settle_hold` does in seven statements and three waits for a result. It books
+#: exactly what that path books when ``from_available`` and ``shortfall`` are zero (so no
+#: low-balance watch: a release alone never alerts). The wallet is locked before the key (each
+#: later step reads the one before it), as every other path does. No row: the hold was not
+#: open or the charge exceeds it; nothing was written and :func:`settle_hold` goes the long way.
+_SETTLE_COVERED = Prepared(lambda dialect: sa.text(f"""
+WITH closed AS (
+    UPDATE holds SET status = 'settled', closed_at_ms = :at, charged_nano = :charged,
+                     from_available_nano = 0, shortfall_nano = 0
+    WHERE id = :hold_id AND status = 'open' AND amount_nano >= :charged
+    RETURNING account_id, key_id, amount_nano, created_at_ms, cap_periods
+), wallet AS (
+    UPDATE accounts AS a
+    SET held_nano = a.held_nano - c.amount_nano,
+        available_nano = a.available_nano + c.amount_nano - :charged,
+        used_nano = a.used_nano + :charged, requests = a.requests + 1,
+        promo_nano = GREATEST(a.promo_nano - :charged, 0)
+    FROM closed AS c WHERE a.id = c.account_id
+    RETURNING a.id, a.available_nano + a.held_nano AS total_nano, a.promo_nano
+), day AS (
+    INSERT INTO wallet_days (account_id, day_ms, topups_nano, adjustments_nano, charges_nano,
+                             written_off_nano, grants_nano, grants_expired_nano, promo_end_nano)
+    SELECT w.id, :day, 0, 0, :charged, 0, 0, 0, LEAST(w.promo_nano, w.total_nano) FROM wallet AS w
+    ON CONFLICT (account_id, day_ms) DO UPDATE
+    SET charges_nano = wallet_days.charges_nano + excluded.charges_nano,
+        promo_end_nano = excluded.promo_end_nano
+), key AS (
+    UPDATE api_keys AS k
+    SET held_nano = k.held_nano - c.amount_nano, used_nano = k.used_nano + :charged,
+        open_holds = k.open_holds - 1,
+        window_tokens = k.window_tokens
+            + CASE WHEN k.window_start_ms = :window THEN :tokens ELSE 0 END
+    FROM closed AS c, wallet AS w WHERE k.id = c.key_id
+), entry AS (
+    INSERT INTO entries (kind, account_id, amount_nano, hold_id, idempotency_key,
+                         created_at_ms)
+    SELECT 'settle', w.id, :charged, :hold_id, :key, :at FROM wallet AS w
+    RETURNING id, account_id
+), lines AS (
+    INSERT INTO postings (entry_id, account_id, bucket, amount_nano)
+    SELECT e.id, v.account_id, '{AVAILABLE}', v.amount_nano
+    FROM entry AS e CROSS JOIN LATERAL (VALUES (e.account_id, -:charged), ({REVENUE}, :charged))
+         AS v (account_id, amount_nano)
+    WHERE :charged <> 0
+)
+SELECT account_id, key_id, amount_nano, created_at_ms, cap_periods FROM closed
+""").bindparams(*(sa.bindparam(name, type_=sa.BigInteger) for name in (
+    "at", "charged", "hold_id", "day", "window", "tokens")), sa.bindparam("key", type_=sa.String)))
 _EXPIRED = Prepared(
     sa.select(holds.c.id).where(holds.c.status == "open", holds.c.expires_at_ms <= _b("at"))
     .order_by(holds.c.expires_at_ms).limit(_b("limit")))
@@ -337,7 +424,14 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
         if (hold.account_id, hold.amount_nano, hold.key_id) != (account_id, amount_nano, key_id):
             raise _conflict(idempotency_key, f"hold {hold.id}")
         return hold
-    reserved = _RESERVE.row(conn, account_id=account_id, amount=amount_nano)
+    expires = at_ms + ttl_ms
+    one = conn.dialect.name in ONE_STATEMENT
+    if one:  # the wallet's, the key's and (mostly) the hold's statements in one
+        reserved = _RESERVE_ALL.row(
+            conn, **guards.reserve_params(key_id, amount_nano, at_ms, rate),
+            account_id=account_id, expires=expires, key=idempotency_key)
+    else:
+        reserved = _RESERVE.row(conn, account_id=account_id, amount=amount_nano)
     if reserved is None:  # say why, the key's own refusal (401) first
         if key_id is not None:
             guards.check_usable(conn, key_id, at_ms)
@@ -348,13 +442,18 @@ def place_hold(conn: Connection, account_id: int, amount_nano: int, *, idempoten
             f"{format_usd(_available(conn, account_id))} USD available")
     cap_periods, window = 0, None
     if key_id is not None:
-        share = guards.reserve(conn, key_id, amount_nano, at_ms, rate)
+        share = (guards.admitted(conn, None if reserved.window_start_ms is None else reserved,
+                                 key_id, amount_nano, at_ms, rate) if one
+                 else guards.reserve(conn, key_id, amount_nano, at_ms, rate))
         cap_periods, window = share.cap_periods, share.window
     watch(conn, account_id, -amount_nano, reserved, at_ms=at_ms)
-    hold_id = int(_INSERT_HOLD.one(conn, account_id=account_id, key_id=key_id,
-                                   amount=amount_nano, at=at_ms, expires=at_ms + ttl_ms,
-                                   cap_periods=cap_periods, key=idempotency_key)[0])
-    return Hold(hold_id, account_id, key_id, amount_nano, at_ms + ttl_ms, "open", at_ms, window)
+    if one and reserved.hold_id is not None:
+        hold_id = int(reserved.hold_id)
+    else:
+        hold_id = int(_INSERT_HOLD.one(conn, account_id=account_id, key_id=key_id,
+                                       amount=amount_nano, at=at_ms, expires=expires,
+                                       cap_periods=cap_periods, key=idempotency_key)[0])
+    return Hold(hold_id, account_id, key_id, amount_nano, expires, "open", at_ms, window)
 
 
 def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
@@ -368,6 +467,9 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
     usage record's time; ``correction``, the tokens to add to the key's rate-limit window."""
     _amount(actual_nano, "a charge", minimum=0)
     key = f"settle:{idempotency_key}"
+    if conn.dialect.name in ONE_STATEMENT and (covered := _settle_covered(
+            conn, hold_id, actual_nano, key, at_ms, correction)) is not None:
+        return covered
     closed = _close(conn, hold_id, "settled", actual_nano, at_ms)
     if closed is None:  # already closed: a repeat of this settlement, or too late
         if (row := _existing_entry(conn, key)) is not None:
@@ -401,6 +503,22 @@ def settle_hold(conn: Connection, hold_id: int, actual_nano: int, *,
           lines=[(account_id, AVAILABLE, shortfall - actual_nano),
                  (REVENUE, AVAILABLE, actual_nano), (WRITEOFF, AVAILABLE, -shortfall)])
     return Settlement(hold_id, actual_nano, from_hold, from_available, shortfall, released)
+
+
+def _settle_covered(conn: Connection, hold_id: int, actual_nano: int, key: str, at_ms: int,
+                    correction: RateCorrection | None) -> Settlement | None:
+    """PostgreSQL: settle a hold that covers the charge in one statement
+    (:data:`_SETTLE_COVERED`); None if it did not (nothing written)."""
+    row = _SETTLE_COVERED.one(conn, hold_id=hold_id, charged=actual_nano, key=key, at=at_ms,
+                              day=at_ms - at_ms % wallet_days.DAY_MS,
+                              window=correction.window_start_ms if correction else -1,
+                              tokens=correction.tokens if correction else 0)
+    if row is None:
+        return None
+    _account_id, key_id, held, created_at_ms, cap_periods = row
+    if key_id is not None and cap_periods:
+        guards.close_periods(conn, key_id, held, actual_nano, created_at_ms, cap_periods)
+    return Settlement(hold_id, actual_nano, actual_nano, 0, 0, held - actual_nano)
 
 
 def void_hold(conn: Connection, hold_id: int, *, at_ms: int,

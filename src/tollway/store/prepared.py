@@ -76,12 +76,14 @@ def upsert(table: sa.Table, keys: Sequence[str], add: Sequence[str],
            set_: Sequence[str] = ()) -> Prepared:
     """``INSERT … ON CONFLICT (keys) DO UPDATE``: columns in ``add`` are summed with the stored
     row, columns in ``set_`` replaced; every column is a bind parameter of its own name."""
+    return Prepared(lambda dialect: upsert_statement(dialect, table, keys, add, set_))
 
-    def build(dialect: str) -> ClauseElement:
-        insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
-        stmt = insert(table).values({c.name: sa.bindparam(c.name) for c in table.c})
-        changes = {name: table.c[name] + stmt.excluded[name] for name in add}
-        changes.update({name: stmt.excluded[name] for name in set_})
-        return stmt.on_conflict_do_update(index_elements=list(keys), set_=changes)
 
-    return Prepared(build)
+def upsert_statement(dialect: str, table: sa.Table, keys: Sequence[str], add: Sequence[str],
+                     set_: Sequence[str] = ()) -> Any:
+    """The statement of :func:`upsert` in ``dialect`` (to build on: ``add_cte``)."""
+    insert = sqlite.insert if dialect == "sqlite" else postgresql.insert
+    stmt = insert(table).values({c.name: sa.bindparam(c.name) for c in table.c})
+    changes = {name: table.c[name] + stmt.excluded[name] for name in add}
+    changes.update({name: stmt.excluded[name] for name in set_})
+    return stmt.on_conflict_do_update(index_elements=list(keys), set_=changes)

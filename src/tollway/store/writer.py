@@ -17,6 +17,7 @@ savepoints is not: there every error must reach its own operation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import random
 import threading
@@ -48,7 +49,7 @@ class Writer:
         self.db = db
         self.max_batch = max_batch
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        #: SQLite: the writer's own connection, kept between batches (see ``_transaction``)
+        #: The writer's own connection, kept between batches (see ``_transaction``)
         self._conn: Connection | None = None
         self._thread = threading.Thread(target=self._run, name="tollway-writer", daemon=True)
         self._thread.start()
@@ -134,8 +135,8 @@ class Writer:
                     time.sleep(random.uniform(0, 0.02 * (attempt + 1)))  # break the lockstep
                     continue
                 if attempt == 0 and self.db.dialect == "postgresql":
-                    # Most often a pooled connection that died with a server restart: once
-                    # more, on a fresh (pre-pinged) connection. Operations are idempotent.
+                    # Most often the kept connection died with a server restart: once more,
+                    # on a fresh (pre-pinged) connection. Operations are idempotent.
                     continue
                 raise
         raise AssertionError("unreachable")
@@ -145,10 +146,9 @@ class Writer:
         """One batch's write transaction. On SQLite it runs on a connection the writer keeps
         (one thread writes; checking a connection out of the pool and back in, with its
         reset, cost more than a one-operation batch's statements), replaced after an
-        operational error. On PostgreSQL each batch takes a pooled, pre-pinged connection
-        (one that died with a server restart is replaced at checkout)."""
+        operational error. On PostgreSQL too (:meth:`_pg_transaction`)."""
         if self.db.dialect != "sqlite":
-            with self.db.write() as conn:
+            with self._pg_transaction() as conn:
                 yield conn
             return
         if self._conn is None:
@@ -161,6 +161,33 @@ class Writer:
             self._conn = None
             conn.close()
             raise
+
+    @contextmanager
+    def _pg_transaction(self) -> Iterator[Connection]:
+        """PostgreSQL: the batch runs on a connection the writer keeps, not on a pooled one
+        checked out per batch. The pool's ``pool_pre_ping`` cost every batch a round trip
+        (and the pool's checkout, check-in and reset their Python); a kept connection needs
+        none of it. A connection that died (a server restart) fails the batch with an
+        operational error: it is dropped here and :meth:`_transact` runs the batch once more
+        on a fresh one (checked out pre-pinged). One the pipeline had to invalidate (left in
+        an unknown state) is dropped too."""
+        if self._conn is None:
+            self._conn = self.db.write_engine.connect()
+        conn = self._conn
+        try:
+            with conn.begin():
+                yield conn
+        except OPERATIONAL_ERRORS:
+            self._drop(conn)
+            raise
+        finally:
+            if conn.invalidated and self._conn is conn:
+                self._drop(conn)
+
+    def _drop(self, conn: Connection) -> None:
+        self._conn = None
+        with contextlib.suppress(Exception):  # a dead connection may fail even to close
+            conn.close()
 
 
 def _order(account_id: int | None) -> int:
