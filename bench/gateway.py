@@ -1408,8 +1408,9 @@ def main(argv: list[str] | None = None) -> int:
                               work, layout.proxy, log)
             procs.append(t.proc)  # type: ignore[arg-type]
             targets.append(t)
-            notes["tollway-sqlite"] = (f"SQLite file in {work} (ext4; WAL, synchronous=FULL: "
-                                       "each writer batch is fsynced)")
+            sync = os.environ.get("TOLLWAY_SQLITE_SYNCHRONOUS", "normal (the default)")
+            notes["tollway-sqlite"] = (f"SQLite file in {work} (ext4; WAL, synchronous={sync}; "
+                                       "a baseline runs its own default)")
             if args.limits:
                 t = start_tollway("tollway-sqlite+limits",
                                   f"sqlite:///{work / 'tollway-limits.db'}", up_base, work,

@@ -20,11 +20,11 @@ class Setting:
 SETTINGS = (
     Setting("database_url", "sqlite:///var/tollway.db",
             "SQLAlchemy URL: sqlite:///PATH (embedded) or postgresql://USER@HOST/DB"),
-    Setting("sqlite_synchronous", "full",
-            "SQLite only (WAL mode): full = a commit is on disk before it is acknowledged "
-            "(survives a power loss or OS crash); normal = a commit survives a crash of "
-            "Tollway's process, but a power loss or OS crash may lose the last commits "
-            "(acknowledged charges and top-ups included; the database is never corrupted)"),
+    Setting("sqlite_synchronous", "normal",
+            "SQLite only (WAL mode): normal = a commit survives a crash of Tollway's process, "
+            "but a power loss or OS crash may lose the last commits (acknowledged charges and "
+            "top-ups included; the database is never corrupted); full = a commit is on disk "
+            "before it is acknowledged (survives a power loss or OS crash)"),
     Setting("data_dir", "var",
             "where the generated admin token, demo key and demo console password are kept"),
     Setting("admin_token", "", "token for /admin/v1 routes; generated into DATA_DIR if empty"),

@@ -1,4 +1,4 @@
-"""``TOLLWAY_SQLITE_SYNCHRONOUS``: SQLite's durability mode, ``full`` unless set to ``normal``
+"""``TOLLWAY_SQLITE_SYNCHRONOUS``: SQLite's durability mode, ``normal`` unless set to ``full``
 (WAL either way); a bad value is refused with a message naming the setting, before any
 connection is opened. (Both modes keep every acknowledged charge through a SIGKILL:
 ``tests/reliability/test_reliability_crash.py`` runs in each.)"""
@@ -27,7 +27,7 @@ def pragmas(db: Database) -> tuple[str, int, int]:
 
 
 @pytest.mark.parametrize(("env", "argument", "expected"), [
-    (None, None, FULL),  # the default
+    (None, None, NORMAL),  # the default
     ("full", None, FULL),
     ("normal", None, NORMAL),
     ("normal", "full", FULL),  # an explicit argument wins over the environment

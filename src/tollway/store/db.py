@@ -1,9 +1,9 @@
 """Engines for SQLite and PostgreSQL, and the transaction helpers every store module uses.
 
-SQLite is opened in WAL mode with ``synchronous=FULL`` (a commit is on disk before it is
-acknowledged), or ``NORMAL`` when ``TOLLWAY_SQLITE_SYNCHRONOUS=normal`` (WAL is then synced at
-checkpoints only: a commit survives a crash of the process, not a power loss or OS crash; see
-README "Durability"). Python's sqlite3 module would open deferred transactions that fail at
+SQLite is opened in WAL mode with ``synchronous=NORMAL`` (the WAL is synced at checkpoints
+only: a commit survives a crash of the process, not a power loss or OS crash; see README
+"Durability"), or ``FULL`` when ``TOLLWAY_SQLITE_SYNCHRONOUS=full`` (a commit is on disk before
+it is acknowledged). Python's sqlite3 module would open deferred transactions that fail at
 once with SQLITE_BUSY when they later write, so transaction control is taken over: writes begin
 with ``BEGIN IMMEDIATE`` (waiting up to ``busy_timeout`` for the lock), reads with a plain
 ``BEGIN``.
