@@ -129,6 +129,11 @@ def share_metrics(port: int, data_dir: Path) -> None:
 
 def serve(args: argparse.Namespace) -> None:
     config = log_config(settings.get("log_format"))  # refuse a bad format before anything
+    # X-Forwarded-For / -Proto are believed only from TOLLWAY_TRUSTED_PROXIES: uvicorn's own
+    # default trusted 127.0.0.1, so a local process (or a local proxy that passes the header
+    # on as the client sent it) could pick the address a key's allowlist sees
+    raw = [p for p in settings.get("trusted_proxies").split(",") if p.strip()]
+    proxies = list(key_ops.parse_networks(raw)) if raw else []
     check_port_free(args.host, args.port)  # before the catalog, the demo and the keys
     db = Database(args.database_url)
     if current_revision(db) != head_revision():
@@ -158,4 +163,5 @@ def serve(args: argparse.Namespace) -> None:
     share_metrics(args.port, data_dir)
     uvicorn.run("tollway.app:create_app", factory=True, host=args.host, port=args.port,
                 workers=args.workers, log_level="info", access_log=False,
-                log_config=config)
+                log_config=config, proxy_headers=bool(proxies),
+                forwarded_allow_ips=proxies or None)
