@@ -143,34 +143,13 @@ class Writer:
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:
-        """One batch's write transaction. On SQLite it runs on a connection the writer keeps
-        (one thread writes; checking a connection out of the pool and back in, with its
-        reset, cost more than a one-operation batch's statements), replaced after an
-        operational error. On PostgreSQL too (:meth:`_pg_transaction`)."""
-        if self.db.dialect != "sqlite":
-            with self._pg_transaction() as conn:
-                yield conn
-            return
-        if self._conn is None:
-            self._conn = self.db.write_engine.connect()
-        conn = self._conn
-        try:
-            with conn.begin():
-                yield conn
-        except OPERATIONAL_ERRORS:
-            self._conn = None
-            conn.close()
-            raise
-
-    @contextmanager
-    def _pg_transaction(self) -> Iterator[Connection]:
-        """PostgreSQL: the batch runs on a connection the writer keeps, not on a pooled one
-        checked out per batch. The pool's ``pool_pre_ping`` cost every batch a round trip
-        (and the pool's checkout, check-in and reset their Python); a kept connection needs
-        none of it. A connection that died (a server restart) fails the batch with an
-        operational error: it is dropped here and :meth:`_transact` runs the batch once more
-        on a fresh one (checked out pre-pinged). One the pipeline had to invalidate (left in
-        an unknown state) is dropped too."""
+        """One batch's write transaction, on a connection the writer keeps between batches
+        (one thread writes): checking a connection out of the pool and back in, with its
+        reset, cost more than a one-operation batch's statements, and on PostgreSQL the
+        pool's ``pool_pre_ping`` a round trip per batch. A connection that died (a server
+        restart) fails the batch with an operational error: it is dropped here and
+        :meth:`_transact` runs the batch once more on a fresh one (checked out pre-pinged).
+        One the pipeline had to invalidate (left in an unknown state) is dropped too."""
         if self._conn is None:
             self._conn = self.db.write_engine.connect()
         conn = self._conn
